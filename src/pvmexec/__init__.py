@@ -1,0 +1,25 @@
+"""pvmexec: execute system calls and code inside another process's address space.
+
+The user-space realisation of the proposed process_vm_exec() syscall. See
+attach(), Space and process_vm_exec().
+"""
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):
+    raise ImportError("pvmexec works on Linux only (this is %s)" % _sys.platform)
+
+from .context import SigContext, SigInfo, Stop
+from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, PvmexecError,
+                     RemoteSyscallError, TargetGone, UnsupportedTarget)
+from .space import ALL_SIGNALS, Space, attach
+from .syscalls import name_of as syscall_name, number as syscall_number
+from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",
+    "Stop", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
+    "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "EngineError",
+    "syscall_number", "syscall_name",
+]

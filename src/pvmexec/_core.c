@@ -1,0 +1,645 @@
+/*
+ * pvmexec._core: thin wrappers over ptrace, waitid, process_vm_readv/writev
+ * and pidfd calls. Every failure raises OSError naming the failing call;
+ * policy and error mapping live in Python. The benchmark's C-level loops are
+ * here too, so that they measure the kernel round trip and not the
+ * interpreter.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <linux/elf.h>
+#include <unistd.h>
+
+#define PVM_CHECK_LAYOUT
+#include "layout.h"
+#include "guest_blob.h"
+
+#ifndef __x86_64__
+#error "pvmexec's C core supports x86-64 only for now"
+#endif
+
+#ifndef PTRACE_SYSEMU
+#define PTRACE_SYSEMU 31
+#endif
+#ifndef PTRACE_GETSIGMASK
+#define PTRACE_GETSIGMASK 0x420a
+#define PTRACE_SETSIGMASK 0x420b
+#endif
+#ifndef PTRACE_PEEKSIGINFO
+#define PTRACE_PEEKSIGINFO 0x4209
+#endif
+#ifndef PTRACE_PEEKSIGINFO_SHARED
+#define PTRACE_PEEKSIGINFO_SHARED 1
+#endif
+#ifndef __NR_pidfd_getfd
+#define __NR_pidfd_getfd 438
+#endif
+
+/* Big enough for any xsave area this decade (AVX-512 + AMX is ~11 KiB). */
+#define XSTATE_MAX 65536
+
+struct peeksiginfo_args_ {
+    uint64_t off;
+    uint32_t flags;
+    int32_t nr;
+};
+
+static PyObject *
+raise_call(const char *call, long tid)
+{
+    int e = errno;
+    char buf[96];
+    snprintf(buf, sizeof buf, "%s(%ld)", call, tid);
+    PyObject *args = Py_BuildValue("(iss)", e, strerror(e), buf);
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static int
+xptrace(long req, pid_t tid, void *addr, void *data)
+{
+    errno = 0;
+    return (int)ptrace(req, tid, addr, data);
+}
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Wait for the next event of one traced thread. Stops are consumed. An exit is
+ * consumed only when reap is true: when the caller is also the target's parent
+ * the exit status belongs to the caller's own wait(), not to us.
+ * Returns 0 and fills code/status, or -1 with errno set. EINTR is returned
+ * to the caller only when interruptible.
+ */
+static int
+wait_event(pid_t tid, int reap, int interruptible, int *code, int *status)
+{
+    siginfo_t si;
+    for (;;) {
+        memset(&si, 0, sizeof si);
+        int r;
+        Py_BEGIN_ALLOW_THREADS
+        r = waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | WNOWAIT);
+        Py_END_ALLOW_THREADS
+        if (r < 0) {
+            if (errno == EINTR && !interruptible)
+                continue;
+            return -1;
+        }
+        break;
+    }
+    *code = si.si_code;
+    *status = si.si_status;
+    if (si.si_code == CLD_TRAPPED || si.si_code == CLD_STOPPED || reap) {
+        int opts = __WALL | WNOHANG | (si.si_code == CLD_TRAPPED || si.si_code == CLD_STOPPED ? WSTOPPED : WEXITED);
+        siginfo_t si2;
+        memset(&si2, 0, sizeof si2);
+        while (waitid(P_PID, tid, &si2, opts) < 0) {
+            if (errno != EINTR)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+py_wait(PyObject *self, PyObject *args)
+{
+    int tid, reap, interruptible;
+    if (!PyArg_ParseTuple(args, "ipp", &tid, &reap, &interruptible))
+        return NULL;
+    int code, status;
+    for (;;) {
+        if (wait_event(tid, reap, interruptible, &code, &status) == 0)
+            return Py_BuildValue("(ii)", code, status);
+        if (errno != EINTR)
+            return raise_call("waitid", tid);
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *
+py_ptrace(PyObject *self, PyObject *args)
+{
+    long req;
+    int tid;
+    unsigned long addr = 0, data = 0;
+    const char *name = "ptrace";
+    if (!PyArg_ParseTuple(args, "li|kks", &req, &tid, &addr, &data, &name))
+        return NULL;
+    if (xptrace(req, tid, (void *)addr, (void *)data) < 0 && errno)
+        return raise_call(name, tid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_getregs(PyObject *self, PyObject *args)
+{
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid))
+        return NULL;
+    struct user_regs_struct regs;
+    if (xptrace(PTRACE_GETREGS, tid, NULL, &regs) < 0)
+        return raise_call("ptrace(PTRACE_GETREGS)", tid);
+    return PyBytes_FromStringAndSize((const char *)&regs, sizeof regs);
+}
+
+static PyObject *
+py_setregs(PyObject *self, PyObject *args)
+{
+    int tid;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iy*", &tid, &buf))
+        return NULL;
+    if (buf.len != sizeof(struct user_regs_struct)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "register block must be sizeof(struct user_regs_struct)");
+        return NULL;
+    }
+    int r = xptrace(PTRACE_SETREGS, tid, NULL, buf.buf);
+    PyBuffer_Release(&buf);
+    if (r < 0)
+        return raise_call("ptrace(PTRACE_SETREGS)", tid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_getregset(PyObject *self, PyObject *args)
+{
+    int tid;
+    unsigned long nt;
+    if (!PyArg_ParseTuple(args, "ik", &tid, &nt))
+        return NULL;
+    void *mem = PyMem_Malloc(XSTATE_MAX);
+    if (!mem)
+        return PyErr_NoMemory();
+    struct iovec iov = {mem, XSTATE_MAX};
+    if (xptrace(PTRACE_GETREGSET, tid, (void *)nt, &iov) < 0) {
+        PyMem_Free(mem);
+        return raise_call("ptrace(PTRACE_GETREGSET)", tid);
+    }
+    PyObject *res = PyBytes_FromStringAndSize(mem, (Py_ssize_t)iov.iov_len);
+    PyMem_Free(mem);
+    return res;
+}
+
+static int
+setregset(int tid, unsigned long nt, void *data, size_t len)
+{
+    struct iovec iov = {data, len};
+    return xptrace(PTRACE_SETREGSET, tid, (void *)nt, &iov);
+}
+
+static PyObject *
+py_setregset(PyObject *self, PyObject *args)
+{
+    int tid;
+    unsigned long nt;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iky*", &tid, &nt, &buf))
+        return NULL;
+    int r = setregset(tid, nt, buf.buf, (size_t)buf.len);
+    PyBuffer_Release(&buf);
+    if (r < 0)
+        return raise_call("ptrace(PTRACE_SETREGSET)", tid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_getsigmask(PyObject *self, PyObject *args)
+{
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid))
+        return NULL;
+    uint64_t mask = 0;
+    if (xptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof mask, &mask) < 0)
+        return raise_call("ptrace(PTRACE_GETSIGMASK)", tid);
+    return PyLong_FromUnsignedLongLong(mask);
+}
+
+static PyObject *
+py_setsigmask(PyObject *self, PyObject *args)
+{
+    int tid;
+    unsigned long long mask;
+    if (!PyArg_ParseTuple(args, "iK", &tid, &mask))
+        return NULL;
+    uint64_t m = mask;
+    if (xptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof m, &m) < 0)
+        return raise_call("ptrace(PTRACE_SETSIGMASK)", tid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_getsiginfo(PyObject *self, PyObject *args)
+{
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid))
+        return NULL;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    if (xptrace(PTRACE_GETSIGINFO, tid, NULL, &si) < 0)
+        return raise_call("ptrace(PTRACE_GETSIGINFO)", tid);
+    return PyBytes_FromStringAndSize((const char *)&si, sizeof si);
+}
+
+static PyObject *
+py_peeksiginfo(PyObject *self, PyObject *args)
+{
+    int tid, shared, nr;
+    if (!PyArg_ParseTuple(args, "ipi", &tid, &shared, &nr))
+        return NULL;
+    if (nr <= 0 || nr > 1024) {
+        PyErr_SetString(PyExc_ValueError, "nr must be 1..1024");
+        return NULL;
+    }
+    siginfo_t *si = PyMem_Calloc((size_t)nr, sizeof *si);
+    if (!si)
+        return PyErr_NoMemory();
+    struct peeksiginfo_args_ a = {0, shared ? PTRACE_PEEKSIGINFO_SHARED : 0, nr};
+    long n = ptrace(PTRACE_PEEKSIGINFO, tid, &a, si);
+    if (n < 0) {
+        PyMem_Free(si);
+        return raise_call("ptrace(PTRACE_PEEKSIGINFO)", tid);
+    }
+    PyObject *list = PyList_New(0);
+    for (long i = 0; list && i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)&si[i], sizeof *si);
+        if (!b || PyList_Append(list, b) < 0) {
+            Py_XDECREF(b);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(b);
+    }
+    PyMem_Free(si);
+    return list;
+}
+
+/*
+ * One round trip of a borrowed thread: load regs, resume with `request`
+ * (SYSEMU, SINGLESTEP, ...), wait for the next stop and read regs back into
+ * the same buffer. Returns (code, status) of the event.
+ */
+static PyObject *
+py_step(PyObject *self, PyObject *args)
+{
+    int tid, sig;
+    long request;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iw*li", &tid, &buf, &request, &sig))
+        return NULL;
+    PyObject *res = NULL;
+    int code, status;
+    if (buf.len != sizeof(struct user_regs_struct)) {
+        PyErr_SetString(PyExc_ValueError, "register block must be sizeof(struct user_regs_struct)");
+        goto out;
+    }
+    if (xptrace(PTRACE_SETREGS, tid, NULL, buf.buf) < 0) {
+        raise_call("ptrace(PTRACE_SETREGS)", tid);
+        goto out;
+    }
+    if (xptrace(request, tid, NULL, (void *)(long)sig) < 0) {
+        raise_call("ptrace(resume)", tid);
+        goto out;
+    }
+    for (;;) {
+        if (wait_event(tid, 1, 1, &code, &status) == 0)
+            break;
+        if (errno != EINTR) {
+            raise_call("waitid", tid);
+            goto out;
+        }
+        if (PyErr_CheckSignals() < 0)
+            goto out;   /* the thread is still running: Python interrupts it and cleans up */
+    }
+    if (code == CLD_TRAPPED && xptrace(PTRACE_GETREGS, tid, NULL, buf.buf) < 0) {
+        raise_call("ptrace(PTRACE_GETREGS)", tid);
+        goto out;
+    }
+    res = Py_BuildValue("(ii)", code, status);
+out:
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+/*
+ * Put a borrowed thread back exactly as found and let it go, in one call so
+ * that no Python signal handler can run half-way through.
+ */
+static PyObject *
+py_restore(PyObject *self, PyObject *args)
+{
+    int tid, sig;
+    unsigned long long mask;
+    long request;
+    Py_buffer regs, xs;
+    if (!PyArg_ParseTuple(args, "iy*y*Kli", &tid, &regs, &xs, &mask, &request, &sig))
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t m = mask;
+    if (xptrace(PTRACE_SETREGS, tid, NULL, regs.buf) < 0) {
+        raise_call("ptrace(PTRACE_SETREGS)", tid);
+        goto out;
+    }
+    if (xs.len && setregset(tid, NT_X86_XSTATE, xs.buf, (size_t)xs.len) < 0) {
+        raise_call("ptrace(PTRACE_SETREGSET, NT_X86_XSTATE)", tid);
+        goto out;
+    }
+    if (xptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof m, &m) < 0) {
+        raise_call("ptrace(PTRACE_SETSIGMASK)", tid);
+        goto out;
+    }
+    if (request >= 0 && xptrace(request, tid, NULL, (void *)(long)sig) < 0) {
+        raise_call(request == PTRACE_DETACH ? "ptrace(PTRACE_DETACH)" : "ptrace(resume)", tid);
+        goto out;
+    }
+    res = Py_None;
+    Py_INCREF(res);
+out:
+    PyBuffer_Release(&regs);
+    PyBuffer_Release(&xs);
+    return res;
+}
+
+#define REG(r, i) (((unsigned long long *)(r))[i])
+enum { R_RAX = 10, R_RCX = 11, R_ORIG_RAX = 15 };
+
+/*
+ * C-level loops for the benchmark, the same round trips as the proposal's
+ * selftests: mode 1 with a trapped syscall answered by the caller, mode 1
+ * with a fault fixed by the caller, and a remote syscall. Each returns
+ * (iterations done, elapsed ns, last code, last status); a stop of another
+ * kind ends the loop early and is reported to Python.
+ */
+static PyObject *
+py_loop(PyObject *self, PyObject *args)
+{
+    int tid, kind;
+    long n;
+    unsigned long long a0, a1;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iiw*lKK", &tid, &kind, &buf, &n, &a0, &a1))
+        return NULL;
+    PyObject *res = NULL;
+    struct user_regs_struct regs;
+    siginfo_t si;
+    int code = 0, status = 0;
+    long i = 0;
+    long req = kind == 2 ? PTRACE_SINGLESTEP : PTRACE_SYSEMU;
+    int expect = kind == 0 ? (SIGTRAP | 0x80) : kind == 1 ? SIGSEGV : SIGTRAP;
+    if (buf.len != sizeof regs || kind < 0 || kind > 2) {
+        PyErr_SetString(PyExc_ValueError, "bad loop arguments");
+        goto out;
+    }
+    memcpy(&regs, buf.buf, sizeof regs);
+    struct user_regs_struct start = regs;
+    uint64_t t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        if (xptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0) {
+            raise_call("ptrace(PTRACE_SETREGS)", tid);
+            goto out;
+        }
+        if (xptrace(req, tid, NULL, 0) < 0) {
+            raise_call("ptrace(resume)", tid);
+            goto out;
+        }
+        while (wait_event(tid, 1, 0, &code, &status) < 0) {
+            raise_call("waitid", tid);
+            goto out;
+        }
+        if (code != CLD_TRAPPED || status != expect)
+            break;
+        if (xptrace(PTRACE_GETREGS, tid, NULL, &regs) < 0) {
+            raise_call("ptrace(PTRACE_GETREGS)", tid);
+            goto out;
+        }
+        if (kind == 0) {            /* exec-syscall: answer the trapped call */
+            if (REG(&regs, R_ORIG_RAX) != a0)
+                break;
+            regs.rax = a1;
+        } else if (kind == 1) {     /* exec-fault: read siginfo, fix the store */
+            if (xptrace(PTRACE_GETSIGINFO, tid, NULL, &si) < 0) {
+                raise_call("ptrace(PTRACE_GETSIGINFO)", tid);
+                goto out;
+            }
+            regs.rax = a0;
+            regs.rcx = a1;
+        } else {                    /* syscall: run it again from the same state */
+            regs = start;
+        }
+    }
+    uint64_t t1 = now_ns();
+    memcpy(buf.buf, &regs, sizeof regs);
+    res = Py_BuildValue("(lKii)", i, (unsigned long long)(t1 - t0), code, status);
+out:
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+/* PTRACE_GET_SYSCALL_INFO at a syscall-entry stop: (op, arch, ip, sp, nr). */
+static PyObject *
+py_syscall_info(PyObject *self, PyObject *args)
+{
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid))
+        return NULL;
+    struct {
+        uint8_t op, pad[3];
+        uint32_t arch;
+        uint64_t ip, sp;
+        uint64_t nr, args[6];
+    } info;
+    memset(&info, 0, sizeof info);
+    if (ptrace(0x420e /* PTRACE_GET_SYSCALL_INFO */, tid, (void *)sizeof info, &info) < 0)
+        return raise_call("ptrace(PTRACE_GET_SYSCALL_INFO)", tid);
+    return Py_BuildValue("(iIKKK)", info.op, info.arch, (unsigned long long)info.ip,
+                         (unsigned long long)info.sp, (unsigned long long)info.nr);
+}
+
+static PyObject *
+py_vm_read(PyObject *self, PyObject *args)
+{
+    int pid;
+    unsigned long long addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iKn", &pid, &addr, &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative length");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t done = 0;
+    while (done < n) {
+        struct iovec local = {p + done, (size_t)(n - done)};
+        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
+        ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EFAULT;
+            Py_DECREF(out);
+            return raise_call("process_vm_readv", pid);
+        }
+        done += r;
+    }
+    return out;
+}
+
+static PyObject *
+py_vm_write(PyObject *self, PyObject *args)
+{
+    int pid;
+    unsigned long long addr;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iKy*", &pid, &addr, &buf))
+        return NULL;
+    Py_ssize_t done = 0;
+    while (done < buf.len) {
+        struct iovec local = {(char *)buf.buf + done, (size_t)(buf.len - done)};
+        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(buf.len - done)};
+        ssize_t r = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EFAULT;
+            PyBuffer_Release(&buf);
+            return raise_call("process_vm_writev", pid);
+        }
+        done += r;
+    }
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_pidfd_getfd(PyObject *self, PyObject *args)
+{
+    int pidfd, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &fd))
+        return NULL;
+    long r = syscall(__NR_pidfd_getfd, pidfd, fd, 0);
+    if (r < 0)
+        return raise_call("pidfd_getfd", fd);
+    return PyLong_FromLong(r);
+}
+
+static PyMethodDef methods[] = {
+    {"ptrace", py_ptrace, METH_VARARGS, "ptrace(request, tid, addr=0, data=0, name='ptrace')"},
+    {"wait", py_wait, METH_VARARGS, "wait(tid, reap, interruptible) -> (si_code, si_status)"},
+    {"getregs", py_getregs, METH_VARARGS, "getregs(tid) -> bytes"},
+    {"setregs", py_setregs, METH_VARARGS, "setregs(tid, regs)"},
+    {"getregset", py_getregset, METH_VARARGS, "getregset(tid, note_type) -> bytes"},
+    {"setregset", py_setregset, METH_VARARGS, "setregset(tid, note_type, data)"},
+    {"getsigmask", py_getsigmask, METH_VARARGS, "getsigmask(tid) -> int"},
+    {"setsigmask", py_setsigmask, METH_VARARGS, "setsigmask(tid, mask)"},
+    {"getsiginfo", py_getsiginfo, METH_VARARGS, "getsiginfo(tid) -> bytes"},
+    {"peeksiginfo", py_peeksiginfo, METH_VARARGS, "peeksiginfo(tid, shared, nr) -> [bytes]"},
+    {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig) -> (si_code, si_status)"},
+    {"restore", py_restore, METH_VARARGS, "restore(tid, regs, xstate, sigmask, request, sig)"},
+    {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1) -> (done, ns, code, status)"},
+    {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
+    {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
+    {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
+    {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd) -> fd"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "pvmexec._core", "pvmexec's C core (private)", -1, methods,
+};
+
+static int
+add_int(PyObject *d, const char *k, long long v)
+{
+    PyObject *o = PyLong_FromLongLong(v);
+    int r = o ? PyDict_SetItemString(d, k, o) : -1;
+    Py_XDECREF(o);
+    return r;
+}
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m)
+        return NULL;
+    PyObject *layout = PyDict_New();
+    PyObject *syms = PyDict_New();
+    static const char *reg_names[] = {PVM_X86_64_REG_NAMES};
+    PyObject *names = PyTuple_New(PVM_X86_64_NREGS);
+    if (!layout || !syms || !names)
+        goto fail;
+    for (int i = 0; i < PVM_X86_64_NREGS; i++)
+        PyTuple_SET_ITEM(names, i, PyUnicode_FromString(reg_names[i]));
+    if (PyDict_SetItemString(layout, "reg_names", names) < 0
+        || add_int(layout, "user_regs_struct", sizeof(struct user_regs_struct)) < 0
+        || add_int(layout, "siginfo", sizeof(siginfo_t)) < 0
+        || add_int(layout, "si_signo", offsetof(siginfo_t, si_signo)) < 0
+        || add_int(layout, "si_errno", offsetof(siginfo_t, si_errno)) < 0
+        || add_int(layout, "si_code", offsetof(siginfo_t, si_code)) < 0
+        || add_int(layout, "si_pid", offsetof(siginfo_t, si_pid)) < 0
+        || add_int(layout, "si_uid", offsetof(siginfo_t, si_uid)) < 0
+        || add_int(layout, "si_addr", offsetof(siginfo_t, si_addr)) < 0
+        || add_int(layout, "si_call_addr", offsetof(siginfo_t, si_call_addr)) < 0
+        || add_int(layout, "si_syscall", offsetof(siginfo_t, si_syscall)) < 0
+        || add_int(layout, "si_arch", offsetof(siginfo_t, si_arch)) < 0
+        || add_int(layout, "PROCESS_VM_EXEC_SYSCALL", PVM_PROCESS_VM_EXEC_SYSCALL) < 0
+        || add_int(layout, "TEST_SYSCALL", PVM_TEST_SYSCALL) < 0
+        || add_int(layout, "TEST_SYSCALL_RET", PVM_TEST_SYSCALL_RET) < 0
+        || add_int(layout, "TEST_MARKER", PVM_TEST_MARKER) < 0
+        || add_int(layout, "AUDIT_ARCH_X86_64", PVM_AUDIT_ARCH_X86_64) < 0
+        || add_int(layout, "AUDIT_ARCH_I386", PVM_AUDIT_ARCH_I386) < 0
+        || add_int(layout, "SYS_SECCOMP", PVM_SYS_SECCOMP) < 0
+        || add_int(layout, "PTRACE_SYSEMU", PTRACE_SYSEMU) < 0
+        || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
+        goto fail;
+    for (int i = 0; pvm_guest_symbols[i].name; i++)
+        if (add_int(syms, pvm_guest_symbols[i].name, (long long)pvm_guest_symbols[i].offset) < 0)
+            goto fail;
+    if (PyModule_AddObject(m, "LAYOUT", layout) < 0)
+        goto fail;
+    layout = NULL;
+    if (PyModule_AddObject(m, "GUEST_SYMBOLS", syms) < 0)
+        goto fail;
+    syms = NULL;
+    if (PyModule_AddObject(m, "GUEST_BLOB",
+                           PyBytes_FromStringAndSize((const char *)pvm_guest_blob, PVM_GUEST_BLOB_SIZE)) < 0)
+        goto fail;
+    Py_DECREF(names);
+    return m;
+fail:
+    Py_XDECREF(layout);
+    Py_XDECREF(syms);
+    Py_XDECREF(names);
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,87 @@
+"""Keep the target whole when the caller is told to terminate mid-operation.
+
+SIGINT already becomes KeyboardInterrupt, which the engine handles by putting
+the target back first. SIGTERM and SIGHUP would kill the caller outright, so
+while a Space is attached (and only if they were at their default action) a
+handler makes them cancel the operation in flight, restore the target, and
+then terminate the caller with the same signal as before. With no operation
+in flight the handler behaves exactly like the default action.
+"""
+import os
+import signal
+import threading
+
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_lock = threading.Lock()
+_installed = {}
+_users = 0
+_ops = 0
+_main_ops = 0
+_deferred = []
+
+
+class Terminated(BaseException):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _die(signum):
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _handler(signum, frame):
+    if _main_ops:
+        raise Terminated(signum)
+    if _ops:
+        _deferred.append(signum)
+        return
+    _die(signum)
+
+
+def install():
+    global _users
+    with _lock:
+        _users += 1
+        if _users > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for s in _SIGNALS:
+            if signal.getsignal(s) == signal.SIG_DFL:
+                _installed[s] = signal.signal(s, _handler)
+
+
+def uninstall():
+    global _users
+    with _lock:
+        _users -= 1
+        if _users or threading.current_thread() is not threading.main_thread():
+            return
+        for s, old in list(_installed.items()):
+            if signal.getsignal(s) is _handler:
+                signal.signal(s, old)
+            del _installed[s]
+
+
+class operation:
+    """Context manager around one engine operation."""
+
+    __slots__ = ("main",)
+
+    def __enter__(self):
+        global _ops, _main_ops
+        self.main = threading.current_thread() is threading.main_thread()
+        _ops += 1
+        if self.main:
+            _main_ops += 1
+
+    def __exit__(self, typ, exc, tb):
+        global _ops, _main_ops
+        _ops -= 1
+        if self.main:
+            _main_ops -= 1
+        if isinstance(exc, Terminated):
+            _die(exc.signum)
+        if not _ops and _deferred:
+            _die(_deferred.pop())
+        return False

@@ -1,0 +1,67 @@
+"""x86-64: registers, the syscall ABI and what a valid user context is."""
+import signal
+
+NAME = "x86_64"
+AUDIT_ARCH = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+X32_SYSCALL_BIT = 0x40000000
+
+# struct user_regs_struct order (checked against the C layout by tests/test_layout.py).
+REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+             "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+             "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")
+REG_INDEX = {n: i for i, n in enumerate(REG_NAMES)}
+REGS_SIZE = 8 * len(REG_NAMES)
+
+SYSCALL_NR = "rax"
+SYSCALL_ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+SYSCALL_RET = "rax"
+SYSCALL_INSN = b"\x0f\x05"
+SYSCALL_INSN_LEN = 2
+
+USER_CS = 0x33
+USER32_CS = 0x23
+USER_DS = 0x2B
+TASK_SIZE_MAX = (1 << 47) - 4096
+
+# -ERESTART* values a thread stopped inside a syscall may show in rax.
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+RESTART_CODES = frozenset((ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK))
+
+NT_X86_XSTATE = 0x202
+
+# Signals the CPU raises for the running code. These must never be blocked in
+# a borrowed thread: the kernel would reset the target's handler to SIG_DFL.
+SYNC_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+                          signal.SIGTRAP, signal.SIGSYS))
+
+
+def validate(regs):
+    """Raise InvalidContext for register values no x86-64 user thread can hold."""
+    from ..errors import InvalidContext
+    q = regs
+    if q[REG_INDEX["cs"]] != USER_CS:
+        if q[REG_INDEX["cs"]] == USER32_CS:
+            raise InvalidContext("cs=0x23 selects 32-bit mode, which is not supported")
+        raise InvalidContext("cs=%#x is not the 64-bit user code selector 0x33" % q[REG_INDEX["cs"]])
+    if q[REG_INDEX["ss"]] != USER_DS:
+        raise InvalidContext("ss=%#x is not the user data selector 0x2b" % q[REG_INDEX["ss"]])
+    for name in ("rip", "fs_base", "gs_base"):
+        if q[REG_INDEX[name]] > TASK_SIZE_MAX:
+            raise InvalidContext("%s=%#x is not a user-space address" % (name, q[REG_INDEX[name]]))
+    for name in ("ds", "es", "fs", "gs"):
+        v = q[REG_INDEX[name]]
+        if v not in (0, USER_DS) and (v & 3) != 3:
+            raise InvalidContext("%s=%#x is not a user segment selector" % (name, v))
+
+
+def init_xstate(template):
+    """A clean FPU state (what a new thread starts with) in the kernel's xstate layout."""
+    buf = bytearray(len(template))
+    buf[0:2] = (0x037F).to_bytes(2, "little")          # FCW: all exceptions masked
+    buf[24:28] = (0x1F80).to_bytes(4, "little")        # MXCSR default
+    buf[28:32] = template[28:32]                       # MXCSR_MASK as the CPU reports
+    buf[464:512] = template[464:512]                   # software-reserved: kernel's xstate sizes
+    if len(buf) >= 576:
+        buf[512:520] = (0x3).to_bytes(8, "little")     # XSTATE_BV: x87 and SSE present, rest init
+    return bytes(buf)

@@ -1,0 +1,157 @@
+"""Register state (SigContext) and signal information (SigInfo)."""
+import signal
+import struct
+
+from .arch import x86_64 as _arch
+
+_SIGCONTEXT_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp",
+                    "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags", "cs", "gs", "fs", "ss",
+                    "fs_base", "gs_base", "ds", "es")
+
+
+class SigContext:
+    """x86-64 user register state, as in struct sigcontext plus fs_base/gs_base.
+
+    `fpstate` is the FPU/xstate area in the kernel's XSAVE layout, or None for a
+    clean FPU state on entry that is not reported back.
+    """
+
+    __slots__ = ("_buf", "_q", "fpstate")
+
+    def __init__(self, **regs):
+        self._buf = bytearray(_arch.REGS_SIZE)
+        self._q = memoryview(self._buf).cast("Q")
+        self.fpstate = regs.pop("fpstate", None)
+        self.cs = _arch.USER_CS
+        self.ss = _arch.USER_DS
+        self.eflags = 0x202
+        for k, v in regs.items():
+            if k not in _arch.REG_INDEX or k == "orig_rax":
+                raise TypeError("SigContext has no register %r" % k)
+            setattr(self, k, v)
+
+    @classmethod
+    def _from_regs(cls, raw, fpstate=None):
+        ctx = cls.__new__(cls)
+        ctx._buf = bytearray(raw)
+        ctx._q = memoryview(ctx._buf).cast("Q")
+        ctx.fpstate = fpstate
+        return ctx
+
+    def copy(self):
+        return SigContext._from_regs(self._buf, self.fpstate)
+
+    def as_dict(self):
+        return {n: getattr(self, n) for n in _SIGCONTEXT_REGS}
+
+    def __eq__(self, other):
+        if not isinstance(other, SigContext):
+            return NotImplemented
+        return self.as_dict() == other.as_dict() and self.fpstate == other.fpstate
+
+    def __repr__(self):
+        d = self.as_dict()
+        regs = " ".join("%s=%#x" % (k, d[k]) for k in ("rip", "rsp", "rax", "rdi", "rsi", "rdx",
+                                                         "r10", "r8", "r9", "rcx", "rbx", "rbp"))
+        return "<SigContext %s eflags=%#x fs_base=%#x%s>" % (
+            regs, d["eflags"], d["fs_base"], " fpstate=%dB" % len(self.fpstate) if self.fpstate else "")
+
+
+def _reg_property(index):
+    def get(self):
+        return self._q[index]
+
+    def set(self, value):
+        self._q[index] = value & 0xFFFFFFFFFFFFFFFF
+
+    return property(get, set)
+
+
+for _name in _SIGCONTEXT_REGS:
+    setattr(SigContext, _name, _reg_property(_arch.REG_INDEX[_name]))
+
+
+_SIGINFO = struct.Struct("<iii4x")
+
+
+class SigInfo:
+    """The fields of siginfo_t that matter here. Mutable, so process_vm_exec can fill it in place."""
+
+    __slots__ = ("signo", "errno", "code", "addr", "pid", "uid", "syscall", "arch", "raw")
+
+    def __init__(self, signo=0, code=0, errno=0, addr=0, pid=0, uid=0, syscall=0, arch=0, raw=None):
+        self.signo, self.code, self.errno = signo, code, errno
+        self.addr, self.pid, self.uid = addr, pid, uid
+        self.syscall, self.arch, self.raw = syscall, arch, raw
+
+    @property
+    def call_addr(self):
+        """For SIGSYS: the address after the system call instruction."""
+        return self.addr
+
+    @classmethod
+    def from_bytes(cls, raw):
+        """Decode a kernel siginfo_t. Only fields meaningful for the signal are read."""
+        signo, errno, code = _SIGINFO.unpack_from(raw, 0)
+        info = cls(signo=signo, code=code, errno=errno, raw=bytes(raw))
+        if code <= 0 or signo in (signal.SIGCHLD,):       # sent by a process: pid and uid
+            info.pid, info.uid = struct.unpack_from("<iI", raw, 16)
+        elif signo in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP):
+            info.addr, = struct.unpack_from("<Q", raw, 16)
+        elif signo == signal.SIGSYS:
+            info.addr, info.syscall, info.arch = struct.unpack_from("<QiI", raw, 16)
+        return info
+
+    def to_bytes(self):
+        """Encode as a kernel siginfo_t (the original bytes, with the decoded fields written over)."""
+        raw = bytearray(self.raw or bytes(128))
+        _SIGINFO.pack_into(raw, 0, self.signo, self.errno, self.code)
+        if self.code <= 0:
+            struct.pack_into("<iI", raw, 16, self.pid, self.uid)
+        elif self.signo == signal.SIGSYS:
+            struct.pack_into("<QiI", raw, 16, self.addr, self.syscall, self.arch)
+        elif self.addr:
+            struct.pack_into("<Q", raw, 16, self.addr)
+        return bytes(raw)
+
+    def _fill(self, other):
+        for k in self.__slots__:
+            setattr(self, k, getattr(other, k))
+
+    def __eq__(self, other):
+        if not isinstance(other, SigInfo):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__ if k != "raw")
+
+    def __repr__(self):
+        try:
+            name = signal.Signals(self.signo).name
+        except ValueError:
+            name = str(self.signo)
+        if self.signo == signal.SIGSYS:
+            from .syscalls import name_of
+            return "<SigInfo %s code=%d syscall=%s call_addr=%#x arch=%#x>" % (
+                name, self.code, name_of(self.syscall), self.addr, self.arch)
+        if self.code <= 0:
+            return "<SigInfo %s code=%d pid=%d uid=%d>" % (name, self.code, self.pid, self.uid)
+        return "<SigInfo %s code=%d addr=%#x>" % (name, self.code, self.addr)
+
+
+class Stop:
+    """Why Space.exec returned: a trapped system call or a signal, with the state at that point."""
+
+    __slots__ = ("ctx", "siginfo", "reason")
+
+    def __init__(self, ctx, siginfo, reason):
+        self.ctx, self.siginfo, self.reason = ctx, siginfo, reason
+
+    @property
+    def syscall(self):
+        return self.siginfo.syscall if self.reason == "syscall" else None
+
+    @property
+    def signo(self):
+        return self.siginfo.signo
+
+    def __repr__(self):
+        return "<Stop %s %r at rip=%#x>" % (self.reason, self.siginfo, self.ctx.rip)

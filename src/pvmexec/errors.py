@@ -1,0 +1,87 @@
+"""Domain errors. All are OSError subclasses carrying an errno."""
+import errno as _errno
+
+
+class PvmexecError(OSError):
+    """Base class of pvmexec's errors."""
+
+    def __init__(self, err, message):
+        super().__init__(err, message)
+
+    def __str__(self):
+        return self.strerror
+
+
+class TargetGone(PvmexecError, ProcessLookupError):
+    """The target does not exist, is a zombie, or died during the operation."""
+
+    def __init__(self, pid, message=None):
+        self.pid = pid
+        super().__init__(_errno.ESRCH, message or "no such process: %d" % pid)
+
+
+class AccessDenied(PvmexecError, PermissionError):
+    """The caller may not trace the target; `reason` says why."""
+
+    def __init__(self, pid, reason):
+        self.pid = pid
+        self.reason = reason
+        super().__init__(_errno.EPERM, "not permitted to trace process %d: %s" % (pid, reason))
+
+
+class AlreadyTraced(AccessDenied):
+    """Another tracer (a debugger, strace, ...) holds the target."""
+
+    def __init__(self, pid, tracer):
+        self.tracer = tracer
+        super().__init__(pid, "already traced by process %d (%s)" % (tracer, _comm(tracer)))
+
+
+class UnsupportedTarget(PvmexecError):
+    """The target is of a kind we cannot operate on (32-bit, x32, kernel thread, ourselves)."""
+
+    def __init__(self, pid, reason):
+        self.pid = pid
+        self.reason = reason
+        super().__init__(_errno.EOPNOTSUPP, "unsupported target %d: %s" % (pid, reason))
+
+
+class InvalidContext(PvmexecError, ValueError):
+    """A register context that the CPU or kernel would not accept."""
+
+    def __init__(self, message):
+        super().__init__(_errno.EINVAL, "invalid register state: " + message)
+
+
+class RemoteSyscallError(PvmexecError):
+    """A system call run in the target returned -errno."""
+
+    def __init__(self, err, syscall, args):
+        self.syscall = syscall
+        self.args_ = tuple(args)
+        shown = ", ".join(hex(a) if isinstance(a, int) and abs(a) > 4096 else repr(a) for a in args)
+        super().__init__(err, "%s(%s) in target: %s (%s)" % (
+            syscall, shown, _errno.errorcode.get(err, "E?%d" % err), _strerror(err)))
+
+
+class EngineError(PvmexecError):
+    """The mechanism itself failed (an unexpected stop or kernel answer)."""
+
+    def __init__(self, message, err=_errno.EPROTO):
+        super().__init__(err, message)
+
+
+def _strerror(err):
+    import os
+    try:
+        return os.strerror(err)
+    except ValueError:
+        return "unknown error"
+
+
+def _comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,60 @@
+"""The bundled guest code (guest/guest.c), mapped into a target for tests and the benchmark."""
+from . import _core
+from .context import SigContext
+from .syscalls import number
+
+SYMBOLS = dict(_core.GUEST_SYMBOLS)
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+PAGE = 4096
+
+
+class Guest:
+    """Guest code (read+exec) and a stack and data area (read+write) in the target.
+
+    Unmapped by close() or at the end of a with block, so the target keeps no mapping.
+    """
+
+    def __init__(self, space, stack_size=65536, data_size=PAGE):
+        self.space = space
+        blob = _core.GUEST_BLOB
+        self.code_size = (len(blob) + PAGE - 1) & ~(PAGE - 1)
+        self.rw_size = stack_size + data_size
+        self.code = self.rw = None
+        with space.borrowed():
+            self.code = space.syscall("mmap", 0, self.code_size, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            try:
+                space.write(self.code, blob)
+                space.syscall("mprotect", self.code, self.code_size, PROT_READ | PROT_EXEC)
+                self.rw = space.syscall("mmap", 0, self.rw_size, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            except BaseException:
+                self.close()
+                raise
+        self.data = self.rw                       # data area at the bottom, stack grows down above it
+        self.stack_top = self.rw + self.rw_size - 64
+
+    def address(self, symbol):
+        return self.code + SYMBOLS[symbol]
+
+    def context(self, symbol, **regs):
+        """A fresh SigContext entering `symbol` on the guest stack."""
+        return SigContext(rip=self.address(symbol), rsp=self.stack_top, **regs)
+
+    def close(self):
+        calls = []
+        if self.code is not None:
+            calls.append((number("munmap"), (self.code, self.code_size)))
+        if self.rw is not None:
+            calls.append((number("munmap"), (self.rw, self.rw_size)))
+        self.code = self.rw = None
+        if calls:
+            self.space.syscalls(calls)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,408 @@
+"""The ptrace engine: borrow one thread of the target, run, put it back exactly.
+
+A borrowed thread is seized (PTRACE_SEIZE, never SIGSTOP) and interrupted; its
+general registers, xstate and signal mask are saved. While borrowed it blocks
+every signal except the ones the CPU raises for the code we run (blocking those
+would make the kernel reset the target's handlers). Signals sent to the thread
+meanwhile stay pending; one that is dequeued anyway (SIGSTOP, a user-sent
+synchronous signal) is re-injected or re-queued, never dropped. On release the
+saved state is written back from a stop inside the kernel's signal path, so an
+interrupted blocking syscall restarts exactly as it would have.
+"""
+import os
+import signal
+import struct
+
+from . import _core
+from .arch import x86_64 as arch
+from .context import SigContext, SigInfo, Stop
+from .errors import EngineError, RemoteSyscallError, TargetGone, UnsupportedTarget
+from .syscalls import name_of
+
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_DETACH = 17
+PTRACE_SYSEMU = 31
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_O_TRACESYSGOOD = 1
+PTRACE_EVENT_STOP = 128
+
+CLD_EXITED, CLD_KILLED, CLD_DUMPED, CLD_TRAPPED, CLD_STOPPED = 1, 2, 3, 4, 5
+
+SYSCALL_STOP = signal.SIGTRAP | 0x80
+STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
+
+_ALL = (1 << 64) - 1
+_SYNC_BITS = sum(1 << (s - 1) for s in arch.SYNC_SIGNALS)
+OP_SIGMASK = _ALL & ~_SYNC_BITS & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1))
+
+_I = arch.REG_INDEX
+_NEG = 1 << 64
+
+
+def signed(v):
+    return v - _NEG if v >= 1 << 63 else v
+
+
+class Borrowed:
+    """One thread held stopped with its original state saved."""
+
+    __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
+                 "at_syscall_stop", "foreign", "seized_here", "init_xstate")
+
+    def __init__(self, tid, seized_here):
+        self.tid = tid
+        self.seized_here = seized_here
+        self.saved_regs = _core.getregs(tid)
+        self.saved_xstate = _core.getregset(tid, arch.NT_X86_XSTATE)
+        self.saved_mask = _core.getsigmask(tid)
+        self.regs = bytearray(self.saved_regs)
+        self.q = memoryview(self.regs).cast("Q")
+        self.at_syscall_stop = False
+        self.foreign = []          # SigInfo of signals dequeued while borrowed, to re-queue
+        self.init_xstate = None
+
+    def saved(self, name):
+        return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
+
+
+class PtraceEngine:
+    name = "ptrace"
+
+    def __init__(self, pid, tid, reap_leader):
+        self.pid = pid
+        self.tid = tid
+        self._reap_leader = reap_leader
+        self._borrowed = None
+        self._depth = 0
+        self._frozen = []          # tids seized and held stopped by freeze()
+        self._vdso_syscall = None
+
+    # -- waiting -------------------------------------------------------------
+
+    def _wait(self, tid, interruptible=False):
+        reap = self._reap_leader or tid != self.pid
+        code, status = _core.wait(tid, reap, interruptible)
+        if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
+            if self._borrowed is not None and self._borrowed.tid == tid:
+                self._borrowed = None
+                self._depth = 0
+            raise TargetGone(self.pid, "process %d exited during the operation (%s %d)" % (
+                self.pid, "exit status" if code == CLD_EXITED else "signal", status))
+        return code, status
+
+    def _seize_and_stop(self, tid):
+        """Seize tid and bring it to a stop in the kernel's signal path. Returns True if group-stopped."""
+        _core.ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "ptrace(PTRACE_SEIZE)")
+        try:
+            _core.ptrace(PTRACE_INTERRUPT, tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+            return self._wait_for_event_stop(tid)
+        except TargetGone:
+            raise
+        except BaseException:
+            self._try_detach(tid)
+            raise
+
+    def _wait_for_event_stop(self, tid, borrowed=None):
+        """Wait for PTRACE_EVENT_STOP, passing on any signal the thread dequeues meanwhile."""
+        while True:
+            code, status = self._wait(tid)
+            sig = status & 0x7F
+            if code == CLD_TRAPPED and status >> 8 == PTRACE_EVENT_STOP:
+                return sig in STOP_SIGNALS
+            if code == CLD_TRAPPED and status == SYSCALL_STOP:
+                _core.ptrace(PTRACE_CONT, tid, 0, 0, "ptrace(PTRACE_CONT)")
+                continue
+            if code == CLD_TRAPPED:
+                if borrowed is not None:
+                    # Borrowed: user code must not run. Keep it and suppress it here.
+                    self._keep_signal(borrowed, sig)
+                    _core.ptrace(PTRACE_CONT, tid, 0, 0, "ptrace(PTRACE_CONT)")
+                else:
+                    # Not yet borrowed: deliver it as if we were not there.
+                    _core.ptrace(PTRACE_CONT, tid, 0, sig, "ptrace(PTRACE_CONT)")
+                continue
+            raise EngineError("unexpected wait event %d/%#x for thread %d" % (code, status, tid))
+
+    def _keep_signal(self, b, sig):
+        """A signal was dequeued while b is borrowed: ours (a fault we caused) or someone else's."""
+        if sig in STOP_SIGNALS or sig == signal.SIGKILL:
+            return
+        info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+        if info.code > 0 and sig in arch.SYNC_SIGNALS:
+            return                 # raised by the code we ran: it belongs to us
+        b.foreign.append(info)
+
+    @staticmethod
+    def _try_detach(tid):
+        try:
+            _core.ptrace(PTRACE_DETACH, tid, 0, 0, "ptrace(PTRACE_DETACH)")
+        except OSError:
+            pass
+
+    # -- borrowing -------------------------------------------------------------
+
+    def acquire(self):
+        """Borrow the thread (nested calls share one borrow)."""
+        if self._depth:
+            self._depth += 1
+            return self._borrowed
+        tid = self.tid
+        seized_here = tid not in self._frozen
+        if seized_here:
+            self._seize_and_stop(tid)
+        try:
+            b = Borrowed(tid, seized_here)
+            cs = b.saved("cs")
+            if cs != arch.USER_CS:
+                raise UnsupportedTarget(self.pid, "thread %d runs in %s mode (cs=%#x)" % (
+                    tid, "32-bit" if cs == arch.USER32_CS else "unknown", cs))
+            _core.setsigmask(tid, OP_SIGMASK)
+        except BaseException:
+            if seized_here:
+                self._try_detach(tid)
+            raise
+        self._borrowed = b
+        self._depth = 1
+        return b
+
+    def release(self):
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        b = self._borrowed
+        self._borrowed = None
+        if b is None:
+            return
+        gone = False
+        try:
+            if b.at_syscall_stop and signed(b.saved("orig_rax")) != -1:
+                # Restore from a stop inside the signal path, where the kernel
+                # applies its syscall-restart logic to the saved registers.
+                _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+                _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
+                self._wait_for_event_stop(b.tid, b)
+                b.at_syscall_stop = False
+            self._requeue(b)
+        except TargetGone:
+            gone = True
+            raise
+        finally:
+            if not gone:
+                request = PTRACE_DETACH if b.seized_here else -1
+                _core.restore(b.tid, b.saved_regs, b.saved_xstate, b.saved_mask, request, 0)
+
+    def _requeue(self, b):
+        """Put back signals that were dequeued while borrowed, with their original siginfo."""
+        for _round in range(8):
+            pending, b.foreign = b.foreign, []
+            if not pending:
+                return
+            for info in pending:
+                self._requeue_one(b, info)
+
+    def _requeue_one(self, b, info):
+        scratch = (b.saved("rsp") - 4096) & ~0xF     # below the red zone: unused stack
+        try:
+            _core.vm_write(self.pid, scratch, info.to_bytes())
+            r = self._run_syscall(b, 297, (self.pid, b.tid, info.signo, scratch))   # rt_tgsigqueueinfo
+        except (RemoteSyscallError, EngineError, OSError) as e:
+            if isinstance(e, TargetGone):
+                raise
+            r = -1
+        if r < 0:
+            self._run_syscall(b, 234, (self.pid, b.tid, info.signo))             # tgkill: siginfo lost
+
+    def cancel(self, b):
+        """Stop whatever the borrowed thread runs (Ctrl-C in the caller) without running user code."""
+        _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+        self._wait_for_event_stop(b.tid, b)
+        b.at_syscall_stop = False
+
+    # -- freezing the whole thread group --------------------------------------
+
+    def freeze(self):
+        """Stop every thread of the target until thaw()."""
+        while True:
+            tids = set(_threads(self.pid)) - set(self._frozen)
+            if not tids:
+                return
+            for tid in sorted(tids):
+                try:
+                    self._seize_and_stop(tid)
+                except TargetGone:
+                    continue
+                except OSError as e:
+                    if e.errno == 3:       # the thread exited meanwhile
+                        continue
+                    raise
+                self._frozen.append(tid)
+
+    def thaw(self):
+        while self._frozen:
+            self._try_detach(self._frozen.pop())
+
+    # -- operations ------------------------------------------------------------
+
+    def syscall_insn(self, b):
+        """Address of a syscall instruction in the target: where it stopped, else in its vDSO."""
+        if signed(b.saved("orig_rax")) != -1:
+            at = b.saved("rip") - arch.SYSCALL_INSN_LEN
+            try:
+                if _core.vm_read(self.pid, at, 2) == arch.SYSCALL_INSN:
+                    return at
+            except OSError:
+                pass
+        if self._vdso_syscall is None:
+            self._vdso_syscall = _find_syscall_insn(self.pid)
+        return self._vdso_syscall
+
+    def _run_syscall(self, b, nr, args):
+        """Run one syscall in the borrowed thread; returns the raw (signed) result."""
+        q = b.q
+        q[:] = memoryview(b.saved_regs).cast("Q")
+        insn = self.syscall_insn(b)
+        q[_I["rax"]] = nr
+        q[_I["orig_rax"]] = _NEG - 1
+        q[_I["rip"]] = insn
+        for name, value in zip(arch.SYSCALL_ARGS, args):
+            q[_I[name]] = value % _NEG
+        while True:
+            try:
+                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, 0)
+            except BaseException:
+                self.cancel(b)
+                raise
+            self._check_exit(code, status)
+            b.at_syscall_stop = False
+            if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
+                return signed(q[_I["rax"]])
+            if status >> 8 == PTRACE_EVENT_STOP:       # a group stop began: keep going
+                continue
+            sig = status & 0x7F
+            info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+            if sig == signal.SIGSYS and info.code > 0:
+                raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
+                                         "syscall user dispatch)", args)
+            if sig in STOP_SIGNALS:
+                # Someone stopped the target: let the group stop happen, then go on.
+                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, sig)
+                self._check_exit(code, status)
+                if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
+                    return signed(q[_I["rax"]])
+                continue
+            if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
+                b.foreign.append(info)
+                continue
+            raise EngineError("%s in the target while running %s at %#x" % (
+                signal.Signals(sig).name, name_of(nr), q[_I["rip"]]))
+
+    def _check_exit(self, code, status):
+        if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
+            self._borrowed = None
+            self._depth = 0
+            raise TargetGone(self.pid, "process %d exited during the operation" % self.pid)
+        if code != CLD_TRAPPED:
+            raise EngineError("unexpected wait event %d/%#x" % (code, status))
+
+    def syscall(self, nr, args):
+        b = self.acquire()
+        try:
+            return self._run_syscall(b, nr, args)
+        finally:
+            self.release()
+
+    def syscalls(self, calls):
+        b = self.acquire()
+        try:
+            return [self._run_syscall(b, nr, args) for nr, args in calls]
+        finally:
+            self.release()
+
+    def exec(self, ctx, sigmask):
+        """Mode 1: run ctx until a syscall (not executed) or a signal. Returns (Stop, deliver_sig)."""
+        regs = bytearray(ctx._buf)
+        q = memoryview(regs).cast("Q")
+        q[_I["orig_rax"]] = _NEG - 1
+        for seg in ("ds", "es", "fs", "gs"):
+            if q[_I[seg]] == arch.USER_DS:
+                q[_I[seg]] = 0
+        arch.validate(q)
+        b = self.acquire()
+        try:
+            if ctx.fpstate is not None:
+                _core.setregset(b.tid, arch.NT_X86_XSTATE, ctx.fpstate)
+            else:
+                if b.init_xstate is None:
+                    b.init_xstate = arch.init_xstate(b.saved_xstate)
+                _core.setregset(b.tid, arch.NT_X86_XSTATE, b.init_xstate)
+            sig_in = 0
+            while True:
+                try:
+                    code, status = _core.step(b.tid, regs, PTRACE_SYSEMU, sig_in)
+                except BaseException:
+                    self.cancel(b)
+                    raise
+                self._check_exit(code, status)
+                sig_in = 0
+                b.at_syscall_stop = status == SYSCALL_STOP
+                if status == SYSCALL_STOP:
+                    op, audit_arch, ip, _sp, nr = _core.syscall_info(b.tid)
+                    info = SigInfo(signo=signal.SIGSYS, code=1, addr=ip, syscall=nr, arch=audit_arch)
+                    q[_I["rax"]] = nr
+                    return self._stop(b, regs, ctx, info, "syscall"), 0
+                if status >> 8 == PTRACE_EVENT_STOP:
+                    continue
+                sig = status & 0x7F
+                if sig in STOP_SIGNALS:
+                    sig_in = sig           # let the target's group stop happen
+                    continue
+                info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+                if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
+                    b.foreign.append(info)
+                    continue
+                stop = self._stop(b, regs, ctx, info, "signal")
+                return stop, (0 if sig in sigmask else sig)
+        finally:
+            self.release()
+
+    def _stop(self, b, regs, ctx, info, reason):
+        fp = _core.getregset(b.tid, arch.NT_X86_XSTATE) if ctx.fpstate is not None else None
+        out = SigContext._from_regs(regs, fp)
+        return Stop(out, info, reason)
+
+    def read(self, addr, n):
+        return _core.vm_read(self.pid, addr, n)
+
+    def close(self):
+        self.thaw()
+
+
+def _threads(pid):
+    try:
+        return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+    except FileNotFoundError:
+        raise TargetGone(pid) from None
+
+
+def _find_syscall_insn(pid):
+    """A syscall instruction in the target's vDSO, else in its first executable mapping."""
+    candidates = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            name = parts[5] if len(parts) > 5 else ""
+            if "x" not in parts[1] or name in ("[vsyscall]",):
+                continue
+            candidates.append((0 if name == "[vdso]" else 1, lo, min(hi, lo + (1 << 20))))
+    for _prio, lo, hi in sorted(candidates):
+        try:
+            data = _core.vm_read(pid, lo, hi - lo)
+        except OSError:
+            continue
+        i = data.find(arch.SYSCALL_INSN)
+        if i >= 0:
+            return lo + i
+    raise UnsupportedTarget(pid, "no syscall instruction found in its vDSO or code")

@@ -1,0 +1,43 @@
+"""System call names, numbers and argument kinds (x86-64, up to Linux 6.18)."""
+import errno as _errno
+
+from ._syscall_table import X86_64 as TABLE
+
+_BY_NAME = {name: nr for nr, (name, _args) in TABLE.items()}
+# Common aliases used by libc and strace.
+for _alias, _real in (("newfstatat", "newfstatat"), ("fstatat", "newfstatat"), ("pread", "pread64"),
+                      ("pwrite", "pwrite64"), ("prlimit", "prlimit64"), ("umount", "umount2"),
+                      ("sendfile64", "sendfile")):
+    _BY_NAME.setdefault(_alias, _BY_NAME[_real])
+
+
+def number(nr_or_name):
+    """The syscall number for a name or number; ValueError naming what is unknown."""
+    if isinstance(nr_or_name, int):
+        if nr_or_name < 0:
+            raise ValueError("invalid system call number %d" % nr_or_name)
+        if nr_or_name & 0x40000000:
+            raise ValueError("x32 system call numbers (%#x) are not supported" % nr_or_name)
+        return nr_or_name
+    name = str(nr_or_name)
+    if name.startswith("SYS_") or name.startswith("__NR_"):
+        name = name.split("_", 1)[1].lstrip("_").replace("NR_", "", 1)
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError("unknown x86-64 system call %r" % nr_or_name) from None
+
+
+def name_of(nr):
+    entry = TABLE.get(nr)
+    return entry[0] if entry else "syscall_%d" % nr
+
+
+def arg_kinds(nr):
+    """((name, kind), ...) for a syscall; kind is fd, str, ptr or int. Empty if unknown."""
+    entry = TABLE.get(nr)
+    return entry[1] or () if entry else ()
+
+
+def errno_name(err):
+    return _errno.errorcode.get(err, "E%d" % err)

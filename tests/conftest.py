@@ -1,0 +1,118 @@
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def victim_exe(tmp_path_factory):
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    assert cc, "tests need a C compiler to build their victim program"
+    out = str(tmp_path_factory.mktemp("victims") / "victim")
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(HERE, "victims", "victim.c")], check=True)
+    return out
+
+
+class Victim:
+    """A child process under test: line-based I/O with timeouts; always killed and reaped."""
+
+    def __init__(self, exe, *args, **popen):
+        self.proc = subprocess.Popen([exe, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, **popen)
+        self.pid = self.proc.pid
+        self._buf = b""
+        self.lines = []
+        first = self.readline()
+        if first.startswith("counter"):
+            self.counter_addr = int(first.split()[1], 16)
+            first = self.readline()
+        assert first == "ready %d" % self.pid, first
+
+    def readline(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("victim %d said nothing within %.1fs (so far %r)" % (self.pid, timeout, self._buf))
+            r, _, _ = select.select([self.proc.stdout], [], [], left)
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise EOFError("victim %d closed stdout (exit %s) after %r" % (
+                        self.pid, self.proc.poll(), self._buf))
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def wait(self, timeout=10.0):
+        return self.proc.wait(timeout)
+
+    def status(self):
+        with open("/proc/%d/status" % self.pid) as f:
+            return dict(l.rstrip("\n").split(":\t", 1) for l in f if ":\t" in l)
+
+    def state(self):
+        return self.status()["State"][0]
+
+    def wait_state(self, states, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while self.state() not in states:
+            assert time.monotonic() < deadline, "victim %d never reached state %s (is %s)" % (
+                self.pid, states, self.state())
+            time.sleep(0.005)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            with_pid = self.pid
+            try:
+                os.kill(with_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def spawn(victim_exe):
+    made = []
+
+    def make(*args, **kw):
+        v = Victim(victim_exe, *args, **kw)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        v.kill()
+
+
+def snapshot(pid):
+    """What a target must get back unchanged: threads, mappings, descriptors, signal state."""
+    def read(p):
+        with open(p) as f:
+            return f.read()
+    st = dict(l.split(":\t", 1) for l in read("/proc/%d/status" % pid).splitlines() if ":\t" in l)
+    return {
+        "maps": read("/proc/%d/maps" % pid),
+        "fds": sorted(os.listdir("/proc/%d/fd" % pid), key=int),
+        "threads": sorted(os.listdir("/proc/%d/task" % pid)),
+        "sig": {k: st[k].strip() for k in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "TracerPid")},
+    }

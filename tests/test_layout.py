@@ -1,0 +1,42 @@
+"""The layouts shared by C, the guest blob and Python agree (layout.h is the single source)."""
+import ctypes
+import signal
+import struct
+
+from pvmexec import _core
+from pvmexec.arch import x86_64
+from pvmexec.context import SigInfo
+from pvmexec import vmexec
+
+
+def test_register_block_matches_c():
+    assert _core.LAYOUT["reg_names"] == x86_64.REG_NAMES
+    assert _core.LAYOUT["user_regs_struct"] == x86_64.REGS_SIZE
+
+
+def test_siginfo_offsets_match_c():
+    L = _core.LAYOUT
+    assert L["siginfo"] == 128
+    raw = bytearray(128)
+    struct.pack_into("<iii", raw, L["si_signo"], signal.SIGSYS, 0, 1)
+    struct.pack_into("<Q", raw, L["si_call_addr"], 0x1234)
+    struct.pack_into("<i", raw, L["si_syscall"], 123)
+    struct.pack_into("<I", raw, L["si_arch"], L["AUDIT_ARCH_X86_64"])
+    info = SigInfo.from_bytes(raw)
+    assert (info.signo, info.code, info.call_addr, info.syscall, info.arch) == (
+        signal.SIGSYS, 1, 0x1234, 123, x86_64.AUDIT_ARCH)
+    assert info.to_bytes() == bytes(raw)
+
+
+def test_constants_match_c():
+    L = _core.LAYOUT
+    assert L["PROCESS_VM_EXEC_SYSCALL"] == vmexec.PROCESS_VM_EXEC_SYSCALL
+    assert L["AUDIT_ARCH_X86_64"] == x86_64.AUDIT_ARCH
+    assert L["AUDIT_ARCH_I386"] == x86_64.AUDIT_ARCH_I386
+
+
+def test_guest_blob_exports_its_entry_points():
+    syms = _core.GUEST_SYMBOLS
+    for name in ("syscall_loop", "fault_loop", "fpu_probe", "int3"):
+        assert 0 <= syms[name] < len(_core.GUEST_BLOB)
+    assert syms["syscall_loop"] == 0

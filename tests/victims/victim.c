@@ -1,0 +1,209 @@
+/*
+ * Victim for pvmexec's tests: it checks its own state, so the tests observe
+ * harm instead of trusting the engine. Modes (argv[1]):
+ *   regs      spin with known values in every general register, xmm0-15, MXCSR
+ *             and the x87 control word; on SIGUSR1 report "regs ok" or what changed
+ *   read      block in read(0); print "read N <data>" for what arrives
+ *   sleep MS  clock_nanosleep MS ms; print "slept <elapsed ms> rc=<ret>"
+ *   nanosleep MS  the same with nanosleep() (restart through restart_syscall)
+ *   ppoll     ppoll(0) with SIGUSR2 unblocked temporarily while SIGUSR2 is blocked;
+ *             on input print the signal mask afterwards
+ *   pending   block SIGUSR1, wait on stdin; then unblock and print handler counts and si_pid
+ *   threads   a worker thread counts in `counter`; print its address; main waits on stdin
+ *   wait      wait on stdin, then exit 0 (a quiet target)
+ * Every mode first prints "ready <pid>" and flushes.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+static volatile sig_atomic_t usr1_count, usr2_count, report_now;
+static volatile int usr1_pid, usr1_code;
+volatile uint64_t counter;
+
+static void on_usr1(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig; (void)uc;
+    usr1_count++;
+    usr1_pid = si->si_pid;
+    usr1_code = si->si_code;
+    report_now = 1;
+}
+
+static void on_usr2(int sig) { (void)sig; usr2_count++; }
+
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static void install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_usr1;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGUSR1, &sa, NULL);
+    signal(SIGUSR2, on_usr2);
+}
+
+/* Spin with known register values until report_now; returns a bit set of registers that changed. */
+static uint64_t spin_regs(void)
+{
+    uint64_t bad = 0;
+    static const uint64_t xmm_pattern[2] = {0x0123456789abcdefULL, 0xfedcba9876543210ULL};
+    uint32_t mxcsr = 0x7f80 | 0x6000;      /* round toward zero, all masked */
+    uint16_t fcw = 0x0f7f;                 /* extended precision, round toward zero */
+    __asm__ volatile(
+        "ldmxcsr %[mx]\n"
+        "fldcw %[cw]\n"
+        "movdqu %[xp], %%xmm0\n"
+        "movdqa %%xmm0, %%xmm1\n movdqa %%xmm0, %%xmm2\n movdqa %%xmm0, %%xmm3\n"
+        "movdqa %%xmm0, %%xmm4\n movdqa %%xmm0, %%xmm5\n movdqa %%xmm0, %%xmm6\n"
+        "movdqa %%xmm0, %%xmm7\n movdqa %%xmm0, %%xmm8\n movdqa %%xmm0, %%xmm9\n"
+        "movdqa %%xmm0, %%xmm10\n movdqa %%xmm0, %%xmm11\n movdqa %%xmm0, %%xmm12\n"
+        "movdqa %%xmm0, %%xmm13\n movdqa %%xmm0, %%xmm14\n movdqa %%xmm0, %%xmm15\n"
+        "push %%rbx\n push %%rbp\n push %%r12\n push %%r13\n push %%r14\n push %%r15\n"
+        "mov $0x1111111111111111, %%rbx\n mov $0x2222222222222222, %%rbp\n"
+        "mov $0x3333333333333333, %%r12\n mov $0x4444444444444444, %%r13\n"
+        "mov $0x5555555555555555, %%r14\n mov $0x6666666666666666, %%r15\n"
+        "mov $0x7777777777777777, %%r8\n mov $0x8888888888888888, %%r9\n"
+        "mov $0x9999999999999999, %%r10\n mov $0xaaaaaaaaaaaaaaaa, %%r11\n"
+        "mov $0xbbbbbbbbbbbbbbbb, %%rsi\n mov $0xcccccccccccccccc, %%rdi\n"
+        "mov $0xdddddddddddddddd, %%rdx\n mov $0xeeeeeeeeeeeeeeee, %%rcx\n"
+        "1:\n"
+        "mov $0x1111111111111111, %%rax\n cmp %%rax, %%rbx\n jne 2f\n"
+        "mov $0x2222222222222222, %%rax\n cmp %%rax, %%rbp\n jne 2f\n"
+        "mov $0x3333333333333333, %%rax\n cmp %%rax, %%r12\n jne 2f\n"
+        "mov $0x4444444444444444, %%rax\n cmp %%rax, %%r13\n jne 2f\n"
+        "mov $0x5555555555555555, %%rax\n cmp %%rax, %%r14\n jne 2f\n"
+        "mov $0x6666666666666666, %%rax\n cmp %%rax, %%r15\n jne 2f\n"
+        "mov $0x7777777777777777, %%rax\n cmp %%rax, %%r8\n jne 2f\n"
+        "mov $0x8888888888888888, %%rax\n cmp %%rax, %%r9\n jne 2f\n"
+        "mov $0x9999999999999999, %%rax\n cmp %%rax, %%r10\n jne 2f\n"
+        "mov $0xaaaaaaaaaaaaaaaa, %%rax\n cmp %%rax, %%r11\n jne 2f\n"
+        "mov $0xbbbbbbbbbbbbbbbb, %%rax\n cmp %%rax, %%rsi\n jne 2f\n"
+        "mov $0xcccccccccccccccc, %%rax\n cmp %%rax, %%rdi\n jne 2f\n"
+        "mov $0xdddddddddddddddd, %%rax\n cmp %%rax, %%rdx\n jne 2f\n"
+        "mov $0xeeeeeeeeeeeeeeee, %%rax\n cmp %%rax, %%rcx\n jne 2f\n"
+        "movdqu %[xp], %%xmm15\n"
+        "pcmpeqb %%xmm0, %%xmm15\n pmovmskb %%xmm15, %%eax\n cmp $0xffff, %%eax\n jne 3f\n"
+        "movdqu %[xp], %%xmm15\n"
+        "pcmpeqb %%xmm7, %%xmm15\n pmovmskb %%xmm15, %%eax\n cmp $0xffff, %%eax\n jne 3f\n"
+        "movdqu %[xp], %%xmm15\n"
+        "pcmpeqb %%xmm14, %%xmm15\n pmovmskb %%xmm15, %%eax\n cmp $0xffff, %%eax\n jne 3f\n"
+        "movdqu %[xp], %%xmm15\n"
+        "cmpl $0, %[flag]\n je 1b\n"
+        "xor %%eax, %%eax\n jmp 4f\n"
+        "2: mov $1, %%eax\n jmp 4f\n"
+        "3: mov $2, %%eax\n"
+        "4:\n"
+        "pop %%r15\n pop %%r14\n pop %%r13\n pop %%r12\n pop %%rbp\n pop %%rbx\n"
+        : "=a"(bad)
+        : [mx] "m"(mxcsr), [cw] "m"(fcw), [xp] "m"(xmm_pattern), [flag] "m"(report_now)
+        : "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc",
+          "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+    uint32_t mx_now;
+    uint16_t cw_now;
+    __asm__ volatile("stmxcsr %0\n fnstcw %1" : "=m"(mx_now), "=m"(cw_now));
+    if ((mx_now & 0xffc0) != (mxcsr & 0xffc0))
+        bad |= 4;
+    if (cw_now != fcw)
+        bad |= 8;
+    return bad;
+}
+
+static void *worker(void *arg)
+{
+    (void)arg;
+    for (;;)
+        counter++;
+    return NULL;
+}
+
+static void print_mask(const char *what)
+{
+    sigset_t cur;
+    sigprocmask(SIG_BLOCK, NULL, &cur);
+    printf("%s usr1=%d usr2=%d\n", what, sigismember(&cur, SIGUSR1), sigismember(&cur, SIGUSR2));
+}
+
+int main(int argc, char **argv)
+{
+    const char *mode = argc > 1 ? argv[1] : "wait";
+    char buf[256];
+    install();
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (!strcmp(mode, "threads")) {
+        pthread_t t;
+        pthread_create(&t, NULL, worker, NULL);
+        printf("counter %p\n", (void *)&counter);
+    }
+    if (!strcmp(mode, "pending") || !strcmp(mode, "ppoll")) {
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, !strcmp(mode, "pending") ? SIGUSR1 : SIGUSR2);
+        sigprocmask(SIG_BLOCK, &s, NULL);
+    }
+    printf("ready %d\n", getpid());
+
+    if (!strcmp(mode, "regs")) {
+        uint64_t bad = spin_regs();
+        printf(bad ? "regs changed %lu\n" : "regs ok\n", (unsigned long)bad);
+        return bad ? 1 : 0;
+    }
+    if (!strcmp(mode, "read")) {
+        ssize_t n = read(0, buf, sizeof buf - 1);
+        if (n < 0) {
+            printf("read error %s\n", strerror(errno));
+            return 1;
+        }
+        buf[n] = 0;
+        printf("read %zd %s\n", n, buf);
+        return 0;
+    }
+    if (!strcmp(mode, "sleep") || !strcmp(mode, "nanosleep")) {
+        long ms = argc > 2 ? atol(argv[2]) : 1000;
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        double t0 = now_ms();
+        int rc = !strcmp(mode, "sleep") ? clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL)
+                                        : nanosleep(&ts, NULL);
+        printf("slept %.1f rc=%d\n", now_ms() - t0, rc);
+        return 0;
+    }
+    if (!strcmp(mode, "ppoll")) {
+        sigset_t temp;
+        sigemptyset(&temp);
+        struct pollfd p = {0, POLLIN, 0};
+        int rc = ppoll(&p, 1, NULL, &temp);
+        print_mask(rc == 1 ? "ppoll in" : "ppoll fail");
+        return 0;
+    }
+    if (!strcmp(mode, "pending")) {
+        ssize_t n = read(0, buf, sizeof buf);
+        (void)n;
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, SIGUSR1);
+        sigprocmask(SIG_UNBLOCK, &s, NULL);
+        printf("usr1 %d pid %d code %d usr2 %d\n", (int)usr1_count, usr1_pid, usr1_code, (int)usr2_count);
+        return 0;
+    }
+    /* wait, threads */
+    ssize_t n = read(0, buf, sizeof buf);
+    printf("done %zd usr1 %d pid %d code %d usr2 %d\n", n, (int)usr1_count, usr1_pid, usr1_code,
+           (int)usr2_count);
+    return 0;
+}
