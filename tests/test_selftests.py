@@ -135,7 +135,7 @@ def test_ptrace_sysemu_baseline(spawn):
             q = memoryview(regs).cast("Q")
             q[10] = TEST_SYSCALL_RET
             q[15] = (1 << 64) - 1
-            done, ns, code, status = _core.loop(space._engine.tid, 0, regs, 2000, TEST_SYSCALL, TEST_SYSCALL_RET)
+            done, ns, code, status = _core.loop(space._engine.tid, 0, regs, 2000, TEST_SYSCALL, TEST_SYSCALL_RET, False)
             assert done == 2000 and status == SYSCALL_STOP and ns > 0
     v.send(b"x")
     assert v.readline().startswith("done 1")

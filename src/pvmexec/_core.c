@@ -306,10 +306,10 @@ py_peeksiginfo(PyObject *self, PyObject *args)
 static PyObject *
 py_step(PyObject *self, PyObject *args)
 {
-    int tid, sig;
+    int tid, sig, reap;
     long request;
     Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "iw*li", &tid, &buf, &request, &sig))
+    if (!PyArg_ParseTuple(args, "iw*lip", &tid, &buf, &request, &sig, &reap))
         return NULL;
     PyObject *res = NULL;
     int code, status;
@@ -326,7 +326,7 @@ py_step(PyObject *self, PyObject *args)
         goto out;
     }
     for (;;) {
-        if (wait_event(tid, 1, 1, &code, &status) == 0)
+        if (wait_event(tid, reap, 1, &code, &status) == 0)
             break;
         if (errno != EINTR) {
             raise_call("waitid", tid);
@@ -397,11 +397,11 @@ enum { R_RAX = 10, R_RCX = 11, R_ORIG_RAX = 15 };
 static PyObject *
 py_loop(PyObject *self, PyObject *args)
 {
-    int tid, kind;
+    int tid, kind, reap;
     long n;
     unsigned long long a0, a1;
     Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "iiw*lKK", &tid, &kind, &buf, &n, &a0, &a1))
+    if (!PyArg_ParseTuple(args, "iiw*lKKp", &tid, &kind, &buf, &n, &a0, &a1, &reap))
         return NULL;
     PyObject *res = NULL;
     struct user_regs_struct regs;
@@ -426,7 +426,7 @@ py_loop(PyObject *self, PyObject *args)
             raise_call("ptrace(resume)", tid);
             goto out;
         }
-        while (wait_event(tid, 1, 0, &code, &status) < 0) {
+        while (wait_event(tid, reap, 0, &code, &status) < 0) {
             raise_call("waitid", tid);
             goto out;
         }
@@ -563,9 +563,9 @@ static PyMethodDef methods[] = {
     {"setsigmask", py_setsigmask, METH_VARARGS, "setsigmask(tid, mask)"},
     {"getsiginfo", py_getsiginfo, METH_VARARGS, "getsiginfo(tid) -> bytes"},
     {"peeksiginfo", py_peeksiginfo, METH_VARARGS, "peeksiginfo(tid, shared, nr) -> [bytes]"},
-    {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig) -> (si_code, si_status)"},
+    {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig, reap) -> (si_code, si_status)"},
     {"restore", py_restore, METH_VARARGS, "restore(tid, regs, xstate, sigmask, request, sig)"},
-    {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1) -> (done, ns, code, status)"},
+    {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},

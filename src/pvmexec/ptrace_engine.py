@@ -81,9 +81,12 @@ class PtraceEngine:
 
     # -- waiting -------------------------------------------------------------
 
+    def reaps(self, tid):
+        """Whether an exit of tid is ours to collect (not when we are also the leader's parent)."""
+        return self._reap_leader or tid != self.pid
+
     def _wait(self, tid, interruptible=False):
-        reap = self._reap_leader or tid != self.pid
-        code, status = _core.wait(tid, reap, interruptible)
+        code, status = _core.wait(tid, self.reaps(tid), interruptible)
         if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
             if self._borrowed is not None and self._borrowed.tid == tid:
                 self._borrowed = None
@@ -219,6 +222,16 @@ class PtraceEngine:
         _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
         self._wait_for_event_stop(b.tid, b)
         b.at_syscall_stop = False
+        # An interrupted single-stepped syscall queues its SIGTRAP behind our stop: take it out.
+        pending = [SigInfo.from_bytes(raw) for raw in _core.peeksiginfo(b.tid, False, 64)]
+        if any(i.signo == signal.SIGTRAP and i.code > 0 for i in pending):
+            _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
+            code, status = self._wait(b.tid)
+            if code != CLD_TRAPPED or status != signal.SIGTRAP:
+                raise EngineError("expected our SIGTRAP, got %d/%#x" % (code, status))
+            _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+            _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
+            self._wait_for_event_stop(b.tid, b)
 
     # -- freezing the whole thread group --------------------------------------
 
@@ -268,9 +281,10 @@ class PtraceEngine:
         q[_I["rip"]] = insn
         for name, value in zip(arch.SYSCALL_ARGS, args):
             q[_I[name]] = value % _NEG
+        prepared = bytes(b.regs)
         while True:
             try:
-                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, 0)
+                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, 0, self.reaps(b.tid))
             except BaseException:
                 self.cancel(b)
                 raise
@@ -278,6 +292,10 @@ class PtraceEngine:
             b.at_syscall_stop = False
             if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
                 return signed(q[_I["rax"]])
+            if status == signal.SIGTRAP and q[_I["rip"]] == insn:
+                # Stepping out of a syscall-entry stop traps before our instruction ran: again.
+                b.regs[:] = prepared
+                continue
             if status >> 8 == PTRACE_EVENT_STOP:       # a group stop began: keep going
                 continue
             sig = status & 0x7F
@@ -287,7 +305,7 @@ class PtraceEngine:
                                          "syscall user dispatch)", args)
             if sig in STOP_SIGNALS:
                 # Someone stopped the target: let the group stop happen, then go on.
-                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, sig)
+                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, sig, self.reaps(b.tid))
                 self._check_exit(code, status)
                 if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
                     return signed(q[_I["rax"]])
@@ -340,7 +358,7 @@ class PtraceEngine:
             sig_in = 0
             while True:
                 try:
-                    code, status = _core.step(b.tid, regs, PTRACE_SYSEMU, sig_in)
+                    code, status = _core.step(b.tid, regs, PTRACE_SYSEMU, sig_in, self.reaps(b.tid))
                 except BaseException:
                     self.cancel(b)
                     raise

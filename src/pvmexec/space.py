@@ -402,6 +402,12 @@ class Space:
             signal.pthread_kill(threading.get_ident(), deliver)
         return stop
 
+    def initial_fpstate(self):
+        """A clean FPU state in this CPU's xstate layout: set ctx.fpstate to it to carry FPU state across exec()."""
+        from .arch import x86_64
+        with self.borrowed():
+            return x86_64.init_xstate(self._engine._borrowed.saved_xstate)
+
     # -- descriptors ---------------------------------------------------------------------
 
     def _high_fd(self):

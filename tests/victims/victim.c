@@ -26,7 +26,7 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 
-static volatile sig_atomic_t usr1_count, usr2_count, report_now;
+static volatile sig_atomic_t usr1_count, usr2_count, bus_count, report_now;
 static volatile int usr1_pid, usr1_code;
 volatile uint64_t counter;
 
@@ -40,6 +40,7 @@ static void on_usr1(int sig, siginfo_t *si, void *uc)
 }
 
 static void on_usr2(int sig) { (void)sig; usr2_count++; }
+static void on_bus(int sig) { (void)sig; bus_count++; }
 
 static double now_ms(void)
 {
@@ -56,6 +57,7 @@ static void install(void)
     sa.sa_flags = SA_SIGINFO;
     sigaction(SIGUSR1, &sa, NULL);
     signal(SIGUSR2, on_usr2);
+    signal(SIGBUS, on_bus);
 }
 
 /* Spin with known register values until report_now; returns a bit set of registers that changed. */
@@ -203,7 +205,7 @@ int main(int argc, char **argv)
     }
     /* wait, threads */
     ssize_t n = read(0, buf, sizeof buf);
-    printf("done %zd usr1 %d pid %d code %d usr2 %d\n", n, (int)usr1_count, usr1_pid, usr1_code,
-           (int)usr2_count);
+    printf("done %zd usr1 %d pid %d code %d usr2 %d bus %d\n", n, (int)usr1_count, usr1_pid, usr1_code,
+           (int)usr2_count, (int)bus_count);
     return 0;
 }
