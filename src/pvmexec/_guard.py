@@ -18,6 +18,7 @@ _users = 0
 _ops = 0
 _main_ops = 0
 _deferred = []
+_MAIN = threading.main_thread().ident
 
 
 class Terminated(BaseException):
@@ -70,7 +71,7 @@ class operation:
 
     def __enter__(self):
         global _ops, _main_ops
-        self.main = threading.current_thread() is threading.main_thread()
+        self.main = threading.get_ident() == _MAIN
         _ops += 1
         if self.main:
             _main_ops += 1

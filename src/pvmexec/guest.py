@@ -40,7 +40,9 @@ class Guest:
 
     def context(self, symbol, **regs):
         """A fresh SigContext entering `symbol` on the guest stack."""
-        return SigContext(rip=self.address(symbol), rsp=self.stack_top, **regs)
+        regs.setdefault("rip", self.address(symbol))
+        regs.setdefault("rsp", self.stack_top)
+        return SigContext(**regs)
 
     def close(self):
         calls = []

@@ -38,6 +38,7 @@ _SYNC_BITS = sum(1 << (s - 1) for s in arch.SYNC_SIGNALS)
 OP_SIGMASK = _ALL & ~_SYNC_BITS & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1))
 
 _I = arch.REG_INDEX
+_RAX, _ORIG_RAX, _RIP = _I["rax"], _I["orig_rax"], _I["rip"]
 _NEG = 1 << 64
 
 
@@ -49,7 +50,7 @@ class Borrowed:
     """One thread held stopped with its original state saved."""
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
-                 "at_syscall_stop", "foreign", "seized_here", "init_xstate")
+                 "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -62,6 +63,7 @@ class Borrowed:
         self.at_syscall_stop = False
         self.foreign = []          # SigInfo of signals dequeued while borrowed, to re-queue
         self.init_xstate = None
+        self.insn = None
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -260,6 +262,11 @@ class PtraceEngine:
 
     def syscall_insn(self, b):
         """Address of a syscall instruction in the target: where it stopped, else in its vDSO."""
+        if b.insn is None:
+            b.insn = self._find_insn(b)
+        return b.insn
+
+    def _find_insn(self, b):
         if signed(b.saved("orig_rax")) != -1:
             at = b.saved("rip") - arch.SYSCALL_INSN_LEN
             try:
@@ -276,9 +283,9 @@ class PtraceEngine:
         q = b.q
         q[:] = memoryview(b.saved_regs).cast("Q")
         insn = self.syscall_insn(b)
-        q[_I["rax"]] = nr
-        q[_I["orig_rax"]] = _NEG - 1
-        q[_I["rip"]] = insn
+        q[_RAX] = nr
+        q[_ORIG_RAX] = _NEG - 1
+        q[_RIP] = insn
         for name, value in zip(arch.SYSCALL_ARGS, args):
             q[_I[name]] = value % _NEG
         prepared = bytes(b.regs)
@@ -290,9 +297,9 @@ class PtraceEngine:
                 raise
             self._check_exit(code, status)
             b.at_syscall_stop = False
-            if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
-                return signed(q[_I["rax"]])
-            if status == signal.SIGTRAP and q[_I["rip"]] == insn:
+            if status == signal.SIGTRAP and q[_RIP] == insn + arch.SYSCALL_INSN_LEN:
+                return signed(q[_RAX])
+            if status == signal.SIGTRAP and q[_RIP] == insn:
                 # Stepping out of a syscall-entry stop traps before our instruction ran: again.
                 b.regs[:] = prepared
                 continue
@@ -307,14 +314,14 @@ class PtraceEngine:
                 # Someone stopped the target: let the group stop happen, then go on.
                 code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, sig, self.reaps(b.tid))
                 self._check_exit(code, status)
-                if status == signal.SIGTRAP and q[_I["rip"]] == insn + arch.SYSCALL_INSN_LEN:
-                    return signed(q[_I["rax"]])
+                if status == signal.SIGTRAP and q[_RIP] == insn + arch.SYSCALL_INSN_LEN:
+                    return signed(q[_RAX])
                 continue
             if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
                 b.foreign.append(info)
                 continue
             raise EngineError("%s in the target while running %s at %#x" % (
-                signal.Signals(sig).name, name_of(nr), q[_I["rip"]]))
+                signal.Signals(sig).name, name_of(nr), q[_RIP]))
 
     def _check_exit(self, code, status):
         if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
@@ -342,11 +349,8 @@ class PtraceEngine:
         """Mode 1: run ctx until a syscall (not executed) or a signal. Returns (Stop, deliver_sig)."""
         regs = bytearray(ctx._buf)
         q = memoryview(regs).cast("Q")
-        q[_I["orig_rax"]] = _NEG - 1
-        for seg in ("ds", "es", "fs", "gs"):
-            if q[_I[seg]] == arch.USER_DS:
-                q[_I[seg]] = 0
         arch.validate(q)
+        q[_ORIG_RAX] = _NEG - 1
         b = self.acquire()
         try:
             if ctx.fpstate is not None:
@@ -368,7 +372,7 @@ class PtraceEngine:
                 if status == SYSCALL_STOP:
                     op, audit_arch, ip, _sp, nr = _core.syscall_info(b.tid)
                     info = SigInfo(signo=signal.SIGSYS, code=1, addr=ip, syscall=nr, arch=audit_arch)
-                    q[_I["rax"]] = nr
+                    q[_RAX] = nr
                     return self._stop(b, regs, ctx, info, "syscall"), 0
                 if status >> 8 == PTRACE_EVENT_STOP:
                     continue

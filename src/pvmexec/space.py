@@ -153,6 +153,11 @@ def _check_elf(pid):
             head = f.read(20)
     except OSError:
         return
+    check_elf_header(pid, head)
+
+
+def check_elf_header(pid, head):
+    """Refuse executables that are not 64-bit x86-64 ELF (i386 and x32 processes)."""
     if len(head) < 20 or head[:4] != b"\x7fELF":
         return
     cls, machine = head[4], struct.unpack_from("<H", head, 18)[0]

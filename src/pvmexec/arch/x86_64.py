@@ -36,23 +36,28 @@ SYNC_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.S
                           signal.SIGTRAP, signal.SIGSYS))
 
 
-def validate(regs):
-    """Raise InvalidContext for register values no x86-64 user thread can hold."""
+_CS, _SS, _RIP, _FS_BASE, _GS_BASE = (REG_INDEX[n] for n in ("cs", "ss", "rip", "fs_base", "gs_base"))
+_SEGMENTS = tuple(REG_INDEX[n] for n in ("ds", "es", "fs", "gs"))
+
+
+def validate(q):
+    """Raise InvalidContext for register values no x86-64 user thread can hold (q: the 27 registers)."""
+    if q[_CS] == USER_CS and q[_SS] == USER_DS and q[_RIP] <= TASK_SIZE_MAX \
+            and q[_FS_BASE] <= TASK_SIZE_MAX and q[_GS_BASE] <= TASK_SIZE_MAX \
+            and all(q[i] in (0, USER_DS) for i in _SEGMENTS):
+        return
     from ..errors import InvalidContext
-    q = regs
-    if q[REG_INDEX["cs"]] != USER_CS:
-        if q[REG_INDEX["cs"]] == USER32_CS:
+    if q[_CS] != USER_CS:
+        if q[_CS] == USER32_CS:
             raise InvalidContext("cs=0x23 selects 32-bit mode, which is not supported")
-        raise InvalidContext("cs=%#x is not the 64-bit user code selector 0x33" % q[REG_INDEX["cs"]])
-    if q[REG_INDEX["ss"]] != USER_DS:
-        raise InvalidContext("ss=%#x is not the user data selector 0x2b" % q[REG_INDEX["ss"]])
+        raise InvalidContext("cs=%#x is not the 64-bit user code selector 0x33" % q[_CS])
+    if q[_SS] != USER_DS:
+        raise InvalidContext("ss=%#x is not the user data selector 0x2b" % q[_SS])
     for name in ("rip", "fs_base", "gs_base"):
         if q[REG_INDEX[name]] > TASK_SIZE_MAX:
             raise InvalidContext("%s=%#x is not a user-space address" % (name, q[REG_INDEX[name]]))
     for name in ("ds", "es", "fs", "gs"):
-        v = q[REG_INDEX[name]]
-        if v not in (0, USER_DS) and (v & 3) != 3:
-            raise InvalidContext("%s=%#x is not a user segment selector" % (name, v))
+        raise InvalidContext("%s=%#x: data segment selectors must be 0 or 0x2b" % (name, q[REG_INDEX[name]]))
 
 
 def init_xstate(template):

@@ -1,0 +1,53 @@
+"""The command line, run as a user would."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def pvmexec(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pvmexec", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help():
+    out = pvmexec("--help")
+    assert out.returncode == 0 and "syscall" in out.stdout and "bench" in out.stdout
+    out = pvmexec("syscall", "--help")
+    assert out.returncode == 0 and "PID" in out.stdout
+
+
+def test_syscall_prints_result_and_errors_by_name(spawn):
+    v = spawn("wait")
+    out = pvmexec("syscall", v.pid, "getpid")
+    assert out.returncode == 0 and out.stdout.strip() == "getpid() = %d" % v.pid
+    out = pvmexec("syscall", v.pid, "openat", -100, "/nonexistent", 0)
+    assert out.returncode == 1
+    assert out.stdout.strip() == "openat(-100, '/nonexistent', 0) = -1 ENOENT (No such file or directory)"
+    out = pvmexec("syscall", v.pid, "write", 1, "hi from the target\n", 19)
+    assert out.returncode == 0 and out.stdout.strip().endswith("= 19")
+    assert v.readline() == "hi from the target"
+    out = pvmexec("syscall", v.pid, "getppid", "--hex")
+    assert out.stdout.strip() == "getppid() = %#x" % os.getpid()
+
+
+def test_syscall_bad_input(spawn):
+    out = pvmexec("syscall", 1, "frobnicate")
+    assert out.returncode == 2 and "unknown x86-64 system call 'frobnicate'" in out.stderr
+    out = pvmexec("syscall", 4_000_000, "getpid")
+    assert out.returncode == 1 and "no such process: 4000000" in out.stderr
+
+
+def test_bench_json_quick():
+    out = pvmexec("bench", "--json", "--quick", timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert {"machine", "results"} <= set(report)
+    modes = {(r["mode"], r["engine"], r["loop"]) for r in report["results"]}
+    for mode in ("exec-syscall", "exec-fault", "syscall"):
+        assert (mode, "ptrace", "c") in modes and (mode, "ptrace", "python") in modes
+    assert ("syscall-batch", "ptrace", "python") in modes
+    for r in report["results"]:
+        assert r["us_per_op"] > 0 and r["placement"]
