@@ -189,3 +189,30 @@ def test_elf_class_check():
         check_elf_header(1, arm64)
     with open(sys.executable, "rb") as f:
         check_elf_header(1, f.read(20))         # this interpreter is fine
+
+
+def test_seccomp_filter_is_respected(spawn):
+    v = spawn("seccomp")
+    with pvmexec.attach(v.pid) as space:
+        assert space.syscall("getpid") == v.pid
+        with pytest.raises(pvmexec.SeccompBlocked, match="kill the process"):
+            space.syscall("getppid")
+        with pytest.raises(pvmexec.SeccompBlocked, match="SIGSYS"):
+            space.syscall("getgid")
+        # ERRNO verdicts are answered as the target would get them, without running the call.
+        assert space.syscall_raw("getuid") == -errno.EPERM
+        assert space.syscall("getpid") == v.pid
+    v.send(b"x")
+    assert v.readline().startswith("done 1 usr1 0")
+    assert v.wait() == 0
+
+
+def test_seccomp_strict_mode_is_respected(spawn):
+    v = spawn("strict")
+    time.sleep(0.05)
+    with pvmexec.attach(v.pid) as space:
+        with pytest.raises(pvmexec.SeccompBlocked, match="strict"):
+            space.syscall("getpid")
+    v.send(b"x")
+    assert v.readline() == "strict ok"
+    assert v.wait() == 0

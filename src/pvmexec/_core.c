@@ -459,6 +459,50 @@ out:
     return res;
 }
 
+/* PTRACE_GET_RSEQ_CONFIGURATION: (rseq area address, size, signature), or None if not supported. */
+static PyObject *
+py_rseq_config(PyObject *self, PyObject *args)
+{
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid))
+        return NULL;
+    struct {
+        uint64_t ptr;
+        uint32_t size, sig, flags, pad;
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (ptrace(0x420f, tid, (void *)sizeof cfg, &cfg) < 0) {
+        if (errno == EIO || errno == EINVAL)
+            Py_RETURN_NONE;
+        return raise_call("ptrace(PTRACE_GET_RSEQ_CONFIGURATION)", tid);
+    }
+    return Py_BuildValue("(KII)", (unsigned long long)cfg.ptr, cfg.size, cfg.sig);
+}
+
+/* PTRACE_SECCOMP_GET_FILTER: the index-th filter of a stopped thread, as raw sock_filter bytes. */
+static PyObject *
+py_seccomp_filter(PyObject *self, PyObject *args)
+{
+    int tid;
+    unsigned long index;
+    if (!PyArg_ParseTuple(args, "ik", &tid, &index))
+        return NULL;
+    long n = ptrace(0x420c, tid, (void *)index, NULL);
+    if (n < 0)
+        return raise_call("ptrace(PTRACE_SECCOMP_GET_FILTER)", tid);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!out)
+        return NULL;
+    long m = ptrace(0x420c, tid, (void *)index, PyBytes_AS_STRING(out));
+    if (m != n) {
+        Py_DECREF(out);
+        if (m >= 0)
+            errno = EAGAIN;
+        return raise_call("ptrace(PTRACE_SECCOMP_GET_FILTER)", tid);
+    }
+    return out;
+}
+
 /* PTRACE_GET_SYSCALL_INFO at a syscall-entry stop: (op, arch, ip, sp, nr). */
 static PyObject *
 py_syscall_info(PyObject *self, PyObject *args)
@@ -566,6 +610,8 @@ static PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig, reap) -> (si_code, si_status)"},
     {"restore", py_restore, METH_VARARGS, "restore(tid, regs, xstate, sigmask, request, sig)"},
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
+    {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},
+    {"seccomp_filter", py_seccomp_filter, METH_VARARGS, "seccomp_filter(tid, index) -> bytes"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},

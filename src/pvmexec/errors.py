@@ -64,6 +64,17 @@ class RemoteSyscallError(PvmexecError):
             syscall, shown, _errno.errorcode.get(err, "E?%d" % err), _strerror(err)))
 
 
+class SeccompBlocked(RemoteSyscallError):
+    """The target's seccomp policy would act on this call (kill, trap...): it was not run."""
+
+    def __init__(self, syscall, args, action):
+        self.action = action
+        PvmexecError.__init__(self, _errno.EPERM, "%s not run in target: its seccomp policy would %s" % (
+            syscall, action))
+        self.syscall = syscall
+        self.args_ = tuple(args)
+
+
 class EngineError(PvmexecError):
     """The mechanism itself failed (an unexpected stop or kernel answer)."""
 

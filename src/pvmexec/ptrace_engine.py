@@ -9,6 +9,7 @@ synchronous signal) is re-injected or re-queued, never dropped. On release the
 saved state is written back from a stop inside the kernel's signal path, so an
 interrupted blocking syscall restarts exactly as it would have.
 """
+import errno
 import os
 import signal
 import struct
@@ -16,7 +17,8 @@ import struct
 from . import _core
 from .arch import x86_64 as arch
 from .context import SigContext, SigInfo, Stop
-from .errors import EngineError, RemoteSyscallError, TargetGone, UnsupportedTarget
+from . import seccomp
+from .errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
 from .syscalls import name_of
 
 PTRACE_CONT = 7
@@ -50,7 +52,7 @@ class Borrowed:
     """One thread held stopped with its original state saved."""
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
-                 "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn")
+                 "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -64,6 +66,8 @@ class Borrowed:
         self.foreign = []          # SigInfo of signals dequeued while borrowed, to re-queue
         self.init_xstate = None
         self.insn = None
+        self.seccomp = None        # None, "strict", a list of filters, or FilterUnreadable
+        self.rseq_cs = None        # (address, value) of the thread's rseq_cs word, if set
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -72,8 +76,10 @@ class Borrowed:
 class PtraceEngine:
     name = "ptrace"
 
-    def __init__(self, pid, tid, reap_leader):
+    def __init__(self, pid, tid, reap_leader, check_seccomp=True):
         self.pid = pid
+        self.check_seccomp = check_seccomp
+        self._filters = (0, [])    # (count, filters) cache: filters are only ever added
         self.tid = tid
         self._reap_leader = reap_leader
         self._borrowed = None
@@ -164,6 +170,8 @@ class PtraceEngine:
                 raise UnsupportedTarget(self.pid, "thread %d runs in %s mode (cs=%#x)" % (
                     tid, "32-bit" if cs == arch.USER32_CS else "unknown", cs))
             _core.setsigmask(tid, OP_SIGMASK)
+            b.seccomp = self._seccomp_state(tid)
+            b.rseq_cs = self._rseq_cs(tid)
         except BaseException:
             if seized_here:
                 self._try_detach(tid)
@@ -171,6 +179,60 @@ class PtraceEngine:
         self._borrowed = b
         self._depth = 1
         return b
+
+    def _rseq_cs(self, tid):
+        """The thread's rseq critical-section pointer. Running our code at another address makes
+        the kernel clear it; put back, a preempted critical section still aborts as it must."""
+        cfg = _core.rseq_config(tid)
+        if not cfg or not cfg[0]:
+            return None
+        addr = cfg[0] + 8                       # struct rseq: cpu_id_start, cpu_id, rseq_cs
+        try:
+            value = struct.unpack("<Q", _core.vm_read(self.pid, addr, 8))[0]
+        except OSError:
+            return None
+        return (addr, value) if value else None
+
+    def _seccomp_state(self, tid):
+        if not self.check_seccomp:
+            return None
+        try:
+            mode, count = seccomp.thread_mode(self.pid, tid)
+        except FileNotFoundError:
+            raise TargetGone(self.pid) from None
+        if mode == 0:
+            return None
+        if mode == 1:
+            return "strict"
+        if self._filters[0] != count:
+            try:
+                self._filters = (count, seccomp.load_filters(tid))
+            except seccomp.FilterUnreadable as e:
+                return e
+        return self._filters[1]
+
+    def _seccomp_gate(self, b, nr, args, insn):
+        """None to go ahead, or the result the target's policy gives without running the call."""
+        policy = b.seccomp
+        if policy is None:
+            return None
+        if policy == "strict":
+            if nr in seccomp.STRICT_ALLOWED:
+                return None
+            raise SeccompBlocked(name_of(nr), args, "kill the process (strict mode)")
+        if isinstance(policy, seccomp.FilterUnreadable):
+            raise SeccompBlocked(name_of(nr), args, "not be checked: its filters cannot be read (%s; "
+                                 "needs CAP_SYS_ADMIN), and a call they forbid could kill it. Attach with "
+                                 "check_seccomp=False to inject anyway" % policy)
+        ret = seccomp.verdict(policy, nr, arch.AUDIT_ARCH, insn + arch.SYSCALL_INSN_LEN, args)
+        action = ret & seccomp.RET_ACTION_FULL
+        if action in (seccomp.RET_ALLOW, seccomp.RET_LOG):
+            return None
+        if action == seccomp.RET_ERRNO:
+            return -min(ret & seccomp.RET_DATA, 4095)
+        if action == seccomp.RET_TRACE:
+            return -errno.ENOSYS
+        raise SeccompBlocked(name_of(nr), args, seccomp.describe(ret))
 
     def release(self):
         self._depth -= 1
@@ -190,6 +252,8 @@ class PtraceEngine:
                 self._wait_for_event_stop(b.tid, b)
                 b.at_syscall_stop = False
             self._requeue(b)
+            if b.rseq_cs is not None:
+                _core.vm_write(self.pid, b.rseq_cs[0], struct.pack("<Q", b.rseq_cs[1]))
         except TargetGone:
             gone = True
             raise
@@ -281,8 +345,12 @@ class PtraceEngine:
     def _run_syscall(self, b, nr, args):
         """Run one syscall in the borrowed thread; returns the raw (signed) result."""
         q = b.q
-        q[:] = memoryview(b.saved_regs).cast("Q")
         insn = self.syscall_insn(b)
+        if b.seccomp is not None:
+            refused = self._seccomp_gate(b, nr, args, insn)
+            if refused is not None:
+                return refused
+        q[:] = memoryview(b.saved_regs).cast("Q")
         q[_RAX] = nr
         q[_ORIG_RAX] = _NEG - 1
         q[_RIP] = insn

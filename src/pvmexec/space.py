@@ -29,12 +29,14 @@ CAP_SYS_PTRACE = 19
 NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "recvmsg")}
 
 
-def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None):
+def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None, check_seccomp=True):
     """Attach to a process by pid (or pidfd=) and return a Space.
 
     engine: "auto" or "ptrace" (the agent engine arrives separately).
     freeze: stop every thread of the target for as long as the Space lives.
     thread: the thread to borrow (default: the main thread).
+    check_seccomp: evaluate the target's seccomp filters before each injected
+        syscall and refuse (SeccompBlocked) what they would kill or trap.
     """
     _current_arch()
     if engine not in ("auto", "ptrace"):
@@ -55,7 +57,7 @@ def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None)
         except ProcessLookupError:
             raise TargetGone(pid) from None
     try:
-        return Space(pid, own_pidfd, freeze=freeze, thread=thread)
+        return Space(pid, own_pidfd, freeze=freeze, thread=thread, check_seccomp=check_seccomp)
     except BaseException:
         os.close(own_pidfd)
         raise
@@ -172,7 +174,7 @@ def check_elf_header(pid, head):
 class Space:
     """A target address space with an engine attached. Use as a context manager."""
 
-    def __init__(self, pid, pidfd, *, freeze=False, thread=None):
+    def __init__(self, pid, pidfd, *, freeze=False, thread=None, check_seccomp=True):
         st, tgid = _check_target(pid)
         self.pid = tgid
         self.pidfd = pidfd
@@ -183,7 +185,7 @@ class Space:
         if not os.path.exists("/proc/%d/task/%d" % (tgid, tid)):
             raise ValueError("thread %d is not a thread of process %d" % (tid, tgid))
         reap_leader = int(st["PPid"]) != os.getpid()
-        self._engine = PtraceEngine(tgid, tid, reap_leader)
+        self._engine = PtraceEngine(tgid, tid, reap_leader, check_seccomp)
         self.engine = self._engine.name
         _guard.install()
         try:

@@ -10,6 +10,8 @@
  *             on input print the signal mask afterwards
  *   pending   block SIGUSR1, wait on stdin; then unblock and print handler counts and si_pid
  *   threads   a worker thread counts in `counter`; print its address; main waits on stdin
+ *   seccomp   install a filter (getppid: kill, getuid: EPERM, getgid: trap), then as wait
+ *   strict    enter seccomp strict mode, read stdin, write "strict ok", exit
  *   wait      wait on stdin, then exit 0 (a quiet target)
  * Every mode first prints "ready <pid>" and flushes.
  */
@@ -25,6 +27,11 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#include <sys/prctl.h>
+#include <stddef.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 
 static volatile sig_atomic_t usr1_count, usr2_count, bus_count, report_now;
 static volatile int usr1_pid, usr1_code;
@@ -142,6 +149,28 @@ static void print_mask(const char *what)
     printf("%s usr1=%d usr2=%d\n", what, sigismember(&cur, SIGUSR1), sigismember(&cur, SIGUSR2));
 }
 
+static void install_filter(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getuid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getgid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRAP),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        exit(1);
+    }
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "wait";
@@ -159,7 +188,18 @@ int main(int argc, char **argv)
         sigaddset(&s, !strcmp(mode, "pending") ? SIGUSR1 : SIGUSR2);
         sigprocmask(SIG_BLOCK, &s, NULL);
     }
+    if (!strcmp(mode, "seccomp"))
+        install_filter();
     printf("ready %d\n", getpid());
+    if (!strcmp(mode, "strict")) {
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT))
+            return 1;
+        ssize_t n = read(0, buf, sizeof buf);
+        (void)n;
+        static const char ok[] = "strict ok\n";
+        n = write(1, ok, sizeof ok - 1);
+        syscall(SYS_exit, 0);
+    }
 
     if (!strcmp(mode, "regs")) {
         uint64_t bad = spin_regs();
