@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming what was wrong, and nothing is left behind."""
 import errno
+import struct
 import os
 import signal
 import subprocess
@@ -216,3 +217,28 @@ def test_seccomp_strict_mode_is_respected(spawn):
     v.send(b"x")
     assert v.readline() == "strict ok"
     assert v.wait() == 0
+
+
+def test_32bit_process_is_refused(tmp_path):
+    # A minimal static i386 program: pause() in a loop through int $0x80.
+    code = bytes([0xB8, 29, 0, 0, 0, 0xCD, 0x80, 0xEB, 0xF7])
+    base, eh, ph = 0x08048000, 52, 32
+    header = struct.pack("<4sBBBB8sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, bytes(8), 2, 3, 1,
+                         base + eh + ph, eh, 0, 0, eh, ph, 1, 0, 0, 0)
+    size = eh + ph + len(code)
+    prog = header + struct.pack("<IIIIIIII", 1, 0, base, base, size, size, 5, 0x1000) + code
+    exe = tmp_path / "i386"
+    exe.write_bytes(prog)
+    exe.chmod(0o755)
+    p = subprocess.Popen([str(exe)])
+    try:
+        deadline = time.monotonic() + 5
+        while open("/proc/%d/stat" % p.pid).read().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(UnsupportedTarget, match="32-bit"):
+            pvmexec.attach(p.pid)
+        assert "TracerPid:\t0" in open("/proc/%d/status" % p.pid).read()
+    finally:
+        p.kill()
+        p.wait(10)

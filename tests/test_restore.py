@@ -214,21 +214,29 @@ def test_target_dying_mid_operation_raises_target_gone(spawn):
 
 CALLER = textwrap.dedent("""
     import sys, pvmexec
+    from pvmexec.guest import Guest
     space = pvmexec.attach(int(sys.argv[1]))
+    guest = Guest(space)
     print("go", flush=True)
     try:
-        space.syscall("pause")
+        if sys.argv[2] == "syscall":
+            space.syscall("pause")              # blocks in the target until cancelled
+        else:
+            space.exec(guest.context("spin"))   # guest code that never stops by itself
     except KeyboardInterrupt:
         print("interrupted", flush=True)
+        guest.close()
         space.detach()
         sys.exit(3)
 """)
 
 
+@pytest.mark.parametrize("op", ["syscall", "exec"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_caller_signalled_mid_operation_restores_target(spawn, sig):
+def test_caller_signalled_mid_operation_restores_target(spawn, sig, op):
     v = spawn("regs")
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(v.pid)], stdout=subprocess.PIPE, text=True)
+    maps_before = snapshot(v.pid)["maps"]
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(v.pid), op], stdout=subprocess.PIPE, text=True)
     try:
         assert caller.stdout.readline() == "go\n"
         time.sleep(0.2)
@@ -241,6 +249,7 @@ def test_caller_signalled_mid_operation_restores_target(spawn, sig):
             caller.wait(10)
     if sig == signal.SIGINT:
         assert rc == 3 and "interrupted" in caller.stdout.read()
+        assert snapshot(v.pid)["maps"] == maps_before
     else:
         assert rc == -sig, "the caller must still die of %s" % signal.Signals(sig).name
     caller.stdout.close()

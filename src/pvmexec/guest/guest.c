@@ -93,3 +93,12 @@ __asm__(
     "  syscall\n"
     "  ud2\n"
     ".size pvm_guest_int3, .-pvm_guest_int3\n");
+
+/* spin(): loops forever without a syscall or fault (for cancelling a running guest). */
+__asm__(
+    ".text\n"
+    ".globl pvm_guest_spin\n"
+    ".type pvm_guest_spin,@function\n"
+    "pvm_guest_spin:\n"
+    "  jmp pvm_guest_spin\n"
+    ".size pvm_guest_spin, .-pvm_guest_spin\n");
