@@ -242,3 +242,13 @@ def test_32bit_process_is_refused(tmp_path):
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_target_exiting_between_operations(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid) as space:
+        assert space.syscall("getpid") == v.pid
+        v.send(b"x")
+        assert v.wait() == 0
+        with pytest.raises(TargetGone):
+            space.syscall("getpid")

@@ -17,7 +17,7 @@ import struct
 from . import _core
 from .arch import x86_64 as arch
 from .context import SigContext, SigInfo, Stop
-from . import seccomp
+from . import proc, seccomp
 from .errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
 from .syscalls import name_of
 
@@ -105,7 +105,10 @@ class PtraceEngine:
 
     def _seize_and_stop(self, tid):
         """Seize tid and bring it to a stop in the kernel's signal path. Returns True if group-stopped."""
-        _core.ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "ptrace(PTRACE_SEIZE)")
+        try:
+            _core.ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "ptrace(PTRACE_SEIZE)")
+        except OSError as e:
+            raise proc.seize_error(self.pid, e) from None
         try:
             _core.ptrace(PTRACE_INTERRUPT, tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
             return self._wait_for_event_stop(tid)

@@ -7,7 +7,7 @@ import socket
 import struct
 import threading
 
-from . import _core, _guard
+from . import _core, _guard, proc
 from .arch import current as _current_arch
 from .context import SigContext
 from .errors import (AccessDenied, AlreadyTraced, EngineError, RemoteSyscallError, TargetGone,
@@ -24,7 +24,6 @@ AF_UNIX, SOCK_DGRAM, SOCK_CLOEXEC = 1, 2, 0o2000000
 MSG_CMSG_CLOEXEC = 0x40000000
 SOL_SOCKET, SCM_RIGHTS = 1, 1
 PF_KTHREAD = 0x00200000
-CAP_SYS_PTRACE = 19
 
 NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "recvmsg")}
 
@@ -77,59 +76,9 @@ def _pid_of_pidfd(fd):
     raise ValueError("file descriptor %d is not a pidfd" % fd)
 
 
-def _status(pid):
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetGone(pid) from None
-
-
-def _has_cap(cap):
-    return bool(int(_status(os.getpid())["CapEff"], 16) >> cap & 1)
-
-
-def _is_descendant(pid):
-    me = os.getpid()
-    while pid > 1:
-        try:
-            pid = int(_status(pid)["PPid"])
-        except TargetGone:
-            return False
-        if pid == me:
-            return True
-    return False
-
-
-def _denied_reason(pid, st):
-    """Why PTRACE_SEIZE said EPERM, in words a user can act on."""
-    if _has_cap(CAP_SYS_PTRACE):
-        return "refused although the caller has CAP_SYS_PTRACE (a security module, or the target is in another user namespace)"
-    my_uid, my_gid = os.getuid(), os.getgid()
-    uids = [int(x) for x in st["Uid"].split()[:3]]
-    gids = [int(x) for x in st["Gid"].split()[:3]]
-    if any(u != my_uid for u in uids) or any(g != my_gid for g in gids):
-        return ("the target runs as uid %s gid %s; the caller (uid %d gid %d) needs the same ids "
-                "or CAP_SYS_PTRACE" % ("/".join(map(str, uids)), "/".join(map(str, gids)), my_uid, my_gid))
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            scope = int(f.read())
-    except (OSError, ValueError):
-        scope = 0
-    if scope == 3:
-        return "Yama ptrace_scope is 3: ptrace attach is disabled on this machine"
-    if scope == 2:
-        return "Yama ptrace_scope is 2: only a caller with CAP_SYS_PTRACE may attach"
-    if scope == 1 and not _is_descendant(pid):
-        return ("Yama ptrace_scope is 1: only descendants may be traced (run as root, or the target "
-                "can allow this caller with prctl(PR_SET_PTRACER))")
-    return ("the target is not dumpable (setuid/setgid program or prctl(PR_SET_DUMPABLE, 0)) "
-            "or a security module refused")
-
-
 def _check_target(pid):
     """Refuse what we cannot operate on, with the reason, before touching it."""
-    st = _status(pid)
+    st = proc.status(pid)
     state = st.get("State", "?")[:1]
     if state in ("Z", "X"):
         raise TargetGone(pid, "process %d is a zombie (exited, not yet reaped)" % pid)
@@ -207,23 +156,10 @@ class Space:
         raise TargetGone(tgid, "process %d has no live thread" % tgid)
 
     def _probe(self, st, freeze):
-        """First contact: map seize errors to reasons; refuse non-x86-64 processes."""
-        try:
-            if freeze:
-                self._engine.freeze()
-            self._engine.acquire()
-        except PermissionError as e:
-            if isinstance(e, AccessDenied):
-                raise
-            st2 = _status(self.pid)
-            tracer = int(st2.get("TracerPid", "0"))
-            if tracer and tracer != os.getpid():
-                raise AlreadyTraced(self.pid, tracer) from None
-            raise AccessDenied(self.pid, _denied_reason(self.pid, st2)) from None
-        except ProcessLookupError as e:
-            if isinstance(e, TargetGone):
-                raise
-            raise TargetGone(self.pid) from None
+        """First contact (errors name the reason); refuse non-x86-64 processes."""
+        if freeze:
+            self._engine.freeze()
+        self._engine.acquire()
         try:
             _check_elf(self.pid)
         finally:
