@@ -10,6 +10,7 @@ in flight the handler behaves exactly like the default action.
 import os
 import signal
 import threading
+from threading import get_ident
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _lock = threading.Lock()
@@ -64,25 +65,31 @@ def uninstall():
             del _installed[s]
 
 
-class operation:
-    """Context manager around one engine operation."""
+class _Operation:
+    """Context manager around one engine operation (one shared instance: state is in the counters)."""
 
-    __slots__ = ("main",)
+    __slots__ = ()
 
     def __enter__(self):
         global _ops, _main_ops
-        self.main = threading.get_ident() == _MAIN
         _ops += 1
-        if self.main:
+        if get_ident() == _MAIN:
             _main_ops += 1
 
     def __exit__(self, typ, exc, tb):
         global _ops, _main_ops
         _ops -= 1
-        if self.main:
+        if get_ident() == _MAIN:
             _main_ops -= 1
-        if isinstance(exc, Terminated):
+        if typ is Terminated:
             _die(exc.signum)
-        if not _ops and _deferred:
+        if _deferred and not _ops:
             _die(_deferred.pop())
         return False
+
+
+_OPERATION = _Operation()
+
+
+def operation():
+    return _OPERATION

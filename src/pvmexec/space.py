@@ -212,10 +212,14 @@ class Space:
 
     def syscall_raw(self, nr_or_name, *args):
         """Run one syscall in the target (its fd table, its memory); return the raw result."""
-        self._live()
-        nr = number(nr_or_name)
+        if self._detached:
+            raise ValueError("operation on a detached Space")
+        nr = nr_or_name if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000 else number(nr_or_name)
         if len(args) > 6:
             raise TypeError("a system call takes at most 6 arguments, got %d" % len(args))
+        if all(type(a) is int and -(1 << 63) <= a < (1 << 64) for a in args):
+            with _guard.operation():
+                return self._engine.syscall(nr, args)
         with contextlib.ExitStack() as stack:
             args = [self._place(stack, a) for a in args]
             with _guard.operation():
