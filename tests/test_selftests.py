@@ -139,3 +139,34 @@ def test_ptrace_sysemu_baseline(spawn):
             assert done == 2000 and status == SYSCALL_STOP and ns > 0
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+def test_process_vm_exec_syscall_mode_new_descriptors_land_in_the_caller(spawn):
+    """Under the proposal's semantics a descriptor a call creates belongs to the caller's table."""
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    with pvmexec.attach(v.pid) as space, space.scratch(64) as mem:
+        space.write(mem, b"/proc/self/status\0")
+        ctx = SigContext(rax=257, rdi=(1 << 64) - 100, rsi=mem, rdx=os.O_RDONLY)   # openat(AT_FDCWD, ...)
+        process_vm_exec(v.pid, ctx, PROCESS_VM_EXEC_SYSCALL)
+        fd = ctx.rax
+        try:
+            # The target opened its own /proc/self/status; the descriptor is ours now.
+            assert "Pid:\t%d" % v.pid in os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        ctx = SigContext(rax=293, rdi=mem + 32, rsi=os.O_CLOEXEC)                # pipe2(&fds, O_CLOEXEC)
+        process_vm_exec(v.pid, ctx, PROCESS_VM_EXEC_SYSCALL)
+        assert ctx.rax == 0
+        r, w = struct.unpack("<ii", space.read(mem + 32, 8))
+        try:
+            os.write(w, b"pipe")
+            assert os.read(r, 4) == b"pipe"
+        finally:
+            os.close(r)
+            os.close(w)
+        # Pure descriptor-table calls act on the caller's table too.
+        ctx = SigContext(rax=3, rdi=4_000)                                         # close(4000)
+        process_vm_exec(v.pid, ctx, PROCESS_VM_EXEC_SYSCALL)
+        assert ctx.rax == (1 << 64) - 9                                            # -EBADF
+    assert snapshot(v.pid) == before
