@@ -8,11 +8,18 @@ CAP_SYS_PTRACE = 19
 
 
 def status(pid):
+    """/proc/PID/status as a dict of strings."""
     try:
-        with open("/proc/%d/status" % pid) as f:
-            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        fd = os.open("/proc/%d/status" % pid, os.O_RDONLY)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(pid) from None
+    try:
+        data = os.read(fd, 65536).decode()
+    except ProcessLookupError:
+        raise TargetGone(pid) from None
+    finally:
+        os.close(fd)
+    return dict(line.split(":\t", 1) for line in data.splitlines() if ":\t" in line)
 
 
 def has_cap(cap):

@@ -6,6 +6,7 @@ filters (read with PTRACE_SECCOMP_GET_FILTER) by a classic-BPF interpreter.
 Mode 1 never needs this: PTRACE_SYSEMU stops before seccomp runs.
 """
 import errno
+import os
 import struct
 
 from . import _core
@@ -152,12 +153,16 @@ def describe(ret):
 
 
 def thread_mode(pid, tid):
-    """(mode, number of filters) from /proc: mode 0 none, 1 strict, 2 filter."""
-    mode, count = 0, 0
-    with open("/proc/%d/task/%d/status" % (pid, tid)) as f:
-        for line in f:
-            if line.startswith("Seccomp:"):
-                mode = int(line.split()[1])
-            elif line.startswith("Seccomp_filters:"):
-                count = int(line.split()[1])
+    """(mode, number of filters) from /proc: mode 0 none, 1 strict, 2 filter. Read raw: this runs per borrow."""
+    fd = os.open("/proc/%d/task/%d/status" % (pid, tid), os.O_RDONLY)
+    try:
+        data = os.read(fd, 16384)
+    finally:
+        os.close(fd)
+    i = data.find(b"\nSeccomp:")
+    if i < 0:
+        return 0, 0
+    mode = int(data[i + 9:data.index(b"\n", i + 1)])
+    j = data.find(b"\nSeccomp_filters:")
+    count = int(data[j + 17:data.index(b"\n", j + 1)]) if j >= 0 else 0
     return mode, count
