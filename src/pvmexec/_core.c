@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <poll.h>
+#include <linux/futex.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -24,7 +26,12 @@
 
 #define PVM_CHECK_LAYOUT
 #include "layout.h"
+struct pvm_symbol {
+    const char *name;
+    unsigned long offset;
+};
 #include "guest_blob.h"
+#include "agent_blob.h"
 
 #ifndef __x86_64__
 #error "pvmexec's C core supports x86-64 only for now"
@@ -523,6 +530,202 @@ py_syscall_info(PyObject *self, PyObject *args)
                          (unsigned long long)info.sp, (unsigned long long)info.nr);
 }
 
+/*
+ * The caller's side of the agent channel. The slot is in memory the target can
+ * write, so only the sequence word is read back here, compared for equality.
+ */
+static long
+futex_op(volatile uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
+{
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+static int
+agent_post_wait(char *base, int pidfd, long spin)
+{
+    struct pvm_slot *slot = (struct pvm_slot *)(base + PVM_SLOT_OFF);
+    struct pvm_header *h = (struct pvm_header *)(base + PVM_HEADER_OFF);
+    uint32_t seq = __atomic_load_n(&slot->req_seq, __ATOMIC_RELAXED) + 1;
+    __atomic_store_n(&slot->req_seq, seq, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&slot->agent_sleeping, __ATOMIC_ACQUIRE))
+        futex_op(&slot->req_seq, FUTEX_WAKE, 1, NULL);
+    for (long i = 0; i < spin; i++) {
+        if (__atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE) == seq)
+            return 0;
+        __builtin_ia32_pause();
+    }
+    __atomic_store_n(&slot->caller_sleeping, 1, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int rc = 0;
+    for (;;) {
+        uint32_t cur = __atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE);
+        if (cur == seq)
+            break;
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        long r;
+        Py_BEGIN_ALLOW_THREADS
+        r = futex_op(&slot->resp_seq, FUTEX_WAIT, cur, &ts);
+        Py_END_ALLOW_THREADS
+        if (r < 0 && errno == EINTR && PyErr_CheckSignals() < 0) {
+            rc = -2;                       /* the request is still in flight */
+            break;
+        }
+        if (r < 0 && errno == ETIMEDOUT) {
+            struct pollfd p = {pidfd, POLLIN, 0};
+            if (poll(&p, 1, 0) == 1) {
+                errno = ESRCH;
+                rc = -1;
+                break;
+            }
+            if (__atomic_load_n(&h->agent_tid, __ATOMIC_ACQUIRE) == 0) {
+                errno = ECHILD;
+                rc = -1;
+                break;
+            }
+        }
+    }
+    __atomic_store_n(&slot->caller_sleeping, 0, __ATOMIC_RELEASE);
+    return rc;
+}
+
+static PyObject *
+py_agent_call(PyObject *self, PyObject *args)
+{
+    unsigned long long base;
+    int pidfd;
+    long spin;
+    if (!PyArg_ParseTuple(args, "Kil", &base, &pidfd, &spin))
+        return NULL;
+    int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
+    if (rc == -2)
+        return NULL;
+    if (rc < 0)
+        return raise_call("agent channel", pidfd);
+    Py_RETURN_NONE;
+}
+
+/* One syscall through the agent: fill the slot, post, wait, return the raw result. */
+static PyObject *
+py_agent_syscall(PyObject *self, PyObject *args)
+{
+    unsigned long long base, nr, a[6] = {0, 0, 0, 0, 0, 0};
+    int pidfd;
+    long spin;
+    if (!PyArg_ParseTuple(args, "KilK|KKKKKK", &base, &pidfd, &spin, &nr, &a[0], &a[1], &a[2], &a[3],
+                          &a[4], &a[5]))
+        return NULL;
+    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    slot->op = PVM_OP_CALLS;
+    slot->count = 1;
+    slot->calls[0].nr = (int64_t)nr;
+    memcpy(slot->calls[0].args, a, sizeof a);
+    int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
+    if (rc == -2)
+        return NULL;
+    if (rc < 0)
+        return raise_call("agent channel", pidfd);
+    return PyLong_FromLongLong(__atomic_load_n(&slot->calls[0].ret, __ATOMIC_RELAXED));
+}
+
+/* A batch through the agent: calls is a sequence of (nr, (args...)); returns the raw results. */
+static PyObject *
+py_agent_batch(PyObject *self, PyObject *args)
+{
+    unsigned long long base;
+    int pidfd;
+    long spin;
+    PyObject *calls;
+    if (!PyArg_ParseTuple(args, "KilO", &base, &pidfd, &spin, &calls))
+        return NULL;
+    PyObject *seq = PySequence_Fast(calls, "calls must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    for (Py_ssize_t done = 0; out && done < n;) {
+        Py_ssize_t chunk = n - done < PVM_MAX_BATCH ? n - done : PVM_MAX_BATCH;
+        for (Py_ssize_t i = 0; i < chunk; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, done + i);
+            unsigned long long nr, a[6] = {0, 0, 0, 0, 0, 0};
+            PyObject *cargs;
+            if (!PyArg_ParseTuple(item, "KO", &nr, &cargs) ||
+                !PyArg_ParseTuple(cargs, "|KKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5]))
+                goto fail;
+            slot->calls[i].nr = (int64_t)nr;
+            memcpy(slot->calls[i].args, a, sizeof a);
+        }
+        slot->op = PVM_OP_CALLS;
+        slot->count = (uint32_t)chunk;
+        int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
+        if (rc == -2)
+            goto fail;
+        if (rc < 0) {
+            raise_call("agent channel", pidfd);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < chunk; i++) {
+            PyObject *r = PyLong_FromLongLong(__atomic_load_n(&slot->calls[i].ret, __ATOMIC_RELAXED));
+            if (!r)
+                goto fail;
+            PyList_SET_ITEM(out, done + i, r);
+        }
+        done += chunk;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *
+py_futex_wait(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    unsigned int val;
+    long ms;
+    if (!PyArg_ParseTuple(args, "KIl", &addr, &val, &ms))
+        return NULL;
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    long r;
+    Py_BEGIN_ALLOW_THREADS
+    r = futex_op((volatile uint32_t *)(uintptr_t)addr, FUTEX_WAIT, val, &ts);
+    Py_END_ALLOW_THREADS
+    if (r < 0 && errno != EAGAIN && errno != ETIMEDOUT && errno != EINTR)
+        return raise_call("futex(FUTEX_WAIT)", 0);
+    Py_RETURN_NONE;
+}
+
+/*
+ * C-level loop for the benchmark: n single getppid-style calls through the
+ * agent. Returns elapsed ns.
+ */
+static PyObject *
+py_agent_loop(PyObject *self, PyObject *args)
+{
+    unsigned long long base, nr;
+    int pidfd;
+    long spin, n;
+    if (!PyArg_ParseTuple(args, "KilKl", &base, &pidfd, &spin, &nr, &n))
+        return NULL;
+    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    uint64_t t0 = now_ns();
+    for (long i = 0; i < n; i++) {
+        slot->op = PVM_OP_CALLS;
+        slot->count = 1;
+        slot->calls[0].nr = (int64_t)nr;
+        int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
+        if (rc == -2)
+            return NULL;
+        if (rc < 0)
+            return raise_call("agent channel", pidfd);
+    }
+    return PyLong_FromUnsignedLongLong(now_ns() - t0);
+}
+
 static PyObject *
 py_vm_read(PyObject *self, PyObject *args)
 {
@@ -612,6 +815,11 @@ static PyMethodDef methods[] = {
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},
     {"seccomp_filter", py_seccomp_filter, METH_VARARGS, "seccomp_filter(tid, index) -> bytes"},
+    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(base, pidfd, spin): post the filled slot, wait"},
+    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(base, pidfd, spin, nr, *args) -> raw"},
+    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(base, pidfd, spin, [(nr, args)]) -> [raw]"},
+    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(base, pidfd, spin, nr, n) -> ns"},
+    {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
@@ -666,11 +874,48 @@ PyInit__core(void)
         || add_int(layout, "AUDIT_ARCH_I386", PVM_AUDIT_ARCH_I386) < 0
         || add_int(layout, "SYS_SECCOMP", PVM_SYS_SECCOMP) < 0
         || add_int(layout, "PTRACE_SYSEMU", PTRACE_SYSEMU) < 0
+        || add_int(layout, "AGENT_MAGIC", PVM_AGENT_MAGIC) < 0
+        || add_int(layout, "MAX_BATCH", PVM_MAX_BATCH) < 0
+        || add_int(layout, "AGENT_CODE_MAX", PVM_AGENT_CODE_MAX) < 0
+        || add_int(layout, "HEADER_OFF", PVM_HEADER_OFF) < 0
+        || add_int(layout, "SLOT_OFF", PVM_SLOT_OFF) < 0
+        || add_int(layout, "DATA_OFF", PVM_DATA_OFF) < 0
+        || add_int(layout, "DATA_SIZE", PVM_DATA_SIZE) < 0
+        || add_int(layout, "STACK_OFF", PVM_STACK_OFF) < 0
+        || add_int(layout, "STACK_SIZE", PVM_STACK_SIZE) < 0
+        || add_int(layout, "REGION_SIZE", PVM_REGION_SIZE) < 0
+        || add_int(layout, "header.agent_tid", offsetof(struct pvm_header, agent_tid)) < 0
+        || add_int(layout, "header.state", offsetof(struct pvm_header, state)) < 0
+        || add_int(layout, "header.caller_pidfd", offsetof(struct pvm_header, caller_pidfd)) < 0
+        || add_int(layout, "header.idle_ms", offsetof(struct pvm_header, idle_ms)) < 0
+        || add_int(layout, "header.code_base", offsetof(struct pvm_header, code_base)) < 0
+        || add_int(layout, "header.data_base", offsetof(struct pvm_header, data_base)) < 0
+        || add_int(layout, "header.code_keep", offsetof(struct pvm_header, code_keep)) < 0
+        || add_int(layout, "slot.spin", offsetof(struct pvm_slot, spin)) < 0
+        || add_int(layout, "slot.op", offsetof(struct pvm_slot, op)) < 0
+        || add_int(layout, "slot.count", offsetof(struct pvm_slot, count)) < 0
+        || add_int(layout, "slot.calls", offsetof(struct pvm_slot, calls)) < 0
+        || add_int(layout, "call.size", sizeof(struct pvm_call)) < 0
         || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
         goto fail;
     for (int i = 0; pvm_guest_symbols[i].name; i++)
         if (add_int(syms, pvm_guest_symbols[i].name, (long long)pvm_guest_symbols[i].offset) < 0)
             goto fail;
+    PyObject *asyms = PyDict_New();
+    if (!asyms)
+        goto fail;
+    for (int i = 0; pvm_agent_symbols[i].name; i++)
+        if (add_int(asyms, pvm_agent_symbols[i].name, (long long)pvm_agent_symbols[i].offset) < 0) {
+            Py_DECREF(asyms);
+            goto fail;
+        }
+    if (PyModule_AddObject(m, "AGENT_SYMBOLS", asyms) < 0) {
+        Py_DECREF(asyms);
+        goto fail;
+    }
+    if (PyModule_AddObject(m, "AGENT_BLOB",
+                           PyBytes_FromStringAndSize((const char *)pvm_agent_blob, PVM_AGENT_BLOB_SIZE)) < 0)
+        goto fail;
     if (PyModule_AddObject(m, "LAYOUT", layout) < 0)
         goto fail;
     layout = NULL;

@@ -37,6 +37,76 @@
 #define PVM_AUDIT_ARCH_I386 0x40000003U
 #define PVM_SYS_SECCOMP 1
 
+/*
+ * The agent region: one memfd mapped by the caller (all read-write) and by the
+ * target (code read+exec, the rest read-write). Offsets are from its start.
+ * The caller validates everything it reads back: the target can write it all.
+ */
+#define PVM_PAGE 4096
+#define PVM_AGENT_MAGIC 0x61766d70U          /* "pmva" */
+#define PVM_AGENT_VERSION 1U
+#define PVM_MAX_BATCH 64
+#define PVM_AGENT_CODE_MAX (4 * PVM_PAGE)    /* code pages; the last one holds pvm_agent_final */
+#define PVM_HEADER_OFF PVM_AGENT_CODE_MAX
+#define PVM_SLOT_OFF (PVM_HEADER_OFF + PVM_PAGE)
+#define PVM_SLOT_SIZE (2 * PVM_PAGE)
+#define PVM_DATA_OFF (PVM_SLOT_OFF + PVM_SLOT_SIZE)
+#define PVM_DATA_SIZE (64 * 1024)
+#define PVM_STACK_OFF (PVM_DATA_OFF + PVM_DATA_SIZE)
+#define PVM_STACK_SIZE (64 * 1024)
+#define PVM_REGION_SIZE (PVM_STACK_OFF + PVM_STACK_SIZE)
+
+#define PVM_OP_CALLS 1U
+#define PVM_OP_EXIT 2U
+
+#define PVM_STATE_STARTING 0U
+#define PVM_STATE_SERVING 1U
+#define PVM_STATE_CALLER_GONE 2U
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+
+struct pvm_call {
+    int64_t nr;
+    uint64_t args[6];
+    int64_t ret;
+};
+
+struct pvm_header {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t agent_tid;        /* set by clone, cleared by the kernel when the agent exits */
+    uint32_t state;
+    int32_t caller_pidfd;      /* the agent's pidfd for the caller, -1 if none */
+    uint32_t idle_ms;          /* futex sleep before checking whether the caller is alive */
+    uint64_t code_base;        /* target addresses of the two mappings */
+    uint64_t data_base;
+    uint64_t code_keep;        /* bytes of code before the final page */
+};
+
+/* One request/response slot; the two sequence words live on separate cache lines. */
+struct pvm_slot {
+    uint32_t req_seq;          /* caller: bumps to post */
+    uint32_t agent_sleeping;   /* agent: 1 while in futex wait on req_seq */
+    uint32_t spin;             /* caller: agent spin budget (iterations) */
+    uint32_t pad0[13];
+    uint32_t resp_seq;         /* agent: = req_seq when done */
+    uint32_t caller_sleeping;  /* caller: 1 while in futex wait on resp_seq */
+    uint32_t pad1[14];
+    uint32_t op;
+    uint32_t count;
+    uint32_t pad2[14];
+    struct pvm_call calls[PVM_MAX_BATCH];
+};
+
+_Static_assert(sizeof(struct pvm_call) == 64, "pvm_call size");
+_Static_assert(sizeof(struct pvm_header) <= PVM_PAGE, "header fits its page");
+_Static_assert(sizeof(struct pvm_slot) <= PVM_SLOT_SIZE, "slot fits");
+_Static_assert(__builtin_offsetof(struct pvm_slot, resp_seq) == 64, "resp_seq on its own line");
+_Static_assert(__builtin_offsetof(struct pvm_slot, op) == 128, "op offset");
+_Static_assert(__builtin_offsetof(struct pvm_slot, calls) == 192, "calls offset");
+#endif
+
 #ifndef __ASSEMBLER__
 #if defined(PVM_CHECK_LAYOUT)
 #include <stddef.h>

@@ -75,6 +75,7 @@ class Borrowed:
 
 class PtraceEngine:
     name = "ptrace"
+    reg_index = arch.REG_INDEX
 
     def __init__(self, pid, tid, reap_leader, check_seccomp=True):
         self.pid = pid
@@ -393,6 +394,39 @@ class PtraceEngine:
                 continue
             raise EngineError("%s in the target while running %s at %#x" % (
                 signal.Signals(sig).name, name_of(nr), q[_RIP]))
+
+    def run_code(self, b, regs):
+        """Run target code from regs with real syscalls until it executes int3; returns rax then."""
+        b.regs[:] = regs
+        q = b.q
+        while True:
+            try:
+                code, status = _core.step(b.tid, b.regs, PTRACE_CONT, 0, self.reaps(b.tid))
+            except BaseException:
+                self.cancel(b)
+                raise
+            self._check_exit(code, status)
+            b.at_syscall_stop = False
+            if status >> 8 == PTRACE_EVENT_STOP:
+                continue
+            sig = status & 0x7F
+            info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+            if sig == signal.SIGTRAP and info.code == 0x80:       # SI_KERNEL: our int3
+                return signed(q[_RAX])
+            if sig in STOP_SIGNALS:
+                _core.step(b.tid, b.regs, PTRACE_CONT, sig, self.reaps(b.tid))
+                continue
+            if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
+                b.foreign.append(info)
+                continue
+            raise EngineError("%s at %#x while running injected code" % (signal.Signals(sig).name, q[_RIP]))
+
+    def initial_fpstate(self):
+        b = self.acquire()
+        try:
+            return arch.init_xstate(b.saved_xstate)
+        finally:
+            self.release()
 
     def _check_exit(self, code, status):
         if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):

@@ -31,15 +31,17 @@ NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "
 def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None, check_seccomp=True):
     """Attach to a process by pid (or pidfd=) and return a Space.
 
-    engine: "auto" or "ptrace" (the agent engine arrives separately).
+    engine: "ptrace" (borrow a target thread per operation), "agent" (inject a
+        thread of ours and talk to it through shared memory: the target runs
+        free, syscalls are much faster) or "auto" (ptrace, for now).
     freeze: stop every thread of the target for as long as the Space lives.
     thread: the thread to borrow (default: the main thread).
     check_seccomp: evaluate the target's seccomp filters before each injected
         syscall and refuse (SeccompBlocked) what they would kill or trap.
     """
     _current_arch()
-    if engine not in ("auto", "ptrace"):
-        raise ValueError("unknown engine %r (this version has: auto, ptrace)" % (engine,))
+    if engine not in ("auto", "ptrace", "agent"):
+        raise ValueError("unknown engine %r (choose auto, ptrace or agent)" % (engine,))
     if (target is None) == (pidfd is None):
         raise TypeError("attach() takes a pid or pidfd=, exactly one")
     if pidfd is not None:
@@ -56,7 +58,7 @@ def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None,
         except ProcessLookupError:
             raise TargetGone(pid) from None
     try:
-        return Space(pid, own_pidfd, freeze=freeze, thread=thread, check_seccomp=check_seccomp)
+        return Space(pid, own_pidfd, freeze=freeze, thread=thread, check_seccomp=check_seccomp, engine=engine)
     except BaseException:
         os.close(own_pidfd)
         raise
@@ -123,7 +125,7 @@ def check_elf_header(pid, head):
 class Space:
     """A target address space with an engine attached. Use as a context manager."""
 
-    def __init__(self, pid, pidfd, *, freeze=False, thread=None, check_seccomp=True):
+    def __init__(self, pid, pidfd, *, freeze=False, thread=None, check_seccomp=True, engine="auto"):
         st, tgid = _check_target(pid)
         self.pid = tgid
         self.pidfd = pidfd
@@ -135,10 +137,13 @@ class Space:
             raise ValueError("thread %d is not a thread of process %d" % (tid, tgid))
         reap_leader = int(st["PPid"]) != os.getpid()
         self._engine = PtraceEngine(tgid, tid, reap_leader, check_seccomp)
-        self.engine = self._engine.name
         _guard.install()
         try:
             self._probe(st, freeze)
+            if engine == "agent":
+                from .agent_engine import AgentEngine
+                self._engine = AgentEngine(tgid, pidfd, self._engine, self._high_fd())
+            self.engine = self._engine.name
         except BaseException:
             self._engine.close()
             _guard.uninstall()
@@ -351,9 +356,8 @@ class Space:
 
     def initial_fpstate(self):
         """A clean FPU state in this CPU's xstate layout: set ctx.fpstate to it to carry FPU state across exec()."""
-        from .arch import x86_64
-        with self.borrowed():
-            return x86_64.init_xstate(self._engine._borrowed.saved_xstate)
+        self._live()
+        return self._engine.initial_fpstate()
 
     # -- descriptors ---------------------------------------------------------------------
 

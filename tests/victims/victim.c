@@ -243,8 +243,11 @@ int main(int argc, char **argv)
         printf("usr1 %d pid %d code %d usr2 %d\n", (int)usr1_count, usr1_pid, usr1_code, (int)usr2_count);
         return 0;
     }
-    /* wait, threads */
-    ssize_t n = read(0, buf, sizeof buf);
+    /* wait, threads: a signal handler may interrupt the read; keep waiting */
+    ssize_t n;
+    do
+        n = read(0, buf, sizeof buf);
+    while (n < 0 && errno == EINTR);
     printf("done %zd usr1 %d pid %d code %d usr2 %d bus %d\n", n, (int)usr1_count, usr1_pid, usr1_code,
            (int)usr2_count, (int)bus_count);
     return 0;

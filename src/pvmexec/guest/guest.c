@@ -17,7 +17,7 @@
  * must return PVM_TEST_SYSCALL_RET (set by the caller in rax).
  */
 __asm__(
-    ".section .text.pvm_entry,\"ax\",@progbits\n"
+    ".pushsection .text.pvm_entry,\"ax\",@progbits\n"
     ".globl pvm_guest_syscall_loop\n"
     ".type pvm_guest_syscall_loop,@function\n"
     "pvm_guest_syscall_loop:\n"
@@ -31,7 +31,8 @@ __asm__(
     "  jmp 1b\n"
     "2:\n"
     "  ud2\n"
-    ".size pvm_guest_syscall_loop, .-pvm_guest_syscall_loop\n");
+    ".size pvm_guest_syscall_loop, .-pvm_guest_syscall_loop\n"
+    ".popsection\n");
 
 /*
  * fault_loop(slot, expected): stores rcx to the addresses 1..7 in turn, which
@@ -39,7 +40,7 @@ __asm__(
  * re-executes and must have landed in slot, which this code checks and clears.
  */
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl pvm_guest_fault_loop\n"
     ".type pvm_guest_fault_loop,@function\n"
     "pvm_guest_fault_loop:\n"
@@ -60,7 +61,8 @@ __asm__(
     "  jmp 0b\n"
     "2:\n"
     "  ud2\n"
-    ".size pvm_guest_fault_loop, .-pvm_guest_fault_loop\n");
+    ".size pvm_guest_fault_loop, .-pvm_guest_fault_loop\n"
+    ".popsection\n");
 
 /*
  * fpu_probe(): loads xmm0 with the 16 bytes at rdi, then traps with
@@ -68,7 +70,7 @@ __asm__(
  * again. Lets tests see that guest FPU state is carried across exec calls.
  */
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl pvm_guest_fpu_probe\n"
     ".type pvm_guest_fpu_probe,@function\n"
     "pvm_guest_fpu_probe:\n"
@@ -80,11 +82,12 @@ __asm__(
     "  mov $" STR(PVM_TEST_SYSCALL) ", %eax\n"
     "  syscall\n"
     "  ud2\n"
-    ".size pvm_guest_fpu_probe, .-pvm_guest_fpu_probe\n");
+    ".size pvm_guest_fpu_probe, .-pvm_guest_fpu_probe\n"
+    ".popsection\n");
 
 /* int3_then_syscall(): a breakpoint trap, then a trapped syscall. */
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl pvm_guest_int3\n"
     ".type pvm_guest_int3,@function\n"
     "pvm_guest_int3:\n"
@@ -92,13 +95,15 @@ __asm__(
     "  mov $" STR(PVM_TEST_SYSCALL) ", %eax\n"
     "  syscall\n"
     "  ud2\n"
-    ".size pvm_guest_int3, .-pvm_guest_int3\n");
+    ".size pvm_guest_int3, .-pvm_guest_int3\n"
+    ".popsection\n");
 
 /* spin(): loops forever without a syscall or fault (for cancelling a running guest). */
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl pvm_guest_spin\n"
     ".type pvm_guest_spin,@function\n"
     "pvm_guest_spin:\n"
     "  jmp pvm_guest_spin\n"
-    ".size pvm_guest_spin, .-pvm_guest_spin\n");
+    ".size pvm_guest_spin, .-pvm_guest_spin\n"
+    ".popsection\n");

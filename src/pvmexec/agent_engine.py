@@ -1,0 +1,257 @@
+"""The agent engine: a thread of ours inside the target, driven through shared memory.
+
+Injected once with the ptrace engine (memfd region created in the target and
+fetched with pidfd_getfd, agent code copied in, a thread cloned into the
+target's thread group); then ptrace lets go and the target runs free while
+system calls go through the channel. Mode 1 runs on the agent thread, traced
+alone, so the target's own threads never stop.
+"""
+import ctypes
+import mmap
+import os
+import struct
+import time
+
+from . import _core
+from .errors import EngineError, TargetGone, UnsupportedTarget
+from .ptrace_engine import PtraceEngine, signed
+from .seccomp import thread_mode
+from .syscalls import number
+
+L = _core.LAYOUT
+SYMS = _core.AGENT_SYMBOLS
+MAX_BATCH = L["MAX_BATCH"]
+REGION = L["REGION_SIZE"]
+HEADER, SLOT = L["HEADER_OFF"], L["SLOT_OFF"]
+CALLS = SLOT + L["slot.calls"]
+CALL = struct.Struct("<q6Qq")
+
+CLONE_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
+               | 0x200000 | 0x1000000)                             # CHILD_CLEARTID CHILD_SETTID
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MFD_CLOEXEC = 1
+F_DUPFD_CLOEXEC = 1030
+NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl")}
+
+# Spin budget on both sides before sleeping on a futex. Spinning only pays when
+# caller and agent run on different CPUs; on one CPU it wastes the slice the other needs.
+SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
+
+
+class InjectionFailed(UnsupportedTarget):
+    pass
+
+
+class AgentEngine:
+    name = "agent"
+
+    def __init__(self, pid, pidfd, tracer, high_fd, idle_ms=500):
+        """tracer: a PtraceEngine on a target thread, used once to inject the agent."""
+        self.pid = pid
+        self.pidfd = pidfd
+        self._main = tracer
+        self._map = None
+        self._base = 0
+        self._keep = None
+        self.code_base = self.data_base = None
+        self.agent_tid = None
+        self._thread_engine = None
+        self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
+        try:
+            self._inject(high_fd, idle_ms)
+        except BaseException:
+            self._undo()
+            raise
+
+    # -- injection -------------------------------------------------------------------
+
+    def _inject(self, high_fd, idle_ms):
+        t = self._main
+        b = t.acquire()
+        try:
+            mode, _count = thread_mode(self.pid, b.tid)
+            if mode:
+                raise InjectionFailed(self.pid, "it runs under seccomp (mode %d): the agent's calls could not be "
+                                      "checked against its filters; use the ptrace engine" % mode)
+            scratch = self._ok(t.syscall(NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE,
+                                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+            try:
+                _core.vm_write(self.pid, scratch, b"pvmexec-agent\0")
+                fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC)), "memfd_create")
+            finally:
+                t.syscall(NR["munmap"], (scratch, 4096))
+            try:
+                self._ok(t.syscall(NR["ftruncate"], (fd_t, REGION)), "ftruncate")
+                code = self._ok(t.syscall(NR["mmap"], (0, REGION, PROT_READ | PROT_EXEC, MAP_SHARED, fd_t, 0)),
+                                "mmap")
+                self.code_base = code
+                self._ok(t.syscall(NR["mmap"], (code + HEADER, REGION - HEADER, PROT_READ | PROT_WRITE,
+                                                MAP_SHARED | MAP_FIXED, fd_t, HEADER)), "mmap")
+                self.data_base = code + HEADER
+                fd_c = _core.pidfd_getfd(self.pidfd, fd_t)
+                try:
+                    self._map = mmap.mmap(fd_c, REGION, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd_c)
+            finally:
+                t.syscall(NR["close"], (fd_t,))
+            self._keep = ctypes.c_char.from_buffer(self._map)
+            self._base = ctypes.addressof(self._keep)
+            caller_pidfd = self._caller_pidfd(t, high_fd)
+            blob = _core.AGENT_BLOB
+            if len(blob) > L["AGENT_CODE_MAX"]:
+                raise EngineError("agent code (%d bytes) exceeds its %d-byte area" % (len(blob), L["AGENT_CODE_MAX"]))
+            self._map[0:len(blob)] = blob
+            final = SYMS["final"]
+            self._put32(HEADER, L["AGENT_MAGIC"])
+            self._put32(HEADER + 4, 1)
+            self._put32(HEADER + L["header.caller_pidfd"], caller_pidfd & 0xFFFFFFFF)
+            self._put32(HEADER + L["header.idle_ms"], idle_ms)
+            struct.pack_into("<QQQ", self._map, HEADER + L["header.code_base"], code, code + HEADER, final)
+            self._put32(SLOT + L["slot.spin"], self.spin)
+            regs = bytearray(b.saved_regs)
+            q = memoryview(regs).cast("Q")
+            idx = t.reg_index
+            q[idx["rip"]] = code + SYMS["bootstrap"]
+            q[idx["rdi"]] = code + HEADER
+            q[idx["rsi"]] = code + L["STACK_OFF"] + L["STACK_SIZE"] - 64
+            q[idx["rdx"]] = CLONE_FLAGS
+            q[idx["rcx"]] = code + HEADER + L["header.agent_tid"]
+            q[idx["orig_rax"]] = (1 << 64) - 1
+            tid = t.run_code(b, regs)
+            if tid <= 0:
+                raise InjectionFailed(self.pid, "clone of the agent thread failed: %s" % os.strerror(-tid))
+            self.agent_tid = tid
+        finally:
+            t.release()
+        deadline = time.monotonic() + 5
+        while self._get32(HEADER + L["header.state"]) != 1:
+            if time.monotonic() > deadline:
+                raise EngineError("the agent thread %d did not start" % self.agent_tid)
+            _core.futex_wait(self._base + HEADER + L["header.state"], 0, 50)
+        self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
+
+    def _caller_pidfd(self, t, high_fd):
+        """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
+        p = t.syscall(NR["pidfd_open"], (os.getpid(), 0))
+        if p < 0:
+            return -1
+        try:
+            return t.syscall(NR["fcntl"], (p, F_DUPFD_CLOEXEC, high_fd))
+        finally:
+            t.syscall(NR["close"], (p,))
+
+    def _ok(self, ret, what):
+        if ret < 0:
+            raise InjectionFailed(self.pid, "%s in the target failed: %s" % (what, os.strerror(-ret)))
+        return ret
+
+    def _put32(self, off, v):
+        struct.pack_into("<I", self._map, off, v)
+
+    def _get32(self, off):
+        return struct.unpack_from("<I", self._map, off)[0]
+
+    # -- operations --------------------------------------------------------------------
+
+    def syscall(self, nr, args):
+        try:
+            return _core.agent_syscall(self._base, self.pidfd, self.spin, nr, *(a % (1 << 64) for a in args))
+        except BaseException as e:
+            if not isinstance(e, OSError):
+                self._cancel_in_flight()
+            raise
+
+    def syscalls(self, calls):
+        try:
+            return _core.agent_batch(self._base, self.pidfd, self.spin,
+                                     [(nr, tuple(a % (1 << 64) for a in args)) for nr, args in calls])
+        except BaseException as e:
+            if not isinstance(e, OSError):
+                self._cancel_in_flight()
+            raise
+
+    def _cancel_in_flight(self):
+        """The caller was interrupted while the agent runs a call: make that call return EINTR."""
+        t = self._thread_engine
+        try:
+            t._seize_and_stop(self.agent_tid)
+        except OSError:
+            return
+        try:
+            regs = bytearray(_core.getregs(self.agent_tid))
+            q = memoryview(regs).cast("Q")
+            idx = t.reg_index
+            if q[idx["orig_rax"]] != (1 << 64) - 1 and (1 << 64) - q[idx["rax"]] in (512, 513, 514, 516):
+                q[idx["rax"]] = (1 << 64) - 4          # -EINTR, and no restart
+                q[idx["orig_rax"]] = (1 << 64) - 1
+                _core.setregs(self.agent_tid, regs)
+        finally:
+            t._try_detach(self.agent_tid)
+        deadline = time.monotonic() + 5
+        req = SLOT
+        resp = SLOT + 64
+        while self._get32(resp) != self._get32(req) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def exec(self, ctx, sigmask):
+        return self._thread_engine.exec(ctx, sigmask)
+
+    def acquire(self):
+        return None
+
+    def release(self):
+        pass
+
+    def initial_fpstate(self):
+        return self._thread_engine.initial_fpstate()
+
+    @property
+    def tid(self):
+        return self.agent_tid
+
+    def reaps(self, tid):
+        return True
+
+    # -- removal -----------------------------------------------------------------------------
+
+    def close(self):
+        self._undo()
+
+    def _undo(self):
+        """Stop the agent thread, unmap the region in the target and here."""
+        try:
+            if self.agent_tid and self._map is not None:
+                self._stop_agent()
+            if self.code_base is not None:
+                try:
+                    self._main.syscalls([(NR["munmap"], (self.code_base, REGION))])
+                except TargetGone:
+                    pass
+                self.code_base = None
+        finally:
+            self._keep = None
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            self._main.close()
+
+    def _stop_agent(self):
+        tid_off = HEADER + L["header.agent_tid"]
+        struct.pack_into("<II", self._map, SLOT + L["slot.op"], 2, 0)
+        try:
+            _core.agent_call(self._base, self.pidfd, self.spin)
+        except OSError as e:
+            if e.errno not in (3, 10):      # ESRCH: target gone; ECHILD: agent already gone
+                raise
+        deadline = time.monotonic() + 5
+        while os.path.exists("/proc/%d/task/%d" % (self.pid, self.agent_tid)):
+            if time.monotonic() > deadline:
+                raise EngineError("agent thread %d did not exit" % self.agent_tid)
+            cur = self._get32(tid_off)
+            if cur:
+                _core.futex_wait(self._base + tid_off, cur, 20)
+            else:
+                time.sleep(0.001)
+        self.agent_tid = None

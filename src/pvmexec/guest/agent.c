@@ -1,0 +1,165 @@
+/*
+ * The agent: a thread started inside the target's thread group that runs
+ * system calls posted by the caller through the shared region. Freestanding,
+ * position-independent; it never installs signal handlers (it shares the
+ * target's), never touches %fs (it has the borrowed thread's TLS), and blocks
+ * every signal.
+ */
+#include "layout.h"
+
+#define SYS_rt_sigprocmask 14
+#define SYS_munmap 11
+#define SYS_poll 7
+#define SYS_close 3
+#define SYS_exit 60
+#define SYS_futex 202
+#define SYS_set_tid_address 218
+#define FUTEX_WAIT 0
+#define FUTEX_WAKE 1
+#define ETIMEDOUT 110
+#define POLLIN 1
+
+static inline long sys6(long n, long a, long b, long c, long d, long e, long f)
+{
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    register long r9 __asm__("r9") = f;
+    long ret;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+struct timespec_ {
+    long tv_sec, tv_nsec;
+};
+
+struct pollfd_ {
+    int fd;
+    short events, revents;
+};
+
+static inline uint32_t load_acquire(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void store_release(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static int caller_gone(struct pvm_header *h)
+{
+    if (h->caller_pidfd < 0)
+        return 0;
+    struct pollfd_ p = {h->caller_pidfd, POLLIN, 0};
+    return sys6(SYS_poll, (long)&p, 1, 0, 0, 0, 0) == 1 && (p.revents & POLLIN);
+}
+
+/* Unmaps [rest, rest + rest_size) then [code_base, code_base + code_keep), then exits. */
+void pvm_agent_final(uint64_t rest, uint64_t rest_size, uint64_t code_base, uint64_t code_keep);
+
+__attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
+{
+    uint64_t all = ~0ULL;
+    sys6(SYS_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
+    struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
+    uint32_t last = load_acquire(&slot->req_seq);
+    store_release(&h->state, PVM_STATE_SERVING);
+    sys6(SYS_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
+    for (;;) {
+        uint32_t seq = load_acquire(&slot->req_seq);
+        for (uint32_t spins = slot->spin; seq == last && spins; spins--) {
+            __builtin_ia32_pause();
+            seq = load_acquire(&slot->req_seq);
+        }
+        if (seq == last) {
+            store_release(&slot->agent_sleeping, 1);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (load_acquire(&slot->req_seq) == last) {
+                struct timespec_ ts = {h->idle_ms / 1000, (long)(h->idle_ms % 1000) * 1000000L};
+                long r = sys6(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, last, (long)&ts, 0, 0);
+                if (r == -ETIMEDOUT && caller_gone(h))
+                    break;
+            }
+            store_release(&slot->agent_sleeping, 0);
+            continue;
+        }
+        last = seq;
+        uint32_t op = slot->op, count = slot->count;
+        if (op == PVM_OP_CALLS) {
+            if (count > PVM_MAX_BATCH)
+                count = 0;
+            for (uint32_t i = 0; i < count; i++) {
+                struct pvm_call *c = &slot->calls[i];
+                c->ret = sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5]);
+            }
+        }
+        store_release(&slot->resp_seq, seq);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (load_acquire(&slot->caller_sleeping))
+            sys6(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
+        if (op == PVM_OP_EXIT) {
+            if (h->caller_pidfd >= 0)
+                sys6(SYS_close, h->caller_pidfd, 0, 0, 0, 0, 0);
+            sys6(SYS_exit, 0, 0, 0, 0, 0, 0);   /* the caller unmaps the region */
+        }
+    }
+    /* The caller died: remove ourselves. The last code page cannot unmap itself; it stays. */
+    store_release(&h->state, PVM_STATE_CALLER_GONE);
+    sys6(SYS_close, h->caller_pidfd, 0, 0, 0, 0, 0);
+    sys6(SYS_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
+    pvm_agent_final(h->code_base + h->code_keep + PVM_PAGE, PVM_REGION_SIZE - h->code_keep - PVM_PAGE,
+                    h->code_base, h->code_keep);
+    __builtin_unreachable();
+}
+
+/*
+ * bootstrap(header, stack_top, clone_flags, ctid): runs on a borrowed target
+ * thread. The new thread enters pvm_agent_main on its own stack; the borrowed
+ * thread stops on int3 with the clone result in rax.
+ */
+__asm__(
+    ".pushsection .text.pvm_entry,\"ax\",@progbits\n"
+    ".globl pvm_agent_bootstrap\n"
+    ".type pvm_agent_bootstrap,@function\n"
+    "pvm_agent_bootstrap:\n"
+    "  mov %rdi, %r12\n"
+    "  mov %rdx, %rdi\n"          /* flags; rsi = child stack */
+    "  xor %edx, %edx\n"          /* parent_tid */
+    "  mov %rcx, %r10\n"          /* child_tid */
+    "  xor %r8d, %r8d\n"          /* tls */
+    "  mov $56, %eax\n"           /* clone */
+    "  syscall\n"
+    "  test %rax, %rax\n"
+    "  jz 1f\n"
+    "  int3\n"
+    "  ud2\n"
+    "1:\n"
+    "  mov %r12, %rdi\n"
+    "  and $-16, %rsp\n"
+    "  call pvm_agent_main\n"
+    "  ud2\n"
+    ".size pvm_agent_bootstrap, .-pvm_agent_bootstrap\n"
+    ".popsection\n");
+
+/* Unmaps everything after this page, then the code before it, then exits; uses no memory. */
+__asm__(
+    ".pushsection .pvm_final,\"ax\",@progbits\n"
+    ".balign 4096\n"
+    ".globl pvm_agent_final\n"
+    ".type pvm_agent_final,@function\n"
+    "pvm_agent_final:\n"
+    "  mov %rdx, %r12\n"
+    "  mov %rcx, %r13\n"
+    "  mov $11, %eax\n"           /* munmap(rest, rest_size): the stack is gone after this */
+    "  syscall\n"
+    "  mov %r12, %rdi\n"
+    "  mov %r13, %rsi\n"
+    "  test %rsi, %rsi\n"
+    "  jz 1f\n"
+    "  mov $11, %eax\n"           /* munmap(code_base, code_keep) */
+    "  syscall\n"
+    "1:\n"
+    "  xor %edi, %edi\n"
+    "  mov $60, %eax\n"           /* exit (this thread only) */
+    "  syscall\n"
+    "  ud2\n"
+    ".size pvm_agent_final, .-pvm_agent_final\n"
+    ".popsection\n");

@@ -1,0 +1,177 @@
+"""The agent engine on live processes: the target runs free, nothing is left behind."""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pvmexec
+from pvmexec import SigContext, _core
+from pvmexec.guest import Guest
+from pvmexec.space import syscall_with_callers_fds
+from conftest import snapshot
+
+
+def task_state(pid, tid):
+    with open("/proc/%d/task/%d/stat" % (pid, tid)) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_attach_runs_free_and_detach_leaves_no_trace(spawn):
+    v = spawn("threads")
+    before = snapshot(v.pid)
+    space = pvmexec.attach(v.pid, engine="agent")
+    try:
+        assert space.engine == "agent"
+        st = v.status()
+        assert st["TracerPid"] == "0"
+        agent = space._engine.agent_tid
+        assert str(agent) in os.listdir("/proc/%d/task" % v.pid)
+        assert space.syscall("getpid") == v.pid
+        assert space.syscall("gettid") == agent
+        assert space.syscalls([("getpid", ()), ("getppid", ()), ("close", (99999,))]) == [v.pid, os.getpid(), -9]
+        # 200 calls in one batch: chunked over several round trips.
+        assert space.syscalls([("getpid", ())] * 200) == [v.pid] * 200
+        with pytest.raises(pvmexec.RemoteSyscallError):
+            space.syscall("openat", -100, "/nonexistent", 0, 0)
+        # The target's own threads never stopped: the worker keeps counting.
+        a = struct.unpack("<Q", space.read(v.counter_addr, 8))[0]
+        time.sleep(0.05)
+        assert struct.unpack("<Q", space.read(v.counter_addr, 8))[0] > a
+    finally:
+        space.detach()
+    space.detach()                                   # idempotent
+    assert snapshot(v.pid) == before
+    v.send(b"x")
+    assert v.readline().startswith("done 1 usr1 0")
+
+
+def test_idle_agent_sleeps(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        space.syscall("getpid")
+        agent = space._engine.agent_tid
+        deadline = time.monotonic() + 5
+        while task_state(v.pid, agent) != "S":        # past its spin budget, asleep on a futex
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with open("/proc/%d/task/%d/wchan" % (v.pid, agent)) as f:
+            assert "futex" in f.read()
+
+
+def test_signals_to_the_target_are_not_taken_by_the_agent(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        for _ in range(20):
+            os.kill(v.pid, signal.SIGUSR1)
+            space.syscall("getpid")
+            time.sleep(0.001)
+        agent = space._engine.agent_tid
+        with open("/proc/%d/task/%d/status" % (v.pid, agent)) as f:
+            blocked = int([l for l in f if l.startswith("SigBlk")][0].split()[1], 16)
+        unblockable = 1 << (signal.SIGKILL - 1) | 1 << (signal.SIGSTOP - 1)
+        assert blocked == (1 << 64) - 1 - unblockable
+    v.send(b"x")
+    line = v.readline()
+    assert line.startswith("done 1 usr1 ") and int(line.split()[3]) >= 1
+
+
+def test_mode1_runs_on_the_agent_thread(spawn):
+    v = spawn("threads")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        ctx = g.context("syscall_loop", rdi=789)
+        for _ in range(50):
+            stop = space.exec(ctx)
+            assert stop.syscall == 123 and stop.ctx.rdi == 789
+            ctx = stop.ctx
+            ctx.rax = 456
+            assert task_state(v.pid, v.pid) != "t"      # the target's main thread is never stopped
+        stop = space.exec(g.context("fault_loop", rdi=g.data, rsi=7))
+        assert stop.signo == signal.SIGSEGV and stop.ctx.rax == 1
+        assert v.status()["TracerPid"] == "0"
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
+def test_proposal_syscall_semantics_on_the_agent(spawn):
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    r, w = os.pipe()
+    try:
+        with pvmexec.attach(v.pid, engine="agent") as space:
+            with space.scratch(16) as mem:
+                space.write(mem, struct.pack("<I", 0x1E511E51))
+                assert syscall_with_callers_fds(space, 1, [w, mem, 4]) == 4
+            assert struct.unpack("<I", os.read(r, 4))[0] == 0x1E511E51
+    finally:
+        os.close(r)
+        os.close(w)
+    assert snapshot(v.pid) == before
+
+
+def test_seccomp_target_refused_cleanly(spawn):
+    v = spawn("seccomp")
+    before = snapshot(v.pid)
+    with pytest.raises(pvmexec.UnsupportedTarget, match="seccomp"):
+        pvmexec.attach(v.pid, engine="agent")
+    assert snapshot(v.pid) == before
+
+
+def test_interrupted_call_is_cancelled(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                space.syscall("pause")
+        finally:
+            timer.join()
+        assert space.syscall("getpid") == v.pid
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
+CALLER = textwrap.dedent("""
+    import sys, pvmexec
+    space = pvmexec.attach(int(sys.argv[1]), engine="agent")
+    print(space._engine.agent_tid, flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_agent_removes_itself_when_the_caller_dies(spawn):
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(v.pid)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        agent = int(caller.stdout.readline())
+        assert str(agent) in os.listdir("/proc/%d/task" % v.pid)
+        caller.kill()
+        caller.wait(10)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+        caller.stdin.close()
+        caller.stdout.close()
+    deadline = time.monotonic() + 3
+    while str(agent) in os.listdir("/proc/%d/task" % v.pid):
+        assert time.monotonic() < deadline, "agent thread still there 3 s after the caller died"
+        time.sleep(0.02)
+    after = snapshot(v.pid)
+    assert after["threads"] == before["threads"] and after["fds"] == before["fds"]
+    # What cannot unmap itself: the one page holding the agent's last instructions.
+    extra = [l for l in after["maps"].splitlines() if l not in before["maps"].splitlines()]
+    assert len(extra) <= 1
+    for line in extra:
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        assert hi - lo == 4096 and "r-x" in line and "pvmexec-agent" in line
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
