@@ -709,14 +709,20 @@ py_agent_loop(PyObject *self, PyObject *args)
     unsigned long long base, nr;
     int pidfd;
     long spin, n;
-    if (!PyArg_ParseTuple(args, "KilKl", &base, &pidfd, &spin, &nr, &n))
+    int count = 1;
+    if (!PyArg_ParseTuple(args, "KilKl|i", &base, &pidfd, &spin, &nr, &n, &count))
         return NULL;
+    if (count < 1 || count > PVM_MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "count must be 1..PVM_MAX_BATCH");
+        return NULL;
+    }
     struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
     uint64_t t0 = now_ns();
     for (long i = 0; i < n; i++) {
         slot->op = PVM_OP_CALLS;
-        slot->count = 1;
-        slot->calls[0].nr = (int64_t)nr;
+        slot->count = (uint32_t)count;
+        for (int j = 0; j < count; j++)
+            slot->calls[j].nr = (int64_t)nr;
         int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
         if (rc == -2)
             return NULL;
@@ -818,7 +824,7 @@ static PyMethodDef methods[] = {
     {"agent_call", py_agent_call, METH_VARARGS, "agent_call(base, pidfd, spin): post the filled slot, wait"},
     {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(base, pidfd, spin, nr, *args) -> raw"},
     {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(base, pidfd, spin, [(nr, args)]) -> [raw]"},
-    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(base, pidfd, spin, nr, n) -> ns"},
+    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(base, pidfd, spin, nr, n, count=1) -> ns"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},

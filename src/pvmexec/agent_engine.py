@@ -109,7 +109,7 @@ class AgentEngine:
             self._put32(HEADER + L["header.caller_pidfd"], caller_pidfd & 0xFFFFFFFF)
             self._put32(HEADER + L["header.idle_ms"], idle_ms)
             struct.pack_into("<QQQ", self._map, HEADER + L["header.code_base"], code, code + HEADER, final)
-            self._put32(SLOT + L["slot.spin"], self.spin)
+            self.set_spin(self.spin)
             regs = bytearray(b.saved_regs)
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
@@ -147,6 +147,11 @@ class AgentEngine:
             raise InjectionFailed(self.pid, "%s in the target failed: %s" % (what, os.strerror(-ret)))
         return ret
 
+    def set_spin(self, iterations):
+        """Spin budget of both sides before sleeping (0 when caller and agent share a CPU)."""
+        self.spin = iterations
+        self._put32(SLOT + L["slot.spin"], iterations)
+
     def _put32(self, off, v):
         struct.pack_into("<I", self._map, off, v)
 
@@ -157,7 +162,7 @@ class AgentEngine:
 
     def syscall(self, nr, args):
         try:
-            return _core.agent_syscall(self._base, self.pidfd, self.spin, nr, *(a % (1 << 64) for a in args))
+            return _core.agent_syscall(self._base, self.pidfd, self.spin, nr, *args)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()
@@ -165,8 +170,7 @@ class AgentEngine:
 
     def syscalls(self, calls):
         try:
-            return _core.agent_batch(self._base, self.pidfd, self.spin,
-                                     [(nr, tuple(a % (1 << 64) for a in args)) for nr, args in calls])
+            return _core.agent_batch(self._base, self.pidfd, self.spin, calls)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()

@@ -166,8 +166,53 @@ def run(iterations=20000, quick=False):
                 space.syscalls(batch)
             add("syscall-batch", "python", _per_op(time.perf_counter() - t0, rounds * 64), batch=64)
 
-        # The same C loop with caller and target on different CPUs, to show what placement costs.
         cpus = sorted(old_affinity)
+        other = cpus[1] if len(cpus) > 1 else cpu
+        with attach(target.proc.pid, engine="agent") as space:
+            agent = space._engine
+            os.sched_setaffinity(agent.agent_tid, {other})
+            placed = "caller on cpu %d, agent thread on cpu %d (both spin before sleeping)" % (cpu, other)
+
+            def add_agent(mode, loop, us, placement=placed, **extra):
+                results.append(dict(mode=mode, engine="agent", loop=loop, us_per_op=round(us, 3),
+                                    placement=placement, **extra))
+
+            space.syscall_raw(110)
+            n_agent = n_c * 5
+            add_agent("syscall", "c", _core.agent_loop(agent._base, agent.pidfd, agent.spin, 110, n_agent)
+                      / 1e3 / n_agent)
+            t0 = time.perf_counter()
+            for _ in range(n_py * 4):
+                space.syscall_raw(110)
+            add_agent("syscall", "python", _per_op(time.perf_counter() - t0, n_py * 4))
+            rounds = max(4, n_c // 16)
+            add_agent("syscall-batch", "c", _core.agent_loop(agent._base, agent.pidfd, agent.spin, 110, rounds, 64)
+                      / 1e3 / (rounds * 64), batch=64)
+            batch = [(110, ())] * 64
+            rounds = max(4, n_py // 4)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                space.syscalls(batch)
+            add_agent("syscall-batch", "python", _per_op(time.perf_counter() - t0, rounds * 64), batch=64)
+            # On one CPU spinning cannot help: futex sleep and wake-up per call.
+            os.sched_setaffinity(agent.agent_tid, {cpu})
+            spin = agent.spin
+            agent.set_spin(0)
+            space.syscall_raw(110)
+            n_same = max(100, n_c // 4)
+            add_agent("syscall", "c", _core.agent_loop(agent._base, agent.pidfd, 0, 110, n_same) / 1e3 / n_same,
+                      placement="caller and agent thread on cpu %d (futex wake-ups, no spinning)" % cpu)
+            agent.set_spin(spin)
+            # Idle: an attached agent should cost nothing.
+            idle_s = 0.5 if quick else 5.0
+            t_cpu0 = _thread_cpu_seconds(target.proc.pid, agent.agent_tid)
+            time.sleep(idle_s)
+            t_cpu1 = _thread_cpu_seconds(target.proc.pid, agent.agent_tid)
+            results.append(dict(mode="idle-cpu", engine="agent", loop="none",
+                                us_per_op=0.0, cpu_percent=round(100 * (t_cpu1 - t_cpu0) / idle_s, 3),
+                                seconds=idle_s, placement="agent attached, no requests"))
+
+        # The same C loop with caller and target on different CPUs, to show what placement costs.
         if len(cpus) > 1:
             target.close()
             target = _Target(cpus[1])
@@ -185,7 +230,14 @@ def run(iterations=20000, quick=False):
             target.close()
     return {"machine": dict(_machine(), placement="caller and target pinned to one CPU unless a row says otherwise"),
             "results": results, "published": PUBLISHED,
+            "ratios": {label: round(v, 2) for label, v in _ratios(results)},
             "iterations": {"c": n_c, "python": n_py}}
+
+
+def _thread_cpu_seconds(pid, tid):
+    with open("/proc/%d/task/%d/stat" % (pid, tid)) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _RawCtx:
@@ -199,6 +251,8 @@ def format_table(report):
         m["cpu"], m["cpus"], m["kernel"]), ""]
     out.append("%-14s %-8s %-7s %10s  %s" % ("mode", "engine", "loop", "µs/op", "placement / notes"))
     for r in report["results"]:
+        if r["mode"] == "idle-cpu":
+            continue
         notes = [r["placement"]]
         if "held" in r:
             notes.append("thread held across calls" if r["held"] else r.get("note", ""))
@@ -206,12 +260,44 @@ def format_table(report):
             notes.append("per syscall, batches of %d" % r["batch"])
         out.append("%-14s %-8s %-7s %10.2f  %s" % (r["mode"], r["engine"], r["loop"], r["us_per_op"],
                                                     "; ".join(n for n in notes if n)))
+    for r in report["results"]:
+        if r["mode"] == "idle-cpu":
+            out.append("%-14s %-8s %-7s %9.3f%%  CPU of an attached, idle agent thread over %.1f s" % (
+                r["mode"], r["engine"], "", r["cpu_percent"], r["seconds"]))
+    ratios = _ratios(report["results"])
+    if ratios:
+        out.append("")
+        out.append("ptrace / agent, same run:")
+        for label, value in ratios:
+            out.append("  %-52s %6.1fx" % (label, value))
     out.append("")
     out.append("Published (cover letter; printed ns were 1/5 of a round trip, shown here as real µs):")
     for p in report["published"]:
         printed = "printed %d ns" % p["printed_ns"] if p["printed_ns"] else "from the fault selftest"
         out.append("  %-14s %-32s %6.2f µs  (%s)" % (p["mode"], p["engine"], p["us_per_op"], printed))
     return "\n".join(out)
+
+
+def _ratios(results):
+    def find(mode, engine, loop, **kw):
+        for r in results:
+            if (r["mode"], r["engine"], r["loop"]) == (mode, engine, loop) and all(r.get(k) == v for k, v in kw.items()):
+                return r["us_per_op"]
+        return None
+
+    pairs = [
+        ("mode 2 single call, C loop (agent on another CPU)", find("syscall", "ptrace", "c"),
+         find("syscall", "agent", "c")),
+        ("mode 2 single call, Python API (ptrace thread held)", find("syscall", "ptrace", "python", held=True),
+         find("syscall", "agent", "python")),
+        ("mode 2 per syscall, batches of 64, Python API", find("syscall-batch", "ptrace", "python"),
+         find("syscall-batch", "agent", "python")),
+        ("mode 2 per syscall: ptrace single vs agent batch of 64, C loops", find("syscall", "ptrace", "c"),
+         find("syscall-batch", "agent", "c")),
+        ("mode 2 per syscall: ptrace single vs agent batch of 64, Python", find("syscall", "ptrace", "python", held=True),
+         find("syscall-batch", "agent", "python")),
+    ]
+    return [(label, a / b) for label, a, b in pairs if a and b]
 
 
 def main(args):

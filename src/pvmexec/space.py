@@ -222,7 +222,10 @@ class Space:
         nr = nr_or_name if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000 else number(nr_or_name)
         if len(args) > 6:
             raise TypeError("a system call takes at most 6 arguments, got %d" % len(args))
-        if all(type(a) is int and -(1 << 63) <= a < (1 << 64) for a in args):
+        for a in args:
+            if type(a) is not int or not -(1 << 63) <= a < (1 << 64):
+                break
+        else:
             with _guard.operation():
                 return self._engine.syscall(nr, args)
         with contextlib.ExitStack() as stack:
@@ -242,9 +245,13 @@ class Space:
         self._live()
         batch = []
         for nr_or_name, args in calls:
-            if any(not isinstance(a, int) for a in args):
-                raise TypeError("batched system calls take integer arguments only")
-            batch.append((number(nr_or_name), list(args)))
+            for a in args:
+                if type(a) is not int or not -(1 << 63) <= a < (1 << 64):
+                    raise TypeError("batched system calls take integer arguments (64-bit), not %r" % (a,))
+            if len(args) > 6:
+                raise TypeError("a system call takes at most 6 arguments, got %d" % len(args))
+            batch.append((nr_or_name if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000
+                          else number(nr_or_name), args))
         with _guard.operation():
             return self._engine.syscalls(batch)
 
