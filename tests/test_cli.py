@@ -49,5 +49,12 @@ def test_bench_json_quick():
     for mode in ("exec-syscall", "exec-fault", "syscall"):
         assert (mode, "ptrace", "c") in modes and (mode, "ptrace", "python") in modes
     assert ("syscall-batch", "ptrace", "python") in modes
+    for mode in ("syscall", "syscall-batch"):
+        assert (mode, "agent", "c") in modes and (mode, "agent", "python") in modes
     for r in report["results"]:
-        assert r["us_per_op"] > 0 and r["placement"]
+        assert r["placement"]
+        if r["mode"] == "idle-cpu":
+            assert 0 <= r["cpu_percent"] < 100
+        else:
+            assert r["us_per_op"] > 0
+    assert report["ratios"]
