@@ -57,11 +57,13 @@ def test_idle_agent_sleeps(spawn):
         space.syscall("getpid")
         agent = space._engine.agent_tid
         deadline = time.monotonic() + 5
-        while task_state(v.pid, agent) != "S":        # past its spin budget, asleep on a futex
-            assert time.monotonic() < deadline
+        while True:                                   # past its spin budget, asleep on a futex
+            with open("/proc/%d/task/%d/wchan" % (v.pid, agent)) as f:
+                wchan = f.read()
+            if task_state(v.pid, agent) == "S" and "futex" in wchan:
+                break
+            assert time.monotonic() < deadline, (task_state(v.pid, agent), wchan)
             time.sleep(0.01)
-        with open("/proc/%d/task/%d/wchan" % (v.pid, agent)) as f:
-            assert "futex" in f.read()
 
 
 def test_signals_to_the_target_are_not_taken_by_the_agent(spawn):
@@ -175,3 +177,18 @@ def test_agent_removes_itself_when_the_caller_dies(spawn):
         assert hi - lo == 4096 and "r-x" in line and "pvmexec-agent" in line
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+def test_auto_prefers_the_agent_and_falls_back_with_a_warning(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid) as space:
+        assert space.engine == "agent" and space.fallback_reason is None
+        assert space.syscall("getpid") == v.pid
+    s = spawn("seccomp")
+    before = snapshot(s.pid)
+    with pytest.warns(RuntimeWarning, match="seccomp"):
+        space = pvmexec.attach(s.pid)
+    with space:
+        assert space.engine == "ptrace" and "seccomp" in space.fallback_reason
+        assert space.syscall("getpid") == s.pid
+    assert snapshot(s.pid) == before

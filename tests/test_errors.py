@@ -37,7 +37,7 @@ def test_zombie(spawn):
     os.kill(v.pid, signal.SIGKILL)
     v.wait_state("Z")
     with pytest.raises(TargetGone, match="zombie"):
-        pvmexec.attach(v.pid)
+        pvmexec.attach(v.pid, engine="ptrace")
 
 
 def test_self_and_kernel_thread():
@@ -74,7 +74,7 @@ def test_already_traced(spawn):
     try:
         assert tracer.stdout.readline() == "seized\n"
         with pytest.raises(AlreadyTraced) as e:
-            pvmexec.attach(v.pid)
+            pvmexec.attach(v.pid, engine="ptrace")
         assert e.value.tracer == tracer.pid and str(tracer.pid) in str(e.value)
         assert isinstance(e.value, PermissionError)
     finally:
@@ -82,7 +82,7 @@ def test_already_traced(spawn):
         tracer.wait(10)
         tracer.stdout.close()
     # The other tracer left; we can attach now and the target is fine.
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         assert space.syscall("getpid") == v.pid
 
 
@@ -114,18 +114,18 @@ def test_pidfd(spawn):
     v = spawn("wait")
     fd = os.pidfd_open(v.pid)
     try:
-        with pvmexec.attach(pidfd=fd) as space:
+        with pvmexec.attach(pidfd=fd, engine="ptrace") as space:
             assert space.syscall("getpid") == v.pid
         v.kill()
         with pytest.raises(TargetGone):
-            pvmexec.attach(pidfd=fd)
+            pvmexec.attach(pidfd=fd, engine="ptrace")
     finally:
         os.close(fd)
 
 
 def test_remote_errors_are_named(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         with pytest.raises(RemoteSyscallError) as e:
             space.syscall("openat", -100, "/nonexistent/path", 0, 0)
         assert e.value.errno == errno.ENOENT and e.value.syscall == "openat"
@@ -143,7 +143,7 @@ def test_remote_errors_are_named(spawn):
 
 def test_unimplemented_syscall_number(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         with pytest.raises(RemoteSyscallError) as e:
             space.syscall(470)
         assert e.value.errno == errno.ENOSYS
@@ -151,7 +151,7 @@ def test_unimplemented_syscall_number(spawn):
 
 def test_invalid_register_state_is_refused_before_touching_the_target(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as g:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as g:
         before = snapshot(v.pid)
         for bad, match in ((dict(cs=0x23), "32-bit"), (dict(cs=0x10), "cs="), (dict(ss=0), "ss="),
                            (dict(fs_base=1 << 60), "fs_base"), (dict(rip=0xffffffff81000000), "rip"),
@@ -194,7 +194,7 @@ def test_elf_class_check():
 
 def test_seccomp_filter_is_respected(spawn):
     v = spawn("seccomp")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         assert space.syscall("getpid") == v.pid
         with pytest.raises(pvmexec.SeccompBlocked, match="kill the process"):
             space.syscall("getppid")
@@ -211,7 +211,7 @@ def test_seccomp_filter_is_respected(spawn):
 def test_seccomp_strict_mode_is_respected(spawn):
     v = spawn("strict")
     time.sleep(0.05)
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         with pytest.raises(pvmexec.SeccompBlocked, match="strict"):
             space.syscall("getpid")
     v.send(b"x")
@@ -246,7 +246,7 @@ def test_32bit_process_is_refused(tmp_path):
 
 def test_target_exiting_between_operations(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         assert space.syscall("getpid") == v.pid
         v.send(b"x")
         assert v.wait() == 0

@@ -50,7 +50,7 @@ def test_registers_and_fpu_survive(spawn):
     for _ in range(5):
         time.sleep(0.02)
         before = snapshot(v.pid)
-        with pvmexec.attach(v.pid) as space:
+        with pvmexec.attach(v.pid, engine="ptrace") as space:
             busy_ops(space, rounds=5)
         assert snapshot(v.pid) == before
     os.kill(v.pid, signal.SIGUSR1)
@@ -61,7 +61,7 @@ def test_registers_and_fpu_survive(spawn):
 def test_blocking_read_resumes(spawn):
     v = spawn("read")
     v.wait_state("S")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=3)
     v.send(b"hello")
     assert v.readline() == "read 5 hello"
@@ -73,7 +73,7 @@ def test_sleep_keeps_its_remaining_time(spawn, mode):
     v = spawn(mode, 1500)
     v.wait_state("S")
     time.sleep(0.3)
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=5)
         time.sleep(0.2)
         busy_ops(space, rounds=5)
@@ -88,7 +88,7 @@ def test_signal_mask_and_ppoll_temporary_mask(spawn):
     v = spawn("ppoll")
     v.wait_state("S")
     blk_during = v.status()["SigBlk"]
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=3)
     # Back in the restarted ppoll, with its temporary mask again.
     deadline = time.monotonic() + 5
@@ -108,7 +108,7 @@ def test_pending_signals_stay_pending(spawn):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     before = snapshot(v.pid)
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=3)
     assert snapshot(v.pid) == before
     v.send(b"x")
@@ -117,7 +117,7 @@ def test_pending_signals_stay_pending(spawn):
 
 def test_signals_sent_while_borrowed_are_delivered_once(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as g:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as g:
         with space.borrowed():
             os.kill(v.pid, signal.SIGUSR1)
             os.kill(v.pid, signal.SIGUSR2)
@@ -134,7 +134,7 @@ def test_stopped_target_stays_stopped(spawn):
     v = spawn("wait")
     os.kill(v.pid, signal.SIGSTOP)
     v.wait_state("T")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=3)
     time.sleep(0.05)
     assert v.state() == "T"
@@ -146,7 +146,7 @@ def test_stopped_target_stays_stopped(spawn):
 
 def test_sigstop_during_an_operation_is_not_lost(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         with space.borrowed():
             os.kill(v.pid, signal.SIGSTOP)
             for _ in range(5):
@@ -164,7 +164,7 @@ def read_counter(space, v):
 
 def test_other_threads_keep_running(spawn):
     v = spawn("threads")
-    with pvmexec.attach(v.pid) as space:
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
         with space.borrowed():
             a = read_counter(space, v)
             time.sleep(0.1)
@@ -178,7 +178,7 @@ def test_other_threads_keep_running(spawn):
 def test_freeze_stops_every_thread(spawn):
     v = spawn("threads")
     before = snapshot(v.pid)
-    with pvmexec.attach(v.pid, freeze=True) as space:
+    with pvmexec.attach(v.pid, engine="ptrace", freeze=True) as space:
         a = read_counter(space, v)
         time.sleep(0.1)
         assert read_counter(space, v) == a
@@ -199,7 +199,7 @@ def read_counter_proc(v):
 
 def test_target_dying_mid_operation_raises_target_gone(spawn):
     v = spawn("wait")
-    space = pvmexec.attach(v.pid)
+    space = pvmexec.attach(v.pid, engine="ptrace")
     killer = threading.Timer(0.3, os.kill, (v.pid, signal.SIGKILL))
     killer.start()
     try:
@@ -215,7 +215,7 @@ def test_target_dying_mid_operation_raises_target_gone(spawn):
 CALLER = textwrap.dedent("""
     import sys, pvmexec
     from pvmexec.guest import Guest
-    space = pvmexec.attach(int(sys.argv[1]))
+    space = pvmexec.attach(int(sys.argv[1]), engine="ptrace")
     guest = Guest(space)
     print("go", flush=True)
     try:
@@ -263,7 +263,7 @@ def test_signal_outside_sigmask_goes_to_caller(spawn):
     got = []
     old = signal.signal(signal.SIGTRAP, lambda s, f: got.append(s))
     try:
-        with pvmexec.attach(v.pid) as space, Guest(space) as g:
+        with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as g:
             stop = space.exec(g.context("int3"), sigmask=pvmexec.ALL_SIGNALS - {signal.SIGTRAP})
             assert stop.signo == signal.SIGTRAP
     finally:
@@ -275,7 +275,7 @@ def test_signal_outside_sigmask_goes_to_caller(spawn):
 
 def test_fpu_state_carried_across_exec(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as g:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as g:
         pattern = bytes(range(16))
         space.write(g.data, pattern)
         ctx = g.context("fpu_probe", rdi=g.data)
@@ -297,7 +297,7 @@ def test_lend_places_descriptor_high_and_removes_it(spawn):
     before = snapshot(v.pid)
     r, w = os.pipe()
     try:
-        with pvmexec.attach(v.pid) as space:
+        with pvmexec.attach(v.pid, engine="ptrace") as space:
             with space.lend(w) as remote:
                 assert remote >= 64
                 assert str(remote) in os.listdir("/proc/%d/fd" % v.pid)
@@ -312,7 +312,7 @@ def test_lend_places_descriptor_high_and_removes_it(spawn):
 
 def test_memory_read_write_including_read_only_pages(spawn):
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as g:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as g:
         space.write(g.data + 100, b"\x01\x02\x03")
         assert space.read(g.data + 100, 3) == b"\x01\x02\x03"
         code = g.address("int3")

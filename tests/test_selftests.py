@@ -26,7 +26,7 @@ def test_process_vm_exec_syscall_loop(spawn):
     os.kill(v.pid, signal.SIGSTOP)
     v.wait_state("T")
     fsgid_before = fsgid(v)
-    with pvmexec.attach(v.pid) as space, Guest(space) as guest:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         before = snapshot(v.pid)
         ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
         info = SigInfo()
@@ -50,7 +50,7 @@ def test_process_vm_exec_syscall_loop(spawn):
 def test_process_vm_exec_wrong_answer_is_seen(spawn):
     """The guest really checks the answer: a wrong rax makes it execute ud2 (SIGILL)."""
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as guest:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
         info = SigInfo()
         process_vm_exec(v.pid, ctx, 0, info, None)
@@ -63,7 +63,7 @@ def test_process_vm_exec_fault(spawn):
     """Selftest 2: stores to 1..7 fault; fixed registers make the store land in the child."""
     v = spawn("wait")
     value = 0xAABBCCDDEE
-    with pvmexec.attach(v.pid) as space, Guest(space) as guest:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         ctx = guest.context("fault_loop", rdi=guest.data, rsi=value)
         info = SigInfo()
         for i in range(21):
@@ -127,7 +127,7 @@ def test_process_vm_exec_syscall_mode_uses_callers_fd_and_targets_memory():
 def test_ptrace_sysemu_baseline(spawn):
     """Selftest 4: the same syscall loop driven with PTRACE_SYSEMU from a C loop (the benchmark's baseline)."""
     v = spawn("wait")
-    with pvmexec.attach(v.pid) as space, Guest(space) as guest:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
         stop = space.exec(ctx)
         with space.borrowed():
@@ -145,7 +145,7 @@ def test_process_vm_exec_syscall_mode_new_descriptors_land_in_the_caller(spawn):
     """Under the proposal's semantics a descriptor a call creates belongs to the caller's table."""
     v = spawn("wait")
     before = snapshot(v.pid)
-    with pvmexec.attach(v.pid) as space, space.scratch(64) as mem:
+    with pvmexec.attach(v.pid, engine="ptrace") as space, space.scratch(64) as mem:
         space.write(mem, b"/proc/self/status\0")
         ctx = SigContext(rax=257, rdi=(1 << 64) - 100, rsi=mem, rdx=os.O_RDONLY)   # openat(AT_FDCWD, ...)
         process_vm_exec(v.pid, ctx, PROCESS_VM_EXEC_SYSCALL)

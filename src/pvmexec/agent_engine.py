@@ -221,7 +221,10 @@ class AgentEngine:
     # -- removal -----------------------------------------------------------------------------
 
     def close(self):
-        self._undo()
+        try:
+            self._undo()
+        finally:
+            self._main.close()
 
     def _undo(self):
         """Stop the agent thread, unmap the region in the target and here."""
@@ -239,7 +242,6 @@ class AgentEngine:
             if self._map is not None:
                 self._map.close()
                 self._map = None
-            self._main.close()
 
     def _stop_agent(self):
         tid_off = HEADER + L["header.agent_tid"]

@@ -128,7 +128,7 @@ def run(iterations=20000, quick=False):
             results.append(dict(mode=mode, engine="ptrace", loop=loop, us_per_op=round(us, 3),
                                 placement=placement, **extra))
 
-        with attach(target.proc.pid) as space, Guest(space) as guest:
+        with attach(target.proc.pid, engine="ptrace") as space, Guest(space) as guest:
             # Mode 1, trapped syscall answered by the caller (selftest 1 / 4).
             stop = space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
             ctx = stop.ctx
@@ -216,7 +216,7 @@ def run(iterations=20000, quick=False):
         if len(cpus) > 1:
             target.close()
             target = _Target(cpus[1])
-            with attach(target.proc.pid) as space, Guest(space) as guest:
+            with attach(target.proc.pid, engine="ptrace") as space, Guest(space) as guest:
                 stop = space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
                 ctx = stop.ctx
                 ctx.rax = TEST_SYSCALL_RET

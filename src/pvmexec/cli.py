@@ -34,7 +34,7 @@ def cmd_syscall(args):
         print("pvmexec: a system call takes at most 6 arguments", file=sys.stderr)
         return 2
     try:
-        with attach(args.pid, freeze=args.freeze) as space:
+        with attach(args.pid, freeze=args.freeze, engine=args.engine) as space:
             ret = space.syscall_raw(nr, *values)
     except (PvmexecError, OSError) as e:
         print("pvmexec: %s" % e, file=sys.stderr)
@@ -68,6 +68,8 @@ def build_parser():
     s.add_argument("args", nargs="*", metavar="ARG")
     s.add_argument("--freeze", action="store_true", help="stop all threads of the target meanwhile")
     s.add_argument("--hex", action="store_true", help="print the result in hex")
+    s.add_argument("--engine", choices=("ptrace", "agent", "auto"), default="ptrace",
+                   help="ptrace (default: nothing added to the target for one call) or agent")
     s.set_defaults(func=cmd_syscall)
 
     b = sub.add_parser("bench", help="measure both process_vm_exec modes (self-contained)",

@@ -6,6 +6,7 @@ import signal
 import socket
 import struct
 import threading
+import warnings
 
 from . import _core, _guard, proc
 from .arch import current as _current_arch
@@ -31,9 +32,12 @@ NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "
 def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None, check_seccomp=True):
     """Attach to a process by pid (or pidfd=) and return a Space.
 
-    engine: "ptrace" (borrow a target thread per operation), "agent" (inject a
-        thread of ours and talk to it through shared memory: the target runs
-        free, syscalls are much faster) or "auto" (ptrace, for now).
+    engine: "agent" (inject a thread of ours and talk to it through shared
+        memory: the target runs free, syscalls are much faster; they run in that
+        new thread of the target), "ptrace" (borrow a target thread for each
+        operation: nothing is added to the target, thread-specific calls act on
+        that thread) or "auto" (agent, falling back to ptrace with a warning
+        when it cannot be injected; Space.engine says which).
     freeze: stop every thread of the target for as long as the Space lives.
     thread: the thread to borrow (default: the main thread).
     check_seccomp: evaluate the target's seccomp filters before each injected
@@ -140,9 +144,17 @@ class Space:
         _guard.install()
         try:
             self._probe(st, freeze)
-            if engine == "agent":
-                from .agent_engine import AgentEngine
-                self._engine = AgentEngine(tgid, pidfd, self._engine, self._high_fd())
+            self.fallback_reason = None
+            if engine in ("agent", "auto"):
+                from .agent_engine import AgentEngine, InjectionFailed
+                try:
+                    self._engine = AgentEngine(tgid, pidfd, self._engine, self._high_fd())
+                except InjectionFailed as e:
+                    if engine == "agent":
+                        raise
+                    self.fallback_reason = e.reason
+                    warnings.warn("pvmexec: agent engine unavailable for process %d (%s); using the ptrace engine"
+                                  % (tgid, e.reason), RuntimeWarning, stacklevel=3)
             self.engine = self._engine.name
         except BaseException:
             self._engine.close()

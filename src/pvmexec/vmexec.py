@@ -17,7 +17,7 @@ def _mask_to_set(sigmask):
     return frozenset(int(s) for s in sigmask)
 
 
-def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIGSET_SIZE):
+def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIGSET_SIZE, *, engine="ptrace"):
     """Run ctx in the address space of pid (flags=0) or one syscall there (PROCESS_VM_EXEC_SYSCALL).
 
     flags=0: runs until the first syscall or signal; ctx is updated in place;
@@ -28,7 +28,8 @@ def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIG
     PROCESS_VM_EXEC_SYSCALL: runs the syscall in ctx (rax; rdi, rsi, rdx, r10,
     r8, r9) with the caller's descriptors against the target's memory; the
     result goes to ctx.rax. Returns 0; errors raise OSError (EINVAL for bad
-    flags or sizemask, ESRCH as TargetGone, ...).
+    flags or sizemask, ESRCH as TargetGone, ...). Each call attaches and
+    detaches; engine="ptrace" (default) adds nothing to the target for that.
     """
     if flags & ~PROCESS_VM_EXEC_SYSCALL:
         raise OSError(errno.EINVAL, "process_vm_exec: unknown flags %#x" % flags)
@@ -39,7 +40,7 @@ def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIG
     if siginfo is not None and not isinstance(siginfo, SigInfo):
         raise TypeError("siginfo must be a SigInfo or None")
     mask = _mask_to_set(sigmask)
-    with attach(pid) as space:
+    with attach(pid, engine=engine) as space:
         if flags & PROCESS_VM_EXEC_SYSCALL:
             args = [ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10, ctx.r8, ctx.r9]
             ctx.rax = syscall_with_callers_fds(space, ctx.rax, args)
