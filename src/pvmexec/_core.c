@@ -32,6 +32,7 @@ struct pvm_symbol {
 };
 #include "guest_blob.h"
 #include "agent_blob.h"
+#include "stub_elf.h"
 
 #ifndef __x86_64__
 #error "pvmexec's C core supports x86-64 only for now"
@@ -541,10 +542,8 @@ futex_op(volatile uint32_t *addr, int op, uint32_t val, const struct timespec *t
 }
 
 static int
-agent_post_wait(char *base, int pidfd, long spin)
+channel_post_wait(struct pvm_slot *slot, volatile uint32_t *alive, int pidfd, long spin)
 {
-    struct pvm_slot *slot = (struct pvm_slot *)(base + PVM_SLOT_OFF);
-    struct pvm_header *h = (struct pvm_header *)(base + PVM_HEADER_OFF);
     uint32_t seq = __atomic_load_n(&slot->req_seq, __ATOMIC_RELAXED) + 1;
     __atomic_store_n(&slot->req_seq, seq, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -578,7 +577,7 @@ agent_post_wait(char *base, int pidfd, long spin)
                 rc = -1;
                 break;
             }
-            if (__atomic_load_n(&h->agent_tid, __ATOMIC_ACQUIRE) == 0) {
+            if (alive && __atomic_load_n(alive, __ATOMIC_ACQUIRE) == 0) {
                 errno = ECHILD;
                 rc = -1;
                 break;
@@ -589,19 +588,28 @@ agent_post_wait(char *base, int pidfd, long spin)
     return rc;
 }
 
+#define SLOT(a) ((struct pvm_slot *)(uintptr_t)(a))
+#define ALIVE(a) ((volatile uint32_t *)(uintptr_t)(a))
+
+static PyObject *
+channel_error(int rc, int pidfd)
+{
+    if (rc == -2)
+        return NULL;
+    return raise_call("agent channel", pidfd);
+}
+
 static PyObject *
 py_agent_call(PyObject *self, PyObject *args)
 {
-    unsigned long long base;
+    unsigned long long slot, alive;
     int pidfd;
     long spin;
-    if (!PyArg_ParseTuple(args, "Kil", &base, &pidfd, &spin))
+    if (!PyArg_ParseTuple(args, "KKil", &slot, &alive, &pidfd, &spin))
         return NULL;
-    int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
-    if (rc == -2)
-        return NULL;
+    int rc = channel_post_wait(SLOT(slot), ALIVE(alive), pidfd, spin);
     if (rc < 0)
-        return raise_call("agent channel", pidfd);
+        return channel_error(rc, pidfd);
     Py_RETURN_NONE;
 }
 
@@ -609,22 +617,20 @@ py_agent_call(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_syscall(PyObject *self, PyObject *args)
 {
-    unsigned long long base, nr, a[6] = {0, 0, 0, 0, 0, 0};
+    unsigned long long slot_a, alive, nr, a[6] = {0, 0, 0, 0, 0, 0};
     int pidfd;
     long spin;
-    if (!PyArg_ParseTuple(args, "KilK|KKKKKK", &base, &pidfd, &spin, &nr, &a[0], &a[1], &a[2], &a[3],
-                          &a[4], &a[5]))
+    if (!PyArg_ParseTuple(args, "KKilK|KKKKKK", &slot_a, &alive, &pidfd, &spin, &nr, &a[0], &a[1], &a[2],
+                          &a[3], &a[4], &a[5]))
         return NULL;
-    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    struct pvm_slot *slot = SLOT(slot_a);
     slot->op = PVM_OP_CALLS;
     slot->count = 1;
     slot->calls[0].nr = (int64_t)nr;
     memcpy(slot->calls[0].args, a, sizeof a);
-    int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
-    if (rc == -2)
-        return NULL;
+    int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
     if (rc < 0)
-        return raise_call("agent channel", pidfd);
+        return channel_error(rc, pidfd);
     return PyLong_FromLongLong(__atomic_load_n(&slot->calls[0].ret, __ATOMIC_RELAXED));
 }
 
@@ -632,18 +638,18 @@ py_agent_syscall(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_batch(PyObject *self, PyObject *args)
 {
-    unsigned long long base;
+    unsigned long long slot_a, alive;
     int pidfd;
     long spin;
     PyObject *calls;
-    if (!PyArg_ParseTuple(args, "KilO", &base, &pidfd, &spin, &calls))
+    if (!PyArg_ParseTuple(args, "KKilO", &slot_a, &alive, &pidfd, &spin, &calls))
         return NULL;
     PyObject *seq = PySequence_Fast(calls, "calls must be a sequence");
     if (!seq)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject *out = PyList_New(n);
-    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    struct pvm_slot *slot = SLOT(slot_a);
     for (Py_ssize_t done = 0; out && done < n;) {
         Py_ssize_t chunk = n - done < PVM_MAX_BATCH ? n - done : PVM_MAX_BATCH;
         for (Py_ssize_t i = 0; i < chunk; i++) {
@@ -658,11 +664,9 @@ py_agent_batch(PyObject *self, PyObject *args)
         }
         slot->op = PVM_OP_CALLS;
         slot->count = (uint32_t)chunk;
-        int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
-        if (rc == -2)
-            goto fail;
+        int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
         if (rc < 0) {
-            raise_call("agent channel", pidfd);
+            channel_error(rc, pidfd);
             goto fail;
         }
         for (Py_ssize_t i = 0; i < chunk; i++) {
@@ -679,6 +683,97 @@ fail:
     Py_DECREF(seq);
     Py_XDECREF(out);
     return NULL;
+}
+
+/*
+ * One mode 1 run in a stub space: load regs (and fp, or None for a clean FPU)
+ * into the block, resume the guest, wait for its next stop. Returns
+ * (signo, siginfo bytes, regs bytearray, fp bytes or None). The block is
+ * guest-writable: the signal number and FPU size are checked here.
+ */
+static PyObject *
+py_stub_run(PyObject *self, PyObject *args)
+{
+    unsigned long long block, alive;
+    int pidfd, want_fp;
+    long spin;
+    Py_buffer regs, fp;
+    if (!PyArg_ParseTuple(args, "KKily*y*p", &block, &alive, &pidfd, &spin, &regs, &fp, &want_fp))
+        return NULL;
+    PyObject *res = NULL;
+    struct pvm_slot *slot = SLOT(block);
+    struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(block + PVM_STUB_STOP_OFF);
+    char *fp_area = (char *)(uintptr_t)(block + PVM_STUB_FP_OFF);
+    if (regs.len != sizeof stop->regs || fp.len > PVM_STUB_FP_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad register block or FPU state size");
+        goto out;
+    }
+    memcpy(stop->regs, regs.buf, sizeof stop->regs);
+    if (fp.len)
+        memcpy(fp_area, fp.buf, (size_t)fp.len);
+    stop->fp_valid = fp.len ? 1 : 0;
+    slot->op = PVM_OP_RUN;
+    int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
+    if (rc < 0) {
+        channel_error(rc, pidfd);
+        goto out;
+    }
+    uint32_t signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
+    uint32_t fp_size = __atomic_load_n(&stop->fp_size, __ATOMIC_RELAXED);
+    if (signo < 1 || signo > 64 || (want_fp && (fp_size < 512 || fp_size > PVM_STUB_FP_MAX))) {
+        errno = EPROTO;
+        raise_call("stub stop data", pidfd);
+        goto out;
+    }
+    PyObject *fp_out = want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : (Py_INCREF(Py_None), Py_None);
+    res = Py_BuildValue("(Iy#NN)", signo, (const char *)stop->siginfo, (Py_ssize_t)sizeof stop->siginfo,
+                        PyByteArray_FromStringAndSize((const char *)stop->regs, sizeof stop->regs), fp_out);
+out:
+    PyBuffer_Release(&regs);
+    PyBuffer_Release(&fp);
+    return res;
+}
+
+/*
+ * Mode 1 in a stub space, C-level loop for the benchmark: RUN the guest from
+ * the block's stop registers; at each stop answer the trapped syscall a0 with
+ * a1 (kind 0) or point rax at a0 and set rcx to a1 (kind 1, a fixed fault).
+ * Returns (round trips, ns, last signo).
+ */
+static PyObject *
+py_stub_loop(PyObject *self, PyObject *args)
+{
+    unsigned long long block, a0, a1;
+    int pidfd, kind;
+    long spin, n;
+    if (!PyArg_ParseTuple(args, "KilliKK", &block, &pidfd, &spin, &n, &kind, &a0, &a1))
+        return NULL;
+    struct pvm_slot *slot = SLOT(block);
+    struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(block + PVM_STUB_STOP_OFF);
+    long i;
+    uint32_t signo = 0;
+    uint64_t t0 = now_ns();
+    for (i = 0; i < n; i++) {
+        stop->fp_valid = 0;
+        slot->op = PVM_OP_RUN;
+        int rc = channel_post_wait(slot, NULL, pidfd, spin);
+        if (rc < 0)
+            return channel_error(rc, pidfd);
+        signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
+        if (kind == 0) {
+            int32_t nr;
+            memcpy(&nr, stop->siginfo + PVM_SI_SYSCALL, 4);
+            if (signo != SIGSYS || (uint64_t)nr != a0)
+                break;
+            stop->regs[R_RAX] = a1;
+        } else {
+            if (signo != SIGSEGV)
+                break;
+            stop->regs[R_RAX] = a0;
+            stop->regs[R_RCX] = a1;
+        }
+    }
+    return Py_BuildValue("(lKI)", i, (unsigned long long)(now_ns() - t0), signo);
 }
 
 static PyObject *
@@ -706,28 +801,26 @@ py_futex_wait(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_loop(PyObject *self, PyObject *args)
 {
-    unsigned long long base, nr;
+    unsigned long long slot_a, alive, nr;
     int pidfd;
     long spin, n;
     int count = 1;
-    if (!PyArg_ParseTuple(args, "KilKl|i", &base, &pidfd, &spin, &nr, &n, &count))
+    if (!PyArg_ParseTuple(args, "KKilKl|i", &slot_a, &alive, &pidfd, &spin, &nr, &n, &count))
         return NULL;
     if (count < 1 || count > PVM_MAX_BATCH) {
         PyErr_SetString(PyExc_ValueError, "count must be 1..PVM_MAX_BATCH");
         return NULL;
     }
-    struct pvm_slot *slot = (struct pvm_slot *)((char *)(uintptr_t)base + PVM_SLOT_OFF);
+    struct pvm_slot *slot = SLOT(slot_a);
     uint64_t t0 = now_ns();
     for (long i = 0; i < n; i++) {
         slot->op = PVM_OP_CALLS;
         slot->count = (uint32_t)count;
         for (int j = 0; j < count; j++)
             slot->calls[j].nr = (int64_t)nr;
-        int rc = agent_post_wait((char *)(uintptr_t)base, pidfd, spin);
-        if (rc == -2)
-            return NULL;
+        int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
         if (rc < 0)
-            return raise_call("agent channel", pidfd);
+            return channel_error(rc, pidfd);
     }
     return PyLong_FromUnsignedLongLong(now_ns() - t0);
 }
@@ -821,10 +914,12 @@ static PyMethodDef methods[] = {
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},
     {"seccomp_filter", py_seccomp_filter, METH_VARARGS, "seccomp_filter(tid, index) -> bytes"},
-    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(base, pidfd, spin): post the filled slot, wait"},
-    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(base, pidfd, spin, nr, *args) -> raw"},
-    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(base, pidfd, spin, [(nr, args)]) -> [raw]"},
-    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(base, pidfd, spin, nr, n, count=1) -> ns"},
+    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(slot, alive, pidfd, spin): post the filled slot, wait"},
+    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, alive, pidfd, spin, nr, *args) -> raw"},
+    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, alive, pidfd, spin, [(nr, args)]) -> [raw]"},
+    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, alive, pidfd, spin, nr, n, count=1) -> ns"},
+    {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, alive, pidfd, spin, regs, fp, want_fp) -> (signo, siginfo, regs, fp)"},
+    {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
@@ -902,6 +997,17 @@ PyInit__core(void)
         || add_int(layout, "slot.count", offsetof(struct pvm_slot, count)) < 0
         || add_int(layout, "slot.calls", offsetof(struct pvm_slot, calls)) < 0
         || add_int(layout, "call.size", sizeof(struct pvm_call)) < 0
+        || add_int(layout, "STUB_MAGIC", PVM_STUB_MAGIC) < 0
+        || add_int(layout, "STUB_READY", PVM_STUB_READY) < 0
+        || add_int(layout, "STUB_REGION_SIZE", PVM_STUB_REGION_SIZE) < 0
+        || add_int(layout, "STUB_BLOCK_OFF", PVM_STUB_BLOCK_OFF) < 0
+        || add_int(layout, "STUB_STOP_OFF", PVM_STUB_STOP_OFF) < 0
+        || add_int(layout, "STUB_FP_OFF", PVM_STUB_FP_OFF) < 0
+        || add_int(layout, "STUB_FP_MAX", PVM_STUB_FP_MAX) < 0
+        || add_int(layout, "OP_RUN", PVM_OP_RUN) < 0
+        || add_int(layout, "stop.siginfo", offsetof(struct pvm_stop, siginfo)) < 0
+        || add_int(layout, "stop.regs", offsetof(struct pvm_stop, regs)) < 0
+        || add_int(layout, "stub_header.gadget", offsetof(struct pvm_stub_header, gadget)) < 0
         || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
         goto fail;
     for (int i = 0; pvm_guest_symbols[i].name; i++)
@@ -919,6 +1025,19 @@ PyInit__core(void)
         Py_DECREF(asyms);
         goto fail;
     }
+    static const long stub_allowed[] = {PVM_STUB_ALLOWED};
+    PyObject *allowed = PyTuple_New(sizeof stub_allowed / sizeof stub_allowed[0]);
+    if (!allowed)
+        goto fail;
+    for (size_t i = 0; i < sizeof stub_allowed / sizeof stub_allowed[0]; i++)
+        PyTuple_SET_ITEM(allowed, i, PyLong_FromLong(stub_allowed[i]));
+    if (PyModule_AddObject(m, "STUB_ALLOWED", allowed) < 0) {
+        Py_DECREF(allowed);
+        goto fail;
+    }
+    if (PyModule_AddObject(m, "STUB_ELF",
+                           PyBytes_FromStringAndSize((const char *)pvm_stub_elf, PVM_STUB_ELF_SIZE)) < 0)
+        goto fail;
     if (PyModule_AddObject(m, "AGENT_BLOB",
                            PyBytes_FromStringAndSize((const char *)pvm_agent_blob, PVM_AGENT_BLOB_SIZE)) < 0)
         goto fail;

@@ -52,7 +52,7 @@ class AgentEngine:
         self.pidfd = pidfd
         self._main = tracer
         self._map = None
-        self._base = 0
+        self._base = self._slot = self._alive = 0
         self._keep = None
         self.code_base = self.data_base = None
         self.agent_tid = None
@@ -98,6 +98,8 @@ class AgentEngine:
                 t.syscall(NR["close"], (fd_t,))
             self._keep = ctypes.c_char.from_buffer(self._map)
             self._base = ctypes.addressof(self._keep)
+            self._slot = self._base + SLOT
+            self._alive = self._base + HEADER + L["header.agent_tid"]
             caller_pidfd = self._caller_pidfd(t, high_fd)
             blob = _core.AGENT_BLOB
             if len(blob) > L["AGENT_CODE_MAX"]:
@@ -162,7 +164,7 @@ class AgentEngine:
 
     def syscall(self, nr, args):
         try:
-            return _core.agent_syscall(self._base, self.pidfd, self.spin, nr, *args)
+            return _core.agent_syscall(self._slot, self._alive, self.pidfd, self.spin, nr, *args)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()
@@ -170,7 +172,7 @@ class AgentEngine:
 
     def syscalls(self, calls):
         try:
-            return _core.agent_batch(self._base, self.pidfd, self.spin, calls)
+            return _core.agent_batch(self._slot, self._alive, self.pidfd, self.spin, calls)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()
@@ -247,7 +249,7 @@ class AgentEngine:
         tid_off = HEADER + L["header.agent_tid"]
         struct.pack_into("<II", self._map, SLOT + L["slot.op"], 2, 0)
         try:
-            _core.agent_call(self._base, self.pidfd, self.spin)
+            _core.agent_call(self._slot, self._alive, self.pidfd, self.spin)
         except OSError as e:
             if e.errno not in (3, 10):      # ESRCH: target gone; ECHILD: agent already gone
                 raise

@@ -33,13 +33,13 @@ class SigContext:
     @classmethod
     def _from_regs(cls, raw, fpstate=None):
         ctx = cls.__new__(cls)
-        ctx._buf = bytearray(raw)
+        ctx._buf = raw if type(raw) is bytearray else bytearray(raw)
         ctx._q = memoryview(ctx._buf).cast("Q")
         ctx.fpstate = fpstate
         return ctx
 
     def copy(self):
-        return SigContext._from_regs(self._buf, self.fpstate)
+        return SigContext._from_regs(bytearray(self._buf), self.fpstate)
 
     def as_dict(self):
         return {n: getattr(self, n) for n in _SIGCONTEXT_REGS}

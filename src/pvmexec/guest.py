@@ -1,6 +1,7 @@
 """The bundled guest code (guest/guest.c), mapped into a target for tests and the benchmark."""
 from . import _core
 from .context import SigContext
+from .errors import TargetGone
 from .syscalls import number
 
 SYMBOLS = dict(_core.GUEST_SYMBOLS)
@@ -52,7 +53,10 @@ class Guest:
             calls.append((number("munmap"), (self.rw, self.rw_size)))
         self.code = self.rw = None
         if calls:
-            self.space.syscalls(calls)
+            try:
+                self.space.syscalls(calls)
+            except TargetGone:
+                pass                    # gone with its process: nothing left to unmap
 
     def __enter__(self):
         return self

@@ -99,6 +99,61 @@ struct pvm_slot {
     struct pvm_call calls[PVM_MAX_BATCH];
 };
 
+/*
+ * Stub spaces: a region created by the caller, mapped by the stub process.
+ * Page 0 is the header; then one block per stub thread: its channel slot, the
+ * state of its last stop, the guest FPU area and the signal stack on which the
+ * stub's handler runs. The guest can write all of it.
+ */
+#define PVM_STUB_MAGIC 0x62757473U          /* "stub" */
+#define PVM_STUB_BLOCK_OFF PVM_PAGE
+#define PVM_STUB_STOP_OFF PVM_SLOT_SIZE                  /* in a block */
+#define PVM_STUB_FP_OFF (PVM_STUB_STOP_OFF + PVM_PAGE)
+#define PVM_STUB_FP_MAX (16 * 1024)
+#define PVM_STUB_ALTSTACK_OFF (PVM_STUB_FP_OFF + PVM_STUB_FP_MAX)
+#define PVM_STUB_ALTSTACK_SIZE (64 * 1024)
+#define PVM_STUB_BLOCK_SIZE (PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE)
+#define PVM_STUB_MAX_THREADS 1
+#define PVM_STUB_REGION_SIZE (PVM_STUB_BLOCK_OFF + PVM_STUB_MAX_THREADS * PVM_STUB_BLOCK_SIZE)
+
+#define PVM_OP_RUN 3U                       /* stub: resume the guest with stop.regs / fp */
+
+#define PVM_STUB_STARTING 0U
+#define PVM_STUB_READY 1U
+
+struct pvm_stub_header {
+    uint32_t magic;
+    uint32_t state;
+    int32_t caller_pid;
+    uint32_t stub_pid;
+    uint64_t region_base;       /* where the stub mapped the region */
+    uint64_t gadget;            /* the stub's one syscall instruction */
+};
+
+/*
+ * The only syscalls the stub's filter lets through, and only from its gadget:
+ * mmap mprotect munmap rt_sigreturn mremap madvise getpid exit getppid gettid
+ * futex exit_group. None reaches outside the stub's own address space (the
+ * stub has no file descriptors, so mmap cannot map a file).
+ */
+#define PVM_STUB_ALLOWED 9, 10, 11, 15, 25, 28, 39, 60, 110, 186, 202, 231
+
+/* The state of a stopped guest thread (written by the stub, read by the caller; and back for RUN). */
+struct pvm_stop {
+    uint32_t signo;             /* 0 before the first run */
+    uint32_t fp_valid;          /* RUN: 1 = load fp from the block's FP area, 0 = clean FPU */
+    uint32_t fp_size;           /* stop: bytes of xstate saved in the FP area */
+    uint32_t pad;
+    uint8_t siginfo[128];
+    uint64_t regs[27];          /* struct user_regs_struct order */
+};
+
+_Static_assert(sizeof(struct pvm_stub_header) <= PVM_PAGE, "stub header fits");
+_Static_assert(sizeof(struct pvm_stop) <= PVM_PAGE, "stop fits");
+_Static_assert(__builtin_offsetof(struct pvm_stop, siginfo) == 16, "stop.siginfo");
+_Static_assert(__builtin_offsetof(struct pvm_stop, regs) == 144, "stop.regs");
+_Static_assert(__builtin_offsetof(struct pvm_stub_header, gadget) == 24, "stub header gadget");
+
 _Static_assert(sizeof(struct pvm_call) == 64, "pvm_call size");
 _Static_assert(sizeof(struct pvm_header) <= PVM_PAGE, "header fits its page");
 _Static_assert(sizeof(struct pvm_slot) <= PVM_SLOT_SIZE, "slot fits");

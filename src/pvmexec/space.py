@@ -161,6 +161,28 @@ class Space:
             _guard.uninstall()
             raise
 
+    @classmethod
+    def create(cls):
+        """A fresh, almost empty address space (a stub process of ours) for guest code.
+
+        Mode 1 runs at full speed there: guest syscalls are trapped by the stub's
+        seccomp filter and faults by its signal handler, without ptrace. Mode 2 is
+        limited to the stub's own memory management (mmap, mprotect, munmap,
+        madvise, mremap). The space dies with its caller.
+        """
+        from .stub_engine import StubEngine
+        engine = StubEngine()
+        self = cls.__new__(cls)
+        self._engine = engine
+        self.engine = engine.name
+        self.pid = engine.pid
+        self.pidfd = os.dup(engine.pidfd)
+        self.fallback_reason = None
+        self._detached = False
+        self._lend_sock = self._lend_remote = None
+        _guard.install()
+        return self
+
     @staticmethod
     def _pick_thread(tgid):
         for tid in [tgid] + sorted(int(t) for t in os.listdir("/proc/%d/task" % tgid)):

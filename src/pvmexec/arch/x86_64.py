@@ -37,14 +37,15 @@ SYNC_SIGNALS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.S
 
 
 _CS, _SS, _RIP, _FS_BASE, _GS_BASE = (REG_INDEX[n] for n in ("cs", "ss", "rip", "fs_base", "gs_base"))
-_SEGMENTS = tuple(REG_INDEX[n] for n in ("ds", "es", "fs", "gs"))
+_DS, _ES, _FS, _GS = (REG_INDEX[n] for n in ("ds", "es", "fs", "gs"))
+_SEL_OK = (0, USER_DS)
 
 
 def validate(q):
     """Raise InvalidContext for register values no x86-64 user thread can hold (q: the 27 registers)."""
     if q[_CS] == USER_CS and q[_SS] == USER_DS and q[_RIP] <= TASK_SIZE_MAX \
             and q[_FS_BASE] <= TASK_SIZE_MAX and q[_GS_BASE] <= TASK_SIZE_MAX \
-            and all(q[i] in (0, USER_DS) for i in _SEGMENTS):
+            and q[_DS] in _SEL_OK and q[_ES] in _SEL_OK and q[_FS] in _SEL_OK and q[_GS] in _SEL_OK:
         return
     from ..errors import InvalidContext
     if q[_CS] != USER_CS:

@@ -1,0 +1,332 @@
+/*
+ * The stub: a tiny static program whose address space hosts a guest (the
+ * proposal's "stub process", as in gVisor and User-mode Linux). After setup,
+ * the stub thread lives in its signal handler: a seccomp filter turns every
+ * guest syscall into SIGSYS, faults arrive as signals too, and the handler
+ * reports the guest's state to the caller through the shared region, waits,
+ * and resumes the guest by returning into an edited signal frame.
+ *
+ * Security boundary: the filter. Everything else here, code included, is
+ * writable by the guest; the filter lets through only a few syscalls that act
+ * on the stub's own address space, and only from one instruction.
+ */
+#include "layout.h"
+
+#define SYS_mmap 9
+#define SYS_rt_sigaction 13
+#define SYS_close 3
+#define SYS_getppid 110
+#define SYS_sigaltstack 131
+#define SYS_prctl 157
+#define SYS_futex 202
+#define SYS_exit_group 231
+#define SYS_close_range 436
+#define SYS_seccomp 317
+#define SYS_getpid 39
+
+#define PR_SET_PDEATHSIG 1
+#define PR_SET_NO_NEW_PRIVS 38
+#define SECCOMP_SET_MODE_FILTER 1
+#define SA_SIGINFO 4
+#define SA_ONSTACK 0x08000000
+#define SA_RESTORER 0x04000000
+#define SA_NODEFER 0x40000000
+#define FUTEX_WAIT 0
+#define FUTEX_WAKE 1
+#define ETIMEDOUT 110
+#define EPERM 1
+
+struct kernel_sigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+
+struct sigcontext64 {
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip, eflags;
+    uint16_t cs, gs, fs, ss;
+    uint64_t err, trapno, oldmask, cr2, fpstate, reserved[8];
+};
+
+struct ucontext64 {
+    uint64_t flags, link;
+    uint64_t ss_sp, ss_flags_pad, ss_size;
+    struct sigcontext64 mc;
+    uint64_t sigmask;
+};
+
+struct sock_filter_ {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+};
+
+struct timespec_ {
+    long tv_sec, tv_nsec;
+};
+
+/* The stub's one syscall instruction; the filter admits syscalls only from here. */
+__asm__(
+    ".pushsection .text\n"
+    ".globl pvm_stub_gadget\n"
+    ".type pvm_stub_gadget,@function\n"
+    "pvm_stub_gadget:\n"
+    "  syscall\n"
+    "  ret\n"
+    ".size pvm_stub_gadget, .-pvm_stub_gadget\n"
+    ".globl pvm_stub_restorer\n"
+    ".type pvm_stub_restorer,@function\n"
+    "pvm_stub_restorer:\n"
+    "  mov $15, %eax\n"
+    "  jmp pvm_stub_gadget\n"
+    ".size pvm_stub_restorer, .-pvm_stub_restorer\n"
+    ".globl _start\n"
+    ".type _start,@function\n"
+    "_start:\n"
+    "  mov %rsp, %rdi\n"
+    "  and $-16, %rsp\n"
+    "  call pvm_stub_main\n"
+    "  ud2\n"
+    ".size _start, .-_start\n"
+    ".popsection\n");
+
+void pvm_stub_gadget(void);
+void pvm_stub_restorer(void);
+
+static inline long sc(long n, long a, long b, long c, long d, long e, long f)
+{
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    register long r9 __asm__("r9") = f;
+    long ret;
+    __asm__ volatile("call pvm_stub_gadget"
+                     : "=a"(ret), "+D"(a), "+S"(b), "+d"(c), "+r"(r10), "+r"(r8), "+r"(r9)
+                     : "a"(n)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+/* A syscall from outside the gadget: trapped by our own filter. Used once to enter the handler. */
+static inline void trap_into_handler(void)
+{
+    long n = -1;
+    __asm__ volatile("syscall" : "+a"(n) : : "rcx", "r11", "memory");
+}
+
+static char *region;
+static struct pvm_stub_header *header;
+static uint32_t served;         /* last request taken */
+static uint32_t run_pending;    /* a RUN is in flight: the next stop answers it */
+static uint32_t init_fp_size;
+static uint8_t init_fp[PVM_STUB_FP_MAX];
+static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
+
+static inline uint32_t ld(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void st(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static void copy(void *d, const void *s, uint64_t n)
+{
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(n) : : "memory");
+}
+
+static int is_allowed(uint64_t nr)
+{
+    for (unsigned i = 0; i < sizeof allowed / sizeof allowed[0]; i++)
+        if (nr == allowed[i])
+            return 1;
+    return 0;
+}
+
+static void respond(struct pvm_slot *slot, uint32_t seq)
+{
+    st(&slot->resp_seq, seq);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (ld(&slot->caller_sleeping))
+        sc(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
+}
+
+static uint32_t wait_request(struct pvm_slot *slot)
+{
+    for (;;) {
+        uint32_t seq = ld(&slot->req_seq);
+        for (uint32_t spins = slot->spin; seq == served && spins; spins--) {
+            __builtin_ia32_pause();
+            seq = ld(&slot->req_seq);
+        }
+        if (seq != served)
+            return seq;
+        st(&slot->agent_sleeping, 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (ld(&slot->req_seq) == served) {
+            struct timespec_ ts = {0, 500 * 1000 * 1000};
+            long r = sc(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, served, (long)&ts, 0, 0);
+            if (r == -ETIMEDOUT && sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
+                sc(SYS_exit_group, 0, 0, 0, 0, 0, 0);
+        }
+        st(&slot->agent_sleeping, 0);
+    }
+}
+
+static inline uint64_t rdfsbase(void) { uint64_t v; __asm__ volatile("rdfsbase %0" : "=r"(v)); return v; }
+static inline uint64_t rdgsbase(void) { uint64_t v; __asm__ volatile("rdgsbase %0" : "=r"(v)); return v; }
+static inline void wrfsbase(uint64_t v) { __asm__ volatile("wrfsbase %0" : : "r"(v)); }
+static inline void wrgsbase(uint64_t v) { __asm__ volatile("wrgsbase %0" : : "r"(v)); }
+
+/* xsave bytes in a signal frame: the size the kernel recorded in the software-reserved area. */
+static uint32_t frame_fp_size(uint8_t *fp)
+{
+    uint32_t magic1 = *(uint32_t *)(fp + 464), xstate_size = *(uint32_t *)(fp + 464 + 16);
+    if (magic1 == 0x46505853U && xstate_size >= 512 && xstate_size <= PVM_STUB_FP_MAX)
+        return xstate_size;
+    return 512;
+}
+
+__attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext64 *uc)
+{
+    char *block = region + PVM_STUB_BLOCK_OFF;
+    struct pvm_slot *slot = (struct pvm_slot *)block;
+    struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
+    uint8_t *fp_area = (uint8_t *)block + PVM_STUB_FP_OFF;
+    uint8_t *frame_fp = (uint8_t *)uc->mc.fpstate;
+    uint32_t fp_size = frame_fp ? frame_fp_size(frame_fp) : 0;
+    struct sigcontext64 *m = &uc->mc;
+    uint64_t *r = stop->regs;
+
+    stop->signo = (uint32_t)sig;
+    copy(stop->siginfo, info, 128);
+    r[0] = m->r15; r[1] = m->r14; r[2] = m->r13; r[3] = m->r12; r[4] = m->rbp; r[5] = m->rbx;
+    r[6] = m->r11; r[7] = m->r10; r[8] = m->r9; r[9] = m->r8; r[10] = m->rax; r[11] = m->rcx;
+    r[12] = m->rdx; r[13] = m->rsi; r[14] = m->rdi; r[15] = ~0ULL; r[16] = m->rip; r[17] = m->cs;
+    r[18] = m->eflags; r[19] = m->rsp; r[20] = m->ss; r[21] = rdfsbase(); r[22] = rdgsbase();
+    r[23] = r[24] = r[25] = r[26] = 0;
+    if (frame_fp) {
+        copy(fp_area, frame_fp, fp_size);
+        stop->fp_size = fp_size;
+    }
+    if (!init_fp_size && frame_fp) {            /* the first trap: keep a clean FPU image */
+        copy(init_fp, frame_fp, fp_size);
+        init_fp_size = fp_size;
+    }
+    if (run_pending) {
+        run_pending = 0;
+        respond(slot, served);
+    } else if (ld(&header->state) != PVM_STUB_READY) {
+        st(&header->state, PVM_STUB_READY);
+        sc(SYS_futex, (long)&header->state, FUTEX_WAKE, 1, 0, 0, 0);
+    }
+    for (;;) {
+        uint32_t seq = wait_request(slot);
+        served = seq;
+        uint32_t op = slot->op;
+        if (op == PVM_OP_CALLS) {
+            uint32_t count = slot->count <= PVM_MAX_BATCH ? slot->count : 0;
+            for (uint32_t i = 0; i < count; i++) {
+                struct pvm_call *c = &slot->calls[i];
+                c->ret = is_allowed((uint64_t)c->nr)
+                    ? sc(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5])
+                    : -EPERM;
+            }
+            respond(slot, seq);
+            continue;
+        }
+        if (op == PVM_OP_RUN)
+            break;
+        respond(slot, seq);     /* not a request we know (the guest may scribble here): ignore it */
+    }
+    /* Resume the guest from stop->regs. */
+    m->r15 = r[0]; m->r14 = r[1]; m->r13 = r[2]; m->r12 = r[3]; m->rbp = r[4]; m->rbx = r[5];
+    m->r11 = r[6]; m->r10 = r[7]; m->r9 = r[8]; m->r8 = r[9]; m->rax = r[10]; m->rcx = r[11];
+    m->rdx = r[12]; m->rsi = r[13]; m->rdi = r[14]; m->rip = r[16]; m->eflags = r[18]; m->rsp = r[19];
+    m->cs = 0x33;
+    m->ss = 0x2b;
+    if (frame_fp) {
+        if (stop->fp_valid && fp_size)
+            copy(frame_fp, fp_area, fp_size);
+        else if (init_fp_size == fp_size)
+            copy(frame_fp, init_fp, fp_size);
+    }
+    run_pending = 1;
+    wrfsbase(r[21]);
+    wrgsbase(r[22]);
+}
+
+static long parse_int(const char *s)
+{
+    long v = 0;
+    while (*s >= '0' && *s <= '9')
+        v = v * 10 + (*s++ - '0');
+    return v;
+}
+
+static void install_filter(uint64_t ip)
+{
+    /* seccomp_data: nr @0, arch @4, instruction_pointer @8 (lo) / @12 (hi). */
+    enum { LD = 0x20, JEQ = 0x15, JGE = 0x35, RET = 0x06 };
+    enum { ALLOW = 0x7fff0000U, TRAP = 0x00030000U, KILL = 0x80000000U };
+    static const uint32_t set[] = {PVM_STUB_ALLOWED};
+    enum { N = sizeof set / sizeof set[0] };
+    struct sock_filter_ f[8 + N + 2];
+    int i = 0;
+    f[i++] = (struct sock_filter_){LD, 0, 0, 4};
+    f[i++] = (struct sock_filter_){JEQ, 1, 0, 0xC000003EU};
+    f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};                 /* i386 (int $0x80): trap */
+    f[i++] = (struct sock_filter_){LD, 0, 0, 8};
+    f[i++] = (struct sock_filter_){JEQ, 1, 0, (uint32_t)ip};
+    f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};                 /* not from the gadget: trap */
+    f[i++] = (struct sock_filter_){LD, 0, 0, 12};
+    f[i++] = (struct sock_filter_){JEQ, 1, 0, (uint32_t)(ip >> 32)};
+    f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 0};
+    for (int j = 0; j < N; j++)
+        f[i++] = (struct sock_filter_){JEQ, (uint8_t)(N - j), 0, set[j]};
+    f[i++] = (struct sock_filter_){RET, 0, 0, KILL};                 /* from the gadget, not allowed: kill */
+    f[i++] = (struct sock_filter_){RET, 0, 0, ALLOW};
+    struct {
+        uint16_t len;
+        uint16_t pad[3];
+        struct sock_filter_ *filter;
+    } prog = {(uint16_t)i, {0, 0, 0}, f};
+    if (sc(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0) || sc(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, (long)&prog, 0, 0, 0))
+        sc(SYS_exit_group, 3, 0, 0, 0, 0, 0);
+}
+
+__attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
+{
+    long argc = (long)sp[0];
+    char **argv = (char **)(sp + 1);
+    if (argc < 2)
+        sc(SYS_exit_group, 2, 0, 0, 0, 0, 0);
+    long fd = parse_int(argv[1]);
+    long base = sc(SYS_mmap, 0, PVM_STUB_REGION_SIZE, 3 /* RW */, 1 /* SHARED */, fd, 0);
+    if (base < 0)
+        sc(SYS_exit_group, 4, 0, 0, 0, 0, 0);
+    region = (char *)base;
+    header = (struct pvm_stub_header *)region;
+    if (header->magic != PVM_STUB_MAGIC)
+        sc(SYS_exit_group, 5, 0, 0, 0, 0, 0);
+    sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
+    sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+    if (sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
+        sc(SYS_exit_group, 6, 0, 0, 0, 0, 0);
+    header->stub_pid = (uint32_t)sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+    header->region_base = (uint64_t)base;
+    header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
+    struct {
+        uint64_t sp;
+        int flags, pad;
+        uint64_t size;
+    } ss = {(uint64_t)(base + PVM_STUB_BLOCK_OFF + PVM_STUB_ALTSTACK_OFF), 0, 0, PVM_STUB_ALTSTACK_SIZE};
+    sc(SYS_sigaltstack, (long)&ss, 0, 0, 0, 0, 0);
+    static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5};
+    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        struct kernel_sigaction sa = {(void *)pvm_stub_handler, SA_SIGINFO | SA_ONSTACK | SA_RESTORER,
+                                      (void *)pvm_stub_restorer, ~0ULL};
+        if (sc(SYS_rt_sigaction, sigs[i], (long)&sa, 0, 8, 0, 0))
+            sc(SYS_exit_group, 7, 0, 0, 0, 0, 0);
+    }
+    install_filter((uint64_t)(uintptr_t)pvm_stub_gadget + 2);
+    trap_into_handler();
+    sc(SYS_exit_group, 8, 0, 0, 0, 0, 0);
+    __builtin_unreachable();
+}

@@ -1,0 +1,179 @@
+"""Stub spaces: guest code at full speed in an address space of our own, and no way out of it."""
+import errno
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pvmexec
+from pvmexec import _core
+from pvmexec.guest import Guest
+
+L = _core.LAYOUT
+AUDIT_ARCH_I386 = 0x40000003
+
+
+@pytest.fixture
+def space():
+    s = pvmexec.Space.create()
+    try:
+        yield s
+    finally:
+        s.detach()
+    assert s._engine.proc.poll() is not None, "the stub process must be gone after detach"
+
+
+def load_code(space, code):
+    """Guest code from raw bytes: mapped read+exec in the stub."""
+    addr = space.syscall("mmap", 0, 4096, 3, 0x22, -1, 0)
+    space.write(addr, code)
+    space.syscall("mprotect", addr, 4096, 5)
+    return addr
+
+
+def test_fresh_space_holds_only_the_stub(space):
+    with open("/proc/%d/maps" % space.pid) as f:
+        names = {line.split()[5] if len(line.split()) > 5 else "" for line in f}
+    assert names <= {"", "[stack]", "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]",
+                     "/memfd:pvmexec-stub", "/memfd:pvmexec-stub-region", "(deleted)"}
+    assert sorted(os.listdir("/proc/%d/fd" % space.pid)) == []           # no descriptors at all
+    with open("/proc/%d/status" % space.pid) as f:
+        status = f.read()
+    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+
+
+def test_selftest_syscall_loop(space):
+    with Guest(space) as g:
+        ctx = g.context("syscall_loop", rdi=789)
+        for _ in range(500):
+            stop = space.exec(ctx)
+            assert stop.reason == "syscall" and stop.syscall == 123 and stop.siginfo.arch == 0xC000003E
+            assert stop.ctx.rdi == 789 and stop.siginfo.call_addr == stop.ctx.rip
+            ctx = stop.ctx
+            ctx.rax = 456
+        ctx.rax = 1                                    # a wrong answer: the guest aborts with ud2
+        assert space.exec(ctx).signo == signal.SIGILL
+
+
+def test_selftest_fault_loop(space):
+    value = 0xAABBCCDDEE
+    with Guest(space) as g:
+        ctx = g.context("fault_loop", rdi=g.data, rsi=value)
+        for i in range(21):
+            stop = space.exec(ctx)
+            assert stop.signo == signal.SIGSEGV and stop.ctx.rax == i % 7 + 1
+            assert stop.ctx.rip == g.address("fault_store")
+            ctx = stop.ctx
+            ctx.rax, ctx.rcx = g.data, value
+
+
+def test_full_register_state_round_trips(space):
+    with Guest(space) as g:
+        pattern = bytes(range(16))
+        space.write(g.data, pattern)
+        ctx = g.context("fpu_probe", rdi=g.data, r15=0x1515, r12=0x1212, fs_base=0x12345000, gs_base=0x6789000)
+        ctx.fpstate = space.initial_fpstate()
+        stop = space.exec(ctx)
+        assert stop.syscall == 123
+        out = stop.ctx
+        assert (out.r15, out.r12, out.fs_base, out.gs_base) == (0x1515, 0x1212, 0x12345000, 0x6789000)
+        assert out.fpstate[160:176] == pattern                # xmm0, loaded by the guest
+        other = bytes(range(50, 66))
+        out.fpstate = out.fpstate[:160] + other + out.fpstate[176:]
+        stop = space.exec(out)
+        assert stop.syscall == 123 and space.read(g.data, 16) == other
+
+
+def test_mode2_is_limited_to_the_stubs_own_memory(space):
+    assert space.syscall("getpid") == space.pid
+    with pytest.raises(pvmexec.RemoteSyscallError) as e:
+        space.syscall("openat", -100, 0, 0, 0)
+    assert e.value.errno == errno.EPERM and "stub space" in str(e.value)
+
+
+def test_int80_is_trapped_not_run(space):
+    addr = load_code(space, bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0x0F, 0x0B]))    # getpid via int $0x80
+    stop = space.exec(pvmexec.SigContext(rip=addr, rsp=0))
+    assert stop.reason == "syscall" and stop.siginfo.arch == AUDIT_ARCH_I386 and stop.syscall == 20
+
+
+def test_sysenter_is_contained(space):
+    addr = load_code(space, bytes([0xB8, 20, 0, 0, 0, 0x0F, 0x34, 0x0F, 0x0B]))
+    stop = space.exec(pvmexec.SigContext(rip=addr, rsp=0))
+    assert stop.reason == "signal" and stop.signo in (signal.SIGILL, signal.SIGSEGV)
+
+
+def test_vsyscall_is_contained(space):
+    with Guest(space) as g:
+        space.write(g.data, bytes(16))
+        # mov $0xffffffffff600000,%rax; call *%rax  (gettimeofday(rdi=data) through the vsyscall page)
+        addr = load_code(space, bytes([0x48, 0xC7, 0xC0, 0x00, 0x00, 0x60, 0xFF, 0xFF, 0xD0, 0x0F, 0x0B]))
+        stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data))
+        if stop.reason == "syscall":
+            assert stop.syscall == 96                          # emulated vsyscall, trapped by the filter
+        else:
+            assert stop.signo == signal.SIGSEGV                # vsyscall page not executable here
+        assert space.read(g.data, 16) == bytes(16)             # the time was never written
+
+
+def test_jumping_into_the_stubs_syscall_gadget_is_fatal_for_forbidden_calls(space, tmp_path):
+    target_dir = str(tmp_path / "escaped")
+    with Guest(space) as g:
+        space.write(g.data, target_dir.encode() + b"\0")
+        gadget = space._engine.gadget
+        # mov $83,%eax (mkdir); mov $0x1ff,%esi; jmp *%rdx
+        addr = load_code(space, bytes([0xB8, 83, 0, 0, 0, 0xBE, 0xFF, 0x01, 0, 0, 0xFF, 0xE2]))
+        with pytest.raises(pvmexec.TargetGone):
+            space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=gadget))
+    assert not os.path.exists(target_dir)
+
+
+def test_guest_overwriting_the_channel_does_not_break_the_caller(space):
+    with Guest(space) as g:
+        header = struct.unpack_from("<QQ", space._engine._map, 16)
+        block = header[0] + L["STUB_BLOCK_OFF"]
+        # cld; rep stosb (al=0xff over the slot, the stop record and part of the FPU area); syscall(123)
+        code = bytes([0xFC, 0xF3, 0xAA, 0xB8, 123, 0, 0, 0, 0x0F, 0x05, 0x0F, 0x0B])
+        addr = load_code(space, code)
+        for length in (64, 4096, L["STUB_FP_OFF"] + 4096):
+            stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=block, rcx=length, rax=0xFF))
+            assert stop.reason == "syscall" and stop.syscall == 123
+            # The space still works: the stub ignores the junk it finds in its channel.
+            assert space.syscall("getpid") == space.pid
+            ctx = g.context("syscall_loop", rdi=789)
+            assert space.exec(ctx).syscall == 123
+
+
+CALLER = textwrap.dedent("""
+    import sys, pvmexec
+    space = pvmexec.Space.create()
+    print(space.pid, flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_space_dies_with_its_caller():
+    caller = subprocess.Popen([sys.executable, "-c", CALLER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        stub = int(caller.stdout.readline())
+        assert os.path.exists("/proc/%d" % stub)
+        caller.kill()
+        caller.wait(10)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+        caller.stdin.close()
+        caller.stdout.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % stub):
+        with open("/proc/%d/stat" % stub) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break                                  # dead; its parent (the caller) is gone too
+        assert time.monotonic() < deadline, "stub %d outlived its caller" % stub
+        time.sleep(0.02)
