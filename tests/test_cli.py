@@ -51,6 +51,8 @@ def test_bench_json_quick():
     assert ("syscall-batch", "ptrace", "python") in modes
     for mode in ("syscall", "syscall-batch"):
         assert (mode, "agent", "c") in modes and (mode, "agent", "python") in modes
+    for mode in ("exec-syscall", "exec-fault"):
+        assert (mode, "stub", "c") in modes and (mode, "stub", "python") in modes
     for r in report["results"]:
         assert r["placement"]
         if r["mode"] == "idle-cpu":

@@ -212,6 +212,28 @@ def run(iterations=20000, quick=False):
                                 us_per_op=0.0, cpu_percent=round(100 * (t_cpu1 - t_cpu0) / idle_s, 3),
                                 seconds=idle_s, placement="agent attached, no requests"))
 
+        # Mode 1 in a stub space of our own: trapped by seccomp, no ptrace.
+        from .space import Space
+        stub_space = Space.create()
+        try:
+            stub = stub_space._engine
+            os.sched_setaffinity(stub.pid, {other})
+            placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
+
+            def add_stub(mode, loop, us, placement=placed, **extra):
+                results.append(dict(mode=mode, engine="stub", loop=loop, us_per_op=round(us, 3),
+                                    placement=placement, **extra))
+
+            with Guest(stub_space) as guest:
+                stop = stub_space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
+                add_stub("exec-syscall", "c", _stub_c_loop(stub_space, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
+                add_stub("exec-syscall", "python", _exec_syscall_python(stub_space, guest, n_py * 4))
+                stop = stub_space.exec(guest.context("fault_loop", rdi=guest.data, rsi=FAULT_VALUE))
+                add_stub("exec-fault", "c", _stub_c_loop(stub_space, stop, 1, n_c, guest.data, FAULT_VALUE))
+                add_stub("exec-fault", "python", _exec_fault_python(stub_space, guest, n_py * 4))
+        finally:
+            stub_space.detach()
+
         # The same C loop with caller and target on different CPUs, to show what placement costs.
         if len(cpus) > 1:
             target.close()
@@ -232,6 +254,22 @@ def run(iterations=20000, quick=False):
             "results": results, "published": PUBLISHED,
             "ratios": {label: round(v, 2) for label, v in _ratios(results)},
             "iterations": {"c": n_c, "python": n_py}}
+
+
+def _stub_c_loop(space, stop, kind, n, a0, a1):
+    """The stub's C-level loop starts from the stop registers already in its block; answer that stop first."""
+    stub = space._engine
+    regs_off = _core.LAYOUT["STUB_BLOCK_OFF"] + _core.LAYOUT["STUB_STOP_OFF"] + _core.LAYOUT["stop.regs"]
+    ctx = stop.ctx
+    if kind == 0:
+        ctx.rax = a1
+    else:
+        ctx.rax, ctx.rcx = a0, a1
+    stub._map[regs_off:regs_off + len(ctx._buf)] = ctx._buf
+    done, ns, signo = _core.stub_loop(stub.block, stub.pidfd, stub.spin, n, kind, a0, a1)
+    if done != n:
+        raise RuntimeError("stub loop stopped after %d of %d round trips (signal %d)" % (done, n, signo))
+    return ns / 1e3 / n
 
 
 def _thread_cpu_seconds(pid, tid):
@@ -286,6 +324,12 @@ def _ratios(results):
         return None
 
     pairs = [
+        ("mode 1 syscall loop, C (stub space vs ptrace)", find("exec-syscall", "ptrace", "c"),
+         find("exec-syscall", "stub", "c")),
+        ("mode 1 syscall loop, Python API", find("exec-syscall", "ptrace", "python"),
+         find("exec-syscall", "stub", "python")),
+        ("mode 1 fault loop, C", find("exec-fault", "ptrace", "c"), find("exec-fault", "stub", "c")),
+        ("mode 1 fault loop, Python API", find("exec-fault", "ptrace", "python"), find("exec-fault", "stub", "python")),
         ("mode 2 single call, C loop (agent on another CPU)", find("syscall", "ptrace", "c"),
          find("syscall", "agent", "c")),
         ("mode 2 single call, Python API (ptrace thread held)", find("syscall", "ptrace", "python", held=True),
