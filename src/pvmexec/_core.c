@@ -541,10 +541,15 @@ futex_op(volatile uint32_t *addr, int op, uint32_t val, const struct timespec *t
     return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
 }
 
+/*
+ * Post the request in the slot and wait for its answer. The sequence number
+ * comes from the caller's own counter, never from the shared slot, which the
+ * other side (or a guest) can scribble on.
+ */
 static int
-channel_post_wait(struct pvm_slot *slot, volatile uint32_t *alive, int pidfd, long spin)
+channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin)
 {
-    uint32_t seq = __atomic_load_n(&slot->req_seq, __ATOMIC_RELAXED) + 1;
+    uint32_t seq = ++*counter;
     __atomic_store_n(&slot->req_seq, seq, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&slot->agent_sleeping, __ATOMIC_ACQUIRE))
@@ -589,6 +594,7 @@ channel_post_wait(struct pvm_slot *slot, volatile uint32_t *alive, int pidfd, lo
 }
 
 #define SLOT(a) ((struct pvm_slot *)(uintptr_t)(a))
+#define COUNTER(a) ((uint32_t *)(uintptr_t)(a))
 #define ALIVE(a) ((volatile uint32_t *)(uintptr_t)(a))
 
 static PyObject *
@@ -602,12 +608,12 @@ channel_error(int rc, int pidfd)
 static PyObject *
 py_agent_call(PyObject *self, PyObject *args)
 {
-    unsigned long long slot, alive;
+    unsigned long long slot, counter, alive;
     int pidfd;
     long spin;
-    if (!PyArg_ParseTuple(args, "KKil", &slot, &alive, &pidfd, &spin))
+    if (!PyArg_ParseTuple(args, "KKKil", &slot, &counter, &alive, &pidfd, &spin))
         return NULL;
-    int rc = channel_post_wait(SLOT(slot), ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(SLOT(slot), COUNTER(counter), ALIVE(alive), pidfd, spin);
     if (rc < 0)
         return channel_error(rc, pidfd);
     Py_RETURN_NONE;
@@ -617,18 +623,18 @@ py_agent_call(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_syscall(PyObject *self, PyObject *args)
 {
-    unsigned long long slot_a, alive, nr, a[6] = {0, 0, 0, 0, 0, 0};
+    unsigned long long slot_a, counter, alive, nr, a[6] = {0, 0, 0, 0, 0, 0};
     int pidfd;
     long spin;
-    if (!PyArg_ParseTuple(args, "KKilK|KKKKKK", &slot_a, &alive, &pidfd, &spin, &nr, &a[0], &a[1], &a[2],
-                          &a[3], &a[4], &a[5]))
+    if (!PyArg_ParseTuple(args, "KKKilK|KKKKKK", &slot_a, &counter, &alive, &pidfd, &spin, &nr, &a[0], &a[1],
+                          &a[2], &a[3], &a[4], &a[5]))
         return NULL;
     struct pvm_slot *slot = SLOT(slot_a);
     slot->op = PVM_OP_CALLS;
     slot->count = 1;
     slot->calls[0].nr = (int64_t)nr;
     memcpy(slot->calls[0].args, a, sizeof a);
-    int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
     if (rc < 0)
         return channel_error(rc, pidfd);
     return PyLong_FromLongLong(__atomic_load_n(&slot->calls[0].ret, __ATOMIC_RELAXED));
@@ -638,11 +644,11 @@ py_agent_syscall(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_batch(PyObject *self, PyObject *args)
 {
-    unsigned long long slot_a, alive;
+    unsigned long long slot_a, counter, alive;
     int pidfd;
     long spin;
     PyObject *calls;
-    if (!PyArg_ParseTuple(args, "KKilO", &slot_a, &alive, &pidfd, &spin, &calls))
+    if (!PyArg_ParseTuple(args, "KKKilO", &slot_a, &counter, &alive, &pidfd, &spin, &calls))
         return NULL;
     PyObject *seq = PySequence_Fast(calls, "calls must be a sequence");
     if (!seq)
@@ -664,7 +670,7 @@ py_agent_batch(PyObject *self, PyObject *args)
         }
         slot->op = PVM_OP_CALLS;
         slot->count = (uint32_t)chunk;
-        int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
         if (rc < 0) {
             channel_error(rc, pidfd);
             goto fail;
@@ -694,11 +700,11 @@ fail:
 static PyObject *
 py_stub_run(PyObject *self, PyObject *args)
 {
-    unsigned long long block, alive;
+    unsigned long long block, counter, alive;
     int pidfd, want_fp;
     long spin;
     Py_buffer regs, fp;
-    if (!PyArg_ParseTuple(args, "KKily*y*p", &block, &alive, &pidfd, &spin, &regs, &fp, &want_fp))
+    if (!PyArg_ParseTuple(args, "KKKily*y*p", &block, &counter, &alive, &pidfd, &spin, &regs, &fp, &want_fp))
         return NULL;
     PyObject *res = NULL;
     struct pvm_slot *slot = SLOT(block);
@@ -713,7 +719,7 @@ py_stub_run(PyObject *self, PyObject *args)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
     stop->fp_valid = fp.len ? 1 : 0;
     slot->op = PVM_OP_RUN;
-    int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
     if (rc < 0) {
         channel_error(rc, pidfd);
         goto out;
@@ -743,10 +749,10 @@ out:
 static PyObject *
 py_stub_loop(PyObject *self, PyObject *args)
 {
-    unsigned long long block, a0, a1;
+    unsigned long long block, counter, a0, a1;
     int pidfd, kind;
     long spin, n;
-    if (!PyArg_ParseTuple(args, "KilliKK", &block, &pidfd, &spin, &n, &kind, &a0, &a1))
+    if (!PyArg_ParseTuple(args, "KKilliKK", &block, &counter, &pidfd, &spin, &n, &kind, &a0, &a1))
         return NULL;
     struct pvm_slot *slot = SLOT(block);
     struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(block + PVM_STUB_STOP_OFF);
@@ -756,7 +762,7 @@ py_stub_loop(PyObject *self, PyObject *args)
     for (i = 0; i < n; i++) {
         stop->fp_valid = 0;
         slot->op = PVM_OP_RUN;
-        int rc = channel_post_wait(slot, NULL, pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), NULL, pidfd, spin);
         if (rc < 0)
             return channel_error(rc, pidfd);
         signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
@@ -801,11 +807,11 @@ py_futex_wait(PyObject *self, PyObject *args)
 static PyObject *
 py_agent_loop(PyObject *self, PyObject *args)
 {
-    unsigned long long slot_a, alive, nr;
+    unsigned long long slot_a, counter, alive, nr;
     int pidfd;
     long spin, n;
     int count = 1;
-    if (!PyArg_ParseTuple(args, "KKilKl|i", &slot_a, &alive, &pidfd, &spin, &nr, &n, &count))
+    if (!PyArg_ParseTuple(args, "KKKilKl|i", &slot_a, &counter, &alive, &pidfd, &spin, &nr, &n, &count))
         return NULL;
     if (count < 1 || count > PVM_MAX_BATCH) {
         PyErr_SetString(PyExc_ValueError, "count must be 1..PVM_MAX_BATCH");
@@ -818,7 +824,7 @@ py_agent_loop(PyObject *self, PyObject *args)
         slot->count = (uint32_t)count;
         for (int j = 0; j < count; j++)
             slot->calls[j].nr = (int64_t)nr;
-        int rc = channel_post_wait(slot, ALIVE(alive), pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
         if (rc < 0)
             return channel_error(rc, pidfd);
     }
@@ -914,12 +920,12 @@ static PyMethodDef methods[] = {
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},
     {"seccomp_filter", py_seccomp_filter, METH_VARARGS, "seccomp_filter(tid, index) -> bytes"},
-    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(slot, alive, pidfd, spin): post the filled slot, wait"},
-    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, alive, pidfd, spin, nr, *args) -> raw"},
-    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, alive, pidfd, spin, [(nr, args)]) -> [raw]"},
-    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, alive, pidfd, spin, nr, n, count=1) -> ns"},
-    {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, alive, pidfd, spin, regs, fp, want_fp) -> (signo, siginfo, regs, fp)"},
-    {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
+    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(slot, counter, alive, pidfd, spin): post the filled slot, wait"},
+    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, counter, alive, pidfd, spin, nr, *args) -> raw"},
+    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, counter, alive, pidfd, spin, [(nr, args)]) -> [raw]"},
+    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, counter, alive, pidfd, spin, nr, n, count=1) -> ns"},
+    {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, regs, fp, want_fp) -> (signo, siginfo, regs, fp)"},
+    {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},

@@ -54,6 +54,8 @@ class AgentEngine:
         self._map = None
         self._base = self._slot = self._alive = 0
         self._keep = None
+        self._seq = ctypes.c_uint32(0)       # our own request counter: the shared slot is not trusted
+        self._counter = ctypes.addressof(self._seq)
         self.code_base = self.data_base = None
         self.agent_tid = None
         self._thread_engine = None
@@ -164,7 +166,7 @@ class AgentEngine:
 
     def syscall(self, nr, args):
         try:
-            return _core.agent_syscall(self._slot, self._alive, self.pidfd, self.spin, nr, *args)
+            return _core.agent_syscall(self._slot, self._counter, self._alive, self.pidfd, self.spin, nr, *args)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()
@@ -172,7 +174,7 @@ class AgentEngine:
 
     def syscalls(self, calls):
         try:
-            return _core.agent_batch(self._slot, self._alive, self.pidfd, self.spin, calls)
+            return _core.agent_batch(self._slot, self._counter, self._alive, self.pidfd, self.spin, calls)
         except BaseException as e:
             if not isinstance(e, OSError):
                 self._cancel_in_flight()
@@ -196,9 +198,8 @@ class AgentEngine:
         finally:
             t._try_detach(self.agent_tid)
         deadline = time.monotonic() + 5
-        req = SLOT
         resp = SLOT + 64
-        while self._get32(resp) != self._get32(req) and time.monotonic() < deadline:
+        while self._get32(resp) != self._seq.value and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def exec(self, ctx, sigmask):
@@ -249,7 +250,7 @@ class AgentEngine:
         tid_off = HEADER + L["header.agent_tid"]
         struct.pack_into("<II", self._map, SLOT + L["slot.op"], 2, 0)
         try:
-            _core.agent_call(self._slot, self._alive, self.pidfd, self.spin)
+            _core.agent_call(self._slot, self._counter, self._alive, self.pidfd, self.spin)
         except OSError as e:
             if e.errno not in (3, 10):      # ESRCH: target gone; ECHILD: agent already gone
                 raise

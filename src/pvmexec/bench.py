@@ -179,14 +179,14 @@ def run(iterations=20000, quick=False):
 
             space.syscall_raw(110)
             n_agent = n_c * 5
-            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._alive, agent.pidfd, agent.spin, 110, n_agent)
+            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, n_agent)
                       / 1e3 / n_agent)
             t0 = time.perf_counter()
             for _ in range(n_py * 4):
                 space.syscall_raw(110)
             add_agent("syscall", "python", _per_op(time.perf_counter() - t0, n_py * 4))
             rounds = max(4, n_c // 16)
-            add_agent("syscall-batch", "c", _core.agent_loop(agent._slot, agent._alive, agent.pidfd, agent.spin, 110, rounds, 64)
+            add_agent("syscall-batch", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, rounds, 64)
                       / 1e3 / (rounds * 64), batch=64)
             batch = [(110, ())] * 64
             rounds = max(4, n_py // 4)
@@ -200,7 +200,7 @@ def run(iterations=20000, quick=False):
             agent.set_spin(0)
             space.syscall_raw(110)
             n_same = max(100, n_c // 4)
-            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._alive, agent.pidfd, 0, 110, n_same) / 1e3 / n_same,
+            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, 0, 110, n_same) / 1e3 / n_same,
                       placement="caller and agent thread on cpu %d (futex wake-ups, no spinning)" % cpu)
             agent.set_spin(spin)
             # Idle: an attached agent should cost nothing.
@@ -266,7 +266,7 @@ def _stub_c_loop(space, stop, kind, n, a0, a1):
     else:
         ctx.rax, ctx.rcx = a0, a1
     stub._map[regs_off:regs_off + len(ctx._buf)] = ctx._buf
-    done, ns, signo = _core.stub_loop(stub.block, stub.pidfd, stub.spin, n, kind, a0, a1)
+    done, ns, signo = _core.stub_loop(stub.block, stub.counter, stub.pidfd, stub.spin, n, kind, a0, a1)
     if done != n:
         raise RuntimeError("stub loop stopped after %d of %d round trips (signal %d)" % (done, n, signo))
     return ns / 1e3 / n

@@ -35,6 +35,8 @@ class StubEngine:
         self._map = None
         self._keep = None
         self.pidfd = -1
+        self._seq = ctypes.c_uint32(0)       # our own request counter: the shared slot is not trusted
+        self.counter = ctypes.addressof(self._seq)
         self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
         fd = os.memfd_create("pvmexec-stub-region", os.MFD_CLOEXEC)
         exe = os.memfd_create("pvmexec-stub", 0)
@@ -93,7 +95,7 @@ class StubEngine:
 
     def _call(self, fn, *args):
         try:
-            return fn(self.block, 0, self.pidfd, self.spin, *args)
+            return fn(self.block, self.counter, 0, self.pidfd, self.spin, *args)
         except OSError as e:
             if e.errno == 3:
                 raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None

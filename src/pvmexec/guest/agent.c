@@ -60,21 +60,22 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     uint64_t all = ~0ULL;
     sys6(SYS_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
     struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
-    uint32_t last = load_acquire(&slot->req_seq);
+    uint32_t last = 0;          /* the caller counts from 0 too */
     store_release(&h->state, PVM_STATE_SERVING);
     sys6(SYS_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
-        uint32_t seq = load_acquire(&slot->req_seq);
-        for (uint32_t spins = slot->spin; seq == last && spins; spins--) {
+        /* Only last + 1 is a request; other values are junk the target may have written. */
+        uint32_t want = last + 1, seq = load_acquire(&slot->req_seq);
+        for (uint32_t spins = slot->spin; seq != want && spins; spins--) {
             __builtin_ia32_pause();
             seq = load_acquire(&slot->req_seq);
         }
-        if (seq == last) {
+        if (seq != want) {
             store_release(&slot->agent_sleeping, 1);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            if (load_acquire(&slot->req_seq) == last) {
+            if (load_acquire(&slot->req_seq) == seq) {
                 struct timespec_ ts = {h->idle_ms / 1000, (long)(h->idle_ms % 1000) * 1000000L};
-                long r = sys6(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, last, (long)&ts, 0, 0);
+                long r = sys6(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, seq, (long)&ts, 0, 0);
                 if (r == -ETIMEDOUT && caller_gone(h))
                     break;
             }

@@ -146,21 +146,23 @@ static void respond(struct pvm_slot *slot, uint32_t seq)
         sc(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
 }
 
+/* The next request is exactly served + 1: anything else in req_seq is junk (the guest can write it). */
 static uint32_t wait_request(struct pvm_slot *slot)
 {
+    uint32_t want = served + 1;
     for (;;) {
         uint32_t seq = ld(&slot->req_seq);
-        for (uint32_t spins = slot->spin; seq == served && spins; spins--) {
+        for (uint32_t spins = slot->spin; seq != want && spins; spins--) {
             __builtin_ia32_pause();
             seq = ld(&slot->req_seq);
         }
-        if (seq != served)
+        if (seq == want)
             return seq;
         st(&slot->agent_sleeping, 1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (ld(&slot->req_seq) == served) {
+        if (ld(&slot->req_seq) == seq) {
             struct timespec_ ts = {0, 500 * 1000 * 1000};
-            long r = sc(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, served, (long)&ts, 0, 0);
+            long r = sc(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, seq, (long)&ts, 0, 0);
             if (r == -ETIMEDOUT && sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
                 sc(SYS_exit_group, 0, 0, 0, 0, 0, 0);
         }
