@@ -72,6 +72,9 @@ for _name in _SIGCONTEXT_REGS:
 
 
 _SIGINFO = struct.Struct("<iii4x")
+_SIGINFO_HEAD = struct.Struct("<iii4xQiI")
+_SIGSYS, _SIGCHLD = signal.SIGSYS, signal.SIGCHLD
+_FAULTS = frozenset((signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP))
 
 
 class SigInfo:
@@ -92,14 +95,16 @@ class SigInfo:
     @classmethod
     def from_bytes(cls, raw):
         """Decode a kernel siginfo_t. Only fields meaningful for the signal are read."""
-        signo, errno, code = _SIGINFO.unpack_from(raw, 0)
-        info = cls(signo=signo, code=code, errno=errno, raw=bytes(raw))
-        if code <= 0 or signo in (signal.SIGCHLD,):       # sent by a process: pid and uid
+        signo, errno, code, word, syscall, arch = _SIGINFO_HEAD.unpack_from(raw, 0)
+        info = cls.__new__(cls)
+        info.signo, info.errno, info.code, info.raw = signo, errno, code, bytes(raw)
+        info.addr = info.pid = info.uid = info.syscall = info.arch = 0
+        if signo == _SIGSYS and code > 0:
+            info.addr, info.syscall, info.arch = word, syscall, arch
+        elif code <= 0 or signo == _SIGCHLD:             # sent by a process: pid and uid
             info.pid, info.uid = struct.unpack_from("<iI", raw, 16)
-        elif signo in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP):
-            info.addr, = struct.unpack_from("<Q", raw, 16)
-        elif signo == signal.SIGSYS:
-            info.addr, info.syscall, info.arch = struct.unpack_from("<QiI", raw, 16)
+        elif signo in _FAULTS:
+            info.addr = word
         return info
 
     def to_bytes(self):

@@ -385,10 +385,11 @@ class Space:
         Returns a Stop. A signal that is not in sigmask ends the run too and is
         then delivered to the calling thread, as the proposal specifies.
         """
-        self._live()
-        if not isinstance(ctx, SigContext):
+        if self._detached:
+            raise ValueError("operation on a detached Space")
+        if type(ctx) is not SigContext and not isinstance(ctx, SigContext):
             raise TypeError("ctx must be a SigContext")
-        mask = frozenset(sigmask)
+        mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)
         with _guard.operation():
             stop, deliver = self._engine.exec(ctx, mask)
         if deliver:
