@@ -40,3 +40,20 @@ def test_guest_blob_exports_its_entry_points():
     for name in ("syscall_loop", "fault_loop", "fpu_probe", "int3"):
         assert 0 <= syms[name] < len(_core.GUEST_BLOB)
     assert syms["syscall_loop"] == 0
+
+
+def test_channel_and_stub_layouts_match_c():
+    import struct
+    from pvmexec import agent_engine, stub_engine
+    L = _core.LAYOUT
+    assert agent_engine.CALL.size == L["call.size"] == 64
+    assert agent_engine.CALLS == L["SLOT_OFF"] + L["slot.calls"]
+    assert L["slot.op"] == 128 and L["slot.calls"] == 192
+    assert L["HEADER_OFF"] == L["AGENT_CODE_MAX"] and len(_core.AGENT_BLOB) <= L["AGENT_CODE_MAX"]
+    # The agent removes itself from its last code page: that page must hold only the final routine.
+    assert _core.AGENT_SYMBOLS["final"] % 4096 == 0
+    assert L["stop.siginfo"] == 16 and L["stop.regs"] == 144
+    assert L["stub_header.gadget"] == 24
+    assert L["STUB_FP_OFF"] - L["STUB_STOP_OFF"] >= L["stop.regs"] + 8 * len(x86_64.REG_NAMES)
+    assert set(stub_engine.STUB_ALLOWED) == {9, 10, 11, 15, 25, 28, 39, 60, 110, 186, 202, 231}
+    assert _core.STUB_ELF[:4] == b"\x7fELF" and struct.unpack_from("<H", _core.STUB_ELF, 16)[0] == 3  # ET_DYN
