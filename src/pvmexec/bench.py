@@ -69,6 +69,14 @@ class _Target:
             self.proc.wait(5)
 
 
+def _adder(results, engine, placement):
+    """A function adding one result row for engine, placed as said unless the row says otherwise."""
+    def add(mode, loop, us, placement=placement, **extra):
+        results.append(dict(mode=mode, engine=engine, loop=loop, us_per_op=round(us, 3), placement=placement,
+                            **extra))
+    return add
+
+
 def _per_op(seconds, n):
     return seconds / n * 1e6
 
@@ -124,9 +132,7 @@ def run(iterations=20000, quick=False):
         target = _Target(cpu)
         same = "caller and target pinned to cpu %d" % cpu
 
-        def add(mode, loop, us, placement=same, **extra):
-            results.append(dict(mode=mode, engine="ptrace", loop=loop, us_per_op=round(us, 3),
-                                placement=placement, **extra))
+        add = _adder(results, "ptrace", same)
 
         with attach(target.proc.pid, engine="ptrace") as space, Guest(space) as guest:
             # Mode 1, trapped syscall answered by the caller (selftest 1 / 4).
@@ -173,9 +179,7 @@ def run(iterations=20000, quick=False):
             os.sched_setaffinity(agent.agent_tid, {other})
             placed = "caller on cpu %d, agent thread on cpu %d (both spin before sleeping)" % (cpu, other)
 
-            def add_agent(mode, loop, us, placement=placed, **extra):
-                results.append(dict(mode=mode, engine="agent", loop=loop, us_per_op=round(us, 3),
-                                    placement=placement, **extra))
+            add_agent = _adder(results, "agent", placed)
 
             space.syscall_raw(110)
             n_agent = n_c * 5
@@ -220,9 +224,7 @@ def run(iterations=20000, quick=False):
             os.sched_setaffinity(stub.pid, {other})
             placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
 
-            def add_stub(mode, loop, us, placement=placed, **extra):
-                results.append(dict(mode=mode, engine="stub", loop=loop, us_per_op=round(us, 3),
-                                    placement=placement, **extra))
+            add_stub = _adder(results, "stub", placed)
 
             with Guest(stub_space) as guest:
                 stop = stub_space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
@@ -305,7 +307,7 @@ def format_table(report):
     ratios = _ratios(report["results"])
     if ratios:
         out.append("")
-        out.append("ptrace / agent, same run:")
+        out.append("ptrace / fast engine (agent for mode 2, stub space for mode 1), same run:")
         for label, value in ratios:
             out.append("  %-52s %6.1fx" % (label, value))
     out.append("")

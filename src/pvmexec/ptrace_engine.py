@@ -361,14 +361,10 @@ class PtraceEngine:
         for name, value in zip(arch.SYSCALL_ARGS, args):
             q[_I[name]] = value % _NEG
         prepared = bytes(b.regs)
+        sig_in = 0
         while True:
-            try:
-                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, 0, self.reaps(b.tid))
-            except BaseException:
-                self.cancel(b)
-                raise
-            self._check_exit(code, status)
-            b.at_syscall_stop = False
+            status = self._resume(b, PTRACE_SINGLESTEP, sig_in)
+            sig_in = 0
             if status == signal.SIGTRAP and q[_RIP] == insn + arch.SYSCALL_INSN_LEN:
                 return signed(q[_RAX])
             if status == signal.SIGTRAP and q[_RIP] == insn:
@@ -378,48 +374,50 @@ class PtraceEngine:
             if status >> 8 == PTRACE_EVENT_STOP:       # a group stop began: keep going
                 continue
             sig = status & 0x7F
+            if sig in STOP_SIGNALS:
+                sig_in = sig                           # someone stopped the target: let it stop
+                continue
             info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
             if sig == signal.SIGSYS and info.code > 0:
                 raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
                                          "syscall user dispatch)", args)
-            if sig in STOP_SIGNALS:
-                # Someone stopped the target: let the group stop happen, then go on.
-                code, status = _core.step(b.tid, b.regs, PTRACE_SINGLESTEP, sig, self.reaps(b.tid))
-                self._check_exit(code, status)
-                if status == signal.SIGTRAP and q[_RIP] == insn + arch.SYSCALL_INSN_LEN:
-                    return signed(q[_RAX])
-                continue
             if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
                 b.foreign.append(info)
                 continue
             raise EngineError("%s in the target while running %s at %#x" % (
                 signal.Signals(sig).name, name_of(nr), q[_RIP]))
 
+    def _resume(self, b, request, sig):
+        """Resume the borrowed thread from b.regs until its next stop; returns the wait status."""
+        try:
+            code, status = _core.step(b.tid, b.regs, request, sig, self.reaps(b.tid))
+        except BaseException:
+            self.cancel(b)
+            raise
+        self._check_exit(code, status)
+        b.at_syscall_stop = status == SYSCALL_STOP
+        return status
+
     def run_code(self, b, regs):
         """Run target code from regs with real syscalls until it executes int3; returns rax then."""
         b.regs[:] = regs
-        q = b.q
+        sig_in = 0
         while True:
-            try:
-                code, status = _core.step(b.tid, b.regs, PTRACE_CONT, 0, self.reaps(b.tid))
-            except BaseException:
-                self.cancel(b)
-                raise
-            self._check_exit(code, status)
-            b.at_syscall_stop = False
+            status = self._resume(b, PTRACE_CONT, sig_in)
+            sig_in = 0
             if status >> 8 == PTRACE_EVENT_STOP:
                 continue
             sig = status & 0x7F
+            if sig in STOP_SIGNALS:
+                sig_in = sig
+                continue
             info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
             if sig == signal.SIGTRAP and info.code == 0x80:       # SI_KERNEL: our int3
-                return signed(q[_RAX])
-            if sig in STOP_SIGNALS:
-                _core.step(b.tid, b.regs, PTRACE_CONT, sig, self.reaps(b.tid))
-                continue
+                return signed(b.q[_RAX])
             if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
                 b.foreign.append(info)
                 continue
-            raise EngineError("%s at %#x while running injected code" % (signal.Signals(sig).name, q[_RIP]))
+            raise EngineError("%s at %#x while running injected code" % (signal.Signals(sig).name, b.q[_RIP]))
 
     def initial_fpstate(self):
         b = self.acquire()
@@ -465,20 +463,16 @@ class PtraceEngine:
                     b.init_xstate = arch.init_xstate(b.saved_xstate)
                 _core.setregset(b.tid, arch.NT_X86_XSTATE, b.init_xstate)
             sig_in = 0
+            b.regs[:] = regs
+            q = b.q
             while True:
-                try:
-                    code, status = _core.step(b.tid, regs, PTRACE_SYSEMU, sig_in, self.reaps(b.tid))
-                except BaseException:
-                    self.cancel(b)
-                    raise
-                self._check_exit(code, status)
+                status = self._resume(b, PTRACE_SYSEMU, sig_in)
                 sig_in = 0
-                b.at_syscall_stop = status == SYSCALL_STOP
                 if status == SYSCALL_STOP:
                     op, audit_arch, ip, _sp, nr = _core.syscall_info(b.tid)
                     info = SigInfo(signo=signal.SIGSYS, code=1, addr=ip, syscall=nr, arch=audit_arch)
                     q[_RAX] = nr
-                    return self._stop(b, regs, ctx, info, "syscall"), 0
+                    return self._stop(b, ctx, info, "syscall"), 0
                 if status >> 8 == PTRACE_EVENT_STOP:
                     continue
                 sig = status & 0x7F
@@ -489,15 +483,14 @@ class PtraceEngine:
                 if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
                     b.foreign.append(info)
                     continue
-                stop = self._stop(b, regs, ctx, info, "signal")
+                stop = self._stop(b, ctx, info, "signal")
                 return stop, (0 if sig in sigmask else sig)
         finally:
             self.release()
 
-    def _stop(self, b, regs, ctx, info, reason):
+    def _stop(self, b, ctx, info, reason):
         fp = _core.getregset(b.tid, arch.NT_X86_XSTATE) if ctx.fpstate is not None else None
-        out = SigContext._from_regs(regs, fp)
-        return Stop(out, info, reason)
+        return Stop(SigContext._from_regs(bytearray(b.regs), fp), info, reason)
 
     def read(self, addr, n):
         return _core.vm_read(self.pid, addr, n)

@@ -103,7 +103,7 @@ class StubEngine:
         except (TypeError, ValueError):
             raise
         except BaseException:
-            self.kill()        # interrupted with a request in flight: the space cannot be trusted now
+            self.kill()        # interrupted with a request in flight (or the guest running): untrustworthy now
             raise
 
     # -- mode 1 ------------------------------------------------------------------------------
@@ -113,18 +113,7 @@ class StubEngine:
         fp = ctx.fpstate
         if fp is not None and not 512 <= len(fp) <= FP_MAX:
             raise ValueError("fpstate must be 512..%d bytes" % FP_MAX)
-        try:
-            signo, raw, regs, fp_out = _core.stub_run(self.block, self.counter, 0, self.pidfd, self.spin, ctx._buf,
-                                                      b"" if fp is None else fp, fp is not None)
-        except OSError as e:
-            if e.errno == 3:
-                raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
-            raise
-        except (TypeError, ValueError):
-            raise
-        except BaseException:
-            self.kill()        # interrupted with the guest running: the space cannot be trusted now
-            raise
+        signo, raw, regs, fp_out = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None)
         info = SigInfo.from_bytes(raw)
         if info.signo != signo:
             raise EngineError("stub reported inconsistent stop data")
