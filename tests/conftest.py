@@ -116,3 +116,20 @@ def snapshot(pid):
         "threads": sorted(os.listdir("/proc/%d/task" % pid)),
         "sig": {k: st[k].strip() for k in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "TracerPid")},
     }
+
+
+def kill_caller_after_first_line(script, *args):
+    """Run a caller script in its own process, read the first line it prints, SIGKILL it; returns that line."""
+    caller = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = caller.stdout.readline()
+        caller.kill()
+        caller.wait(10)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+        caller.stdin.close()
+        caller.stdout.close()
+    return line

@@ -2,8 +2,6 @@
 import os
 import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -11,10 +9,9 @@ import time
 import pytest
 
 import pvmexec
-from pvmexec import SigContext, _core
 from pvmexec.guest import Guest
 from pvmexec.space import syscall_with_callers_fds
-from conftest import snapshot
+from conftest import kill_caller_after_first_line, snapshot
 
 
 def task_state(pid, tid):
@@ -150,19 +147,7 @@ CALLER = textwrap.dedent("""
 def test_agent_removes_itself_when_the_caller_dies(spawn):
     v = spawn("wait")
     before = snapshot(v.pid)
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(v.pid)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        agent = int(caller.stdout.readline())
-        assert str(agent) in os.listdir("/proc/%d/task" % v.pid)
-        caller.kill()
-        caller.wait(10)
-    finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait(10)
-        caller.stdin.close()
-        caller.stdout.close()
+    agent = int(kill_caller_after_first_line(CALLER, v.pid))
     deadline = time.monotonic() + 3
     while str(agent) in os.listdir("/proc/%d/task" % v.pid):
         assert time.monotonic() < deadline, "agent thread still there 3 s after the caller died"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import pvmexec
-from pvmexec import (AccessDenied, AlreadyTraced, InvalidContext, PROCESS_VM_EXEC_SYSCALL, RemoteSyscallError,
+from pvmexec import (AlreadyTraced, InvalidContext, PROCESS_VM_EXEC_SYSCALL, RemoteSyscallError,
                      SigContext, TargetGone, UnsupportedTarget, process_vm_exec)
 from pvmexec.guest import Guest
 from conftest import snapshot

@@ -1,5 +1,4 @@
 """The layouts shared by C, the guest blob and Python agree (layout.h is the single source)."""
-import ctypes
 import signal
 import struct
 

@@ -3,8 +3,6 @@ import errno
 import os
 import signal
 import struct
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -13,6 +11,7 @@ import pytest
 import pvmexec
 from pvmexec import _core
 from pvmexec.guest import Guest
+from conftest import kill_caller_after_first_line
 
 L = _core.LAYOUT
 AUDIT_ARCH_I386 = 0x40000003
@@ -158,18 +157,7 @@ CALLER = textwrap.dedent("""
 
 
 def test_space_dies_with_its_caller():
-    caller = subprocess.Popen([sys.executable, "-c", CALLER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        stub = int(caller.stdout.readline())
-        assert os.path.exists("/proc/%d" % stub)
-        caller.kill()
-        caller.wait(10)
-    finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait(10)
-        caller.stdin.close()
-        caller.stdout.close()
+    stub = int(kill_caller_after_first_line(CALLER))
     deadline = time.monotonic() + 5
     while os.path.exists("/proc/%d" % stub):
         with open("/proc/%d/stat" % stub) as f:

@@ -3,7 +3,6 @@ import re
 
 import pytest
 
-from pvmexec import syscalls
 from pvmexec.syscalls import TABLE, arg_kinds, name_of, number
 
 

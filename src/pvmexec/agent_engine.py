@@ -14,7 +14,7 @@ import time
 
 from . import _core
 from .errors import EngineError, TargetGone, UnsupportedTarget
-from .ptrace_engine import PtraceEngine, signed
+from .ptrace_engine import PtraceEngine
 from .seccomp import thread_mode
 from .syscalls import number
 

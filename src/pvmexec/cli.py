@@ -4,7 +4,7 @@ import sys
 
 from . import __version__
 from .errors import PvmexecError, RemoteSyscallError
-from .syscalls import arg_kinds, errno_name, name_of, number
+from .syscalls import errno_name, name_of, number
 
 
 def parse_arg(text):

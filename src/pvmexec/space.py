@@ -11,7 +11,7 @@ import warnings
 from . import _core, _guard, proc
 from .arch import current as _current_arch
 from .context import SigContext
-from .errors import (AccessDenied, AlreadyTraced, EngineError, RemoteSyscallError, TargetGone,
+from .errors import (AlreadyTraced, EngineError, RemoteSyscallError, TargetGone,
                      UnsupportedTarget)
 from .ptrace_engine import PtraceEngine, signed
 from .syscalls import arg_kinds, name_of, number

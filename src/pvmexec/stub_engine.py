@@ -13,7 +13,6 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 
 from . import _core
