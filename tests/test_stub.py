@@ -43,7 +43,7 @@ def test_fresh_space_holds_only_the_stub(space):
     assert sorted(os.listdir("/proc/%d/fd" % space.pid)) == []           # no descriptors at all
     with open("/proc/%d/status" % space.pid) as f:
         status = f.read()
-    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+    assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status and "Name:\tpvmexec-stub" in status
 
 
 def test_selftest_syscall_loop(space):

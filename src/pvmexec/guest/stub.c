@@ -25,6 +25,7 @@
 #define SYS_getpid 39
 
 #define PR_SET_PDEATHSIG 1
+#define PR_SET_NAME 15
 #define PR_SET_NO_NEW_PRIVS 38
 #define SECCOMP_SET_MODE_FILTER 1
 #define SA_SIGINFO 4
@@ -309,6 +310,8 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
         sc(SYS_exit_group, 5, 0, 0, 0, 0, 0);
     sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
     sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+    static const char comm[16] = "pvmexec-stub";
+    sc(SYS_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
     if (sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
         sc(SYS_exit_group, 6, 0, 0, 0, 0, 0);
     header->stub_pid = (uint32_t)sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
