@@ -5,6 +5,8 @@ import select
 import signal
 import struct
 
+import pytest
+
 import pvmexec
 from pvmexec import PROCESS_VM_EXEC_SYSCALL, SigContext, SigInfo, process_vm_exec, _core
 from pvmexec.guest import Guest
@@ -82,7 +84,8 @@ def test_process_vm_exec_fault(spawn):
     assert v.readline().startswith("done 1")
 
 
-def test_process_vm_exec_syscall_mode_uses_callers_fd_and_targets_memory():
+@pytest.mark.parametrize("engine", ["ptrace", "agent"])
+def test_process_vm_exec_syscall_mode_uses_callers_fd_and_targets_memory(engine):
     """Selftest 3: write(p[1], &test_val, 4) with a pipe only the caller has and memory only the child has."""
     test_val = ctypes.c_uint32(0x1E511E51)
     ready_r, ready_w = os.pipe()
@@ -102,14 +105,14 @@ def test_process_vm_exec_syscall_mode_uses_callers_fd_and_targets_memory():
         p_r, p_w = os.pipe()                 # created after fork: exists only in the caller
         fds_before = sorted(os.listdir("/proc/%d/fd" % pid))
         ctx = SigContext(rax=1, rdi=p_w, rsi=ctypes.addressof(test_val), rdx=4)
-        assert process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL) == 0
+        assert process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL, engine=engine) == 0
         assert ctx.rax == 4
         assert struct.unpack("<I", os.read(p_r, 4))[0] == 0xC0FFEE11
         assert sorted(os.listdir("/proc/%d/fd" % pid)) == fds_before
         # A descriptor the caller does not have is an error in the caller's table.
         ctx = SigContext(rax=1, rdi=p_w + 50, rsi=ctypes.addressof(test_val), rdx=4)
         try:
-            process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL)
+            process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL, engine=engine)
         except OSError as e:
             assert e.errno == 9
         else:
