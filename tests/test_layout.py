@@ -54,5 +54,5 @@ def test_channel_and_stub_layouts_match_c():
     assert L["stop.siginfo"] == 16 and L["stop.regs"] == 144
     assert L["stub_header.gadget"] == 24
     assert L["STUB_FP_OFF"] - L["STUB_STOP_OFF"] >= L["stop.regs"] + 8 * len(x86_64.REG_NAMES)
-    assert set(stub_engine.STUB_ALLOWED) == {9, 10, 11, 15, 25, 28, 39, 60, 110, 186, 202, 231}
+    assert set(stub_engine.STUB_ALLOWED) == {9, 10, 11, 14, 15, 25, 28, 39, 60, 110, 131, 186, 202, 231}
     assert _core.STUB_ELF[:4] == b"\x7fELF" and struct.unpack_from("<H", _core.STUB_ELF, 16)[0] == 3  # ET_DYN

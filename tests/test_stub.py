@@ -3,6 +3,7 @@ import errno
 import os
 import signal
 import struct
+import subprocess
 import textwrap
 import time
 
@@ -165,3 +166,48 @@ def test_space_dies_with_its_caller():
                 break                                  # dead; its parent (the caller) is gone too
         assert time.monotonic() < deadline, "stub %d outlived its caller" % stub
         time.sleep(0.02)
+
+
+def test_several_guest_threads_in_one_space(space):
+    import threading
+    with Guest(space) as g:
+        threads = [0] + [space.new_thread() for _ in range(3)]
+        assert threads == [0, 1, 2, 3]
+        tids = {space._engine.syscall(186, (), thread=t) for t in threads}
+        assert len(tids) == 4                                  # one stub thread per guest thread
+        assert set(os.listdir("/proc/%d/task" % space.pid)) == {str(t) for t in tids}
+        # Each guest thread has its own stack and runs its own syscall loop, all at once.
+        errors = []
+
+        def run(t):
+            try:
+                stack = space.syscall("mmap", 0, 65536, 3, 0x22, -1, 0)
+                ctx = g.context("syscall_loop", rdi=1000 + t, rsp=stack + 65536 - 64, fs_base=0x1000 * (t + 1))
+                for _ in range(300):
+                    stop = space.exec(ctx, thread=t)
+                    assert stop.syscall == 123 and stop.ctx.rdi == 1000 + t and stop.ctx.fs_base == 0x1000 * (t + 1)
+                    ctx = stop.ctx
+                    ctx.rax = 456
+            except BaseException as e:                         # reported to the test thread below
+                errors.append((t, e))
+
+        workers = [threading.Thread(target=run, args=(t,)) for t in threads]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert not errors, errors
+        with pytest.raises(ValueError):
+            space.exec(g.context("syscall_loop"), thread=9)
+
+
+def test_guest_cannot_fork_its_stub(space):
+    # clone(SIGCHLD) = fork through the stub's own syscall instruction: the filter kills the stub.
+    with Guest(space) as g:
+        code = bytes([0xB8, 56, 0, 0, 0, 0xBF, 17, 0, 0, 0, 0x31, 0xF6, 0xFF, 0xE2])   # mov $56,%eax; mov $17,%edi; xor %esi,%esi; jmp *%rdx
+        addr = load_code(space, code)
+        pid = space.pid
+        with pytest.raises(pvmexec.TargetGone):
+            space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdx=space._engine.gadget))
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    assert children == []

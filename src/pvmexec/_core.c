@@ -1011,6 +1011,10 @@ PyInit__core(void)
         || add_int(layout, "STUB_FP_OFF", PVM_STUB_FP_OFF) < 0
         || add_int(layout, "STUB_FP_MAX", PVM_STUB_FP_MAX) < 0
         || add_int(layout, "OP_RUN", PVM_OP_RUN) < 0
+        || add_int(layout, "OP_SPAWN", PVM_OP_SPAWN) < 0
+        || add_int(layout, "STUB_MAX_THREADS", PVM_STUB_MAX_THREADS) < 0
+        || add_int(layout, "STUB_BLOCK_SIZE", PVM_STUB_BLOCK_SIZE) < 0
+        || add_int(layout, "stop.ready", offsetof(struct pvm_stop, ready)) < 0
         || add_int(layout, "stop.siginfo", offsetof(struct pvm_stop, siginfo)) < 0
         || add_int(layout, "stop.regs", offsetof(struct pvm_stop, regs)) < 0
         || add_int(layout, "stub_header.gadget", offsetof(struct pvm_stub_header, gadget)) < 0

@@ -113,10 +113,14 @@ struct pvm_slot {
 #define PVM_STUB_ALTSTACK_OFF (PVM_STUB_FP_OFF + PVM_STUB_FP_MAX)
 #define PVM_STUB_ALTSTACK_SIZE (64 * 1024)
 #define PVM_STUB_BLOCK_SIZE (PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE)
-#define PVM_STUB_MAX_THREADS 1
+#define PVM_STUB_MAX_THREADS 16
 #define PVM_STUB_REGION_SIZE (PVM_STUB_BLOCK_OFF + PVM_STUB_MAX_THREADS * PVM_STUB_BLOCK_SIZE)
 
 #define PVM_OP_RUN 3U                       /* stub: resume the guest with stop.regs / fp */
+#define PVM_OP_SPAWN 4U                     /* stub: start the thread of block calls[0].args[0] */
+
+/* The only clone the stub's filter allows: a thread in the same space. */
+#define PVM_STUB_CLONE_FLAGS 0x50f00UL      /* VM FS FILES SIGHAND THREAD SYSVSEM */
 
 #define PVM_STUB_STARTING 0U
 #define PVM_STUB_READY 1U
@@ -132,18 +136,20 @@ struct pvm_stub_header {
 
 /*
  * The only syscalls the stub's filter lets through, and only from its gadget:
- * mmap mprotect munmap rt_sigreturn mremap madvise getpid exit getppid gettid
- * futex exit_group. None reaches outside the stub's own address space (the
- * stub has no file descriptors, so mmap cannot map a file).
+ * mmap mprotect munmap rt_sigprocmask rt_sigreturn mremap madvise getpid exit
+ * getppid sigaltstack gettid futex exit_group, and clone with exactly
+ * PVM_STUB_CLONE_FLAGS (a thread in the same space). None reaches outside the
+ * stub's own address space (the stub has no file descriptors, so mmap cannot
+ * map a file).
  */
-#define PVM_STUB_ALLOWED 9, 10, 11, 15, 25, 28, 39, 60, 110, 186, 202, 231
+#define PVM_STUB_ALLOWED 9, 10, 11, 14, 15, 25, 28, 39, 60, 110, 131, 186, 202, 231
 
 /* The state of a stopped guest thread (written by the stub, read by the caller; and back for RUN). */
 struct pvm_stop {
     uint32_t signo;             /* 0 before the first run */
     uint32_t fp_valid;          /* RUN: 1 = load fp from the block's FP area, 0 = clean FPU */
     uint32_t fp_size;           /* stop: bytes of xstate saved in the FP area */
-    uint32_t pad;
+    uint32_t ready;             /* 1 once the thread of this block waits for requests */
     uint8_t siginfo[128];
     uint64_t regs[27];          /* struct user_regs_struct order */
 };

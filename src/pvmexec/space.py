@@ -183,6 +183,13 @@ class Space:
         _guard.install()
         return self
 
+    def new_thread(self):
+        """Stub spaces: start another stub thread for another guest thread; returns its number for exec(thread=)."""
+        self._live()
+        if self.engine != "stub":
+            raise ValueError("new_thread() is for stub spaces (Space.create())")
+        return self._engine.new_thread()
+
     @staticmethod
     def _pick_thread(tgid):
         for tid in [tgid] + sorted(int(t) for t in os.listdir("/proc/%d/task" % tgid)):
@@ -379,11 +386,12 @@ class Space:
 
     # -- code (mode 1) ---------------------------------------------------------------
 
-    def exec(self, ctx, *, sigmask=ALL_SIGNALS):
+    def exec(self, ctx, *, sigmask=ALL_SIGNALS, thread=0):
         """Run code in the target from ctx until its first syscall (not executed) or signal.
 
         Returns a Stop. A signal that is not in sigmask ends the run too and is
         then delivered to the calling thread, as the proposal specifies.
+        thread: in a stub space, which stub thread runs it (see new_thread()).
         """
         if self._detached:
             raise ValueError("operation on a detached Space")
@@ -391,7 +399,12 @@ class Space:
             raise TypeError("ctx must be a SigContext")
         mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)
         with _guard.operation():
-            stop, deliver = self._engine.exec(ctx, mask)
+            if thread:
+                if self.engine != "stub":
+                    raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.engine)
+                stop, deliver = self._engine.exec(ctx, mask, thread)
+            else:
+                stop, deliver = self._engine.exec(ctx, mask)
         if deliver:
             signal.pthread_kill(threading.get_ident(), deliver)
         return stop

@@ -13,6 +13,7 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 
 from . import _core
@@ -26,6 +27,19 @@ FP_MAX = L["STUB_FP_MAX"]
 SIGSYS, SYS_SECCOMP = signal.SIGSYS, 1
 
 
+class _Thread:
+    """One stub thread: its block in the region and our own request counter for it."""
+
+    __slots__ = ("index", "block", "seq", "counter", "lock")
+
+    def __init__(self, index, base):
+        self.index = index
+        self.block = base + L["STUB_BLOCK_OFF"] + index * L["STUB_BLOCK_SIZE"]
+        self.seq = ctypes.c_uint32(0)
+        self.counter = ctypes.addressof(self.seq)
+        self.lock = threading.Lock()
+
+
 class StubEngine:
     name = "stub"
 
@@ -34,8 +48,7 @@ class StubEngine:
         self._map = None
         self._keep = None
         self.pidfd = -1
-        self._seq = ctypes.c_uint32(0)       # our own request counter: the shared slot is not trusted
-        self.counter = ctypes.addressof(self._seq)
+        self.threads = []
         self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
         fd = os.memfd_create("pvmexec-stub-region", os.MFD_CLOEXEC)
         exe = os.memfd_create("pvmexec-stub", 0)
@@ -44,9 +57,11 @@ class StubEngine:
             self._map = mmap.mmap(fd, L["STUB_REGION_SIZE"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._keep = ctypes.c_char.from_buffer(self._map)
             self._base = ctypes.addressof(self._keep)
-            self.block = self._base + L["STUB_BLOCK_OFF"]
             struct.pack_into("<IIi", self._map, 0, L["STUB_MAGIC"], 0, os.getpid())
-            struct.pack_into("<I", self._map, L["STUB_BLOCK_OFF"] + L["slot.spin"], self.spin)
+            for i in range(L["STUB_MAX_THREADS"]):
+                struct.pack_into("<I", self._map, L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"] + L["slot.spin"],
+                                 self.spin)
+            self.threads.append(_Thread(0, self._base))
             os.write(exe, _core.STUB_ELF)
             os.set_inheritable(fd, True)
             self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd)], pass_fds=(fd, exe),
@@ -65,6 +80,7 @@ class StubEngine:
         # The first trap's FPU state (the stub never touched the FPU): the clean state for this CPU.
         stop_off = L["STUB_BLOCK_OFF"] + L["STUB_STOP_OFF"]
         fp_size = struct.unpack_from("<I", self._map, stop_off + 8)[0]
+
         fp_off = L["STUB_BLOCK_OFF"] + L["STUB_FP_OFF"]
         self._init_fp = bytes(self._map[fp_off:fp_off + fp_size]) if 512 <= fp_size <= L["STUB_FP_MAX"] else None
 
@@ -80,21 +96,77 @@ class StubEngine:
 
     # -- mode 2: only what the stub may do ------------------------------------------------
 
-    def syscall(self, nr, args):
+    @property
+    def block(self):
+        return self.threads[0].block
+
+    @property
+    def counter(self):
+        return self.threads[0].counter
+
+    def new_thread(self):
+        """Start another stub thread (for another guest thread); returns its index."""
+        index = len(self.threads)
+        if index >= L["STUB_MAX_THREADS"]:
+            raise EngineError("a stub space has at most %d threads" % L["STUB_MAX_THREADS"])
+        def spawn(block, counter, alive, pidfd, spin):
+            off = block - self._base
+            struct.pack_into("<q6Q", self._map, off + L["slot.calls"], 0, index, 0, 0, 0, 0, 0)
+            struct.pack_into("<I", self._map, off + L["slot.op"], L["OP_SPAWN"])
+            _core.agent_call(block, counter, alive, pidfd, spin)
+            return struct.unpack_from("<q", self._map, off + L["slot.calls"] + 56)[0]
+
+        tid = self._run(self._take(None), spawn)
+        if tid <= 0:
+            raise EngineError("the stub could not start thread %d: %s" % (index, os.strerror(-tid) if tid else "?"))
+        t = _Thread(index, self._base)
+        ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
+        deadline = time.monotonic() + 5
+        while struct.unpack_from("<I", self._map, ready)[0] != 1:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise EngineError("stub thread %d did not start" % index)
+            _core.futex_wait(self._base + ready, 0, 20)
+        self.threads.append(t)
+        return index
+
+    def _thread(self, index):
+        if not 0 <= index < len(self.threads):
+            raise ValueError("no stub thread %d (this space has %d)" % (index, len(self.threads)))
+        return self.threads[index]
+
+    def syscall(self, nr, args, thread=None):
         if nr not in STUB_ALLOWED:
             raise RemoteSyscallError(1, "%s (a stub space allows only %s)" % (
                 name_of(nr), ", ".join(name_of(n) for n in sorted(STUB_ALLOWED))), args)
-        return self._call(_core.agent_syscall, nr, *args)
+        return self._call(_core.agent_syscall, nr, *args, thread=thread)
 
-    def syscalls(self, calls):
+    def syscalls(self, calls, thread=None):
         for nr, args in calls:
             if nr not in STUB_ALLOWED:
                 raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
-        return self._call(_core.agent_batch, calls)
+        return self._call(_core.agent_batch, calls, thread=thread)
 
-    def _call(self, fn, *args):
+    def _take(self, thread):
+        """Lock a stub thread's channel. thread=None: any idle one (mode 2 can run on any of them)."""
+        if thread is None:
+            for t in self.threads:
+                if t.lock.acquire(blocking=False):
+                    return t
+            t = self.threads[0]
+            t.lock.acquire()
+            return t
+        t = self._thread(thread)
+        if not t.lock.acquire(blocking=False):
+            raise RuntimeError("stub thread %d is already in use by another caller thread" % thread)
+        return t
+
+    def _call(self, fn, *args, thread=0):
+        return self._run(self._take(thread), fn, *args)
+
+    def _run(self, t, fn, *args):
+        """Post on stub thread t (locked by _take) and wait; releases t."""
         try:
-            return fn(self.block, self.counter, 0, self.pidfd, self.spin, *args)
+            return fn(t.block, t.counter, 0, self.pidfd, self.spin, *args)
         except OSError as e:
             if e.errno == 3:
                 raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
@@ -104,15 +176,18 @@ class StubEngine:
         except BaseException:
             self.kill()        # interrupted with a request in flight (or the guest running): untrustworthy now
             raise
+        finally:
+            t.lock.release()
 
     # -- mode 1 ------------------------------------------------------------------------------
 
-    def exec(self, ctx, sigmask):
+    def exec(self, ctx, sigmask, thread=0):
         arch.validate(ctx._q)
         fp = ctx.fpstate
         if fp is not None and not 512 <= len(fp) <= FP_MAX:
             raise ValueError("fpstate must be 512..%d bytes" % FP_MAX)
-        signo, raw, regs, fp_out = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None)
+        signo, raw, regs, fp_out = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None,
+                                              thread=thread)
         info = SigInfo.from_bytes(raw)
         if info.signo != signo:
             raise EngineError("stub reported inconsistent stop data")

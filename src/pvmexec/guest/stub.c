@@ -82,6 +82,25 @@ __asm__(
     "  mov $15, %eax\n"
     "  jmp pvm_stub_gadget\n"
     ".size pvm_stub_restorer, .-pvm_stub_restorer\n"
+    ".globl pvm_stub_spawn\n"
+    ".type pvm_stub_spawn,@function\n"
+    "pvm_stub_spawn:\n"                 /* (flags, stack, index): clone through the gadget */
+    "  mov %rdx, %r12\n"
+    "  xor %edx, %edx\n"
+    "  xor %r10d, %r10d\n"
+    "  xor %r8d, %r8d\n"
+    "  mov $56, %eax\n"
+    "  call pvm_stub_gadget\n"          /* the child's gadget `ret` pops pvm_stub_thread_entry */
+    "  ret\n"
+    ".size pvm_stub_spawn, .-pvm_stub_spawn\n"
+    ".globl pvm_stub_thread_entry\n"
+    ".type pvm_stub_thread_entry,@function\n"
+    "pvm_stub_thread_entry:\n"
+    "  mov %r12, %rdi\n"
+    "  and $-16, %rsp\n"
+    "  call pvm_stub_thread_main\n"
+    "  ud2\n"
+    ".size pvm_stub_thread_entry, .-pvm_stub_thread_entry\n"
     ".globl _start\n"
     ".type _start,@function\n"
     "_start:\n"
@@ -117,8 +136,8 @@ static inline void trap_into_handler(void)
 
 static char *region;
 static struct pvm_stub_header *header;
-static uint32_t served;         /* last request taken */
-static uint32_t run_pending;    /* a RUN is in flight: the next stop answers it */
+static uint32_t served[PVM_STUB_MAX_THREADS];       /* last request taken, per thread */
+static uint32_t run_pending[PVM_STUB_MAX_THREADS];  /* a RUN is in flight: the next stop answers it */
 static uint32_t init_fp_size;
 static uint8_t init_fp[PVM_STUB_FP_MAX];
 static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
@@ -148,9 +167,9 @@ static void respond(struct pvm_slot *slot, uint32_t seq)
 }
 
 /* The next request is exactly served + 1: anything else in req_seq is junk (the guest can write it). */
-static uint32_t wait_request(struct pvm_slot *slot)
+static uint32_t wait_request(struct pvm_slot *slot, uint32_t last)
 {
-    uint32_t want = served + 1;
+    uint32_t want = last + 1;
     for (;;) {
         uint32_t seq = ld(&slot->req_seq);
         for (uint32_t spins = slot->spin; seq != want && spins; spins--) {
@@ -185,9 +204,34 @@ static uint32_t frame_fp_size(uint8_t *fp)
     return 512;
 }
 
+void pvm_stub_spawn(uint64_t flags, uint64_t stack, uint64_t index);
+
+/* Start the stub thread of block `index` (its signal stack doubles as its first stack). */
+static long spawn(uint64_t index)
+{
+    if (index == 0 || index >= PVM_STUB_MAX_THREADS)
+        return -22;
+    char *b = region + PVM_STUB_BLOCK_OFF + index * PVM_STUB_BLOCK_SIZE;
+    uint64_t *top = (uint64_t *)(b + PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE - 64);
+    extern char pvm_stub_thread_entry[];
+    top[0] = (uint64_t)(uintptr_t)pvm_stub_thread_entry;     /* where the child's `ret` goes */
+    long rax;
+    uint64_t flags = PVM_STUB_CLONE_FLAGS, stack = (uint64_t)(uintptr_t)top;
+    __asm__ volatile("call pvm_stub_spawn"
+                     : "=a"(rax), "+D"(flags), "+S"(stack), "+d"(index)
+                     :
+                     : "rcx", "r8", "r10", "r11", "r12", "memory");
+    return rax;
+}
+
 __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext64 *uc)
 {
-    char *block = region + PVM_STUB_BLOCK_OFF;
+    /* Which thread am I: the block whose signal stack this frame is on. */
+    uint64_t at = (uint64_t)(uintptr_t)__builtin_frame_address(0) - (uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF);
+    uint64_t self = at / PVM_STUB_BLOCK_SIZE;
+    if (self >= PVM_STUB_MAX_THREADS)
+        sc(SYS_exit_group, 9, 0, 0, 0, 0, 0);
+    char *block = region + PVM_STUB_BLOCK_OFF + self * PVM_STUB_BLOCK_SIZE;
     struct pvm_slot *slot = (struct pvm_slot *)block;
     struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
     uint8_t *fp_area = (uint8_t *)block + PVM_STUB_FP_OFF;
@@ -211,16 +255,20 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
         copy(init_fp, frame_fp, fp_size);
         init_fp_size = fp_size;
     }
-    if (run_pending) {
-        run_pending = 0;
-        respond(slot, served);
-    } else if (ld(&header->state) != PVM_STUB_READY) {
-        st(&header->state, PVM_STUB_READY);
-        sc(SYS_futex, (long)&header->state, FUTEX_WAKE, 1, 0, 0, 0);
+    if (run_pending[self]) {
+        run_pending[self] = 0;
+        respond(slot, served[self]);
+    } else {
+        st(&stop->ready, 1);
+        sc(SYS_futex, (long)&stop->ready, FUTEX_WAKE, 1, 0, 0, 0);
+        if (self == 0 && ld(&header->state) != PVM_STUB_READY) {
+            st(&header->state, PVM_STUB_READY);
+            sc(SYS_futex, (long)&header->state, FUTEX_WAKE, 1, 0, 0, 0);
+        }
     }
     for (;;) {
-        uint32_t seq = wait_request(slot);
-        served = seq;
+        uint32_t seq = wait_request(slot, served[self]);
+        served[self] = seq;
         uint32_t op = slot->op;
         if (op == PVM_OP_CALLS) {
             uint32_t count = slot->count <= PVM_MAX_BATCH ? slot->count : 0;
@@ -230,6 +278,11 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
                     ? sc(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5])
                     : -EPERM;
             }
+            respond(slot, seq);
+            continue;
+        }
+        if (op == PVM_OP_SPAWN) {
+            slot->calls[0].ret = spawn(slot->calls[0].args[0]);
             respond(slot, seq);
             continue;
         }
@@ -249,9 +302,31 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
         else if (init_fp_size == fp_size)
             copy(frame_fp, init_fp, fp_size);
     }
-    run_pending = 1;
+    run_pending[self] = 1;
     wrfsbase(r[21]);
     wrgsbase(r[22]);
+}
+
+static void use_signal_stack(uint64_t index)
+{
+    struct {
+        uint64_t sp;
+        int flags, pad;
+        uint64_t size;
+    } ss = {(uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF + index * PVM_STUB_BLOCK_SIZE + PVM_STUB_ALTSTACK_OFF),
+            0, 0, PVM_STUB_ALTSTACK_SIZE};
+    sc(SYS_sigaltstack, (long)&ss, 0, 0, 0, 0, 0);
+}
+
+/* A new stub thread: its own signal stack, then into the handler like the first one. */
+__attribute__((used, noreturn)) void pvm_stub_thread_main(uint64_t index)
+{
+    uint64_t none = 0;          /* born inside a handler with every signal blocked: unblock them */
+    sc(14 /* rt_sigprocmask */, 2 /* SIG_SETMASK */, (long)&none, 0, 8, 0, 0);
+    use_signal_stack(index);
+    trap_into_handler();
+    sc(SYS_exit_group, 10, 0, 0, 0, 0, 0);
+    __builtin_unreachable();
 }
 
 static long parse_int(const char *s)
@@ -269,7 +344,7 @@ static void install_filter(uint64_t ip)
     enum { ALLOW = 0x7fff0000U, TRAP = 0x00030000U, KILL = 0x80000000U };
     static const uint32_t set[] = {PVM_STUB_ALLOWED};
     enum { N = sizeof set / sizeof set[0] };
-    struct sock_filter_ f[8 + N + 2];
+    struct sock_filter_ f[16 + N + 2];
     int i = 0;
     f[i++] = (struct sock_filter_){LD, 0, 0, 4};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, 0xC000003EU};
@@ -280,6 +355,12 @@ static void install_filter(uint64_t ip)
     f[i++] = (struct sock_filter_){LD, 0, 0, 12};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, (uint32_t)(ip >> 32)};
     f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 0};
+    f[i++] = (struct sock_filter_){JEQ, 0, 4, 56};                   /* clone: only a thread of this space */
+    f[i++] = (struct sock_filter_){LD, 0, 0, 16};
+    f[i++] = (struct sock_filter_){JEQ, 0, 2 + N + 1, (uint32_t)PVM_STUB_CLONE_FLAGS};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 20};
+    f[i++] = (struct sock_filter_){JEQ, 1 + N + 1, N + 1, 0};        /* -> ALLOW / -> KILL */
     f[i++] = (struct sock_filter_){LD, 0, 0, 0};
     for (int j = 0; j < N; j++)
         f[i++] = (struct sock_filter_){JEQ, (uint8_t)(N - j), 0, set[j]};
@@ -317,12 +398,7 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     header->stub_pid = (uint32_t)sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
     header->region_base = (uint64_t)base;
     header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
-    struct {
-        uint64_t sp;
-        int flags, pad;
-        uint64_t size;
-    } ss = {(uint64_t)(base + PVM_STUB_BLOCK_OFF + PVM_STUB_ALTSTACK_OFF), 0, 0, PVM_STUB_ALTSTACK_SIZE};
-    sc(SYS_sigaltstack, (long)&ss, 0, 0, 0, 0, 0);
+    use_signal_stack(0);
     static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5};
     for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
         struct kernel_sigaction sa = {(void *)pvm_stub_handler, SA_SIGINFO | SA_ONSTACK | SA_RESTORER,
