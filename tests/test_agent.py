@@ -1,6 +1,8 @@
 """The agent engine on live processes: the target runs free, nothing is left behind."""
 import os
 import signal
+import subprocess
+import sys
 import struct
 import textwrap
 import threading
@@ -177,3 +179,32 @@ def test_auto_prefers_the_agent_and_falls_back_with_a_warning(spawn):
         assert space.engine == "ptrace" and "seccomp" in space.fallback_reason
         assert space.syscall("getpid") == s.pid
     assert snapshot(s.pid) == before
+
+
+def test_target_running_execve_loses_the_agent_cleanly(spawn, tmp_path):
+    # A victim that execs /bin/sleep when told to: the agent thread dies with the old image.
+    script = tmp_path / "exec.py"
+    script.write_text("import os, sys\nprint('ready %d' % os.getpid(), flush=True)\nsys.stdin.read(1)\n"
+                      "os.execv('/bin/sleep', ['sleep', '30'])\n")
+    p = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready %d\n" % p.pid
+        space = pvmexec.attach(p.pid, engine="agent")
+        assert space.syscall("getpid") == p.pid
+        p.stdin.write("x")
+        p.stdin.flush()
+        deadline = time.monotonic() + 10
+        while open("/proc/%d/comm" % p.pid).read().strip() != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        maps_after_exec = open("/proc/%d/maps" % p.pid).read()
+        with pytest.raises(pvmexec.TargetGone, match="execve"):
+            space.syscall("getpid")
+        space.detach()
+        # Nothing of the new program was unmapped by our clean-up.
+        assert open("/proc/%d/maps" % p.pid).read() == maps_after_exec
+    finally:
+        p.kill()
+        p.wait(10)
+        p.stdin.close()
+        p.stdout.close()

@@ -7,6 +7,7 @@ system calls go through the channel. Mode 1 runs on the agent thread, traced
 alone, so the target's own threads never stop.
 """
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -165,19 +166,24 @@ class AgentEngine:
     # -- operations --------------------------------------------------------------------
 
     def syscall(self, nr, args):
-        try:
-            return _core.agent_syscall(self._slot, self._counter, self._alive, self.pidfd, self.spin, nr, *args)
-        except BaseException as e:
-            if not isinstance(e, OSError):
-                self._cancel_in_flight()
-            raise
+        return self._post(_core.agent_syscall, nr, *args)
 
     def syscalls(self, calls):
+        return self._post(_core.agent_batch, calls)
+
+    def _post(self, fn, *args):
         try:
-            return _core.agent_batch(self._slot, self._counter, self._alive, self.pidfd, self.spin, calls)
-        except BaseException as e:
-            if not isinstance(e, OSError):
-                self._cancel_in_flight()
+            return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, *args)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetGone(self.pid) from None
+            if e.errno == errno.ECHILD:
+                self.agent_tid = None
+                raise TargetGone(self.pid, "the agent thread in process %d is gone (the process ran execve, "
+                                 "or killed it)" % self.pid) from None
+            raise
+        except BaseException:
+            self._cancel_in_flight()
             raise
 
     def _cancel_in_flight(self):
@@ -234,17 +240,29 @@ class AgentEngine:
         try:
             if self.agent_tid and self._map is not None:
                 self._stop_agent()
-            if self.code_base is not None:
+            if self.code_base is not None and self._region_still_ours():
                 try:
                     self._main.syscalls([(NR["munmap"], (self.code_base, REGION))])
                 except TargetGone:
                     pass
-                self.code_base = None
+            self.code_base = None
         finally:
             self._keep = None
             if self._map is not None:
                 self._map.close()
                 self._map = None
+
+    def _region_still_ours(self):
+        """After an execve the old region is gone and its addresses may hold the new program's memory."""
+        try:
+            with open("/proc/%d/maps" % self.pid) as f:
+                for line in f:
+                    lo = int(line.split("-", 1)[0], 16)
+                    if lo == self.code_base:
+                        return "/memfd:pvmexec-agent" in line
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return False
 
     def _stop_agent(self):
         tid_off = HEADER + L["header.agent_tid"]
