@@ -211,3 +211,12 @@ def test_guest_cannot_fork_its_stub(space):
             space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdx=space._engine.gadget))
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
     assert children == []
+
+
+def test_invalid_register_state_is_refused(space):
+    with Guest(space) as g:
+        for bad, match in ((dict(cs=0x23), "32-bit"), (dict(ss=0), "ss="), (dict(rip=1 << 63), "rip"),
+                           (dict(fs_base=1 << 60), "fs_base"), (dict(gs=0x10), "gs")):
+            with pytest.raises(pvmexec.InvalidContext, match=match):
+                space.exec(g.context("syscall_loop", **bad))
+        assert space.exec(g.context("syscall_loop")).syscall == 123

@@ -714,6 +714,17 @@ py_stub_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad register block or FPU state size");
         goto out;
     }
+    {
+        /* What a 64-bit user thread can hold; Python words the error (arch.validate). */
+        const uint64_t *r = regs.buf, lim = (1ULL << 47) - 4096;
+        if (r[17] != 0x33 || r[20] != 0x2b || r[16] > lim || r[21] > lim || r[22] > lim ||
+            (r[23] && r[23] != 0x2b) || (r[24] && r[24] != 0x2b) || (r[25] && r[25] != 0x2b) ||
+            (r[26] && r[26] != 0x2b)) {
+            res = Py_None;
+            Py_INCREF(res);
+            goto out;
+        }
+    }
     memcpy(stop->regs, regs.buf, sizeof stop->regs);
     if (fp.len)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
@@ -734,6 +745,7 @@ py_stub_run(PyObject *self, PyObject *args)
     PyObject *fp_out = want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : (Py_INCREF(Py_None), Py_None);
     res = Py_BuildValue("(Iy#NN)", signo, (const char *)stop->siginfo, (Py_ssize_t)sizeof stop->siginfo,
                         PyByteArray_FromStringAndSize((const char *)stop->regs, sizeof stop->regs), fp_out);
+    /* res is (signo, siginfo, regs, fp); None above means "registers refused". */
 out:
     PyBuffer_Release(&regs);
     PyBuffer_Release(&fp);

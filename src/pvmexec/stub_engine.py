@@ -182,12 +182,14 @@ class StubEngine:
     # -- mode 1 ------------------------------------------------------------------------------
 
     def exec(self, ctx, sigmask, thread=0):
-        arch.validate(ctx._q)
         fp = ctx.fpstate
         if fp is not None and not 512 <= len(fp) <= FP_MAX:
             raise ValueError("fpstate must be 512..%d bytes" % FP_MAX)
-        signo, raw, regs, fp_out = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None,
-                                              thread=thread)
+        got = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None, thread=thread)
+        if got is None:                    # refused in C before anything ran: say why
+            arch.validate(ctx._q)
+            raise EngineError("register state refused")
+        signo, raw, regs, fp_out = got
         info = SigInfo.from_bytes(raw)
         if info.signo != signo:
             raise EngineError("stub reported inconsistent stop data")

@@ -58,7 +58,8 @@ def validate(q):
         if q[REG_INDEX[name]] > TASK_SIZE_MAX:
             raise InvalidContext("%s=%#x is not a user-space address" % (name, q[REG_INDEX[name]]))
     for name in ("ds", "es", "fs", "gs"):
-        raise InvalidContext("%s=%#x: data segment selectors must be 0 or 0x2b" % (name, q[REG_INDEX[name]]))
+        if q[REG_INDEX[name]] not in _SEL_OK:
+            raise InvalidContext("%s=%#x: data segment selectors must be 0 or 0x2b" % (name, q[REG_INDEX[name]]))
 
 
 def init_xstate(template):
