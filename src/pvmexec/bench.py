@@ -156,21 +156,10 @@ def run(iterations=20000, quick=False):
                 q = memoryview(regs).cast("Q")
                 q[10], q[16] = 110, space._engine.syscall_insn(b)
                 add("syscall", "c", _c_loop(space, 2, _RawCtx(regs), n_c, 0, 0))
-                t0 = time.perf_counter()
-                for _ in range(n_py):
-                    space.syscall_raw(110)
-                add("syscall", "python", _per_op(time.perf_counter() - t0, n_py), held=True)
-            t0 = time.perf_counter()
-            for _ in range(n_py // 4):
-                space.syscall_raw(110)
-            add("syscall", "python", _per_op(time.perf_counter() - t0, n_py // 4), held=False,
+                add("syscall", "python", _python_calls(space, n_py), held=True)
+            add("syscall", "python", _python_calls(space, n_py // 4), held=False,
                 note="attach/detach around every call")
-            batch = [(110, ())] * 64
-            rounds = max(2, n_py // 64)
-            t0 = time.perf_counter()
-            for _ in range(rounds):
-                space.syscalls(batch)
-            add("syscall-batch", "python", _per_op(time.perf_counter() - t0, rounds * 64), batch=64)
+            add("syscall-batch", "python", _python_batches(space, max(2, n_py // 64)), batch=64)
 
         cpus = sorted(old_affinity)
         other = cpus[1] if len(cpus) > 1 else cpu
@@ -182,29 +171,16 @@ def run(iterations=20000, quick=False):
             add_agent = _adder(results, "agent", placed)
 
             space.syscall_raw(110)
-            n_agent = n_c * 5
-            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, n_agent)
-                      / 1e3 / n_agent)
-            t0 = time.perf_counter()
-            for _ in range(n_py * 4):
-                space.syscall_raw(110)
-            add_agent("syscall", "python", _per_op(time.perf_counter() - t0, n_py * 4))
-            rounds = max(4, n_c // 16)
-            add_agent("syscall-batch", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, rounds, 64)
-                      / 1e3 / (rounds * 64), batch=64)
-            batch = [(110, ())] * 64
-            rounds = max(4, n_py // 4)
-            t0 = time.perf_counter()
-            for _ in range(rounds):
-                space.syscalls(batch)
-            add_agent("syscall-batch", "python", _per_op(time.perf_counter() - t0, rounds * 64), batch=64)
+            add_agent("syscall", "c", _agent_c_loop(agent, n_c * 5, 1))
+            add_agent("syscall", "python", _python_calls(space, n_py * 4))
+            add_agent("syscall-batch", "c", _agent_c_loop(agent, max(4, n_c // 16), 64), batch=64)
+            add_agent("syscall-batch", "python", _python_batches(space, max(4, n_py // 4)), batch=64)
             # On one CPU spinning cannot help: futex sleep and wake-up per call.
             os.sched_setaffinity(agent.agent_tid, {cpu})
             spin = agent.spin
             agent.set_spin(0)
             space.syscall_raw(110)
-            n_same = max(100, n_c // 4)
-            add_agent("syscall", "c", _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, 0, 110, n_same) / 1e3 / n_same,
+            add_agent("syscall", "c", _agent_c_loop(agent, max(100, n_c // 4), 1),
                       placement="caller and agent thread on cpu %d (futex wake-ups, no spinning)" % cpu)
             agent.set_spin(spin)
             # Idle: an attached agent should cost nothing.
@@ -256,6 +232,29 @@ def run(iterations=20000, quick=False):
             "results": results, "published": PUBLISHED,
             "ratios": {label: round(v, 2) for label, v in _ratios(results)},
             "iterations": {"c": n_c, "python": n_py}}
+
+
+def _python_calls(space, n):
+    """µs per getppid through Space.syscall_raw."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        space.syscall_raw(110)
+    return _per_op(time.perf_counter() - t0, n)
+
+
+def _python_batches(space, rounds):
+    """µs per getppid in batches of 64 through Space.syscalls."""
+    batch = [(110, ())] * 64
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        space.syscalls(batch)
+    return _per_op(time.perf_counter() - t0, rounds * 64)
+
+
+def _agent_c_loop(agent, rounds, per_round):
+    """µs per getppid through the agent channel, driven from C (per_round calls per round trip)."""
+    ns = _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, rounds, per_round)
+    return ns / 1e3 / (rounds * per_round)
 
 
 def _stub_c_loop(space, stop, kind, n, a0, a1):
