@@ -260,7 +260,7 @@ def _agent_c_loop(agent, rounds, per_round):
 def _stub_c_loop(space, stop, kind, n, a0, a1):
     """The stub's C-level loop starts from the stop registers already in its block; answer that stop first."""
     stub = space._engine
-    regs_off = _core.LAYOUT["STUB_BLOCK_OFF"] + _core.LAYOUT["STUB_STOP_OFF"] + _core.LAYOUT["stop.regs"]
+    regs_off = stub.block - stub._base + _core.LAYOUT["STUB_STOP_OFF"] + _core.LAYOUT["stop.regs"]
     ctx = stop.ctx
     if kind == 0:
         ctx.rax = a1

@@ -48,7 +48,8 @@ class StubEngine:
         self._map = None
         self._keep = None
         self.pidfd = -1
-        self.threads = []
+        self.service = None             # block 0: mode 2 and starting threads; never runs guest code
+        self.threads = []               # guest threads: blocks 1, 2, ...
         self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
         fd = os.memfd_create("pvmexec-stub-region", os.MFD_CLOEXEC)
         exe = os.memfd_create("pvmexec-stub", 0)
@@ -61,7 +62,7 @@ class StubEngine:
             for i in range(L["STUB_MAX_THREADS"]):
                 struct.pack_into("<I", self._map, L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"] + L["slot.spin"],
                                  self.spin)
-            self.threads.append(_Thread(0, self._base))
+            self.service = _Thread(0, self._base)
             os.write(exe, _core.STUB_ELF)
             os.set_inheritable(fd, True)
             self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd)], pass_fds=(fd, exe),
@@ -70,6 +71,7 @@ class StubEngine:
             self.pid = self.proc.pid
             self.pidfd = os.pidfd_open(self.pid)
             self._wait_ready()
+            self.new_thread()
         except BaseException:
             self.close()
             raise
@@ -105,21 +107,23 @@ class StubEngine:
         return self.threads[0].counter
 
     def new_thread(self):
-        """Start another stub thread (for another guest thread); returns its index."""
+        """Start another stub thread for another guest thread; returns its guest thread number."""
         index = len(self.threads)
-        if index >= L["STUB_MAX_THREADS"]:
-            raise EngineError("a stub space has at most %d threads" % L["STUB_MAX_THREADS"])
-        def spawn(block, counter, alive, pidfd, spin):
-            off = block - self._base
-            struct.pack_into("<q6Q", self._map, off + L["slot.calls"], 0, index, 0, 0, 0, 0, 0)
+        block = index + 1
+        if block >= L["STUB_MAX_THREADS"]:
+            raise EngineError("a stub space has at most %d guest threads" % (L["STUB_MAX_THREADS"] - 1))
+
+        def spawn(slot, counter, alive, pidfd, spin):
+            off = slot - self._base
+            struct.pack_into("<q6Q", self._map, off + L["slot.calls"], 0, block, 0, 0, 0, 0, 0)
             struct.pack_into("<I", self._map, off + L["slot.op"], L["OP_SPAWN"])
-            _core.agent_call(block, counter, alive, pidfd, spin)
+            _core.agent_call(slot, counter, alive, pidfd, spin)
             return struct.unpack_from("<q", self._map, off + L["slot.calls"] + 56)[0]
 
-        tid = self._run(self._take(None), spawn)
+        tid = self._call(spawn, thread=None)
         if tid <= 0:
             raise EngineError("the stub could not start thread %d: %s" % (index, os.strerror(-tid) if tid else "?"))
-        t = _Thread(index, self._base)
+        t = _Thread(block, self._base)
         ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
         deadline = time.monotonic() + 5
         while struct.unpack_from("<I", self._map, ready)[0] != 1:
@@ -129,42 +133,33 @@ class StubEngine:
         self.threads.append(t)
         return index
 
-    def _thread(self, index):
-        if not 0 <= index < len(self.threads):
-            raise ValueError("no stub thread %d (this space has %d)" % (index, len(self.threads)))
-        return self.threads[index]
-
-    def syscall(self, nr, args, thread=None):
+    def syscall(self, nr, args):
         if nr not in STUB_ALLOWED:
             raise RemoteSyscallError(1, "%s (a stub space allows only %s)" % (
                 name_of(nr), ", ".join(name_of(n) for n in sorted(STUB_ALLOWED))), args)
-        return self._call(_core.agent_syscall, nr, *args, thread=thread)
+        return self._call(_core.agent_syscall, nr, *args, thread=None)
 
-    def syscalls(self, calls, thread=None):
+    def syscalls(self, calls):
         for nr, args in calls:
             if nr not in STUB_ALLOWED:
                 raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
-        return self._call(_core.agent_batch, calls, thread=thread)
+        return self._call(_core.agent_batch, calls, thread=None)
 
     def _take(self, thread):
-        """Lock a stub thread's channel. thread=None: any idle one (mode 2 can run on any of them)."""
+        """Lock a channel: the service thread's (thread=None, waiting its turn) or a guest thread's."""
         if thread is None:
-            for t in self.threads:
-                if t.lock.acquire(blocking=False):
-                    return t
-            t = self.threads[0]
-            t.lock.acquire()
-            return t
-        t = self._thread(thread)
+            self.service.lock.acquire()
+            return self.service
+        if not 0 <= thread < len(self.threads):
+            raise ValueError("no guest thread %d in this space (it has %d)" % (thread, len(self.threads)))
+        t = self.threads[thread]
         if not t.lock.acquire(blocking=False):
-            raise RuntimeError("stub thread %d is already in use by another caller thread" % thread)
+            raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
         return t
 
     def _call(self, fn, *args, thread=0):
-        return self._run(self._take(thread), fn, *args)
-
-    def _run(self, t, fn, *args):
-        """Post on stub thread t (locked by _take) and wait; releases t."""
+        """Post on a channel (see _take) and wait."""
+        t = self._take(thread)
         try:
             return fn(t.block, t.counter, 0, self.pidfd, self.spin, *args)
         except OSError as e:
