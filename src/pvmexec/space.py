@@ -168,7 +168,9 @@ class Space:
         Mode 1 runs at full speed there: guest syscalls are trapped by the stub's
         seccomp filter and faults by its signal handler, without ptrace. Mode 2 is
         limited to the stub's own memory management (mmap, mprotect, munmap,
-        madvise, mremap). The space dies with its caller.
+        madvise, mremap) and runs on a service thread; new_thread() adds guest
+        threads for exec(thread=). The space dies with its caller, precisely with
+        the caller thread that created it (PR_SET_PDEATHSIG).
         """
         from .stub_engine import StubEngine
         engine = StubEngine()
