@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 #include <poll.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -550,10 +551,14 @@ static int
 channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin)
 {
     uint32_t seq = ++*counter;
+    int cpu = sched_getcpu();
+    __atomic_store_n(&slot->caller_cpu, (uint32_t)cpu, __ATOMIC_RELAXED);
     __atomic_store_n(&slot->req_seq, seq, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&slot->agent_sleeping, __ATOMIC_ACQUIRE))
         futex_op(&slot->req_seq, FUTEX_WAKE, 1, NULL);
+    if (__atomic_load_n(&slot->agent_cpu, __ATOMIC_RELAXED) == (uint32_t)cpu)
+        spin = 0;                          /* the other side needs this CPU: do not hold it */
     for (long i = 0; i < spin; i++) {
         if (__atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE) == seq)
             return 0;
@@ -743,9 +748,18 @@ py_stub_run(PyObject *self, PyObject *args)
         goto out;
     }
     PyObject *fp_out = want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : (Py_INCREF(Py_None), Py_None);
-    res = Py_BuildValue("(Iy#NN)", signo, (const char *)stop->siginfo, (Py_ssize_t)sizeof stop->siginfo,
+    /* (signo, si_code, si_errno, word at 16, si_syscall, si_arch, siginfo bytes, regs, fp); None: regs refused. */
+    int32_t f_errno, f_code, f_syscall;
+    uint32_t f_arch;
+    uint64_t word;
+    memcpy(&f_errno, stop->siginfo + PVM_SI_ERRNO, 4);
+    memcpy(&f_code, stop->siginfo + PVM_SI_CODE, 4);
+    memcpy(&word, stop->siginfo + PVM_SI_ADDR, 8);
+    memcpy(&f_syscall, stop->siginfo + PVM_SI_SYSCALL, 4);
+    memcpy(&f_arch, stop->siginfo + PVM_SI_ARCH, 4);
+    res = Py_BuildValue("(IiiKiIy#NN)", signo, f_code, f_errno, (unsigned long long)word, f_syscall, f_arch,
+                        (const char *)stop->siginfo, (Py_ssize_t)sizeof stop->siginfo,
                         PyByteArray_FromStringAndSize((const char *)stop->regs, sizeof stop->regs), fp_out);
-    /* res is (signo, siginfo, regs, fp); None above means "registers refused". */
 out:
     PyBuffer_Release(&regs);
     PyBuffer_Release(&fp);
@@ -1011,6 +1025,7 @@ PyInit__core(void)
         || add_int(layout, "header.data_base", offsetof(struct pvm_header, data_base)) < 0
         || add_int(layout, "header.code_keep", offsetof(struct pvm_header, code_keep)) < 0
         || add_int(layout, "slot.spin", offsetof(struct pvm_slot, spin)) < 0
+        || add_int(layout, "slot.agent_cpu", offsetof(struct pvm_slot, agent_cpu)) < 0
         || add_int(layout, "slot.op", offsetof(struct pvm_slot, op)) < 0
         || add_int(layout, "slot.count", offsetof(struct pvm_slot, count)) < 0
         || add_int(layout, "slot.calls", offsetof(struct pvm_slot, calls)) < 0

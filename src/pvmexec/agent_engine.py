@@ -153,9 +153,10 @@ class AgentEngine:
         return ret
 
     def set_spin(self, iterations):
-        """Spin budget of both sides before sleeping (0 when caller and agent share a CPU)."""
+        """Spin budget of both sides before sleeping (neither spins while both are on one CPU)."""
         self.spin = iterations
         self._put32(SLOT + L["slot.spin"], iterations)
+        self._put32(SLOT + L["slot.agent_cpu"], 0xFFFFFFFF)     # unknown until the agent answers
 
     def _put32(self, off, v):
         struct.pack_into("<I", self._map, off, v)

@@ -197,7 +197,8 @@ def run(iterations=20000, quick=False):
         stub_space = Space.create()
         try:
             stub = stub_space._engine
-            os.sched_setaffinity(stub.pid, {other})
+            for tid in os.listdir("/proc/%d/task" % stub.pid):
+                os.sched_setaffinity(int(tid), {other})
             placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
 
             add_stub = _adder(results, "stub", placed)

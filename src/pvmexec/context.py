@@ -4,6 +4,8 @@ import struct
 
 from .arch import x86_64 as _arch
 
+_new = object.__new__
+
 _SIGCONTEXT_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp",
                     "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags", "cs", "gs", "fs", "ss",
                     "fs_base", "gs_base", "ds", "es")
@@ -32,9 +34,9 @@ class SigContext:
 
     @classmethod
     def _from_regs(cls, raw, fpstate=None):
-        ctx = cls.__new__(cls)
-        ctx._buf = raw if type(raw) is bytearray else bytearray(raw)
-        ctx._q = memoryview(ctx._buf).cast("Q")
+        ctx = _new(cls)
+        buf = ctx._buf = raw if type(raw) is bytearray else bytearray(raw)
+        ctx._q = memoryview(buf).cast("Q")
         ctx.fpstate = fpstate
         return ctx
 
@@ -96,13 +98,19 @@ class SigInfo:
     def from_bytes(cls, raw):
         """Decode a kernel siginfo_t. Only fields meaningful for the signal are read."""
         signo, errno, code, word, syscall, arch = _SIGINFO_HEAD.unpack_from(raw, 0)
+        return cls._decoded(signo, code, errno, word, syscall, arch, raw)
+
+    @classmethod
+    def _decoded(cls, signo, code, errno, word, syscall, arch, raw):
+        """From fields already read out of a siginfo_t (word: the 8 bytes at offset 16)."""
         info = cls.__new__(cls)
         info.signo, info.errno, info.code, info.raw = signo, errno, code, bytes(raw)
         info.addr = info.pid = info.uid = info.syscall = info.arch = 0
         if signo == _SIGSYS and code > 0:
             info.addr, info.syscall, info.arch = word, syscall, arch
         elif code <= 0 or signo == _SIGCHLD:             # sent by a process: pid and uid
-            info.pid, info.uid = struct.unpack_from("<iI", raw, 16)
+            pid = word & 0xFFFFFFFF
+            info.pid, info.uid = pid - (1 << 32) if pid >> 31 else pid, word >> 32
         elif signo in _FAULTS:
             info.addr = word
         return info

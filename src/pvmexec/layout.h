@@ -84,15 +84,22 @@ struct pvm_header {
     uint64_t code_keep;        /* bytes of code before the final page */
 };
 
-/* One request/response slot; the two sequence words live on separate cache lines. */
+/*
+ * One request/response slot; the two sequence words live on separate cache
+ * lines. Each side records the CPU it last ran on: spinning only pays when the
+ * other side runs on another CPU, so on the same CPU both go straight to the
+ * futex (a spinner would hold the CPU the other one needs).
+ */
 struct pvm_slot {
     uint32_t req_seq;          /* caller: bumps to post */
     uint32_t agent_sleeping;   /* agent: 1 while in futex wait on req_seq */
     uint32_t spin;             /* caller: agent spin budget (iterations) */
-    uint32_t pad0[13];
+    uint32_t caller_cpu;       /* caller: the CPU it posted from */
+    uint32_t pad0[12];
     uint32_t resp_seq;         /* agent: = req_seq when done */
     uint32_t caller_sleeping;  /* caller: 1 while in futex wait on resp_seq */
-    uint32_t pad1[14];
+    uint32_t agent_cpu;        /* agent: the CPU it answered from */
+    uint32_t pad1[13];
     uint32_t op;
     uint32_t count;
     uint32_t pad2[14];

@@ -60,8 +60,9 @@ class StubEngine:
             self._base = ctypes.addressof(self._keep)
             struct.pack_into("<IIi", self._map, 0, L["STUB_MAGIC"], 0, os.getpid())
             for i in range(L["STUB_MAX_THREADS"]):
-                struct.pack_into("<I", self._map, L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"] + L["slot.spin"],
-                                 self.spin)
+                slot = L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"]
+                struct.pack_into("<I", self._map, slot + L["slot.spin"], self.spin)
+                struct.pack_into("<I", self._map, slot + L["slot.agent_cpu"], 0xFFFFFFFF)   # not known yet
             self.service = _Thread(0, self._base)
             os.write(exe, _core.STUB_ELF)
             os.set_inheritable(fd, True)
@@ -184,12 +185,10 @@ class StubEngine:
         if got is None:                    # refused in C before anything ran: say why
             arch.validate(ctx._q)
             raise EngineError("register state refused")
-        signo, raw, regs, fp_out = got
-        info = SigInfo.from_bytes(raw)
-        if info.signo != signo:
-            raise EngineError("stub reported inconsistent stop data")
+        signo, code, errno_, word, syscall, audit_arch, raw, regs, fp_out = got
+        info = SigInfo._decoded(signo, code, errno_, word, syscall, audit_arch, raw)
         out = SigContext._from_regs(regs, fp_out)
-        if signo == SIGSYS and info.code == SYS_SECCOMP:
+        if signo == SIGSYS and code == SYS_SECCOMP:
             return Stop(out, info, "syscall"), 0
         return Stop(out, info, "signal"), (0 if signo in sigmask else signo)
 

@@ -41,6 +41,14 @@ struct pollfd_ {
     short events, revents;
 };
 
+/* The CPU we run on: Linux keeps it in TSC_AUX for rdtscp (no syscall, none needed). */
+static inline uint32_t this_cpu(void)
+{
+    uint32_t lo, hi, aux;
+    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
+    return aux & 0xfff;
+}
+
 static inline uint32_t load_acquire(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void store_release(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
@@ -66,7 +74,8 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     for (;;) {
         /* Only last + 1 is a request; other values are junk the target may have written. */
         uint32_t want = last + 1, seq = load_acquire(&slot->req_seq);
-        for (uint32_t spins = slot->spin; seq != want && spins; spins--) {
+        uint32_t budget = load_acquire(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
+        for (uint32_t spins = budget; seq != want && spins; spins--) {
             __builtin_ia32_pause();
             seq = load_acquire(&slot->req_seq);
         }
@@ -92,6 +101,7 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
                 c->ret = sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5]);
             }
         }
+        store_release(&slot->agent_cpu, this_cpu());
         store_release(&slot->resp_seq, seq);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (load_acquire(&slot->caller_sleeping))

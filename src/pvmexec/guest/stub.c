@@ -142,6 +142,14 @@ static uint32_t init_fp_size;
 static uint8_t init_fp[PVM_STUB_FP_MAX];
 static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
 
+/* The CPU we run on: Linux keeps it in TSC_AUX for rdtscp (no syscall, none needed). */
+static inline uint32_t this_cpu(void)
+{
+    uint32_t lo, hi, aux;
+    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
+    return aux & 0xfff;
+}
+
 static inline uint32_t ld(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
@@ -160,6 +168,7 @@ static int is_allowed(uint64_t nr)
 
 static void respond(struct pvm_slot *slot, uint32_t seq)
 {
+    st(&slot->agent_cpu, this_cpu());
     st(&slot->resp_seq, seq);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (ld(&slot->caller_sleeping))
@@ -172,7 +181,8 @@ static uint32_t wait_request(struct pvm_slot *slot, uint32_t last)
     uint32_t want = last + 1;
     for (;;) {
         uint32_t seq = ld(&slot->req_seq);
-        for (uint32_t spins = slot->spin; seq != want && spins; spins--) {
+        uint32_t budget = ld(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
+        for (uint32_t spins = budget; seq != want && spins; spins--) {
             __builtin_ia32_pause();
             seq = ld(&slot->req_seq);
         }
