@@ -730,7 +730,13 @@ py_stub_run(PyObject *self, PyObject *args)
             goto out;
         }
     }
-    memcpy(stop->regs, regs.buf, sizeof stop->regs);
+    {
+        /* Write only the registers that changed: the lines the stub owns stay in its cache. */
+        const uint64_t *src = regs.buf;
+        for (int i = 0; i < PVM_X86_64_NREGS; i++)
+            if (stop->regs[i] != src[i])
+                stop->regs[i] = src[i];
+    }
     if (fp.len)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
     stop->fp_valid = fp.len ? 1 : 0;

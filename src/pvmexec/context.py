@@ -153,18 +153,33 @@ class SigInfo:
 class Stop:
     """Why Space.exec returned: a trapped system call or a signal, with the state at that point."""
 
-    __slots__ = ("ctx", "siginfo", "reason")
+    __slots__ = ("ctx", "_info", "_fields", "reason")
 
     def __init__(self, ctx, siginfo, reason):
-        self.ctx, self.siginfo, self.reason = ctx, siginfo, reason
+        self.ctx, self._info, self._fields, self.reason = ctx, siginfo, None, reason
+
+    @classmethod
+    def _lazy(cls, ctx, fields, reason):
+        """fields: (signo, code, errno, word, syscall, arch, raw) as read from siginfo; decoded on demand."""
+        stop = _new(cls)
+        stop.ctx, stop._info, stop._fields, stop.reason = ctx, None, fields, reason
+        return stop
+
+    @property
+    def siginfo(self):
+        if self._info is None:
+            self._info = SigInfo._decoded(*self._fields)
+        return self._info
 
     @property
     def syscall(self):
-        return self.siginfo.syscall if self.reason == "syscall" else None
+        if self.reason != "syscall":
+            return None
+        return self._fields[4] if self._info is None else self._info.syscall
 
     @property
     def signo(self):
-        return self.siginfo.signo
+        return self._fields[0] if self._info is None else self._info.signo
 
     def __repr__(self):
         return "<Stop %s %r at rip=%#x>" % (self.reason, self.siginfo, self.ctx.rip)

@@ -400,12 +400,13 @@ class Space:
         if type(ctx) is not SigContext and not isinstance(ctx, SigContext):
             raise TypeError("ctx must be a SigContext")
         mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)
-        with _guard.operation():
-            if thread:
-                if self.engine != "stub":
-                    raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.engine)
-                stop, deliver = self._engine.exec(ctx, mask, thread)
-            else:
+        if self.engine == "stub":
+            # Our own process: nothing to restore if the caller is killed, so no guard needed.
+            stop, deliver = self._engine.exec(ctx, mask, thread)
+        elif thread:
+            raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.engine)
+        else:
+            with _guard.operation():
                 stop, deliver = self._engine.exec(ctx, mask)
         if deliver:
             signal.pthread_kill(threading.get_ident(), deliver)

@@ -185,12 +185,11 @@ class StubEngine:
         if got is None:                    # refused in C before anything ran: say why
             arch.validate(ctx._q)
             raise EngineError("register state refused")
-        signo, code, errno_, word, syscall, audit_arch, raw, regs, fp_out = got
-        info = SigInfo._decoded(signo, code, errno_, word, syscall, audit_arch, raw)
-        out = SigContext._from_regs(regs, fp_out)
+        signo, code = got[0], got[1]
+        out = SigContext._from_regs(got[7], got[8])
         if signo == SIGSYS and code == SYS_SECCOMP:
-            return Stop(out, info, "syscall"), 0
-        return Stop(out, info, "signal"), (0 if signo in sigmask else signo)
+            return Stop._lazy(out, got[:7], "syscall"), 0
+        return Stop._lazy(out, got[:7], "signal"), (0 if signo in sigmask else signo)
 
     # -- boilerplate shared with the other engines -----------------------------------------------
 
