@@ -18,7 +18,7 @@ import time
 
 from . import _core
 from .arch import x86_64 as arch
-from .context import SigContext, SigInfo, Stop
+from .context import SigContext, Stop
 from .errors import EngineError, RemoteSyscallError, TargetGone
 from .syscalls import name_of
 
