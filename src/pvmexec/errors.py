@@ -59,7 +59,7 @@ class RemoteSyscallError(PvmexecError):
     def __init__(self, err, syscall, args):
         self.syscall = syscall
         self.args_ = tuple(args)
-        shown = ", ".join(hex(a) if isinstance(a, int) and abs(a) > 4096 else repr(a) for a in args)
+        shown = ", ".join(hex(a) if isinstance(a, int) and a >= 1 << 32 else repr(a) for a in args)
         super().__init__(err, "%s(%s) in target: %s (%s)" % (
             syscall, shown, _errno.errorcode.get(err, "E?%d" % err), _strerror(err)))
 
