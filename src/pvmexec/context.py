@@ -153,22 +153,17 @@ class SigInfo:
 class Stop:
     """Why Space.exec returned: a trapped system call or a signal, with the state at that point."""
 
+    # _fields: (signo, code, errno, word, syscall, arch, raw, ...) as read from a siginfo by the
+    # stub engine; the SigInfo is built from them only when asked for.
     __slots__ = ("ctx", "_info", "_fields", "reason")
 
     def __init__(self, ctx, siginfo, reason):
         self.ctx, self._info, self._fields, self.reason = ctx, siginfo, None, reason
 
-    @classmethod
-    def _lazy(cls, ctx, fields, reason):
-        """fields: (signo, code, errno, word, syscall, arch, raw) as read from siginfo; decoded on demand."""
-        stop = _new(cls)
-        stop.ctx, stop._info, stop._fields, stop.reason = ctx, None, fields, reason
-        return stop
-
     @property
     def siginfo(self):
         if self._info is None:
-            self._info = SigInfo._decoded(*self._fields)
+            self._info = SigInfo._decoded(*self._fields[:7])
         return self._info
 
     @property

@@ -23,6 +23,8 @@ from .errors import EngineError, RemoteSyscallError, TargetGone
 from .syscalls import name_of
 
 L = _core.LAYOUT
+_stub_run = _core.stub_run
+_new = object.__new__
 FP_MAX = L["STUB_FP_MAX"]
 SIGSYS, SYS_SECCOMP = signal.SIGSYS, 1
 
@@ -178,18 +180,43 @@ class StubEngine:
     # -- mode 1 ------------------------------------------------------------------------------
 
     def exec(self, ctx, sigmask, thread=0):
+        # The hot path of an application kernel: kept flat on purpose (each Python call costs here).
+        if not 0 <= thread < len(self.threads):
+            raise ValueError("no guest thread %d in this space (it has %d)" % (thread, len(self.threads)))
+        t = self.threads[thread]
         fp = ctx.fpstate
         if fp is not None and not 512 <= len(fp) <= FP_MAX:
             raise ValueError("fpstate must be 512..%d bytes" % FP_MAX)
-        got = self._call(_core.stub_run, ctx._buf, b"" if fp is None else fp, fp is not None, thread=thread)
+        lock = t.lock
+        if not lock.acquire(False):
+            raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
+        try:
+            got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, ctx._buf, fp or b"", fp is not None)
+        except OSError as e:
+            if e.errno == 3:
+                raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
+            raise
+        except (TypeError, ValueError):
+            raise
+        except BaseException:
+            self.kill()        # interrupted with the guest running: the space cannot be trusted now
+            raise
+        finally:
+            lock.release()
         if got is None:                    # refused in C before anything ran: say why
             arch.validate(ctx._q)
             raise EngineError("register state refused")
-        signo, code = got[0], got[1]
-        out = SigContext._from_regs(got[7], got[8])
-        if signo == SIGSYS and code == SYS_SECCOMP:
-            return Stop._lazy(out, got[:7], "syscall"), 0
-        return Stop._lazy(out, got[:7], "signal"), (0 if signo in sigmask else signo)
+        regs = got[7]
+        out = _new(SigContext)
+        out._buf, out._q, out.fpstate = regs, memoryview(regs).cast("Q"), got[8]
+        stop = _new(Stop)
+        stop.ctx, stop._info, stop._fields = out, None, got
+        signo = got[0]
+        if signo == SIGSYS and got[1] == SYS_SECCOMP:
+            stop.reason = "syscall"
+            return stop, 0
+        stop.reason = "signal"
+        return stop, (0 if signo in sigmask else signo)
 
     # -- boilerplate shared with the other engines -----------------------------------------------
 
