@@ -251,12 +251,22 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
     uint64_t *r = stop->regs;
 
     stop->signo = (uint32_t)sig;
-    copy(stop->siginfo, info, 128);
-    r[0] = m->r15; r[1] = m->r14; r[2] = m->r13; r[3] = m->r12; r[4] = m->rbp; r[5] = m->rbx;
-    r[6] = m->r11; r[7] = m->r10; r[8] = m->r9; r[9] = m->r8; r[10] = m->rax; r[11] = m->rcx;
-    r[12] = m->rdx; r[13] = m->rsi; r[14] = m->rdi; r[15] = ~0ULL; r[16] = m->rip; r[17] = m->cs;
-    r[18] = m->eflags; r[19] = m->rsp; r[20] = m->ss; r[21] = rdfsbase(); r[22] = rdgsbase();
-    r[23] = r[24] = r[25] = r[26] = 0;
+    /*
+     * Store only what changed since the last stop: lines the caller has read
+     * stay shared instead of bouncing between the CPUs on every round trip.
+     */
+    const uint64_t *si = info;
+    uint64_t *so = (uint64_t *)stop->siginfo;
+    for (int i = 0; i < 16; i++)
+        if (so[i] != si[i])
+            so[i] = si[i];
+    const uint64_t now[PVM_X86_64_NREGS] = {
+        m->r15, m->r14, m->r13, m->r12, m->rbp, m->rbx, m->r11, m->r10, m->r9, m->r8, m->rax, m->rcx,
+        m->rdx, m->rsi, m->rdi, ~0ULL, m->rip, m->cs, m->eflags, m->rsp, m->ss, rdfsbase(), rdgsbase(),
+        0, 0, 0, 0};
+    for (int i = 0; i < PVM_X86_64_NREGS; i++)
+        if (r[i] != now[i])
+            r[i] = now[i];
     if (frame_fp) {
         copy(fp_area, frame_fp, fp_size);
         stop->fp_size = fp_size;
