@@ -208,3 +208,21 @@ def test_target_running_execve_loses_the_agent_cleanly(spawn, tmp_path):
         p.wait(10)
         p.stdin.close()
         p.stdout.close()
+
+
+def test_children_forked_while_attached_do_not_inherit_the_region(spawn):
+    v = spawn("fork")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        assert space.syscall("getpid") == v.pid
+        with open("/proc/%d/maps" % v.pid) as f:
+            assert "pvmexec-agent" in f.read()
+        v.send(b"f")
+        child = int(v.readline().split()[1])
+        try:
+            with open("/proc/%d/maps" % child) as f:
+                assert "pvmexec-agent" not in f.read()
+            assert len(os.listdir("/proc/%d/task" % child)) == 1       # threads are not forked either
+        finally:
+            os.kill(child, signal.SIGKILL)
+    v.send(b"x")
+    assert v.readline().startswith("done")

@@ -33,7 +33,9 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MFD_CLOEXEC = 1
 F_DUPFD_CLOEXEC = 1030
-NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl")}
+NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl",
+                              "madvise")}
+MADV_DONTFORK = 10
 
 # Spin budget on both sides before sleeping on a futex. Spinning only pays when
 # caller and agent run on different CPUs; on one CPU it wastes the slice the other needs.
@@ -92,6 +94,8 @@ class AgentEngine:
                 self._ok(t.syscall(NR["mmap"], (code + HEADER, REGION - HEADER, PROT_READ | PROT_WRITE,
                                                 MAP_SHARED | MAP_FIXED, fd_t, HEADER)), "mmap")
                 self.data_base = code + HEADER
+                # A child the target forks must not inherit our region (nor keep it after we leave).
+                self._ok(t.syscall(NR["madvise"], (code, REGION, MADV_DONTFORK)), "madvise")
                 fd_c = _core.pidfd_getfd(self.pidfd, fd_t)
                 try:
                     self._map = mmap.mmap(fd_c, REGION, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

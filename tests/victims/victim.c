@@ -12,6 +12,7 @@
  *   threads   a worker thread counts in `counter`; print its address; main waits on stdin
  *   seccomp   install a filter (getppid: kill, getuid: EPERM, getgid: trap), then as wait
  *   strict    enter seccomp strict mode, read stdin, write "strict ok", exit
+ *   fork      on a line of input, fork a child that sleeps 10 s; print "child <pid>"; then as wait
  *   wait      wait on stdin, then exit 0 (a quiet target)
  * Every mode first prints "ready <pid>" and flushes.
  */
@@ -243,7 +244,19 @@ int main(int argc, char **argv)
         printf("usr1 %d pid %d code %d usr2 %d\n", (int)usr1_count, usr1_pid, usr1_code, (int)usr2_count);
         return 0;
     }
-    /* wait, threads: a signal handler may interrupt the read; keep waiting */
+    if (!strcmp(mode, "fork")) {
+        ssize_t got;
+        do
+            got = read(0, buf, sizeof buf);
+        while (got < 0 && errno == EINTR);
+        pid_t child = fork();
+        if (child == 0) {
+            sleep(10);
+            _exit(0);
+        }
+        printf("child %d\n", (int)child);
+    }
+    /* wait, threads, fork: a signal handler may interrupt the read; keep waiting */
     ssize_t n;
     do
         n = read(0, buf, sizeof buf);
