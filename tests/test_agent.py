@@ -226,3 +226,33 @@ def test_children_forked_while_attached_do_not_inherit_the_region(spawn):
             os.kill(child, signal.SIGKILL)
     v.send(b"x")
     assert v.readline().startswith("done")
+
+
+def test_stopped_target(spawn):
+    # Stopped before attach: auto chooses ptrace, which works on stopped processes; stopped stays stopped.
+    v = spawn("wait")
+    os.kill(v.pid, signal.SIGSTOP)
+    v.wait_state("T")
+    with pytest.warns(RuntimeWarning, match="stopped"):
+        space = pvmexec.attach(v.pid)
+    with space:
+        assert space.engine == "ptrace" and space.syscall("getpid") == v.pid
+    assert v.state() == "T"
+    with pytest.raises(pvmexec.UnsupportedTarget, match="stopped"):
+        pvmexec.attach(v.pid, engine="agent")
+    os.kill(v.pid, signal.SIGCONT)
+    v.wait_state("S")
+    # Stopped while attached: the request is withdrawn, not left to run at SIGCONT.
+    with pvmexec.attach(v.pid, engine="agent") as space, space.scratch(64) as text:
+        space.write(text, b"must not appear\nafter\n")
+        os.kill(v.pid, signal.SIGSTOP)
+        v.wait_state("T")
+        with pytest.raises(pvmexec.TargetStopped):
+            space.syscall("write", 1, text, 16)
+        os.kill(v.pid, signal.SIGCONT)
+        v.wait_state("S")
+        assert space.syscall("write", 1, text + 16, 6) == 6
+        assert space.syscall("getpid") == v.pid
+    assert v.readline() == "after"
+    v.send(b"x")
+    assert v.readline().startswith("done 1")

@@ -10,7 +10,7 @@ if not _sys.platform.startswith("linux"):
 
 from .context import SigContext, SigInfo, Stop
 from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, PvmexecError,
-                     RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget)
+                     RemoteSyscallError, SeccompBlocked, TargetGone, TargetStopped, UnsupportedTarget)
 from .space import ALL_SIGNALS, Space, attach
 from .syscalls import name_of as syscall_name, number as syscall_number
 from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",
     "Stop", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
-    "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError",
+    "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError", "TargetStopped",
     "syscall_number", "syscall_name",
 ]

@@ -547,8 +547,25 @@ futex_op(volatile uint32_t *addr, int op, uint32_t val, const struct timespec *t
  * comes from the caller's own counter, never from the shared slot, which the
  * other side (or a guest) can scribble on.
  */
+/* Is thread tid of process pid stopped (job control or ptrace)? Read only after a stall. */
 static int
-channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin)
+thread_stopped(int pid, uint32_t tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/task/%u/stat", pid, tid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && (p[2] == 'T' || p[2] == 't');
+}
+
+static int
+channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin,
+                  int pid)
 {
     uint32_t seq = ++*counter;
     int cpu = sched_getcpu();
@@ -592,6 +609,20 @@ channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *a
                 rc = -1;
                 break;
             }
+            /*
+             * The agent is a thread of the target: a job-control stop stops it too.
+             * If it stopped before taking our request, withdraw the request (it
+             * will never run) and say so, instead of waiting for a SIGCONT.
+             */
+            uint32_t expected = seq - 1;
+            if (alive && pid > 0 && __atomic_load_n(&slot->taken, __ATOMIC_ACQUIRE) == expected &&
+                thread_stopped(pid, __atomic_load_n(alive, __ATOMIC_ACQUIRE)) &&
+                __atomic_compare_exchange_n(&slot->taken, &expected, seq, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE)) {
+                errno = EAGAIN;
+                rc = -1;
+                break;
+            }
         }
     }
     __atomic_store_n(&slot->caller_sleeping, 0, __ATOMIC_RELEASE);
@@ -614,11 +645,11 @@ static PyObject *
 py_agent_call(PyObject *self, PyObject *args)
 {
     unsigned long long slot, counter, alive;
-    int pidfd;
+    int pidfd, pid;
     long spin;
-    if (!PyArg_ParseTuple(args, "KKKil", &slot, &counter, &alive, &pidfd, &spin))
+    if (!PyArg_ParseTuple(args, "KKKili", &slot, &counter, &alive, &pidfd, &spin, &pid))
         return NULL;
-    int rc = channel_post_wait(SLOT(slot), COUNTER(counter), ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(SLOT(slot), COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
     if (rc < 0)
         return channel_error(rc, pidfd);
     Py_RETURN_NONE;
@@ -629,17 +660,17 @@ static PyObject *
 py_agent_syscall(PyObject *self, PyObject *args)
 {
     unsigned long long slot_a, counter, alive, nr, a[6] = {0, 0, 0, 0, 0, 0};
-    int pidfd;
+    int pidfd, pid;
     long spin;
-    if (!PyArg_ParseTuple(args, "KKKilK|KKKKKK", &slot_a, &counter, &alive, &pidfd, &spin, &nr, &a[0], &a[1],
-                          &a[2], &a[3], &a[4], &a[5]))
+    if (!PyArg_ParseTuple(args, "KKKiliK|KKKKKK", &slot_a, &counter, &alive, &pidfd, &spin, &pid, &nr, &a[0],
+                          &a[1], &a[2], &a[3], &a[4], &a[5]))
         return NULL;
     struct pvm_slot *slot = SLOT(slot_a);
     slot->op = PVM_OP_CALLS;
     slot->count = 1;
     slot->calls[0].nr = (int64_t)nr;
     memcpy(slot->calls[0].args, a, sizeof a);
-    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
     if (rc < 0)
         return channel_error(rc, pidfd);
     return PyLong_FromLongLong(__atomic_load_n(&slot->calls[0].ret, __ATOMIC_RELAXED));
@@ -650,10 +681,10 @@ static PyObject *
 py_agent_batch(PyObject *self, PyObject *args)
 {
     unsigned long long slot_a, counter, alive;
-    int pidfd;
+    int pidfd, pid;
     long spin;
     PyObject *calls;
-    if (!PyArg_ParseTuple(args, "KKKilO", &slot_a, &counter, &alive, &pidfd, &spin, &calls))
+    if (!PyArg_ParseTuple(args, "KKKiliO", &slot_a, &counter, &alive, &pidfd, &spin, &pid, &calls))
         return NULL;
     PyObject *seq = PySequence_Fast(calls, "calls must be a sequence");
     if (!seq)
@@ -675,7 +706,7 @@ py_agent_batch(PyObject *self, PyObject *args)
         }
         slot->op = PVM_OP_CALLS;
         slot->count = (uint32_t)chunk;
-        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
         if (rc < 0) {
             channel_error(rc, pidfd);
             goto fail;
@@ -706,10 +737,11 @@ static PyObject *
 py_stub_run(PyObject *self, PyObject *args)
 {
     unsigned long long block, counter, alive;
-    int pidfd, want_fp;
+    int pidfd, pid, want_fp;
     long spin;
     Py_buffer regs, fp;
-    if (!PyArg_ParseTuple(args, "KKKily*y*p", &block, &counter, &alive, &pidfd, &spin, &regs, &fp, &want_fp))
+    if (!PyArg_ParseTuple(args, "KKKiliy*y*p", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
+                          &want_fp))
         return NULL;
     PyObject *res = NULL;
     struct pvm_slot *slot = SLOT(block);
@@ -741,7 +773,7 @@ py_stub_run(PyObject *self, PyObject *args)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
     stop->fp_valid = fp.len ? 1 : 0;
     slot->op = PVM_OP_RUN;
-    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
+    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
     if (rc < 0) {
         channel_error(rc, pidfd);
         goto out;
@@ -794,7 +826,7 @@ py_stub_loop(PyObject *self, PyObject *args)
     for (i = 0; i < n; i++) {
         stop->fp_valid = 0;
         slot->op = PVM_OP_RUN;
-        int rc = channel_post_wait(slot, COUNTER(counter), NULL, pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), NULL, pidfd, spin, 0);
         if (rc < 0)
             return channel_error(rc, pidfd);
         signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
@@ -840,10 +872,10 @@ static PyObject *
 py_agent_loop(PyObject *self, PyObject *args)
 {
     unsigned long long slot_a, counter, alive, nr;
-    int pidfd;
+    int pidfd, pid;
     long spin, n;
     int count = 1;
-    if (!PyArg_ParseTuple(args, "KKKilKl|i", &slot_a, &counter, &alive, &pidfd, &spin, &nr, &n, &count))
+    if (!PyArg_ParseTuple(args, "KKKiliKl|i", &slot_a, &counter, &alive, &pidfd, &spin, &pid, &nr, &n, &count))
         return NULL;
     if (count < 1 || count > PVM_MAX_BATCH) {
         PyErr_SetString(PyExc_ValueError, "count must be 1..PVM_MAX_BATCH");
@@ -856,7 +888,7 @@ py_agent_loop(PyObject *self, PyObject *args)
         slot->count = (uint32_t)count;
         for (int j = 0; j < count; j++)
             slot->calls[j].nr = (int64_t)nr;
-        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin);
+        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
         if (rc < 0)
             return channel_error(rc, pidfd);
     }
@@ -952,11 +984,11 @@ static PyMethodDef methods[] = {
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},
     {"seccomp_filter", py_seccomp_filter, METH_VARARGS, "seccomp_filter(tid, index) -> bytes"},
-    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(slot, counter, alive, pidfd, spin): post the filled slot, wait"},
-    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, counter, alive, pidfd, spin, nr, *args) -> raw"},
-    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, counter, alive, pidfd, spin, [(nr, args)]) -> [raw]"},
-    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, counter, alive, pidfd, spin, nr, n, count=1) -> ns"},
-    {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, regs, fp, want_fp) -> (signo, siginfo, regs, fp)"},
+    {"agent_call", py_agent_call, METH_VARARGS, "agent_call(slot, counter, alive, pidfd, spin, pid): post the filled slot, wait"},
+    {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, counter, alive, pidfd, spin, pid, nr, *args) -> raw"},
+    {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, counter, alive, pidfd, spin, pid, [(nr, args)]) -> [raw]"},
+    {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, counter, alive, pidfd, spin, pid, nr, n, count=1) -> ns"},
+    {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, pid, regs, fp, want_fp) -> stop fields"},
     {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},

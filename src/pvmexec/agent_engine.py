@@ -12,10 +12,11 @@ import mmap
 import os
 import struct
 import time
+import warnings
 
 from . import _core
-from .errors import EngineError, TargetGone, UnsupportedTarget
-from .ptrace_engine import PtraceEngine
+from .errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
+from .ptrace_engine import PtraceEngine, _find_syscall_insn
 from .seccomp import thread_mode
 from .syscalls import number
 
@@ -75,6 +76,8 @@ class AgentEngine:
         t = self._main
         b = t.acquire()
         try:
+            if b.group_stopped:
+                raise InjectionFailed(self.pid, "it is stopped (job control): an agent thread would stop with it")
             mode, _count = thread_mode(self.pid, b.tid)
             if mode:
                 raise InjectionFailed(self.pid, "it runs under seccomp (mode %d): the agent's calls could not be "
@@ -178,10 +181,12 @@ class AgentEngine:
 
     def _post(self, fn, *args):
         try:
-            return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, *args)
+            return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid, *args)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 raise TargetGone(self.pid) from None
+            if e.errno == errno.EAGAIN:
+                raise TargetStopped(self.pid) from None
             if e.errno == errno.ECHILD:
                 self.agent_tid = None
                 raise TargetGone(self.pid, "the agent thread in process %d is gone (the process ran execve, "
@@ -244,7 +249,18 @@ class AgentEngine:
         """Stop the agent thread, unmap the region in the target and here."""
         try:
             if self.agent_tid and self._map is not None:
-                self._stop_agent()
+                try:
+                    self._stop_agent()
+                except (OSError, EngineError):
+                    # Stopped with the target (or stuck): make it exit without its region, by ptrace.
+                    self._force_exit()
+                    if self.agent_tid:
+                        # It will only exit when the target continues; until then it must keep its
+                        # memory (the kernel clears its tid word there on exit). Leave the region.
+                        warnings.warn("pvmexec: process %d is stopped; the agent thread %d leaves when it "
+                                      "continues, and its %d-byte region stays mapped"
+                                      % (self.pid, self.agent_tid, REGION), RuntimeWarning)
+                        self.code_base = None
             if self.code_base is not None and self._region_still_ours():
                 try:
                     self._main.syscalls([(NR["munmap"], (self.code_base, REGION))])
@@ -256,6 +272,33 @@ class AgentEngine:
             if self._map is not None:
                 self._map.close()
                 self._map = None
+
+    def _force_exit(self):
+        """Point the agent thread at exit(0) through the vDSO's syscall instruction, with ptrace."""
+        tid = self.agent_tid
+        t = self._thread_engine or PtraceEngine(self.pid, tid, True, check_seccomp=False)
+        try:
+            t._seize_and_stop(tid)
+        except OSError:
+            self.agent_tid = None          # already gone
+            return
+        try:
+            regs = bytearray(_core.getregs(tid))
+            q = memoryview(regs).cast("Q")
+            idx = t.reg_index
+            q[idx["rip"]] = _find_syscall_insn(self.pid)
+            q[idx["rax"]] = 60                            # exit: this thread only
+            q[idx["rdi"]] = 0
+            q[idx["orig_rax"]] = (1 << 64) - 1            # no syscall restart on the way out
+            _core.setregs(tid, regs)
+        finally:
+            t._try_detach(tid)
+        deadline = time.monotonic() + 1
+        while os.path.exists("/proc/%d/task/%d" % (self.pid, tid)):
+            if time.monotonic() > deadline:
+                return                                    # stopped: it exits when continued
+            time.sleep(0.005)
+        self.agent_tid = None
 
     def _region_still_ours(self):
         """After an execve the old region is gone and its addresses may hold the new program's memory."""
@@ -273,7 +316,7 @@ class AgentEngine:
         tid_off = HEADER + L["header.agent_tid"]
         struct.pack_into("<II", self._map, SLOT + L["slot.op"], 2, 0)
         try:
-            _core.agent_call(self._slot, self._counter, self._alive, self.pidfd, self.spin)
+            _core.agent_call(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid)
         except OSError as e:
             if e.errno not in (3, 10):      # ESRCH: target gone; ECHILD: agent already gone
                 raise

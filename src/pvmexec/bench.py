@@ -254,7 +254,8 @@ def _python_batches(space, rounds):
 
 def _agent_c_loop(agent, rounds, per_round):
     """µs per getppid through the agent channel, driven from C (per_round calls per round trip)."""
-    ns = _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, 110, rounds, per_round)
+    ns = _core.agent_loop(agent._slot, agent._counter, agent._alive, agent.pidfd, agent.spin, agent.pid, 110, rounds,
+                          per_round)
     return ns / 1e3 / (rounds * per_round)
 
 

@@ -75,6 +75,18 @@ class SeccompBlocked(RemoteSyscallError):
         self.args_ = tuple(args)
 
 
+class TargetStopped(PvmexecError):
+    """The target is stopped (job control) and the agent, one of its threads, is stopped with it.
+
+    The request was withdrawn before it ran. Continue the target, or use engine="ptrace".
+    """
+
+    def __init__(self, pid):
+        self.pid = pid
+        super().__init__(_errno.EAGAIN, "process %d is stopped (job control), and the agent thread with it: "
+                         "the call was withdrawn, not run (continue the process, or use engine='ptrace')" % pid)
+
+
 class EngineError(PvmexecError):
     """The mechanism itself failed (an unexpected stop or kernel answer)."""
 

@@ -99,7 +99,10 @@ struct pvm_slot {
     uint32_t resp_seq;         /* agent: = req_seq when done */
     uint32_t caller_sleeping;  /* caller: 1 while in futex wait on resp_seq */
     uint32_t agent_cpu;        /* agent: the CPU it answered from */
-    uint32_t pad1[13];
+    uint32_t taken;            /* the last request claimed: the agent claims n by CAS n-1 -> n
+                                  before running it; the caller withdraws n (agent stopped) by
+                                  claiming it itself, so the agent skips it */
+    uint32_t pad1[12];
     uint32_t op;
     uint32_t count;
     uint32_t pad2[14];

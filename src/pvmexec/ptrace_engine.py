@@ -52,7 +52,8 @@ class Borrowed:
     """One thread held stopped with its original state saved."""
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
-                 "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs")
+                 "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
+                 "group_stopped")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -68,6 +69,7 @@ class Borrowed:
         self.insn = None
         self.seccomp = None        # None, "strict", a list of filters, or FilterUnreadable
         self.rseq_cs = None        # (address, value) of the thread's rseq_cs word, if set
+        self.group_stopped = False  # the process was stopped by job control when we took the thread
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -86,6 +88,7 @@ class PtraceEngine:
         self._borrowed = None
         self._depth = 0
         self._frozen = []          # tids seized and held stopped by freeze()
+        self._frozen_stopped = False  # freeze() found the process stopped by job control
         self._vdso_syscall = None
 
     # -- waiting -------------------------------------------------------------
@@ -165,10 +168,10 @@ class PtraceEngine:
             return self._borrowed
         tid = self.tid
         seized_here = tid not in self._frozen
-        if seized_here:
-            self._seize_and_stop(tid)
+        stopped = self._seize_and_stop(tid) if seized_here else self._frozen_stopped
         try:
             b = Borrowed(tid, seized_here)
+            b.group_stopped = stopped
             cs = b.saved("cs")
             if cs != arch.USER_CS:
                 raise UnsupportedTarget(self.pid, "thread %d runs in %s mode (cs=%#x)" % (
@@ -313,7 +316,8 @@ class PtraceEngine:
                 return
             for tid in sorted(tids):
                 try:
-                    self._seize_and_stop(tid)
+                    if self._seize_and_stop(tid):
+                        self._frozen_stopped = True
                 except TargetGone:
                     continue
                 except OSError as e:

@@ -116,11 +116,11 @@ class StubEngine:
         if block >= L["STUB_MAX_THREADS"]:
             raise EngineError("a stub space has at most %d guest threads" % (L["STUB_MAX_THREADS"] - 1))
 
-        def spawn(slot, counter, alive, pidfd, spin):
+        def spawn(slot, counter, alive, pidfd, spin, pid):
             off = slot - self._base
             struct.pack_into("<q6Q", self._map, off + L["slot.calls"], 0, block, 0, 0, 0, 0, 0)
             struct.pack_into("<I", self._map, off + L["slot.op"], L["OP_SPAWN"])
-            _core.agent_call(slot, counter, alive, pidfd, spin)
+            _core.agent_call(slot, counter, alive, pidfd, spin, pid)
             return struct.unpack_from("<q", self._map, off + L["slot.calls"] + 56)[0]
 
         tid = self._call(spawn, thread=None)
@@ -164,7 +164,7 @@ class StubEngine:
         """Post on a channel (see _take) and wait."""
         t = self._take(thread)
         try:
-            return fn(t.block, t.counter, 0, self.pidfd, self.spin, *args)
+            return fn(t.block, t.counter, 0, self.pidfd, self.spin, 0, *args)
         except OSError as e:
             if e.errno == 3:
                 raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
@@ -191,7 +191,7 @@ class StubEngine:
         if not lock.acquire(False):
             raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
         try:
-            got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, ctx._buf, fp or b"", fp is not None)
+            got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
         except OSError as e:
             if e.errno == 3:
                 raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None

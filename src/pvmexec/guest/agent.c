@@ -73,6 +73,9 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     sys6(SYS_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
         /* Only last + 1 is a request; other values are junk the target may have written. */
+        uint32_t claimed = load_acquire(&slot->taken);
+        if ((int32_t)(claimed - last) > 0)
+            last = claimed;         /* requests the caller withdrew while we were stopped */
         uint32_t want = last + 1, seq = load_acquire(&slot->req_seq);
         uint32_t budget = load_acquire(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
         for (uint32_t spins = budget; seq != want && spins; spins--) {
@@ -89,6 +92,13 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
                     break;
             }
             store_release(&slot->agent_sleeping, 0);
+            continue;
+        }
+        uint32_t expected = last;
+        if (!__atomic_compare_exchange_n(&slot->taken, &expected, seq, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            /* The caller claimed it (withdrawn while we were stopped): skip, unanswered. */
+            if ((int32_t)(expected - last) > 0)
+                last = expected;
             continue;
         }
         last = seq;
