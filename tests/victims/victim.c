@@ -176,6 +176,7 @@ int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "wait";
     char buf[256];
+    prctl(PR_SET_PDEATHSIG, SIGKILL);      /* never outlive the test run */
     install();
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (!strcmp(mode, "threads")) {
