@@ -136,8 +136,9 @@ def test_stopped_target_stays_stopped(spawn):
     v.wait_state("T")
     with pvmexec.attach(v.pid, engine="ptrace") as space:
         busy_ops(space, rounds=3)
-    time.sleep(0.05)
-    assert v.state() == "T"
+    v.wait_state("T")
+    time.sleep(0.1)
+    assert v.state() == "T"           # and stays there: nothing we did continued it
     os.kill(v.pid, signal.SIGCONT)
     v.wait_state("S")
     v.send(b"x")

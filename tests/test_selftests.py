@@ -42,7 +42,7 @@ def test_process_vm_exec_syscall_loop(spawn):
         assert snapshot(v.pid) == before
     # The trapped setfsgid(789) was emulated, never run: the child's fsgid is untouched.
     assert fsgid(v) == fsgid_before
-    assert v.state() == "T", "a SIGSTOPped target must stay stopped"
+    v.wait_state("T")                 # a SIGSTOPped target stays stopped (back in its group stop)
     os.kill(v.pid, signal.SIGCONT)
     v.send(b"x")
     assert v.readline().startswith("done 1 usr1 0")

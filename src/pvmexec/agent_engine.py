@@ -16,7 +16,7 @@ import warnings
 
 from . import _core
 from .errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
-from .ptrace_engine import PtraceEngine, _find_syscall_insn
+from .ptrace_engine import PtraceEngine, find_syscall_insn
 from .seccomp import thread_mode
 from .syscalls import number
 
@@ -38,8 +38,9 @@ NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "clo
                               "madvise")}
 MADV_DONTFORK = 10
 
-# Spin budget on both sides before sleeping on a futex. Spinning only pays when
-# caller and agent run on different CPUs; on one CPU it wastes the slice the other needs.
+# Spin budget (pause iterations) of both sides before sleeping on a futex. It is used only
+# while the two run on different CPUs (each side records its CPU in the slot); a machine
+# with one CPU never spins.
 SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
 
 
@@ -286,7 +287,7 @@ class AgentEngine:
             regs = bytearray(_core.getregs(tid))
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            q[idx["rip"]] = _find_syscall_insn(self.pid)
+            q[idx["rip"]] = find_syscall_insn(self.pid)
             q[idx["rax"]] = 60                            # exit: this thread only
             q[idx["rdi"]] = 0
             q[idx["orig_rax"]] = (1 << 64) - 1            # no syscall restart on the way out

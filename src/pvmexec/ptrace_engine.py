@@ -347,7 +347,7 @@ class PtraceEngine:
             except OSError:
                 pass
         if self._vdso_syscall is None:
-            self._vdso_syscall = _find_syscall_insn(self.pid)
+            self._vdso_syscall = find_syscall_insn(self.pid)
         return self._vdso_syscall
 
     def _run_syscall(self, b, nr, args):
@@ -510,7 +510,7 @@ def _threads(pid):
         raise TargetGone(pid) from None
 
 
-def _find_syscall_insn(pid):
+def find_syscall_insn(pid):
     """A syscall instruction in the target's vDSO, else in its first executable mapping."""
     candidates = []
     with open("/proc/%d/maps" % pid) as f:
