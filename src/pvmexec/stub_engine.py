@@ -8,6 +8,7 @@ signal handler catches. The region is guest-writable: everything read back is
 validated, and a stub that misbehaves is killed, not trusted.
 """
 import ctypes
+import errno
 import mmap
 import os
 import signal
@@ -165,17 +166,19 @@ class StubEngine:
         t = self._take(thread)
         try:
             return fn(t.block, t.counter, 0, self.pidfd, self.spin, 0, *args)
-        except OSError as e:
-            if e.errno == 3:
-                raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
-            raise
-        except (TypeError, ValueError):
-            raise
-        except BaseException:
-            self.kill()        # interrupted with a request in flight (or the guest running): untrustworthy now
-            raise
+        except BaseException as e:
+            raise self._failed(e) from None
         finally:
             t.lock.release()
+
+    def _failed(self, e):
+        """The exception to raise for a failed post/wait: the stub's death named, an interrupted
+        request (or running guest) ends the space, which cannot be trusted after it."""
+        if isinstance(e, OSError) and e.errno == errno.ESRCH:
+            return TargetGone(self.pid, "the stub space's process %d died" % self.pid)
+        if not isinstance(e, (OSError, TypeError, ValueError)):
+            self.kill()
+        return e
 
     # -- mode 1 ------------------------------------------------------------------------------
 
@@ -192,15 +195,8 @@ class StubEngine:
             raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
         try:
             got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
-        except OSError as e:
-            if e.errno == 3:
-                raise TargetGone(self.pid, "the stub space's process %d died" % self.pid) from None
-            raise
-        except (TypeError, ValueError):
-            raise
-        except BaseException:
-            self.kill()        # interrupted with the guest running: the space cannot be trusted now
-            raise
+        except BaseException as e:
+            raise self._failed(e) from None
         finally:
             lock.release()
         if got is None:                    # refused in C before anything ran: say why

@@ -6,6 +6,7 @@
  * every signal.
  */
 #include "layout.h"
+#include "guest/freestanding.h"
 
 #define SYS_rt_sigprocmask 14
 #define SYS_munmap 11
@@ -41,16 +42,6 @@ struct pollfd_ {
     short events, revents;
 };
 
-/* The CPU we run on: Linux keeps it in TSC_AUX for rdtscp (no syscall, none needed). */
-static inline uint32_t this_cpu(void)
-{
-    uint32_t lo, hi, aux;
-    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
-    return aux & 0xfff;
-}
-
-static inline uint32_t load_acquire(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void store_release(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
 static int caller_gone(struct pvm_header *h)
 {
@@ -69,29 +60,29 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     sys6(SYS_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
     struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
     uint32_t last = 0;          /* the caller counts from 0 too */
-    store_release(&h->state, PVM_STATE_SERVING);
+    st(&h->state, PVM_STATE_SERVING);
     sys6(SYS_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
         /* Only last + 1 is a request; other values are junk the target may have written. */
-        uint32_t claimed = load_acquire(&slot->taken);
+        uint32_t claimed = ld(&slot->taken);
         if ((int32_t)(claimed - last) > 0)
             last = claimed;         /* requests the caller withdrew while we were stopped */
-        uint32_t want = last + 1, seq = load_acquire(&slot->req_seq);
-        uint32_t budget = load_acquire(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
+        uint32_t want = last + 1, seq = ld(&slot->req_seq);
+        uint32_t budget = ld(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
         for (uint32_t spins = budget; seq != want && spins; spins--) {
             __builtin_ia32_pause();
-            seq = load_acquire(&slot->req_seq);
+            seq = ld(&slot->req_seq);
         }
         if (seq != want) {
-            store_release(&slot->agent_sleeping, 1);
+            st(&slot->agent_sleeping, 1);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            if (load_acquire(&slot->req_seq) == seq) {
+            if (ld(&slot->req_seq) == seq) {
                 struct timespec_ ts = {h->idle_ms / 1000, (long)(h->idle_ms % 1000) * 1000000L};
                 long r = sys6(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, seq, (long)&ts, 0, 0);
                 if (r == -ETIMEDOUT && caller_gone(h))
                     break;
             }
-            store_release(&slot->agent_sleeping, 0);
+            st(&slot->agent_sleeping, 0);
             continue;
         }
         uint32_t expected = last;
@@ -111,10 +102,10 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
                 c->ret = sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5]);
             }
         }
-        store_release(&slot->agent_cpu, this_cpu());
-        store_release(&slot->resp_seq, seq);
+        st(&slot->agent_cpu, this_cpu());
+        st(&slot->resp_seq, seq);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (load_acquire(&slot->caller_sleeping))
+        if (ld(&slot->caller_sleeping))
             sys6(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
         if (op == PVM_OP_EXIT) {
             if (h->caller_pidfd >= 0)
@@ -123,7 +114,7 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
         }
     }
     /* The caller died: remove ourselves. The last code page cannot unmap itself; it stays. */
-    store_release(&h->state, PVM_STATE_CALLER_GONE);
+    st(&h->state, PVM_STATE_CALLER_GONE);
     sys6(SYS_close, h->caller_pidfd, 0, 0, 0, 0, 0);
     sys6(SYS_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
     pvm_agent_final(h->code_base + h->code_keep + PVM_PAGE, PVM_REGION_SIZE - h->code_keep - PVM_PAGE,

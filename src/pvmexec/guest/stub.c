@@ -11,6 +11,7 @@
  * on the stub's own address space, and only from one instruction.
  */
 #include "layout.h"
+#include "guest/freestanding.h"
 
 #define SYS_mmap 9
 #define SYS_rt_sigaction 13
@@ -142,16 +143,6 @@ static uint32_t init_fp_size;
 static uint8_t init_fp[PVM_STUB_FP_MAX];
 static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
 
-/* The CPU we run on: Linux keeps it in TSC_AUX for rdtscp (no syscall, none needed). */
-static inline uint32_t this_cpu(void)
-{
-    uint32_t lo, hi, aux;
-    __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi), "=c"(aux));
-    return aux & 0xfff;
-}
-
-static inline uint32_t ld(volatile uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void st(volatile uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
 static void copy(void *d, const void *s, uint64_t n)
 {
