@@ -15,6 +15,7 @@ import time
 import warnings
 
 from . import _core
+from ._shm import wait_word
 from .errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
 from .ptrace_engine import PtraceEngine, find_syscall_insn
 from .seccomp import thread_mode
@@ -138,11 +139,8 @@ class AgentEngine:
             self.agent_tid = tid
         finally:
             t.release()
-        deadline = time.monotonic() + 5
-        while self._get32(HEADER + L["header.state"]) != 1:
-            if time.monotonic() > deadline:
-                raise EngineError("the agent thread %d did not start" % self.agent_tid)
-            _core.futex_wait(self._base + HEADER + L["header.state"], 0, 50)
+        if not wait_word(self._map, self._base, HEADER + L["header.state"], 1, 5):
+            raise EngineError("the agent thread %d did not start" % self.agent_tid)
         self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
 
     def _caller_pidfd(self, t, high_fd):

@@ -375,21 +375,29 @@ class PtraceEngine:
                 # Stepping out of a syscall-entry stop traps before our instruction ran: again.
                 b.regs[:] = prepared
                 continue
-            if status >> 8 == PTRACE_EVENT_STOP:       # a group stop began: keep going
+            sig_in, info = self._other_stop(b, status)
+            if info is None:
                 continue
-            sig = status & 0x7F
-            if sig in STOP_SIGNALS:
-                sig_in = sig                           # someone stopped the target: let it stop
-                continue
-            info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
-            if sig == signal.SIGSYS and info.code > 0:
+            if info.signo == signal.SIGSYS:
                 raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
                                          "syscall user dispatch)", args)
-            if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
-                b.foreign.append(info)
-                continue
             raise EngineError("%s in the target while running %s at %#x" % (
-                signal.Signals(sig).name, name_of(nr), q[_RIP]))
+                signal.Signals(info.signo).name, name_of(nr), q[_RIP]))
+
+    def _other_stop(self, b, status):
+        """A stop the loop was not waiting for. Returns (signal to re-inject on resume, info):
+        info is the siginfo of a signal raised by the code we run, or None when the stop is
+        handled here (a group stop; a stop signal to pass on; someone else's signal, kept)."""
+        if status >> 8 == PTRACE_EVENT_STOP:
+            return 0, None
+        sig = status & 0x7F
+        if sig in STOP_SIGNALS:
+            return sig, None               # someone stopped the target: let it stop
+        info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+        if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
+            b.foreign.append(info)
+            return 0, None
+        return 0, info
 
     def _resume(self, b, request, sig):
         """Resume the borrowed thread from b.regs until its next stop; returns the wait status."""
@@ -408,20 +416,13 @@ class PtraceEngine:
         sig_in = 0
         while True:
             status = self._resume(b, PTRACE_CONT, sig_in)
-            sig_in = 0
-            if status >> 8 == PTRACE_EVENT_STOP:
+            sig_in, info = self._other_stop(b, status)
+            if info is None:
                 continue
-            sig = status & 0x7F
-            if sig in STOP_SIGNALS:
-                sig_in = sig
-                continue
-            info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
-            if sig == signal.SIGTRAP and info.code == 0x80:       # SI_KERNEL: our int3
+            if info.signo == signal.SIGTRAP and info.code == 0x80:       # SI_KERNEL: our int3
                 return signed(b.q[_RAX])
-            if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
-                b.foreign.append(info)
-                continue
-            raise EngineError("%s at %#x while running injected code" % (signal.Signals(sig).name, b.q[_RIP]))
+            raise EngineError("%s at %#x while running injected code" % (
+                signal.Signals(info.signo).name, b.q[_RIP]))
 
     def initial_fpstate(self):
         b = self.acquire()
@@ -454,10 +455,7 @@ class PtraceEngine:
 
     def exec(self, ctx, sigmask):
         """Mode 1: run ctx until a syscall (not executed) or a signal. Returns (Stop, deliver_sig)."""
-        regs = bytearray(ctx._buf)
-        q = memoryview(regs).cast("Q")
-        arch.validate(q)
-        q[_ORIG_RAX] = _NEG - 1
+        arch.validate(ctx._q)
         b = self.acquire()
         try:
             if ctx.fpstate is not None:
@@ -467,8 +465,9 @@ class PtraceEngine:
                     b.init_xstate = arch.init_xstate(b.saved_xstate)
                 _core.setregset(b.tid, arch.NT_X86_XSTATE, b.init_xstate)
             sig_in = 0
-            b.regs[:] = regs
+            b.regs[:] = ctx._buf
             q = b.q
+            q[_ORIG_RAX] = _NEG - 1
             while True:
                 status = self._resume(b, PTRACE_SYSEMU, sig_in)
                 sig_in = 0
@@ -477,18 +476,11 @@ class PtraceEngine:
                     info = SigInfo(signo=signal.SIGSYS, code=1, addr=ip, syscall=nr, arch=audit_arch)
                     q[_RAX] = nr
                     return self._stop(b, ctx, info, "syscall"), 0
-                if status >> 8 == PTRACE_EVENT_STOP:
-                    continue
-                sig = status & 0x7F
-                if sig in STOP_SIGNALS:
-                    sig_in = sig           # let the target's group stop happen
-                    continue
-                info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
-                if info.code <= 0 or sig not in arch.SYNC_SIGNALS:
-                    b.foreign.append(info)
+                sig_in, info = self._other_stop(b, status)
+                if info is None:
                     continue
                 stop = self._stop(b, ctx, info, "signal")
-                return stop, (0 if sig in sigmask else sig)
+                return stop, (0 if info.signo in sigmask else info.signo)
         finally:
             self.release()
 

@@ -29,6 +29,11 @@ PF_KTHREAD = 0x00200000
 NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "recvmsg")}
 
 
+def _is_register_value(a):
+    """An int that fits a 64-bit register (signed or unsigned)."""
+    return type(a) is int and -(1 << 63) <= a < (1 << 64)
+
+
 def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None, check_seccomp=True):
     """Attach to a process by pid (or pidfd=) and return a Space.
 
@@ -260,15 +265,11 @@ class Space:
 
     def syscall_raw(self, nr_or_name, *args):
         """Run one syscall in the target (its fd table, its memory); return the raw result."""
-        if self._detached:
-            raise ValueError("operation on a detached Space")
-        nr = nr_or_name if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000 else number(nr_or_name)
+        self._live()
+        nr = number(nr_or_name)
         if len(args) > 6:
             raise TypeError("a system call takes at most 6 arguments, got %d" % len(args))
-        for a in args:
-            if type(a) is not int or not -(1 << 63) <= a < (1 << 64):
-                break
-        else:
+        if all(map(_is_register_value, args)):
             with _guard.operation():
                 return self._engine.syscall(nr, args)
         with contextlib.ExitStack() as stack:
@@ -289,12 +290,11 @@ class Space:
         batch = []
         for nr_or_name, args in calls:
             for a in args:
-                if type(a) is not int or not -(1 << 63) <= a < (1 << 64):
+                if not _is_register_value(a):
                     raise TypeError("batched system calls take integer arguments (64-bit), not %r" % (a,))
             if len(args) > 6:
                 raise TypeError("a system call takes at most 6 arguments, got %d" % len(args))
-            batch.append((nr_or_name if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000
-                          else number(nr_or_name), args))
+            batch.append((number(nr_or_name), args))
         with _guard.operation():
             return self._engine.syscalls(batch)
 
@@ -302,7 +302,7 @@ class Space:
         if isinstance(arg, bool) or not isinstance(arg, (int, bytes, bytearray, str)):
             raise TypeError("syscall arguments are int, bytes or str, not %s" % type(arg).__name__)
         if isinstance(arg, int):
-            if not -(1 << 63) <= arg < (1 << 64):
+            if not _is_register_value(arg):
                 raise OverflowError("argument %d does not fit in a register" % arg)
             return arg
         data = arg.encode() + b"\0" if isinstance(arg, str) else bytes(arg)
@@ -395,8 +395,7 @@ class Space:
         then delivered to the calling thread, as the proposal specifies.
         thread: in a stub space, which stub thread runs it (see new_thread()).
         """
-        if self._detached:
-            raise ValueError("operation on a detached Space")
+        self._live()
         if type(ctx) is not SigContext and not isinstance(ctx, SigContext):
             raise TypeError("ctx must be a SigContext")
         mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)

@@ -15,9 +15,9 @@ import signal
 import struct
 import subprocess
 import threading
-import time
 
 from . import _core
+from ._shm import wait_word
 from .arch import x86_64 as arch
 from .context import SigContext, Stop
 from .errors import EngineError, RemoteSyscallError, TargetGone
@@ -91,14 +91,11 @@ class StubEngine:
         self._init_fp = bytes(self._map[fp_off:fp_off + fp_size]) if 512 <= fp_size <= L["STUB_FP_MAX"] else None
 
     def _wait_ready(self):
-        deadline = time.monotonic() + 10
-        while struct.unpack_from("<I", self._map, 4)[0] != L["STUB_READY"]:
+        if not wait_word(self._map, self._base, 4, L["STUB_READY"], 10, lambda: self.proc.poll() is not None):
             rc = self.proc.poll()
             if rc is not None:
                 raise EngineError("the stub exited during start-up (status %d)" % rc)
-            if time.monotonic() > deadline:
-                raise EngineError("the stub did not start")
-            _core.futex_wait(self._base + 4, 0, 20)
+            raise EngineError("the stub did not start")
 
     # -- mode 2: only what the stub may do ------------------------------------------------
 
@@ -129,11 +126,8 @@ class StubEngine:
             raise EngineError("the stub could not start thread %d: %s" % (index, os.strerror(-tid) if tid else "?"))
         t = _Thread(block, self._base)
         ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
-        deadline = time.monotonic() + 5
-        while struct.unpack_from("<I", self._map, ready)[0] != 1:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise EngineError("stub thread %d did not start" % index)
-            _core.futex_wait(self._base + ready, 0, 20)
+        if not wait_word(self._map, self._base, ready, 1, 5, lambda: self.proc.poll() is not None):
+            raise EngineError("stub thread %d did not start" % index)
         self.threads.append(t)
         return index
 

@@ -13,6 +13,8 @@ for _alias, _real in (("newfstatat", "newfstatat"), ("fstatat", "newfstatat"), (
 
 def number(nr_or_name):
     """The syscall number for a name or number; ValueError naming what is unknown."""
+    if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000:
+        return nr_or_name                  # the common case, first: this runs on every call
     if isinstance(nr_or_name, int):
         if nr_or_name < 0:
             raise ValueError("invalid system call number %d" % nr_or_name)
