@@ -226,3 +226,109 @@ def test_invalid_register_state_is_refused(space):
             with pytest.raises(pvmexec.InvalidContext, match=match):
                 space.exec(g.context("syscall_loop", **bad))
         assert space.exec(g.context("syscall_loop")).syscall == 123
+
+
+# -- patched syscall sites: the fast path must be indistinguishable from the trap -------------------
+
+def _xmm(fp, n):
+    return fp[160 + 16 * n:176 + 16 * n]
+
+
+def _with_xmm(fp, n, value):
+    fp = bytearray(fp)
+    fp[160 + 16 * n:176 + 16 * n] = value
+    return bytes(fp)
+
+
+def _loop_stops(space, count):
+    """Stops of the syscall loop, each reduced to what must not depend on where things are mapped;
+    xmm5 is set by the caller before every run and read back at the next stop."""
+    shapes = []
+    with Guest(space) as g:
+        ctx = g.context("syscall_loop", rdi=789)
+        ctx.fpstate = _with_xmm(space.initial_fpstate(), 5, bytes([0]) * 16)
+        for i in range(count):
+            stop = space.exec(ctx)
+            q = stop.ctx.as_dict()
+            for name in ("rip", "rcx"):
+                q[name] -= g.code
+            q["rsp"] -= g.stack_top
+            info = stop.siginfo
+            shapes.append((stop.signo, info.code, info.errno, info.syscall, info.arch, info.call_addr - g.code,
+                           sorted(q.items()), stop.ctx.fpstate))
+            ctx = stop.ctx
+            ctx.rax = 456
+            ctx.fpstate = _with_xmm(stop.ctx.fpstate, 5, bytes([i + 1]) * 16)
+    return shapes
+
+
+def test_patched_site_stops_are_the_trapped_ones():
+    trapped = pvmexec.Space.create(patch_syscalls=False)
+    patched = pvmexec.Space.create()
+    try:
+        assert trapped.patching.startswith("off") and patched.patching == "on"
+        slow = _loop_stops(trapped, 6)
+        fast = _loop_stops(patched, 6)
+        assert trapped._engine.patched_sites == 0 and patched._engine.patched_sites == 1
+        assert fast == slow
+        # The caller's FPU state went in and came back out through the patched path too.
+        assert [_xmm(s[7], 5) for s in fast] == [bytes([i]) * 16 for i in range(6)]
+    finally:
+        trapped.detach()
+        patched.detach()
+
+
+def test_patched_site_still_traps_when_its_syscall_is_reentered(space):
+    with Guest(space) as g:
+        stop = space.exec(g.context("syscall_loop", rdi=789))
+        site = stop.ctx.rip - 7
+        assert space._engine.patched_sites == 1
+        code = space.read(site, 7)
+        assert code[:3] == b"\xff\x24\x25" and code[5:] == b"\x0f\x05"    # jmp *slot, still ending in syscall
+        ctx = stop.ctx
+        for _ in range(3):                             # restart it as a tracer would: rip - 2
+            ctx.rip -= 2
+            ctx.rax = 123
+            stop = space.exec(ctx)
+            assert stop.reason == "syscall" and stop.syscall == 123 and stop.ctx.rip == site + 7
+            ctx = stop.ctx
+        assert space._engine.patched_sites == 1
+
+
+def test_single_stepping_over_a_patched_site(space):
+    TF = 0x100
+    with Guest(space) as g:
+        stop = space.exec(g.context("syscall_loop", rdi=789))
+        ret = stop.ctx.rip
+        ctx = stop.ctx
+        ctx.rax = 456
+        ctx.eflags |= TF
+        traps = []
+        for _ in range(10):
+            stop = space.exec(ctx)
+            if stop.signo != signal.SIGTRAP:
+                break
+            traps.append(stop.ctx.rip)
+            ctx = stop.ctx
+        # cmp, jne, jmp, mov %rbx,%rdi, then the patched site: a syscall stop, never a trampoline address.
+        assert len(traps) == 4 and all(g.code <= rip < g.code + g.code_size for rip in traps)
+        assert stop.reason == "syscall" and stop.syscall == 123 and stop.ctx.rip == ret
+        assert stop.ctx.eflags & TF
+
+
+def test_trampolines_allow_nothing_but_their_own_gettid(space, tmp_path):
+    target_dir = str(tmp_path / "escaped")
+    window = L["STUB_WINDOW_ADDR"]
+    tramp_syscall = window + L["STUB_TRAMP_OFF"] + 5
+    entry = struct.unpack_from("<Q", space._engine._map, L["STUB_WINDOW_OFF"] + 0xE000)[0]
+    with Guest(space) as g:
+        space.write(g.data, target_dir.encode() + b"\0")
+        # mov $83,%eax (mkdir); mov $0x1ff,%esi; jmp *%rdx
+        addr = load_code(space, bytes([0xB8, 83, 0, 0, 0, 0xBE, 0xFF, 0x01, 0, 0, 0xFF, 0xE2]))
+        stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=tramp_syscall))
+        assert stop.reason == "syscall" and stop.syscall == 83 and stop.ctx.rip == tramp_syscall + 2
+        # Straight into the stub's entry with a tid that is not one of its guest threads.
+        stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=entry))
+        assert stop.signo == signal.SIGILL
+        assert space.exec(g.context("syscall_loop", rdi=789)).syscall == 123
+    assert not os.path.exists(target_dir)

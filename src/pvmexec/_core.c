@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <linux/elf.h>
 #include <unistd.h>
+#include <ucontext.h>
 
 #define PVM_CHECK_LAYOUT
 #include "layout.h"
@@ -846,6 +847,47 @@ py_stub_loop(PyObject *self, PyObject *args)
     return Py_BuildValue("(lKI)", i, (unsigned long long)(now_ns() - t0), signo);
 }
 
+/*
+ * The benchmark's floor for mode 1 faults: in this process, n faulting stores
+ * each caught by a signal handler that fixes the address and returns by
+ * rt_sigreturn. No engine can report a fault to another process for less.
+ * Returns elapsed ns.
+ */
+static volatile long floor_slot;
+
+static void
+floor_handler(int sig, siginfo_t *si, void *ucv)
+{
+    ((ucontext_t *)ucv)->uc_mcontext.gregs[REG_RAX] = (greg_t)(uintptr_t)&floor_slot;
+}
+
+static PyObject *
+py_fault_floor(PyObject *self, PyObject *args)
+{
+    long n;
+    if (!PyArg_ParseTuple(args, "l", &n))
+        return NULL;
+    static char altstack[65536] __attribute__((aligned(16)));
+    stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack}, old_ss;
+    struct sigaction sa = {.sa_sigaction = floor_handler, .sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER}, old_sa;
+    sigemptyset(&sa.sa_mask);
+    if (sigaltstack(&ss, &old_ss) < 0)
+        return raise_call("sigaltstack", 0);
+    if (sigaction(SIGSEGV, &sa, &old_sa) < 0) {
+        sigaltstack(&old_ss, NULL);
+        return raise_call("sigaction", 0);
+    }
+    uint64_t t0 = now_ns();
+    for (long i = 0; i < n; i++) {
+        long p = 1;
+        __asm__ volatile("movq $7, (%0)" : "+a"(p) : : "memory");
+    }
+    uint64_t ns = now_ns() - t0;
+    sigaction(SIGSEGV, &old_sa, NULL);
+    sigaltstack(&old_ss, NULL);
+    return PyLong_FromUnsignedLongLong(ns);
+}
+
 static PyObject *
 py_futex_wait(PyObject *self, PyObject *args)
 {
@@ -991,6 +1033,7 @@ static PyMethodDef methods[] = {
     {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, pid, regs, fp, want_fp) -> stop fields"},
     {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
+    {"fault_floor", py_fault_floor, METH_VARARGS, "fault_floor(n) -> ns for n in-process faults caught and returned from"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
@@ -1083,6 +1126,15 @@ PyInit__core(void)
         || add_int(layout, "stop.siginfo", offsetof(struct pvm_stop, siginfo)) < 0
         || add_int(layout, "stop.regs", offsetof(struct pvm_stop, regs)) < 0
         || add_int(layout, "stub_header.gadget", offsetof(struct pvm_stub_header, gadget)) < 0
+        || add_int(layout, "stub_header.window", offsetof(struct pvm_stub_header, window)) < 0
+        || add_int(layout, "STUB_WINDOW_OFF", PVM_STUB_WINDOW_OFF) < 0
+        || add_int(layout, "STUB_WINDOW_ADDR", PVM_STUB_WINDOW_ADDR) < 0
+        || add_int(layout, "STUB_PATCH_MAX", PVM_STUB_PATCH_MAX) < 0
+        || add_int(layout, "STUB_SLOTS_OFF", PVM_STUB_SLOTS_OFF) < 0
+        || add_int(layout, "STUB_TRAMP_OFF", PVM_STUB_TRAMP_OFF) < 0
+        || add_int(layout, "STUB_TRAMP_SIZE", PVM_STUB_TRAMP_SIZE) < 0
+        || add_int(layout, "STUB_SITES_OFF", PVM_STUB_SITES_OFF) < 0
+        || add_int(layout, "patch_site.size", sizeof(struct pvm_patch_site)) < 0
         || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
         goto fail;
     for (int i = 0; pvm_guest_symbols[i].name; i++)

@@ -192,26 +192,37 @@ def run(iterations=20000, quick=False):
                                 us_per_op=0.0, cpu_percent=round(100 * (t_cpu1 - t_cpu0) / idle_s, 3),
                                 seconds=idle_s, placement="agent attached, no requests"))
 
-        # Mode 1 in a stub space of our own: trapped by seccomp, no ptrace.
+        # Mode 1 in a stub space of our own, no ptrace: syscall sites patched after their first trap
+        # (engine "stub"), and every syscall a seccomp trap and a signal (engine "stub-trap").
         from .space import Space
-        stub_space = Space.create()
+        for patch in (True, False):
+            stub_space = Space.create(patch_syscalls=patch)
+            try:
+                stub = stub_space._engine
+                for tid in os.listdir("/proc/%d/task" % stub.pid):
+                    os.sched_setaffinity(int(tid), {other})
+                placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
+                if patch and stub_space.patching != "on":
+                    placed += "; patching " + stub_space.patching
+                add_stub = _adder(results, "stub" if patch else "stub-trap", placed)
+                with Guest(stub_space) as guest:
+                    stop = stub_space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
+                    add_stub("exec-syscall", "c", _stub_c_loop(stub_space, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
+                    add_stub("exec-syscall", "python", _exec_syscall_python(stub_space, guest, n_py * 4))
+                    if patch:           # faults always arrive as signals: patching changes nothing there
+                        stop = stub_space.exec(guest.context("fault_loop", rdi=guest.data, rsi=FAULT_VALUE))
+                        add_stub("exec-fault", "c", _stub_c_loop(stub_space, stop, 1, n_c, guest.data, FAULT_VALUE))
+                        add_stub("exec-fault", "python", _exec_fault_python(stub_space, guest, n_py * 4))
+            finally:
+                stub_space.detach()
+        # What any user-space engine pays for a fault at least: the kernel's signal delivery and return.
+        os.sched_setaffinity(0, {other})
         try:
-            stub = stub_space._engine
-            for tid in os.listdir("/proc/%d/task" % stub.pid):
-                os.sched_setaffinity(int(tid), {other})
-            placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
-
-            add_stub = _adder(results, "stub", placed)
-
-            with Guest(stub_space) as guest:
-                stop = stub_space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
-                add_stub("exec-syscall", "c", _stub_c_loop(stub_space, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
-                add_stub("exec-syscall", "python", _exec_syscall_python(stub_space, guest, n_py * 4))
-                stop = stub_space.exec(guest.context("fault_loop", rdi=guest.data, rsi=FAULT_VALUE))
-                add_stub("exec-fault", "c", _stub_c_loop(stub_space, stop, 1, n_c, guest.data, FAULT_VALUE))
-                add_stub("exec-fault", "python", _exec_fault_python(stub_space, guest, n_py * 4))
+            results.append(dict(mode="exec-fault", engine="floor", loop="c",
+                                us_per_op=round(_core.fault_floor(n_c) / 1e3 / n_c, 3),
+                                placement="one process on cpu %d: fault, signal handler, rt_sigreturn" % other))
         finally:
-            stub_space.detach()
+            os.sched_setaffinity(0, {cpu})
 
         # The same C loop with caller and target on different CPUs, to show what placement costs.
         if len(cpus) > 1:
@@ -290,7 +301,7 @@ def format_table(report):
     m = report["machine"]
     out = ["pvmexec bench — true cost per round trip (µs); %s, %d CPUs, Linux %s" % (
         m["cpu"], m["cpus"], m["kernel"]), ""]
-    out.append("%-14s %-8s %-7s %10s  %s" % ("mode", "engine", "loop", "µs/op", "placement / notes"))
+    out.append("%-14s %-9s %-7s %10s  %s" % ("mode", "engine", "loop", "µs/op", "placement / notes"))
     for r in report["results"]:
         if r["mode"] == "idle-cpu":
             continue
@@ -299,11 +310,11 @@ def format_table(report):
             notes.append("thread held across calls" if r["held"] else r.get("note", ""))
         if "batch" in r:
             notes.append("per syscall, batches of %d" % r["batch"])
-        out.append("%-14s %-8s %-7s %10.2f  %s" % (r["mode"], r["engine"], r["loop"], r["us_per_op"],
+        out.append("%-14s %-9s %-7s %10.2f  %s" % (r["mode"], r["engine"], r["loop"], r["us_per_op"],
                                                     "; ".join(n for n in notes if n)))
     for r in report["results"]:
         if r["mode"] == "idle-cpu":
-            out.append("%-14s %-8s %-7s %9.3f%%  CPU of an attached, idle agent thread over %.1f s" % (
+            out.append("%-14s %-9s %-7s %9.3f%%  CPU of an attached, idle agent thread over %.1f s" % (
                 r["mode"], r["engine"], "", r["cpu_percent"], r["seconds"]))
     ratios = _ratios(report["results"])
     if ratios:
@@ -331,7 +342,13 @@ def _ratios(results):
          find("exec-syscall", "stub", "c")),
         ("mode 1 syscall loop, Python API", find("exec-syscall", "ptrace", "python"),
          find("exec-syscall", "stub", "python")),
+        ("mode 1 syscall loop, C, unpatched (trap every time)", find("exec-syscall", "ptrace", "c"),
+         find("exec-syscall", "stub-trap", "c")),
+        ("mode 1 syscall loop, Python API, unpatched", find("exec-syscall", "ptrace", "python"),
+         find("exec-syscall", "stub-trap", "python")),
         ("mode 1 fault loop, C", find("exec-fault", "ptrace", "c"), find("exec-fault", "stub", "c")),
+        ("mode 1 fault loop, C: ptrace vs the in-process floor", find("exec-fault", "ptrace", "c"),
+         find("exec-fault", "floor", "c")),
         ("mode 1 fault loop, Python API", find("exec-fault", "ptrace", "python"), find("exec-fault", "stub", "python")),
         ("mode 2 single call, C loop (agent on another CPU)", find("syscall", "ptrace", "c"),
          find("syscall", "agent", "c")),

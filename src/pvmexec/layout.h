@@ -124,7 +124,30 @@ struct pvm_slot {
 #define PVM_STUB_ALTSTACK_SIZE (64 * 1024)
 #define PVM_STUB_BLOCK_SIZE (PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE)
 #define PVM_STUB_MAX_THREADS 16
-#define PVM_STUB_REGION_SIZE (PVM_STUB_BLOCK_OFF + PVM_STUB_MAX_THREADS * PVM_STUB_BLOCK_SIZE)
+#define PVM_STUB_WINDOW_OFF (PVM_STUB_BLOCK_OFF + PVM_STUB_MAX_THREADS * PVM_STUB_BLOCK_SIZE)
+#define PVM_STUB_REGION_SIZE (PVM_STUB_WINDOW_OFF + PVM_STUB_WINDOW_SIZE)
+
+/*
+ * Syscall patching (stub spaces). A guest syscall site `mov $nr, %eax;
+ * syscall` (b8 imm32 0f 05) that trapped once is rewritten to `jmp *slot`
+ * (ff 24 25 + the slot's 32-bit address). Slots live in a window mapped at a
+ * fixed low address whose upper two bytes are 0f 05, so the last two bytes of
+ * the patched site still read `syscall`: code that jumps straight to the
+ * syscall instruction (or a caller restarting it at rip - 2) still traps. A
+ * slot points at its trampoline, which asks for the thread's id (the filter
+ * allows gettid from exactly that instruction) and enters the stub without
+ * a signal. The window is the last part of the region: the stub maps it
+ * read+exec at PVM_STUB_WINDOW_ADDR; stub and caller write it via the region.
+ */
+#define PVM_STUB_WINDOW_ADDR 0x050f0000UL
+#define PVM_STUB_WINDOW_SIZE 0x10000
+#define PVM_STUB_PATCH_MAX 1024
+#define PVM_STUB_SLOTS_OFF 0x0                  /* in the window: u64 trampoline address per site */
+#define PVM_STUB_TRAMP_OFF 0x2000               /* trampolines, PVM_STUB_TRAMP_SIZE bytes each */
+#define PVM_STUB_TRAMP_SIZE 32
+#define PVM_STUB_TRAMP_SYSCALL_END 7            /* ip after the trampoline's gettid syscall */
+#define PVM_STUB_SITES_OFF 0xA000               /* struct pvm_patch_site per site */
+#define PVM_STUB_ENTRY_OFF 0xE000               /* u64: the stub's entry for trampolines */
 
 #define PVM_OP_RUN 3U                       /* stub: resume the guest with stop.regs / fp */
 #define PVM_OP_SPAWN 4U                     /* stub: start the thread of block calls[0].args[0] */
@@ -142,6 +165,13 @@ struct pvm_stub_header {
     uint32_t stub_pid;
     uint64_t region_base;       /* where the stub mapped the region */
     uint64_t gadget;            /* the stub's one syscall instruction */
+    uint64_t window;            /* PVM_STUB_WINDOW_ADDR if mapped (patching possible), else 0 */
+};
+
+/* A patched site: where the guest continues (after its syscall) and the syscall number. */
+struct pvm_patch_site {
+    uint64_t ret;
+    int64_t nr;
 };
 
 /*
@@ -169,6 +199,14 @@ _Static_assert(sizeof(struct pvm_stop) <= PVM_PAGE, "stop fits");
 _Static_assert(__builtin_offsetof(struct pvm_stop, siginfo) == 16, "stop.siginfo");
 _Static_assert(__builtin_offsetof(struct pvm_stop, regs) == 144, "stop.regs");
 _Static_assert(__builtin_offsetof(struct pvm_stub_header, gadget) == 24, "stub header gadget");
+_Static_assert(__builtin_offsetof(struct pvm_stub_header, window) == 32, "stub header window");
+_Static_assert(((PVM_STUB_WINDOW_ADDR >> 16) & 0xffff) == 0x050f && PVM_STUB_WINDOW_ADDR + PVM_STUB_WINDOW_SIZE < 0x80000000UL,
+               "slot addresses end in the bytes of `syscall` and fit a sign-extended disp32");
+_Static_assert(PVM_STUB_SLOTS_OFF + 8 * PVM_STUB_PATCH_MAX <= PVM_STUB_TRAMP_OFF, "slots fit");
+_Static_assert(PVM_STUB_TRAMP_OFF + PVM_STUB_TRAMP_SIZE * PVM_STUB_PATCH_MAX <= PVM_STUB_SITES_OFF, "trampolines fit");
+_Static_assert(PVM_STUB_SITES_OFF + sizeof(struct pvm_patch_site) * PVM_STUB_PATCH_MAX <= PVM_STUB_ENTRY_OFF, "sites fit");
+_Static_assert(PVM_STUB_ENTRY_OFF + 8 <= PVM_STUB_WINDOW_SIZE, "entry fits");
+_Static_assert(PVM_STUB_WINDOW_OFF % PVM_PAGE == 0, "window is page-aligned in the region");
 
 _Static_assert(sizeof(struct pvm_call) == 64, "pvm_call size");
 _Static_assert(sizeof(struct pvm_header) <= PVM_PAGE, "header fits its page");

@@ -167,7 +167,7 @@ class Space:
             raise
 
     @classmethod
-    def create(cls):
+    def create(cls, patch_syscalls=True):
         """A fresh, almost empty address space (a stub process of ours) for guest code.
 
         Mode 1 runs at full speed there: guest syscalls are trapped by the stub's
@@ -176,15 +176,22 @@ class Space:
         madvise, mremap) and runs on a service thread; new_thread() adds guest
         threads for exec(thread=). The space dies with its caller, precisely with
         the caller thread that created it (PR_SET_PDEATHSIG).
+
+        patch_syscalls: a guest syscall site of the form `mov $nr, %eax; syscall`
+        that trapped once is rewritten to enter the stub without a signal (as
+        gVisor's systrap does); its stops are the same. The guest sees the
+        rewritten bytes if it reads its code, and the space holds a 64 KiB window
+        at 0x050f0000. Space.patching says whether it is on, and why not.
         """
         from .stub_engine import StubEngine
-        engine = StubEngine()
+        engine = StubEngine(patch=patch_syscalls)
         self = cls.__new__(cls)
         self._engine = engine
         self.engine = engine.name
         self.pid = engine.pid
         self.pidfd = os.dup(engine.pidfd)
         self.fallback_reason = None
+        self.patching = engine.patching
         self._detached = False
         self._lend_sock = self._lend_remote = None
         _guard.install()

@@ -46,11 +46,16 @@ class _Thread:
 class StubEngine:
     name = "stub"
 
-    def __init__(self, spin=None):
+    def __init__(self, spin=None, patch=True):
         self.proc = None
         self._map = None
         self._keep = None
         self.pidfd = -1
+        self._mem = -1
+        self._sites = {}                # syscall sites seen (address after the syscall) -> patch index or None
+        self._npatched = 0
+        self._patch_lock = threading.Lock()
+        self._patch_busy = False        # _patch holds every guest thread's lock for a moment
         self.service = None             # block 0: mode 2 and starting threads; never runs guest code
         self.threads = []               # guest threads: blocks 1, 2, ...
         self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
@@ -89,6 +94,17 @@ class StubEngine:
 
         fp_off = L["STUB_BLOCK_OFF"] + L["STUB_FP_OFF"]
         self._init_fp = bytes(self._map[fp_off:fp_off + fp_size]) if 512 <= fp_size <= L["STUB_FP_MAX"] else None
+        self.patching = self._start_patching() if patch else "off (patch_syscalls=False)"
+
+    def _start_patching(self):
+        """'on', or why not: the stub maps the window only if it can, the code is rewritten through /proc/PID/mem."""
+        if struct.unpack_from("<Q", self._map, L["stub_header.window"])[0] != L["STUB_WINDOW_ADDR"]:
+            return "off (the stub could not map its window at %#x or save the FPU state itself)" % L["STUB_WINDOW_ADDR"]
+        try:
+            self._mem = os.open("/proc/%d/mem" % self.pid, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            return "off (cannot write the stub's memory: %s)" % e.strerror
+        return "on"
 
     def _wait_ready(self):
         if not wait_word(self._map, self._base, 4, L["STUB_READY"], 10, lambda: self.proc.poll() is not None):
@@ -185,7 +201,7 @@ class StubEngine:
         if fp is not None and not 512 <= len(fp) <= FP_MAX:
             raise ValueError("fpstate must be 512..%d bytes" % FP_MAX)
         lock = t.lock
-        if not lock.acquire(False):
+        if not lock.acquire(False) and not (self._patch_busy and lock.acquire(timeout=5)):
             raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
         try:
             got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
@@ -204,9 +220,61 @@ class StubEngine:
         signo = got[0]
         if signo == SIGSYS and got[1] == SYS_SECCOMP:
             stop.reason = "syscall"
+            if self._mem >= 0 and out._q[16] not in self._sites:
+                self._patch(out._q[16], got[4])
             return stop, 0
         stop.reason = "signal"
         return stop, (0 if signo in sigmask else signo)
+
+    def _patch(self, ret, nr):
+        """Rewrite the site whose syscall just trapped (it ends at `ret`) if it is `mov $nr, %eax; syscall`.
+
+        Only while no other guest thread of the space runs: none can be
+        executing the bytes as they change. The last two bytes stay 0f 05.
+        Each site is looked at once; code written over a patched site later
+        simply traps again (slower, still right).
+        """
+        if not self._patch_lock.acquire(False):
+            return                                  # another caller thread is patching
+        held = []
+        self._patch_busy = True
+        try:
+            for t in self.threads:
+                if not t.lock.acquire(False):
+                    return                          # a guest thread runs: try again at a later stop
+                held.append(t)
+            self._patch_locked(ret, nr)
+        finally:
+            for t in held:
+                t.lock.release()
+            self._patch_busy = False
+            self._patch_lock.release()
+
+    def _patch_locked(self, ret, nr):
+        self._sites[ret] = None
+        if self._npatched >= L["STUB_PATCH_MAX"]:
+            return
+        try:
+            before = os.pread(self._mem, 8, ret - 8)
+        except OSError:
+            return
+        if len(before) != 8 or before[1] != 0xB8 or before[6:] != b"\x0f\x05" or before[0] in _PREFIXES \
+                or int.from_bytes(before[2:6], "little") != nr:
+            return
+        index = self._npatched
+        site = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"] + index * L["patch_site.size"]
+        struct.pack_into("<Qq", self._map, site, ret, nr)
+        slot = L["STUB_WINDOW_ADDR"] + L["STUB_SLOTS_OFF"] + 8 * index
+        try:
+            os.pwrite(self._mem, b"\xff\x24\x25" + slot.to_bytes(4, "little")[:2], ret - 7)   # jmp *slot
+        except OSError:
+            return
+        self._npatched += 1
+        self._sites[ret] = index
+
+    @property
+    def patched_sites(self):
+        return self._npatched
 
     # -- boilerplate shared with the other engines -----------------------------------------------
 
@@ -228,6 +296,9 @@ class StubEngine:
 
     def close(self):
         self.kill()
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -238,3 +309,6 @@ class StubEngine:
 
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
+# A byte before `mov $nr, %eax` that could be its prefix (REX, operand/address size, segment, lock/rep):
+# then it is another instruction, or may be; such sites stay unpatched.
+_PREFIXES = frozenset(range(0x40, 0x50)) | {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3}

@@ -23,8 +23,8 @@ __asm__(
     "pvm_guest_syscall_loop:\n"
     "  mov %rdi, %rbx\n"
     "1:\n"
-    "  mov $" STR(PVM_TEST_SYSCALL) ", %eax\n"
     "  mov %rbx, %rdi\n"
+    "  mov $" STR(PVM_TEST_SYSCALL) ", %eax\n"    /* the shape of libc's wrappers (patchable) */
     "  syscall\n"
     "  cmp $" STR(PVM_TEST_SYSCALL_RET) ", %rax\n"
     "  jne 2f\n"

@@ -13,6 +13,9 @@
 #include "layout.h"
 #include "guest/freestanding.h"
 
+/* Nothing is exported: every address is taken PC-relative, so the program needs no relocation. */
+#pragma GCC visibility push(hidden)
+
 #define SYS_mmap 9
 #define SYS_rt_sigaction 13
 #define SYS_close 3
@@ -24,6 +27,7 @@
 #define SYS_close_range 436
 #define SYS_seccomp 317
 #define SYS_getpid 39
+#define SYS_gettid 186
 
 #define PR_SET_PDEATHSIG 1
 #define PR_SET_NAME 15
@@ -37,6 +41,10 @@
 #define FUTEX_WAKE 1
 #define ETIMEDOUT 110
 #define EPERM 1
+#define SIGTRAP 5
+#define SIGSYS 31
+#define MAP_SHARED 1
+#define MAP_FIXED_NOREPLACE 0x100000
 
 struct kernel_sigaction {
     void *handler;
@@ -112,6 +120,85 @@ __asm__(
     ".size _start, .-_start\n"
     ".popsection\n");
 
+/*
+ * Entry from a patched syscall site's trampoline: eax = our tid (gettid),
+ * ecx = site index, r11 = the guest's rflags (saved by that syscall); every
+ * other register is the guest's, and nothing was written to its stack. Find
+ * this thread's block by tid, switch to its signal stack (free while the
+ * guest runs), save registers and xstate, and let C report the stop and wait.
+ * C returns the frame to resume from: xstate image, registers, iret frame.
+ */
+#define FAST_BLOCKS "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15"
+__asm__(
+    ".pushsection .text\n"
+    ".globl pvm_stub_fast_entry\n"
+    ".type pvm_stub_fast_entry,@function\n"
+    "pvm_stub_fast_entry:\n"
+    ".irp k," FAST_BLOCKS "\n"
+    "  cmp pvm_fast_tid+4*\\k(%rip), %eax\n"
+    "  je .Lfast_\\k\n"
+    ".endr\n"
+    "  ud2\n"                            /* not one of our guest threads: a guest jumped here */
+    ".irp k," FAST_BLOCKS "\n"
+    ".Lfast_\\k:\n"
+    "  mov %rsp, %rax\n"
+    "  mov pvm_fast_stack+8*\\k(%rip), %rsp\n"
+    "  push $\\k\n"
+    "  jmp .Lfast_common\n"
+    ".endr\n"
+    ".Lfast_common:\n"
+    "  push %rax\n"
+    "  push %r11\n"
+    "  push %rcx\n"
+    "  push %rdi\n push %rsi\n push %rdx\n push %r8\n push %r9\n push %r10\n"
+    "  push %rbx\n push %rbp\n push %r12\n push %r13\n push %r14\n push %r15\n"
+    "  push $2\n"
+    "  popfq\n"                          /* DF, AC, TF clear for our C code */
+    "  mov 15*8(%rsp), %rcx\n"
+    "  lea pvm_fast_fp(%rip), %rdx\n"
+    "  mov (%rdx,%rcx,8), %rcx\n"
+    "  mov $-1, %eax\n"
+    "  mov $-1, %edx\n"
+    "  xsave64 (%rcx)\n"
+    "  mov %rsp, %rdi\n"
+    "  call pvm_stub_fast\n"
+    "  mov %rax, %rsp\n"
+    ".Lresume:\n"
+    "  pop %rcx\n"
+    "  mov $-1, %eax\n"
+    "  mov $-1, %edx\n"
+    "  xrstor64 (%rcx)\n"
+    "  pop %r15\n pop %r14\n pop %r13\n pop %r12\n pop %rbp\n pop %rbx\n pop %r11\n pop %r10\n"
+    "  pop %r9\n pop %r8\n pop %rax\n pop %rcx\n pop %rdx\n pop %rsi\n pop %rdi\n"
+    "  iretq\n"
+    ".size pvm_stub_fast_entry, .-pvm_stub_fast_entry\n"
+    ".globl pvm_stub_resume\n"
+    ".type pvm_stub_resume,@function\n"
+    "pvm_stub_resume:\n"                /* (struct fast_out *): the same exit, from the signal handler */
+    "  mov %rdi, %rsp\n"
+    "  jmp .Lresume\n"
+    ".size pvm_stub_resume, .-pvm_stub_resume\n"
+    ".popsection\n");
+void pvm_stub_fast_entry(void);
+struct fast_out;
+__attribute__((noreturn)) void pvm_stub_resume(struct fast_out *out);
+
+/* What .Lfast_common pushed (lowest address first) and what it pops to resume. */
+struct fast_in {
+    uint64_t r15, r14, r13, r12, rbp, rbx, r10, r9, r8, rdx, rsi, rdi, site, rflags, rsp, block;
+};
+struct fast_out {
+    uint64_t fp, r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi;
+    uint64_t rip, cs, rflags, rsp, ss;
+};
+#define FAST_OUT_SPACE 256              /* reserved at the top of each signal stack */
+_Static_assert(sizeof(struct fast_out) <= FAST_OUT_SPACE, "fast_out fits");
+
+/* Per block, read by the entry code: its guest thread's tid, stack top, xstate area. */
+uint32_t pvm_fast_tid[PVM_STUB_MAX_THREADS];
+uint64_t pvm_fast_stack[PVM_STUB_MAX_THREADS];
+uint64_t pvm_fast_fp[PVM_STUB_MAX_THREADS];
+
 void pvm_stub_gadget(void);
 void pvm_stub_restorer(void);
 
@@ -140,7 +227,11 @@ static struct pvm_stub_header *header;
 static uint32_t served[PVM_STUB_MAX_THREADS];       /* last request taken, per thread */
 static uint32_t run_pending[PVM_STUB_MAX_THREADS];  /* a RUN is in flight: the next stop answers it */
 static uint32_t init_fp_size;
-static uint8_t init_fp[PVM_STUB_FP_MAX];
+static uint8_t init_fp[PVM_STUB_FP_MAX] __attribute__((aligned(64)));
+static uint64_t xcr0;                /* user xstate features; 0: no XSAVE, no patching */
+static uint32_t xsave_size;          /* what XSAVE writes for them */
+static uint32_t mxcsr_mask;
+static char *window;                 /* the patching window, through the region (writable) */
 static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
 
 
@@ -225,47 +316,22 @@ static long spawn(uint64_t index)
     return rax;
 }
 
-__attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext64 *uc)
+/* Record a stop, storing only what changed: lines the caller has read stay shared between the CPUs. */
+static void store_stop(struct pvm_stop *stop, uint32_t sig, const uint64_t *si, const uint64_t *now)
 {
-    /* Which thread am I: the block whose signal stack this frame is on. */
-    uint64_t at = (uint64_t)(uintptr_t)__builtin_frame_address(0) - (uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF);
-    uint64_t self = at / PVM_STUB_BLOCK_SIZE;
-    if (self >= PVM_STUB_MAX_THREADS)
-        sc(SYS_exit_group, 9, 0, 0, 0, 0, 0);
-    char *block = region + PVM_STUB_BLOCK_OFF + self * PVM_STUB_BLOCK_SIZE;
-    struct pvm_slot *slot = (struct pvm_slot *)block;
-    struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
-    uint8_t *fp_area = (uint8_t *)block + PVM_STUB_FP_OFF;
-    uint8_t *frame_fp = (uint8_t *)uc->mc.fpstate;
-    uint32_t fp_size = frame_fp ? frame_fp_size(frame_fp) : 0;
-    struct sigcontext64 *m = &uc->mc;
-    uint64_t *r = stop->regs;
-
-    stop->signo = (uint32_t)sig;
-    /*
-     * Store only what changed since the last stop: lines the caller has read
-     * stay shared instead of bouncing between the CPUs on every round trip.
-     */
-    const uint64_t *si = info;
-    uint64_t *so = (uint64_t *)stop->siginfo;
+    stop->signo = sig;
+    uint64_t *so = (uint64_t *)stop->siginfo, *r = stop->regs;
     for (int i = 0; i < 16; i++)
         if (so[i] != si[i])
             so[i] = si[i];
-    const uint64_t now[PVM_X86_64_NREGS] = {
-        m->r15, m->r14, m->r13, m->r12, m->rbp, m->rbx, m->r11, m->r10, m->r9, m->r8, m->rax, m->rcx,
-        m->rdx, m->rsi, m->rdi, ~0ULL, m->rip, m->cs, m->eflags, m->rsp, m->ss, rdfsbase(), rdgsbase(),
-        0, 0, 0, 0};
     for (int i = 0; i < PVM_X86_64_NREGS; i++)
         if (r[i] != now[i])
             r[i] = now[i];
-    if (frame_fp) {
-        copy(fp_area, frame_fp, fp_size);
-        stop->fp_size = fp_size;
-    }
-    if (!init_fp_size && frame_fp) {            /* the first trap: keep a clean FPU image */
-        copy(init_fp, frame_fp, fp_size);
-        init_fp_size = fp_size;
-    }
+}
+
+/* Report the stop just stored (it answers a RUN in flight), then serve requests until the next RUN. */
+static void serve(uint64_t self, struct pvm_slot *slot, struct pvm_stop *stop)
+{
     if (run_pending[self]) {
         run_pending[self] = 0;
         respond(slot, served[self]);
@@ -301,7 +367,136 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
             break;
         respond(slot, seq);     /* not a request we know (the guest may scribble here): ignore it */
     }
-    /* Resume the guest from stop->regs. */
+    run_pending[self] = 1;
+}
+
+/* A patched site's syscall, as the trap would have shown it: siginfo of a seccomp SIGSYS. */
+static void syscall_siginfo(uint64_t *si, uint64_t ret, int64_t nr)
+{
+    for (int i = 0; i < 16; i++)
+        si[i] = 0;
+    si[0] = SIGSYS;                                     /* si_signo; si_errno 0 (SECCOMP_RET_DATA) */
+    si[1] = PVM_SYS_SECCOMP;                            /* si_code */
+    si[2] = ret;                                        /* si_call_addr */
+    si[3] = (uint32_t)nr | ((uint64_t)PVM_AUDIT_ARCH_X86_64 << 32);
+}
+
+static const struct pvm_patch_site *patch_site(uint64_t index)
+{
+    return (const struct pvm_patch_site *)(window + PVM_STUB_SITES_OFF) + index % PVM_STUB_PATCH_MAX;
+}
+
+/* An xstate image XRSTOR accepts (it faults otherwise): the caller's, or else a clean one. */
+static int xstate_ok(const uint8_t *fp)
+{
+    uint64_t bv = *(const uint64_t *)(fp + 512), comp = *(const uint64_t *)(fp + 520);
+    uint64_t rsv = *(const uint64_t *)(fp + 528);
+    uint32_t mxcsr = *(const uint32_t *)(fp + 24);
+    return !(bv & ~xcr0) && !comp && !rsv && !(mxcsr & ~mxcsr_mask);
+}
+
+/* The frame pvm_stub_resume loads: the guest as the caller left it in stop->regs and the FP area. */
+static struct fast_out *resume_frame(uint64_t self, struct pvm_stop *stop, uint8_t *fp_area)
+{
+    struct fast_out *out = (struct fast_out *)(uintptr_t)pvm_fast_stack[self];
+    const uint64_t *r = stop->regs;
+    out->fp = (uint64_t)(uintptr_t)(stop->fp_valid && xstate_ok(fp_area) ? fp_area : init_fp);
+    out->r15 = r[0]; out->r14 = r[1]; out->r13 = r[2]; out->r12 = r[3]; out->rbp = r[4]; out->rbx = r[5];
+    out->r11 = r[6]; out->r10 = r[7]; out->r9 = r[8]; out->r8 = r[9]; out->rax = r[10]; out->rcx = r[11];
+    out->rdx = r[12]; out->rsi = r[13]; out->rdi = r[14]; out->rip = r[16]; out->cs = 0x33;
+    out->rflags = (r[18] & 0x50dd5) | 0x202;           /* what sigreturn would take: arithmetic, DF, TF, AC, RF */
+    out->rsp = r[19];
+    out->ss = 0x2b;
+    wrfsbase(r[21]);
+    wrgsbase(r[22]);
+    return out;
+}
+
+__attribute__((used)) struct fast_out *pvm_stub_fast(struct fast_in *in)
+{
+    uint64_t self = in->block;
+    char *block = region + PVM_STUB_BLOCK_OFF + self * PVM_STUB_BLOCK_SIZE;
+    struct pvm_slot *slot = (struct pvm_slot *)block;
+    struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
+    uint8_t *fp_area = (uint8_t *)block + PVM_STUB_FP_OFF;
+    const struct pvm_patch_site *site = patch_site(in->site);
+    uint64_t ret = site->ret;
+    int64_t nr = site->nr;
+    uint64_t si[16];
+
+    copy(fp_area + 464, init_fp + 464, 48);            /* the kernel's software-reserved bytes */
+    *(uint64_t *)(fp_area + 512) |= 3;                  /* as in a signal frame: x87 and SSE always present */
+    syscall_siginfo(si, ret, nr);
+    /* What the SIGSYS frame shows: the syscall ran (rcx = return address, r11 = rflags), rax = nr. */
+    const uint64_t now[PVM_X86_64_NREGS] = {
+        in->r15, in->r14, in->r13, in->r12, in->rbp, in->rbx, in->rflags, in->r10, in->r9, in->r8,
+        (uint64_t)nr, ret, in->rdx, in->rsi, in->rdi, ~0ULL, ret, 0x33, in->rflags, in->rsp, 0x2b,
+        rdfsbase(), rdgsbase(), 0, 0, 0, 0};
+    store_stop(stop, SIGSYS, si, now);
+    stop->fp_size = xsave_size;
+    serve(self, slot, stop);
+    return resume_frame(self, stop, fp_area);
+}
+
+__attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext64 *uc)
+{
+    /* Which thread am I: the block whose signal stack this frame is on. */
+    uint64_t at = (uint64_t)(uintptr_t)__builtin_frame_address(0) - (uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF);
+    uint64_t self = at / PVM_STUB_BLOCK_SIZE;
+    if (self >= PVM_STUB_MAX_THREADS)
+        sc(SYS_exit_group, 9, 0, 0, 0, 0, 0);
+    char *block = region + PVM_STUB_BLOCK_OFF + self * PVM_STUB_BLOCK_SIZE;
+    struct pvm_slot *slot = (struct pvm_slot *)block;
+    struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
+    uint8_t *fp_area = (uint8_t *)block + PVM_STUB_FP_OFF;
+    uint8_t *frame_fp = (uint8_t *)uc->mc.fpstate;
+    uint32_t fp_size = frame_fp ? frame_fp_size(frame_fp) : 0;
+    struct sigcontext64 *m = &uc->mc;
+    const uint64_t *si = info;
+    uint64_t tramp_si[16];
+
+    /*
+     * Single-stepping (TF) into a patched site stops at the start of its
+     * trampoline, which has changed nothing the caller can see yet but rax,
+     * rcx and r11: report it as the syscall stop it stands for.
+     */
+    uint64_t tramp = PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF;
+    if (window && sig == SIGTRAP && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE) {
+        const struct pvm_patch_site *site = patch_site((m->rip - tramp) / PVM_STUB_TRAMP_SIZE);
+        sig = SIGSYS;
+        syscall_siginfo(tramp_si, site->ret, site->nr);
+        si = tramp_si;
+        m->rax = (uint64_t)site->nr;
+        m->rip = m->rcx = site->ret;
+        m->r11 = m->eflags;
+    }
+    const uint64_t now[PVM_X86_64_NREGS] = {
+        m->r15, m->r14, m->r13, m->r12, m->rbp, m->rbx, m->r11, m->r10, m->r9, m->r8, m->rax, m->rcx,
+        m->rdx, m->rsi, m->rdi, ~0ULL, m->rip, m->cs, m->eflags, m->rsp, m->ss, rdfsbase(), rdgsbase(),
+        0, 0, 0, 0};
+    store_stop(stop, (uint32_t)sig, si, now);
+    if (frame_fp) {
+        copy(fp_area, frame_fp, fp_size);
+        stop->fp_size = fp_size;
+    }
+    if (!init_fp_size && frame_fp) {            /* the first trap: keep a clean FPU image */
+        copy(init_fp, frame_fp, fp_size);
+        init_fp_size = fp_size;
+        mxcsr_mask = *(uint32_t *)(init_fp + 28) ? *(uint32_t *)(init_fp + 28) : 0xffbf;
+        if (window && fp_size == xsave_size)    /* the fast path saves exactly what a frame holds */
+            header->window = PVM_STUB_WINDOW_ADDR;
+    }
+    serve(self, slot, stop);
+
+    /*
+     * Resume the guest from stop->regs. With XSAVE (always, on x86-64 Linux
+     * today) without rt_sigreturn: the handler runs with no signal blocked
+     * (SA_NODEFER, empty mask) and the alternate stack is left by rsp alone,
+     * so the kernel has nothing to undo; this saves a syscall per stop.
+     */
+    if (xcr0)
+        pvm_stub_resume(resume_frame(self, stop, fp_area));
+    const uint64_t *r = stop->regs;
     m->r15 = r[0]; m->r14 = r[1]; m->r13 = r[2]; m->r12 = r[3]; m->rbp = r[4]; m->rbx = r[5];
     m->r11 = r[6]; m->r10 = r[7]; m->r9 = r[8]; m->r8 = r[9]; m->rax = r[10]; m->rcx = r[11];
     m->rdx = r[12]; m->rsi = r[13]; m->rdi = r[14]; m->rip = r[16]; m->eflags = r[18]; m->rsp = r[19];
@@ -313,7 +508,6 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
         else if (init_fp_size == fp_size)
             copy(frame_fp, init_fp, fp_size);
     }
-    run_pending[self] = 1;
     wrfsbase(r[21]);
     wrgsbase(r[22]);
 }
@@ -335,6 +529,7 @@ __attribute__((used, noreturn)) void pvm_stub_thread_main(uint64_t index)
     uint64_t none = 0;          /* born inside a handler with every signal blocked: unblock them */
     sc(14 /* rt_sigprocmask */, 2 /* SIG_SETMASK */, (long)&none, 0, 8, 0, 0);
     use_signal_stack(index);
+    pvm_fast_tid[index] = (uint32_t)sc(SYS_gettid, 0, 0, 0, 0, 0, 0);
     trap_into_handler();
     sc(SYS_exit_group, 10, 0, 0, 0, 0, 0);
     __builtin_unreachable();
@@ -351,15 +546,28 @@ static long parse_int(const char *s)
 static void install_filter(uint64_t ip)
 {
     /* seccomp_data: nr @0, arch @4, instruction_pointer @8 (lo) / @12 (hi). */
-    enum { LD = 0x20, JEQ = 0x15, JGE = 0x35, RET = 0x06 };
+    enum { LD = 0x20, JEQ = 0x15, JGE = 0x35, AND = 0x54, RET = 0x06 };
     enum { ALLOW = 0x7fff0000U, TRAP = 0x00030000U, KILL = 0x80000000U };
     static const uint32_t set[] = {PVM_STUB_ALLOWED};
     enum { N = sizeof set / sizeof set[0] };
-    struct sock_filter_ f[16 + N + 2];
+    const uint32_t tramp = (uint32_t)(PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF);
+    struct sock_filter_ f[32 + N];
     int i = 0;
     f[i++] = (struct sock_filter_){LD, 0, 0, 4};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, 0xC000003EU};
     f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};                 /* i386 (int $0x80): trap */
+    /* gettid from a trampoline's own syscall instruction (ip 7 bytes into one): allow. */
+    f[i++] = (struct sock_filter_){LD, 0, 0, 12};
+    f[i++] = (struct sock_filter_){JEQ, 0, 8, 0};                    /* -> gadget checks */
+    f[i++] = (struct sock_filter_){LD, 0, 0, 8};
+    f[i++] = (struct sock_filter_){JGE, 0, 6, tramp};
+    f[i++] = (struct sock_filter_){JGE, 5, 0, tramp + PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE};
+    f[i++] = (struct sock_filter_){AND, 0, 0, PVM_STUB_TRAMP_SIZE - 1};
+    f[i++] = (struct sock_filter_){JEQ, 0, 3, PVM_STUB_TRAMP_SYSCALL_END};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 0};
+    f[i++] = (struct sock_filter_){JEQ, 0, 1, SYS_gettid};
+    f[i++] = (struct sock_filter_){RET, 0, 0, ALLOW};
+    /* Anything else: only from the gadget. */
     f[i++] = (struct sock_filter_){LD, 0, 0, 8};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, (uint32_t)ip};
     f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};                 /* not from the gadget: trap */
@@ -386,6 +594,58 @@ static void install_filter(uint64_t ip)
         sc(SYS_exit_group, 3, 0, 0, 0, 0, 0);
 }
 
+static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+/*
+ * The patching window: map it at its fixed address (never over anything) and
+ * fill in every trampoline. Patching stays off (header->window 0) unless
+ * this works and XSAVE saves what a signal frame holds (checked at the first trap).
+ */
+static void setup_window(long fd)
+{
+    uint32_t a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    if (!(c & (1U << 27)))                              /* OSXSAVE */
+        return;
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    cpuid(0xd, 0, &a, &b, &c, &d);
+    xcr0 = ((uint64_t)hi << 32) | lo;
+    xsave_size = b;
+    for (int k = 0; k < PVM_STUB_MAX_THREADS; k++) {
+        char *block = region + PVM_STUB_BLOCK_OFF + k * PVM_STUB_BLOCK_SIZE;
+        pvm_fast_stack[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE - FAST_OUT_SPACE);
+        pvm_fast_fp[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_FP_OFF);
+        pvm_fast_tid[k] = ~0U;
+    }
+    long at = sc(SYS_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */, MAP_SHARED | MAP_FIXED_NOREPLACE,
+                 fd, PVM_STUB_WINDOW_OFF);
+    if (at != (long)PVM_STUB_WINDOW_ADDR) {
+        if (at > 0)
+            sc(11 /* munmap */, at, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
+        return;
+    }
+    window = region + PVM_STUB_WINDOW_OFF;
+    uint64_t entry = PVM_STUB_WINDOW_ADDR + PVM_STUB_ENTRY_OFF;
+    *(uint64_t *)(window + PVM_STUB_ENTRY_OFF) = (uint64_t)(uintptr_t)pvm_stub_fast_entry;
+    for (uint32_t i = 0; i < PVM_STUB_PATCH_MAX; i++) {
+        uint64_t t = PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF + (uint64_t)i * PVM_STUB_TRAMP_SIZE;
+        uint8_t *p = (uint8_t *)window + PVM_STUB_TRAMP_OFF + i * PVM_STUB_TRAMP_SIZE;
+        int32_t rel = (int32_t)(entry - (t + 18));
+        const uint8_t code[18] = {
+            0xb8, SYS_gettid, 0, 0, 0,                  /* mov $SYS_gettid, %eax */
+            0x0f, 0x05,                                 /* syscall: eax = tid, r11 = rflags */
+            0xb9, (uint8_t)i, (uint8_t)(i >> 8), 0, 0,  /* mov $i, %ecx */
+            0xff, 0x25, (uint8_t)rel, (uint8_t)(rel >> 8), (uint8_t)(rel >> 16), (uint8_t)(rel >> 24)};
+        for (int j = 0; j < PVM_STUB_TRAMP_SIZE; j++)
+            p[j] = j < 18 ? code[j] : 0xcc;
+        *(uint64_t *)(window + PVM_STUB_SLOTS_OFF + 8 * i) = t;
+    }
+}
+
 __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
 {
     long argc = (long)sp[0];
@@ -400,6 +660,7 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     header = (struct pvm_stub_header *)region;
     if (header->magic != PVM_STUB_MAGIC)
         sc(SYS_exit_group, 5, 0, 0, 0, 0, 0);
+    setup_window(fd);
     sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
     sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
     static const char comm[16] = "pvmexec-stub";
@@ -412,8 +673,11 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     use_signal_stack(0);
     static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5};
     for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
-        struct kernel_sigaction sa = {(void *)pvm_stub_handler, SA_SIGINFO | SA_ONSTACK | SA_RESTORER,
-                                      (void *)pvm_stub_restorer, ~0ULL};
+        struct kernel_sigaction sa;
+        sa.handler = (void *)pvm_stub_handler;      /* field by field: an initializer may become a relocated template */
+        sa.flags = SA_SIGINFO | SA_ONSTACK | SA_RESTORER | SA_NODEFER;
+        sa.restorer = (void *)pvm_stub_restorer;
+        sa.mask = 0;                /* the handler may leave without rt_sigreturn: nothing to unblock */
         if (sc(SYS_rt_sigaction, sigs[i], (long)&sa, 0, 8, 0, 0))
             sc(SYS_exit_group, 7, 0, 0, 0, 0, 0);
     }
