@@ -56,3 +56,16 @@ def test_channel_and_stub_layouts_match_c():
     assert L["STUB_FP_OFF"] - L["STUB_STOP_OFF"] >= L["stop.regs"] + 8 * len(x86_64.REG_NAMES)
     assert set(stub_engine.STUB_ALLOWED) == {9, 10, 11, 14, 15, 25, 28, 39, 60, 110, 131, 186, 202, 231}
     assert _core.STUB_ELF[:4] == b"\x7fELF" and struct.unpack_from("<H", _core.STUB_ELF, 16)[0] == 3  # ET_DYN
+
+
+def test_patch_window_layout():
+    L = _core.LAYOUT
+    window, size, n = L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_SIZE"], L["STUB_PATCH_MAX"]
+    # Every slot's address, as the disp32 of `jmp *slot`, ends in the bytes of `syscall`.
+    for i in (0, 1, n - 1):
+        assert (window + L["STUB_SLOTS_OFF"] + 8 * i).to_bytes(4, "little")[2:] == b"\x0f\x05"
+    assert window + size < 1 << 31                          # a sign-extended disp32 reaches it
+    assert L["STUB_SLOTS_OFF"] + 8 * n <= L["STUB_TRAMP_OFF"]
+    assert L["STUB_TRAMP_OFF"] + L["STUB_TRAMP_SIZE"] * n <= L["STUB_SITES_OFF"]
+    assert L["STUB_SITES_OFF"] + L["patch_site.size"] * n <= size
+    assert L["stub_header.window"] == 32 and L["STUB_WINDOW_OFF"] + size == L["STUB_REGION_SIZE"]

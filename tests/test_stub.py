@@ -320,7 +320,7 @@ def test_trampolines_allow_nothing_but_their_own_gettid(space, tmp_path):
     target_dir = str(tmp_path / "escaped")
     window = L["STUB_WINDOW_ADDR"]
     tramp_syscall = window + L["STUB_TRAMP_OFF"] + 5
-    entry = struct.unpack_from("<Q", space._engine._map, L["STUB_WINDOW_OFF"] + 0xE000)[0]
+    entry = struct.unpack_from("<Q", space._engine._map, L["STUB_WINDOW_OFF"] + L["STUB_ENTRY_OFF"])[0]
     with Guest(space) as g:
         space.write(g.data, target_dir.encode() + b"\0")
         # mov $83,%eax (mkdir); mov $0x1ff,%esi; jmp *%rdx
@@ -332,3 +332,15 @@ def test_trampolines_allow_nothing_but_their_own_gettid(space, tmp_path):
         assert stop.signo == signal.SIGILL
         assert space.exec(g.context("syscall_loop", rdi=789)).syscall == 123
     assert not os.path.exists(target_dir)
+
+
+def test_mode2_cannot_unmap_or_replace_the_patching_window(space):
+    window = L["STUB_WINDOW_ADDR"]
+    for name, args in (("munmap", (window, 4096)), ("mprotect", (window - 4096, 8192, 7)),
+                       ("mmap", (window + 4096, 4096, 3, 0x32, -1, 0)), ("mremap", (window, 4096, 4096, 0))):
+        with pytest.raises(pvmexec.RemoteSyscallError, match="patching window") as e:
+            space.syscall(name, *args)
+        assert e.value.errno == errno.EBUSY
+    with open("/proc/%d/maps" % space.pid) as f:
+        assert any(line.startswith("050f0000-05100000 r-xs") for line in f)
+    assert space.syscall("munmap", window + 0x10000, 4096) == 0     # next to it is fine

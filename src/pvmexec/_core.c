@@ -1129,11 +1129,13 @@ PyInit__core(void)
         || add_int(layout, "stub_header.window", offsetof(struct pvm_stub_header, window)) < 0
         || add_int(layout, "STUB_WINDOW_OFF", PVM_STUB_WINDOW_OFF) < 0
         || add_int(layout, "STUB_WINDOW_ADDR", PVM_STUB_WINDOW_ADDR) < 0
+        || add_int(layout, "STUB_WINDOW_SIZE", PVM_STUB_WINDOW_SIZE) < 0
         || add_int(layout, "STUB_PATCH_MAX", PVM_STUB_PATCH_MAX) < 0
         || add_int(layout, "STUB_SLOTS_OFF", PVM_STUB_SLOTS_OFF) < 0
         || add_int(layout, "STUB_TRAMP_OFF", PVM_STUB_TRAMP_OFF) < 0
         || add_int(layout, "STUB_TRAMP_SIZE", PVM_STUB_TRAMP_SIZE) < 0
         || add_int(layout, "STUB_SITES_OFF", PVM_STUB_SITES_OFF) < 0
+        || add_int(layout, "STUB_ENTRY_OFF", PVM_STUB_ENTRY_OFF) < 0
         || add_int(layout, "patch_site.size", sizeof(struct pvm_patch_site)) < 0
         || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
         goto fail;

@@ -151,12 +151,14 @@ class StubEngine:
         if nr not in STUB_ALLOWED:
             raise RemoteSyscallError(1, "%s (a stub space allows only %s)" % (
                 name_of(nr), ", ".join(name_of(n) for n in sorted(STUB_ALLOWED))), args)
+        _spare_window(nr, args)
         return self._call(_core.agent_syscall, nr, *args, thread=None)
 
     def syscalls(self, calls):
         for nr, args in calls:
             if nr not in STUB_ALLOWED:
                 raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
+            _spare_window(nr, args)
         return self._call(_core.agent_batch, calls, thread=None)
 
     def _take(self, thread):
@@ -309,6 +311,25 @@ class StubEngine:
 
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
+_WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])
+_MAP_FIXED, _MREMAP_FIXED = 0x10, 0x2
+
+
+def _spare_window(nr, args):
+    """Refuse mode 2 memory calls that would replace, move or unmap the patching window."""
+    a = list(args) + [0] * (6 - len(args))
+    if nr == 9 and a[3] & _MAP_FIXED:
+        ranges = [(a[0], a[1])]
+    elif nr in (10, 11):                    # mprotect, munmap
+        ranges = [(a[0], a[1])]
+    elif nr == 25:                          # mremap: the old range, and the new one if fixed
+        ranges = [(a[0], a[1])] + ([(a[4], a[2])] if a[3] & _MREMAP_FIXED else [])
+    else:
+        return
+    for start, length in ranges:
+        if isinstance(start, int) and isinstance(length, int) and start < _WINDOW[1] and start + length > _WINDOW[0]:
+            raise RemoteSyscallError(errno.EBUSY, "%s (the range meets the stub's patching window %#x-%#x)" % (
+                name_of(nr), *_WINDOW), args)
 # A byte before `mov $nr, %eax` that could be its prefix (REX, operand/address size, segment, lock/rep):
 # then it is another instruction, or may be; such sites stay unpatched.
 _PREFIXES = frozenset(range(0x40, 0x50)) | {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3}
