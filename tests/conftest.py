@@ -133,3 +133,38 @@ def kill_caller_after_first_line(script, *args):
         caller.stdin.close()
         caller.stdout.close()
     return line
+
+
+# -- programs nobody here wrote, for the sandbox tests -----------------------------------------------
+
+BUSYBOX_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pvmexec-tests")
+
+
+@pytest.fixture(scope="session")
+def busybox():
+    """Debian's busybox-static: fetched once with apt-get (part of the test set-up), cached outside the tree."""
+    exe = os.path.join(BUSYBOX_CACHE, "busybox-static", "bin", "busybox")
+    if not os.path.exists(exe):
+        os.makedirs(BUSYBOX_CACHE, exist_ok=True)
+        work = os.path.join(BUSYBOX_CACHE, "download")
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        got = subprocess.run(["apt-get", "download", "busybox-static"], cwd=work, capture_output=True, text=True,
+                             timeout=300)
+        if got.returncode != 0 and os.geteuid() == 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+            got = subprocess.run(["apt-get", "download", "busybox-static"], cwd=work, capture_output=True,
+                                 text=True, timeout=300)
+        debs = [f for f in os.listdir(work) if f.endswith(".deb")]
+        assert debs, "could not fetch Debian's busybox-static for the sandbox tests: %s" % got.stderr[-500:]
+        subprocess.run(["dpkg-deb", "-x", os.path.join(work, debs[0]), os.path.join(BUSYBOX_CACHE, "busybox-static")],
+                       check=True, timeout=120)
+    assert os.access(exe, os.X_OK), exe
+    return exe
+
+
+@pytest.fixture(scope="session")
+def cc():
+    found = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    assert found, "tests need a C compiler"
+    return found

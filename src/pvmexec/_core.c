@@ -25,6 +25,9 @@
 #include <linux/elf.h>
 #include <unistd.h>
 #include <ucontext.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 
 #define PVM_CHECK_LAYOUT
 #include "layout.h"
@@ -888,6 +891,75 @@ py_fault_floor(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(ns);
 }
 
+/* -- host file calls for the sandbox kernel: raw kernel structures, OSError(errno, call) -- */
+
+static PyObject *
+raise_host(const char *call)
+{
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, call);
+}
+
+struct pvm_open_how {
+    uint64_t flags, mode, resolve;
+};
+
+static PyObject *
+py_openat2(PyObject *self, PyObject *args)
+{
+    int dirfd;
+    const char *path;
+    unsigned long long flags, mode, resolve;
+    if (!PyArg_ParseTuple(args, "iyKKK", &dirfd, &path, &flags, &mode, &resolve))
+        return NULL;
+    struct pvm_open_how how = {flags, mode, resolve};
+    long fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = syscall(437 /* openat2 */, dirfd, path, &how, sizeof how);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return raise_host("openat2");
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *
+py_fstatat_raw(PyObject *self, PyObject *args)
+{
+    int dirfd, flags;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iyi", &dirfd, &path, &flags))
+        return NULL;
+    struct stat st;
+    if (fstatat(dirfd, path, &st, flags) < 0)
+        return raise_host("fstatat");
+    return PyBytes_FromStringAndSize((const char *)&st, sizeof st);
+}
+
+static PyObject *
+py_statx_raw(PyObject *self, PyObject *args)
+{
+    int dirfd, flags;
+    unsigned int mask;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iyiI", &dirfd, &path, &flags, &mask))
+        return NULL;
+    unsigned char buf[256] = {0};
+    if (syscall(332 /* statx */, dirfd, path, flags, mask, buf) < 0)
+        return raise_host("statx");
+    return PyBytes_FromStringAndSize((const char *)buf, sizeof buf);
+}
+
+static PyObject *
+py_fstatfs_raw(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0)
+        return raise_host("fstatfs");
+    return PyBytes_FromStringAndSize((const char *)&sf, sizeof sf);
+}
+
 static PyObject *
 py_futex_wait(PyObject *self, PyObject *args)
 {
@@ -1033,6 +1105,10 @@ static PyMethodDef methods[] = {
     {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, pid, regs, fp, want_fp) -> stop fields"},
     {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
+    {"openat2", py_openat2, METH_VARARGS, "openat2(dirfd, path, flags, mode, resolve) -> fd"},
+    {"fstatat_raw", py_fstatat_raw, METH_VARARGS, "fstatat_raw(dirfd, path, flags) -> struct stat bytes"},
+    {"statx_raw", py_statx_raw, METH_VARARGS, "statx_raw(dirfd, path, flags, mask) -> struct statx bytes"},
+    {"fstatfs_raw", py_fstatfs_raw, METH_VARARGS, "fstatfs_raw(fd) -> struct statfs bytes"},
     {"fault_floor", py_fault_floor, METH_VARARGS, "fault_floor(n) -> ns for n in-process faults caught and returned from"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},

@@ -1,4 +1,4 @@
-"""Command line: pvmexec syscall | bench."""
+"""Command line: pvmexec syscall | run | bench."""
 import argparse
 import sys
 
@@ -50,6 +50,67 @@ def cmd_syscall(args):
     return 0
 
 
+def cmd_run(args):
+    import json
+    import os
+    import signal
+    from .kernel import Policy, Sandbox
+    if args.program[:1] == ["--"]:
+        args.program = args.program[1:]
+    if not args.program:
+        print("pvmexec run: no program given (pvmexec run [OPTIONS] -- PROGRAM [ARGS...])", file=sys.stderr)
+        return 2
+    try:
+        if args.policy:
+            with open(args.policy) as f:
+                spec = json.load(f)
+            if not isinstance(spec, dict):
+                raise ValueError("the policy file must hold a JSON object")
+        else:
+            spec = {}
+        if args.root:
+            spec["root"] = args.root
+        if args.writable:
+            spec["writable"] = list(spec.get("writable", ())) + args.writable
+        if args.network:
+            spec["network"] = True
+        policy = Policy.from_dict(spec)
+    except (OSError, ValueError) as e:
+        print("pvmexec run: policy: %s" % e, file=sys.stderr)
+        return 2
+    trace = None
+    if args.trace is not None:
+        trace = sys.stderr if args.trace == "-" else args.trace
+    box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
+    try:
+        status = box.run(args.program)
+    except FileNotFoundError as e:
+        print("pvmexec run: %s" % e.strerror, file=sys.stderr)
+        return 127
+    except PvmexecError as e:
+        print("pvmexec run: %s" % e, file=sys.stderr)
+        return 126
+    except OSError as e:
+        print("pvmexec run: %s: %s" % (args.program[0], e.strerror), file=sys.stderr)
+        return 126
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Die of the same signal, as the program would have (without a core dump of our own).
+        try:
+            import resource
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            os.kill(os.getpid(), sig)
+        except (OSError, ValueError):
+            pass
+        return 128 + sig
+    return os.WEXITSTATUS(status)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pvmexec",
@@ -71,6 +132,25 @@ def build_parser():
     s.add_argument("--engine", choices=("ptrace", "agent", "auto"), default="ptrace",
                    help="ptrace (default: nothing added to the target for one call) or agent")
     s.set_defaults(func=cmd_syscall)
+
+    r = sub.add_parser("run", help="run a program in the sandbox (every syscall handled by pvmexec's kernel)",
+                       description="Run PROGRAM in a stub address space of its own; each of its system "
+                                   "calls is carried out by pvmexec's application kernel (Python), which "
+                                   "reaches host files only through the policy: everything under ROOT "
+                                   "read-only, and writable paths below it. stdin, stdout, stderr and the "
+                                   "exit status are the program's.")
+    r.add_argument("--trace", nargs="?", const="-", metavar="FILE",
+                   help="print one strace-like line per syscall, to stderr or FILE")
+    r.add_argument("--policy", metavar="FILE",
+                   help='JSON: {"root": DIR, "writable": [PATH, ...], "network": false}')
+    r.add_argument("--root", metavar="DIR", help="host directory the program sees as / (default /)")
+    r.add_argument("--writable", action="append", metavar="PATH", default=[],
+                   help="a guest path below which the program may write (repeatable)")
+    r.add_argument("--network", action="store_true", help="allow sockets (denied by default)")
+    r.add_argument("--no-vdso", action="store_true",
+                   help="hide the vDSO, so that time calls reach the kernel")
+    r.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]")
+    r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="measure both process_vm_exec modes (self-contained)",
                        description="Reproduce the proposal's measurements: mode 1 syscall and fault "

@@ -1,0 +1,214 @@
+"""The guest's view of files: a path policy over the host's tree, and the kernel's own descriptor table.
+
+Every host file the guest reaches is opened here, by the kernel, inside the
+policy's root (openat2 with RESOLVE_IN_ROOT: `..` and symlinks cannot leave
+it), and written only below a writable path. The guest never holds a host
+descriptor: its descriptors are numbers in FdTable.
+"""
+import errno
+import os
+import posixpath
+import stat
+
+from .. import _core
+
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH, RESOLVE_IN_ROOT = 0x02, 0x04, 0x08, 0x10
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW, AT_EMPTY_PATH = 0x100, 0x1000
+O_ACCMODE = 3
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+# /proc describes the host, not the guest: only these general files are shown.
+PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",
+                "/proc/version", "/proc/filesystems", "/proc/sys")
+
+
+class Errno(Exception):
+    """A system call's failure as the guest sees it (the handler's -errno)."""
+
+    def __init__(self, err):
+        super().__init__(err, os.strerror(err))
+        self.errno = err
+
+
+class Policy:
+    """What the guest may reach of the host's files.
+
+    root: the host directory that is the guest's `/`. writable: guest paths
+    below which the guest may create, change and delete (nothing by default).
+    network: whether the guest may create sockets.
+    """
+
+    def __init__(self, root="/", writable=(), network=False):
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise ValueError("policy root %r is not a directory" % root)
+        self.writable = tuple(posixpath.normpath("/" + w.lstrip("/")) for w in writable)
+        self.network = bool(network)
+        self.root_fd = -1
+        self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - {"root", "writable", "network"}
+        if unknown:
+            raise ValueError("unknown policy keys: %s" % ", ".join(sorted(unknown)))
+        return cls(d.get("root", "/"), d.get("writable", ()), d.get("network", False))
+
+    def close(self):
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    __del__ = close
+
+    # -- guest paths ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _rel(guest_abs):
+        rel = guest_abs.lstrip("/")
+        return (rel or ".").encode("utf-8", "surrogateescape")
+
+    def _visible(self, guest_abs):
+        if guest_abs == "/proc" or guest_abs.startswith("/proc/"):
+            if guest_abs != "/proc" and not any(guest_abs == p or guest_abs.startswith(p + "/") for p in PROC_VISIBLE):
+                raise Errno(errno.ENOENT)
+
+    def _host_path(self, fd):
+        return os.readlink("/proc/self/fd/%d" % fd)
+
+    def _may_write(self, host_path):
+        for w in self.writable:
+            prefix = os.path.join(self.root, w.lstrip("/")).rstrip("/")
+            if host_path == prefix or host_path.startswith(prefix + "/"):
+                return True
+        return False
+
+    def path_fd(self, guest_abs, follow=True, directory=False):
+        """An O_PATH descriptor for a guest path (the caller closes it)."""
+        self._visible(guest_abs)
+        flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW) | (os.O_DIRECTORY if directory else 0)
+        try:
+            return _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            raise Errno(e.errno) from None
+
+    def open(self, guest_abs, flags, mode):
+        """A host descriptor for open(2) of a guest path, the policy checked before anything changes."""
+        flags |= os.O_CLOEXEC
+        if not flags & _WRITING and flags & O_ACCMODE == os.O_RDONLY:
+            self._visible(guest_abs)
+            try:
+                return _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError as e:
+                raise Errno(e.errno) from None
+        try:
+            existing = self.path_fd(guest_abs, follow=not flags & os.O_NOFOLLOW)
+        except Errno as e:
+            if e.errno != errno.ENOENT or not flags & os.O_CREAT:
+                raise
+            existing = None
+        if existing is not None:
+            try:
+                if flags & os.O_CREAT and flags & os.O_EXCL:
+                    raise Errno(errno.EEXIST)
+                if not self._may_write(self._host_path(existing)):
+                    raise Errno(errno.EACCES)
+                try:                                   # reopen the very inode that was checked
+                    return os.open("/proc/self/fd/%d" % existing, flags & ~(os.O_CREAT | os.O_EXCL), mode)
+                except OSError as e:
+                    raise Errno(e.errno) from None
+            finally:
+                os.close(existing)
+        parent, name = self.parent_for_write(guest_abs)
+        try:
+            return _core.openat2(parent, name.encode("utf-8", "surrogateescape"), flags, mode & 0o7777,
+                                 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            raise Errno(e.errno) from None
+        finally:
+            os.close(parent)
+
+    def parent_for_write(self, guest_abs):
+        """(O_PATH fd of the parent directory, last component), checked writable."""
+        head, name = posixpath.split(guest_abs.rstrip("/") or "/")
+        if not name or name in (".", ".."):
+            raise Errno(errno.EINVAL if name else errno.EBUSY)
+        fd = self.path_fd(head or "/", directory=True)
+        if not self._may_write(self._host_path(fd)):
+            os.close(fd)
+            raise Errno(errno.EACCES)
+        return fd, name
+
+
+class OpenFile:
+    """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
+
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs")
+
+    def __init__(self, host_fd, path, flags):
+        self.host_fd = host_fd
+        self.path = path                # the guest path it was opened by (for *at calls and /proc/self/fd)
+        self.flags = flags
+        self.dir_entries = None
+        self.dir_pos = 0
+        self.refs = 0
+
+    def is_dir(self):
+        try:
+            return stat.S_ISDIR(os.fstat(self.host_fd).st_mode)
+        except OSError:
+            return False
+
+
+class FdTable:
+    """The guest's descriptors: number -> (OpenFile, close-on-exec)."""
+
+    def __init__(self, limit=1024):
+        self.fds = {}
+        self.limit = limit
+
+    def get(self, fd):
+        entry = self.fds.get(fd)
+        if entry is None:
+            raise Errno(errno.EBADF)
+        return entry[0]
+
+    def install(self, f, cloexec=False, lowest=0, at=None):
+        """Lowest free number >= lowest (EMFILE past the limit), or exactly `at` (EBADF if out of range)."""
+        if at is not None:
+            if not 0 <= at < self.limit:
+                raise Errno(errno.EBADF)
+        else:
+            at = lowest
+            while at in self.fds:
+                at += 1
+            if at >= self.limit:
+                raise Errno(errno.EMFILE)
+        if at in self.fds:
+            self.close(at)
+        f.refs += 1
+        self.fds[at] = (f, bool(cloexec))
+        return at
+
+    def close(self, fd):
+        f, _ = self.fds.pop(fd, (None, None))
+        if f is None:
+            raise Errno(errno.EBADF)
+        f.refs -= 1
+        if f.refs == 0:
+            os.close(f.host_fd)
+
+    def cloexec(self, fd):
+        return self.fds[fd][1] if fd in self.fds else None
+
+    def set_cloexec(self, fd, on):
+        f = self.get(fd)
+        self.fds[fd] = (f, bool(on))
+
+    def close_on_exec(self):
+        for fd in [fd for fd, (_, ce) in self.fds.items() if ce]:
+            self.close(fd)
+
+    def close_all(self):
+        for fd in list(self.fds):
+            self.close(fd)

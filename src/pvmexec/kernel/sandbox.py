@@ -1,0 +1,406 @@
+"""An application kernel in Python: guest programs run in a stub space, every system call lands here.
+
+Sandbox.run() loads a program (loader.py) into a fresh stub space and runs it
+in mode 1; each syscall the guest makes stops it, the handler `sys_<name>`
+of this class carries it out on the guest's behalf, and the guest resumes
+with the result. Handlers receive the Process and the arguments, decoded by
+kind (paths as str, descriptors as signed ints, the rest as unsigned ints);
+they return a non-negative result or raise Errno. Override one in a
+subclass to emulate, deny, rewrite or observe a call.
+
+Guest memory is hostile input: every pointer is read through the space
+(EFAULT if it is bad), every length bounded, every structure parsed here.
+"""
+import errno
+import os
+import posixpath
+import signal
+import struct
+
+from ..errors import TargetGone
+from ..space import Space
+from ..syscalls import TABLE, name_of
+from . import loader
+from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, FdTable, OpenFile, Policy
+from .trace import Tracer
+
+MASK64 = (1 << 64) - 1
+PATH_MAX = 4096
+ARG_MAX = 2 << 20
+SIG_DFL, SIG_IGN = 0, 1
+# Signals whose default action is to do nothing (the rest terminate; these five also dump core).
+_DEFAULT_IGNORE = frozenset((signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT))
+_CORE = frozenset((signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS,
+                   signal.SIGFPE, signal.SIGSEGV, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGSYS))
+
+
+class Exited(Exception):
+    """The guest process ended; `status` is its wait status (exit code << 8, or the signal number)."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+class Process:
+    """One guest process (one thread for now): its space, registers and kernel-side state."""
+
+    def __init__(self, pid):
+        self.pid = self.tid = pid
+        self.ppid = 1
+        self.space = None
+        self.ctx = None
+        self.fds = FdTable()
+        self.cwd = "/"
+        self.umask = 0o022
+        self.brk_start = self.brk_cur = self.brk_mapped = 0
+        self.sigactions = {}                # signo -> (handler, flags, restorer, mask)
+        self.sigmask = 0
+        self.altstack = (0, 2, 0)           # SS_DISABLE
+        self.exe = None
+        self.comm = b""
+        self.clear_child_tid = 0
+        self.robust_list = (0, 0)
+        self.rlimits = {}
+        self.protected = ()                 # the stub's own mappings: the guest may not touch them
+
+    # -- guest memory (hostile) ---------------------------------------------------------------
+
+    def read(self, addr, n):
+        if n == 0:
+            return b""
+        if not 0 < addr < 1 << 47 or n < 0:
+            raise Errno(errno.EFAULT)
+        try:
+            return self.space.read(addr, n)
+        except OSError:
+            raise Errno(errno.EFAULT) from None
+
+    def write(self, addr, data):
+        if not data:
+            return
+        if not 0 < addr < 1 << 47:
+            raise Errno(errno.EFAULT)
+        try:
+            self.space.write(addr, data)
+        except OSError:
+            raise Errno(errno.EFAULT) from None
+
+    def read_str(self, addr, limit=PATH_MAX):
+        out = b""
+        while len(out) < limit:
+            chunk_len = min(4096 - (addr + len(out)) % 4096, 256)
+            chunk = self.read(addr + len(out), chunk_len)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                return out + chunk[:nul]
+            out += chunk
+        raise Errno(errno.ENAMETOOLONG)
+
+    def read_u64s(self, addr, n):
+        return struct.unpack("<%dQ" % n, self.read(addr, 8 * n))
+
+    def read_str_array(self, addr):
+        """A NULL-terminated array of strings (argv, envp), bounded like the kernel's."""
+        out, total = [], 0
+        if addr == 0:
+            return out
+        while True:
+            ptr = self.read_u64s(addr + 8 * len(out), 1)[0]
+            if ptr == 0:
+                return out
+            s = self.read_str(ptr, ARG_MAX).decode("utf-8", "surrogateescape")
+            total += len(s) + 9
+            if total > ARG_MAX or len(out) > 65536:
+                raise Errno(errno.E2BIG)
+            out.append(s)
+
+
+class Sandbox:
+    """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
+    file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
+    calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
+
+    def __init__(self, policy=None, trace=None, vdso=True, hostname=None, patch_syscalls=True):
+        self.policy = policy if policy is not None else Policy()
+        self.tracer = Tracer(trace) if trace is not None else None
+        self.vdso = vdso
+        self.hostname = hostname
+        self.patch_syscalls = patch_syscalls
+        self._next_pid = 2
+        self._handlers = {}
+        for nr, (name, kinds) in TABLE.items():
+            h = getattr(self, "sys_" + name, None)
+            if h is not None:
+                self._handlers[nr] = (h, tuple(k for _n, k in kinds or ()))
+        self.unsupported = set()
+
+    # -- running a program ----------------------------------------------------------------------
+
+    def run(self, argv, env=None, cwd=None, stdin=0, stdout=1, stderr=2):
+        """Run argv[0] (a guest path, looked up in PATH if it has no slash) to completion.
+
+        Returns its wait status, as os.waitpid would: os.waitstatus_to_exitcode() reads it.
+        """
+        env = dict(os.environ) if env is None else dict(env)
+        envp = ["%s=%s" % kv for kv in env.items()]
+        p = Process(self._next_pid)
+        self._next_pid += 1
+        p.cwd = self._initial_cwd(cwd)
+        try:
+            for guest_fd, host_fd in ((0, stdin), (1, stdout), (2, stderr)):
+                if host_fd is not None:
+                    p.fds.install(OpenFile(os.dup(host_fd), "/dev/fd/%d" % guest_fd, os.O_RDWR), at=guest_fd)
+            path = self._which(p, argv[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
+            self._execve(p, path, list(argv), envp)
+            return self._loop(p)
+        finally:
+            p.fds.close_all()
+            if p.space is not None:
+                p.space.detach()
+
+    def _initial_cwd(self, cwd):
+        host = os.path.realpath(cwd or os.getcwd())
+        root = self.policy.root
+        if root == "/":
+            return host
+        if host == root or host.startswith(root + "/"):
+            return host[len(root):] or "/"
+        return "/"
+
+    def _which(self, p, name, path_env):
+        if "/" in name:
+            return self._abs(p, AT_FDCWD, name)
+        for d in path_env.split(":"):
+            candidate = posixpath.join(d or ".", name)
+            try:
+                fd = self.policy.path_fd(self._abs(p, AT_FDCWD, candidate))
+            except Errno:
+                continue
+            try:
+                if os.access("/proc/self/fd/%d" % fd, os.X_OK):
+                    return self._abs(p, AT_FDCWD, candidate)
+            finally:
+                os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "%s: command not found in the sandbox's PATH" % name)
+
+    def _loop(self, p):
+        handlers, tracer = self._handlers, self.tracer
+        try:
+            while True:
+                stop = p.space.exec(p.ctx)
+                ctx = p.ctx = stop.ctx
+                if stop.reason != "syscall":
+                    self._signal(p, stop.signo)
+                    continue
+                nr = stop.syscall
+                if stop.siginfo.arch != 0xC000003E:         # int $0x80: i386 calls are not served
+                    ctx.rax = -errno.ENOSYS & MASK64
+                    continue
+                entry = handlers.get(nr)
+                args = (ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10, ctx.r8, ctx.r9)
+                if entry is None:
+                    ret = -errno.ENOSYS
+                    if tracer:
+                        tracer.unsupported(p, nr, args, first=nr not in self.unsupported)
+                    self.unsupported.add(nr)
+                    ctx.rax = ret & MASK64
+                    continue
+                handler, kinds = entry
+                decoded = args[:len(kinds)]
+                try:
+                    if "str" in kinds or "fd" in kinds:
+                        decoded = tuple(self._decode(p, a, k) for a, k in zip(decoded, kinds))
+                    ret = handler(p, *decoded)
+                except Errno as e:
+                    ret = -e.errno
+                except Exited:
+                    if tracer:
+                        tracer.call(p, nr, decoded, None)
+                    raise
+                if tracer:
+                    tracer.call(p, nr, decoded, ret)
+                if ret is not None:                         # None: the handler set the registers (execve)
+                    p.ctx.rax = ret & MASK64
+        except Exited as e:
+            if tracer:
+                tracer.exited(p, e.status)
+            return e.status
+        except TargetGone:
+            return signal.SIGKILL                           # the stub was killed from outside
+
+    @staticmethod
+    def _decode(p, value, kind):
+        if kind == "str":
+            return None if value == 0 else p.read_str(value).decode("utf-8", "surrogateescape")
+        if kind == "fd":
+            value &= 0xFFFFFFFF
+            return value - (1 << 32) if value >= 1 << 31 else value
+        return value
+
+    def _signal(self, p, signo):
+        """A signal for the guest: its handler is not run yet (no frames); ignored or default action."""
+        handler = p.sigactions.get(signo, (SIG_DFL, 0, 0, 0))[0]
+        sync = signo in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
+        if handler == SIG_IGN and not sync:
+            return
+        if handler == SIG_DFL and signo in _DEFAULT_IGNORE:
+            return
+        raise Exited(signo | (0x80 if signo in _CORE else 0))
+
+    # -- exec ------------------------------------------------------------------------------------
+
+    def _read_file(self, guest_abs):
+        fd = self.policy.open(guest_abs, os.O_RDONLY, 0)
+        try:
+            if not os.access("/proc/self/fd/%d" % fd, os.X_OK):
+                raise Errno(errno.EACCES)
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000) == 0o100000:
+                raise Errno(errno.EACCES)
+            chunks, off = [], 0
+            while True:
+                chunk = os.pread(fd, 1 << 22, off)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                off += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def _execve(self, p, path, argv, envp):
+        """Replace p's image: everything is built in a new space first, so a failure leaves p as it was."""
+        data = self._read_file(path)
+        for _ in range(loader.MAX_SCRIPT_DEPTH):
+            script = loader.script_interpreter(data)
+            if script is None:
+                break
+            interp, arg = script
+            argv = [interp] + ([arg] if arg else []) + [path] + argv[1:]
+            path = self._abs(p, AT_FDCWD, interp)
+            data = self._read_file(path)
+        else:
+            raise Errno(errno.ELOOP)
+        main = loader.Elf(data)
+        interp = loader.Elf(self._read_file(self._abs(p, AT_FDCWD, main.interp))) if main.interp else None
+        if interp is not None and interp.interp:
+            raise Errno(errno.ELIBBAD)
+        space = Space.create(patch_syscalls=self.patch_syscalls)
+        try:
+            protected = self._stub_mappings(space)
+
+            def clash(lo, hi):
+                if any(lo < e and hi > s for s, e in protected):
+                    raise Errno(errno.ENOMEM)
+            main.load(space, clash)
+            interp_bias = interp.load(space, clash) if interp else 0
+            vdso = self._vdso(space) if self.vdso else 0
+            q = Process.__new__(Process)
+            q.space = space
+            ids = (os.getuid(), os.geteuid(), os.getgid(), os.getegid())
+            sp = loader.build_stack(space, argv, envp, argv[0] if not path else path, main, interp_bias, vdso, ids)
+            entry = interp.bias + interp.entry if interp else main.bias + main.entry
+        except BaseException:
+            space.detach()
+            raise
+        from ..context import SigContext
+        ctx = SigContext(rip=entry, rsp=sp)
+        ctx.fpstate = space.initial_fpstate()
+        old = p.space
+        p.space, p.ctx, p.protected = space, ctx, protected
+        p.brk_start = p.brk_cur = p.brk_mapped = loader._up(main.end)
+        p.exe = path
+        p.comm = posixpath.basename(path).encode()[:15]
+        p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
+        p.altstack = (0, 2, 0)
+        p.clear_child_tid = 0
+        p.robust_list = (0, 0)
+        p.fds.close_on_exec()
+        if old is not None:
+            old.detach()
+
+    @staticmethod
+    def _stub_mappings(space):
+        out = []
+        with open("/proc/%d/maps" % space.pid) as f:
+            for line in f:
+                lo, hi = line.split()[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+        return tuple(out)
+
+    @staticmethod
+    def _vdso(space):
+        with open("/proc/%d/maps" % space.pid) as f:
+            for line in f:
+                if line.rstrip().endswith("[vdso]"):
+                    return int(line.split("-")[0], 16)
+        return 0
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def _abs(self, p, dirfd, path):
+        """The absolute guest path for (dirfd, path), normalised lexically (the host resolves symlinks)."""
+        if path is None:
+            raise Errno(errno.EFAULT)
+        if path == "":
+            raise Errno(errno.ENOENT)
+        if path.startswith("/"):
+            base = "/"
+        elif dirfd == AT_FDCWD:
+            base = p.cwd
+        else:
+            f = p.fds.get(dirfd)
+            if not f.is_dir():
+                raise Errno(errno.ENOTDIR)
+            base = f.path
+        out = posixpath.normpath(posixpath.join(base, path))
+        if out.startswith("//"):
+            out = "/" + out.lstrip("/")
+        return out + ("/" if path.endswith("/") and out != "/" else "")
+
+    def _guest_path_of(self, host_fd):
+        host = os.readlink("/proc/self/fd/%d" % host_fd)
+        root = self.policy.root
+        if root == "/":
+            return host
+        return host[len(root):] or "/" if host.startswith(root) else "/"
+
+    def _path_fd(self, p, dirfd, path, flags=0):
+        """An O_PATH host fd for a path argument of an *at call (AT_EMPTY_PATH: the descriptor itself)."""
+        if path == "" and flags & AT_EMPTY_PATH:
+            return os.dup(p.fds.get(dirfd).host_fd)
+        return self.policy.path_fd(self._abs(p, dirfd, path), follow=not flags & AT_SYMLINK_NOFOLLOW)
+
+    def _writable_fd(self, fd):
+        if not self.policy._may_write(os.readlink("/proc/self/fd/%d" % fd)):
+            raise Errno(errno.EACCES)
+
+    from .syscalls_files import (sys_read, sys_write, sys_pread64, sys_pwrite64, sys_readv, sys_writev,  # noqa: E402
+                                 sys_open, sys_openat, sys_creat, sys_close, sys_close_range, sys_lseek,
+                                 sys_fstat, sys_stat, sys_lstat, sys_newfstatat, sys_statx, sys_statfs,
+                                 sys_fstatfs, sys_access, sys_faccessat, sys_faccessat2, sys_readlink,
+                                 sys_readlinkat, sys_getdents64, sys_getcwd, sys_chdir, sys_fchdir, sys_mkdir,
+                                 sys_mkdirat, sys_unlink, sys_unlinkat, sys_rmdir, sys_rename, sys_renameat,
+                                 sys_renameat2, sys_symlink, sys_symlinkat, sys_chmod, sys_fchmod, sys_fchmodat,
+                                 sys_utimensat, sys_truncate, sys_ftruncate, sys_fsync, sys_fdatasync, sys_fcntl,
+                                 sys_dup, sys_dup2, sys_dup3, sys_pipe, sys_pipe2, sys_ioctl, sys_poll, sys_ppoll,
+                                 sys_fadvise64, sys_flock, sys_sync, sys_umask, sys_socket, sys_sendfile,
+                                 sys_getxattr, sys_lgetxattr, sys_fgetxattr, sys_listxattr, sys_llistxattr,
+                                 sys_flistxattr)
+    from .syscalls_process import (sys_mmap, sys_munmap, sys_mprotect, sys_mremap, sys_madvise, sys_brk,  # noqa: E402
+                                   sys_rt_sigaction, sys_rt_sigprocmask, sys_sigaltstack, sys_kill, sys_tgkill,
+                                   sys_tkill, sys_exit, sys_exit_group, sys_getpid, sys_gettid, sys_getppid,
+                                   sys_getuid, sys_geteuid, sys_getgid, sys_getegid, sys_getresuid,
+                                   sys_getresgid, sys_getgroups, sys_getpgrp, sys_getpgid, sys_getsid,
+                                   sys_setpgid, sys_setsid, sys_uname, sys_sysinfo, sys_times, sys_getrusage,
+                                   sys_clock_gettime, sys_clock_getres, sys_gettimeofday, sys_time,
+                                   sys_nanosleep, sys_clock_nanosleep, sys_getrandom, sys_prlimit64,
+                                   sys_getrlimit, sys_setrlimit, sys_arch_prctl, sys_set_tid_address,
+                                   sys_set_robust_list, sys_get_robust_list, sys_rseq, sys_futex,
+                                   sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl, sys_wait4,
+                                   sys_execve, sys_execveat, clock_ns)
+
+    def _raise_sigpipe(self, p):
+        self._signal(p, signal.SIGPIPE)
+

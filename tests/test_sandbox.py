@@ -1,0 +1,355 @@
+"""The application kernel: real programs nobody here wrote, run in a stub space, compared with a native run."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pvmexec.kernel import Errno, Policy, Sandbox
+
+PY = sys.executable
+PYTHON3 = "/usr/bin/python3"
+
+
+def sandboxed(argv, *options, cwd=None, input=None, env=None):
+    """`pvmexec run [options] -- argv`, as a user runs it."""
+    return subprocess.run([PY, "-m", "pvmexec", "run", *options, "--", *argv], capture_output=True, cwd=cwd,
+                          input=input, env=env, timeout=120)
+
+
+def native(argv, cwd=None, input=None, env=None):
+    return subprocess.run(argv, capture_output=True, cwd=cwd, input=input, env=env, timeout=120)
+
+
+def same_as_native(argv, cwd=None, input=None, env=None):
+    want, got = native(argv, cwd, input, env), sandboxed(argv, cwd=cwd, input=input, env=env)
+    assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr), argv
+    return got
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A small directory tree to list, sort, hash and archive."""
+    root = tmp_path / "tree"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_text("banana\napple\ncherry\n")
+    (root / "sub" / "b.txt").write_bytes(bytes(range(256)) * 40)
+    (root / "sub" / "deeper" / "c.txt").write_text("deep\n" * 1000)
+    os.symlink("a.txt", root / "link")
+    return root
+
+
+def build(cc, tmp_path, source, *flags, name="prog"):
+    src = tmp_path / (name + ".c")
+    src.write_text(textwrap.dedent(source))
+    out = tmp_path / name
+    subprocess.run([cc, "-O1", *flags, "-o", str(out), str(src)], check=True, timeout=120)
+    return str(out)
+
+
+HELLO = r"""
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    int main(int argc, char **argv) {
+        char *heap = malloc(1 << 20);
+        memset(heap, 7, 1 << 20);
+        long sum = 0;
+        for (int i = 0; i < (1 << 20); i += 4096) sum += heap[i];
+        printf("%d args, first %s, sum %ld, env %s\n", argc, argv[1], sum, getenv("PVM_TEST") ?: "-");
+        FILE *f = fopen(argv[2], "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f)) fputs(line, stdout);
+        return 42;
+    }
+"""
+
+
+@pytest.mark.parametrize("link", ["-static", "-static-pie", "-pie"])
+def test_static_static_pie_and_dynamic_programs(cc, tmp_path, tree, link):
+    prog = build(cc, tmp_path, HELLO, link)
+    env = dict(os.environ, PVM_TEST="set")
+    got = same_as_native([prog, "one", str(tree / "a.txt")], env=env)
+    assert got.returncode == 42 and b"apple" in got.stdout
+
+
+@pytest.mark.parametrize("applet", [
+    ["echo", "hello", "world"], ["cat", "a.txt", "sub/deeper/c.txt"], ["ls", "-la", "."], ["ls", "-R", "sub"],
+    ["sort", "a.txt"], ["sha256sum", "a.txt", "sub/b.txt"], ["wc", "-lwc", "a.txt", "sub/deeper/c.txt"],
+    ["find", ".", "-name", "*.txt"], ["head", "-n", "2", "a.txt"], ["stat", "-c", "%n %s %F", "a.txt", "link"],
+    ["readlink", "link"], ["md5sum", "sub/b.txt"], ["od", "-A", "x", "-t", "x1", "-N", "32", "sub/b.txt"],
+])
+def test_busybox_applets_match_native(busybox, tree, applet):
+    same_as_native([busybox] + applet, cwd=str(tree))
+
+
+def test_busybox_gzip_and_tar_output_match_native(busybox, tree):
+    for argv in (["gzip", "-c", "sub/b.txt"], ["tar", "cf", "-", "sub"], ["tar", "tvf", "-"]):
+        data = native([busybox, "tar", "cf", "-", "sub"], cwd=str(tree)).stdout if argv[:2] == ["tar", "tvf"] else None
+        same_as_native([busybox] + argv, cwd=str(tree), input=data)
+
+
+def test_busybox_sh_without_processes(busybox, tree):
+    script = 'x=0; for f in *.txt sub/*.txt; do x=$((x+1)); echo "$x $f"; done; read line; echo "got $line"; exit 3'
+    got = same_as_native([busybox, "sh", "-c", script], cwd=str(tree), input=b"from stdin\n")
+    assert got.returncode == 3 and b"got from stdin" in got.stdout
+
+
+@pytest.mark.parametrize("argv", [["/bin/ls", "-la"], ["/usr/bin/sort", "-r", "a.txt"],
+                                  ["/usr/bin/sha256sum", "sub/b.txt"], ["/bin/cat", "a.txt"],
+                                  ["/usr/bin/wc", "sub/deeper/c.txt"], ["/usr/bin/head", "-c", "100", "sub/b.txt"]])
+def test_coreutils_match_native(tree, argv):
+    same_as_native(argv, cwd=str(tree))
+
+
+def test_python3_runs(tree):
+    code = ("import json, hashlib, os, sys\n"
+            "data = open('a.txt').read().split()\n"
+            "print(json.dumps(sorted(data)), hashlib.sha256(b'x'*1000).hexdigest())\n"
+            "print(sorted(os.listdir('sub')), sys.argv[1:])\n"
+            "sys.exit(5)\n")
+    got = same_as_native([PYTHON3, "-S", "-c", code, "arg"], cwd=str(tree))
+    assert got.returncode == 5
+
+
+def test_shebang_scripts_and_execve(busybox, tmp_path, tree):
+    script = tmp_path / "script"
+    script.write_text("#!%s sh\necho \"script $0 $1\"\nexec /bin/echo replaced by echo\necho never\n" % busybox)
+    script.chmod(0o755)
+    got = same_as_native([str(script), "arg"], cwd=str(tree))
+    assert got.stdout == b"script %s arg\nreplaced by echo\n" % str(script).encode()
+
+
+def test_termination_by_signal_is_the_programs(cc, tmp_path):
+    prog = build(cc, tmp_path, r"""
+        #include <stdlib.h>
+        #include <stdio.h>
+        #include <string.h>
+        #include <signal.h>
+        int main(int argc, char **argv) {
+            if (!strcmp(argv[1], "abort")) abort();
+            if (!strcmp(argv[1], "segv")) *(volatile int *)8 = 1;
+            if (!strcmp(argv[1], "kill")) { signal(SIGTERM, SIG_IGN); raise(SIGTERM); puts("ignored"); raise(SIGKILL); }
+            return 0;
+        }
+    """)
+    for how, sig in (("abort", signal.SIGABRT), ("segv", signal.SIGSEGV), ("kill", signal.SIGKILL)):
+        got = same_as_native([prog, how])
+        assert got.returncode == -sig, how
+
+
+def test_exit_status_and_stdin_stdout_stderr(busybox):
+    script = 'while read l; do echo "$l"; done; echo to-stderr >&2; exit 9'
+    got = same_as_native([busybox, "sh", "-c", script], input=b"piped in\n")
+    assert (got.stdout, got.stderr, got.returncode) == (b"piped in\n", b"to-stderr\n", 9)
+
+
+# -- the policy ----------------------------------------------------------------------------------------
+
+def test_root_confines_paths(busybox, tmp_path):
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "data" / "inside").write_text("inside\n")
+    os.link(busybox, root / "bin" / "busybox") if os.stat(busybox).st_dev == os.stat(root).st_dev else \
+        (root / "bin" / "busybox").write_bytes(open(busybox, "rb").read())
+    (root / "bin" / "busybox").chmod(0o755)
+    os.symlink("/etc/hostname", root / "data" / "escape")       # resolved inside the root: not the host's file
+    os.symlink("../../../../../../etc", root / "data" / "up")
+    for path in ("/etc/hostname", "/data/../../../etc/hostname", "/data/escape", "/data/up/hostname"):
+        got = sandboxed(["/bin/busybox", "cat", path], "--root", str(root))
+        assert got.returncode == 1 and b"No such file or directory" in got.stderr, (path, got)
+    got = sandboxed(["/bin/busybox", "cat", "/data/inside"], "--root", str(root))
+    assert got.stdout == b"inside\n"
+    got = sandboxed(["/bin/busybox", "ls", "/proc/self/", "/proc/1"], "--root", str(root))
+    assert got.returncode != 0
+
+
+def test_writes_only_below_writable_paths(busybox, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = tmp_path / "keep"
+    keep.write_text("unchanged\n")
+    os.symlink(str(keep), out / "trap")
+    got = sandboxed([busybox, "sh", "-c", "echo x > %s/new" % out])
+    assert got.returncode != 0 and not (out / "new").exists()
+    w = ("--writable", str(out))
+    assert sandboxed([busybox, "sh", "-c", "echo x > %s/new" % out], *w).returncode == 0
+    assert sandboxed([busybox, "mkdir", str(out / "d")], *w).returncode == 0
+    assert sandboxed([busybox, "mv", str(out / "new"), str(out / "d" / "moved")], *w).returncode == 0
+    assert (out / "d" / "moved").read_text() == "x\n"
+    got = sandboxed([busybox, "sh", "-c", "echo y > %s/trap" % out], *w)
+    assert got.returncode != 0 and b"Permission denied" in got.stderr
+    assert keep.read_text() == "unchanged\n", "a symlink in a writable directory must not reach a read-only file"
+    assert sandboxed([busybox, "rm", str(out / "trap")], *w).returncode == 0 and not os.path.lexists(out / "trap")
+    assert sandboxed([busybox, "rm", str(keep)], *w).returncode != 0 and keep.exists()
+
+
+def test_network_is_denied_by_default(tmp_path):
+    code = "import socket\ntry:\n socket.socket()\nexcept OSError as e: print(e.errno)\n"
+    got = sandboxed([PYTHON3, "-S", "-c", code])
+    assert got.stdout.strip() == str(errno.EACCES).encode()
+
+
+def test_policy_file(busybox, tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"writable": [str(out)]}))
+    got = sandboxed([busybox, "touch", str(out / "made")], "--policy", str(policy))
+    assert got.returncode == 0 and (out / "made").exists()
+    policy.write_text(json.dumps({"writeable": []}))
+    got = sandboxed([busybox, "true"], "--policy", str(policy))
+    assert got.returncode == 2 and b"unknown policy keys: writeable" in got.stderr
+
+
+# -- the trace, unsupported calls, hostile arguments ---------------------------------------------------
+
+def test_trace_lines(busybox, tmp_path):
+    trace = tmp_path / "trace"
+    got = sandboxed([busybox, "cat", "/etc/hostname"], "--trace=%s" % trace)
+    lines = trace.read_text().splitlines()
+    assert any('open' in l and '"/etc/hostname", O_RDONLY' in l and l.endswith("= 3") for l in lines), lines
+    assert got.stdout == open("/etc/hostname", "rb").read()
+    assert any(l.startswith("[pid ") and ("sendfile(1, 3, NULL" in l or "write(1, " in l) for l in lines), lines
+    assert lines[-1].endswith("+++ exited with 0 +++")
+    got = sandboxed([busybox, "cat", "/nonexistent"], "--trace")
+    assert b'"/nonexistent", O_RDONLY) = -1 ENOENT (No such file or directory)' in got.stderr
+
+
+def test_unsupported_syscalls_get_enosys_and_are_reported_once(cc, tmp_path):
+    prog = build(cc, tmp_path, r"""
+        #include <stdio.h>
+        #include <unistd.h>
+        #include <errno.h>
+        #include <sys/syscall.h>
+        int main(void) {
+            for (int i = 0; i < 3; i++) {
+                long r = syscall(SYS_io_setup, 1, 0);
+                printf("%ld %d\n", r, errno);
+            }
+            return 0;
+        }
+    """)
+    got = sandboxed([prog], "--trace")
+    assert got.stdout == b"-1 38\n" * 3
+    assert got.stderr.count(b"io_setup(") == 3 and got.stderr.count(b"not provided by the sandbox") == 1
+
+
+HOSTILE = r"""
+    #define _GNU_SOURCE
+    #include <stdio.h>
+    #include <unistd.h>
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <sys/mman.h>
+    #include <sys/syscall.h>
+    static void show(const char *what, long r) { printf("%s %ld %d\n", what, r, r < 0 ? errno : 0); }
+    int main(void) {
+        show("write-bad-buffer", syscall(SYS_write, 1, (void *)16, 100));
+        show("open-null", syscall(SYS_openat, AT_FDCWD, (void *)0, 0));
+        show("open-kernel-address", syscall(SYS_openat, AT_FDCWD, (void *)0xffffffff81000000UL, 0));
+        show("read-huge", syscall(SYS_read, 0, (void *)0x1000, 1UL << 62));
+        show("map-over-window", (long)mmap((void *)0x050f0000, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0));
+        show("unmap-window", syscall(SYS_munmap, 0x050f0000, 0x10000));
+        show("bad-fd", syscall(SYS_close, 12345));
+        show("dup2-negative", syscall(SYS_dup2, 1, -5));
+        show("sigaction-kill", syscall(SYS_rt_sigaction, 9, (void *)16, 0, 8));
+        char path[8192];
+        for (int i = 0; i < 8191; i++) path[i] = 'a';
+        path[8191] = 0;
+        show("long-path", syscall(SYS_openat, AT_FDCWD, path, 0));
+        puts("still running");
+        return 0;
+    }
+"""
+
+
+def test_hostile_arguments_get_errors_and_the_guest_keeps_running(cc, tmp_path):
+    prog = build(cc, tmp_path, HOSTILE, "-static")
+    got = sandboxed([prog], input=b"")
+    lines = dict(l.split(" ", 1) for l in got.stdout.decode().splitlines() if " " in l)
+    assert lines["write-bad-buffer"] == "-1 %d" % errno.EFAULT
+    assert lines["open-null"] == "-1 %d" % errno.EFAULT
+    assert lines["open-kernel-address"] == "-1 %d" % errno.EFAULT
+    assert lines["read-huge"] == "0 0"                                       # end of (empty) input
+    assert lines["map-over-window"] == "-1 %d" % errno.EINVAL
+    assert lines["unmap-window"] == "-1 %d" % errno.EINVAL
+    assert lines["bad-fd"] == "-1 %d" % errno.EBADF
+    assert lines["dup2-negative"] == "-1 %d" % errno.EBADF
+    assert lines["sigaction-kill"] == "-1 %d" % errno.EINVAL
+    assert lines["long-path"] == "-1 %d" % errno.ENAMETOOLONG
+    assert got.stdout.endswith(b"still running\n") and got.returncode == 0
+
+
+# -- the Python API: handlers to override ------------------------------------------------------------
+
+class FakeWorld(Sandbox):
+    """The README's example: another hostname, and a clock stuck in 2001."""
+
+    def sys_uname(self, p, buf):
+        Sandbox.sys_uname(self, p, buf)
+        p.write(buf + 65, b"sandboxed".ljust(65, b"\0"))
+        return 0
+
+    def clock_ns(self, p, clk):
+        return 1000000000 * 10 ** 9                            # 2001-09-09, for every time call
+
+
+def run_captured(box, argv, tmp_path):
+    out = tmp_path / "stdout"
+    with open(out, "wb") as f:
+        status = box.run(argv, stdout=f.fileno())
+    return status, out.read_bytes()
+
+
+def test_overriding_handlers_fakes_hostname_and_time(busybox, tmp_path):
+    box = FakeWorld(vdso=False)
+    status, out = run_captured(box, [busybox, "hostname"], tmp_path)
+    assert (status, out) == (0, b"sandboxed\n")
+    status, out = run_captured(box, [busybox, "date", "-u", "+%Y-%m-%d"], tmp_path)
+    assert (status, out) == (0, b"2001-09-09\n")
+
+
+def test_a_handler_can_deny_a_call(busybox, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+
+    class NoSecrets(Sandbox):
+        def sys_openat(self, p, dirfd, path, flags, mode):
+            if path is not None and "secret" in path:
+                raise Errno(errno.EPERM)
+            return Sandbox.sys_openat(self, p, dirfd, path, flags, mode)
+    box = NoSecrets()
+    status, out = run_captured(box, [busybox, "cat", str(secret)], tmp_path)
+    assert os.waitstatus_to_exitcode(status) == 1 and out == b""
+    status, out = run_captured(box, [busybox, "cat", "/etc/hostname"], tmp_path)
+    assert status == 0 and out == open("/etc/hostname", "rb").read()
+
+
+def test_nothing_is_left_behind(busybox, tmp_path):
+    box = Sandbox()
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    children_before = _children()
+    status, out = run_captured(box, [busybox, "echo", "hi"], tmp_path)
+    assert (status, out) == (0, b"hi\n")
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+    assert _children() == children_before
+
+
+def _children():
+    me = str(os.getpid())
+    kids = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/%s/stat" % pid) as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        kids.add(pid)
+            except OSError:
+                pass
+    return kids
