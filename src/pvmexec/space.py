@@ -167,7 +167,7 @@ class Space:
             raise
 
     @classmethod
-    def create(cls, patch_syscalls=True):
+    def create(cls, patch_syscalls=True, fixed_layout=False):
         """A fresh, almost empty address space (a stub process of ours) for guest code.
 
         Mode 1 runs at full speed there: guest syscalls are trapped by the stub's
@@ -182,9 +182,13 @@ class Space:
         gVisor's systrap does); its stops are the same. The guest sees the
         rewritten bytes if it reads its code, and the space holds a 64 KiB window
         at 0x050f0000. Space.patching says whether it is on, and why not.
+
+        fixed_layout: start the stub without address-space randomisation, so that
+        every such space has its own pages and the vDSO at the same addresses
+        (what copying a guest into another space, for fork, needs).
         """
         from .stub_engine import StubEngine
-        engine = StubEngine(patch=patch_syscalls)
+        engine = StubEngine(patch=patch_syscalls, fixed_layout=fixed_layout)
         self = cls.__new__(cls)
         self._engine = engine
         self.engine = engine.name

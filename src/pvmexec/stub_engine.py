@@ -46,7 +46,7 @@ class _Thread:
 class StubEngine:
     name = "stub"
 
-    def __init__(self, spin=None, patch=True):
+    def __init__(self, spin=None, patch=True, fixed_layout=False):
         self.proc = None
         self._map = None
         self._keep = None
@@ -76,7 +76,8 @@ class StubEngine:
             os.set_inheritable(fd, True)
             self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd)], pass_fds=(fd, exe),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, close_fds=True)
+                                         stderr=subprocess.DEVNULL, close_fds=True,
+                                         preexec_fn=_no_randomize if fixed_layout else None)
             self.pid = self.proc.pid
             self.pidfd = os.pidfd_open(self.pid)
             self._wait_ready()
@@ -308,6 +309,16 @@ class StubEngine:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+_libc_personality = ctypes.CDLL(None, use_errno=True).personality
+_ADDR_NO_RANDOMIZE = 0x0040000
+
+
+def _no_randomize():
+    """In the stub's child before exec: the same layout in every stub (stub, stack, vDSO), so that a
+    forked guest's copied memory finds everything where it was."""
+    _libc_personality(_libc_personality(0xFFFFFFFF) | _ADDR_NO_RANDOMIZE)
 
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)

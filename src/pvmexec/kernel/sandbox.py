@@ -16,12 +16,14 @@ import os
 import posixpath
 import signal
 import struct
+import threading
 
 from ..errors import TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
 from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, FdTable, OpenFile, Policy
+from .processes import Interrupted
 from .trace import Tracer
 
 MASK64 = (1 << 64) - 1
@@ -63,6 +65,26 @@ class Process:
         self.robust_list = (0, 0)
         self.rlimits = {}
         self.protected = ()                 # the stub's own mappings: the guest may not touch them
+        self.parent = None
+        self.children = {}
+        self.pgid = self.sid = pid
+        self.status = None                  # wait status once it has ended
+        self.exit_signal = signal.SIGCHLD
+        self.pending = {}                   # signo -> siginfo bytes
+        self.fatal = 0                      # a signal that ends it whatever it does
+        self.saved_sigmask = None           # rt_sigsuspend: the mask to restore after the handler
+        self.vfork_done = threading.Event()
+        self.thread = None
+        self.internal_error = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def close_wake(self):
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.wake_r = self.wake_w = -1
 
     # -- guest memory (hostile) ---------------------------------------------------------------
 
@@ -128,6 +150,8 @@ class Sandbox:
         self.hostname = hostname
         self.patch_syscalls = patch_syscalls
         self._next_pid = 2
+        self._cond = threading.Condition()
+        self._procs = {}
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
             h = getattr(self, "sys_" + name, None)
@@ -141,23 +165,49 @@ class Sandbox:
         """Run argv[0] (a guest path, looked up in PATH if it has no slash) to completion.
 
         Returns its wait status, as os.waitpid would: os.waitstatus_to_exitcode() reads it.
+        Guest processes it leaves behind are killed when it ends.
         """
         env = dict(os.environ) if env is None else dict(env)
         envp = ["%s=%s" % kv for kv in env.items()]
-        p = Process(self._next_pid)
-        self._next_pid += 1
+        with self._cond:
+            p = Process(self._next_pid)
+            self._next_pid += 1
+            self._procs[p.pid] = p
         p.cwd = self._initial_cwd(cwd)
+        p.thread = threading.current_thread()
         try:
             for guest_fd, host_fd in ((0, stdin), (1, stdout), (2, stderr)):
                 if host_fd is not None:
                     p.fds.install(OpenFile(os.dup(host_fd), "/dev/fd/%d" % guest_fd, os.O_RDWR), at=guest_fd)
             path = self._which(p, argv[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
             self._execve(p, path, list(argv), envp)
-            return self._loop(p)
-        finally:
-            p.fds.close_all()
-            if p.space is not None:
-                p.space.detach()
+            status = self._loop(p)
+        except BaseException:
+            self._finish(p, signal.SIGKILL)
+            self._end_all()
+            raise
+        self._finish(p, status)
+        self._end_all()
+        return status
+
+    def _end_all(self):
+        """Kill every guest process still running and wait for its caller thread."""
+        with self._cond:
+            left = [q for q in self._procs.values() if q.status is None]
+        for q in left:
+            q.fatal = signal.SIGKILL
+            if q.space is not None:
+                q.space._engine.kill()
+            from .processes import wake
+            wake(q)
+        for q in left:
+            if q.thread is not None and q.thread is not threading.current_thread():
+                q.thread.join(10)
+        with self._cond:
+            self._procs.clear()
+
+    def _new_space(self):
+        return Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True)
 
     def _initial_cwd(self, cwd):
         host = os.path.realpath(cwd or os.getcwd())
@@ -188,10 +238,19 @@ class Sandbox:
         handlers, tracer = self._handlers, self.tracer
         try:
             while True:
-                stop = p.space.exec(p.ctx)
+                if p.pending or p.fatal:
+                    if p.fatal:
+                        raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
+                    self._deliver_pending(p)
+                try:
+                    stop = p.space.exec(p.ctx)
+                except TargetGone:
+                    if p.fatal:
+                        continue
+                    raise
                 ctx = p.ctx = stop.ctx
                 if stop.reason != "syscall":
-                    self._signal(p, stop.signo)
+                    self._deliver(p, stop.signo, stop.siginfo.raw, sync=True)
                     continue
                 nr = stop.syscall
                 if stop.siginfo.arch != 0xC000003E:         # int $0x80: i386 calls are not served
@@ -214,6 +273,8 @@ class Sandbox:
                     ret = handler(p, *decoded)
                 except Errno as e:
                     ret = -e.errno
+                except Interrupted:
+                    ret = self._interrupted_syscall(p, nr)
                 except Exited:
                     if tracer:
                         tracer.call(p, nr, decoded, None)
@@ -239,14 +300,11 @@ class Sandbox:
         return value
 
     def _signal(self, p, signo):
-        """A signal for the guest: its handler is not run yet (no frames); ignored or default action."""
-        handler = p.sigactions.get(signo, (SIG_DFL, 0, 0, 0))[0]
-        sync = signo in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS)
-        if handler == SIG_IGN and not sync:
-            return
-        if handler == SIG_DFL and signo in _DEFAULT_IGNORE:
-            return
-        raise Exited(signo | (0x80 if signo in _CORE else 0))
+        """The calling process sends itself signo (raise, write to a broken pipe)."""
+        info = struct.pack("<iii4xiI", signo, 0, -6, p.pid, os.getuid()).ljust(128, b"\0")
+        self._queue(p, signo, info, wake_it=False)
+        if p.fatal:
+            raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
 
     # -- exec ------------------------------------------------------------------------------------
 
@@ -286,7 +344,7 @@ class Sandbox:
         interp = loader.Elf(self._read_file(self._abs(p, AT_FDCWD, main.interp))) if main.interp else None
         if interp is not None and interp.interp:
             raise Errno(errno.ELIBBAD)
-        space = Space.create(patch_syscalls=self.patch_syscalls)
+        space = self._new_space()
         try:
             protected = self._stub_mappings(space)
 
@@ -317,8 +375,10 @@ class Sandbox:
         p.clear_child_tid = 0
         p.robust_list = (0, 0)
         p.fds.close_on_exec()
+        p.pending = {s: i for s, i in p.pending.items()}
         if old is not None:
             old.detach()
+        p.vfork_done.set()                                  # a vfork parent may go on
 
     @staticmethod
     def _stub_mappings(space):
@@ -389,17 +449,25 @@ class Sandbox:
                                  sys_getxattr, sys_lgetxattr, sys_fgetxattr, sys_listxattr, sys_llistxattr,
                                  sys_flistxattr)
     from .syscalls_process import (sys_mmap, sys_munmap, sys_mprotect, sys_mremap, sys_madvise, sys_brk,  # noqa: E402
-                                   sys_rt_sigaction, sys_rt_sigprocmask, sys_sigaltstack, sys_kill, sys_tgkill,
-                                   sys_tkill, sys_exit, sys_exit_group, sys_getpid, sys_gettid, sys_getppid,
-                                   sys_getuid, sys_geteuid, sys_getgid, sys_getegid, sys_getresuid,
-                                   sys_getresgid, sys_getgroups, sys_getpgrp, sys_getpgid, sys_getsid,
-                                   sys_setpgid, sys_setsid, sys_uname, sys_sysinfo, sys_times, sys_getrusage,
-                                   sys_clock_gettime, sys_clock_getres, sys_gettimeofday, sys_time,
-                                   sys_nanosleep, sys_clock_nanosleep, sys_getrandom, sys_prlimit64,
-                                   sys_getrlimit, sys_setrlimit, sys_arch_prctl, sys_set_tid_address,
-                                   sys_set_robust_list, sys_get_robust_list, sys_rseq, sys_futex,
-                                   sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl, sys_wait4,
-                                   sys_execve, sys_execveat, clock_ns)
+                                   sys_rt_sigaction, sys_rt_sigprocmask, sys_sigaltstack, sys_exit,
+                                   sys_exit_group, sys_getpid, sys_gettid, sys_getuid, sys_geteuid, sys_getgid,
+                                   sys_getegid, sys_getresuid, sys_getresgid, sys_getgroups, sys_uname,
+                                   sys_sysinfo, sys_times, sys_getrusage, sys_clock_gettime, sys_clock_getres,
+                                   sys_gettimeofday, sys_time, sys_nanosleep, sys_clock_nanosleep, sys_getrandom,
+                                   sys_prlimit64, sys_getrlimit, sys_setrlimit, sys_arch_prctl,
+                                   sys_set_tid_address, sys_set_robust_list, sys_get_robust_list, sys_rseq,
+                                   sys_futex, sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl,
+                                   sys_execve, sys_execveat, clock_ns, sys_pause, sys_rt_sigsuspend)
+    from .processes import (sys_fork, sys_vfork, sys_clone, sys_clone3, _clone, _new_process,  # noqa: E402
+                            _discard, _copy_memory, _start, _run_process, _finish, _child_info, sys_wait4,
+                            sys_waitid, sys_getpgid, sys_getpgrp, sys_getsid, sys_setpgid, sys_setsid,
+                            sys_getppid, sys_kill, sys_tgkill, sys_tkill, _queue, _signal_ready,
+                            deliver_pending as _deliver_pending, _deliver, _push_frame, sys_rt_sigreturn,
+                            interrupted_syscall as _interrupted_syscall, wait_readable as _wait_readable,
+                            sleep_interruptibly as _sleep)
+
+    def _new_thread(self, p, flags, newsp, parent_tid, child_tid, tls):
+        raise Errno(errno.ENOSYS)
 
     def _raise_sigpipe(self, p):
         self._signal(p, signal.SIGPIPE)

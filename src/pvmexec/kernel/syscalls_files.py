@@ -28,15 +28,30 @@ def _host(call, *args, **kw):
 
 # -- reading and writing ------------------------------------------------------------------------
 
+def _may_block(f):
+    try:
+        return not stat.S_ISREG(os.fstat(f.host_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _read(self, p, f, n):
+    if _may_block(f) and not self._wait_readable(p, f.host_fd):
+        pass
+    return _host(os.read, f.host_fd, n)
+
+
 def sys_read(self, p, fd, buf, count):
     f = p.fds.get(fd)
-    data = _host(os.read, f.host_fd, min(count, IO_MAX))
+    data = _read(self, p, f, min(count, IO_MAX))
     p.write(buf, data)
     return len(data)
 
 
 def _write(self, p, call, fd, data, *extra):
     f = p.fds.get(fd)
+    if _may_block(f):
+        self._wait_readable(p, f.host_fd, select.POLLOUT)
     try:
         return call(f.host_fd, data, *extra)
     except BrokenPipeError:
@@ -85,7 +100,7 @@ def _iovec(p, vec, n):
 def sys_readv(self, p, fd, vec, n):
     f = p.fds.get(fd)
     iov, total = _iovec(p, vec, n)
-    data = _host(os.read, f.host_fd, total)
+    data = _read(self, p, f, total)
     done = 0
     for base, length in iov:
         if done >= len(data):
@@ -291,7 +306,11 @@ def _poll(self, p, fds, nfds, timeout_ms):
         poller.register(f.host_fd, events & 0xFFFF)
     ready = 0
     if not any(revents):
+        poller.register(p.wake_r, select.POLLIN)
         ready = poller.poll(timeout_ms)
+        if any(fd == p.wake_r for fd, _ev in ready):
+            self._wait_readable(p, p.wake_r, timeout_ms=0)      # drains; Interrupted if a signal is due
+            ready = [(fd, ev) for fd, ev in ready if fd != p.wake_r]
         for host_fd, ev in ready:
             for i in by_host.get(host_fd, ()):
                 revents[i] = ev & (entries[i][1] | select.POLLERR | select.POLLHUP | select.POLLNVAL)

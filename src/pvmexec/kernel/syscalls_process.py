@@ -178,30 +178,12 @@ def _stack_t(raw):
     return sp, flags, size
 
 
-def _send(self, p, target, signo):
-    if target not in (p.pid, 0, -1, -p.pid):
-        raise Errno(errno.ESRCH)
-    if signo == 0:
-        return 0
-    _valid_signal(signo)
-    self._signal(p, signo)
-    return 0
 
 
-def sys_kill(self, p, pid, signo):
-    pid &= 0xFFFFFFFF
-    pid = pid - (1 << 32) if pid >= 1 << 31 else pid
-    return _send(self, p, pid, signo)
 
 
-def sys_tgkill(self, p, tgid, tid, signo):
-    if tgid != p.pid:
-        raise Errno(errno.ESRCH)
-    return _send(self, p, tid, signo)
 
 
-def sys_tkill(self, p, tid, signo):
-    return _send(self, p, tid, signo)
 
 
 def sys_exit(self, p, code):
@@ -224,8 +206,6 @@ def sys_gettid(self, p):
     return p.tid
 
 
-def sys_getppid(self, p):
-    return p.ppid
 
 
 def sys_getuid(self, p):
@@ -268,28 +248,14 @@ def sys_getgroups(self, p, size, lst):
     return len(groups)
 
 
-def sys_getpgrp(self, p):
-    return p.pid
 
 
-def sys_getpgid(self, p, pid):
-    if pid not in (0, p.pid):
-        raise Errno(errno.ESRCH)
-    return p.pid
 
 
-def sys_getsid(self, p, pid):
-    return sys_getpgid(self, p, pid)
 
 
-def sys_setpgid(self, p, pid, pgid):
-    if pid not in (0, p.pid) or pgid not in (0, p.pid):
-        raise Errno(errno.EPERM)
-    return 0
 
 
-def sys_setsid(self, p):
-    raise Errno(errno.EPERM)                        # already a group leader
 
 
 def sys_uname(self, p, buf):
@@ -376,11 +342,27 @@ def _sleep_until(deadline_ns, clk):
         time.sleep(left / 1e9)
 
 
+def _sleep_until(self, p, deadline_ns, clk, rem=0):
+    """Sleep to a deadline on clk; a signal for p cuts it short (remaining time written to rem)."""
+    from .processes import Interrupted
+    while True:
+        left = deadline_ns - time.clock_gettime_ns(clk)
+        if left <= 0:
+            return
+        try:
+            self._sleep(p, left / 1e9)
+        except Interrupted:
+            if rem:
+                left = max(0, deadline_ns - time.clock_gettime_ns(clk))
+                p.write(rem, struct.pack("<qq", left // 10 ** 9, left % 10 ** 9))
+            raise
+
+
 def sys_nanosleep(self, p, req, rem):
     sec, nsec = struct.unpack("<qq", p.read(req, 16))
     if sec < 0 or not 0 <= nsec < 10 ** 9:
         raise Errno(errno.EINVAL)
-    _sleep_until(time.monotonic_ns() + sec * 10 ** 9 + nsec, time.CLOCK_MONOTONIC)
+    _sleep_until(self, p, time.monotonic_ns() + sec * 10 ** 9 + nsec, time.CLOCK_MONOTONIC, rem)
     return 0
 
 
@@ -389,8 +371,22 @@ def sys_clock_nanosleep(self, p, clk, flags, req, rem):
     if sec < 0 or not 0 <= nsec < 10 ** 9 or clk not in (0, 1, 7, 9):
         raise Errno(errno.EINVAL)
     ns = sec * 10 ** 9 + nsec
-    _sleep_until(ns if flags & 1 else time.clock_gettime_ns(clk) + ns, clk)
+    _sleep_until(self, p, ns if flags & 1 else time.clock_gettime_ns(clk) + ns, clk, 0 if flags & 1 else rem)
     return 0
+
+
+def sys_pause(self, p):
+    while True:
+        self._sleep(p, 3600)
+
+
+def sys_rt_sigsuspend(self, p, mask, size):
+    if size != 8:
+        raise Errno(errno.EINVAL)
+    new = struct.unpack("<Q", p.read(mask, 8))[0] & ~((1 << (_SIGKILL - 1)) | (1 << (_SIGSTOP - 1)))
+    p.saved_sigmask, p.sigmask = p.sigmask, new     # the handler's frame restores the old mask
+    while True:
+        self._sleep(p, 3600)
 
 
 def sys_getrandom(self, p, buf, length, flags):
@@ -486,13 +482,13 @@ def sys_futex(self, p, uaddr, op, val, timeout, uaddr2, val3):
             raise Errno(errno.EAGAIN)
         if not timeout:
             while True:                             # only another thread could wake it: as natively, forever
-                time.sleep(3600)
+                self._sleep(p, 3600)
         sec, nsec = struct.unpack("<qq", p.read(timeout, 16))
         if cmd == 9 or op & 0x100:                  # absolute
             clk = time.CLOCK_REALTIME if op & 0x100 else time.CLOCK_MONOTONIC
-            _sleep_until(sec * 10 ** 9 + nsec, clk)
+            _sleep_until(self, p, sec * 10 ** 9 + nsec, clk)
         else:
-            _sleep_until(time.monotonic_ns() + sec * 10 ** 9 + nsec, time.CLOCK_MONOTONIC)
+            _sleep_until(self, p, time.monotonic_ns() + sec * 10 ** 9 + nsec, time.CLOCK_MONOTONIC)
         raise Errno(errno.ETIMEDOUT)
     raise Errno(errno.ENOSYS)
 
@@ -538,8 +534,6 @@ def sys_prctl(self, p, option, a2, a3, a4, a5):
     raise Errno(errno.EINVAL)
 
 
-def sys_wait4(self, p, pid, status, options, rusage):
-    raise Errno(errno.ECHILD)                       # no child processes yet
 
 
 def sys_execve(self, p, path, argv, envp):
