@@ -448,3 +448,33 @@ def test_guest_processes_left_running_are_ended_with_the_run(busybox, tmp_path):
     status, out = run_captured(box, [busybox, "sh", "-c", "sleep 30 & echo started"], tmp_path)
     assert (status, out) == (0, b"started\n")
     assert box._procs == {} and _children() == set()
+
+
+# -- threads ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def threads_prog(cc, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("threads") / "threads")
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(os.path.dirname(__file__), "victims", "threads.c")],
+                   check=True, timeout=120)
+    return out
+
+
+def test_pthreads_mutexes_condvars_joins_and_tls(threads_prog):
+    got = same_as_native([threads_prog])
+    assert got.stdout == b"counter 120000 sum 150 distinct-tid 1\nrounds done 520000\n"
+
+
+def test_exit_from_a_thread_ends_the_process(threads_prog):
+    got = same_as_native([threads_prog, "exit-from-thread"])
+    assert got.returncode == 7
+
+
+def test_python3_threads(tree):
+    code = ("import threading, queue\n"
+            "q = queue.Queue()\n"
+            "def work(n): q.put(sum(i * i for i in range(n)))\n"
+            "ts = [threading.Thread(target=work, args=(5000 * (k + 1),)) for k in range(4)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "print(sorted(q.get() for _ in ts), threading.active_count())\n")
+    same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))

@@ -9,6 +9,7 @@ import errno
 import os
 import posixpath
 import stat
+import threading
 
 from .. import _core
 
@@ -160,6 +161,11 @@ class OpenFile:
             return False
 
 
+# Descriptor tables are changed by several guest threads and processes at once (and open file
+# descriptions are shared between processes after fork): one lock for all of them.
+_TABLES = threading.RLock()
+
+
 class FdTable:
     """The guest's descriptors: number -> (OpenFile, close-on-exec)."""
 
@@ -175,6 +181,10 @@ class FdTable:
 
     def install(self, f, cloexec=False, lowest=0, at=None):
         """Lowest free number >= lowest (EMFILE past the limit), or exactly `at` (EBADF if out of range)."""
+        with _TABLES:
+            return self._install(f, cloexec, lowest, at)
+
+    def _install(self, f, cloexec, lowest, at):
         if at is not None:
             if not 0 <= at < self.limit:
                 raise Errno(errno.EBADF)
@@ -191,12 +201,13 @@ class FdTable:
         return at
 
     def close(self, fd):
-        f, _ = self.fds.pop(fd, (None, None))
-        if f is None:
-            raise Errno(errno.EBADF)
-        f.refs -= 1
-        if f.refs == 0:
-            os.close(f.host_fd)
+        with _TABLES:
+            f, _ = self.fds.pop(fd, (None, None))
+            if f is None:
+                raise Errno(errno.EBADF)
+            f.refs -= 1
+            if f.refs == 0:
+                os.close(f.host_fd)
 
     def cloexec(self, fd):
         return self.fds[fd][1] if fd in self.fds else None

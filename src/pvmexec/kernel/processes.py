@@ -226,10 +226,14 @@ def _start(self, child):
 
 def _run_process(self, p):
     try:
-        status = self._loop(p)
+        status = self._process_ended(p, self._loop(p))
     except BaseException as e:                      # a bug of ours: the guest dies, the kernel lives on
         p.internal_error = e
         status = signal.SIGKILL
+        if p.space is not None:
+            p.space._engine.kill()
+        from .threads import wait_for_threads
+        wait_for_threads(p)
     self._finish(p, status)
 
 
@@ -240,6 +244,7 @@ def _finish(self, p, status):
             p.write(p.clear_child_tid, b"\0\0\0\0")
         except Errno:
             pass
+    p.threads.pop(p.pid, None)
     p.fds.close_all()
     if p.space is not None:
         p.space.detach()
@@ -321,7 +326,7 @@ def _proc(self, p, pid):
     if pid == 0 or pid == p.pid:
         return p
     with self._cond:
-        q = self._procs.get(pid)
+        q = self._procs.get(pid) or self._procs_by_tid.get(pid)
     if q is None or q.status is not None:
         raise Errno(errno.ESRCH)
     return q
@@ -424,7 +429,7 @@ def _queue(self, q, sig, info, wake_it):
 
 
 def _signal_ready(self, p):
-    return p.fatal or any(not p.sigmask & _bit(s) for s in p.pending)
+    return p.fatal or p.group_status is not None or any(not p.sigmask & _bit(s) for s in p.pending)
 
 
 # -- delivering to guest handlers --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ..syscalls import TABLE, name_of
 from . import loader
 from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, FdTable, OpenFile, Policy
 from .processes import Interrupted
+from .threads import ThreadExit, end_group, other_threads, wait_for_threads
 from .trace import Tracer
 
 MASK64 = (1 << 64) - 1
@@ -77,6 +78,14 @@ class Process:
         self.thread = None
         self.internal_error = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.is_thread = False
+        self.thread_index = 0               # its stub thread in the space
+        self.threads = {pid: self}          # tid -> Thread (the leader is itself)
+        self.thread_lock = threading.Condition()
+        self.free_thread_indices = []
+        self.futexes = {}                   # address -> [waiter]
+        self.futex_lock = threading.Lock()
+        self.group_status = None            # set by exit_group or a fatal signal in any thread
 
     def close_wake(self):
         for fd in (self.wake_r, self.wake_w):
@@ -152,6 +161,7 @@ class Sandbox:
         self._next_pid = 2
         self._cond = threading.Condition()
         self._procs = {}
+        self._procs_by_tid = {}
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
             h = getattr(self, "sys_" + name, None)
@@ -181,7 +191,7 @@ class Sandbox:
                     p.fds.install(OpenFile(os.dup(host_fd), "/dev/fd/%d" % guest_fd, os.O_RDWR), at=guest_fd)
             path = self._which(p, argv[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
             self._execve(p, path, list(argv), envp)
-            status = self._loop(p)
+            status = self._process_ended(p, self._loop(p))
         except BaseException:
             self._finish(p, signal.SIGKILL)
             self._end_all()
@@ -243,10 +253,12 @@ class Sandbox:
                         raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
                     self._deliver_pending(p)
                 try:
-                    stop = p.space.exec(p.ctx)
+                    stop = p.space.exec(p.ctx, thread=p.thread_index)
                 except TargetGone:
                     if p.fatal:
                         continue
+                    if p.group_status is not None:
+                        return ThreadExit()                 # another thread ended the process
                     raise
                 ctx = p.ctx = stop.ctx
                 if stop.reason != "syscall":
@@ -275,9 +287,11 @@ class Sandbox:
                     ret = -e.errno
                 except Interrupted:
                     ret = self._interrupted_syscall(p, nr)
-                except Exited:
+                except (Exited, ThreadExit) as e:
                     if tracer:
                         tracer.call(p, nr, decoded, None)
+                    if isinstance(e, ThreadExit):
+                        return e
                     raise
                 if tracer:
                     tracer.call(p, nr, decoded, ret)
@@ -456,7 +470,7 @@ class Sandbox:
                                    sys_gettimeofday, sys_time, sys_nanosleep, sys_clock_nanosleep, sys_getrandom,
                                    sys_prlimit64, sys_getrlimit, sys_setrlimit, sys_arch_prctl,
                                    sys_set_tid_address, sys_set_robust_list, sys_get_robust_list, sys_rseq,
-                                   sys_futex, sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl,
+                                   sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl,
                                    sys_execve, sys_execveat, clock_ns, sys_pause, sys_rt_sigsuspend)
     from .processes import (sys_fork, sys_vfork, sys_clone, sys_clone3, _clone, _new_process,  # noqa: E402
                             _discard, _copy_memory, _start, _run_process, _finish, _child_info, sys_wait4,
@@ -466,8 +480,18 @@ class Sandbox:
                             interrupted_syscall as _interrupted_syscall, wait_readable as _wait_readable,
                             sleep_interruptibly as _sleep)
 
-    def _new_thread(self, p, flags, newsp, parent_tid, child_tid, tls):
-        raise Errno(errno.ENOSYS)
+    from .threads import _new_thread, _run_thread, _thread_gone, sys_futex  # noqa: E402
+
+    def _process_ended(self, p, status):
+        """The leader's loop ended with status (or ThreadExit): the process's wait status, once every
+        other thread of it is gone."""
+        if isinstance(status, ThreadExit):
+            wait_for_threads(p)
+            return p.group_status if p.group_status is not None else 0
+        if other_threads(p):
+            end_group(p, status)
+            wait_for_threads(p)
+        return p.group_status if p.group_status is not None else status
 
     def _raise_sigpipe(self, p):
         self._signal(p, signal.SIGPIPE)

@@ -188,6 +188,9 @@ def _stack_t(raw):
 
 def sys_exit(self, p, code):
     from .sandbox import Exited
+    from .threads import ThreadExit, other_threads
+    if other_threads(p):
+        raise ThreadExit()
     raise Exited((code & 0xFF) << 8)
 
 
@@ -471,26 +474,6 @@ def sys_rseq(self, p, rseq, length, flags, sig):
     raise Errno(errno.ENOSYS)                       # not provided: libc then does without
 
 
-def sys_futex(self, p, uaddr, op, val, timeout, uaddr2, val3):
-    cmd = op & 0x7F
-    if cmd in (1, 10):                              # FUTEX_WAKE, FUTEX_WAKE_BITSET: nobody else waits
-        return 0
-    if cmd in (0, 9):                               # FUTEX_WAIT(_BITSET)
-        if uaddr % 4:
-            raise Errno(errno.EINVAL)
-        if struct.unpack("<I", p.read(uaddr, 4))[0] != val & 0xFFFFFFFF:
-            raise Errno(errno.EAGAIN)
-        if not timeout:
-            while True:                             # only another thread could wake it: as natively, forever
-                self._sleep(p, 3600)
-        sec, nsec = struct.unpack("<qq", p.read(timeout, 16))
-        if cmd == 9 or op & 0x100:                  # absolute
-            clk = time.CLOCK_REALTIME if op & 0x100 else time.CLOCK_MONOTONIC
-            _sleep_until(self, p, sec * 10 ** 9 + nsec, clk)
-        else:
-            _sleep_until(self, p, time.monotonic_ns() + sec * 10 ** 9 + nsec, time.CLOCK_MONOTONIC)
-        raise Errno(errno.ETIMEDOUT)
-    raise Errno(errno.ENOSYS)
 
 
 def sys_sched_getaffinity(self, p, pid, size, mask):
@@ -541,8 +524,11 @@ def sys_execve(self, p, path, argv, envp):
 
 
 def sys_execveat(self, p, dirfd, path, argv, envp, flags):
+    from .threads import other_threads
     if flags & ~(AT_EMPTY_PATH | 0x100):
         raise Errno(errno.EINVAL)
+    if other_threads(p):
+        raise Errno(errno.ENOSYS)                   # exec from a multi-threaded process is not provided yet
     if path == "" and flags & AT_EMPTY_PATH:
         guest = p.fds.get(dirfd).path
     else:
