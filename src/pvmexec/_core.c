@@ -580,10 +580,19 @@ channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *a
         futex_op(&slot->req_seq, FUTEX_WAKE, 1, NULL);
     if (__atomic_load_n(&slot->agent_cpu, __ATOMIC_RELAXED) == (uint32_t)cpu)
         spin = 0;                          /* the other side needs this CPU: do not hold it */
-    for (long i = 0; i < spin; i++) {
-        if (__atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE) == seq)
+    if (spin > 0) {
+        int done = 0;
+        Py_BEGIN_ALLOW_THREADS             /* other caller threads (other guest threads) go on meanwhile */
+        for (long i = 0; i < spin; i++) {
+            if (__atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE) == seq) {
+                done = 1;
+                break;
+            }
+            __builtin_ia32_pause();
+        }
+        Py_END_ALLOW_THREADS
+        if (done)
             return 0;
-        __builtin_ia32_pause();
     }
     __atomic_store_n(&slot->caller_sleeping, 1, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -732,27 +741,111 @@ fail:
 }
 
 /*
- * One mode 1 run in a stub space: load regs (and fp, or None for a clean FPU)
- * into the block, resume the guest, wait for its next stop. Returns
- * (signo, siginfo bytes, regs bytearray, fp bytes or None). The block is
- * guest-writable: the signal number and FPU size are checked here.
+ * The application kernel's fast path (pvmexec.kernel): syscalls it has
+ * declared trivial are answered here, without returning to Python, and the
+ * guest resumes at once. `ids` holds int64 answers for getpid, getppid,
+ * gettid, getuid, geteuid, getgid, getegid; `fds` maps a guest descriptor
+ * to a host descriptor whose read/write need nothing from the kernel
+ * (int32, -1 otherwise; for pipes and terminals only what cannot block);
+ * `flag` (int32) nonzero sends every stop to Python (a signal is due).
+ * Anything else, any error, and anything that might block goes to Python.
  */
+struct fast_path {
+    Py_buffer fds, ids, flag;
+    int stub_pid;
+};
+
+enum { NR_READ = 0, NR_WRITE = 1, NR_GETPID = 39, NR_GETUID = 102, NR_GETGID = 104, NR_GETEUID = 107,
+       NR_GETEGID = 108, NR_GETPPID = 110, NR_GETTID = 186 };
+
+static int
+fast_answer(struct fast_path *fp, struct pvm_stop *stop)
+{
+    int32_t code, nr;
+    uint32_t arch;
+    memcpy(&code, stop->siginfo + PVM_SI_CODE, 4);
+    memcpy(&nr, stop->siginfo + PVM_SI_SYSCALL, 4);
+    memcpy(&arch, stop->siginfo + PVM_SI_ARCH, 4);
+    if (stop->signo != SIGSYS || code != PVM_SYS_SECCOMP || arch != PVM_AUDIT_ARCH_X86_64)
+        return 0;
+    const int64_t *ids = fp->ids.buf;
+    uint64_t *r = stop->regs;
+    switch (nr) {
+    case NR_GETPID: r[R_RAX] = ids[0]; return 1;
+    case NR_GETPPID: r[R_RAX] = ids[1]; return 1;
+    case NR_GETTID: r[R_RAX] = ids[2]; return 1;
+    case NR_GETUID: r[R_RAX] = ids[3]; return 1;
+    case NR_GETEUID: r[R_RAX] = ids[4]; return 1;
+    case NR_GETGID: r[R_RAX] = ids[5]; return 1;
+    case NR_GETEGID: r[R_RAX] = ids[6]; return 1;
+    case NR_READ:
+    case NR_WRITE: {
+        uint64_t gfd = r[14], buf = r[13], count = r[12];          /* rdi, rsi, rdx */
+        Py_ssize_t nfds = fp->fds.len / 4;
+        if (gfd >= (uint64_t)nfds || count == 0)
+            return 0;
+        int host = ((const int32_t *)fp->fds.buf)[gfd];
+        if (host < 0)
+            return 0;
+        struct stat st;
+        if (fstat(host, &st) < 0)
+            return 0;
+        int may_block = !S_ISREG(st.st_mode);
+        size_t n = count < 65536 ? count : 65536;
+        if (may_block && nr == NR_WRITE && n > 4096)
+            return 0;                      /* only what fits the one free pipe slot POLLOUT promises */
+        if (may_block) {
+            struct pollfd p = {host, nr == NR_READ ? POLLIN : POLLOUT, 0};
+            if (poll(&p, 1, 0) != 1 || !(p.revents & p.events))
+                return 0;                  /* it would wait (or hit EOF/an error): Python decides */
+        }
+        static char tmp[65536];
+        struct iovec local = {tmp, n}, remote = {(void *)(uintptr_t)buf, n};
+        if (nr == NR_WRITE) {
+            if (process_vm_readv(fp->stub_pid, &local, 1, &remote, 1, 0) != (ssize_t)n)
+                return 0;
+            ssize_t w = write(host, tmp, n);
+            if (w < 0)
+                return 0;                  /* EPIPE (SIGPIPE), EAGAIN...: nothing was written */
+            r[R_RAX] = (uint64_t)w;
+            return 1;
+        }
+        ssize_t got = read(host, tmp, n);
+        if (got < 0)
+            return 0;
+        local.iov_len = remote.iov_len = (size_t)got;
+        if (got && process_vm_writev(fp->stub_pid, &local, 1, &remote, 1, 0) != got)
+            r[R_RAX] = (uint64_t)-EFAULT;
+        else
+            r[R_RAX] = (uint64_t)got;
+        return 1;
+    }
+    }
+    return 0;
+}
+
 static PyObject *
-py_stub_run(PyObject *self, PyObject *args)
+stub_run_common(PyObject *args, int with_fast)
 {
     unsigned long long block, counter, alive;
     int pidfd, pid, want_fp;
     long spin;
     Py_buffer regs, fp;
-    if (!PyArg_ParseTuple(args, "KKKiliy*y*p", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
-                          &want_fp))
+    struct fast_path fast = {{0}};
+    if (with_fast) {
+        if (!PyArg_ParseTuple(args, "KKKiliy*y*pw*w*w*i", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
+                              &want_fp, &fast.fds, &fast.ids, &fast.flag, &fast.stub_pid))
+            return NULL;
+    } else if (!PyArg_ParseTuple(args, "KKKiliy*y*p", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
+                                 &want_fp))
         return NULL;
     PyObject *res = NULL;
     struct pvm_slot *slot = SLOT(block);
     struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(block + PVM_STUB_STOP_OFF);
     char *fp_area = (char *)(uintptr_t)(block + PVM_STUB_FP_OFF);
-    if (regs.len != sizeof stop->regs || fp.len > PVM_STUB_FP_MAX) {
-        PyErr_SetString(PyExc_ValueError, "bad register block or FPU state size");
+    if (regs.len != sizeof stop->regs || fp.len > PVM_STUB_FP_MAX ||
+        (with_fast && (fast.ids.len < 7 * 8 || fast.flag.len < 4))) {
+        PyErr_SetString(PyExc_ValueError, "bad register block, FPU state or fast-path table size");
         goto out;
     }
     {
@@ -776,18 +869,24 @@ py_stub_run(PyObject *self, PyObject *args)
     if (fp.len)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
     stop->fp_valid = fp.len ? 1 : 0;
-    slot->op = PVM_OP_RUN;
-    int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
-    if (rc < 0) {
-        channel_error(rc, pidfd);
-        goto out;
-    }
-    uint32_t signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
-    uint32_t fp_size = __atomic_load_n(&stop->fp_size, __ATOMIC_RELAXED);
-    if (signo < 1 || signo > 64 || (want_fp && (fp_size < 512 || fp_size > PVM_STUB_FP_MAX))) {
-        errno = EPROTO;
-        raise_call("stub stop data", pidfd);
-        goto out;
+    uint32_t signo, fp_size;
+    for (;;) {
+        slot->op = PVM_OP_RUN;
+        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
+        if (rc < 0) {
+            channel_error(rc, pidfd);
+            goto out;
+        }
+        signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
+        fp_size = __atomic_load_n(&stop->fp_size, __ATOMIC_RELAXED);
+        if (signo < 1 || signo > 64 || (want_fp && (fp_size < 512 || fp_size > PVM_STUB_FP_MAX))) {
+            errno = EPROTO;
+            raise_call("stub stop data", pidfd);
+            goto out;
+        }
+        if (!with_fast || *(volatile int32_t *)fast.flag.buf || !fast_answer(&fast, stop))
+            break;
+        stop->fp_valid = 1;                /* resume with the state this stop saved */
     }
     PyObject *fp_out = want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : (Py_INCREF(Py_None), Py_None);
     /* (signo, si_code, si_errno, word at 16, si_syscall, si_arch, siginfo bytes, regs, fp); None: regs refused. */
@@ -805,7 +904,29 @@ py_stub_run(PyObject *self, PyObject *args)
 out:
     PyBuffer_Release(&regs);
     PyBuffer_Release(&fp);
+    if (with_fast) {
+        PyBuffer_Release(&fast.fds);
+        PyBuffer_Release(&fast.ids);
+        PyBuffer_Release(&fast.flag);
+    }
     return res;
+}
+
+/*
+ * One mode 1 run in a stub space: load regs (and fp, or None for a clean FPU)
+ * into the block, resume the guest, wait for its next stop. The block is
+ * guest-writable: the signal number and FPU size are checked here.
+ */
+static PyObject *
+py_stub_run(PyObject *self, PyObject *args)
+{
+    return stub_run_common(args, 0);
+}
+
+static PyObject *
+py_stub_run_fast(PyObject *self, PyObject *args)
+{
+    return stub_run_common(args, 1);
 }
 
 /*
@@ -1102,6 +1223,7 @@ static PyMethodDef methods[] = {
     {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, counter, alive, pidfd, spin, pid, nr, *args) -> raw"},
     {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, counter, alive, pidfd, spin, pid, [(nr, args)]) -> [raw]"},
     {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, counter, alive, pidfd, spin, pid, nr, n, count=1) -> ns"},
+    {"stub_run_fast", py_stub_run_fast, METH_VARARGS, "stub_run_fast(..., fds, ids, flag, stub_pid): stub_run answering trivial syscalls in C"},
     {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, pid, regs, fp, want_fp) -> stop fields"},
     {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},

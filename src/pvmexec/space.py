@@ -399,7 +399,7 @@ class Space:
 
     # -- code (mode 1) ---------------------------------------------------------------
 
-    def exec(self, ctx, *, sigmask=ALL_SIGNALS, thread=0):
+    def exec(self, ctx, *, sigmask=ALL_SIGNALS, thread=0, _fast=None):
         """Run code in the target from ctx until its first syscall (not executed) or signal.
 
         Returns a Stop. A signal that is not in sigmask ends the run too and is
@@ -412,7 +412,7 @@ class Space:
         mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)
         if self.engine == "stub":
             # Our own process: nothing to restore if the caller is killed, so no guard needed.
-            stop, deliver = self._engine.exec(ctx, mask, thread)
+            stop, deliver = self._engine.exec(ctx, mask, thread, _fast)
         elif thread:
             raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.engine)
         else:

@@ -25,6 +25,7 @@ from .syscalls import name_of
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run
+_stub_run_fast = _core.stub_run_fast
 _new = object.__new__
 FP_MAX = L["STUB_FP_MAX"]
 SIGSYS, SYS_SECCOMP = signal.SIGSYS, 1
@@ -195,7 +196,7 @@ class StubEngine:
 
     # -- mode 1 ------------------------------------------------------------------------------
 
-    def exec(self, ctx, sigmask, thread=0):
+    def exec(self, ctx, sigmask, thread=0, fast=None):
         # The hot path of an application kernel: kept flat on purpose (each Python call costs here).
         if not 0 <= thread < len(self.threads):
             raise ValueError("no guest thread %d in this space (it has %d)" % (thread, len(self.threads)))
@@ -207,7 +208,11 @@ class StubEngine:
         if not lock.acquire(False) and not (self._patch_busy and lock.acquire(timeout=5)):
             raise RuntimeError("guest thread %d is already running for another caller thread" % thread)
         try:
-            got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
+            if fast is None:
+                got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
+            else:
+                got = _stub_run_fast(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"",
+                                     fp is not None, fast[0], fast[1], fast[2], self.pid)
         except BaseException as e:
             raise self._failed(e) from None
         finally:
@@ -309,6 +314,19 @@ class StubEngine:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+def plain_process(fixed_layout=False):
+    """A process of ours with nothing in it but the stub program, sleeping: for the ptrace engine to
+    run guest code in (the kernel's comparison engine). Returns the Popen; it dies with its caller."""
+    exe = os.memfd_create("pvmexec-stub", 0)
+    try:
+        os.write(exe, _core.STUB_ELF)
+        return subprocess.Popen(["/proc/self/fd/%d" % exe, "plain"], pass_fds=(exe,), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                                preexec_fn=_no_randomize if fixed_layout else None)
+    finally:
+        os.close(exe)
 
 
 _libc_personality = ctypes.CDLL(None, use_errno=True).personality

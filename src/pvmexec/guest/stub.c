@@ -652,6 +652,12 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     char **argv = (char **)(sp + 1);
     if (argc < 2)
         sc(SYS_exit_group, 2, 0, 0, 0, 0, 0);
+    if (argv[1][0] == 'p') {                /* "plain": an empty process for the ptrace engine to borrow */
+        sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);
+        sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+        for (;;)
+            sc(34 /* pause */, 0, 0, 0, 0, 0, 0);
+    }
     long fd = parse_int(argv[1]);
     long base = sc(SYS_mmap, 0, PVM_STUB_REGION_SIZE, 3 /* RW */, 1 /* SHARED */, fd, 0);
     if (base < 0)

@@ -10,6 +10,7 @@ import os
 import posixpath
 import stat
 import threading
+from array import array
 
 from .. import _core
 
@@ -144,7 +145,7 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
@@ -153,6 +154,11 @@ class OpenFile:
         self.dir_entries = None
         self.dir_pos = 0
         self.refs = 0
+        try:                            # read/write need nothing from the kernel: the C fast path may do them
+            mode = os.fstat(host_fd).st_mode
+            self.plain = stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+        except OSError:
+            self.plain = False
 
     def is_dir(self):
         try:
@@ -169,9 +175,12 @@ _TABLES = threading.RLock()
 class FdTable:
     """The guest's descriptors: number -> (OpenFile, close-on-exec)."""
 
+    FAST_SLOTS = 1024
+
     def __init__(self, limit=1024):
         self.fds = {}
         self.limit = limit
+        self.fast = array("i", [-1]) * self.FAST_SLOTS     # guest fd -> host fd for the C fast path
 
     def get(self, fd):
         entry = self.fds.get(fd)
@@ -198,6 +207,8 @@ class FdTable:
             self.close(at)
         f.refs += 1
         self.fds[at] = (f, bool(cloexec))
+        if at < self.FAST_SLOTS:
+            self.fast[at] = f.host_fd if f.plain else -1
         return at
 
     def close(self, fd):
@@ -205,6 +216,8 @@ class FdTable:
             f, _ = self.fds.pop(fd, (None, None))
             if f is None:
                 raise Errno(errno.EBADF)
+            if 0 <= fd < self.FAST_SLOTS:
+                self.fast[fd] = -1
             f.refs -= 1
             if f.refs == 0:
                 os.close(f.host_fd)

@@ -153,7 +153,7 @@ def _new_process(self, parent):
         pid = self._next_pid
         self._next_pid += 1
         child = Process(pid)
-        child.ppid = parent.pid
+        child.ppid = child.fast_ids[1] = parent.pid
         child.parent = parent
         child.pgid, child.sid = parent.pgid, parent.sid
         parent.children[pid] = child
@@ -209,7 +209,7 @@ def _copy_memory(self, p, child):
         dst.syscalls(calls[i:i + 64])
     # Patched syscall sites in the copied code jump through the window: give the child the same table.
     se, de = src._engine, dst._engine
-    if se.patching == "on" and de.patching == "on":
+    if getattr(se, "patching", None) == "on" and getattr(de, "patching", None) == "on":
         from .. import _core
         L = _core.LAYOUT
         off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
@@ -230,8 +230,7 @@ def _run_process(self, p):
     except BaseException as e:                      # a bug of ours: the guest dies, the kernel lives on
         p.internal_error = e
         status = signal.SIGKILL
-        if p.space is not None:
-            p.space._engine.kill()
+        self._kill_space(p.space)
         from .threads import wait_for_threads
         wait_for_threads(p)
     self._finish(p, status)
@@ -252,7 +251,7 @@ def _finish(self, p, status):
         p.status = status
         for c in p.children.values():
             c.parent = None
-            c.ppid = 1
+            c.ppid = c.fast_ids[1] = 1
         if p.parent is not None and p.exit_signal:
             self._queue(p.parent, p.exit_signal, self._child_info(p), wake_it=True)
         self._cond.notify_all()
@@ -421,9 +420,9 @@ def _queue(self, q, sig, info, wake_it):
         return
     if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP:
         q.fatal = sig                               # nothing the guest can do: end it now
-        if q.space is not None:
-            q.space._engine.kill()
+        self._kill_space(q.space)
     q.pending.setdefault(sig, info)
+    q.fast_flag[0] = 1
     if wake_it:
         wake(q)
 

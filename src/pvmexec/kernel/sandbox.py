@@ -17,6 +17,7 @@ import posixpath
 import signal
 import struct
 import threading
+from array import array
 
 from ..errors import TargetGone
 from ..space import Space
@@ -86,6 +87,10 @@ class Process:
         self.futexes = {}                   # address -> [waiter]
         self.futex_lock = threading.Lock()
         self.group_status = None            # set by exit_group or a fatal signal in any thread
+        # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
+        # and a flag that sends every stop here (a signal is due).
+        self.fast_ids = array("q", [pid, 1, pid, os.getuid(), os.geteuid(), os.getgid(), os.getegid()])
+        self.fast_flag = array("i", [0])
 
     def close_wake(self):
         for fd in (self.wake_r, self.wake_w):
@@ -152,7 +157,10 @@ class Sandbox:
     file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
     calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
 
-    def __init__(self, policy=None, trace=None, vdso=True, hostname=None, patch_syscalls=True):
+    def __init__(self, policy=None, trace=None, vdso=True, hostname=None, patch_syscalls=True, engine="stub"):
+        if engine not in ("stub", "ptrace"):
+            raise ValueError("engine must be stub or ptrace, not %r" % (engine,))
+        self.engine = engine
         self.policy = policy if policy is not None else Policy()
         self.tracer = Tracer(trace) if trace is not None else None
         self.vdso = vdso
@@ -168,6 +176,10 @@ class Sandbox:
             if h is not None:
                 self._handlers[nr] = (h, tuple(k for _n, k in kinds or ()))
         self.unsupported = set()
+        # Trivial calls may be answered in C, unless traced or handled differently by a subclass.
+        base = Sandbox.__dict__
+        self._fast = self.tracer is None and engine == "stub" and all(
+            getattr(type(self), name) is base[name] for name in _FAST_HANDLERS)
 
     # -- running a program ----------------------------------------------------------------------
 
@@ -206,8 +218,7 @@ class Sandbox:
             left = [q for q in self._procs.values() if q.status is None]
         for q in left:
             q.fatal = signal.SIGKILL
-            if q.space is not None:
-                q.space._engine.kill()
+            self._kill_space(q.space)
             from .processes import wake
             wake(q)
         for q in left:
@@ -217,7 +228,29 @@ class Sandbox:
             self._procs.clear()
 
     def _new_space(self):
-        return Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True)
+        if self.engine == "stub":
+            return Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True)
+        from ..space import attach
+        from ..stub_engine import plain_process
+        proc = plain_process(fixed_layout=True)
+        try:
+            space = attach(proc.pid, engine="ptrace", check_seccomp=False)
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            raise
+        space.__class__ = _PlainSpace
+        space.host_process = proc
+        return space
+
+    @staticmethod
+    def _kill_space(space):
+        if space is None:
+            return
+        if isinstance(space, _PlainSpace):
+            space.host_process.kill()
+        else:
+            space._engine.kill()
 
     def _initial_cwd(self, cwd):
         host = os.path.realpath(cwd or os.getcwd())
@@ -252,8 +285,13 @@ class Sandbox:
                     if p.fatal:
                         raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
                     self._deliver_pending(p)
+                if self._fast:
+                    p.fast_flag[0] = 1 if p.pending or p.fatal or p.group_status is not None else 0
+                    fast = (p.fds.fast, p.fast_ids, p.fast_flag)
+                else:
+                    fast = None
                 try:
-                    stop = p.space.exec(p.ctx, thread=p.thread_index)
+                    stop = p.space.exec(p.ctx, thread=p.thread_index, _fast=fast)
                 except TargetGone:
                     if p.fatal:
                         continue
@@ -496,3 +534,19 @@ class Sandbox:
     def _raise_sigpipe(self, p):
         self._signal(p, signal.SIGPIPE)
 
+
+
+_FAST_HANDLERS = ("sys_read", "sys_write", "sys_getpid", "sys_getppid", "sys_gettid", "sys_getuid", "sys_geteuid",
+                  "sys_getgid", "sys_getegid")
+
+
+class _PlainSpace(Space):
+    """The ptrace engine's guest process: detaching also ends it."""
+
+    def detach(self):
+        try:
+            Space.detach(self)
+        except Exception:
+            pass
+        self.host_process.kill()
+        self.host_process.wait(10)

@@ -19,7 +19,7 @@ FUTEX_CLOCK_REALTIME = 256
 
 PER_THREAD = frozenset(("tid", "ctx", "thread_index", "sigmask", "saved_sigmask", "altstack", "clear_child_tid",
                         "robust_list", "thread", "wake_r", "wake_w", "pending", "leader", "internal_error",
-                        "is_thread"))
+                        "is_thread", "fast_ids"))
 
 
 class ThreadExit(Exception):
@@ -39,6 +39,8 @@ class Thread:
         d["clear_child_tid"], d["robust_list"] = 0, (0, 0)
         d["pending"], d["thread"], d["ctx"], d["internal_error"] = {}, None, None, None
         d["wake_r"], d["wake_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        d["fast_ids"] = leader.fast_ids[:]
+        d["fast_ids"][2] = tid
 
     def __getattr__(self, name):
         return getattr(self.__dict__["leader"], name)
@@ -121,8 +123,9 @@ def end_group(proc, status):
     from .processes import wake
     if proc.group_status is None:
         proc.group_status = status
-    if proc.space is not None:
-        proc.space._engine.kill()
+    proc.fast_flag[0] = 1
+    from .sandbox import Sandbox
+    Sandbox._kill_space(proc.space)
     with proc.thread_lock:
         threads = list(proc.threads.values())
     for t in threads:
