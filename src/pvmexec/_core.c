@@ -746,7 +746,8 @@ fail:
  * guest resumes at once. `ids` holds int64 answers for getpid, getppid,
  * gettid, getuid, geteuid, getgid, getegid; `fds` maps a guest descriptor
  * to a host descriptor whose read/write need nothing from the kernel
- * (int32, -1 otherwise; for pipes and terminals only what cannot block);
+ * (int32 host fd << 1 | 1 if a regular file, -1 otherwise; for pipes and
+ * terminals only what cannot block);
  * `flag` (int32) nonzero sends every stop to Python (a signal is due).
  * Anything else, any error, and anything that might block goes to Python.
  */
@@ -784,13 +785,10 @@ fast_answer(struct fast_path *fp, struct pvm_stop *stop)
         Py_ssize_t nfds = fp->fds.len / 4;
         if (gfd >= (uint64_t)nfds || count == 0)
             return 0;
-        int host = ((const int32_t *)fp->fds.buf)[gfd];
-        if (host < 0)
+        int32_t entry = ((const int32_t *)fp->fds.buf)[gfd];     /* host fd << 1 | regular file */
+        if (entry < 0)
             return 0;
-        struct stat st;
-        if (fstat(host, &st) < 0)
-            return 0;
-        int may_block = !S_ISREG(st.st_mode);
+        int host = entry >> 1, may_block = !(entry & 1);
         size_t n = count < 65536 ? count : 65536;
         if (may_block && nr == NR_WRITE && n > 4096)
             return 0;                      /* only what fits the one free pipe slot POLLOUT promises */

@@ -145,7 +145,7 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
@@ -156,9 +156,10 @@ class OpenFile:
         self.refs = 0
         try:                            # read/write need nothing from the kernel: the C fast path may do them
             mode = os.fstat(host_fd).st_mode
-            self.plain = stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+            self.regular = stat.S_ISREG(mode)
+            self.plain = self.regular or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
         except OSError:
-            self.plain = False
+            self.plain = self.regular = False
 
     def is_dir(self):
         try:
@@ -180,7 +181,7 @@ class FdTable:
     def __init__(self, limit=1024):
         self.fds = {}
         self.limit = limit
-        self.fast = array("i", [-1]) * self.FAST_SLOTS     # guest fd -> host fd for the C fast path
+        self.fast = array("i", [-1]) * self.FAST_SLOTS     # guest fd -> host fd for the C fast path, see install
 
     def get(self, fd):
         entry = self.fds.get(fd)
@@ -207,8 +208,8 @@ class FdTable:
             self.close(at)
         f.refs += 1
         self.fds[at] = (f, bool(cloexec))
-        if at < self.FAST_SLOTS:
-            self.fast[at] = f.host_fd if f.plain else -1
+        if at < self.FAST_SLOTS:         # host fd << 1 | 1 for a regular file (never blocks), -1: not fast
+            self.fast[at] = (f.host_fd << 1 | f.regular) if f.plain else -1
         return at
 
     def close(self, fd):

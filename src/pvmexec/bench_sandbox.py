@@ -1,0 +1,153 @@
+"""`pvmexec bench sandbox`: the application kernel against native runs, our ptrace engine and strace.
+
+The same programs, in one run: natively; under `pvmexec run` (stub spaces,
+trivial calls answered in C); under `pvmexec run` on the ptrace engine; and
+under `strace -f -o /dev/null`. Wall-clock seconds, median of several runs,
+slowdown versus native, and the ratios the fast engine is judged by.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+SYSCALL_HEAVY = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]), sum = 0;
+    int fds[2];
+    char c = 'x';
+    if (pipe(fds)) return 1;
+    for (long i = 0; i < n; i++) {
+        sum += syscall(SYS_getppid);
+        if (write(fds[1], &c, 1) != 1 || read(fds[0], &c, 1) != 1) return 2;
+    }
+    printf("%ld\n", sum != 0);
+    return 0;
+}
+"""
+
+
+def _compile(work):
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("bench sandbox needs a C compiler for its syscall-heavy program")
+    src = os.path.join(work, "syscall_heavy.c")
+    with open(src, "w") as f:
+        f.write(SYSCALL_HEAVY)
+    exe = os.path.join(work, "syscall_heavy")
+    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def _workloads(work, quick):
+    n = 2000 if quick else 20000
+    heavy = _compile(work)
+    out = [("syscall-heavy", "getppid + 1-byte pipe write and read, x%d (%d syscalls)" % (n, 3 * n),
+            [heavy, str(n)], 3 * n)]
+    tar = shutil.which("tar")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    tree = [d for d in ("json", "email", "xml", "asyncio", "concurrency") if os.path.isdir(os.path.join(stdlib, d))]
+    if tar and tree:
+        out.append(("tar", "%s -cf - of %s in %s" % (tar, " ".join(tree), stdlib), [tar, "-C", stdlib, "-cf", "-"] + tree,
+                    None))
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    out.append(("python3 start-up", "%s -c pass" % py, [py, "-c", "pass"], None))
+    return out
+
+
+def _time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(quick=False):
+    from .kernel import Sandbox
+    repeat = 1 if quick else 3
+    strace = shutil.which("strace")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pvmexec-bench-") as work:
+        sink_path = os.path.join(work, "stdout")
+        for name, what, argv, syscalls in _workloads(work, quick):
+            row = dict(workload=name, command=what, syscalls=syscalls)
+
+            def native():
+                with open(sink_path, "wb") as sink:
+                    subprocess.run(argv, stdout=sink, stderr=subprocess.DEVNULL, check=True, timeout=600)
+
+            def sandboxed(engine):
+                def go():
+                    with open(sink_path, "wb") as sink, open(os.devnull, "wb") as null:
+                        status = Sandbox(engine=engine).run(argv, stdout=sink.fileno(), stderr=null.fileno())
+                    if status != 0:
+                        raise RuntimeError("%s under the sandbox (%s engine) ended with status %#x" % (
+                            argv[0], engine, status))
+                return go
+
+            def straced():
+                with open(sink_path, "wb") as sink:
+                    subprocess.run([strace, "-f", "-o", "/dev/null"] + argv, stdout=sink, stderr=subprocess.DEVNULL,
+                                   check=True, timeout=600)
+
+            row["native_s"] = _time(native, repeat)
+            row["pvmexec_s"] = _time(sandboxed("stub"), repeat)
+            row["pvmexec_ptrace_s"] = _time(sandboxed("ptrace"), 1 if name == "syscall-heavy" else repeat)
+            row["strace_s"] = _time(straced, repeat) if strace else None
+            results.append(row)
+    heavy = results[0]
+    ratios = {
+        "syscall-heavy: strace / pvmexec": heavy["strace_s"] / heavy["pvmexec_s"] if heavy["strace_s"] else None,
+        "syscall-heavy: pvmexec ptrace engine / pvmexec": heavy["pvmexec_ptrace_s"] / heavy["pvmexec_s"],
+    }
+    return {"machine": _machine(), "results": results, "ratios": ratios, "repeat": repeat,
+            "placement": "not pinned: the caller and each guest's stub run where the scheduler puts them "
+                         "(2 CPUs here); each stub spins briefly before sleeping when on the other CPU"}
+
+
+def _machine():
+    from .bench import _machine as m
+    return m()
+
+
+def format_table(report):
+    m = report["machine"]
+    out = ["pvmexec bench sandbox — wall-clock seconds, median of %d; %s, %d CPUs, Linux %s" % (
+        report["repeat"], m["cpu"], m["cpus"], m["kernel"]), report["placement"], ""]
+    out.append("%-18s %9s %16s %16s %16s" % ("workload", "native", "pvmexec run", "ptrace engine", "strace -f"))
+    for r in report["results"]:
+        def cell(v):
+            return "%8.3f (%5.1fx)" % (v, v / r["native_s"]) if v is not None else "%16s" % "n/a"
+        out.append("%-18s %9.3f %16s %16s %16s" % (r["workload"], r["native_s"], cell(r["pvmexec_s"]),
+                                                     cell(r["pvmexec_ptrace_s"]), cell(r["strace_s"])))
+    for r in report["results"]:
+        if r["syscalls"]:
+            out.append("")
+            out.append("%s: %.2f µs per syscall under pvmexec run, %.2f on the ptrace engine, %s under strace" % (
+                r["workload"], (r["pvmexec_s"] - r["native_s"]) / r["syscalls"] * 1e6,
+                (r["pvmexec_ptrace_s"] - r["native_s"]) / r["syscalls"] * 1e6,
+                "%.2f" % ((r["strace_s"] - r["native_s"]) / r["syscalls"] * 1e6) if r["strace_s"] else "n/a"))
+    out.append("")
+    out.append("Commands:")
+    for r in report["results"]:
+        out.append("  %-18s %s" % (r["workload"], r["command"]))
+    out.append("")
+    for label, v in report["ratios"].items():
+        out.append("%-50s %s" % (label, "%.1fx" % v if v else "n/a (strace not installed)"))
+    return "\n".join(out)
+
+
+def main(args):
+    report = run(quick=args.quick)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
