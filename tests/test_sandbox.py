@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -518,3 +519,98 @@ def test_calls_answered_in_c_match_the_python_handlers(cc, tmp_path):
             return 4242
     status, out = run_captured(OtherPid(), [prog, "10"], tmp_path)
     assert status == 0 and out.split()[1] == b"4242"
+
+
+def test_python3_asyncio_epoll_select_eventfd_and_socketpairs(tree):
+    code = ("import asyncio, os, select, socket\n"
+            "async def main():\n"
+            "    await asyncio.sleep(0.01)\n"
+            "    proc = await asyncio.create_subprocess_exec('/bin/echo', 'from asyncio', stdout=asyncio.subprocess.PIPE)\n"
+            "    return (await proc.communicate())[0]\n"
+            "print(asyncio.run(main()))\n"
+            "a, b = socket.socketpair(); a.send(b'pair'); print(b.recv(10))\n"
+            "print(select.select([b], [a], [], 0.5)[1] == [a], select.select([b], [], [], 0.01)[0])\n"
+            "e = os.eventfd(3); os.eventfd_write(e, 4); print(os.eventfd_read(e))\n")
+    got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
+    assert got.stdout == b"b'from asyncio\\n'\nb'pair'\nTrue []\n7\n"
+
+
+ESCAPES = r"""
+    #define _GNU_SOURCE
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <unistd.h>
+    #include <sys/stat.h>
+    #include <sys/syscall.h>
+    #include <sys/wait.h>
+    static unsigned long gadget, region;
+    static const char *dir;
+    static void attempt(const char *name, int which) {
+        fflush(stdout);
+        pid_t c = fork();
+        if (c == 0) {
+            long r = -1;
+            if (which == 0) {                         /* i386 getpid through int $0x80 */
+                r = 20;
+                __asm__ volatile("int $0x80" : "+a"(r) : : "memory");
+            } else if (which == 1) {                  /* sysenter */
+                __asm__ volatile("sysenter" : : : "memory");
+            } else if (which == 2) {                  /* the vsyscall page's gettimeofday */
+                long (*vgtod)(void *, void *) = (void *)0xffffffffff600000UL;
+                char tv[16];
+                r = vgtod(tv, 0);
+            } else if (which == 3) {                  /* mkdir through the stub's own syscall instruction */
+                register long rdi __asm__("rdi") = (long)dir;
+                register long rsi __asm__("rsi") = 0755;
+                __asm__ volatile("mov $83, %%eax; call *%2" : "+D"(rdi), "+S"(rsi) : "r"(gadget) : "rax", "rcx", "r11", "memory");
+                r = 0;
+            } else if (which == 4) {                  /* junk over this thread's channel slot, then a syscall */
+                memset((void *)(region + 4096 + 94208), 0xff, 256);
+                r = syscall(SYS_getppid);
+            }
+            printf("%s returned %ld\n", name, r);
+            fflush(stdout);
+            _exit(0);
+        }
+        int st;
+        waitpid(c, &st, 0);
+        printf("%s: %s %d\n", name, WIFEXITED(st) ? "exit" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+    }
+    int main(int argc, char **argv) {
+        gadget = strtoul(argv[1], 0, 0);
+        region = strtoul(argv[2], 0, 0);
+        dir = argv[3];
+        attempt("int80", 0);
+        attempt("sysenter", 1);
+        attempt("vsyscall", 2);
+        attempt("gadget", 3);
+        attempt("channel", 4);
+        struct stat st;
+        printf("dir created: %d\n", stat(dir, &st) == 0);
+        return 0;
+    }
+"""
+
+
+def test_trap_bypass_attempts_are_contained(cc, tmp_path):
+    import pvmexec
+    from pvmexec import _core
+    probe = pvmexec.Space.create(fixed_layout=True)         # every guest's stub has this same layout
+    try:
+        gadget = probe._engine.gadget
+        region = struct.unpack_from("<Q", probe._engine._map, 16)[0]
+    finally:
+        probe.detach()
+    assert _core.LAYOUT["STUB_BLOCK_SIZE"] == 94208
+    prog = build(cc, tmp_path, ESCAPES, "-static")
+    target = str(tmp_path / "escaped")
+    got = sandboxed([prog, hex(gadget), hex(region), target])
+    lines = got.stdout.decode().splitlines()
+    assert "int80 returned -%d" % errno.ENOSYS in lines                  # i386 calls are not served
+    assert any(l.startswith("sysenter: signal") for l in lines)
+    assert any(l.startswith("vsyscall") for l in lines)
+    assert "gadget: signal %d" % signal.SIGKILL in lines               # the stub's filter killed it
+    assert "channel: exit 0" in lines
+    assert lines[-1] == "dir created: 0" and not os.path.exists(target)
+    assert got.returncode == 0

@@ -161,6 +161,10 @@ class OpenFile:
         except OSError:
             self.plain = self.regular = False
 
+    def release(self):
+        """The last descriptor for it is gone."""
+        os.close(self.host_fd)
+
     def is_dir(self):
         try:
             return stat.S_ISDIR(os.fstat(self.host_fd).st_mode)
@@ -221,7 +225,7 @@ class FdTable:
                 self.fast[fd] = -1
             f.refs -= 1
             if f.refs == 0:
-                os.close(f.host_fd)
+                f.release()
 
     def cloexec(self, fd):
         return self.fds[fd][1] if fd in self.fds else None

@@ -519,6 +519,9 @@ class Sandbox:
                             sleep_interruptibly as _sleep)
 
     from .threads import _new_thread, _run_thread, _thread_gone, sys_futex  # noqa: E402
+    from .syscalls_io import (sys_select, sys_pselect6, sys_epoll_create, sys_epoll_create1, sys_epoll_ctl,  # noqa
+                              sys_epoll_wait, sys_epoll_pwait, sys_eventfd, sys_eventfd2, sys_socketpair,
+                              sys_sendto, sys_recvfrom, sys_shutdown)
 
     def _process_ended(self, p, status):
         """The leader's loop ended with status (or ThreadExit): the process's wait status, once every

@@ -29,8 +29,9 @@ def _host(call, *args, **kw):
 # -- reading and writing ------------------------------------------------------------------------
 
 def _may_block(f):
+    """Whether a read or write could wait (then the wait must give way to signals)."""
     try:
-        return not stat.S_ISREG(os.fstat(f.host_fd).st_mode)
+        return not stat.S_ISREG(os.fstat(f.host_fd).st_mode) and os.get_blocking(f.host_fd)
     except OSError:
         return False
 

@@ -53,7 +53,7 @@ class Tracer:
         self.out = open(out, "w") if isinstance(out, str) else out
 
     def _emit(self, p, text):
-        self.out.write("[pid %d] %s\n" % (p.pid, text))
+        self.out.write("[pid %d] %s\n" % (p.tid, text))
         self.out.flush()
 
     def call(self, p, nr, args, ret):
