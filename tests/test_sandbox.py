@@ -614,3 +614,28 @@ def test_trap_bypass_attempts_are_contained(cc, tmp_path):
     assert "channel: exit 0" in lines
     assert lines[-1] == "dir created: 0" and not os.path.exists(target)
     assert got.returncode == 0
+
+
+def _run_then_signal(argv, sig):
+    proc = subprocess.Popen([PY, "-m", "pvmexec", "run", "--"] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        return proc.returncode, out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_signals_sent_to_pvmexec_run_reach_the_program(busybox):
+    # A handler in a guest that makes no system calls at all: the guest is interrupted to run it.
+    rc, out, _ = _run_then_signal([busybox, "sh", "-c", 'trap "echo got INT; exit 3" INT; echo ready; '
+                                   'while :; do :; done'], signal.SIGINT)
+    assert (rc, out) == (3, b"got INT\n")
+    rc, out, _ = _run_then_signal([busybox, "sh", "-c", "echo ready; while :; do :; done"], signal.SIGINT)
+    assert rc == -signal.SIGINT                                   # died of it, as the program would
+    rc, out, _ = _run_then_signal([busybox, "sh", "-c", "echo ready; exec sleep 30"], signal.SIGTERM)
+    assert rc == -signal.SIGTERM
+    assert _children() == set()

@@ -567,9 +567,25 @@ thread_stopped(int pid, uint32_t tid)
     return p && (p[2] == 'T' || p[2] == 't');
 }
 
+/* A stub thread to interrupt (PVM_STUB_PREEMPT_SIG) while *flag is set, for stub_run_fast. */
+struct preempt {
+    volatile int32_t *flag;
+    int pid, tid;
+};
+
+static int channel_post_wait_preempt(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd,
+                                     long spin, int pid, const struct preempt *pre);
+
 static int
 channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin,
                   int pid)
+{
+    return channel_post_wait_preempt(slot, counter, alive, pidfd, spin, pid, NULL);
+}
+
+static int
+channel_post_wait_preempt(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd, long spin,
+                          int pid, const struct preempt *pre)
 {
     uint32_t seq = ++*counter;
     int cpu = sched_getcpu();
@@ -601,12 +617,15 @@ channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *a
         uint32_t cur = __atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE);
         if (cur == seq)
             break;
+        if (pre && *pre->flag)             /* a signal is due: stop the guest, again each tick until it does */
+            syscall(SYS_tgkill, pre->pid, pre->tid, PVM_STUB_PREEMPT_SIG);
         struct timespec ts = {0, 50 * 1000 * 1000};
         long r;
         Py_BEGIN_ALLOW_THREADS
         r = futex_op(&slot->resp_seq, FUTEX_WAIT, cur, &ts);
         Py_END_ALLOW_THREADS
-        if (r < 0 && errno == EINTR && PyErr_CheckSignals() < 0) {
+        /* Python-level signal handlers run here (a signal may have come while we spun, without EINTR). */
+        if (r < 0 && (errno == EINTR || errno == ETIMEDOUT) && PyErr_CheckSignals() < 0) {
             rc = -2;                       /* the request is still in flight */
             break;
         }
@@ -830,9 +849,10 @@ stub_run_common(PyObject *args, int with_fast)
     long spin;
     Py_buffer regs, fp;
     struct fast_path fast = {{0}};
+    int stub_tid = 0, answer = 0;
     if (with_fast) {
-        if (!PyArg_ParseTuple(args, "KKKiliy*y*pw*w*w*i", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
-                              &want_fp, &fast.fds, &fast.ids, &fast.flag, &fast.stub_pid))
+        if (!PyArg_ParseTuple(args, "KKKiliy*y*pw*w*w*iip", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
+                              &want_fp, &fast.fds, &fast.ids, &fast.flag, &fast.stub_pid, &stub_tid, &answer))
             return NULL;
     } else if (!PyArg_ParseTuple(args, "KKKiliy*y*p", &block, &counter, &alive, &pidfd, &spin, &pid, &regs, &fp,
                                  &want_fp))
@@ -868,9 +888,11 @@ stub_run_common(PyObject *args, int with_fast)
         memcpy(fp_area, fp.buf, (size_t)fp.len);
     stop->fp_valid = fp.len ? 1 : 0;
     uint32_t signo, fp_size;
+    struct preempt pre = {with_fast ? fast.flag.buf : NULL, fast.stub_pid, stub_tid};
     for (;;) {
         slot->op = PVM_OP_RUN;
-        int rc = channel_post_wait(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid);
+        int rc = channel_post_wait_preempt(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid,
+                                           with_fast && stub_tid > 0 ? &pre : NULL);
         if (rc < 0) {
             channel_error(rc, pidfd);
             goto out;
@@ -882,7 +904,7 @@ stub_run_common(PyObject *args, int with_fast)
             raise_call("stub stop data", pidfd);
             goto out;
         }
-        if (!with_fast || *(volatile int32_t *)fast.flag.buf || !fast_answer(&fast, stop))
+        if (!with_fast || !answer || *(volatile int32_t *)fast.flag.buf || !fast_answer(&fast, stop))
             break;
         stop->fp_valid = 1;                /* resume with the state this stop saved */
     }
@@ -1221,7 +1243,7 @@ static PyMethodDef methods[] = {
     {"agent_syscall", py_agent_syscall, METH_VARARGS, "agent_syscall(slot, counter, alive, pidfd, spin, pid, nr, *args) -> raw"},
     {"agent_batch", py_agent_batch, METH_VARARGS, "agent_batch(slot, counter, alive, pidfd, spin, pid, [(nr, args)]) -> [raw]"},
     {"agent_loop", py_agent_loop, METH_VARARGS, "agent_loop(slot, counter, alive, pidfd, spin, pid, nr, n, count=1) -> ns"},
-    {"stub_run_fast", py_stub_run_fast, METH_VARARGS, "stub_run_fast(..., fds, ids, flag, stub_pid): stub_run answering trivial syscalls in C"},
+    {"stub_run_fast", py_stub_run_fast, METH_VARARGS, "stub_run_fast(..., fds, ids, flag, stub_pid, stub_tid, answer): stub_run answering trivial syscalls in C (if answer) and interrupting the guest while *flag"},
     {"stub_run", py_stub_run, METH_VARARGS, "stub_run(block, counter, alive, pidfd, spin, pid, regs, fp, want_fp) -> stop fields"},
     {"stub_loop", py_stub_loop, METH_VARARGS, "stub_loop(block, counter, pidfd, spin, n, kind, a0, a1) -> (n, ns, signo)"},
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
@@ -1332,6 +1354,7 @@ PyInit__core(void)
         || add_int(layout, "STUB_TRAMP_SIZE", PVM_STUB_TRAMP_SIZE) < 0
         || add_int(layout, "STUB_SITES_OFF", PVM_STUB_SITES_OFF) < 0
         || add_int(layout, "STUB_ENTRY_OFF", PVM_STUB_ENTRY_OFF) < 0
+        || add_int(layout, "STUB_PREEMPT_SIG", PVM_STUB_PREEMPT_SIG) < 0
         || add_int(layout, "patch_site.size", sizeof(struct pvm_patch_site)) < 0
         || add_int(layout, "PTRACE_GETSIGMASK", PTRACE_GETSIGMASK) < 0)
         goto fail;

@@ -82,6 +82,9 @@ def cmd_run(args):
     if args.trace is not None:
         trace = sys.stderr if args.trace == "-" else args.trace
     box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
+    # The terminal's signals (Ctrl-C, Ctrl-\, a hang-up, a kill of this process) go to the program.
+    forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda sig, frame: box.host_signal(sig)) for sig in forwarded}
     try:
         status = box.run(args.program)
     except FileNotFoundError as e:
@@ -93,6 +96,9 @@ def cmd_run(args):
     except OSError as e:
         print("pvmexec run: %s: %s" % (args.program[0], e.strerror), file=sys.stderr)
         return 126
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         sys.stdout.flush()

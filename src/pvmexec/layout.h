@@ -149,6 +149,14 @@ struct pvm_slot {
 #define PVM_STUB_SITES_OFF 0xA000               /* struct pvm_patch_site per site */
 #define PVM_STUB_ENTRY_OFF 0xE000               /* u64: the stub's entry for trampolines */
 
+/*
+ * The caller's "stop now" for a guest that runs without syscalls: sent with
+ * tgkill to a stub thread. In guest code it is a stop like any signal; in
+ * the stub's own code it is ignored (a stop is under way, or the guest is
+ * stopped), and the caller sends it again until it gets one.
+ */
+#define PVM_STUB_PREEMPT_SIG 23             /* SIGURG */
+
 #define PVM_OP_RUN 3U                       /* stub: resume the guest with stop.regs / fp */
 #define PVM_OP_SPAWN 4U                     /* stub: start the thread of block calls[0].args[0] */
 

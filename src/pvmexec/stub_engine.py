@@ -34,10 +34,11 @@ SIGSYS, SYS_SECCOMP = signal.SIGSYS, 1
 class _Thread:
     """One stub thread: its block in the region and our own request counter for it."""
 
-    __slots__ = ("index", "block", "seq", "counter", "lock")
+    __slots__ = ("index", "block", "seq", "counter", "lock", "tid")
 
-    def __init__(self, index, base):
+    def __init__(self, index, base, tid=0):
         self.index = index
+        self.tid = tid
         self.block = base + L["STUB_BLOCK_OFF"] + index * L["STUB_BLOCK_SIZE"]
         self.seq = ctypes.c_uint32(0)
         self.counter = ctypes.addressof(self.seq)
@@ -77,7 +78,7 @@ class StubEngine:
             os.set_inheritable(fd, True)
             self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd)], pass_fds=(fd, exe),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, close_fds=True,
+                                         stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
                                          preexec_fn=_no_randomize if fixed_layout else None)
             self.pid = self.proc.pid
             self.pidfd = os.pidfd_open(self.pid)
@@ -142,7 +143,7 @@ class StubEngine:
         tid = self._call(spawn, thread=None)
         if tid <= 0:
             raise EngineError("the stub could not start thread %d: %s" % (index, os.strerror(-tid) if tid else "?"))
-        t = _Thread(block, self._base)
+        t = _Thread(block, self._base, tid)
         ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
         if not wait_word(self._map, self._base, ready, 1, 5, lambda: self.proc.poll() is not None):
             raise EngineError("stub thread %d did not start" % index)
@@ -212,7 +213,7 @@ class StubEngine:
                 got = _stub_run(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"", fp is not None)
             else:
                 got = _stub_run_fast(t.block, t.counter, 0, self.pidfd, self.spin, 0, ctx._buf, fp or b"",
-                                     fp is not None, fast[0], fast[1], fast[2], self.pid)
+                                     fp is not None, fast[0], fast[1], fast[2], self.pid, t.tid, fast[3])
         except BaseException as e:
             raise self._failed(e) from None
         finally:
@@ -324,7 +325,7 @@ def plain_process(fixed_layout=False):
         os.write(exe, _core.STUB_ELF)
         return subprocess.Popen(["/proc/self/fd/%d" % exe, "plain"], pass_fds=(exe,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                                preexec_fn=_no_randomize if fixed_layout else None)
+                                process_group=0, preexec_fn=_no_randomize if fixed_layout else None)
     finally:
         os.close(exe)
 

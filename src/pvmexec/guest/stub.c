@@ -461,6 +461,14 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
      * rcx and r11: report it as the syscall stop it stands for.
      */
     uint64_t tramp = PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF;
+    if (sig == PVM_STUB_PREEMPT_SIG) {
+        /* Our own code (or a trampoline) was running: a stop is under way or the guest is stopped. */
+        extern char __executable_start[], etext[];
+        uint64_t ip = m->rip;
+        if ((ip >= (uint64_t)(uintptr_t)__executable_start && ip < (uint64_t)(uintptr_t)etext) ||
+            ip - PVM_STUB_WINDOW_ADDR < PVM_STUB_WINDOW_SIZE)
+            return;                         /* rt_sigreturn puts it back exactly */
+    }
     if (window && sig == SIGTRAP && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE) {
         const struct pvm_patch_site *site = patch_site((m->rip - tramp) / PVM_STUB_TRAMP_SIZE);
         sig = SIGSYS;
@@ -677,7 +685,7 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     header->region_base = (uint64_t)base;
     header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
     use_signal_stack(0);
-    static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5};
+    static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5, PVM_STUB_PREEMPT_SIG};
     for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
         struct kernel_sigaction sa;
         sa.handler = (void *)pvm_stub_handler;      /* field by field: an initializer may become a relocated template */

@@ -19,6 +19,7 @@ import struct
 import threading
 from array import array
 
+from .. import _core
 from ..errors import TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
@@ -212,6 +213,16 @@ class Sandbox:
         self._end_all()
         return status
 
+    def host_signal(self, sig):
+        """A signal from outside (the terminal's Ctrl-C, a kill of `pvmexec run`): for every guest
+        process in the first one's session, as a terminal sends it to its foreground group."""
+        with self._cond:
+            first = min(self._procs.values(), key=lambda q: q.pid, default=None)
+            targets = [q for q in self._procs.values() if q.status is None and first and q.sid == first.sid]
+        info = struct.pack("<iii4xiI", sig, 0, 0x80, 0, 0).ljust(128, b"\0")      # SI_KERNEL
+        for q in targets:
+            self._queue(q, sig, info, wake_it=True)
+
     def _end_all(self):
         """Kill every guest process still running and wait for its caller thread."""
         with self._cond:
@@ -285,9 +296,9 @@ class Sandbox:
                     if p.fatal:
                         raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
                     self._deliver_pending(p)
-                if self._fast:
+                if self.engine == "stub":      # C answers trivial calls (if allowed) and interrupts for signals
                     p.fast_flag[0] = 1 if p.pending or p.fatal or p.group_status is not None else 0
-                    fast = (p.fds.fast, p.fast_ids, p.fast_flag)
+                    fast = (p.fds.fast, p.fast_ids, p.fast_flag, self._fast)
                 else:
                     fast = None
                 try:
@@ -300,6 +311,8 @@ class Sandbox:
                     raise
                 ctx = p.ctx = stop.ctx
                 if stop.reason != "syscall":
+                    if stop.signo == _PREEMPT and stop.siginfo.pid == _SELF:
+                        continue                            # stopped for a signal: delivered at the top
                     self._deliver(p, stop.signo, stop.siginfo.raw, sync=True)
                     continue
                 nr = stop.syscall
@@ -539,6 +552,8 @@ class Sandbox:
 
 
 
+_PREEMPT = _core.LAYOUT["STUB_PREEMPT_SIG"]
+_SELF = os.getpid()
 _FAST_HANDLERS = ("sys_read", "sys_write", "sys_getpid", "sys_getppid", "sys_gettid", "sys_getuid", "sys_geteuid",
                   "sys_getgid", "sys_getegid")
 
