@@ -639,3 +639,15 @@ def test_signals_sent_to_pvmexec_run_reach_the_program(busybox):
     rc, out, _ = _run_then_signal([busybox, "sh", "-c", "echo ready; exec sleep 30"], signal.SIGTERM)
     assert rc == -signal.SIGTERM
     assert _children() == set()
+
+
+def test_a_failing_handler_kills_the_process_not_the_kernel(busybox, tmp_path, capsys):
+    class Broken(Sandbox):
+        def sys_uname(self, p, buf):
+            raise RuntimeError("bug")
+    box = Broken()
+    status, out = run_captured(box, [busybox, "uname", "-n"], tmp_path)
+    assert status == signal.SIGKILL
+    assert "internal error in uname" in capsys.readouterr().err
+    status, out = run_captured(box, [busybox, "echo", "still fine"], tmp_path)     # the kernel goes on
+    assert (status, out) == (0, b"still fine\n")

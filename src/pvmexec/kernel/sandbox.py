@@ -344,6 +344,9 @@ class Sandbox:
                     if isinstance(e, ThreadExit):
                         return e
                     raise
+                except Exception as e:                      # a bug of ours: the process dies, not the kernel
+                    self._internal_error(p, nr, e)
+                    raise Exited(signal.SIGKILL) from e
                 if tracer:
                     tracer.call(p, nr, decoded, ret)
                 if ret is not None:                         # None: the handler set the registers (execve)
@@ -354,6 +357,14 @@ class Sandbox:
             return e.status
         except TargetGone:
             return signal.SIGKILL                           # the stub was killed from outside
+
+    def _internal_error(self, p, nr, e):
+        import sys
+        import traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        print("pvmexec: internal error in %s for process %d (%s: %s at %s:%d); the process is killed" % (
+            name_of(nr), p.pid, type(e).__name__, e, os.path.basename(where.filename), where.lineno), file=sys.stderr)
+        p.internal_error = e
 
     @staticmethod
     def _decode(p, value, kind):
