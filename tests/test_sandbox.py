@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from pvmexec.kernel import Errno, Policy, Sandbox
+from pvmexec.kernel import Errno, Sandbox
 
 PY = sys.executable
 PYTHON3 = "/usr/bin/python3"

@@ -9,6 +9,7 @@ import errno
 import os
 import posixpath
 import stat
+import struct
 import threading
 from array import array
 
@@ -30,6 +31,17 @@ class Errno(Exception):
     def __init__(self, err):
         super().__init__(err, os.strerror(err))
         self.errno = err
+
+
+def timeout_ms(p, addr, per_second):
+    """A guest timeout {seconds, fraction in 1/per_second} at addr, as whole milliseconds rounded up;
+    None for a NULL pointer (wait forever)."""
+    if not addr:
+        return None
+    sec, frac = struct.unpack("<qq", p.read(addr, 16))
+    if sec < 0 or not 0 <= frac < per_second:
+        raise Errno(errno.EINVAL)
+    return sec * 1000 + (frac * 1000 + per_second - 1) // per_second
 
 
 class Policy:

@@ -14,7 +14,6 @@ import signal
 import struct
 import threading
 
-from ..errors import TargetGone
 from .files import Errno
 
 SIGCHLD = signal.SIGCHLD
@@ -68,6 +67,16 @@ def _drain(p):
             pass
     except BlockingIOError:
         pass
+
+
+def close_wake(p):
+    """Close a task's wake-up pipe (Process or Thread)."""
+    for fd in (p.wake_r, p.wake_w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    p.wake_r = p.wake_w = -1
 
 
 def wake(p):
@@ -178,7 +187,7 @@ def _discard(self, child):
     child.fds.close_all()
     if child.space is not None:
         child.space.detach()
-    child.close_wake()
+    close_wake(child)
 
 
 def _copy_memory(self, p, child):
@@ -256,7 +265,7 @@ def _finish(self, p, status):
             self._queue(p.parent, p.exit_signal, self._child_info(p), wake_it=True)
         self._cond.notify_all()
     p.vfork_done.set()
-    p.close_wake()
+    close_wake(p)
 
 
 def _child_info(self, p):

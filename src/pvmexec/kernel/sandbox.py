@@ -93,14 +93,6 @@ class Process:
         self.fast_ids = array("q", [pid, 1, pid, os.getuid(), os.geteuid(), os.getgid(), os.getegid()])
         self.fast_flag = array("i", [0])
 
-    def close_wake(self):
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.wake_r = self.wake_w = -1
-
     # -- guest memory (hostile) ---------------------------------------------------------------
 
     def read(self, addr, n):

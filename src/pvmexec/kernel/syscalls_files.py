@@ -8,7 +8,7 @@ import struct
 import time
 
 from .. import _core
-from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, OpenFile
+from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, OpenFile, timeout_ms
 
 IO_MAX = 1 << 20
 AT_REMOVEDIR = 0x200
@@ -327,13 +327,7 @@ def sys_poll(self, p, fds, nfds, timeout):
 
 
 def sys_ppoll(self, p, fds, nfds, tsp, sigmask, sigsetsize):
-    timeout = None
-    if tsp:
-        sec, nsec = struct.unpack("<qq", p.read(tsp, 16))
-        if sec < 0 or not 0 <= nsec < 10 ** 9:
-            raise Errno(errno.EINVAL)
-        timeout = sec * 1000 + (nsec + 999999) // 1000000
-    return _poll(self, p, fds, nfds, timeout)
+    return _poll(self, p, fds, nfds, timeout_ms(p, tsp, 10 ** 9))
 
 
 # -- metadata ---------------------------------------------------------------------------------------

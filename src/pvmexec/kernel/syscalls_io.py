@@ -5,7 +5,7 @@ import select
 import socket
 import struct
 
-from .files import Errno, OpenFile
+from .files import Errno, OpenFile, timeout_ms
 
 _POLLIN, _POLLOUT, _POLLPRI = select.POLLIN, select.POLLOUT, select.POLLPRI
 _READY_IN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -56,23 +56,11 @@ def _select(self, p, n, inp, outp, exp, timeout_ms):
 
 
 def sys_select(self, p, n, inp, outp, exp, tvp):
-    timeout = None
-    if tvp:
-        sec, usec = struct.unpack("<qq", p.read(tvp, 16))
-        if sec < 0 or not 0 <= usec < 10 ** 6:
-            raise Errno(errno.EINVAL)
-        timeout = sec * 1000 + (usec + 999) // 1000
-    return _select(self, p, n & 0xFFFFFFFF, inp, outp, exp, timeout)
+    return _select(self, p, n & 0xFFFFFFFF, inp, outp, exp, timeout_ms(p, tvp, 10 ** 6))
 
 
 def sys_pselect6(self, p, n, inp, outp, exp, tsp, sig):
-    timeout = None
-    if tsp:
-        sec, nsec = struct.unpack("<qq", p.read(tsp, 16))
-        if sec < 0 or not 0 <= nsec < 10 ** 9:
-            raise Errno(errno.EINVAL)
-        timeout = sec * 1000 + (nsec + 999999) // 1000000
-    return _select(self, p, n & 0xFFFFFFFF, inp, outp, exp, timeout)
+    return _select(self, p, n & 0xFFFFFFFF, inp, outp, exp, timeout_ms(p, tsp, 10 ** 9))
 
 
 # -- epoll -------------------------------------------------------------------------------------------------

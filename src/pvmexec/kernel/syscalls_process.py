@@ -337,14 +337,6 @@ def sys_time(self, p, tloc):
     return sec
 
 
-def _sleep_until(deadline_ns, clk):
-    while True:
-        left = deadline_ns - time.clock_gettime_ns(clk)
-        if left <= 0:
-            return
-        time.sleep(left / 1e9)
-
-
 def _sleep_until(self, p, deadline_ns, clk, rem=0):
     """Sleep to a deadline on clk; a signal for p cuts it short (remaining time written to rem)."""
     from .processes import Interrupted

@@ -51,15 +51,6 @@ class Thread:
         else:
             setattr(self.__dict__["leader"], name, value)
 
-    def close_wake(self):
-        import os
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.__dict__["wake_r"] = self.__dict__["wake_w"] = -1
-
 
 def leader_of(p):
     return p.leader if getattr(p, "is_thread", False) else p
@@ -149,7 +140,8 @@ def _thread_gone(self, t):
     with self._cond:
         self._procs_by_tid.pop(t.tid, None)
     if t is not proc:
-        t.close_wake()
+        from .processes import close_wake
+        close_wake(t)
 
 
 def other_threads(p):
