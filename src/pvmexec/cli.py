@@ -1,4 +1,4 @@
-"""Command line: pvmexec syscall | run | bench."""
+"""Command line: pvmexec syscall | run | dump | image | bench."""
 import argparse
 import sys
 
@@ -117,6 +117,44 @@ def cmd_run(args):
     return os.WEXITSTATUS(status)
 
 
+def cmd_dump(args):
+    import os
+    from . import dump as dumpmod
+    tty = sys.stderr.isatty()
+
+    def progress(rnd, pages, written):
+        line = "round %d: %d pages dirtied, %.1f MiB written" % (rnd, pages, written / 2 ** 20)
+        print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    try:
+        m = dumpmod.dump(args.pid, args.dir, pre_dumps=args.pre_dumps, until_converged=args.until_converged,
+                         leave_running=not args.kill, progress=progress)
+    except (PvmexecError, OSError) as e:
+        print(("\n" if tty else "") + "pvmexec dump: %s" % e, file=sys.stderr)
+        return 1
+    if tty:
+        print(file=sys.stderr)
+    print("dumped process %d to %s: %d rounds, %.1f MiB written, frozen %.1f ms, %.2f s in all; %s" % (
+        args.pid, os.path.abspath(args.dir), len(m["rounds"]), m["bytes_written"] / 2 ** 20,
+        m["freeze_seconds"] * 1e3, m["total_seconds"], "killed" if args.kill else "left running"))
+    return 0
+
+
+def cmd_image(args):
+    from . import dump as dumpmod
+    try:
+        if args.action == "show":
+            print(dumpmod.Image(args.dir).summary())
+            return 0
+        diffs = dumpmod.verify(args.dir, args.pid)
+    except (PvmexecError, OSError) as e:
+        print("pvmexec image: %s" % e, file=sys.stderr)
+        return 1
+    for addr, what in diffs[:20]:
+        print("%#x: %s" % (addr, what))
+    print("%s: %s" % (args.dir, "matches process %d" % args.pid if not diffs else "%d pages differ" % len(diffs)))
+    return 0 if not diffs else 1
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pvmexec",
@@ -157,6 +195,31 @@ def build_parser():
                    help="hide the vDSO, so that time calls reach the kernel")
     r.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]")
     r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("dump", help="checkpoint a running process: pre-dumps while it runs, then a short freeze",
+                       description="Dump process PID into DIR (new or empty): rounds that copy the pages "
+                                   "written since the last one while it runs (userfaultfd write-protect and "
+                                   "PAGEMAP_SCAN), then a final round with every thread frozen, and its "
+                                   "threads' and process's state. Progress on a terminal.")
+    d.add_argument("pid", type=int, metavar="PID")
+    d.add_argument("dir", metavar="DIR")
+    how = d.add_mutually_exclusive_group()
+    how.add_argument("--pre-dumps", type=int, default=2, metavar="N", help="rounds while running (default 2)")
+    how.add_argument("--until-converged", action="store_true",
+                     help="pre-dump until a round copies no fewer pages than the one before")
+    end = d.add_mutually_exclusive_group()
+    end.add_argument("--leave-running", action="store_true", help="let it go on afterwards (the default)")
+    end.add_argument("--kill", action="store_true", help="kill it once dumped")
+    d.set_defaults(func=cmd_dump)
+
+    im = sub.add_parser("image", help="show an image, or verify it against a process",
+                        description="show DIR: a readable summary. verify DIR PID: compare the image's memory "
+                                    "with process PID's, page by page (the process is frozen meanwhile).")
+    im.add_argument("action", choices=("show", "verify"))
+    im.add_argument("dir", metavar="DIR")
+    im.add_argument("pid", type=int, nargs="?", metavar="PID")
+    im.set_defaults(func=lambda a: cmd_image(a) if a.action == "show" or a.pid else (
+        print("pvmexec image verify: give the PID to compare with", file=sys.stderr) or 2))
 
     b = sub.add_parser("bench", help="measure both process_vm_exec modes (self-contained)",
                        description="Reproduce the proposal's measurements: mode 1 syscall and fault "

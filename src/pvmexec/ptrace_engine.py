@@ -308,10 +308,10 @@ class PtraceEngine:
 
     # -- freezing the whole thread group --------------------------------------
 
-    def freeze(self):
-        """Stop every thread of the target until thaw()."""
+    def freeze(self, exclude=()):
+        """Stop every thread of the target (but those in exclude) until thaw()."""
         while True:
-            tids = set(_threads(self.pid)) - set(self._frozen)
+            tids = set(_threads(self.pid)) - set(self._frozen) - set(exclude)
             if not tids:
                 return
             for tid in sorted(tids):

@@ -1,0 +1,136 @@
+"""Live checkpoint: pre-dumps while the target writes, a short-freeze final dump, and a target that never notices."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pvmexec import dump as dumpmod
+from pvmexec.errors import TargetGone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def writer_exe(cc, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("writer") / "writer")
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(HERE, "victims", "writer.c")], check=True,
+                   timeout=120)
+    return out
+
+
+@pytest.fixture
+def writer(writer_exe, tmp_path):
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(range(256)) * 128)                  # 8 pages for a private file mapping
+    procs = []
+
+    def start(seconds):
+        p = subprocess.Popen([writer_exe, str(seconds), str(backing)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline() == "ready\n"
+        return p
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def _looks(pid):
+    """What the target must have again after the dump: descriptors, threads, no uffd write protection."""
+    fds = sorted((fd, os.readlink("/proc/%d/fd/%s" % (pid, fd))) for fd in os.listdir("/proc/%d/fd" % pid))
+    threads = len(os.listdir("/proc/%d/task" % pid))
+    with open("/proc/%d/smaps" % pid) as f:
+        uffd_wp = sum(1 for line in f if line.startswith("VmFlags") and " uw" in line)
+    with open("/proc/%d/maps" % pid) as f:
+        ours = sum(1 for line in f if "pvmexec" in line)
+    return fds, threads, uffd_wp, ours
+
+
+def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp_path):
+    p = writer(3)
+    before = _looks(p.pid)
+    seen = []
+
+    def frozen(pid):
+        seen.append(dumpmod.verify(str(tmp_path / "img"), pid, frozen=True))
+    rounds = []
+    m = dumpmod.dump(p.pid, str(tmp_path / "img"), pre_dumps=3, on_frozen=frozen,
+                     progress=lambda r, pages, written: rounds.append(pages))
+    assert seen == [[]], "the image differs from the frozen process's memory: %s" % seen[0][:5]
+    assert len(rounds) == 4 and m["rounds"][-1]["final"]
+    assert len(m["threads"]) == 2 and all(t["regs"] and t.get("xstate") for t in m["threads"])
+    assert {mp["path"] for mp in m["mappings"]} >= {"/dev/zero (deleted)", str(tmp_path / "backing")}
+    assert _looks(p.pid) == before                     # no extra thread, mapping, fd or write protection
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.startswith("ok "), out          # its own check of all its pages
+    dumpmod.Image(str(tmp_path / "img")).check()
+
+
+def test_until_converged_then_kill(writer, tmp_path):
+    p = writer(30)
+    m = dumpmod.dump(p.pid, str(tmp_path / "img"), until_converged=True, leave_running=False)
+    assert p.wait(10) == -signal.SIGKILL
+    assert 2 <= len(m["rounds"]) <= 17
+    img = dumpmod.Image(str(tmp_path / "img"))
+    img.check()
+    assert "complete" in img.summary()
+
+
+def test_bad_input(writer, tmp_path):
+    with pytest.raises(TargetGone):
+        dumpmod.dump(999999999, str(tmp_path / "none"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    p = writer(30)
+    before = _looks(p.pid)
+    with pytest.raises(FileExistsError):
+        dumpmod.dump(p.pid, str(full))
+    assert _looks(p.pid) == before
+
+
+DISK_FULL = """
+import os, resource, signal, sys
+from pvmexec import dump
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+try:
+    dump.dump(int(sys.argv[1]), sys.argv[2], pre_dumps=1)
+except OSError as e:
+    print("failed:", e)
+"""
+
+
+def test_a_full_disk_leaves_an_incomplete_image_and_the_target_as_it_was(writer, tmp_path):
+    p = writer(30)
+    before = _looks(p.pid)
+    got = subprocess.run([sys.executable, "-c", DISK_FULL, str(p.pid), str(tmp_path / "img")], capture_output=True,
+                         text=True, timeout=120)
+    assert "failed:" in got.stdout and "File too large" in got.stdout, got
+    with open(tmp_path / "img" / "manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["complete"] is False and "File too large" in manifest["error"]
+    with pytest.raises(dumpmod.DumpError, match="incomplete"):
+        dumpmod.Image(str(tmp_path / "img")).check()
+    time.sleep(0.2)
+    assert _looks(p.pid) == before and p.poll() is None
+
+
+def test_cli_dump_show_and_verify(spawn, tmp_path):
+    v = spawn("sleep")                                  # idle: its memory does not change afterwards
+    img = str(tmp_path / "img")
+    got = subprocess.run([sys.executable, "-m", "pvmexec", "dump", str(v.pid), img, "--pre-dumps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and "dumped process %d" % v.pid in got.stdout, got
+    show = subprocess.run([sys.executable, "-m", "pvmexec", "image", "show", img], capture_output=True, text=True,
+                          timeout=60)
+    assert "complete" in show.stdout and "round 2 (frozen)" in show.stdout
+    check = subprocess.run([sys.executable, "-m", "pvmexec", "image", "verify", img, str(v.pid)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "matches process %d" % v.pid in check.stdout, check
+    assert v.state() in "SR"                            # still running, not left stopped
