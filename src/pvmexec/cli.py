@@ -228,11 +228,12 @@ def build_parser():
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--iterations", type=int, default=20000, help="round trips per C-level loop")
     b.add_argument("--quick", action="store_true", help="a few hundred round trips (smoke test)")
-    b.add_argument("what", nargs="?", choices=("engines", "sandbox"), default="engines",
+    b.add_argument("what", nargs="?", choices=("engines", "sandbox", "dump"), default="engines",
                    help="engines (default): both modes, every engine; sandbox: pvmexec run against native "
-                        "runs, the ptrace engine and strace")
+                        "runs, the ptrace engine and strace; dump: live checkpoint against stop-the-world")
     b.set_defaults(func=lambda a: __import__(
-        "pvmexec.bench_sandbox" if a.what == "sandbox" else "pvmexec.bench", fromlist=["main"]).main(a))
+        {"sandbox": "pvmexec.bench_sandbox", "dump": "pvmexec.bench_dump"}.get(a.what, "pvmexec.bench"),
+        fromlist=["main"]).main(a))
     return p
 
 

@@ -19,6 +19,7 @@ Checksums (SHA-256) of pages.img and pages.idx are in the manifest.
 """
 import ctypes
 import errno
+from array import array
 import fcntl
 import hashlib
 import json
@@ -168,6 +169,7 @@ class ImageWriter:
         self.dir = directory
         self.pages = open(os.path.join(directory, "pages.img"), "wb")
         self.index = open(os.path.join(directory, "pages.idx"), "wb")
+        self.sums = {"pages.img": hashlib.sha256(), "pages.idx": hashlib.sha256()}     # as we write
         self.offset = 0
         self.bytes_written = 0
         self.manifest = dict(version=IMAGE_VERSION, complete=False)
@@ -175,20 +177,54 @@ class ImageWriter:
 
     def add(self, addr, data):
         """Pages starting at addr (a multiple of the page size)."""
-        self.pages.write(data)
+        self._write_pages(data)
         n = len(data) // PAGE
-        self.index.write(b"".join(struct.pack("<QQ", addr + i * PAGE, self.offset + i * PAGE) for i in range(n)))
+        self._write_index(_pairs(range(addr, addr + n * PAGE, PAGE), range(self.offset, self.offset + n * PAGE, PAGE)))
+        self.offset += len(data)
+        self.bytes_written += len(data)
+
+    def add_ranges(self, ranges, data):
+        """Ranges [(start, end)] whose contents follow each other in data."""
+        self._write_pages(data)
+        addrs = [a for s, e in ranges for a in range(s, e, PAGE)]
+        self._write_index(_pairs(addrs, range(self.offset, self.offset + len(addrs) * PAGE, PAGE)))
         self.offset += len(data)
         self.bytes_written += len(data)
 
     def zero(self, addr, length):
-        self.index.write(b"".join(struct.pack("<QQ", addr + i, ZERO) for i in range(0, length, PAGE)))
+        n = length // PAGE
+        self._write_index(_pairs(range(addr, addr + length, PAGE), [ZERO] * n))
+
+    def hold(self):
+        """Keep what is added in memory until flush(): the frozen round only copies, the disk waits."""
+        self.held = []
+
+    def flush(self):
+        held, self.held = self.held, None
+        for f, data in held or ():
+            f(data)
+
+    held = None
+
+    def _write_pages(self, data):
+        if self.held is not None:
+            self.held.append((self._write_pages, data))
+            return
+        self.pages.write(data)
+        self.sums["pages.img"].update(data)
+
+    def _write_index(self, data):
+        if self.held is not None:
+            self.held.append((self._write_index, data))
+            return
+        self.index.write(data)
+        self.sums["pages.idx"].update(data)
 
     def finish(self, manifest):
         self.pages.close()
         self.index.close()
-        manifest.update(version=IMAGE_VERSION, complete=True, checksums={
-            name: _sha256(os.path.join(self.dir, name)) for name in ("pages.img", "pages.idx")})
+        manifest.update(version=IMAGE_VERSION, complete=True,
+                        checksums={name: h.hexdigest() for name, h in self.sums.items()})
         self.manifest = manifest
         self._write_manifest()
 
@@ -209,6 +245,14 @@ class ImageWriter:
         with open(tmp, "w") as f:
             json.dump(self.manifest, f, indent=1)
         os.replace(tmp, os.path.join(self.dir, "manifest.json"))
+
+
+def _pairs(addrs, offsets):
+    """Index records: (address, offset) pairs as little-endian u64s."""
+    out = array("Q", bytes(16 * len(addrs)))
+    out[0::2] = array("Q", addrs)
+    out[1::2] = array("Q", offsets)
+    return out.tobytes()
 
 
 def _sha256(path):
@@ -237,6 +281,29 @@ def _copy(pid, image, start, end, final):
                     if not final:
                         return                              # gone while we copied: the next round sees
         addr += n
+
+
+def _copy_ranges(pid, image, ranges, final):
+    """Scattered written pages: up to 1024 ranges (16 MiB) per process_vm_readv; what fails is copied alone."""
+    i = 0
+    while i < len(ranges):
+        batch, size = [], 0
+        while i < len(ranges) and len(batch) < 1024 and size < 16 << 20:
+            s, e = ranges[i]
+            batch.append((s, e))
+            size += e - s
+            i += 1
+        flat = array("Q", [v for s, e in batch for v in (s, e - s)])
+        data = _core.vm_read_ranges(pid, flat)
+        done = at = 0
+        for s, e in batch:
+            if at + (e - s) > len(data):
+                break
+            done += 1
+            at += e - s
+        image.add_ranges(batch[:done], data)
+        for s, e in batch[done:]:
+            _copy(pid, image, s, e, final)
 
 
 def _read_forced(pid, addr, n):
@@ -294,9 +361,9 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
                     if m.key in tracker.ranges:
                         scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=True)   # protect what we copied
                     continue
-                for s, e in scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=True):
-                    _copy(pid, image, s, e, final)
-                    pages += (e - s) // PAGE
+                written = scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=not final)   # frozen: no need
+                _copy_ranges(pid, image, written, final)
+                pages += sum(e - s for s, e in written) // PAGE
             if final:
                 for m in maps:                       # pages dropped since they were copied read as zeros
                     if m.key in tracker.ranges and not m.path:
@@ -317,11 +384,19 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
         engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
         t_freeze = time.monotonic()
         engine.freeze(exclude=(agent.agent_tid,))
+        frozen_at = time.monotonic() - t_freeze
+        image.hold()
         _, maps = one_round(True)
+        t_state = time.monotonic()
         ours = {tracker.uffd, struct.unpack_from("<i", agent._map, _core.LAYOUT["HEADER_OFF"] +
                                                   _core.LAYOUT["header.caller_pidfd"])[0]}
         state = _process_state(pid, space, engine, maps, ours)
+        state["freeze_breakdown"] = dict(stop_threads=frozen_at, last_round=rounds[-1]["seconds"],
+                                         state=time.monotonic() - t_state)
+        if on_frozen is None and leave_running:     # nobody needs the image while it is frozen: let it go first
+            engine.thaw()
         freeze_s = time.monotonic() - t_freeze
+        image.flush()
         manifest = dict(pid=pid, mappings=[m.as_dict() for m in maps], rounds=rounds, freeze_seconds=freeze_s,
                         total_seconds=time.monotonic() - t_start, bytes_written=image.bytes_written, **state)
         image.finish(manifest)
@@ -339,15 +414,38 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
                 tracker.close()
             except (OSError, PvmexecError):
                 pass
+        if not leave_running and engine is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)            # while still frozen: it never runs again
+            except ProcessLookupError:
+                pass
+            # Take our (tracer's) notice of each death, the leader's last (it waits for the others),
+            # so that the real parent gets its own; if we are that parent, its wait is ours to leave.
+            ours = _parent_of(pid) == os.getpid()
+            for tid in sorted(engine._frozen, key=lambda t: t == pid):
+                if tid == pid and ours:
+                    continue
+                try:
+                    _core.wait(tid, True, False)
+                except OSError:
+                    pass
+            engine._frozen.clear()
         if engine is not None:
             engine.thaw()                           # before the agent leaves: it unmaps itself with ptrace
         if space is not None:
-            space.detach()
-        if not leave_running:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                space.detach()
+            except TargetGone:
+                if leave_running:
+                    raise
+
+
+def _parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
 
 
 def agent_ranges(agent):

@@ -1,0 +1,145 @@
+"""`pvmexec bench dump`: stop-the-world dump against pre-dumps plus a short freeze.
+
+The target keeps a working set (1 GiB; 128 MiB with --quick) and dirties 1%
+of it every 100 ms while counting its own work. In one run: (a) a dump that
+freezes the target and copies everything, (b) pre-dumps while it runs, then
+the final frozen round. Reported: freeze time, total time, copy throughput
+(process_vm_readv into the image), and the target's work rate during the
+pre-dumps against its undisturbed rate.
+"""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+
+from . import _core
+
+TARGET = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+static volatile uint64_t work;
+int main(int argc, char **argv) {
+    size_t size = (size_t)atol(argv[1]) << 20, pages = size / 4096;
+    char *mem = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(mem, 1, size);
+    printf("%p\n", (void *)&work);
+    fflush(stdout);
+    uint64_t seed = 1;
+    struct timespec last, now;
+    clock_gettime(CLOCK_MONOTONIC, &last);
+    for (;;) {
+        for (int i = 0; i < 1000; i++)
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        work++;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((now.tv_sec - last.tv_sec) * 1000000000L + now.tv_nsec - last.tv_nsec >= 100000000L) {
+            for (size_t i = 0; i < pages / 100; i++)            /* 1% of the pages, every 100 ms */
+                mem[((seed >> 11) + i * 2654435761ULL) % pages * 4096] = (char)i;
+            last = now;
+        }
+    }
+}
+"""
+
+
+def _build(work_dir):
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("bench dump needs a C compiler for its target")
+    src = os.path.join(work_dir, "target.c")
+    with open(src, "w") as f:
+        f.write(TARGET)
+    exe = os.path.join(work_dir, "target")
+    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def _work(pid, addr):
+    return struct.unpack("<Q", _core.vm_read(pid, addr, 8))[0]
+
+
+def _rate(pid, addr, seconds):
+    a, t0 = _work(pid, addr), time.monotonic()
+    time.sleep(seconds)
+    return (_work(pid, addr) - a) / (time.monotonic() - t0)
+
+
+def run(quick=False):
+    size_mb = 128 if quick else 1024
+    pre_dumps = None
+    cpus = sorted(os.sched_getaffinity(0))
+    mine, theirs = cpus[0], cpus[-1]
+    where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    out = {"working_set_mib": size_mb, "dirty": "1% of the pages every 100 ms", "pre_dumps": "until converged",
+           "placement": "target on cpu %d, dumper on cpu %d; image in %s (copy GB/s includes writing it)" % (
+               theirs, mine, where or tempfile.gettempdir())}
+    old_affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {mine})
+    try:
+        with tempfile.TemporaryDirectory(prefix="pvmexec-bench-dump-", dir=where) as work_dir:
+            _runs(out, work_dir, size_mb, pre_dumps, quick, theirs)
+    finally:
+        os.sched_setaffinity(0, old_affinity)
+    out["freeze_ratio"] = out["stop-the-world"]["freeze_s"] / out["pre-dump"]["freeze_s"]
+    return out
+
+
+def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
+    from .dump import dump
+    exe = _build(work_dir)
+    for kind in ("stop-the-world", "pre-dump"):
+        target = subprocess.Popen([exe, str(size_mb)], stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        try:
+            addr = int(target.stdout.readline(), 16)
+            undisturbed = _rate(target.pid, addr, 0.5 if quick else 1.0)
+            image = os.path.join(work_dir, kind)
+            marks = []
+            w0 = _work(target.pid, addr)
+            t0 = time.monotonic()
+            m = dump(target.pid, image, pre_dumps=0, until_converged=kind == "pre-dump",
+                     progress=lambda r, p, b: marks.append((time.monotonic(), _work(target.pid, addr), b)))
+            row = dict(freeze_s=m["freeze_seconds"], total_s=m["total_seconds"], bytes=m["bytes_written"],
+                       rounds=len(m["rounds"]),
+                       throughput_gbs=m["bytes_written"] / 1e9 / sum(r["seconds"] for r in m["rounds"]),
+                       undisturbed_work_per_s=undisturbed)
+            if kind == "pre-dump" and len(marks) > 1:
+                t_pre, w_pre, _ = marks[-2]                     # the last round while it ran
+                row["pre_dump_work_per_s"] = (w_pre - w0) / (t_pre - t0)
+                row["progress_kept"] = row["pre_dump_work_per_s"] / undisturbed
+            out[kind] = row
+            shutil.rmtree(image)
+        finally:
+            target.kill()
+            target.wait(10)
+
+
+def format_table(r):
+    lines = ["pvmexec bench dump — a %d MiB working set, %s; copies with process_vm_readv" % (
+        r["working_set_mib"], r["dirty"]),
+        "placement: " + r["placement"], ""]
+    lines.append("%-16s %10s %10s %8s %11s %14s" % ("", "freeze", "total", "rounds", "copy GB/s", "target work"))
+    for kind in ("stop-the-world", "pre-dump"):
+        row = r[kind]
+        kept = "%.0f%% of rate" % (100 * row["progress_kept"]) if "progress_kept" in row else "frozen"
+        lines.append("%-16s %9.3fs %9.3fs %8d %11.2f %14s" % (kind, row["freeze_s"], row["total_s"], row["rounds"],
+                                                             row["throughput_gbs"], kept))
+    lines.append("")
+    lines.append("freeze time, stop-the-world / pre-dumps: %.1fx" % r["freeze_ratio"])
+    if "progress_kept" in r["pre-dump"]:
+        lines.append("target's work rate during the pre-dumps: %.0f%% of undisturbed" % (
+            100 * r["pre-dump"]["progress_kept"]))
+    return "\n".join(lines)
+
+
+def main(args):
+    report = run(quick=args.quick)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
