@@ -54,6 +54,10 @@ def _looks(pid):
 def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp_path):
     p = writer(3)
     before = _looks(p.pid)
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[never]" not in f.read():                    # its heap asks for huge pages: check it got them
+            with open("/proc/%d/smaps_rollup" % p.pid) as f:
+                assert any(l.startswith("AnonHugePages:") and int(l.split()[1]) > 0 for l in f)
     seen = []
 
     def frozen(pid):

@@ -1,6 +1,6 @@
 /*
  * Dump target: keeps writing while it is dumped, then checks its own memory.
- * Memory: a 64 MiB heap written page by page in a known pattern, a region
+ * Memory: a 64 MiB heap (transparent huge pages) written page by page in a known pattern, a region
  * mapped and unmapped over and over, a range dropped with MADV_DONTNEED,
  * shared anonymous memory, a private file mapping with copied pages, a
  * second thread writing too. Prints "ready", then after `seconds` of work
@@ -44,7 +44,9 @@ static void *second(void *arg)
 int main(int argc, char **argv)
 {
     double seconds = argc > 1 ? atof(argv[1]) : 2;
-    heap = mmap(0, HEAP, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    heap = mmap(0, HEAP + (2UL << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    heap = (uint64_t *)(((uintptr_t)heap + (2UL << 20) - 1) & ~((2UL << 20) - 1));   /* huge-page aligned */
+    madvise(heap, HEAP, MADV_HUGEPAGE);             /* transparent huge pages, then holes punched in them */
     shared = mmap(0, 16 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     int fd = open(argv[2], O_RDONLY);
     filemap = mmap(0, 8 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
