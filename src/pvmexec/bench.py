@@ -69,6 +69,21 @@ class _Target:
             self.proc.wait(5)
 
 
+def compile_c(work_dir, name, source):
+    """Build a benchmark's own C program in work_dir; returns its path."""
+    import shutil
+    import subprocess
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("this benchmark needs a C compiler for its %s program" % name)
+    src = os.path.join(work_dir, name + ".c")
+    with open(src, "w") as f:
+        f.write(source)
+    exe = os.path.join(work_dir, name)
+    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
+    return exe
+
+
 def _adder(results, engine, placement):
     """A function adding one result row for engine, placed as said unless the row says otherwise."""
     def add(mode, loop, us, placement=placement, **extra):

@@ -49,18 +49,6 @@ int main(int argc, char **argv) {
 """
 
 
-def _build(work_dir):
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("bench dump needs a C compiler for its target")
-    src = os.path.join(work_dir, "target.c")
-    with open(src, "w") as f:
-        f.write(TARGET)
-    exe = os.path.join(work_dir, "target")
-    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
-    return exe
-
-
 def _work(pid, addr):
     return struct.unpack("<Q", _core.vm_read(pid, addr, 8))[0]
 
@@ -93,7 +81,8 @@ def run(quick=False):
 
 def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
     from .dump import dump
-    exe = _build(work_dir)
+    from .bench import compile_c
+    exe = compile_c(work_dir, "target", TARGET)
     for kind in ("stop-the-world", "pre-dump"):
         target = subprocess.Popen([exe, str(size_mb)], stdout=subprocess.PIPE, text=True,
                                   preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))

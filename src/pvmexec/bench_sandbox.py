@@ -35,21 +35,10 @@ int main(int argc, char **argv) {
 """
 
 
-def _compile(work):
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("bench sandbox needs a C compiler for its syscall-heavy program")
-    src = os.path.join(work, "syscall_heavy.c")
-    with open(src, "w") as f:
-        f.write(SYSCALL_HEAVY)
-    exe = os.path.join(work, "syscall_heavy")
-    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
-    return exe
-
-
 def _workloads(work, quick):
     n = 2000 if quick else 20000
-    heavy = _compile(work)
+    from .bench import compile_c
+    heavy = compile_c(work, "syscall_heavy", SYSCALL_HEAVY)
     out = [("syscall-heavy", "getppid + 1-byte pipe write and read, x%d (%d syscalls)" % (n, 3 * n),
             [heavy, str(n)], 3 * n)]
     tar = shutil.which("tar")

@@ -167,9 +167,8 @@ class ImageWriter:
             raise FileExistsError(errno.EEXIST, "%s exists and is not an empty directory" % directory)
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
-        self.pages = open(os.path.join(directory, "pages.img"), "wb")
-        self.index = open(os.path.join(directory, "pages.idx"), "wb")
-        self.sums = {"pages.img": hashlib.sha256(), "pages.idx": hashlib.sha256()}     # as we write
+        self.files = {name: open(os.path.join(directory, name), "wb") for name in ("pages.img", "pages.idx")}
+        self.sums = {name: hashlib.sha256() for name in self.files}                     # as we write
         self.offset = 0
         self.bytes_written = 0
         self.manifest = dict(version=IMAGE_VERSION, complete=False)
@@ -201,35 +200,34 @@ class ImageWriter:
 
     def flush(self):
         held, self.held = self.held, None
-        for f, data in held or ():
-            f(data)
+        for name, data in held or ():
+            self._write(name, data)
 
     held = None
 
-    def _write_pages(self, data):
+    def _write(self, name, data):
         if self.held is not None:
-            self.held.append((self._write_pages, data))
+            self.held.append((name, data))
             return
-        self.pages.write(data)
-        self.sums["pages.img"].update(data)
+        self.files[name].write(data)
+        self.sums[name].update(data)
+
+    def _write_pages(self, data):
+        self._write("pages.img", data)
 
     def _write_index(self, data):
-        if self.held is not None:
-            self.held.append((self._write_index, data))
-            return
-        self.index.write(data)
-        self.sums["pages.idx"].update(data)
+        self._write("pages.idx", data)
 
     def finish(self, manifest):
-        self.pages.close()
-        self.index.close()
+        for f in self.files.values():
+            f.close()
         manifest.update(version=IMAGE_VERSION, complete=True,
                         checksums={name: h.hexdigest() for name, h in self.sums.items()})
         self.manifest = manifest
         self._write_manifest()
 
     def abort(self, why):
-        for f in (self.pages, self.index):
+        for f in self.files.values():
             try:
                 f.close()
             except OSError:
