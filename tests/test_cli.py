@@ -59,3 +59,20 @@ def test_bench_json_quick():
         else:
             assert r["us_per_op"] > 0
     assert report["ratios"]
+
+
+def test_bench_sandbox_and_dump_json_quick():
+    out = pvmexec("bench", "sandbox", "--json", "--quick", timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    names = [r["workload"] for r in report["results"]]
+    assert names[0] == "syscall-heavy" and "python3 start-up" in names
+    for r in report["results"]:
+        assert r["native_s"] > 0 and r["pvmexec_s"] > 0 and r["pvmexec_ptrace_s"] > 0
+    assert set(report["ratios"]) == {"syscall-heavy: strace / pvmexec", "syscall-heavy: pvmexec ptrace engine / pvmexec"}
+    out = pvmexec("bench", "dump", "--json", "--quick", timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["stop-the-world"]["rounds"] == 1 and report["pre-dump"]["rounds"] >= 2
+    assert report["freeze_ratio"] > 0 and 0 < report["pre-dump"]["progress_kept"]
+    assert report["placement"]
