@@ -206,7 +206,7 @@ def build_parser():
     how = d.add_mutually_exclusive_group()
     how.add_argument("--pre-dumps", type=int, default=2, metavar="N", help="rounds while running (default 2)")
     how.add_argument("--until-converged", action="store_true",
-                     help="pre-dump until a round copies no fewer pages than the one before")
+                     help="pre-dump until a round copies at most 8 MiB or stops shrinking")
     end = d.add_mutually_exclusive_group()
     end.add_argument("--leave-running", action="store_true", help="let it go on afterwards (the default)")
     end.add_argument("--kill", action="store_true", help="kill it once dumped")

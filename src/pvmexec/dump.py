@@ -46,6 +46,7 @@ _SCAN_ARG = struct.Struct("<12Q")
 _REGIONS = 4096
 NT_X86_XSTATE = 0x202
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+CONVERGED_BYTES = 8 << 20
 
 
 class DumpError(PvmexecError):
@@ -320,8 +321,8 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
     """Dump process pid into directory (which must not exist or be empty).
 
     pre_dumps rounds copy what was written while the target runs (or, with
-    until_converged, rounds go on until one copies no fewer pages than the one
-    before, at most 16); then every thread is frozen for the final round and
+    until_converged, rounds go on until one copies at most 8 MiB or more than
+    70% of the one before, at most 16); then every thread is frozen for the final round and
     the state records. progress(round, pages, bytes) is called after each
     round; on_frozen(pid) runs while the target is frozen, after the dump.
     The target then continues (leave_running) or is killed. Returns the manifest.
@@ -376,7 +377,10 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
         previous = None
         for i in range(16 if until_converged else pre_dumps):
             pages, _ = one_round(False)
-            if until_converged and previous is not None and pages >= previous:
+            # Converged: the round is small enough to copy frozen in a blink, or barely shrinks
+            # (another round would only disturb the target again for little).
+            if until_converged and (pages * PAGE <= CONVERGED_BYTES or
+                                    previous is not None and pages > previous * 0.7):
                 break
             previous = pages
         engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
