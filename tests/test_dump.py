@@ -51,7 +51,8 @@ def _looks(pid):
     return fds, threads, uffd_wp, ours
 
 
-def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp_path):
+@pytest.mark.parametrize("transfer", ["vmsplice", "readv"])
+def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp_path, transfer):
     p = writer(3)
     before = _looks(p.pid)
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -63,8 +64,9 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
     def frozen(pid):
         seen.append(dumpmod.verify(str(tmp_path / "img"), pid, frozen=True))
     rounds = []
-    m = dumpmod.dump(p.pid, str(tmp_path / "img"), pre_dumps=3, on_frozen=frozen,
+    m = dumpmod.dump(p.pid, str(tmp_path / "img"), pre_dumps=3, on_frozen=frozen, transfer=transfer,
                      progress=lambda r, pages, written: rounds.append(pages))
+    assert (m["bytes_spliced"] > 0) == (transfer == "vmsplice")
     assert seen == [[]], "the image differs from the frozen process's memory: %s" % seen[0][:5]
     assert len(rounds) == 4 and m["rounds"][-1]["final"]
     assert len(m["threads"]) == 2 and all(t["regs"] and t.get("xstate") for t in m["threads"])

@@ -3,8 +3,9 @@
 The target keeps a working set (1 GiB; 128 MiB with --quick) and dirties 1%
 of it every 100 ms while counting its own work. In one run: (a) a dump that
 freezes the target and copies everything, (b) pre-dumps while it runs, then
-the final frozen round. Reported: freeze time, total time, copy throughput
-(process_vm_readv into the image), and the target's work rate during the
+the final frozen round, once with pre-dump pages moved by vmsplice and once
+by process_vm_readv. Reported: freeze time, total time, copy throughput
+(into the image), and the target's work rate during the
 pre-dumps against its undisturbed rate.
 """
 import json
@@ -49,6 +50,9 @@ int main(int argc, char **argv) {
 """
 
 
+KINDS = ("stop-the-world", "pre-dump", "pre-dump (readv)")
+
+
 def _work(pid, addr):
     return struct.unpack("<Q", _core.vm_read(pid, addr, 8))[0]
 
@@ -83,7 +87,7 @@ def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
     from .dump import dump
     from .bench import compile_c
     exe = compile_c(work_dir, "target", TARGET)
-    for kind in ("stop-the-world", "pre-dump"):
+    for kind in KINDS:
         target = subprocess.Popen([exe, str(size_mb)], stdout=subprocess.PIPE, text=True,
                                   preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         try:
@@ -93,13 +97,14 @@ def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
             marks = []
             w0 = _work(target.pid, addr)
             t0 = time.monotonic()
-            m = dump(target.pid, image, pre_dumps=0, until_converged=kind == "pre-dump",
+            m = dump(target.pid, image, pre_dumps=0, until_converged=kind != "stop-the-world",
+                     transfer="readv" if "readv" in kind else "vmsplice",
                      progress=lambda r, p, b: marks.append((time.monotonic(), _work(target.pid, addr), b)))
             row = dict(freeze_s=m["freeze_seconds"], total_s=m["total_seconds"], bytes=m["bytes_written"],
                        rounds=len(m["rounds"]),
                        throughput_gbs=m["bytes_written"] / 1e9 / sum(r["seconds"] for r in m["rounds"]),
                        undisturbed_work_per_s=undisturbed)
-            if kind == "pre-dump" and len(marks) > 1:
+            if kind != "stop-the-world" and len(marks) > 1:
                 t_pre, w_pre, _ = marks[-2]                     # the last round while it ran
                 row["pre_dump_work_per_s"] = (w_pre - w0) / (t_pre - t0)
                 row["progress_kept"] = row["pre_dump_work_per_s"] / undisturbed
@@ -111,14 +116,14 @@ def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
 
 
 def format_table(r):
-    lines = ["pvmexec bench dump — a %d MiB working set, %s; copies with process_vm_readv" % (
+    lines = ["pvmexec bench dump — a %d MiB working set, %s; pre-dumps move pages by vmsplice (or readv)" % (
         r["working_set_mib"], r["dirty"]),
         "placement: " + r["placement"], ""]
-    lines.append("%-16s %10s %10s %8s %11s %14s" % ("", "freeze", "total", "rounds", "copy GB/s", "target work"))
-    for kind in ("stop-the-world", "pre-dump"):
+    lines.append("%-18s %10s %10s %8s %11s %14s" % ("", "freeze", "total", "rounds", "copy GB/s", "target work"))
+    for kind in KINDS:
         row = r[kind]
         kept = "%.0f%% of rate" % (100 * row["progress_kept"]) if "progress_kept" in row else "frozen"
-        lines.append("%-16s %9.3fs %9.3fs %8d %11.2f %14s" % (kind, row["freeze_s"], row["total_s"], row["rounds"],
+        lines.append("%-18s %9.3fs %9.3fs %8d %11.2f %14s" % (kind, row["freeze_s"], row["total_s"], row["rounds"],
                                                              row["throughput_gbs"], kept))
     lines.append("")
     lines.append("freeze time, stop-the-world / pre-dumps: %.1fx" % r["freeze_ratio"])

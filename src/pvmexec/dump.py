@@ -162,14 +162,81 @@ class _Tracker:
                 self.uffd = None
 
 
+class _Splicer:
+    """vmsplice by the agent: the target's pages go into a pipe the target made, whose read end we took
+    (pidfd_getfd); splice moves them on into the image. Only while the target runs: a page in the pipe is
+    a reference, and a write to it before the splice lands in the image too (the next round copies it
+    again anyway, since the write is tracked)."""
+
+    F_SETPIPE_SZ = 1031
+
+    def __init__(self, space):
+        self.space = space
+        self.read_fd = -1
+        self.write_fd = self.iov = None
+        with space.scratch(8) as mem:
+            space.syscall("pipe2", mem, os.O_CLOEXEC)
+            r, self.write_fd = struct.unpack("<ii", space.read(mem, 8))
+        try:
+            self.read_fd = space.take_fd(r)
+        finally:
+            space.syscall_raw("close", r)
+        size = space.syscall_raw("fcntl", self.write_fd, self.F_SETPIPE_SZ, 1 << 20)
+        self.capacity = size if size > 0 else 65536
+        self.iov = space.syscall("mmap", 0, 16 * 1024, 3, 0x22, -1, 0)
+
+    def move(self, image, ranges):
+        """Copy page-aligned ranges into the image; returns the ranges it could not (copy those otherwise)."""
+        pending = []
+        for s, e in ranges:                        # no range bigger than the pipe
+            pending.extend((a, min(a + self.capacity, e)) for a in range(s, e, self.capacity))
+        i = 0
+        while i < len(pending):
+            batch, size = [], 0
+            while i < len(pending) and len(batch) < 1024 and size + pending[i][1] - pending[i][0] <= self.capacity:
+                batch.append(pending[i])
+                size += pending[i][1] - pending[i][0]
+                i += 1
+            self.space.write(self.iov, b"".join(struct.pack("<QQ", s, e - s) for s, e in batch))
+            moved = self.space.syscall_raw("vmsplice", self.write_fd, self.iov, len(batch), 0)
+            if moved <= 0:
+                return batch + pending[i:]
+            took, left = [], moved                 # page-aligned ranges: what moved is whole pages
+            for s, e in batch:
+                if left <= 0:
+                    break
+                took.append((s, s + min(e - s, left)))
+                left -= e - s
+            image.splice_in(self.read_fd, moved, took)
+            if moved < size:                       # stopped at a page it could not take
+                s_last, e_last = took[-1]
+                rest = [(e_last, batch[len(took) - 1][1])] if e_last < batch[len(took) - 1][1] else []
+                return rest + batch[len(took):] + pending[i:]
+        return []
+
+    def close(self):
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+        if self.write_fd is not None:
+            self.space.syscall_raw("close", self.write_fd)
+            self.write_fd = None
+        if self.iov is not None:
+            self.space.syscall_raw("munmap", self.iov, 16 * 1024)
+            self.iov = None
+
+
 class ImageWriter:
     def __init__(self, directory):
         if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
             raise FileExistsError(errno.EEXIST, "%s exists and is not an empty directory" % directory)
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
-        self.files = {name: open(os.path.join(directory, name), "wb") for name in ("pages.img", "pages.idx")}
+        self.files = {"pages.img": open(os.path.join(directory, "pages.img"), "wb", buffering=0),  # splice joins in
+                      "pages.idx": open(os.path.join(directory, "pages.idx"), "wb")}
         self.sums = {name: hashlib.sha256() for name in self.files}                     # as we write
+        self.spliced = False
+        self.spliced_bytes = 0
         self.offset = 0
         self.bytes_written = 0
         self.manifest = dict(version=IMAGE_VERSION, complete=False)
@@ -182,6 +249,22 @@ class ImageWriter:
         self._write_index(_pairs(range(addr, addr + n * PAGE, PAGE), range(self.offset, self.offset + n * PAGE, PAGE)))
         self.offset += len(data)
         self.bytes_written += len(data)
+
+    def splice_in(self, pipe_fd, nbytes, ranges):
+        """Ranges whose nbytes of contents wait in a pipe: moved into pages.img by the kernel (splice)."""
+        out = self.files["pages.img"].fileno()
+        left = nbytes
+        while left:
+            moved = os.splice(pipe_fd, out, left)
+            if moved <= 0:
+                raise DumpError(errno.EIO, "splice from the target's pipe stopped short")
+            left -= moved
+        addrs = [a for s, e in ranges for a in range(s, e, PAGE)]
+        self._write_index(_pairs(addrs, range(self.offset, self.offset + nbytes, PAGE)))
+        self.offset += nbytes
+        self.bytes_written += nbytes
+        self.spliced = True
+        self.spliced_bytes += nbytes
 
     def add_ranges(self, ranges, data):
         """Ranges [(start, end)] whose contents follow each other in data."""
@@ -222,8 +305,10 @@ class ImageWriter:
     def finish(self, manifest):
         for f in self.files.values():
             f.close()
-        manifest.update(version=IMAGE_VERSION, complete=True,
-                        checksums={name: h.hexdigest() for name, h in self.sums.items()})
+        sums = {name: h.hexdigest() for name, h in self.sums.items()}
+        if self.spliced:                        # the kernel moved those pages: read them back once
+            sums["pages.img"] = _sha256(os.path.join(self.dir, "pages.img"))
+        manifest.update(version=IMAGE_VERSION, complete=True, checksums=sums)
         self.manifest = manifest
         self._write_manifest()
 
@@ -317,7 +402,8 @@ def _read_forced(pid, addr, n):
     return data
 
 
-def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True, progress=None, on_frozen=None):
+def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True, progress=None, on_frozen=None,
+         transfer="vmsplice"):
     """Dump process pid into directory (which must not exist or be empty).
 
     pre_dumps rounds copy what was written while the target runs (or, with
@@ -325,20 +411,29 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
     70% of the one before, at most 16); then every thread is frozen for the final round and
     the state records. progress(round, pages, bytes) is called after each
     round; on_frozen(pid) runs while the target is frozen, after the dump.
-    The target then continues (leave_running) or is killed. Returns the manifest.
+    The target then continues (leave_running) or is killed. transfer: how
+    pages written while the target runs reach the image, "vmsplice" (the agent
+    vmsplices them into a pipe, the kernel splices them into the file) or
+    "readv" (process_vm_readv into the caller, then write); the frozen round
+    always reads. Returns the manifest.
     """
+    if transfer not in ("vmsplice", "readv"):
+        raise ValueError("transfer must be vmsplice or readv, not %r" % (transfer,))
     from .ptrace_engine import PtraceEngine
     from .space import attach
     image = ImageWriter(directory)
     rounds = []
     t_start = time.monotonic()
-    space = tracker = scanner = engine = None
+    space = tracker = scanner = engine = splicer = None
     try:
         space = attach(pid, engine="agent")
         agent = space._engine
         skip = agent_ranges(agent)
         tracker = _Tracker(space)
         scanner = _Scanner(pid)
+        if transfer == "vmsplice":
+            splicer = _Splicer(space)
+            skip.append((splicer.iov, splicer.iov + 16 * 1024))
         whole = set()
 
         def one_round(final):
@@ -355,13 +450,19 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
                 if new and not (m.perms[3] == "p" and "w" in m.perms and tracker.register(m)):
                     whole.add(m.key)
                 if m.key in whole or (new and m.path and not m.path.startswith("[")):
-                    _copy(pid, image, m.start, m.end, final)      # untracked, or a file mapping's first copy
+                    # Untracked, or a file mapping's first copy: all of it.
+                    for s, e in (splicer.move(image, [m.key]) if splicer is not None and not final else [m.key]):
+                        _copy(pid, image, s, e, final)
                     pages += (m.end - m.start) // PAGE
                     if m.key in tracker.ranges:
                         scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=True)   # protect what we copied
                     continue
                 written = scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=not final)   # frozen: no need
-                _copy_ranges(pid, image, written, final)
+                if splicer is not None and not final:
+                    written_left = splicer.move(image, written)
+                else:
+                    written_left = written
+                _copy_ranges(pid, image, written_left, final)
                 pages += sum(e - s for s, e in written) // PAGE
             if final:
                 for m in maps:                       # pages dropped since they were copied read as zeros
@@ -390,7 +491,7 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
         image.hold()
         _, maps = one_round(True)
         t_state = time.monotonic()
-        ours = {tracker.uffd, struct.unpack_from("<i", agent._map, _core.LAYOUT["HEADER_OFF"] +
+        ours = {tracker.uffd, splicer and splicer.write_fd, struct.unpack_from("<i", agent._map, _core.LAYOUT["HEADER_OFF"] +
                                                   _core.LAYOUT["header.caller_pidfd"])[0]}
         state = _process_state(pid, space, engine, maps, ours)
         state["freeze_breakdown"] = dict(stop_threads=frozen_at, last_round=rounds[-1]["seconds"],
@@ -400,7 +501,8 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
         freeze_s = time.monotonic() - t_freeze
         image.flush()
         manifest = dict(pid=pid, mappings=[m.as_dict() for m in maps], rounds=rounds, freeze_seconds=freeze_s,
-                        total_seconds=time.monotonic() - t_start, bytes_written=image.bytes_written, **state)
+                        total_seconds=time.monotonic() - t_start, bytes_written=image.bytes_written,
+                        transfer=transfer, bytes_spliced=image.spliced_bytes, **state)
         image.finish(manifest)
         if on_frozen:
             on_frozen(pid)
@@ -411,6 +513,11 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
     finally:
         if scanner is not None:
             scanner.close()
+        if splicer is not None:
+            try:
+                splicer.close()
+            except (OSError, PvmexecError):
+                pass
         if tracker is not None:
             try:
                 tracker.close()
