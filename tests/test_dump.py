@@ -29,7 +29,8 @@ def writer(writer_exe, tmp_path):
     procs = []
 
     def start(seconds):
-        p = subprocess.Popen([writer_exe, str(seconds), str(backing)], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([writer_exe, str(seconds), str(backing)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
         procs.append(p)
         assert p.stdout.readline() == "ready\n"
         return p
@@ -53,7 +54,7 @@ def _looks(pid):
 
 @pytest.mark.parametrize("transfer", ["vmsplice", "readv"])
 def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp_path, transfer):
-    p = writer(3)
+    p = writer(300)                                     # until we close its stdin
     before = _looks(p.pid)
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         if "[never]" not in f.read():                    # its heap asks for huge pages: check it got them
@@ -72,13 +73,13 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
     assert len(m["threads"]) == 2 and all(t["regs"] and t.get("xstate") for t in m["threads"])
     assert {mp["path"] for mp in m["mappings"]} >= {"/dev/zero (deleted)", str(tmp_path / "backing")}
     assert _looks(p.pid) == before                     # no extra thread, mapping, fd or write protection
-    out, _ = p.communicate(timeout=30)
+    out, _ = p.communicate(timeout=60)                  # closes its stdin: it stops and checks itself
     assert p.returncode == 0 and out.startswith("ok "), out          # its own check of all its pages
     dumpmod.Image(str(tmp_path / "img")).check()
 
 
 def test_until_converged_then_kill(writer, tmp_path):
-    p = writer(30)
+    p = writer(300)
     m = dumpmod.dump(p.pid, str(tmp_path / "img"), until_converged=True, leave_running=False)
     assert p.wait(10) == -signal.SIGKILL
     assert 2 <= len(m["rounds"]) <= 17
@@ -93,7 +94,7 @@ def test_bad_input(writer, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
-    p = writer(30)
+    p = writer(300)
     before = _looks(p.pid)
     with pytest.raises(FileExistsError):
         dumpmod.dump(p.pid, str(full))
@@ -113,7 +114,7 @@ except OSError as e:
 
 
 def test_a_full_disk_leaves_an_incomplete_image_and_the_target_as_it_was(writer, tmp_path):
-    p = writer(30)
+    p = writer(300)
     before = _looks(p.pid)
     got = subprocess.run([sys.executable, "-c", DISK_FULL, str(p.pid), str(tmp_path / "img")], capture_output=True,
                          text=True, timeout=120)
