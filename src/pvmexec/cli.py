@@ -127,7 +127,7 @@ def cmd_dump(args):
         print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     try:
         m = dumpmod.dump(args.pid, args.dir, pre_dumps=args.pre_dumps, until_converged=args.until_converged,
-                         leave_running=not args.kill, progress=progress)
+                         leave_running=not args.kill, progress=progress, transfer=args.transfer)
     except (PvmexecError, OSError) as e:
         print(("\n" if tty else "") + "pvmexec dump: %s" % e, file=sys.stderr)
         return 1
@@ -207,6 +207,9 @@ def build_parser():
     how.add_argument("--pre-dumps", type=int, default=2, metavar="N", help="rounds while running (default 2)")
     how.add_argument("--until-converged", action="store_true",
                      help="pre-dump until a round copies at most 8 MiB or stops shrinking")
+    d.add_argument("--transfer", choices=("readv", "vmsplice"), default="readv",
+                   help="how pre-dump pages reach the image: process_vm_readv by us (default; the target keeps "
+                        "its CPU) or vmsplice by the agent (faster, but the work runs in the target)")
     end = d.add_mutually_exclusive_group()
     end.add_argument("--leave-running", action="store_true", help="let it go on afterwards (the default)")
     end.add_argument("--kill", action="store_true", help="kill it once dumped")
