@@ -71,6 +71,9 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
     assert seen == [[]], "the image differs from the frozen process's memory: %s" % seen[0][:5]
     assert len(rounds) == 4 and m["rounds"][-1]["final"]
     assert len(m["threads"]) == 2 and all(t["regs"] and t.get("xstate") for t in m["threads"])
+    for t in m["threads"]:                              # asked of each thread itself
+        assert t["sigaltstack"]["flags"] == 2 and t["robust_list"]["len"] == 24   # SS_DISABLE; glibc's list
+        assert t["clear_child_tid"] != 0                 # glibc sets it for every thread
     assert {mp["path"] for mp in m["mappings"]} >= {"/dev/zero (deleted)", str(tmp_path / "backing")}
     assert _looks(p.pid) == before                     # no extra thread, mapping, fd or write protection
     out, _ = p.communicate(timeout=60)                  # closes its stdin: it stops and checks itself

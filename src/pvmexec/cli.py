@@ -123,7 +123,9 @@ def cmd_dump(args):
     tty = sys.stderr.isatty()
 
     def progress(rnd, pages, written):
-        line = "round %d: %d pages dirtied, %.1f MiB written" % (rnd, pages, written / 2 ** 20)
+        # The next round copies about what this one found written: the freeze if it is the last.
+        line = "round %d: %d pages dirtied, %.1f MiB written, a freeze now would copy ~%.1f MiB" % (
+            rnd, pages, written / 2 ** 20, pages * 4096 / 2 ** 20)
         print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     try:
         m = dumpmod.dump(args.pid, args.dir, pre_dumps=args.pre_dumps, until_converged=args.until_converged,

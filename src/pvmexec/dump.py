@@ -579,6 +579,26 @@ def _gaps(start, end, regions):
         yield at, end
 
 
+def _thread_only(space, engine, tid):
+    """What only the thread itself can tell (its alternate signal stack, its clear_child_tid), asked by
+    running the call in it (ptrace, it is frozen anyway), and its robust list (asked by the agent)."""
+    out = {}
+    with space.scratch(64) as mem:
+        engine.tid = tid
+        try:
+            if engine.syscall(131, (0, mem)) == 0:                          # sigaltstack(NULL, &old)
+                sp, flags, size = struct.unpack("<Qi4xQ", space.read(mem, 24))
+                out["sigaltstack"] = dict(sp=sp, flags=flags, size=size)
+            if engine.syscall(157, (40, mem + 32, 0, 0, 0)) == 0:           # prctl(PR_GET_TID_ADDRESS)
+                out["clear_child_tid"] = struct.unpack("<Q", space.read(mem + 32, 8))[0]
+        finally:
+            engine.tid = engine.pid
+        if space.syscall_raw("get_robust_list", tid, mem + 40, mem + 48) == 0:
+            head, length = struct.unpack("<QQ", space.read(mem + 40, 16))
+            out["robust_list"] = dict(head=head, len=length)
+    return out
+
+
 def _process_state(pid, space, engine, maps, our_fds):
     """Everything but memory, while frozen: per thread and per process."""
     threads = []
@@ -592,6 +612,7 @@ def _process_state(pid, space, engine, maps, our_fds):
         rseq = _core.rseq_config(tid)
         if rseq:
             t["rseq"] = dict(zip(("addr", "size", "signature"), rseq))
+        t.update(_thread_only(space, engine, tid))
         threads.append(t)
     state = dict(threads=threads)
     state["shared_pending"] = [s.hex() for s in _core.peeksiginfo(pid, True, 64)]
