@@ -75,6 +75,8 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
         assert t["sigaltstack"]["flags"] == 2 and t["robust_list"]["len"] == 24   # SS_DISABLE; glibc's list
         assert t["clear_child_tid"] != 0                 # glibc sets it for every thread
     assert {mp["path"] for mp in m["mappings"]} >= {"/dev/zero (deleted)", str(tmp_path / "backing")}
+    shared = [mp for mp in m["mappings"] if mp["path"] == "/dev/zero (deleted)"]
+    assert " sh" in " " + shared[0]["vm_flags"] and any(" hg" in " " + mp["vm_flags"] for mp in m["mappings"])
     assert _looks(p.pid) == before                     # no extra thread, mapping, fd or write protection
     out, _ = p.communicate(timeout=60)                  # closes its stdin: it stops and checks itself
     assert p.returncode == 0 and out.startswith("ok "), out          # its own check of all its pages

@@ -507,7 +507,9 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
             engine.thaw()
         freeze_s = time.monotonic() - t_freeze
         image.flush()
-        manifest = dict(pid=pid, mappings=[m.as_dict() for m in maps], rounds=rounds, freeze_seconds=freeze_s,
+        flags = _vm_flags(pid)
+        mappings = [dict(m.as_dict(), vm_flags=flags.get(m.start, "")) for m in maps]
+        manifest = dict(pid=pid, mappings=mappings, rounds=rounds, freeze_seconds=freeze_s,
                         total_seconds=time.monotonic() - t_start, bytes_written=image.bytes_written,
                         transfer=transfer, bytes_spliced=image.spliced_bytes, **state)
         image.finish(manifest)
@@ -554,6 +556,18 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
             except TargetGone:
                 if leave_running:
                     raise
+
+
+def _vm_flags(pid):
+    """start -> the kernel's VmFlags for each mapping (rd wr ex sh gd dd hg ...), from smaps."""
+    out, start = {}, None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                start = int(line.split("-", 1)[0], 16)
+            elif line.startswith("VmFlags:") and start is not None:
+                out[start] = line.split(":", 1)[1].strip()
+    return out
 
 
 def _parent_of(pid):
