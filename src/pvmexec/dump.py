@@ -495,12 +495,15 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
         t_freeze = time.monotonic()
         engine.freeze(exclude=(agent.agent_tid,))
         frozen_at = time.monotonic() - t_freeze
+        # First what only each thread can say: running a call in it lets the kernel update its rseq
+        # area on the way back, so the memory is copied after that.
+        thread_only = {tid: _thread_only(space, engine, tid) for tid in sorted(engine._frozen)}
         image.hold()
         _, maps = one_round(True)
         t_state = time.monotonic()
         ours = {tracker.uffd, splicer and splicer.write_fd, struct.unpack_from("<i", agent._map, _core.LAYOUT["HEADER_OFF"] +
                                                   _core.LAYOUT["header.caller_pidfd"])[0]}
-        state = _process_state(pid, space, engine, maps, ours)
+        state = _process_state(pid, space, engine, maps, ours, thread_only)
         state["freeze_breakdown"] = dict(stop_threads=frozen_at, last_round=rounds[-1]["seconds"],
                                          state=time.monotonic() - t_state)
         if on_frozen is None and leave_running:     # nobody needs the image while it is frozen: let it go first
@@ -613,7 +616,7 @@ def _thread_only(space, engine, tid):
     return out
 
 
-def _process_state(pid, space, engine, maps, our_fds):
+def _process_state(pid, space, engine, maps, our_fds, thread_only):
     """Everything but memory, while frozen: per thread and per process."""
     threads = []
     for tid in sorted(engine._frozen):
@@ -626,7 +629,7 @@ def _process_state(pid, space, engine, maps, our_fds):
         rseq = _core.rseq_config(tid)
         if rseq:
             t["rseq"] = dict(zip(("addr", "size", "signature"), rseq))
-        t.update(_thread_only(space, engine, tid))
+        t.update(thread_only.get(tid, {}))
         threads.append(t)
     state = dict(threads=threads)
     state["shared_pending"] = [s.hex() for s in _core.peeksiginfo(pid, True, 64)]
