@@ -40,6 +40,11 @@ class Interrupted(Exception):
     """A blocking call in the kernel gave way to a signal (EINTR, or restarted under SA_RESTART)."""
 
 
+def sender_info(sig, code, pid, uid):
+    """A siginfo for a signal sent by a process (kill, tgkill) or the kernel: signo, code, pid, uid."""
+    return struct.pack("<iii4xiI", sig, 0, code, pid, uid).ljust(128, b"\0")
+
+
 def _bit(sig):
     return 1 << (sig - 1)
 
@@ -396,7 +401,7 @@ def sys_kill(self, p, pid, sig):
     if not targets:
         raise Errno(errno.ESRCH)
     if sig:
-        info = struct.pack("<iii4xiI", sig, 0, SI_USER, p.pid, os.getuid()).ljust(128, b"\0")
+        info = sender_info(sig, SI_USER, p.pid, os.getuid())
         for q in targets:
             self._queue(q, sig, info, wake_it=q is not p)
     return 0
@@ -409,7 +414,7 @@ def sys_tgkill(self, p, tgid, tid, sig):
     if tgid not in (q.pid, 0) and tgid & 0xFFFFFFFF != q.pid:
         raise Errno(errno.ESRCH)
     if sig:
-        self._queue(q, sig, struct.pack("<iii4xiI", sig, 0, SI_TKILL, p.pid, os.getuid()).ljust(128, b"\0"),
+        self._queue(q, sig, sender_info(sig, SI_TKILL, p.pid, os.getuid()),
                     wake_it=q is not p)
     return 0
 
@@ -459,9 +464,14 @@ def deliver_pending(self, p):
     return False
 
 
+def killed_status(sig):
+    """The wait status of a process killed by sig (with the core-dump bit where Linux sets it)."""
+    return sig | (0x80 if sig in _CORE else 0)
+
+
 def _terminate(sig):
     from .sandbox import Exited
-    raise Exited(sig | (0x80 if sig in _CORE else 0))
+    raise Exited(killed_status(sig))
 
 
 def _deliver(self, p, sig, info, sync=False):

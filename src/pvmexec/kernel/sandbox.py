@@ -25,18 +25,13 @@ from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
 from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, FdTable, OpenFile, Policy
-from .processes import Interrupted
+from .processes import SIG_IGN, Interrupted, killed_status, sender_info
 from .threads import ThreadExit, end_group, other_threads, wait_for_threads
 from .trace import Tracer
 
 MASK64 = (1 << 64) - 1
 PATH_MAX = 4096
 ARG_MAX = 2 << 20
-SIG_DFL, SIG_IGN = 0, 1
-# Signals whose default action is to do nothing (the rest terminate; these five also dump core).
-_DEFAULT_IGNORE = frozenset((signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT))
-_CORE = frozenset((signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS,
-                   signal.SIGFPE, signal.SIGSEGV, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGSYS))
 
 
 class Exited(Exception):
@@ -211,7 +206,7 @@ class Sandbox:
         with self._cond:
             first = min(self._procs.values(), key=lambda q: q.pid, default=None)
             targets = [q for q in self._procs.values() if q.status is None and first and q.sid == first.sid]
-        info = struct.pack("<iii4xiI", sig, 0, 0x80, 0, 0).ljust(128, b"\0")      # SI_KERNEL
+        info = sender_info(sig, 0x80, 0, 0)                 # SI_KERNEL
         for q in targets:
             self._queue(q, sig, info, wake_it=True)
 
@@ -256,7 +251,10 @@ class Sandbox:
             space._engine.kill()
 
     def _initial_cwd(self, cwd):
-        host = os.path.realpath(cwd or os.getcwd())
+        return self._guest_path(os.path.realpath(cwd or os.getcwd()))
+
+    def _guest_path(self, host):
+        """The guest's name for a host path: below the policy's root, else its `/`."""
         root = self.policy.root
         if root == "/":
             return host
@@ -286,7 +284,7 @@ class Sandbox:
             while True:
                 if p.pending or p.fatal:
                     if p.fatal:
-                        raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
+                        raise Exited(killed_status(p.fatal))
                     self._deliver_pending(p)
                 if self.engine == "stub":      # C answers trivial calls (if allowed) and interrupts for signals
                     p.fast_flag[0] = 1 if p.pending or p.fatal or p.group_status is not None else 0
@@ -369,10 +367,10 @@ class Sandbox:
 
     def _signal(self, p, signo):
         """The calling process sends itself signo (raise, write to a broken pipe)."""
-        info = struct.pack("<iii4xiI", signo, 0, -6, p.pid, os.getuid()).ljust(128, b"\0")
+        info = sender_info(signo, -6, p.pid, os.getuid())   # SI_TKILL
         self._queue(p, signo, info, wake_it=False)
         if p.fatal:
-            raise Exited(p.fatal | (0x80 if p.fatal in _CORE else 0))
+            raise Exited(killed_status(p.fatal))
 
     # -- exec ------------------------------------------------------------------------------------
 
@@ -488,11 +486,7 @@ class Sandbox:
         return out + ("/" if path.endswith("/") and out != "/" else "")
 
     def _guest_path_of(self, host_fd):
-        host = os.readlink("/proc/self/fd/%d" % host_fd)
-        root = self.policy.root
-        if root == "/":
-            return host
-        return host[len(root):] or "/" if host.startswith(root) else "/"
+        return self._guest_path(os.readlink("/proc/self/fd/%d" % host_fd))
 
     def _path_fd(self, p, dirfd, path, flags=0):
         """An O_PATH host fd for a path argument of an *at call (AT_EMPTY_PATH: the descriptor itself)."""

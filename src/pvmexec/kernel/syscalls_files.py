@@ -37,8 +37,8 @@ def _may_block(f):
 
 
 def _read(self, p, f, n):
-    if _may_block(f) and not self._wait_readable(p, f.host_fd):
-        pass
+    if _may_block(f):
+        self._wait_readable(p, f.host_fd)         # a signal may cut the wait short (Interrupted)
     return _host(os.read, f.host_fd, n)
 
 

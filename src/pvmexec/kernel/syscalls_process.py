@@ -7,6 +7,7 @@ import struct
 import time
 
 from .files import AT_EMPTY_PATH, AT_FDCWD, Errno
+from .processes import UNBLOCKABLE
 
 PAGE = 4096
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
@@ -147,7 +148,7 @@ def sys_rt_sigprocmask(self, p, how, set_, oset, size):
         raise Errno(errno.EINVAL)
     old = p.sigmask
     if set_:
-        mask = struct.unpack("<Q", p.read(set_, 8))[0] & ~((1 << (_SIGKILL - 1)) | (1 << (_SIGSTOP - 1)))
+        mask = struct.unpack("<Q", p.read(set_, 8))[0] & ~UNBLOCKABLE
         if how == 0:
             p.sigmask |= mask
         elif how == 1:
@@ -378,7 +379,7 @@ def sys_pause(self, p):
 def sys_rt_sigsuspend(self, p, mask, size):
     if size != 8:
         raise Errno(errno.EINVAL)
-    new = struct.unpack("<Q", p.read(mask, 8))[0] & ~((1 << (_SIGKILL - 1)) | (1 << (_SIGSTOP - 1)))
+    new = struct.unpack("<Q", p.read(mask, 8))[0] & ~UNBLOCKABLE
     p.saved_sigmask, p.sigmask = p.sigmask, new     # the handler's frame restores the old mask
     while True:
         self._sleep(p, 3600)
