@@ -157,16 +157,16 @@ __asm__(
     "  mov 15*8(%rsp), %rcx\n"
     "  lea pvm_fast_fp(%rip), %rdx\n"
     "  mov (%rdx,%rcx,8), %rcx\n"
-    "  mov $-1, %eax\n"
-    "  mov $-1, %edx\n"
+    "  mov pvm_fast_xmask(%rip), %eax\n"
+    "  mov pvm_fast_xmask+4(%rip), %edx\n"
     "  xsave64 (%rcx)\n"
     "  mov %rsp, %rdi\n"
     "  call pvm_stub_fast\n"
     "  mov %rax, %rsp\n"
     ".Lresume:\n"
     "  pop %rcx\n"
-    "  mov $-1, %eax\n"
-    "  mov $-1, %edx\n"
+    "  mov pvm_fast_xmask(%rip), %eax\n"
+    "  mov pvm_fast_xmask+4(%rip), %edx\n"
     "  xrstor64 (%rcx)\n"
     "  pop %r15\n pop %r14\n pop %r13\n pop %r12\n pop %rbp\n pop %rbx\n pop %r11\n pop %r10\n"
     "  pop %r9\n pop %r8\n pop %rax\n pop %rcx\n pop %rdx\n pop %rsi\n pop %rdi\n"
@@ -229,7 +229,37 @@ static uint32_t run_pending[PVM_STUB_MAX_THREADS];  /* a RUN is in flight: the n
 static uint32_t init_fp_size;
 static uint8_t init_fp[PVM_STUB_FP_MAX] __attribute__((aligned(64)));
 static uint64_t xcr0;                /* user xstate features; 0: no XSAVE, no patching */
-static uint32_t xsave_size;          /* what XSAVE writes for them */
+/* The features the kernel puts in our signal frames (AMX tile data stays out without permission). */
+uint64_t pvm_fast_xmask = ~0ULL;
+static uint32_t xsave_size;          /* what XSAVE writes for them, once patching is on */
+static uint32_t xsave_size_for(uint64_t mask);
+static uint32_t comp_off[64], comp_size[64];    /* standard-format XSAVE components, from CPUID */
+
+/*
+ * Bytes XSAVE leaves alone (gaps between components, components in their init
+ * state) hold whatever was there before: zero them, so that a stop shows the
+ * same FPU image whichever path (kernel frame or our XSAVE) took it.
+ */
+static void canon_xstate(uint8_t *fp, uint32_t size)
+{
+    if (size <= 576)
+        return;
+    uint64_t bv = *(uint64_t *)(fp + 512);
+    uint32_t at = 576;
+    for (uint32_t i = 2; i < 64 && at < size; i++) {
+        if (!comp_size[i] || comp_off[i] < at)
+            continue;
+        for (; at < comp_off[i] && at < size; at++)
+            fp[at] = 0;
+        uint32_t end = comp_off[i] + comp_size[i];
+        if (!(bv & (1ULL << i)))
+            for (; at < end && at < size; at++)
+                fp[at] = 0;
+        at = end;
+    }
+    for (; at < size; at++)
+        fp[at] = 0;
+}
 static uint32_t mxcsr_mask;
 static char *window;                 /* the patching window, through the region (writable) */
 static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
@@ -392,7 +422,7 @@ static int xstate_ok(const uint8_t *fp)
     uint64_t bv = *(const uint64_t *)(fp + 512), comp = *(const uint64_t *)(fp + 520);
     uint64_t rsv = *(const uint64_t *)(fp + 528);
     uint32_t mxcsr = *(const uint32_t *)(fp + 24);
-    return !(bv & ~xcr0) && !comp && !rsv && !(mxcsr & ~mxcsr_mask);
+    return !(bv & ~(xcr0 & pvm_fast_xmask)) && !comp && !rsv && !(mxcsr & ~mxcsr_mask);
 }
 
 /* The frame pvm_stub_resume loads: the guest as the caller left it in stop->regs and the FP area. */
@@ -433,6 +463,7 @@ __attribute__((used)) struct fast_out *pvm_stub_fast(struct fast_in *in)
         (uint64_t)nr, ret, in->rdx, in->rsi, in->rdi, ~0ULL, ret, 0x33, in->rflags, in->rsp, 0x2b,
         rdfsbase(), rdgsbase(), 0, 0, 0, 0};
     store_stop(stop, SIGSYS, si, now);
+    canon_xstate(fp_area, xsave_size);
     stop->fp_size = xsave_size;
     serve(self, slot, stop);
     return resume_frame(self, stop, fp_area);
@@ -485,14 +516,20 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
     store_stop(stop, (uint32_t)sig, si, now);
     if (frame_fp) {
         copy(fp_area, frame_fp, fp_size);
+        canon_xstate(fp_area, fp_size);
         stop->fp_size = fp_size;
     }
     if (!init_fp_size && frame_fp) {            /* the first trap: keep a clean FPU image */
-        copy(init_fp, frame_fp, fp_size);
+        copy(init_fp, fp_area, fp_size);
         init_fp_size = fp_size;
         mxcsr_mask = *(uint32_t *)(init_fp + 28) ? *(uint32_t *)(init_fp + 28) : 0xffbf;
-        if (window && fp_size == xsave_size)    /* the fast path saves exactly what a frame holds */
+        /* The fast path saves exactly what a frame holds: the frame's features, in its size. */
+        uint64_t frame_mask = *(uint64_t *)(frame_fp + 464 + 8) & xcr0;
+        if (window && fp_size > 512 && fp_size == xsave_size_for(frame_mask)) {
+            pvm_fast_xmask = frame_mask;
+            xsave_size = fp_size;
             header->window = PVM_STUB_WINDOW_ADDR;
+        }
     }
     serve(self, slot, stop);
 
@@ -607,6 +644,16 @@ static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a, uint32_t *b, 
     __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
 }
 
+/* The standard-format XSAVE size for a feature mask: the end of its highest component. */
+static uint32_t xsave_size_for(uint64_t mask)
+{
+    uint32_t size = 576;
+    for (uint32_t i = 2; i < 64; i++)
+        if ((mask & (1ULL << i)) && comp_off[i] + comp_size[i] > size)
+            size = comp_off[i] + comp_size[i];
+    return size;
+}
+
 /*
  * The patching window: map it at its fixed address (never over anything) and
  * fill in every trampoline. Patching stays off (header->window 0) unless
@@ -622,7 +669,12 @@ static void setup_window(long fd)
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     cpuid(0xd, 0, &a, &b, &c, &d);
     xcr0 = ((uint64_t)hi << 32) | lo;
-    xsave_size = b;
+    for (uint32_t i = 2; i < 64; i++)
+        if (xcr0 & (1ULL << i)) {
+            cpuid(0xd, i, &a, &b, &c, &d);
+            comp_size[i] = a;
+            comp_off[i] = b;
+        }
     for (int k = 0; k < PVM_STUB_MAX_THREADS; k++) {
         char *block = region + PVM_STUB_BLOCK_OFF + k * PVM_STUB_BLOCK_SIZE;
         pvm_fast_stack[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_ALTSTACK_OFF + PVM_STUB_ALTSTACK_SIZE - FAST_OUT_SPACE);
