@@ -12,7 +12,7 @@ import pytest
 
 import pvmexec
 from pvmexec.guest import Guest
-from pvmexec.space import syscall_with_callers_fds
+from pvmexec.vmexec import syscall_with_callers_fds
 from conftest import kill_caller_after_first_line, snapshot
 
 

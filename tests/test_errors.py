@@ -178,7 +178,7 @@ def test_process_vm_exec_argument_checks(spawn):
 
 
 def test_elf_class_check():
-    from pvmexec.space import check_elf_header
+    from pvmexec.proc import check_elf_header
     x32 = b"\x7fELF\x01\x01\x01" + bytes(9) + b"\x02\x00\x3e\x00"
     i386 = b"\x7fELF\x01\x01\x01" + bytes(9) + b"\x02\x00\x03\x00"
     arm64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00"

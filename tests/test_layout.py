@@ -43,7 +43,7 @@ def test_guest_blob_exports_its_entry_points():
 
 def test_channel_and_stub_layouts_match_c():
     import struct
-    from pvmexec import agent_engine, stub_engine
+    from pvmexec.engines import agent as agent_engine, stub as stub_engine
     L = _core.LAYOUT
     assert agent_engine.CALL.size == L["call.size"] == 64
     assert agent_engine.CALLS == L["SLOT_OFF"] + L["slot.calls"]

@@ -10,7 +10,7 @@ import pytest
 import pvmexec
 from pvmexec import PROCESS_VM_EXEC_SYSCALL, SigContext, SigInfo, process_vm_exec, _core
 from pvmexec.guest import Guest
-from pvmexec.ptrace_engine import SYSCALL_STOP
+from pvmexec.engines.ptrace import SYSCALL_STOP
 from conftest import snapshot
 
 TEST_SYSCALL, TEST_SYSCALL_RET, TEST_MARKER = 123, 456, 789

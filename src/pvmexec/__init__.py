@@ -11,7 +11,8 @@ if not _sys.platform.startswith("linux"):
 from .context import SigContext, SigInfo, Stop
 from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, PvmexecError,
                      RemoteSyscallError, SeccompBlocked, TargetGone, TargetStopped, UnsupportedTarget)
-from .space import ALL_SIGNALS, Space, attach
+from .abi import ALL_SIGNALS
+from .space import Space, attach
 from .syscalls import name_of as syscall_name, number as syscall_number
 from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec
 

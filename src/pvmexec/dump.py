@@ -421,7 +421,7 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
     """
     if transfer not in ("vmsplice", "readv"):
         raise ValueError("transfer must be vmsplice or readv, not %r" % (transfer,))
-    from .ptrace_engine import PtraceEngine
+    from .engines.ptrace import PtraceEngine
     from .space import attach
     image = ImageWriter(directory)
     rounds = []
@@ -740,7 +740,7 @@ def verify(directory, pid, frozen=False):
     img.check()
     engine = None
     if not frozen:
-        from .ptrace_engine import PtraceEngine
+        from .engines.ptrace import PtraceEngine
         engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
         engine.freeze()
     diffs = []

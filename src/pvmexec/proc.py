@@ -1,10 +1,11 @@
 """Facts about processes from /proc, and why the kernel refused to let us trace one."""
 import errno
 import os
+import struct
 
-from .errors import AccessDenied, AlreadyTraced, TargetGone
-
-CAP_SYS_PTRACE = 19
+from .abi import CAP_SYS_PTRACE, PF_KTHREAD
+from .arch import current as current_arch
+from .errors import AccessDenied, AlreadyTraced, TargetGone, UnsupportedTarget
 
 
 def status(pid):
@@ -80,3 +81,78 @@ def seize_error(pid, exc):
     if tracer and tracer != os.getpid():
         return AlreadyTraced(pid, tracer)
     return AccessDenied(pid, denied_reason(pid, st))
+
+
+# -- what we can operate on -------------------------------------------------------
+
+def pid_of_pidfd(fd):
+    """The pid a pidfd refers to (from its fdinfo), or the error that says what fd is."""
+    try:
+        with open("/proc/self/fdinfo/%d" % fd) as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    if pid <= 0:
+                        raise TargetGone(pid, "the process of pidfd %d has exited" % fd)
+                    return pid
+    except FileNotFoundError:
+        raise ValueError("%d is not an open file descriptor" % fd) from None
+    raise ValueError("file descriptor %d is not a pidfd" % fd)
+
+
+def check_target(pid):
+    """Refuse what we cannot operate on, with the reason, before touching it."""
+    st = status(pid)
+    state = st.get("State", "?")[:1]
+    if state in ("Z", "X"):
+        raise TargetGone(pid, "process %d is a zombie (exited, not yet reaped)" % pid)
+    tgid = int(st["Tgid"])
+    if tgid == os.getpid():
+        raise UnsupportedTarget(pid, "it is the calling process itself (attach to another process)")
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGone(pid) from None
+    if flags & PF_KTHREAD:
+        raise UnsupportedTarget(pid, "it is a kernel thread")
+    tracer = int(st.get("TracerPid", "0"))
+    if tracer:
+        raise AlreadyTraced(pid, tracer)
+    return st, tgid
+
+
+def check_elf(pid):
+    """Refuse a process whose executable is not x86-64 ELF (see check_elf_header)."""
+    try:
+        with open("/proc/%d/exe" % pid, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return
+    check_elf_header(pid, head)
+
+
+def check_elf_header(pid, head):
+    """Refuse executables that are not 64-bit ELF for this machine (i386 and x32 processes too)."""
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return
+    cls, machine = head[4], struct.unpack_from("<H", head, 18)[0]
+    arch = current_arch()
+    if cls == 1 and machine == arch.ELF_MACHINE:
+        raise UnsupportedTarget(pid, "it is an x32 process (not supported)")
+    if cls == 1:
+        raise UnsupportedTarget(pid, "it is a 32-bit process (not supported yet)")
+    if machine != arch.ELF_MACHINE:
+        raise UnsupportedTarget(pid, "its executable is for ELF machine %d, not %s" % (machine, arch.NAME))
+
+
+def pick_thread(tgid):
+    """The thread to borrow by default: the leader, else the first live one."""
+    for tid in [tgid] + sorted(int(t) for t in os.listdir("/proc/%d/task" % tgid)):
+        try:
+            with open("/proc/%d/task/%d/stat" % (tgid, tid)) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return tid
+        except FileNotFoundError:
+            continue
+    raise TargetGone(tgid, "process %d has no live thread" % tgid)

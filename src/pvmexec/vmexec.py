@@ -1,9 +1,13 @@
 """The proposal's interface: process_vm_exec(pid, ctx, flags, siginfo, sigmask)."""
+import contextlib
 import errno
-import signal
+import os
+import struct
 
+from .abi import ALL_SIGNALS, s64
 from .context import SigContext, SigInfo
-from .space import attach, syscall_with_callers_fds
+from .space import attach
+from .syscalls import arg_kinds, name_of, number
 
 PROCESS_VM_EXEC_SYSCALL = 0x1
 _SIGSET_SIZE = 8
@@ -11,7 +15,7 @@ _SIGSET_SIZE = 8
 
 def _mask_to_set(sigmask):
     if sigmask is None:
-        return frozenset(range(1, 65)) - {signal.SIGKILL, signal.SIGSTOP}
+        return ALL_SIGNALS
     if isinstance(sigmask, int):
         return frozenset(s for s in range(1, 65) if sigmask >> (s - 1) & 1)
     return frozenset(int(s) for s in sigmask)
@@ -52,3 +56,65 @@ def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIG
     if siginfo is not None and (stop.reason == "syscall" or stop.siginfo.signo in mask):
         siginfo._fill(stop.siginfo)
     return 0
+
+
+# Syscalls that create descriptors: under the proposal's semantics they land in the caller's table.
+FD_RESULT = frozenset(number(n) for n in (
+    "open", "openat", "openat2", "creat", "socket", "accept", "accept4", "epoll_create",
+    "epoll_create1", "eventfd", "eventfd2", "signalfd", "signalfd4", "timerfd_create", "inotify_init",
+    "inotify_init1", "memfd_create", "memfd_secret", "pidfd_open", "pidfd_getfd", "fanotify_init",
+    "userfaultfd", "perf_event_open", "open_by_handle_at", "fsopen", "fsmount", "fspick", "open_tree",
+    "open_tree_attr", "io_uring_setup", "landlock_create_ruleset", "mq_open"))
+FD_PAIR_RESULT = {number("pipe"): 0, number("pipe2"): 0, number("socketpair"): 3}
+CALLER_TABLE_ONLY = frozenset(number(n) for n in ("close", "dup", "dup2", "dup3", "close_range"))
+
+
+def syscall_with_callers_fds(space, nr, args):
+    """Mode 2 as the proposal defines it: the caller's descriptors, the target's memory."""
+    if nr in CALLER_TABLE_ONLY:
+        # Pure descriptor-table calls touch no target memory: they act on the caller's table.
+        return _local_fd_call(nr, args)
+    kinds = arg_kinds(nr)
+    with contextlib.ExitStack() as stack:
+        args = list(args)
+        lent = {}
+        for i, (_name, kind) in enumerate(kinds):
+            if kind == "fd" and i < len(args) and 0 <= s64(args[i]) < (1 << 31):
+                fd = s64(args[i])
+                if fd not in lent:
+                    lent[fd] = stack.enter_context(space.lend(fd))
+                args[i] = lent[fd]
+        ret = space.syscall_raw(nr, *args)
+    if ret >= 0 and nr in FD_RESULT:
+        return _move_to_caller(space, ret)
+    if ret >= 0 and nr in FD_PAIR_RESULT:
+        where = args[FD_PAIR_RESULT[nr]]
+        raw = space.read(where, 8)
+        pair = struct.unpack("<ii", raw)
+        mine = [_move_to_caller(space, fd) for fd in pair]
+        space.write(where, struct.pack("<ii", *mine))
+    return ret
+
+
+def _move_to_caller(space, remote_fd):
+    try:
+        return space.take_fd(remote_fd)
+    finally:
+        space.syscall_raw("close", remote_fd)
+
+
+def _local_fd_call(nr, args):
+    name = name_of(nr)
+    a = [s64(x) for x in args] + [0] * 3
+    try:
+        if name == "close":
+            os.close(a[0])
+        elif name == "dup":
+            return os.dup(a[0])
+        elif name in ("dup2", "dup3"):
+            return os.dup2(a[0], a[1], inheritable=not (a[2] & os.O_CLOEXEC))
+        elif name == "close_range":
+            os.closerange(a[0], min(a[1], 1 << 20) + 1)
+        return 0
+    except OSError as e:
+        return -e.errno

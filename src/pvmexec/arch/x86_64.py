@@ -29,6 +29,7 @@ ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 5
 RESTART_CODES = frozenset((ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK))
 
 NT_X86_XSTATE = 0x202
+ELF_MACHINE = 62                    # EM_X86_64
 
 # Signals the CPU raises for the running code. These must never be blocked in
 # a borrowed thread: the kernel would reset the target's handler to SIG_DFL.

@@ -222,14 +222,8 @@ def _copy_memory(self, p, child):
     for i in range(0, len(calls), 64):
         dst.syscalls(calls[i:i + 64])
     # Patched syscall sites in the copied code jump through the window: give the child the same table.
-    se, de = src._engine, dst._engine
-    if getattr(se, "patching", None) == "on" and getattr(de, "patching", None) == "on":
-        from .. import _core
-        L = _core.LAYOUT
-        off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
-        size = L["STUB_PATCH_MAX"] * L["patch_site.size"]
-        de._map[off:off + size] = se._map[off:off + size]
-        de._sites, de._npatched = dict(se._sites), se._npatched
+    if src.engine == dst.engine == "stub":
+        dst.backend.copy_patches_from(src.backend)
 
 
 def _start(self, child):

@@ -20,6 +20,7 @@ import threading
 from array import array
 
 from .. import _core
+from ..abi import ALL_SIGNALS
 from ..errors import TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
@@ -228,27 +229,19 @@ class Sandbox:
     def _new_space(self):
         if self.engine == "stub":
             return Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True)
-        from ..space import attach
-        from ..stub_engine import plain_process
+        from ..engines.stub import plain_process
         proc = plain_process(fixed_layout=True)
         try:
-            space = attach(proc.pid, engine="ptrace", check_seccomp=False)
+            return Space.adopt(proc, check_seccomp=False)
         except BaseException:
             proc.kill()
             proc.wait(10)
             raise
-        space.__class__ = _PlainSpace
-        space.host_process = proc
-        return space
 
     @staticmethod
     def _kill_space(space):
-        if space is None:
-            return
-        if isinstance(space, _PlainSpace):
-            space.host_process.kill()
-        else:
-            space._engine.kill()
+        if space is not None:
+            space.kill()
 
     def _initial_cwd(self, cwd):
         return self._guest_path(os.path.realpath(cwd or os.getcwd()))
@@ -292,7 +285,10 @@ class Sandbox:
                 else:
                     fast = None
                 try:
-                    stop = p.space.exec(p.ctx, thread=p.thread_index, _fast=fast)
+                    if fast is None:
+                        stop = p.space.exec(p.ctx)
+                    else:
+                        stop = p.space.backend.exec(p.ctx, ALL_SIGNALS, p.thread_index, fast)[0]
                 except TargetGone:
                     if p.fatal:
                         continue
@@ -554,14 +550,3 @@ _SELF = os.getpid()
 _FAST_HANDLERS = ("sys_read", "sys_write", "sys_getpid", "sys_getppid", "sys_gettid", "sys_getuid", "sys_geteuid",
                   "sys_getgid", "sys_getegid")
 
-
-class _PlainSpace(Space):
-    """The ptrace engine's guest process: detaching also ends it."""
-
-    def detach(self):
-        try:
-            Space.detach(self)
-        except Exception:
-            pass
-        self.host_process.kill()
-        self.host_process.wait(10)

@@ -14,12 +14,12 @@ import os
 import signal
 import struct
 
-from . import _core
-from .arch import x86_64 as arch
-from .context import SigContext, SigInfo, Stop
-from . import proc, seccomp
-from .errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
-from .syscalls import name_of
+from .. import _core, proc
+from ..arch import x86_64 as arch
+from ..context import SigContext, SigInfo, Stop
+from . import BaseEngine, target_filters
+from ..errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
+from ..syscalls import name_of
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
@@ -75,7 +75,7 @@ class Borrowed:
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
 
 
-class PtraceEngine:
+class PtraceEngine(BaseEngine):
     name = "ptrace"
     reg_index = arch.REG_INDEX
 
@@ -204,7 +204,7 @@ class PtraceEngine:
         if not self.check_seccomp:
             return None
         try:
-            mode, count = seccomp.thread_mode(self.pid, tid)
+            mode, count = target_filters.thread_mode(self.pid, tid)
         except FileNotFoundError:
             raise TargetGone(self.pid) from None
         if mode == 0:
@@ -213,8 +213,8 @@ class PtraceEngine:
             return "strict"
         if self._filters[0] != count:
             try:
-                self._filters = (count, seccomp.load_filters(tid))
-            except seccomp.FilterUnreadable as e:
+                self._filters = (count, target_filters.load_filters(tid))
+            except target_filters.FilterUnreadable as e:
                 return e
         return self._filters[1]
 
@@ -224,22 +224,22 @@ class PtraceEngine:
         if policy is None:
             return None
         if policy == "strict":
-            if nr in seccomp.STRICT_ALLOWED:
+            if nr in target_filters.STRICT_ALLOWED:
                 return None
             raise SeccompBlocked(name_of(nr), args, "kill the process (strict mode)")
-        if isinstance(policy, seccomp.FilterUnreadable):
+        if isinstance(policy, target_filters.FilterUnreadable):
             raise SeccompBlocked(name_of(nr), args, "not be checked: its filters cannot be read (%s; "
                                  "needs CAP_SYS_ADMIN), and a call they forbid could kill it. Attach with "
                                  "check_seccomp=False to inject anyway" % policy)
-        ret = seccomp.verdict(policy, nr, arch.AUDIT_ARCH, insn + arch.SYSCALL_INSN_LEN, args)
-        action = ret & seccomp.RET_ACTION_FULL
-        if action in (seccomp.RET_ALLOW, seccomp.RET_LOG):
+        ret = target_filters.verdict(policy, nr, arch.AUDIT_ARCH, insn + arch.SYSCALL_INSN_LEN, args)
+        action = ret & target_filters.RET_ACTION_FULL
+        if action in (target_filters.RET_ALLOW, target_filters.RET_LOG):
             return None
-        if action == seccomp.RET_ERRNO:
-            return -min(ret & seccomp.RET_DATA, 4095)
-        if action == seccomp.RET_TRACE:
+        if action == target_filters.RET_ERRNO:
+            return -min(ret & target_filters.RET_DATA, 4095)
+        if action == target_filters.RET_TRACE:
             return -errno.ENOSYS
-        raise SeccompBlocked(name_of(nr), args, seccomp.describe(ret))
+        raise SeccompBlocked(name_of(nr), args, target_filters.describe(ret))
 
     def release(self):
         self._depth -= 1
@@ -329,6 +329,23 @@ class PtraceEngine:
     def thaw(self):
         while self._frozen:
             self._try_detach(self._frozen.pop())
+
+    def frozen_tids(self):
+        """The threads freeze() holds stopped, in the order they were taken."""
+        return list(self._frozen)
+
+    def forget_frozen(self):
+        """The frozen threads are dead (killed while held): nothing left to detach."""
+        self._frozen.clear()
+
+    def syscall_in(self, tid, nr, args):
+        """Mode 2 in one given (frozen or borrowable) thread, for calls only that thread can answer."""
+        keep = self.tid
+        self.tid = tid
+        try:
+            return self.syscall(nr, args)
+        finally:
+            self.tid = keep
 
     # -- operations ------------------------------------------------------------
 
@@ -453,8 +470,9 @@ class PtraceEngine:
         finally:
             self.release()
 
-    def exec(self, ctx, sigmask):
+    def exec(self, ctx, sigmask, thread=0):
         """Mode 1: run ctx until a syscall (not executed) or a signal. Returns (Stop, deliver_sig)."""
+        self.check_thread(thread)
         arch.validate(ctx._q)
         b = self.acquire()
         try:

@@ -14,12 +14,13 @@ import struct
 import time
 import warnings
 
-from . import _core
+from .. import _core
+from . import BaseEngine
 from ._shm import wait_word
-from .errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
-from .ptrace_engine import PtraceEngine, find_syscall_insn
-from .seccomp import thread_mode
-from .syscalls import number
+from ..errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
+from .ptrace import PtraceEngine, find_syscall_insn
+from .target_filters import thread_mode
+from ..syscalls import number
 
 L = _core.LAYOUT
 SYMS = _core.AGENT_SYMBOLS
@@ -49,7 +50,7 @@ class InjectionFailed(UnsupportedTarget):
     pass
 
 
-class AgentEngine:
+class AgentEngine(BaseEngine):
     name = "agent"
 
     def __init__(self, pid, pidfd, tracer, high_fd, idle_ms=500):
@@ -217,14 +218,16 @@ class AgentEngine:
         while self._get32(resp) != self._seq.value and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    def exec(self, ctx, sigmask):
-        return self._thread_engine.exec(ctx, sigmask)
+    def exec(self, ctx, sigmask, thread=0):
+        return self._thread_engine.exec(ctx, sigmask, thread)
 
-    def acquire(self):
-        return None
+    def region(self):
+        """(start, end) of the agent's own region in the target, or None: not the target's memory."""
+        return (self.code_base, self.code_base + L["REGION_SIZE"]) if self.code_base else None
 
-    def release(self):
-        pass
+    def own_fds(self):
+        """The descriptors the agent holds in the target's table (not the target's)."""
+        return {struct.unpack_from("<i", self._map, HEADER + L["header.caller_pidfd"])[0]}
 
     def initial_fpstate(self):
         return self._thread_engine.initial_fpstate()

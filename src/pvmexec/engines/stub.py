@@ -16,12 +16,13 @@ import struct
 import subprocess
 import threading
 
-from . import _core
+from .. import _core
+from . import BaseEngine
 from ._shm import wait_word
-from .arch import x86_64 as arch
-from .context import SigContext, Stop
-from .errors import EngineError, RemoteSyscallError, TargetGone
-from .syscalls import name_of
+from ..arch import x86_64 as arch
+from ..context import SigContext, Stop
+from ..errors import EngineError, RemoteSyscallError, TargetGone
+from ..syscalls import name_of
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run
@@ -45,7 +46,7 @@ class _Thread:
         self.lock = threading.Lock()
 
 
-class StubEngine:
+class StubEngine(BaseEngine):
     name = "stub"
 
     def __init__(self, spin=None, patch=True, fixed_layout=False):
@@ -285,13 +286,14 @@ class StubEngine:
     def patched_sites(self):
         return self._npatched
 
-    # -- boilerplate shared with the other engines -----------------------------------------------
-
-    def acquire(self):
-        return None
-
-    def release(self):
-        pass
+    def copy_patches_from(self, src):
+        """Give this space src's patch table (its copied code jumps through the same slots): for fork."""
+        if src.patching != "on" or self.patching != "on":
+            return
+        off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
+        size = L["STUB_PATCH_MAX"] * L["patch_site.size"]
+        self._map[off:off + size] = src._map[off:off + size]
+        self._sites, self._npatched = dict(src._sites), src._npatched
 
     def initial_fpstate(self):
         if self._init_fp is None:

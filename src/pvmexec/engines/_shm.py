@@ -2,7 +2,7 @@
 import struct
 import time
 
-from . import _core
+from .. import _core
 
 
 def wait_word(mem, base, off, want, seconds, gone=lambda: False):

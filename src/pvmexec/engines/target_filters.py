@@ -9,7 +9,7 @@ import errno
 import os
 import struct
 
-from . import _core
+from .. import _core
 
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 

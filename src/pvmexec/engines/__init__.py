@@ -1,0 +1,64 @@
+"""The engines behind a Space, and the interface Space (and the tools on top) rely on.
+
+Three engines implement it: ptrace (borrow a target thread), agent (a thread
+of ours injected into the target, driven through shared memory) and stub (a
+fresh address space of ours, for guest code). A Space holds exactly one;
+`Space.backend` gives it to tools that need engine-specific calls.
+"""
+from typing import Iterable, Protocol, Sequence
+
+
+class Engine(Protocol):
+    """What every engine provides. Results are raw: -errno stays a number."""
+
+    name: str            # "ptrace", "agent" or "stub"
+    pid: int             # the target's (or the stub's) process id
+    patching: str        # "on", or "off (why)": syscall-site patching (stub spaces only)
+
+    @property
+    def tid(self) -> int:
+        """The thread that runs mode 2 calls."""
+
+    def syscall(self, nr: int, args: Sequence[int]) -> int:
+        """Mode 2: one call in the target, its raw result."""
+
+    def syscalls(self, calls: Iterable[tuple[int, Sequence[int]]]) -> list[int]:
+        """Mode 2: several calls in one round trip."""
+
+    def exec(self, ctx, sigmask: frozenset, thread: int = 0):
+        """Mode 1: run ctx to its first syscall or signal; returns (Stop, signal to deliver to the caller or 0)."""
+
+    def acquire(self):
+        """Hold the target ready across several operations (ptrace: keep the thread borrowed)."""
+
+    def release(self) -> None:
+        """End what acquire() began."""
+
+    def initial_fpstate(self) -> bytes:
+        """A clean xstate image for this CPU."""
+
+    def reaps(self, tid: int) -> bool:
+        """Whether an exit of tid is ours to collect."""
+
+    def close(self) -> None:
+        """Let the target go, exactly as found. Idempotent."""
+
+
+class BaseEngine:
+    """Defaults shared by the engines that hold nothing between operations."""
+
+    name = "?"
+    patching = "off (not a stub space)"
+
+    def acquire(self):
+        return None
+
+    def release(self):
+        pass
+
+    def reaps(self, tid):
+        return False
+
+    def check_thread(self, thread):
+        if thread:
+            raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.name)
