@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pvmexec import dump as dumpmod
+from pvmexec import checkpoint as dumpmod
 from pvmexec.errors import TargetGone
 
 HERE = os.path.dirname(os.path.abspath(__file__))

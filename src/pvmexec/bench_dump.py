@@ -84,7 +84,7 @@ def run(quick=False):
 
 
 def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
-    from .dump import dump
+    from .checkpoint import dump
     from .bench import compile_c
     exe = compile_c(work_dir, "target", TARGET)
     for kind in KINDS:

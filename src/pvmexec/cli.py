@@ -119,7 +119,7 @@ def cmd_run(args):
 
 def cmd_dump(args):
     import os
-    from . import dump as dumpmod
+    from . import checkpoint as dumpmod
     tty = sys.stderr.isatty()
 
     def progress(rnd, pages, written):
@@ -142,7 +142,7 @@ def cmd_dump(args):
 
 
 def cmd_image(args):
-    from . import dump as dumpmod
+    from . import checkpoint as dumpmod
     try:
         if args.action == "show":
             print(dumpmod.Image(args.dir).summary())

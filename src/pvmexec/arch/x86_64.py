@@ -28,7 +28,7 @@ TASK_SIZE_MAX = (1 << 47) - 4096
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 RESTART_CODES = frozenset((ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK))
 
-NT_X86_XSTATE = 0x202
+NT_XSTATE = 0x202                   # NT_X86_XSTATE: the regset of the full xsave area
 ELF_MACHINE = 62                    # EM_X86_64
 
 # Signals the CPU raises for the running code. These must never be blocked in

@@ -59,7 +59,7 @@ class Borrowed:
         self.tid = tid
         self.seized_here = seized_here
         self.saved_regs = _core.getregs(tid)
-        self.saved_xstate = _core.getregset(tid, arch.NT_X86_XSTATE)
+        self.saved_xstate = _core.getregset(tid, arch.NT_XSTATE)
         self.saved_mask = _core.getsigmask(tid)
         self.regs = bytearray(self.saved_regs)
         self.q = memoryview(self.regs).cast("Q")
@@ -477,11 +477,11 @@ class PtraceEngine(BaseEngine):
         b = self.acquire()
         try:
             if ctx.fpstate is not None:
-                _core.setregset(b.tid, arch.NT_X86_XSTATE, ctx.fpstate)
+                _core.setregset(b.tid, arch.NT_XSTATE, ctx.fpstate)
             else:
                 if b.init_xstate is None:
                     b.init_xstate = arch.init_xstate(b.saved_xstate)
-                _core.setregset(b.tid, arch.NT_X86_XSTATE, b.init_xstate)
+                _core.setregset(b.tid, arch.NT_XSTATE, b.init_xstate)
             sig_in = 0
             b.regs[:] = ctx._buf
             q = b.q
@@ -503,7 +503,7 @@ class PtraceEngine(BaseEngine):
             self.release()
 
     def _stop(self, b, ctx, info, reason):
-        fp = _core.getregset(b.tid, arch.NT_X86_XSTATE) if ctx.fpstate is not None else None
+        fp = _core.getregset(b.tid, arch.NT_XSTATE) if ctx.fpstate is not None else None
         return Stop(SigContext._from_regs(bytearray(b.regs), fp), info, reason)
 
     def read(self, addr, n):

@@ -1,0 +1,218 @@
+"""Live checkpoint: pre-dump a running process's memory without stopping it, then a short-freeze final dump.
+
+Each round copies only the pages written since the round before (tracking.py);
+the final round runs with every thread frozen (ptrace), then records the
+threads' and the process's state (state.py). Everything is undone before the
+target goes on: no userfaultfd, no write protection, no agent thread.
+"""
+import os
+import signal
+import time
+
+from .. import _core
+from ..abi import PAGE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
+from ..errors import PvmexecError, TargetGone
+from . import state
+from .image import ImageWriter
+from .tracking import Scanner, Tracker, read_maps
+from .transfer import IOV_BYTES, Splicer, copy_range, copy_ranges
+
+CONVERGED_BYTES = 8 << 20
+MAX_ROUNDS = 16
+
+
+def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True, progress=None, on_frozen=None,
+         transfer="readv"):
+    """Dump process pid into directory (which must not exist or be empty).
+
+    pre_dumps rounds copy what was written while the target runs (or, with
+    until_converged, rounds go on until one copies at most 8 MiB or more than
+    70% of the one before, at most 16); then every thread is frozen for the final round and
+    the state records. progress(round, pages, bytes) is called after each
+    round; on_frozen(pid) runs while the target is frozen, after the dump.
+    The target then continues (leave_running) or is killed. transfer: how
+    pages written while the target runs reach the image: "readv" (the caller
+    copies them with process_vm_readv: all the work is ours, the target keeps
+    its CPU) or "vmsplice" (the agent vmsplices them into a pipe and the kernel
+    splices them into the file: no copy through user space, several times
+    faster, but that work runs in a thread of the target, which measurably
+    slows it); the frozen round always reads. Returns the manifest.
+    """
+    if transfer not in ("vmsplice", "readv"):
+        raise ValueError("transfer must be vmsplice or readv, not %r" % (transfer,))
+    run = _Dump(pid, directory, transfer, progress)
+    try:
+        run.start()
+        run.pre_dumps(pre_dumps, until_converged)
+        run.freeze()
+        run.final_round()
+        manifest = run.finish(leave_running and on_frozen is None)
+        if on_frozen:
+            on_frozen(pid)
+        return manifest
+    except BaseException as e:
+        run.image.abort("%s: %s" % (type(e).__name__, e))
+        raise
+    finally:
+        run.close(leave_running)
+
+
+class _Dump:
+    """One dump's state across its steps."""
+
+    def __init__(self, pid, directory, transfer, progress):
+        self.pid, self.transfer, self.progress = pid, transfer, progress
+        self.image = ImageWriter(directory)
+        self.rounds = []
+        self.t_start = time.monotonic()
+        self.space = self.agent = self.tracker = self.scanner = self.engine = self.splicer = None
+        self.skip = []
+        self.whole = set()             # mappings copied whole every round (untracked)
+
+    def start(self):
+        from ..space import attach
+        self.space = attach(self.pid, engine="agent")
+        self.agent = self.space.backend
+        region = self.agent.region()
+        self.skip = [region] if region else []
+        self.tracker = Tracker(self.space)
+        self.scanner = Scanner(self.pid)
+        if self.transfer == "vmsplice":
+            # The agent's vmsplice work is ours: do it where the dumper runs, not on the target's CPUs.
+            try:
+                os.sched_setaffinity(self.agent.agent_tid, os.sched_getaffinity(0))
+            except OSError:
+                pass
+            self.splicer = Splicer(self.space)
+            self.skip.append((self.splicer.iov, self.splicer.iov + IOV_BYTES))
+
+    def pre_dumps(self, count, until_converged):
+        previous = None
+        for _ in range(MAX_ROUNDS if until_converged else count):
+            pages, _ = self.one_round(False)
+            # Converged: the round is small enough to copy frozen in a blink, or barely shrinks
+            # (another round would only disturb the target again for little).
+            if until_converged and (pages * PAGE <= CONVERGED_BYTES or
+                                    previous is not None and pages > previous * 0.7):
+                break
+            previous = pages
+
+    def freeze(self):
+        from ..engines.ptrace import PtraceEngine
+        self.engine = PtraceEngine(self.pid, self.pid, reap_leader=False, check_seccomp=False)
+        self.t_freeze = time.monotonic()
+        self.engine.freeze(exclude=(self.agent.agent_tid,))
+        self.frozen_at = time.monotonic() - self.t_freeze
+
+    def final_round(self):
+        # First what only each thread can say: running a call in it lets the kernel update its rseq
+        # area on the way back, so the memory is copied after that.
+        asked = {tid: state.thread_only(self.space, self.engine, tid) for tid in sorted(self.engine.frozen_tids())}
+        self.image.hold()
+        _, self.maps = self.one_round(True)
+        t_state = time.monotonic()
+        ours = {self.tracker.uffd, self.splicer and self.splicer.write_fd} | self.agent.own_fds()
+        self.state = state.process_state(self.pid, self.space, self.engine, ours, asked)
+        self.state["freeze_breakdown"] = dict(stop_threads=self.frozen_at, last_round=self.rounds[-1]["seconds"],
+                                              state=time.monotonic() - t_state)
+
+    def finish(self, thaw_first):
+        """Write the image; thaw_first: nobody needs the target frozen any longer, let it go first."""
+        if thaw_first:
+            self.engine.thaw()
+        freeze_s = time.monotonic() - self.t_freeze
+        self.image.flush()
+        flags = state.vm_flags(self.pid)
+        mappings = [dict(m.as_dict(), vm_flags=flags.get(m.start, "")) for m in self.maps]
+        manifest = dict(pid=self.pid, mappings=mappings, rounds=self.rounds, freeze_seconds=freeze_s,
+                        total_seconds=time.monotonic() - self.t_start, bytes_written=self.image.bytes_written,
+                        transfer=self.transfer, bytes_spliced=self.image.spliced_bytes, **self.state)
+        self.image.finish(manifest)
+        return manifest
+
+    def one_round(self, final):
+        """Copy what changed (everything, for mappings seen first); returns (pages, maps)."""
+        pid, image, tracker, scanner, splicer = self.pid, self.image, self.tracker, self.scanner, self.splicer
+        t0 = time.monotonic()
+        pages = 0
+        maps = read_maps(pid, self.skip)
+        keys = {m.key for m in maps}
+        for key in [k for k in tracker.ranges if k not in keys]:
+            tracker.forget(key)
+        for m in maps:
+            if "r" not in m.perms:
+                continue
+            new = m.key not in tracker.ranges and m.key not in self.whole
+            if new and not (m.perms[3] == "p" and "w" in m.perms and tracker.register(m)):
+                self.whole.add(m.key)
+            if m.key in self.whole or (new and m.path and not m.path.startswith("[")):
+                # Untracked, or a file mapping's first copy: all of it.
+                for s, e in (splicer.move(image, [m.key]) if splicer is not None and not final else [m.key]):
+                    copy_range(pid, image, s, e, final)
+                pages += (m.end - m.start) // PAGE
+                if m.key in tracker.ranges:
+                    scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=True)   # protect what we copied
+                continue
+            written = scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=not final)   # frozen: no need
+            left = splicer.move(image, written) if splicer is not None and not final else written
+            copy_ranges(pid, image, left, final)
+            pages += sum(e - s for s, e in written) // PAGE
+        if final:
+            for m in maps:                       # pages dropped since they were copied read as zeros
+                if m.key in tracker.ranges and not m.path:
+                    present = scanner.regions(m.start, m.end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+                    for s, e in _gaps(m.start, m.end, present):
+                        image.zero(s, e - s)
+        self.rounds.append(dict(round=len(self.rounds) + 1, final=final, pages=pages,
+                                seconds=time.monotonic() - t0))
+        if self.progress:
+            self.progress(len(self.rounds), pages, image.bytes_written)
+        return pages, maps
+
+    def close(self, leave_running):
+        """Undo everything in the target, whatever step failed."""
+        for part in (self.scanner, self.splicer, self.tracker):
+            if part is not None:
+                try:
+                    part.close()
+                except (OSError, PvmexecError):
+                    pass
+        engine = self.engine
+        if not leave_running and engine is not None:
+            self._kill_frozen()
+        if engine is not None:
+            engine.thaw()                           # before the agent leaves: it unmaps itself with ptrace
+        if self.space is not None:
+            try:
+                self.space.detach()
+            except TargetGone:
+                if leave_running:
+                    raise
+
+    def _kill_frozen(self):
+        pid, engine = self.pid, self.engine
+        try:
+            os.kill(pid, signal.SIGKILL)            # while still frozen: it never runs again
+        except ProcessLookupError:
+            pass
+        # Take our (tracer's) notice of each death, the leader's last (it waits for the others),
+        # so that the real parent gets its own; if we are that parent, its wait is ours to leave.
+        ours = state.parent_of(pid) == os.getpid()
+        for tid in sorted(engine.frozen_tids(), key=lambda t: t == pid):
+            if tid == pid and ours:
+                continue
+            try:
+                _core.wait(tid, True, False)
+            except OSError:
+                pass
+        engine.forget_frozen()
+
+
+def _gaps(start, end, regions):
+    at = start
+    for s, e in sorted(regions):
+        if s > at:
+            yield at, s
+        at = max(at, e)
+    if at < end:
+        yield at, end

@@ -1,0 +1,275 @@
+"""The checkpoint image: its files, its fields and version, the writer and the reader.
+
+Image format (version 1), a directory:
+  manifest.json   what was dumped (MANIFEST_FIELDS below); "complete": false until the end
+  pages.img       page contents, appended round after round (4096 bytes each)
+  pages.idx       little-endian (u64 address, u64 offset in pages.img) pairs; the last pair for an
+                  address wins; offset 2**64-1 (ZERO) means the page reads as zeros
+Checksums (SHA-256) of pages.img and pages.idx are in the manifest. docs/image-format.md
+describes every field; IMAGE_VERSION changes whenever a reader of the old version would
+misread a new image (a field removed, renamed or given another meaning); adding a field that
+old readers may ignore does not change it.
+"""
+import errno
+import hashlib
+import json
+import os
+import struct
+from array import array
+
+from ..abi import PAGE
+from ..errors import PvmexecError
+
+IMAGE_VERSION = 1
+ZERO = (1 << 64) - 1
+
+# Every manifest field: name -> (where, required, meaning). "optional" fields are absent when the
+# kernel or the target could not say (and why is in docs/image-format.md).
+MANIFEST_FIELDS = {
+    "version": ("image", True, "IMAGE_VERSION of the writer"),
+    "complete": ("image", True, "false until the image is whole; with error when a dump failed"),
+    "error": ("image", False, "why the dump failed (incomplete images only)"),
+    "checksums": ("image", True, "SHA-256 of pages.img and pages.idx"),
+    "pid": ("process", True, "the dumped process"),
+    "mappings": ("process", True, "each mapping: start, end, perms, offset, path, vm_flags"),
+    "rounds": ("dump", True, "each round: round, final, pages, seconds"),
+    "freeze_seconds": ("dump", True, "how long the target was frozen"),
+    "freeze_breakdown": ("dump", True, "stop_threads, last_round, state (seconds)"),
+    "total_seconds": ("dump", True, "the whole dump"),
+    "bytes_written": ("dump", True, "bytes of pages.img"),
+    "bytes_spliced": ("dump", True, "of which moved by splice"),
+    "transfer": ("dump", True, "readv or vmsplice"),
+    "threads": ("process", True, "each thread: tid, regs, sigmask, pending; optional xstate, rseq, "
+                                 "sigaltstack, clear_child_tid, robust_list"),
+    "shared_pending": ("process", True, "siginfo of process-wide pending signals (hex)"),
+    "auxv": ("process", True, "the auxiliary vector (hex)"),
+    "mm": ("process", True, "start_code ... env_end from /proc/PID/stat"),
+    "personality": ("process", True, "personality(2) flags"),
+    "cwd": ("process", True, "working directory"),
+    "root": ("process", True, "root directory"),
+    "rlimits": ("process", True, "RLIMIT_* name -> [soft, hard]"),
+    "fds": ("process", True, "each descriptor: fd, path, pos, flags"),
+    "sigactions": ("process", True, "signal -> handler, flags, restorer, mask (non-default only)"),
+    "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
+}
+
+
+class DumpError(PvmexecError):
+    pass
+
+
+class ImageWriter:
+    def __init__(self, directory):
+        if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+            raise FileExistsError(errno.EEXIST, "%s exists and is not an empty directory" % directory)
+        os.makedirs(directory, exist_ok=True)
+        self.dir = directory
+        self.files = {"pages.img": open(os.path.join(directory, "pages.img"), "wb", buffering=0),  # splice joins in
+                      "pages.idx": open(os.path.join(directory, "pages.idx"), "wb")}
+        self.sums = {name: hashlib.sha256() for name in self.files}                     # as we write
+        self.spliced = False
+        self.spliced_bytes = 0
+        self.offset = 0
+        self.bytes_written = 0
+        self.manifest = dict(version=IMAGE_VERSION, complete=False)
+        self._write_manifest()
+
+    def add(self, addr, data):
+        """Pages starting at addr (a multiple of the page size)."""
+        self._write_pages(data)
+        n = len(data) // PAGE
+        self._write_index(_pairs(range(addr, addr + n * PAGE, PAGE), range(self.offset, self.offset + n * PAGE, PAGE)))
+        self.offset += len(data)
+        self.bytes_written += len(data)
+
+    def splice_in(self, pipe_fd, nbytes, ranges):
+        """Ranges whose nbytes of contents wait in a pipe: moved into pages.img by the kernel (splice)."""
+        out = self.files["pages.img"].fileno()
+        left = nbytes
+        while left:
+            moved = os.splice(pipe_fd, out, left)
+            if moved <= 0:
+                raise DumpError(errno.EIO, "splice from the target's pipe stopped short")
+            left -= moved
+        addrs = [a for s, e in ranges for a in range(s, e, PAGE)]
+        self._write_index(_pairs(addrs, range(self.offset, self.offset + nbytes, PAGE)))
+        self.offset += nbytes
+        self.bytes_written += nbytes
+        self.spliced = True
+        self.spliced_bytes += nbytes
+
+    def add_ranges(self, ranges, data):
+        """Ranges [(start, end)] whose contents follow each other in data."""
+        self._write_pages(data)
+        addrs = [a for s, e in ranges for a in range(s, e, PAGE)]
+        self._write_index(_pairs(addrs, range(self.offset, self.offset + len(addrs) * PAGE, PAGE)))
+        self.offset += len(data)
+        self.bytes_written += len(data)
+
+    def zero(self, addr, length):
+        n = length // PAGE
+        self._write_index(_pairs(range(addr, addr + length, PAGE), [ZERO] * n))
+
+    def hold(self):
+        """Keep what is added in memory until flush(): the frozen round only copies, the disk waits."""
+        self.held = []
+
+    def flush(self):
+        held, self.held = self.held, None
+        for name, data in held or ():
+            self._write(name, data)
+
+    held = None
+
+    def _write(self, name, data):
+        if self.held is not None:
+            self.held.append((name, data))
+            return
+        self.files[name].write(data)
+        self.sums[name].update(data)
+
+    def _write_pages(self, data):
+        self._write("pages.img", data)
+
+    def _write_index(self, data):
+        self._write("pages.idx", data)
+
+    def finish(self, manifest):
+        for f in self.files.values():
+            f.close()
+        sums = {name: h.hexdigest() for name, h in self.sums.items()}
+        if self.spliced:                        # the kernel moved those pages: read them back once
+            sums["pages.img"] = _sha256(os.path.join(self.dir, "pages.img"))
+        manifest.update(version=IMAGE_VERSION, complete=True, checksums=sums)
+        self.manifest = manifest
+        self._write_manifest()
+
+    def abort(self, why):
+        for f in self.files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.manifest.update(complete=False, error=why)
+        try:
+            self._write_manifest()
+        except OSError:
+            pass
+
+    def _write_manifest(self):
+        tmp = os.path.join(self.dir, "manifest.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.manifest, f, indent=1)
+        os.replace(tmp, os.path.join(self.dir, "manifest.json"))
+
+
+def _pairs(addrs, offsets):
+    """Index records: (address, offset) pairs as little-endian u64s."""
+    out = array("Q", bytes(16 * len(addrs)))
+    out[0::2] = array("Q", addrs)
+    out[1::2] = array("Q", offsets)
+    return out.tobytes()
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Image:
+    def __init__(self, directory):
+        self.dir = directory
+        try:
+            with open(os.path.join(directory, "manifest.json")) as f:
+                self.manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DumpError(errno.EINVAL, "%s is not a pvmexec image: %s" % (directory, e)) from None
+        if self.manifest.get("version") != IMAGE_VERSION:
+            raise DumpError(errno.EINVAL, "image version %r, this pvmexec reads %d" % (
+                self.manifest.get("version"), IMAGE_VERSION))
+
+    def check(self):
+        """The checksums; a DumpError names what is wrong."""
+        if not self.manifest.get("complete"):
+            raise DumpError(errno.EINVAL, "the image is incomplete (%s)" % self.manifest.get("error", "unknown"))
+        for name, want in self.manifest["checksums"].items():
+            if _sha256(os.path.join(self.dir, name)) != want:
+                raise DumpError(errno.EINVAL, "%s does not match its checksum" % name)
+
+    def page_index(self):
+        """address -> offset in pages.img (or ZERO): the last entry wins."""
+        out = {}
+        with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
+            raw = f.read()
+        for addr, off in struct.iter_unpack("<QQ", raw[:len(raw) // 16 * 16]):
+            out[addr] = off
+        return out
+
+    def summary(self):
+        m = self.manifest
+        lines = ["pvmexec image %s (version %d, %s)" % (self.dir, m["version"],
+                                                          "complete" if m.get("complete") else "INCOMPLETE")]
+        if not m.get("complete"):
+            lines.append("  error: %s" % m.get("error", "?"))
+            return "\n".join(lines)
+        idx = self.page_index()
+        lines.append("  process %d: %d threads, %d mappings, %d pages (%.1f MiB) in the image" % (
+            m["pid"], len(m["threads"]), len(m["mappings"]), sum(1 for v in idx.values() if v != ZERO),
+            sum(1 for v in idx.values() if v != ZERO) * PAGE / 2 ** 20))
+        for r in m["rounds"]:
+            lines.append("  round %d%s: %d pages in %.3f s" % (r["round"], " (frozen)" if r["final"] else "",
+                                                               r["pages"], r["seconds"]))
+        lines.append("  freeze %.3f s, total %.3f s, %.1f MiB written" % (
+            m["freeze_seconds"], m["total_seconds"], m["bytes_written"] / 2 ** 20))
+        lines.append("  cwd %s, %d descriptors, %d signal handlers" % (m["cwd"], len(m["fds"]), len(m["sigactions"])))
+        for mp in m["mappings"]:
+            lines.append("  %012x-%012x %s %s" % (mp["start"], mp["end"], mp["perms"], mp["path"]))
+        return "\n".join(lines)
+
+
+def verify(directory, pid, frozen=False):
+    """Compare the image's memory with process pid's, page by page, through /proc/PID/mem.
+
+    Freezes the process meanwhile unless frozen (already stopped by the caller). Returns a list
+    of differences (address, what): empty when they match.
+    """
+    img = Image(directory)
+    img.check()
+    engine = None
+    if not frozen:
+        from ..engines.ptrace import PtraceEngine
+        engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
+        engine.freeze()
+    diffs = []
+    try:
+        idx = img.page_index()
+        mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
+        with open(os.path.join(directory, "pages.img"), "rb") as pages:
+            try:
+                for mp in img.manifest["mappings"]:
+                    if "r" not in mp["perms"]:
+                        continue
+                    for addr in range(mp["start"], mp["end"], PAGE):
+                        off = idx.get(addr)
+                        if off is None or off == ZERO:
+                            want = bytes(PAGE)
+                        else:
+                            pages.seek(off)
+                            want = pages.read(PAGE)
+                        try:
+                            got = os.pread(mem, PAGE, addr)
+                        except OSError as e:
+                            if off is not None and off != ZERO:     # e.g. a file mapping past the file's end
+                                diffs.append((addr, "unreadable in the process: %s" % e.strerror))
+                            continue
+                        if got != want:
+                            diffs.append((addr, "differs" if off is not None else "not in the image"))
+            finally:
+                os.close(mem)
+    finally:
+        if engine is not None:
+            engine.thaw()
+    return diffs

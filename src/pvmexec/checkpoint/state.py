@@ -1,0 +1,125 @@
+"""What the image records besides memory, collected while the target is frozen: one collector per
+field group (mappings' flags, each thread, the process). The fields are listed in image.py."""
+import os
+import resource
+import signal
+import struct
+
+from .. import _core
+from ..abi import PR_GET_TID_ADDRESS
+from ..arch import current as current_arch
+from ..syscalls import number
+
+
+def vm_flags(pid):
+    """start -> the kernel's VmFlags for each mapping (rd wr ex sh gd dd hg ...), from smaps."""
+    out, start = {}, None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                start = int(line.split("-", 1)[0], 16)
+            elif line.startswith("VmFlags:") and start is not None:
+                out[start] = line.split(":", 1)[1].strip()
+    return out
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
+
+
+def thread_only(space, engine, tid):
+    """What only the thread itself can tell (its alternate signal stack, its clear_child_tid), asked by
+    running the call in it (ptrace, it is frozen anyway), and its robust list (asked by the agent)."""
+    out = {}
+    with space.scratch(64) as mem:
+        if engine.syscall_in(tid, number("sigaltstack"), (0, mem)) == 0:
+            sp, flags, size = struct.unpack("<Qi4xQ", space.read(mem, 24))
+            out["sigaltstack"] = dict(sp=sp, flags=flags, size=size)
+        if engine.syscall_in(tid, number("prctl"), (PR_GET_TID_ADDRESS, mem + 32, 0, 0, 0)) == 0:
+            out["clear_child_tid"] = struct.unpack("<Q", space.read(mem + 32, 8))[0]
+        if space.syscall_raw("get_robust_list", tid, mem + 40, mem + 48) == 0:
+            head, length = struct.unpack("<QQ", space.read(mem + 40, 16))
+            out["robust_list"] = dict(head=head, len=length)
+    return out
+
+
+def thread_state(tid, asked):
+    """One frozen thread: registers, FPU, mask, pending signals, rseq, and what thread_only() asked."""
+    t = dict(tid=tid, regs=_core.getregs(tid).hex(), sigmask=_core.getsigmask(tid))
+    try:
+        t["xstate"] = _core.getregset(tid, current_arch().NT_XSTATE).hex()
+    except OSError:
+        pass                            # optional: no xstate regset on this CPU
+    t["pending"] = [s.hex() for s in _core.peeksiginfo(tid, False, 64)]
+    rseq = _core.rseq_config(tid)
+    if rseq:
+        t["rseq"] = dict(zip(("addr", "size", "signature"), rseq))
+    t.update(asked)
+    return t
+
+
+_MM_FIELDS = ("start_code", "end_code", "start_stack", "start_brk", "brk", "arg_start", "arg_end", "env_start",
+              "env_end")
+_MM_INDEX = (23, 24, 25, 44, 45, 46, 47, 48, 49)      # in /proc/PID/stat after the command: field number - 3
+
+
+def memory_layout(pid):
+    """auxv, the mm fields and the personality."""
+    with open("/proc/%d/auxv" % pid, "rb") as f:
+        auxv = f.read().hex()
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    mm = {n: int(fields[i]) for n, i in zip(_MM_FIELDS, _MM_INDEX) if i < len(fields)}
+    with open("/proc/%d/personality" % pid) as f:
+        personality = int(f.read(), 16)
+    return dict(auxv=auxv, mm=mm, personality=personality)
+
+
+def files(pid, our_fds):
+    """cwd, root, rlimits and every descriptor but the dump's own."""
+    fds = []
+    for fd in sorted(int(x) for x in os.listdir("/proc/%d/fd" % pid)):
+        if fd in our_fds:                                        # the dump's own, gone when it ends
+            continue
+        try:
+            target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+            with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+                info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        except OSError:
+            continue
+        fds.append(dict(fd=fd, path=target, pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8)))
+    return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid),
+                rlimits={name: list(resource.prlimit(pid, getattr(resource, name)))
+                         for name in dir(resource) if name.startswith("RLIMIT_")},
+                fds=fds)
+
+
+def signals_and_timers(space):
+    """Signal handlers and interval timers: only the process itself can tell (asked through the agent)."""
+    sigactions, itimers = {}, {}
+    with space.scratch(64) as mem:
+        for sig in range(1, 65):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            if space.syscall_raw("rt_sigaction", sig, 0, mem, 8) == 0:
+                handler, flags, restorer, mask = struct.unpack("<QQQQ", space.read(mem, 32))
+                if handler or flags or mask:
+                    sigactions[sig] = dict(handler=handler, flags=flags, restorer=restorer, mask=mask)
+        for which, name in ((0, "real"), (1, "virtual"), (2, "prof")):
+            if space.syscall_raw("getitimer", which, mem) == 0:
+                itimers[name] = list(struct.unpack("<qqqq", space.read(mem, 32)))
+    return dict(sigactions=sigactions, itimers=itimers)
+
+
+def process_state(pid, space, engine, our_fds, asked):
+    """Everything but memory, while frozen: per thread (asked: thread_only() per tid) and per process."""
+    state = dict(threads=[thread_state(tid, asked.get(tid, {})) for tid in sorted(engine.frozen_tids())])
+    state["shared_pending"] = [s.hex() for s in _core.peeksiginfo(pid, True, 64)]
+    state.update(memory_layout(pid))
+    state.update(files(pid, our_fds))
+    state.update(signals_and_timers(space))
+    return state

@@ -1,0 +1,130 @@
+"""Which pages the target wrote: userfaultfd write-protection in async mode, read by PAGEMAP_SCAN.
+
+The userfaultfd is made inside the target by the agent (it belongs to the mm
+that creates it); a written page loses its protection without any fault
+reaching us, and PAGEMAP_SCAN with PM_SCAN_WP_MATCHING on /proc/PID/pagemap
+reports the pages written since the last scan and protects them again, atomically.
+"""
+import ctypes
+import fcntl
+import os
+import struct
+
+from ..abi import (PAGEMAP_SCAN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, UFFD_FEATURE_WP_ASYNC,
+                   UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
+                   UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER)
+from ..errors import PvmexecError, TargetGone
+from .image import DumpError
+
+_SCAN_ARG = struct.Struct("<12Q")
+_REGIONS = 4096
+_SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+
+
+class Mapping:
+    __slots__ = ("start", "end", "perms", "offset", "path")
+
+    def __init__(self, line):
+        fields = line.split(None, 5)
+        self.start, self.end = (int(x, 16) for x in fields[0].split("-"))
+        self.perms = fields[1]
+        self.offset = int(fields[2], 16)
+        self.path = fields[5].rstrip("\n") if len(fields) > 5 else ""
+
+    @property
+    def key(self):
+        return (self.start, self.end)
+
+    def as_dict(self):
+        return dict(start=self.start, end=self.end, perms=self.perms, offset=self.offset, path=self.path)
+
+
+def read_maps(pid, skip=()):
+    """The target's mappings, without the kernel's special ones and without ranges in skip."""
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            maps = [Mapping(line) for line in f]
+    except FileNotFoundError:
+        raise TargetGone(pid) from None
+    return [m for m in maps if m.path not in _SPECIAL and not any(m.start < e and m.end > s for s, e in skip)]
+
+
+class Scanner:
+    """PAGEMAP_SCAN on /proc/PID/pagemap, from the caller."""
+
+    def __init__(self, pid):
+        self.fd = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        self.vec = (ctypes.c_uint64 * (3 * _REGIONS))()
+
+    def regions(self, start, end, anyof, wp=False):
+        """[(start, end)] of pages in [start, end) with any of the categories in `anyof`; with wp,
+        they are write-protected again in the same step."""
+        out = []
+        while start < end:
+            arg = bytearray(_SCAN_ARG.pack(_SCAN_ARG.size, (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) if wp else 0,
+                                           start, end, 0, ctypes.addressof(self.vec), _REGIONS, 0, 0,
+                                           0, anyof, anyof))
+            try:
+                n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg)
+            except OSError as e:
+                raise DumpError(e.errno, "PAGEMAP_SCAN on the target's pagemap: %s" % e.strerror) from None
+            walk_end = _SCAN_ARG.unpack(arg)[4]
+            for i in range(n):
+                out.append((self.vec[3 * i], self.vec[3 * i + 1]))
+            if walk_end <= start:
+                break
+            start = walk_end
+        return out
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Tracker:
+    """A userfaultfd inside the target (made by the agent) with WP-async ranges registered on it."""
+
+    def __init__(self, space):
+        self.space = space
+        self.uffd = space.syscall("userfaultfd", os.O_CLOEXEC | UFFD_USER_MODE_ONLY)
+        self.ranges = {}
+        try:
+            with space.scratch(64) as mem:
+                space.write(mem, struct.pack("<QQQ", 0xAA, UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_ASYNC, 0))
+                space.syscall("ioctl", self.uffd, UFFDIO_API, mem)
+        except BaseException:
+            self.close()
+            raise
+
+    def register(self, m):
+        """Track writes to m; False if the kernel cannot (the mapping is then copied whole each round)."""
+        with self.space.scratch(64) as mem:
+            self.space.write(mem, struct.pack("<QQQQ", m.start, m.end - m.start, UFFDIO_REGISTER_MODE_WP, 0))
+            ret = self.space.syscall_raw("ioctl", self.uffd, UFFDIO_REGISTER, mem)
+        if ret == 0:
+            self.ranges[m.key] = m
+            return True
+        return False
+
+    def forget(self, key):
+        m = self.ranges.pop(key, None)
+        if m is not None:
+            self._unregister(m.start, m.end)
+
+    def _unregister(self, start, end):
+        with self.space.scratch(64) as mem:
+            self.space.write(mem, struct.pack("<QQ", start, end - start))
+            self.space.syscall_raw("ioctl", self.uffd, UFFDIO_UNREGISTER, mem)
+
+    def close(self):
+        """Unregister everything (the target keeps no write protection) and close the fd in the target."""
+        for m in list(self.ranges.values()):
+            try:
+                self._unregister(m.start, m.end)
+            except (OSError, PvmexecError):
+                pass
+        self.ranges.clear()
+        if self.uffd is not None:
+            try:
+                self.space.syscall_raw("close", self.uffd)
+            finally:
+                self.uffd = None
