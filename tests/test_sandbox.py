@@ -52,6 +52,14 @@ def build(cc, tmp_path, source, *flags, name="prog"):
     return str(out)
 
 
+def build_program(cc, tmp_path, name, *flags):
+    """A program shared with the benchmarks (pvmexec/bench/programs/NAME.c)."""
+    from pvmexec.bench.common import program_source
+    out = tmp_path / name
+    subprocess.run([cc, "-O1", *flags, "-o", str(out), program_source(name)], check=True, timeout=120)
+    return str(out)
+
+
 HELLO = r"""
     #include <stdio.h>
     #include <stdlib.h>
@@ -487,28 +495,8 @@ def test_python3_threads(tree):
     same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
 
 
-SYSCALL_HEAVY = r"""
-    #include <stdio.h>
-    #include <stdlib.h>
-    #include <unistd.h>
-    #include <sys/syscall.h>
-    int main(int argc, char **argv) {
-        long n = atol(argv[1]), ids = 0;
-        int fds[2];
-        char c = 'x';
-        if (pipe(fds)) return 1;
-        for (long i = 0; i < n; i++) {
-            ids += syscall(SYS_getpid) + syscall(SYS_gettid) + getuid() + getgid();
-            if (write(fds[1], &c, 1) != 1 || read(fds[0], &c, 1) != 1) return 2;
-        }
-        printf("%ld %d %d\n", ids / n, getpid(), (int)syscall(SYS_gettid));
-        return 0;
-    }
-"""
-
-
 def test_calls_answered_in_c_match_the_python_handlers(cc, tmp_path):
-    prog = build(cc, tmp_path, SYSCALL_HEAVY, "-static")
+    prog = build_program(cc, tmp_path, "syscall_heavy", "-static")
     fast = sandboxed([prog, "300"])
     slow = sandboxed([prog, "300"], "--trace=%s" % (tmp_path / "trace"))     # tracing turns the C path off
     assert fast.returncode == slow.returncode == 0 and fast.stdout == slow.stdout

@@ -157,6 +157,18 @@ def cmd_image(args):
     return 0 if not diffs else 1
 
 
+def cmd_bench(args):
+    from . import bench
+    return bench.main(args)
+
+
+def cmd_image_or_usage(args):
+    if args.action == "verify" and not args.pid:
+        print("pvmexec image verify: give the PID to compare with", file=sys.stderr)
+        return 2
+    return cmd_image(args)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pvmexec",
@@ -223,8 +235,7 @@ def build_parser():
     im.add_argument("action", choices=("show", "verify"))
     im.add_argument("dir", metavar="DIR")
     im.add_argument("pid", type=int, nargs="?", metavar="PID")
-    im.set_defaults(func=lambda a: cmd_image(a) if a.action == "show" or a.pid else (
-        print("pvmexec image verify: give the PID to compare with", file=sys.stderr) or 2))
+    im.set_defaults(func=cmd_image_or_usage)
 
     b = sub.add_parser("bench", help="measure both process_vm_exec modes (self-contained)",
                        description="Reproduce the proposal's measurements: mode 1 syscall and fault "
@@ -236,9 +247,7 @@ def build_parser():
     b.add_argument("what", nargs="?", choices=("engines", "sandbox", "dump"), default="engines",
                    help="engines (default): both modes, every engine; sandbox: pvmexec run against native "
                         "runs, the ptrace engine and strace; dump: live checkpoint against stop-the-world")
-    b.set_defaults(func=lambda a: __import__(
-        {"sandbox": "pvmexec.bench_sandbox", "dump": "pvmexec.bench_dump"}.get(a.what, "pvmexec.bench"),
-        fromlist=["main"]).main(a))
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 
-from . import _core
-from .guest import Guest
-from .space import attach
+from .. import _core
+from ..guest import Guest
+from ..space import attach
+from .common import machine
 
 TEST_SYSCALL, TEST_SYSCALL_RET, TEST_MARKER = 123, 456, 789
 FAULT_VALUE = 0xAABBCCDDEE
@@ -26,20 +27,6 @@ PUBLISHED = [
     {"mode": "exec-syscall", "engine": "kernel-patch process_vm_exec", "printed_ns": 289, "us_per_op": 1.45},
     {"mode": "exec-fault", "engine": "kernel-patch process_vm_exec", "printed_ns": None, "us_per_op": 3.9},
 ]
-
-
-def _machine():
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "machine": platform.machine()}
 
 
 class _Target:
@@ -67,21 +54,6 @@ class _Target:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait(5)
-
-
-def compile_c(work_dir, name, source):
-    """Build a benchmark's own C program in work_dir; returns its path."""
-    import shutil
-    import subprocess
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("this benchmark needs a C compiler for its %s program" % name)
-    src = os.path.join(work_dir, name + ".c")
-    with open(src, "w") as f:
-        f.write(source)
-    exe = os.path.join(work_dir, name)
-    subprocess.run([cc, "-O2", "-o", exe, src], check=True)
-    return exe
 
 
 def _adder(results, engine, placement):
@@ -209,7 +181,7 @@ def run(iterations=20000, quick=False):
 
         # Mode 1 in a stub space of our own, no ptrace: syscall sites patched after their first trap
         # (engine "stub"), and every syscall a seccomp trap and a signal (engine "stub-trap").
-        from .space import Space
+        from ..space import Space
         for patch in (True, False):
             stub_space = Space.create(patch_syscalls=patch)
             try:
@@ -255,7 +227,7 @@ def run(iterations=20000, quick=False):
         os.sched_setaffinity(0, old_affinity)
         if target is not None:
             target.close()
-    return {"machine": dict(_machine(), placement="caller and target pinned to one CPU unless a row says otherwise"),
+    return {"machine": dict(machine(), placement="caller and target pinned to one CPU unless a row says otherwise"),
             "results": results, "published": PUBLISHED,
             "ratios": {label: round(v, 2) for label, v in _ratios(results)},
             "iterations": {"c": n_c, "python": n_py}}

@@ -1,0 +1,36 @@
+"""What every benchmark shares: the machine it ran on and building its C programs (bench/programs/)."""
+import os
+import platform
+import shutil
+import subprocess
+
+PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def program_source(name):
+    """The path of bench/programs/NAME.c (shipped with the package; the tests build them too)."""
+    return os.path.join(PROGRAMS, name + ".c")
+
+
+def compile_c(work_dir, name, *flags):
+    """Build bench/programs/NAME.c into work_dir; returns the executable's path."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("this benchmark needs a C compiler for its %s program" % name)
+    exe = os.path.join(work_dir, name)
+    subprocess.run([cc, "-O2", *flags, "-o", exe, program_source(name)], check=True)
+    return exe
