@@ -1,5 +1,6 @@
 """x86-64: registers, the syscall ABI and what a valid user context is."""
 import signal
+import struct
 
 NAME = "x86_64"
 AUDIT_ARCH = 0xC000003E
@@ -73,3 +74,64 @@ def init_xstate(template):
     if len(buf) >= 576:
         buf[512:520] = (0x3).to_bytes(8, "little")     # XSTATE_BV: x87 and SSE present, rest init
     return bytes(buf)
+
+
+# -- the rt_sigframe Linux builds for a signal handler (arch/x86/kernel/signal_64.c) --------------
+
+RED_ZONE = 128
+_UC_FLAGS = 1 | 2 | 4                     # UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS
+_SIGCONTEXT = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx",
+               "rax", "rcx", "rsp", "rip", "eflags")
+_UCONTEXT_SIZE = 304                      # uc_flags, uc_link, uc_stack (24), uc_mcontext (256), uc_sigmask (8)
+FP_XSTATE_MAGIC2 = 0x46505845
+_EFLAGS_USER = 0x50DD5                    # the flags sigreturn may change (AC, OF, DF, TF, SF, ZF, AF, PF, CF, RF)
+_SS_ONSTACK, _SS_DISABLE = 1, 2
+_TRAP_PF = 14
+
+
+def push_signal_frame(ctx, sig, info, handler, restorer, old_mask, altstack, to_altstack, fp):
+    """Lay out the frame a handler of sig finds, as Linux does, and set ctx to enter the handler.
+
+    altstack: (sp, flags, size) of the thread's alternate stack; to_altstack: switch onto it.
+    fp: the xstate image to save. Returns [(address, bytes)] for the caller to write.
+    """
+    ss_sp, ss_flags, ss_size = altstack
+    on_alt = not ss_flags & _SS_DISABLE and ss_sp < ctx.rsp <= ss_sp + ss_size
+    sp = ss_sp + ss_size if to_altstack and not on_alt else ctx.rsp - RED_ZONE
+    sp = (sp - len(fp) - 4) & ~63
+    fp_addr = sp
+    sp = ((sp - (8 + _UCONTEXT_SIZE + 128)) & ~15) - 8
+    uc = sp + 8
+    info_addr = uc + _UCONTEXT_SIZE
+    regs = [getattr(ctx, n) for n in _SIGCONTEXT]
+    sigcontext = struct.pack("<18Q", *regs) + struct.pack("<HHHH", USER_CS, 0, 0, USER_DS) + \
+        struct.pack("<QQQQQ", 0, _TRAP_PF if sig == signal.SIGSEGV else 0, old_mask, 0, fp_addr) + bytes(64)
+    stack = struct.pack("<QiiQ", ss_sp, (_SS_ONSTACK if on_alt else 0) | (ss_flags & _SS_DISABLE), 0, ss_size)
+    ucontext = struct.pack("<QQ", _UC_FLAGS, 0) + stack + sigcontext + struct.pack("<Q", old_mask)
+    assert len(ucontext) == _UCONTEXT_SIZE
+    writes = [(sp, struct.pack("<Q", restorer) + ucontext + bytes(info[:128]).ljust(128, b"\0")),
+              (fp_addr, bytes(fp) + struct.pack("<I", FP_XSTATE_MAGIC2))]
+    ctx.rdi, ctx.rsi, ctx.rdx, ctx.rax = sig, info_addr, uc, 0
+    ctx.rsp, ctx.rip = sp, handler
+    ctx.eflags &= ~(0x400 | 0x100 | 0x40000)       # DF, TF, AC clear, as the kernel leaves them
+    return writes
+
+
+def pop_signal_frame(read, ctx, fp_size):
+    """rt_sigreturn: restore ctx from the frame at ctx.rsp (read(addr, n) reads the thread's memory).
+
+    Returns (the signal mask to restore, the alternate stack to restore or None).
+    """
+    raw = read(ctx.rsp, _UCONTEXT_SIZE)
+    ss_sp, ss_flags, ss_size = struct.unpack_from("<Qi4xQ", raw, 16)
+    regs = struct.unpack_from("<18Q", raw, 40)
+    fp_addr = struct.unpack_from("<Q", raw, 40 + 160 + 32)[0]
+    mask = struct.unpack_from("<Q", raw, 296)[0]
+    for name, value in zip(_SIGCONTEXT, regs):
+        if name == "eflags":
+            value = (ctx.eflags & ~_EFLAGS_USER) | (value & _EFLAGS_USER)
+        setattr(ctx, name, value)
+    if fp_addr:
+        ctx.fpstate = read(fp_addr, fp_size)
+    altstack = None if ss_flags & _SS_DISABLE else (ss_sp, ss_flags & ~_SS_ONSTACK, ss_size)
+    return mask, altstack

@@ -1,5 +1,7 @@
-"""An application kernel: run unmodified Linux programs in a stub space, every syscall handled in Python."""
-from .files import Errno, Policy
-from .sandbox import Exited, Process, Sandbox
+"""The application kernel behind `pvmexec run`: Sandbox, its Policy, and the guest's Process."""
+from .errors import Errno, Exited
+from .files import Policy
+from .sandbox import Sandbox
+from .task import Process
 
 __all__ = ["Sandbox", "Policy", "Process", "Errno", "Exited"]

@@ -14,23 +14,15 @@ import threading
 from array import array
 
 from .. import _core
+from ..abi import O_ACCMODE, RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
+from .errors import Errno
 
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH, RESOLVE_IN_ROOT = 0x02, 0x04, 0x08, 0x10
-AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW, AT_EMPTY_PATH = 0x100, 0x1000
-O_ACCMODE = 3
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # /proc describes the host, not the guest: only these general files are shown.
 PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",
                 "/proc/version", "/proc/filesystems", "/proc/sys")
 
 
-class Errno(Exception):
-    """A system call's failure as the guest sees it (the handler's -errno)."""
-
-    def __init__(self, err):
-        super().__init__(err, os.strerror(err))
-        self.errno = err
 
 
 def timeout_ms(p, addr, per_second):

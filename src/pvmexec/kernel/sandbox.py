@@ -15,9 +15,7 @@ import errno
 import os
 import posixpath
 import signal
-import struct
 import threading
-from array import array
 
 from .. import _core
 from ..abi import ALL_SIGNALS
@@ -25,123 +23,18 @@ from ..errors import TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
-from .files import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, Errno, FdTable, OpenFile, Policy
-from .processes import SIG_IGN, Interrupted, killed_status, sender_info
-from .threads import ThreadExit, end_group, other_threads, wait_for_threads
 from .trace import Tracer
-
-MASK64 = (1 << 64) - 1
-PATH_MAX = 4096
-ARG_MAX = 2 << 20
-
-
-class Exited(Exception):
-    """The guest process ended; `status` is its wait status (exit code << 8, or the signal number)."""
-
-    def __init__(self, status):
-        super().__init__(status)
-        self.status = status
+from ..abi import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MASK64, SIG_IGN
+from .errors import Errno, Exited, Interrupted, ThreadExit
+from .files import OpenFile, Policy
+from .processes import ProcessMachinery
+from .signals import SignalDelivery, killed_status, sender_info
+from .syscalls import CALLS
+from .task import Process, kill_space, wake
+from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
 
 
-class Process:
-    """One guest process (one thread for now): its space, registers and kernel-side state."""
-
-    def __init__(self, pid):
-        self.pid = self.tid = pid
-        self.ppid = 1
-        self.space = None
-        self.ctx = None
-        self.fds = FdTable()
-        self.cwd = "/"
-        self.umask = 0o022
-        self.brk_start = self.brk_cur = self.brk_mapped = 0
-        self.sigactions = {}                # signo -> (handler, flags, restorer, mask)
-        self.sigmask = 0
-        self.altstack = (0, 2, 0)           # SS_DISABLE
-        self.exe = None
-        self.comm = b""
-        self.clear_child_tid = 0
-        self.robust_list = (0, 0)
-        self.rlimits = {}
-        self.protected = ()                 # the stub's own mappings: the guest may not touch them
-        self.parent = None
-        self.children = {}
-        self.pgid = self.sid = pid
-        self.status = None                  # wait status once it has ended
-        self.exit_signal = signal.SIGCHLD
-        self.pending = {}                   # signo -> siginfo bytes
-        self.fatal = 0                      # a signal that ends it whatever it does
-        self.saved_sigmask = None           # rt_sigsuspend: the mask to restore after the handler
-        self.vfork_done = threading.Event()
-        self.thread = None
-        self.internal_error = None
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.is_thread = False
-        self.thread_index = 0               # its stub thread in the space
-        self.threads = {pid: self}          # tid -> Thread (the leader is itself)
-        self.thread_lock = threading.Condition()
-        self.free_thread_indices = []
-        self.futexes = {}                   # address -> [waiter]
-        self.futex_lock = threading.Lock()
-        self.group_status = None            # set by exit_group or a fatal signal in any thread
-        # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
-        # and a flag that sends every stop here (a signal is due).
-        self.fast_ids = array("q", [pid, 1, pid, os.getuid(), os.geteuid(), os.getgid(), os.getegid()])
-        self.fast_flag = array("i", [0])
-
-    # -- guest memory (hostile) ---------------------------------------------------------------
-
-    def read(self, addr, n):
-        if n == 0:
-            return b""
-        if not 0 < addr < 1 << 47 or n < 0:
-            raise Errno(errno.EFAULT)
-        try:
-            return self.space.read(addr, n)
-        except OSError:
-            raise Errno(errno.EFAULT) from None
-
-    def write(self, addr, data):
-        if not data:
-            return
-        if not 0 < addr < 1 << 47:
-            raise Errno(errno.EFAULT)
-        try:
-            self.space.write(addr, data)
-        except OSError:
-            raise Errno(errno.EFAULT) from None
-
-    def read_str(self, addr, limit=PATH_MAX):
-        out = b""
-        while len(out) < limit:
-            chunk_len = min(4096 - (addr + len(out)) % 4096, 256)
-            chunk = self.read(addr + len(out), chunk_len)
-            nul = chunk.find(b"\0")
-            if nul >= 0:
-                return out + chunk[:nul]
-            out += chunk
-        raise Errno(errno.ENAMETOOLONG)
-
-    def read_u64s(self, addr, n):
-        return struct.unpack("<%dQ" % n, self.read(addr, 8 * n))
-
-    def read_str_array(self, addr):
-        """A NULL-terminated array of strings (argv, envp), bounded like the kernel's."""
-        out, total = [], 0
-        if addr == 0:
-            return out
-        while True:
-            ptr = self.read_u64s(addr + 8 * len(out), 1)[0]
-            if ptr == 0:
-                return out
-            s = self.read_str(ptr, ARG_MAX).decode("utf-8", "surrogateescape")
-            total += len(s) + 9
-            if total > ARG_MAX or len(out) > 65536:
-                raise Errno(errno.E2BIG)
-            out.append(s)
-
-
-class Sandbox:
+class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
     """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
     file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
     calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
@@ -166,9 +59,8 @@ class Sandbox:
                 self._handlers[nr] = (h, tuple(k for _n, k in kinds or ()))
         self.unsupported = set()
         # Trivial calls may be answered in C, unless traced or handled differently by a subclass.
-        base = Sandbox.__dict__
         self._fast = self.tracer is None and engine == "stub" and all(
-            getattr(type(self), name) is base[name] for name in _FAST_HANDLERS)
+            getattr(type(self), name) is getattr(Sandbox, name) for name in _FAST_HANDLERS)
 
     # -- running a program ----------------------------------------------------------------------
 
@@ -217,8 +109,7 @@ class Sandbox:
             left = [q for q in self._procs.values() if q.status is None]
         for q in left:
             q.fatal = signal.SIGKILL
-            self._kill_space(q.space)
-            from .processes import wake
+            kill_space(q.space)
             wake(q)
         for q in left:
             if q.thread is not None and q.thread is not threading.current_thread():
@@ -237,11 +128,6 @@ class Sandbox:
             proc.kill()
             proc.wait(10)
             raise
-
-    @staticmethod
-    def _kill_space(space):
-        if space is not None:
-            space.kill()
 
     def _initial_cwd(self, cwd):
         return self._guest_path(os.path.realpath(cwd or os.getcwd()))
@@ -494,41 +380,6 @@ class Sandbox:
         if not self.policy._may_write(os.readlink("/proc/self/fd/%d" % fd)):
             raise Errno(errno.EACCES)
 
-    from .syscalls_files import (sys_read, sys_write, sys_pread64, sys_pwrite64, sys_readv, sys_writev,  # noqa: E402
-                                 sys_open, sys_openat, sys_creat, sys_close, sys_close_range, sys_lseek,
-                                 sys_fstat, sys_stat, sys_lstat, sys_newfstatat, sys_statx, sys_statfs,
-                                 sys_fstatfs, sys_access, sys_faccessat, sys_faccessat2, sys_readlink,
-                                 sys_readlinkat, sys_getdents64, sys_getcwd, sys_chdir, sys_fchdir, sys_mkdir,
-                                 sys_mkdirat, sys_unlink, sys_unlinkat, sys_rmdir, sys_rename, sys_renameat,
-                                 sys_renameat2, sys_symlink, sys_symlinkat, sys_chmod, sys_fchmod, sys_fchmodat,
-                                 sys_utimensat, sys_truncate, sys_ftruncate, sys_fsync, sys_fdatasync, sys_fcntl,
-                                 sys_dup, sys_dup2, sys_dup3, sys_pipe, sys_pipe2, sys_ioctl, sys_poll, sys_ppoll,
-                                 sys_fadvise64, sys_flock, sys_sync, sys_umask, sys_socket, sys_sendfile,
-                                 sys_getxattr, sys_lgetxattr, sys_fgetxattr, sys_listxattr, sys_llistxattr,
-                                 sys_flistxattr)
-    from .syscalls_process import (sys_mmap, sys_munmap, sys_mprotect, sys_mremap, sys_madvise, sys_brk,  # noqa: E402
-                                   sys_rt_sigaction, sys_rt_sigprocmask, sys_sigaltstack, sys_exit,
-                                   sys_exit_group, sys_getpid, sys_gettid, sys_getuid, sys_geteuid, sys_getgid,
-                                   sys_getegid, sys_getresuid, sys_getresgid, sys_getgroups, sys_uname,
-                                   sys_sysinfo, sys_times, sys_getrusage, sys_clock_gettime, sys_clock_getres,
-                                   sys_gettimeofday, sys_time, sys_nanosleep, sys_clock_nanosleep, sys_getrandom,
-                                   sys_prlimit64, sys_getrlimit, sys_setrlimit, sys_arch_prctl,
-                                   sys_set_tid_address, sys_set_robust_list, sys_get_robust_list, sys_rseq,
-                                   sys_sched_getaffinity, sys_sched_yield, sys_getcpu, sys_prctl,
-                                   sys_execve, sys_execveat, clock_ns, sys_pause, sys_rt_sigsuspend)
-    from .processes import (sys_fork, sys_vfork, sys_clone, sys_clone3, _clone, _new_process,  # noqa: E402
-                            _discard, _copy_memory, _start, _run_process, _finish, _child_info, sys_wait4,
-                            sys_waitid, sys_getpgid, sys_getpgrp, sys_getsid, sys_setpgid, sys_setsid,
-                            sys_getppid, sys_kill, sys_tgkill, sys_tkill, _queue, _signal_ready,
-                            deliver_pending as _deliver_pending, _deliver, _push_frame, sys_rt_sigreturn,
-                            interrupted_syscall as _interrupted_syscall, wait_readable as _wait_readable,
-                            sleep_interruptibly as _sleep)
-
-    from .threads import _new_thread, _run_thread, _thread_gone, sys_futex  # noqa: E402
-    from .syscalls_io import (sys_select, sys_pselect6, sys_epoll_create, sys_epoll_create1, sys_epoll_ctl,  # noqa
-                              sys_epoll_wait, sys_epoll_pwait, sys_eventfd, sys_eventfd2, sys_socketpair,
-                              sys_sendto, sys_recvfrom, sys_shutdown)
-
     def _process_ended(self, p, status):
         """The leader's loop ended with status (or ThreadExit): the process's wait status, once every
         other thread of it is gone."""
@@ -542,7 +393,6 @@ class Sandbox:
 
     def _raise_sigpipe(self, p):
         self._signal(p, signal.SIGPIPE)
-
 
 
 _PREEMPT = _core.LAYOUT["STUB_PREEMPT_SIG"]

@@ -1,0 +1,134 @@
+"""Signal machinery: dispositions, queueing, delivery to guest handlers (the frame is the arch's),
+syscall restart and interruption, and waits a signal can interrupt.
+"""
+import errno
+import select
+import signal
+import struct
+
+from ..abi import SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SIG_DFL, SIG_IGN, UNBLOCKABLE
+from ..arch import current as _current_arch
+from .errors import Errno, Exited, Interrupted
+from .task import _drain, kill_space, wake
+
+ARCH = _current_arch()
+_DEFAULT_IGNORE = frozenset((signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT))
+_STOP = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
+_CORE = frozenset((signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS,
+                   signal.SIGFPE, signal.SIGSEGV, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGSYS))
+
+
+def sender_info(sig, code, pid, uid):
+    """A siginfo for a signal sent by a process (kill, tgkill) or the kernel: signo, code, pid, uid."""
+    return struct.pack("<iii4xiI", sig, 0, code, pid, uid).ljust(128, b"\0")
+
+
+def _bit(sig):
+    return 1 << (sig - 1)
+
+
+def _disposition(p, sig):
+    return p.sigactions.get(sig, (SIG_DFL, 0, 0, 0))
+
+
+def killed_status(sig):
+    """The wait status of a process killed by sig (with the core-dump bit where Linux sets it)."""
+    return sig | (0x80 if sig in _CORE else 0)
+
+
+def _terminate(sig):
+    raise Exited(killed_status(sig))
+
+
+class SignalDelivery:
+    """Mixed into Sandbox: `self` is the kernel."""
+
+    def _wait_readable(self, p, host_fd, events=select.POLLIN, timeout_ms=None):
+        """Block until host_fd is ready or a signal arrives for p (Interrupted)."""
+        poller = select.poll()
+        poller.register(host_fd, events)
+        poller.register(p.wake_r, select.POLLIN)
+        while True:
+            ready = dict(poller.poll(timeout_ms))
+            if p.wake_r in ready:
+                _drain(p)
+                if self._signal_ready(p):
+                    raise Interrupted()
+            if host_fd in ready or timeout_ms is not None:
+                return bool(ready.get(host_fd))
+
+    def _sleep(self, p, seconds):
+        """Sleep, unless a deliverable signal arrives first (then Interrupted)."""
+        if seconds > 0:
+            r, _, _ = select.select([p.wake_r], [], [], seconds)
+            if r:
+                _drain(p)
+                if self._signal_ready(p):
+                    raise Interrupted()
+                return self._sleep(p, 0)
+        if self._signal_ready(p):
+            raise Interrupted()
+
+    def _queue(self, q, sig, info, wake_it):
+        """Make sig pending on q (ignored signals are dropped, as Linux drops them)."""
+        handler = _disposition(q, sig)[0]
+        if sig != signal.SIGKILL and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
+            return
+        if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP:
+            q.fatal = sig                               # nothing the guest can do: end it now
+            kill_space(q.space)
+        q.pending.setdefault(sig, info)
+        q.fast_flag[0] = 1
+        if wake_it:
+            wake(q)
+
+    def _signal_ready(self, p):
+        return p.fatal or p.group_status is not None or any(not p.sigmask & _bit(s) for s in p.pending)
+
+    def _deliver_pending(self, p):
+        """Run the first deliverable pending signal: a handler frame, or the default action."""
+        for sig in sorted(p.pending):
+            if p.sigmask & _bit(sig) and sig not in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            info = p.pending.pop(sig)
+            self._deliver(p, sig, info)
+            return True
+        return False
+
+    def _deliver(self, p, sig, info, sync=False):
+        handler, flags, restorer, mask = _disposition(p, sig)
+        blocked = p.sigmask & _bit(sig)
+        if sync and (handler == SIG_IGN or blocked):
+            _terminate(sig)                             # a fault that cannot be handled kills, as force_sig does
+        if handler == SIG_IGN:
+            return
+        if handler == SIG_DFL:
+            if sig in _DEFAULT_IGNORE or sig in _STOP:
+                return
+            _terminate(sig)
+        try:
+            self._push_frame(p, sig, info, handler, flags, restorer)
+        except Errno:
+            _terminate(signal.SIGSEGV)                  # no room for the frame: as Linux, the process dies
+        if flags & SA_RESETHAND:
+            p.sigactions[sig] = (SIG_DFL, 0, 0, 0)
+        p.sigmask |= mask | (0 if flags & SA_NODEFER else _bit(sig))
+        p.sigmask &= ~UNBLOCKABLE
+
+    def _push_frame(self, p, sig, info, handler, flags, restorer):
+        old_mask = p.sigmask if p.saved_sigmask is None else p.saved_sigmask
+        p.saved_sigmask = None
+        fp = p.ctx.fpstate or p.space.initial_fpstate()
+        for addr, data in ARCH.push_signal_frame(p.ctx, sig, info, handler, restorer, old_mask, p.altstack,
+                                                 bool(flags & SA_ONSTACK), fp):
+            p.write(addr, data)
+        p.ctx.fpstate = p.space.initial_fpstate()
+
+    def _interrupted_syscall(self, p, nr):
+        """A blocking call gave way to a signal: restart it after the handler if SA_RESTART, else EINTR."""
+        sig = next((s for s in sorted(p.pending) if not p.sigmask & _bit(s)), None)
+        if sig is not None and _disposition(p, sig)[1] & SA_RESTART:
+            p.ctx.rip -= 2
+            p.ctx.rax = nr
+            return None
+        return -errno.EINTR

@@ -1,0 +1,55 @@
+"""The sandbox's syscall handlers: one mixin class per topic, composed by Sandbox.
+
+A handler is a method `sys_<name>(self, p, *args)` of one of the CALLS
+classes, where <name> is the call's name in pvmexec.syscalls.TABLE: writing it
+is the whole registration (Sandbox finds it by name). Arguments arrive decoded
+by the table's kinds: `str` as a Python str (None for NULL), `fd` and `sint`
+as signed ints, everything else as an unsigned 64-bit int. A handler returns
+the result (>= 0), raises Errno for -errno, returns None when it has set the
+registers itself (execve, rt_sigreturn), and ends its process or thread with
+Exited or ThreadExit; a blocking wait that a signal cuts short raises Interrupted.
+
+SUPPORT says how far each call is provided, as gVisor's linux64.go does:
+a call with a handler and no entry is supported as Linux defines it; an entry
+"partial: ..." has a handler that does less, "refused: ..." one that answers
+an errno on purpose; a call with neither is not provided (ENOSYS).
+tests/unit/test_handlers.py checks the three against each other.
+"""
+from .fs import FsCalls
+from .info import InfoCalls
+from .io import IoCalls
+from .mm import MmCalls
+from .net import NetCalls
+from .poll import PollCalls
+from .process import ProcessCalls
+from .signal import SignalCalls
+from .thread import ThreadCalls
+
+CALLS = (FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls)
+
+SUPPORT = {
+    "mmap": "partial: MAP_SHARED mappings of files that are written are refused (ENODEV), not shared",
+    "ioctl": "partial: FIOCLEX/FIONCLEX, terminal queries (TCGETS, TIOCGWINSZ, ...) and FIONREAD on host "
+             "descriptors; others ENOTTY",
+    "fcntl": "partial: F_DUPFD*, F_GETFD/F_SETFD, F_GETFL/F_SETFL, F_GETPIPE_SZ; locks are not kept",
+    "flock": "partial: accepted but locks nothing",
+    "fadvise64": "partial: accepted and ignored",
+    "sync": "partial: a no-op (the host's files are written through at once)",
+    "getxattr": "partial: no attribute is ever found (ENODATA)",
+    "lgetxattr": "partial: no attribute is ever found (ENODATA)",
+    "fgetxattr": "partial: no attribute is ever found (ENODATA)",
+    "listxattr": "partial: lists no attributes",
+    "llistxattr": "partial: lists no attributes",
+    "flistxattr": "partial: lists no attributes",
+    "socket": "refused: EACCES without --network, EAFNOSUPPORT with it (only socketpair is provided)",
+    "sendto": "partial: connected sockets only (no address)",
+    "recvfrom": "partial: no source address is reported",
+    "clone3": "refused: ENOSYS, libc falls back to clone",
+    "rseq": "refused: ENOSYS, libc does without",
+    "execveat": "partial: not from a process that has other threads (ENOSYS)",
+    "execve": "partial: not from a process that has other threads (ENOSYS)",
+    "getrusage": "partial: user CPU time only",
+    "getcpu": "partial: always CPU 0, node 0",
+    "prctl": "partial: PR_SET_NAME, PR_GET_NAME and a few queries; others EINVAL",
+    "sysinfo": "partial: the host's memory and load, one process",
+}

@@ -1,0 +1,367 @@
+"""Handlers: the filesystem through the policy (open*, close*, stat family, access, readlink, getdents64,
+cwd, mkdir/unlink/rename/symlink, chmod, utimensat, truncate, sync, flock, xattrs, umask)."""
+import errno
+import os
+import stat
+import struct
+import time
+
+from ... import _core
+from ...abi import AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, O_LARGEFILE
+from ..errors import Errno
+from ..files import OpenFile
+from .io import _host
+
+_UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_ALWAYS_OPEN = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_DT = ((stat.S_ISDIR, 4), (stat.S_ISREG, 8), (stat.S_ISLNK, 10), (stat.S_ISCHR, 2), (stat.S_ISBLK, 6),
+       (stat.S_ISFIFO, 1), (stat.S_ISSOCK, 12))
+
+
+def _in_parent(self, p, dirfd, path, call, *args, **kw):
+    parent, name = self.policy.parent_for_write(self._abs(p, dirfd, path))
+    try:
+        return _host(call, name, *args, dir_fd=parent, **kw)
+    finally:
+        os.close(parent)
+
+
+def _checked_path_fd(self, p, dirfd, path, flags=0):
+    pfd = self._path_fd(p, dirfd, path, flags)
+    try:
+        self._writable_fd(pfd)
+    except Errno:
+        os.close(pfd)
+        raise
+    return pfd
+
+
+class FsCalls:
+    """Mixed into Sandbox: `self` is the kernel."""
+
+    def sys_openat(self, p, dirfd, path, flags, mode):
+        flags &= 0xFFFFFFFF
+        guest = self._abs(p, dirfd, path)
+        if guest in _ALWAYS_OPEN:
+            host = _host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+        else:
+            host = self.policy.open(guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
+        try:
+            return p.fds.install(OpenFile(host, guest.rstrip("/") or "/", flags | O_LARGEFILE), cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(host)
+            raise
+
+    def sys_open(self, p, path, flags, mode):
+        return self.sys_openat(p, AT_FDCWD, path, flags, mode)
+
+    def sys_creat(self, p, path, mode):
+        return self.sys_openat(p, AT_FDCWD, path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode)
+
+    def sys_close(self, p, fd):
+        p.fds.close(fd)
+        return 0
+
+    def sys_close_range(self, p, first, last, flags):
+        if flags & ~0x4 or first > last:
+            raise Errno(errno.EINVAL)
+        for fd in [fd for fd in p.fds.fds if first <= fd <= last]:
+            if flags & 0x4:
+                p.fds.set_cloexec(fd, True)
+            else:
+                p.fds.close(fd)
+        return 0
+
+    def sys_fstat(self, p, fd, buf):
+        f = p.fds.get(fd)
+        p.write(buf, _host(_core.fstatat_raw, f.host_fd, b"", AT_EMPTY_PATH))
+        return 0
+
+    def sys_newfstatat(self, p, dirfd, path, buf, flags):
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | 0x800):
+            raise Errno(errno.EINVAL)
+        pfd = self._path_fd(p, dirfd, path, flags)
+        try:
+            p.write(buf, _host(_core.fstatat_raw, pfd, b"", AT_EMPTY_PATH))
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_stat(self, p, path, buf):
+        return self.sys_newfstatat(p, AT_FDCWD, path, buf, 0)
+
+    def sys_lstat(self, p, path, buf):
+        return self.sys_newfstatat(p, AT_FDCWD, path, buf, AT_SYMLINK_NOFOLLOW)
+
+    def sys_statx(self, p, dirfd, path, flags, mask, buf):
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | 0x800 | 0x6000):
+            raise Errno(errno.EINVAL)
+        pfd = self._path_fd(p, dirfd, path, flags)
+        try:
+            p.write(buf, _host(_core.statx_raw, pfd, b"", AT_EMPTY_PATH | (flags & 0x6000), mask & 0xFFFFFFFF))
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_fstatfs(self, p, fd, buf):
+        p.write(buf, _host(_core.fstatfs_raw, p.fds.get(fd).host_fd))
+        return 0
+
+    def sys_statfs(self, p, path, buf):
+        pfd = self._path_fd(p, AT_FDCWD, path)
+        try:
+            p.write(buf, _host(_core.fstatfs_raw, pfd))
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_faccessat2(self, p, dirfd, path, mode, flags):
+        if mode & ~7 or flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | 0x200):
+            raise Errno(errno.EINVAL)
+        guest = None if path == "" else self._abs(p, dirfd, path)
+        if guest in _ALWAYS_OPEN:
+            return 0
+        pfd = self._path_fd(p, dirfd, path, flags)
+        try:
+            if mode & os.W_OK:
+                self._writable_fd(pfd)
+            if mode and not os.access("/proc/self/fd/%d" % pfd, mode):
+                raise Errno(errno.EACCES)
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_faccessat(self, p, dirfd, path, mode):
+        return self.sys_faccessat2(p, dirfd, path, mode, 0)
+
+    def sys_access(self, p, path, mode):
+        return self.sys_faccessat2(p, AT_FDCWD, path, mode, 0)
+
+    def sys_readlinkat(self, p, dirfd, path, buf, size):
+        if size & 0xFFFFFFFF == 0 or size >= 1 << 31:
+            raise Errno(errno.EINVAL)
+        guest = self._abs(p, dirfd, path) if path else None
+        if guest in ("/proc/self/exe", "/proc/%d/exe" % p.pid):
+            target = p.exe
+        elif guest and guest.startswith("/proc/self/fd/"):
+            try:
+                target = p.fds.get(int(guest[14:])).path
+            except ValueError:
+                raise Errno(errno.ENOENT) from None
+        else:
+            pfd = self._path_fd(p, dirfd, path, AT_SYMLINK_NOFOLLOW)
+            try:
+                target = _host(os.readlink, "", dir_fd=pfd)
+            finally:
+                os.close(pfd)
+        data = target.encode("utf-8", "surrogateescape")[:size]
+        p.write(buf, data)
+        return len(data)
+
+    def sys_readlink(self, p, path, buf, size):
+        return self.sys_readlinkat(p, AT_FDCWD, path, buf, size)
+
+    def sys_getdents64(self, p, fd, dirp, count):
+        f = p.fds.get(fd)
+        if f.dir_entries is None:
+            if not f.is_dir():
+                raise Errno(errno.ENOTDIR)
+            entries = [(".", os.fstat(f.host_fd).st_ino, 4), ("..", _host(os.stat, "..", dir_fd=f.host_fd).st_ino, 4)]
+            with os.scandir(f.host_fd) as it:
+                for e in it:
+                    try:
+                        mode = e.stat(follow_symlinks=False).st_mode
+                        dtype = next((t for test, t in _DT if test(mode)), 0)
+                    except OSError:
+                        dtype = 0
+                    entries.append((e.name, e.inode(), dtype))
+            f.dir_entries = entries
+        out = bytearray()
+        while f.dir_pos < len(f.dir_entries):
+            name, ino, dtype = f.dir_entries[f.dir_pos]
+            raw = name.encode("utf-8", "surrogateescape") + b"\0"
+            reclen = (19 + len(raw) + 7) & ~7
+            if len(out) + reclen > count:
+                if not out:
+                    raise Errno(errno.EINVAL)
+                break
+            out += struct.pack("<QqHB", ino, f.dir_pos + 1, reclen, dtype) + raw + bytes(reclen - 19 - len(raw))
+            f.dir_pos += 1
+        p.write(dirp, bytes(out))
+        return len(out)
+
+    def sys_getcwd(self, p, buf, size):
+        data = p.cwd.encode("utf-8", "surrogateescape") + b"\0"
+        if len(data) > size:
+            raise Errno(errno.ERANGE)
+        p.write(buf, data)
+        return len(data)
+
+    def sys_chdir(self, p, path):
+        pfd = self.policy.path_fd(self._abs(p, AT_FDCWD, path), directory=True)
+        try:
+            p.cwd = self._guest_path_of(pfd)
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_fchdir(self, p, fd):
+        f = p.fds.get(fd)
+        if not f.is_dir():
+            raise Errno(errno.ENOTDIR)
+        p.cwd = self._guest_path_of(f.host_fd)
+        return 0
+
+    def sys_mkdirat(self, p, dirfd, path, mode):
+        _in_parent(self, p, dirfd, path, os.mkdir, mode & ~p.umask & 0o7777)
+        return 0
+
+    def sys_mkdir(self, p, path, mode):
+        return self.sys_mkdirat(p, AT_FDCWD, path, mode)
+
+    def sys_unlinkat(self, p, dirfd, path, flags):
+        if flags & ~AT_REMOVEDIR:
+            raise Errno(errno.EINVAL)
+        _in_parent(self, p, dirfd, path, os.rmdir if flags & AT_REMOVEDIR else os.unlink)
+        return 0
+
+    def sys_unlink(self, p, path):
+        return self.sys_unlinkat(p, AT_FDCWD, path, 0)
+
+    def sys_rmdir(self, p, path):
+        return self.sys_unlinkat(p, AT_FDCWD, path, AT_REMOVEDIR)
+
+    def sys_renameat2(self, p, olddirfd, old, newdirfd, new, flags):
+        if flags:
+            raise Errno(errno.EINVAL)
+        po, no = self.policy.parent_for_write(self._abs(p, olddirfd, old))
+        try:
+            pn, nn = self.policy.parent_for_write(self._abs(p, newdirfd, new))
+            try:
+                _host(os.rename, no, nn, src_dir_fd=po, dst_dir_fd=pn)
+            finally:
+                os.close(pn)
+        finally:
+            os.close(po)
+        return 0
+
+    def sys_renameat(self, p, olddirfd, old, newdirfd, new):
+        return self.sys_renameat2(p, olddirfd, old, newdirfd, new, 0)
+
+    def sys_rename(self, p, old, new):
+        return self.sys_renameat2(p, AT_FDCWD, old, AT_FDCWD, new, 0)
+
+    def sys_symlinkat(self, p, target, newdirfd, linkpath):
+        if target is None:
+            raise Errno(errno.EFAULT)
+        _in_parent(self, p, newdirfd, linkpath, lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
+        return 0
+
+    def sys_symlink(self, p, target, linkpath):
+        return self.sys_symlinkat(p, target, AT_FDCWD, linkpath)
+
+    def sys_fchmodat(self, p, dirfd, path, mode):
+        pfd = _checked_path_fd(self, p, dirfd, path)
+        try:
+            _host(os.chmod, "/proc/self/fd/%d" % pfd, mode & 0o7777)
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_chmod(self, p, path, mode):
+        return self.sys_fchmodat(p, AT_FDCWD, path, mode)
+
+    def sys_fchmod(self, p, fd, mode):
+        f = p.fds.get(fd)
+        self._writable_fd(f.host_fd)
+        _host(os.fchmod, f.host_fd, mode & 0o7777)
+        return 0
+
+    def sys_utimensat(self, p, dirfd, path, times, flags):
+        if path is None:
+            pfd = os.dup(p.fds.get(dirfd).host_fd)
+            self._writable_fd(pfd)
+        else:
+            pfd = _checked_path_fd(self, p, dirfd, path, flags & AT_SYMLINK_NOFOLLOW)
+        try:
+            target = "/proc/self/fd/%d" % pfd
+            if times == 0:
+                _host(os.utime, target)
+                return 0
+            a_s, a_ns, m_s, m_ns = struct.unpack("<qqqq", p.read(times, 32))
+            st = _host(os.stat, target)
+            now = time.time_ns()
+
+            def pick(sec, nsec, old):
+                if nsec == _UTIME_NOW:
+                    return now
+                if nsec == _UTIME_OMIT:
+                    return old
+                if not 0 <= nsec < 10 ** 9:
+                    raise Errno(errno.EINVAL)
+                return sec * 10 ** 9 + nsec
+            _host(os.utime, target, ns=(pick(a_s, a_ns, st.st_atime_ns), pick(m_s, m_ns, st.st_mtime_ns)))
+        finally:
+            os.close(pfd)
+        return 0
+
+    def sys_ftruncate(self, p, fd, length):
+        _host(os.ftruncate, p.fds.get(fd).host_fd, length)
+        return 0
+
+    def sys_truncate(self, p, path, length):
+        fd = self.policy.open(self._abs(p, AT_FDCWD, path), os.O_WRONLY, 0)
+        try:
+            _host(os.ftruncate, fd, length)
+        finally:
+            os.close(fd)
+        return 0
+
+    def sys_fsync(self, p, fd):
+        _host(os.fsync, p.fds.get(fd).host_fd)
+        return 0
+
+    def sys_fdatasync(self, p, fd):
+        _host(os.fdatasync, p.fds.get(fd).host_fd)
+        return 0
+
+    def sys_fadvise64(self, p, fd, offset, length, advice):
+        p.fds.get(fd)
+        return 0
+
+    def sys_flock(self, p, fd, op):
+        p.fds.get(fd)
+        return 0
+
+    def sys_sync(self, p):
+        return 0
+
+    def sys_umask(self, p, mask):
+        old, p.umask = p.umask, mask & 0o777
+        return old
+
+    def sys_getxattr(self, p, path, name, value, size):
+        pfd = self._path_fd(p, AT_FDCWD, path)
+        os.close(pfd)
+        raise Errno(errno.ENODATA)
+
+    def sys_lgetxattr(self, p, path, name, value, size):
+        pfd = self._path_fd(p, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW)
+        os.close(pfd)
+        raise Errno(errno.ENODATA)
+
+    def sys_fgetxattr(self, p, fd, name, value, size):
+        p.fds.get(fd)
+        raise Errno(errno.ENODATA)
+
+    def sys_listxattr(self, p, path, lst, size):
+        os.close(self._path_fd(p, AT_FDCWD, path))
+        return 0
+
+    def sys_llistxattr(self, p, path, lst, size):
+        os.close(self._path_fd(p, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW))
+        return 0
+
+    def sys_flistxattr(self, p, fd, lst, size):
+        p.fds.get(fd)
+        return 0

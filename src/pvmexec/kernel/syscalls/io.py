@@ -1,0 +1,224 @@
+"""Handlers: reading and writing (read/write families, sendfile, lseek), descriptors (dup*, pipe*, fcntl, ioctl)."""
+import errno
+import fcntl
+import os
+import select
+import stat
+import struct
+
+from ...abi import O_LARGEFILE
+from ..errors import Errno
+from ..files import OpenFile
+
+IO_MAX = 1 << 20
+_IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4}              # TCGETS, TIOCGWINSZ, FIONREAD
+_IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36}             # TCSETS, TCSETSW, TCSETSF
+
+
+def _host(call, *args, **kw):
+    try:
+        return call(*args, **kw)
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
+
+
+def _may_block(f):
+    """Whether a read or write could wait (then the wait must give way to signals)."""
+    try:
+        return not stat.S_ISREG(os.fstat(f.host_fd).st_mode) and os.get_blocking(f.host_fd)
+    except OSError:
+        return False
+
+
+def _read(self, p, f, n):
+    if _may_block(f):
+        self._wait_readable(p, f.host_fd)         # a signal may cut the wait short (Interrupted)
+    return _host(os.read, f.host_fd, n)
+
+
+def _write(self, p, call, fd, data, *extra):
+    f = p.fds.get(fd)
+    if _may_block(f):
+        self._wait_readable(p, f.host_fd, select.POLLOUT)
+    try:
+        return call(f.host_fd, data, *extra)
+    except BrokenPipeError:
+        self._raise_sigpipe(p)
+        raise Errno(errno.EPIPE) from None
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
+
+
+def _iovec(p, vec, n):
+    if n > 1024:
+        raise Errno(errno.EINVAL)
+    words = p.read_u64s(vec, 2 * n) if n else ()
+    out, total = [], 0
+    for i in range(n):
+        base, length = words[2 * i], words[2 * i + 1]
+        if length >= 1 << 63:
+            raise Errno(errno.EINVAL)
+        length = min(length, IO_MAX - total)
+        out.append((base, length))
+        total += length
+    return out, total
+
+
+class IoCalls:
+    """Mixed into Sandbox: `self` is the kernel."""
+
+    def sys_read(self, p, fd, buf, count):
+        f = p.fds.get(fd)
+        data = _read(self, p, f, min(count, IO_MAX))
+        p.write(buf, data)
+        return len(data)
+
+    def sys_write(self, p, fd, buf, count):
+        p.fds.get(fd)
+        return _write(self, p, os.write, fd, p.read(buf, min(count, IO_MAX)))
+
+    def sys_pread64(self, p, fd, buf, count, pos):
+        f = p.fds.get(fd)
+        if pos >= 1 << 63:
+            raise Errno(errno.EINVAL)
+        data = _host(os.pread, f.host_fd, min(count, IO_MAX), pos)
+        p.write(buf, data)
+        return len(data)
+
+    def sys_pwrite64(self, p, fd, buf, count, pos):
+        p.fds.get(fd)
+        if pos >= 1 << 63:
+            raise Errno(errno.EINVAL)
+        return _write(self, p, os.pwrite, fd, p.read(buf, min(count, IO_MAX)), pos)
+
+    def sys_readv(self, p, fd, vec, n):
+        f = p.fds.get(fd)
+        iov, total = _iovec(p, vec, n)
+        data = _read(self, p, f, total)
+        done = 0
+        for base, length in iov:
+            if done >= len(data):
+                break
+            p.write(base, data[done:done + length])
+            done += length
+        return len(data)
+
+    def sys_writev(self, p, fd, vec, n):
+        p.fds.get(fd)
+        iov, _total = _iovec(p, vec, n)
+        return _write(self, p, os.write, fd, b"".join(p.read(base, length) for base, length in iov))
+
+    def sys_sendfile(self, p, out_fd, in_fd, offset, count):
+        fi, fo = p.fds.get(in_fd), p.fds.get(out_fd)
+        count = min(count, IO_MAX)
+        if offset:
+            off = p.read_u64s(offset, 1)[0]
+            data = _host(os.pread, fi.host_fd, count, off)
+            p.write(offset, struct.pack("<Q", off + len(data)))
+        else:
+            data = _host(os.read, fi.host_fd, count)
+        return _write(self, p, os.write, fo and out_fd, data) if data else 0
+
+    def sys_lseek(self, p, fd, offset, whence):
+        f = p.fds.get(fd)
+        if offset >= 1 << 63:
+            offset -= 1 << 64
+        pos = _host(os.lseek, f.host_fd, offset, whence)
+        if f.dir_entries is not None and pos == 0:
+            f.dir_pos = 0
+        return pos
+
+    def sys_dup(self, p, fd):
+        return p.fds.install(p.fds.get(fd))
+
+    def sys_dup3(self, p, fd, newfd, flags):
+        if flags & ~os.O_CLOEXEC or fd == newfd:
+            raise Errno(errno.EINVAL)
+        f = p.fds.get(fd)
+        return p.fds.install(f, cloexec=flags & os.O_CLOEXEC, at=newfd)
+
+    def sys_dup2(self, p, fd, newfd):
+        f = p.fds.get(fd)
+        if fd == newfd:
+            return newfd
+        return p.fds.install(f, at=newfd)
+
+    def sys_pipe2(self, p, fds, flags):
+        if flags & ~(os.O_CLOEXEC | os.O_NONBLOCK | os.O_DIRECT):
+            raise Errno(errno.EINVAL)
+        r, w = os.pipe2((flags & (os.O_NONBLOCK | os.O_DIRECT)) | os.O_CLOEXEC)
+        try:
+            a = p.fds.install(OpenFile(r, "pipe:[%d]" % os.fstat(r).st_ino, os.O_RDONLY), cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(r)
+            os.close(w)
+            raise
+        try:
+            b = p.fds.install(OpenFile(w, "pipe:[%d]" % os.fstat(w).st_ino, os.O_WRONLY), cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(w)
+            p.fds.close(a)
+            raise
+        try:
+            p.write(fds, struct.pack("<ii", a, b))
+        except Errno:
+            p.fds.close(a)
+            p.fds.close(b)
+            raise
+        return 0
+
+    def sys_pipe(self, p, fds):
+        return self.sys_pipe2(p, fds, 0)
+
+    def sys_fcntl(self, p, fd, cmd, arg):
+        f = p.fds.get(fd)
+        if cmd in (0, 1030):                                     # F_DUPFD, F_DUPFD_CLOEXEC
+            if arg & 0xFFFFFFFF >= p.fds.limit:
+                raise Errno(errno.EINVAL)
+            return p.fds.install(f, cloexec=cmd == 1030, lowest=arg & 0xFFFFFFFF)
+        if cmd == 1:                                             # F_GETFD
+            return 1 if p.fds.cloexec(fd) else 0
+        if cmd == 2:                                             # F_SETFD
+            p.fds.set_cloexec(fd, arg & 1)
+            return 0
+        if cmd == 3:                                             # F_GETFL
+            return (_host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL) & ~os.O_CLOEXEC) | O_LARGEFILE
+        if cmd == 4:                                             # F_SETFL
+            settable = os.O_APPEND | os.O_NONBLOCK | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
+            cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
+            return _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, (cur & ~settable) | (arg & settable)) and 0
+        if cmd in (6, 7, 37, 38):                                # F_SETLK(W), F_OFD_SETLK(W): no other process
+            return 0
+        if cmd in (5, 36):                                       # F_GETLK: nothing is locked by anyone else
+            lock = bytearray(p.read(arg, 32))
+            lock[0:2] = struct.pack("<h", fcntl.F_UNLCK)
+            p.write(arg, bytes(lock))
+            return 0
+        if cmd in (1032, 1031):                                  # F_GETPIPE_SZ, F_SETPIPE_SZ
+            return _host(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
+        raise Errno(errno.EINVAL)
+
+    def sys_ioctl(self, p, fd, cmd, arg):
+        f = p.fds.get(fd)
+        cmd &= 0xFFFFFFFF
+        if cmd in (0x5451, 0x5450):                              # FIOCLEX, FIONCLEX
+            p.fds.set_cloexec(fd, cmd == 0x5451)
+            return 0
+        if cmd in _IOCTL_OUT:
+            out = _host(fcntl.ioctl, f.host_fd, cmd, bytes(_IOCTL_OUT[cmd]))
+            p.write(arg, out)
+            return 0
+        if cmd in _IOCTL_IN:
+            _host(fcntl.ioctl, f.host_fd, cmd, p.read(arg, _IOCTL_IN[cmd]))
+            return 0
+        if cmd == 0x5421:                                        # FIONBIO
+            on = struct.unpack("<i", p.read(arg, 4))[0]
+            cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
+            _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, cur | os.O_NONBLOCK if on else cur & ~os.O_NONBLOCK)
+            return 0
+        if cmd == 0x540F:                                        # TIOCGPGRP: the guest is its own group
+            if not os.isatty(f.host_fd):
+                raise Errno(errno.ENOTTY)
+            p.write(arg, struct.pack("<i", p.pid))
+            return 0
+        raise Errno(errno.ENOTTY)

@@ -1,0 +1,107 @@
+"""Handlers: memory (mmap, munmap, mprotect, mremap, madvise, brk); the stub's own mappings are untouchable."""
+import errno
+import os
+
+from ...abi import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE
+from ..errors import Errno
+
+TASK_SIZE = (1 << 47) - PAGE
+
+
+def _up(x):
+    return (x + PAGE - 1) & ~(PAGE - 1)
+
+
+def _untouchable(p, start, length):
+    """The stub's own pages (its code, stack, channel, patching window, vDSO) are not the guest's."""
+    end = start + _up(length)
+    if any(start < e and end > s for s, e in p.protected):
+        raise Errno(errno.EINVAL)
+
+
+def _mode2(p, name, *args):
+    ret = p.space.syscall_raw(name, *args)
+    if -4096 < ret < 0:
+        raise Errno(-ret)
+    return ret
+
+
+class MmCalls:
+    """Mixed into Sandbox: `self` is the kernel."""
+
+    def sys_mmap(self, p, addr, length, prot, flags, fd, off):
+        prot &= 0xFFFFFFFF
+        flags &= 0xFFFFFFFF
+        if length == 0 or length > TASK_SIZE or off % PAGE or addr % PAGE and flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+            raise Errno(errno.EINVAL)
+        if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+            _untouchable(p, addr, length)
+        if flags & MAP_ANONYMOUS:
+            return _mode2(p, "mmap", addr, length, prot, flags, -1, 0)
+        f = p.fds.get(fd)
+        st = os.fstat(f.host_fd)
+        if (st.st_mode & 0o170000) != 0o100000:
+            raise Errno(errno.ENODEV)
+        if flags & 0x3 in (MAP_SHARED, MAP_SHARED_VALIDATE) and prot & PROT_WRITE:
+            raise Errno(errno.ENODEV)               # writes could not reach the file: refuse rather than lie
+        if f.flags & 3 == os.O_WRONLY:
+            raise Errno(errno.EACCES)
+        # A private copy of the file's pages (a read-only shared mapping looks the same to its reader).
+        flags = (flags & ~0x3 & ~0x800) | MAP_PRIVATE | MAP_ANONYMOUS     # also drop MAP_DENYWRITE
+        at = _mode2(p, "mmap", addr, length, prot | PROT_WRITE, flags, -1, 0)
+        try:
+            want = max(0, min(length, st.st_size - off))
+            done = 0
+            while done < want:
+                chunk = os.pread(f.host_fd, min(want - done, 1 << 22), off + done)
+                if not chunk:
+                    break
+                p.write(at + done, chunk)
+                done += len(chunk)
+            if not prot & PROT_WRITE:
+                _mode2(p, "mprotect", at, _up(length), prot)
+        except BaseException:
+            p.space.syscall_raw("munmap", at, length)
+            raise
+        return at
+
+    def sys_munmap(self, p, addr, length):
+        _untouchable(p, addr, length)
+        return _mode2(p, "munmap", addr, length)
+
+    def sys_mprotect(self, p, addr, length, prot):
+        _untouchable(p, addr, length)
+        return _mode2(p, "mprotect", addr, length, prot & 0xFFFFFFFF)
+
+    def sys_mremap(self, p, old, old_len, new_len, flags, new):
+        _untouchable(p, old, old_len)
+        if flags & MREMAP_FIXED:
+            _untouchable(p, new, new_len)
+        return _mode2(p, "mremap", old, old_len, new_len, flags & 0xFFFFFFFF, new)
+
+    def sys_madvise(self, p, addr, length, advice):
+        _untouchable(p, addr, length)
+        return _mode2(p, "madvise", addr, length, advice & 0xFFFFFFFF)
+
+    def sys_brk(self, p, addr):
+        """The program break, kept by the kernel: pages are mapped and unmapped behind it."""
+        if addr < p.brk_start or addr > p.brk_start + (1 << 40):
+            return p.brk_cur
+        want = _up(addr)
+        if want > p.brk_mapped:
+            try:
+                _untouchable(p, p.brk_mapped, want - p.brk_mapped)
+                got = p.space.syscall_raw("mmap", p.brk_mapped, want - p.brk_mapped, PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+            except Errno:
+                return p.brk_cur
+            if got != p.brk_mapped:
+                if not -4096 < got < 0:
+                    p.space.syscall_raw("munmap", got, want - p.brk_mapped)
+                return p.brk_cur
+            p.brk_mapped = want
+        elif want < p.brk_mapped:
+            p.space.syscall_raw("munmap", want, p.brk_mapped - want)
+            p.brk_mapped = want
+        p.brk_cur = addr
+        return addr

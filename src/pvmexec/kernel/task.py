@@ -1,0 +1,183 @@
+"""A guest process (Process: the thread group) and its other threads (Thread), and their wake-up pipes.
+
+Ownership: a Process is read and written by the caller thread that runs it;
+another process's caller thread touches it only under the kernel's lock
+(Sandbox._cond) or through its wake pipe, and its threads share
+`thread_lock`/`futex_lock`. A Thread keeps only the PER_THREAD fields;
+every other attribute is its process's (read and written through).
+"""
+import errno
+import os
+import signal
+import struct
+import threading
+from array import array
+
+from ..abi import PATH_MAX
+from .errors import Errno
+from .files import FdTable
+
+ARG_MAX = 2 << 20                   # argv + envp bytes, as Linux bounds execve
+
+PER_THREAD = frozenset(("tid", "ctx", "thread_index", "sigmask", "saved_sigmask", "altstack", "clear_child_tid",
+                        "robust_list", "thread", "wake_r", "wake_w", "pending", "leader", "internal_error",
+                        "is_thread", "fast_ids"))
+
+
+def _drain(p):
+    try:
+        while os.read(p.wake_r, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def close_wake(p):
+    """Close a task's wake-up pipe (Process or Thread)."""
+    for fd in (p.wake_r, p.wake_w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    p.wake_r = p.wake_w = -1
+
+
+def wake(p):
+    try:
+        os.write(p.wake_w, b"!")
+    except (BlockingIOError, OSError):
+        pass
+
+
+class Thread:
+    """A non-leader thread: its own registers and signal state; the rest is its process's."""
+
+    def __init__(self, leader, tid, index):
+        import os
+        d = self.__dict__
+        d["leader"], d["tid"], d["thread_index"] = leader, tid, index
+        d["is_thread"] = True
+        d["sigmask"], d["saved_sigmask"] = leader.sigmask, None
+        d["altstack"] = (0, 2, 0)
+        d["clear_child_tid"], d["robust_list"] = 0, (0, 0)
+        d["pending"], d["thread"], d["ctx"], d["internal_error"] = {}, None, None, None
+        d["wake_r"], d["wake_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        d["fast_ids"] = leader.fast_ids[:]
+        d["fast_ids"][2] = tid
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["leader"], name)
+
+    def __setattr__(self, name, value):
+        if name in PER_THREAD:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["leader"], name, value)
+
+
+def leader_of(p):
+    return p.leader if getattr(p, "is_thread", False) else p
+
+
+class Process:
+    """One guest process (one thread for now): its space, registers and kernel-side state."""
+
+    def __init__(self, pid):
+        self.pid = self.tid = pid
+        self.ppid = 1
+        self.space = None
+        self.ctx = None
+        self.fds = FdTable()
+        self.cwd = "/"
+        self.umask = 0o022
+        self.brk_start = self.brk_cur = self.brk_mapped = 0
+        self.sigactions = {}                # signo -> (handler, flags, restorer, mask)
+        self.sigmask = 0
+        self.altstack = (0, 2, 0)           # SS_DISABLE
+        self.exe = None
+        self.comm = b""
+        self.clear_child_tid = 0
+        self.robust_list = (0, 0)
+        self.rlimits = {}
+        self.protected = ()                 # the stub's own mappings: the guest may not touch them
+        self.parent = None
+        self.children = {}
+        self.pgid = self.sid = pid
+        self.status = None                  # wait status once it has ended
+        self.exit_signal = signal.SIGCHLD
+        self.pending = {}                   # signo -> siginfo bytes
+        self.fatal = 0                      # a signal that ends it whatever it does
+        self.saved_sigmask = None           # rt_sigsuspend: the mask to restore after the handler
+        self.vfork_done = threading.Event()
+        self.thread = None
+        self.internal_error = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.is_thread = False
+        self.thread_index = 0               # its stub thread in the space
+        self.threads = {pid: self}          # tid -> Thread (the leader is itself)
+        self.thread_lock = threading.Condition()
+        self.free_thread_indices = []
+        self.futexes = {}                   # address -> [waiter]
+        self.futex_lock = threading.Lock()
+        self.group_status = None            # set by exit_group or a fatal signal in any thread
+        # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
+        # and a flag that sends every stop here (a signal is due).
+        self.fast_ids = array("q", [pid, 1, pid, os.getuid(), os.geteuid(), os.getgid(), os.getegid()])
+        self.fast_flag = array("i", [0])
+
+    # -- guest memory (hostile) ---------------------------------------------------------------
+
+    def read(self, addr, n):
+        if n == 0:
+            return b""
+        if not 0 < addr < 1 << 47 or n < 0:
+            raise Errno(errno.EFAULT)
+        try:
+            return self.space.read(addr, n)
+        except OSError:
+            raise Errno(errno.EFAULT) from None
+
+    def write(self, addr, data):
+        if not data:
+            return
+        if not 0 < addr < 1 << 47:
+            raise Errno(errno.EFAULT)
+        try:
+            self.space.write(addr, data)
+        except OSError:
+            raise Errno(errno.EFAULT) from None
+
+    def read_str(self, addr, limit=PATH_MAX):
+        out = b""
+        while len(out) < limit:
+            chunk_len = min(4096 - (addr + len(out)) % 4096, 256)
+            chunk = self.read(addr + len(out), chunk_len)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                return out + chunk[:nul]
+            out += chunk
+        raise Errno(errno.ENAMETOOLONG)
+
+    def read_u64s(self, addr, n):
+        return struct.unpack("<%dQ" % n, self.read(addr, 8 * n))
+
+    def read_str_array(self, addr):
+        """A NULL-terminated array of strings (argv, envp), bounded like the kernel's."""
+        out, total = [], 0
+        if addr == 0:
+            return out
+        while True:
+            ptr = self.read_u64s(addr + 8 * len(out), 1)[0]
+            if ptr == 0:
+                return out
+            s = self.read_str(ptr, ARG_MAX).decode("utf-8", "surrogateescape")
+            total += len(s) + 9
+            if total > ARG_MAX or len(out) > 65536:
+                raise Errno(errno.E2BIG)
+            out.append(s)
+
+
+def kill_space(space):
+    """End a guest process's space at once (its stub, or the process adopted for the ptrace engine)."""
+    if space is not None:
+        space.kill()
