@@ -81,6 +81,14 @@ PM_SCAN_WP_MATCHING, PM_SCAN_CHECK_WPASYNC = 1, 2
 PAGE_IS_WRITTEN, PAGE_IS_PRESENT, PAGE_IS_SWAPPED = 1 << 1, 1 << 3, 1 << 4
 
 
+def page_up(x):
+    return (x + PAGE - 1) & ~(PAGE - 1)
+
+
+def page_down(x):
+    return x & ~(PAGE - 1)
+
+
 def s32(v):
     """A register's low 32 bits as the signed int a C int argument is."""
     v &= 0xFFFFFFFF

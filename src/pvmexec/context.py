@@ -2,7 +2,9 @@
 import signal
 import struct
 
-from .arch import x86_64 as _arch
+from .arch import current as _current_arch
+
+_arch = _current_arch()
 
 _new = object.__new__
 

@@ -143,7 +143,7 @@ def check_elf_header(pid, head):
     if cls == 1:
         raise UnsupportedTarget(pid, "it is a 32-bit process (not supported yet)")
     if machine != arch.ELF_MACHINE:
-        raise UnsupportedTarget(pid, "its executable is for ELF machine %d, not %s" % (machine, arch.NAME))
+        raise UnsupportedTarget(pid, "its executable is for ELF machine %d, not %s" % (machine, arch.TITLE))
 
 
 def pick_thread(tgid):

@@ -1,7 +1,10 @@
-"""System call names, numbers and argument kinds (x86-64, up to Linux 6.18)."""
+"""System call names, numbers and argument kinds for this machine's architecture (up to Linux 6.18)."""
 import errno as _errno
 
-from ._syscall_table import X86_64 as TABLE
+from .arch import current as _current_arch
+
+_ARCH = _current_arch()
+TABLE = _ARCH.SYSCALLS
 
 _BY_NAME = {name: nr for nr, (name, _args) in TABLE.items()}
 # Common aliases used by libc and strace.
@@ -13,12 +16,12 @@ for _alias, _real in (("newfstatat", "newfstatat"), ("fstatat", "newfstatat"), (
 
 def number(nr_or_name):
     """The syscall number for a name or number; ValueError naming what is unknown."""
-    if type(nr_or_name) is int and 0 <= nr_or_name < 0x40000000:
+    if type(nr_or_name) is int and 0 <= nr_or_name < _ARCH.FOREIGN_SYSCALL_BIT:
         return nr_or_name                  # the common case, first: this runs on every call
     if isinstance(nr_or_name, int):
         if nr_or_name < 0:
             raise ValueError("invalid system call number %d" % nr_or_name)
-        if nr_or_name & 0x40000000:
+        if nr_or_name & _ARCH.FOREIGN_SYSCALL_BIT:
             raise ValueError("x32 system call numbers (%#x) are not supported" % nr_or_name)
         return nr_or_name
     name = str(nr_or_name)
@@ -27,7 +30,7 @@ def number(nr_or_name):
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ValueError("unknown x86-64 system call %r" % nr_or_name) from None
+        raise ValueError("unknown %s system call %r" % (_ARCH.TITLE, nr_or_name)) from None
 
 
 def name_of(nr):

@@ -1,9 +1,46 @@
-"""The architecture interface: one module per architecture, the same names in each."""
+"""The architecture interface: one module per architecture, the same names in each.
+
+Everything that differs between CPU architectures lives in these modules (and
+in the freestanding C under native/freestanding/); the rest of pvmexec asks
+current() for them. A new architecture is a new module providing INTERFACE
+(tests/unit/test_arch_interface.py checks each module against it).
+"""
 import platform
 
 from ..errors import UnsupportedTarget
 
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64"}
+
+# name -> what it is. Constants first, then functions.
+INTERFACE = {
+    "NAME": "the architecture's name, as uname -m and AT_PLATFORM say it",
+    "TITLE": "the name as people write it, for messages",
+    "AUDIT_ARCH": "seccomp/audit architecture of the native syscall ABI",
+    "ELF_MACHINE": "e_machine of native executables",
+    "REG_NAMES": "general registers in the order of the kernel's user_regs_struct (NT_PRSTATUS)",
+    "REG_INDEX": "name -> index in REG_NAMES",
+    "REGS_SIZE": "bytes of NT_PRSTATUS",
+    "NT_XSTATE": "the regset number of the full FPU/vector state",
+    "SYSCALL_NR": "register holding the syscall number",
+    "SYSCALL_ARGS": "registers holding the six arguments, in order",
+    "SYSCALL_RET": "register holding the result",
+    "SYSCALL_INSN": "the syscall instruction's bytes",
+    "SYSCALL_INSN_LEN": "its length: a stop after a syscall has the instruction pointer this far past it",
+    "USER_CS": "user code selector (or the arch's equivalent mode word)",
+    "USER_DS": "user data selector",
+    "TASK_SIZE_MAX": "highest user address + 1",
+    "RESTART_CODES": "-ERESTART* values a thread stopped in a syscall may show",
+    "SYNC_SIGNALS": "signals the CPU raises for the running code",
+    "FOREIGN_SYSCALL_BIT": "a bit that marks another ABI's syscall numbers (x86-64: x32), refused",
+    "SYSCALLS": "number -> (name, ((arg, kind), ...) or None): the generated syscall table",
+    "validate": "raise InvalidContext for register values no user thread can hold",
+    "init_xstate": "a clean FPU state in the kernel's layout, from a template of the right size",
+    "push_signal_frame": "lay out Linux's signal frame for a handler; returns the writes to make",
+    "pop_signal_frame": "rt_sigreturn: restore registers, mask and alternate stack from a frame",
+    "syscall_args": "the six arguments of the syscall a context stopped at",
+    "set_syscall_result": "store a syscall's result in a context",
+    "restart_syscall": "make a context enter a syscall again when it resumes",
+}
 
 
 def current():

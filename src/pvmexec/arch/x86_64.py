@@ -2,10 +2,14 @@
 import signal
 import struct
 
+from ._syscalls_x86_64 import TABLE as SYSCALLS
+
 NAME = "x86_64"
+TITLE = "x86-64"                    # as people write it
 AUDIT_ARCH = 0xC000003E
 AUDIT_ARCH_I386 = 0x40000003
 X32_SYSCALL_BIT = 0x40000000
+FOREIGN_SYSCALL_BIT = X32_SYSCALL_BIT     # numbers of another ABI (x32): refused
 
 # struct user_regs_struct order (checked against the C layout by tests/test_layout.py).
 REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
@@ -135,3 +139,20 @@ def pop_signal_frame(read, ctx, fp_size):
         ctx.fpstate = read(fp_addr, fp_size)
     altstack = None if ss_flags & _SS_DISABLE else (ss_sp, ss_flags & ~_SS_ONSTACK, ss_size)
     return mask, altstack
+
+
+# -- a guest's syscall as the application kernel sees it --------------------------------------------
+
+def syscall_args(ctx):
+    """The six argument registers of the syscall ctx stopped at."""
+    return (ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10, ctx.r8, ctx.r9)
+
+
+def set_syscall_result(ctx, value):
+    ctx.rax = value & 0xFFFFFFFFFFFFFFFF
+
+
+def restart_syscall(ctx, nr):
+    """Make the thread enter syscall nr again when it resumes (the instruction just before rip)."""
+    ctx.rip -= SYSCALL_INSN_LEN
+    ctx.rax = nr

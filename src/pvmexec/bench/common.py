@@ -4,6 +4,7 @@ import platform
 import shutil
 import subprocess
 
+
 PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
 
 

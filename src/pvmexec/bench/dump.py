@@ -19,6 +19,7 @@ import time
 from .. import _core
 from .common import compile_c
 
+
 KINDS = ("stop-the-world", "pre-dump", "pre-dump (vmsplice)")
 
 

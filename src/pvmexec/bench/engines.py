@@ -7,7 +7,6 @@ costs tens of microseconds on these VMs.
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from .. import _core
 from ..guest import Guest
 from ..space import attach
 from .common import machine
+
 
 TEST_SYSCALL, TEST_SYSCALL_RET, TEST_MARKER = 123, 456, 789
 FAULT_VALUE = 0xAABBCCDDEE

@@ -17,6 +17,7 @@ import time
 
 from .common import compile_c, machine
 
+
 def _workloads(work, quick):
     n = 2000 if quick else 20000
     heavy = compile_c(work, "syscall_heavy")

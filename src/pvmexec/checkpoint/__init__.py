@@ -7,5 +7,6 @@ from .dump import CONVERGED_BYTES, dump
 from .image import IMAGE_VERSION, MANIFEST_FIELDS, ZERO, DumpError, Image, ImageWriter, verify
 from .tracking import Mapping, read_maps
 
+
 __all__ = ["dump", "verify", "Image", "ImageWriter", "DumpError", "IMAGE_VERSION", "MANIFEST_FIELDS", "ZERO",
            "CONVERGED_BYTES", "Mapping", "read_maps"]

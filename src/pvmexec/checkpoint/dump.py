@@ -17,6 +17,7 @@ from .image import ImageWriter
 from .tracking import Scanner, Tracker, read_maps
 from .transfer import IOV_BYTES, Splicer, copy_range, copy_ranges
 
+
 CONVERGED_BYTES = 8 << 20
 MAX_ROUNDS = 16
 

@@ -20,6 +20,7 @@ from array import array
 from ..abi import PAGE
 from ..errors import PvmexecError
 
+
 IMAGE_VERSION = 1
 ZERO = (1 << 64) - 1
 

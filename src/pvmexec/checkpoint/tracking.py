@@ -16,6 +16,7 @@ from ..abi import (PAGEMAP_SCAN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, UFF
 from ..errors import PvmexecError, TargetGone
 from .image import DumpError
 
+
 _SCAN_ARG = struct.Struct("<12Q")
 _REGIONS = 4096
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")

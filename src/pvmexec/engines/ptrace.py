@@ -15,11 +15,13 @@ import signal
 import struct
 
 from .. import _core, proc
-from ..arch import x86_64 as arch
+from ..arch import current as _current_arch
 from ..context import SigContext, SigInfo, Stop
 from . import BaseEngine, target_filters
 from ..errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
 from ..syscalls import name_of
+
+arch = _current_arch()
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9

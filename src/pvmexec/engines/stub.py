@@ -19,10 +19,12 @@ import threading
 from .. import _core
 from . import BaseEngine
 from ._shm import wait_word
-from ..arch import x86_64 as arch
+from ..arch import current as _current_arch
 from ..context import SigContext, Stop
 from ..errors import EngineError, RemoteSyscallError, TargetGone
 from ..syscalls import name_of
+
+arch = _current_arch()
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run

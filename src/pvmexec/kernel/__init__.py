@@ -4,4 +4,5 @@ from .files import Policy
 from .sandbox import Sandbox
 from .task import Process
 
+
 __all__ = ["Sandbox", "Policy", "Process", "Errno", "Exited"]

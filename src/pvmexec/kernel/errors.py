@@ -5,7 +5,6 @@ This module imports nothing from the kernel: every other kernel module may use i
 import os
 
 
-
 class Interrupted(Exception):
     """A blocking call in the kernel gave way to a signal (EINTR, or restarted under SA_RESTART)."""
 

@@ -17,6 +17,7 @@ from .. import _core
 from ..abi import O_ACCMODE, RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
 from .errors import Errno
 
+
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # /proc describes the host, not the guest: only these general files are shown.
 PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",

@@ -3,14 +3,17 @@ import errno
 import os
 import struct
 
-from .files import Errno
+from ..abi import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_NONE, PROT_READ, PROT_WRITE,
+                   page_down, page_up)
+from ..arch import current as _current_arch
+from .errors import Errno
+
+
+ARCH = _current_arch()
 
 PT_LOAD, PT_INTERP, PT_PHDR = 1, 3, 6
 ET_EXEC, ET_DYN = 2, 3
 PF_X, PF_W, PF_R = 1, 2, 4
-PAGE = 4096
-PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 STACK_SIZE = 8 << 20
 MAX_SCRIPT_DEPTH = 4
 
@@ -22,14 +25,6 @@ _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 
 
-def _down(x):
-    return x & ~(PAGE - 1)
-
-
-def _up(x):
-    return (x + PAGE - 1) & ~(PAGE - 1)
-
-
 class Elf:
     """A parsed ELF64 x86-64 program; anything else is ENOEXEC (the guest's execve fails, nothing crashes)."""
 
@@ -38,7 +33,7 @@ class Elf:
             raise Errno(errno.ENOEXEC)
         (ident, self.type, machine, _v, self.entry, phoff, _sh, _fl, _ehsize, phentsize, phnum,
          _she, _shn, _shs) = _EHDR.unpack_from(data)
-        if ident[4] != 2 or ident[5] != 1 or machine != 62 or self.type not in (ET_EXEC, ET_DYN) \
+        if ident[4] != 2 or ident[5] != 1 or machine != ARCH.ELF_MACHINE or self.type not in (ET_EXEC, ET_DYN) \
                 or phentsize != _PHDR.size or not 0 < phnum <= 256 or phoff + phnum * _PHDR.size > len(data):
             raise Errno(errno.ENOEXEC)
         self.data = data
@@ -61,8 +56,8 @@ class Elf:
 
     def load(self, space, protected):
         """Map and fill the segments; returns the load bias. `protected(start, end)` rejects clashes."""
-        lo = _down(min(p[3] for p in self.loads))
-        hi = _up(max(p[3] + p[6] for p in self.loads))
+        lo = page_down(min(p[3] for p in self.loads))
+        hi = page_up(max(p[3] + p[6] for p in self.loads))
         if self.type == ET_EXEC:
             protected(lo, hi)
             addr = space.syscall_raw("mmap", lo, hi - lo, PROT_READ | PROT_WRITE,
@@ -80,7 +75,7 @@ class Elf:
             if filesz:
                 space.write(bias + vaddr, self.data[off:off + filesz])
             p = (PROT_READ if flags & PF_R else 0) | (PROT_WRITE if flags & PF_W else 0) | (PROT_EXEC if flags & PF_X else 0)
-            for page in range(_down(vaddr), _up(vaddr + memsz), PAGE):
+            for page in range(page_down(vaddr), page_up(vaddr + memsz), PAGE):
                 prot[page] = prot.get(page, 0) | p
         calls, run_start, run_prot = [], lo, prot.get(lo, PROT_NONE)
         for page in range(lo + PAGE, hi + PAGE, PAGE):
@@ -140,7 +135,7 @@ def build_stack(space, argv, envp, execfn, main, interp_bias, vdso, ids):
     for s in argv + envp:
         put(s.encode("utf-8", "surrogateescape") + b"\0")
     put(execfn.encode("utf-8", "surrogateescape") + b"\0")
-    put(b"x86_64\0")
+    put(ARCH.NAME.encode() + b"\0")
     put(os.urandom(16))
     start = (top - len(info) - 64) & ~15
     space.write(start, bytes(info))

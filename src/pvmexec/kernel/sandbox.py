@@ -18,13 +18,12 @@ import signal
 import threading
 
 from .. import _core
-from ..abi import ALL_SIGNALS
+from ..abi import ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, SIG_IGN, page_up
+from ..arch import current as _current_arch
 from ..errors import TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
-from .trace import Tracer
-from ..abi import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MASK64, SIG_IGN
 from .errors import Errno, Exited, Interrupted, ThreadExit
 from .files import OpenFile, Policy
 from .processes import ProcessMachinery
@@ -32,6 +31,7 @@ from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import CALLS
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
+from .trace import Tracer
 
 
 class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
@@ -159,6 +159,7 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
 
     def _loop(self, p):
         handlers, tracer = self._handlers, self.tracer
+        syscall_args, set_result = ARCH.syscall_args, ARCH.set_syscall_result
         try:
             while True:
                 if p.pending or p.fatal:
@@ -188,17 +189,17 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
                     self._deliver(p, stop.signo, stop.siginfo.raw, sync=True)
                     continue
                 nr = stop.syscall
-                if stop.siginfo.arch != 0xC000003E:         # int $0x80: i386 calls are not served
-                    ctx.rax = -errno.ENOSYS & MASK64
+                if stop.siginfo.arch != ARCH.AUDIT_ARCH:    # int $0x80: i386 calls are not served
+                    set_result(ctx, -errno.ENOSYS)
                     continue
                 entry = handlers.get(nr)
-                args = (ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10, ctx.r8, ctx.r9)
+                args = syscall_args(ctx)
                 if entry is None:
                     ret = -errno.ENOSYS
                     if tracer:
                         tracer.unsupported(p, nr, args, first=nr not in self.unsupported)
                     self.unsupported.add(nr)
-                    ctx.rax = ret & MASK64
+                    set_result(ctx, ret)
                     continue
                 handler, kinds = entry
                 decoded = args[:len(kinds)]
@@ -222,7 +223,7 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
                 if tracer:
                     tracer.call(p, nr, decoded, ret)
                 if ret is not None:                         # None: the handler set the registers (execve)
-                    p.ctx.rax = ret & MASK64
+                    set_result(p.ctx, ret)
         except Exited as e:
             if tracer:
                 tracer.exited(p, e.status)
@@ -315,7 +316,7 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
         ctx.fpstate = space.initial_fpstate()
         old = p.space
         p.space, p.ctx, p.protected = space, ctx, protected
-        p.brk_start = p.brk_cur = p.brk_mapped = loader._up(main.end)
+        p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
         p.comm = posixpath.basename(path).encode()[:15]
         p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
@@ -395,6 +396,7 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
         self._signal(p, signal.SIGPIPE)
 
 
+ARCH = _current_arch()
 _PREEMPT = _core.LAYOUT["STUB_PREEMPT_SIG"]
 _SELF = os.getpid()
 _FAST_HANDLERS = ("sys_read", "sys_write", "sys_getpid", "sys_getppid", "sys_gettid", "sys_getuid", "sys_geteuid",

@@ -11,6 +11,7 @@ from ..arch import current as _current_arch
 from .errors import Errno, Exited, Interrupted
 from .task import _drain, kill_space, wake
 
+
 ARCH = _current_arch()
 _DEFAULT_IGNORE = frozenset((signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT))
 _STOP = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
@@ -128,7 +129,6 @@ class SignalDelivery:
         """A blocking call gave way to a signal: restart it after the handler if SA_RESTART, else EINTR."""
         sig = next((s for s in sorted(p.pending) if not p.sigmask & _bit(s)), None)
         if sig is not None and _disposition(p, sig)[1] & SA_RESTART:
-            p.ctx.rip -= 2
-            p.ctx.rax = nr
+            ARCH.restart_syscall(p.ctx, nr)
             return None
         return -errno.EINTR

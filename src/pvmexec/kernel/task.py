@@ -17,6 +17,7 @@ from ..abi import PATH_MAX
 from .errors import Errno
 from .files import FdTable
 
+
 ARG_MAX = 2 << 20                   # argv + envp bytes, as Linux bounds execve
 
 PER_THREAD = frozenset(("tid", "ctx", "thread_index", "sigmask", "saved_sigmask", "altstack", "clear_child_tid",

@@ -10,7 +10,6 @@ from .errors import Errno, ThreadExit
 from .task import Thread, close_wake, kill_space, leader_of, wake
 
 
-
 def end_group(proc, status):
     """The whole process ends with status: its space goes, and threads blocked in the kernel wake up."""
     if proc.group_status is None:

@@ -25,6 +25,7 @@ from .process import ProcessCalls
 from .signal import SignalCalls
 from .thread import ThreadCalls
 
+
 CALLS = (FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls)
 
 SUPPORT = {

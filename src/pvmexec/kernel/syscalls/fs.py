@@ -12,6 +12,7 @@ from ..errors import Errno
 from ..files import OpenFile
 from .io import _host
 
+
 _UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _ALWAYS_OPEN = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _DT = ((stat.S_ISDIR, 4), (stat.S_ISREG, 8), (stat.S_ISLNK, 10), (stat.S_ISCHR, 2), (stat.S_ISBLK, 6),

@@ -9,7 +9,6 @@ from ...abi import PAGE
 from ..errors import Errno, Interrupted
 
 
-
 def _cpu_ns(p):
     return time.clock_gettime_ns(((~p.space.pid) << 3) | 2)       # the stub's CPU clock (CPUCLOCK_SCHED)
 

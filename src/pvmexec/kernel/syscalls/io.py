@@ -10,6 +10,7 @@ from ...abi import O_LARGEFILE
 from ..errors import Errno
 from ..files import OpenFile
 
+
 IO_MAX = 1 << 20
 _IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4}              # TCGETS, TIOCGWINSZ, FIONREAD
 _IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36}             # TCSETS, TCSETSW, TCSETSF

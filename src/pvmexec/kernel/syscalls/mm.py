@@ -2,19 +2,18 @@
 import errno
 import os
 
-from ...abi import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE, MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE
+from ...abi import (MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE,
+                    MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
+from ...arch import current as _current_arch
 from ..errors import Errno
 
-TASK_SIZE = (1 << 47) - PAGE
 
-
-def _up(x):
-    return (x + PAGE - 1) & ~(PAGE - 1)
+TASK_SIZE = _current_arch().TASK_SIZE_MAX
 
 
 def _untouchable(p, start, length):
     """The stub's own pages (its code, stack, channel, patching window, vDSO) are not the guest's."""
-    end = start + _up(length)
+    end = start + page_up(length)
     if any(start < e and end > s for s, e in p.protected):
         raise Errno(errno.EINVAL)
 
@@ -59,7 +58,7 @@ class MmCalls:
                 p.write(at + done, chunk)
                 done += len(chunk)
             if not prot & PROT_WRITE:
-                _mode2(p, "mprotect", at, _up(length), prot)
+                _mode2(p, "mprotect", at, page_up(length), prot)
         except BaseException:
             p.space.syscall_raw("munmap", at, length)
             raise
@@ -87,7 +86,7 @@ class MmCalls:
         """The program break, kept by the kernel: pages are mapped and unmapped behind it."""
         if addr < p.brk_start or addr > p.brk_start + (1 << 40):
             return p.brk_cur
-        want = _up(addr)
+        want = page_up(addr)
         if want > p.brk_mapped:
             try:
                 _untouchable(p, p.brk_mapped, want - p.brk_mapped)

@@ -1,12 +1,11 @@
 """Handlers: sockets (socket, socketpair, sendto, recvfrom, shutdown)."""
 import errno
 import os
-import struct
 import socket
+import struct
 
 from ..errors import Errno
 from ..files import OpenFile
-
 
 
 class NetCalls:

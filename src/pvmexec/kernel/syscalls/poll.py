@@ -7,6 +7,7 @@ import struct
 from ..errors import Errno
 from ..files import OpenFile, timeout_ms
 
+
 _POLLIN, _POLLOUT, _POLLPRI = select.POLLIN, select.POLLOUT, select.POLLPRI
 _READY_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 _READY_OUT = select.POLLOUT | select.POLLERR

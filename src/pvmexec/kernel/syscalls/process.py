@@ -7,6 +7,7 @@ from ...abi import AT_EMPTY_PATH, AT_FDCWD, CLONE_VFORK, CLONE_VM, WEXITED, WNOH
 from ..errors import Errno, Exited, Interrupted, ThreadExit
 from ..threads import other_threads
 
+
 SIGCHLD = signal.SIGCHLD
 
 

@@ -10,6 +10,7 @@ from ..errors import Errno
 from ..signals import sender_info
 from .process import _proc
 
+
 ARCH = _current_arch()
 _SIGKILL, _SIGSTOP = signal.SIGKILL, signal.SIGSTOP
 

@@ -2,10 +2,12 @@
 import errno
 import struct
 
-from ...abi import FUTEX_CLOCK_REALTIME, FUTEX_CMP_REQUEUE, FUTEX_REQUEUE, FUTEX_WAIT, FUTEX_WAIT_BITSET, FUTEX_WAKE, FUTEX_WAKE_BITSET, PAGE
+from ...abi import (FUTEX_CLOCK_REALTIME, FUTEX_CMP_REQUEUE, FUTEX_REQUEUE, FUTEX_WAIT, FUTEX_WAIT_BITSET, FUTEX_WAKE,
+                    FUTEX_WAKE_BITSET, PAGE)
 from ..errors import Errno, Interrupted
 from ..task import leader_of
 from ..threads import _Waiter, futex_wake
+
 
 TASK_SIZE = (1 << 47) - PAGE
 
