@@ -2,7 +2,7 @@
 import signal
 import struct
 
-from ._syscalls_x86_64 import TABLE as SYSCALLS
+from ._syscalls_x86_64 import TABLE as SYSCALLS  # noqa: F401 (part of the interface)
 
 NAME = "x86_64"
 TITLE = "x86-64"                    # as people write it

@@ -15,9 +15,12 @@ import time
 import warnings
 
 from .. import _core
+from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
+                   CLONE_THREAD, CLONE_VM, F_DUPFD_CLOEXEC, MADV_DONTFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE,
+                   MAP_SHARED, MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE)
 from . import BaseEngine
-from ._shm import wait_word
-from ..errors import EngineError, TargetGone, TargetStopped, UnsupportedTarget
+from .channel import channel_error, wait_word
+from ..errors import EngineError, TargetGone, UnsupportedTarget
 from .ptrace import PtraceEngine, find_syscall_insn
 from .target_filters import thread_mode
 from ..syscalls import number
@@ -30,15 +33,10 @@ HEADER, SLOT = L["HEADER_OFF"], L["SLOT_OFF"]
 CALLS = SLOT + L["slot.calls"]
 CALL = struct.Struct("<q6Qq")
 
-CLONE_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND THREAD SYSVSEM
-               | 0x200000 | 0x1000000)                             # CHILD_CLEARTID CHILD_SETTID
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
-MFD_CLOEXEC = 1
-F_DUPFD_CLOEXEC = 1030
+CLONE_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+               | CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID)
 NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl",
                               "madvise")}
-MADV_DONTFORK = 10
 
 # Spin budget (pause iterations) of both sides before sleeping on a futex. It is used only
 # while the two run on different CPUs (each side records its CPU in the slot); a machine
@@ -120,7 +118,7 @@ class AgentEngine(BaseEngine):
             self._map[0:len(blob)] = blob
             final = SYMS["final"]
             self._put32(HEADER, L["AGENT_MAGIC"])
-            self._put32(HEADER + 4, 1)
+            self._put32(HEADER + L["header.version"], 1)
             self._put32(HEADER + L["header.caller_pidfd"], caller_pidfd & 0xFFFFFFFF)
             self._put32(HEADER + L["header.idle_ms"], idle_ms)
             struct.pack_into("<QQQ", self._map, HEADER + L["header.code_base"], code, code + HEADER, final)
@@ -183,15 +181,13 @@ class AgentEngine(BaseEngine):
         try:
             return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid, *args)
         except OSError as e:
-            if e.errno == errno.ESRCH:
-                raise TargetGone(self.pid) from None
-            if e.errno == errno.EAGAIN:
-                raise TargetStopped(self.pid) from None
+            err = channel_error(e, self.pid, "the agent thread in process %d is gone (the process ran execve, "
+                                "or killed it)" % self.pid)
+            if err is None:
+                raise
             if e.errno == errno.ECHILD:
                 self.agent_tid = None
-                raise TargetGone(self.pid, "the agent thread in process %d is gone (the process ran execve, "
-                                 "or killed it)" % self.pid) from None
-            raise
+            raise err from None
         except BaseException:
             self._cancel_in_flight()
             raise
@@ -214,7 +210,7 @@ class AgentEngine(BaseEngine):
         finally:
             t._try_detach(self.agent_tid)
         deadline = time.monotonic() + 5
-        resp = SLOT + 64
+        resp = SLOT + L["slot.resp_seq"]
         while self._get32(resp) != self._seq.value and time.monotonic() < deadline:
             time.sleep(0.001)
 
@@ -316,11 +312,11 @@ class AgentEngine(BaseEngine):
 
     def _stop_agent(self):
         tid_off = HEADER + L["header.agent_tid"]
-        struct.pack_into("<II", self._map, SLOT + L["slot.op"], 2, 0)
+        struct.pack_into("<II", self._map, SLOT + L["slot.op"], L["OP_EXIT"], 0)
         try:
             _core.agent_call(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid)
         except OSError as e:
-            if e.errno not in (3, 10):      # ESRCH: target gone; ECHILD: agent already gone
+            if e.errno not in (errno.ESRCH, errno.ECHILD):      # target gone; agent already gone
                 raise
         deadline = time.monotonic() + 5
         while os.path.exists("/proc/%d/task/%d" % (self.pid, self.agent_tid)):

@@ -15,24 +15,18 @@ import signal
 import struct
 
 from .. import _core, proc
+from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT, PTRACE_DETACH,  # noqa: F401
+                   PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
+                   PTRACE_SYSEMU)
 from ..arch import current as _current_arch
 from ..context import SigContext, SigInfo, Stop
 from . import BaseEngine, target_filters
 from ..errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
-from ..syscalls import name_of
+from ..syscalls import name_of, number
 
 arch = _current_arch()
 
-PTRACE_CONT = 7
-PTRACE_SINGLESTEP = 9
-PTRACE_DETACH = 17
-PTRACE_SYSEMU = 31
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-PTRACE_O_TRACESYSGOOD = 1
-PTRACE_EVENT_STOP = 128
-
-CLD_EXITED, CLD_KILLED, CLD_DUMPED, CLD_TRAPPED, CLD_STOPPED = 1, 2, 3, 4, 5
+_NR_RT_TGSIGQUEUEINFO = number("rt_tgsigqueueinfo")
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
@@ -284,7 +278,7 @@ class PtraceEngine(BaseEngine):
         scratch = (b.saved("rsp") - 4096) & ~0xF     # below the red zone: unused stack
         try:
             _core.vm_write(self.pid, scratch, info.to_bytes())
-            r = self._run_syscall(b, 297, (self.pid, b.tid, info.signo, scratch))   # rt_tgsigqueueinfo
+            r = self._run_syscall(b, _NR_RT_TGSIGQUEUEINFO, (self.pid, b.tid, info.signo, scratch))
         except (RemoteSyscallError, EngineError, OSError) as e:
             if isinstance(e, TargetGone):
                 raise
@@ -323,7 +317,7 @@ class PtraceEngine(BaseEngine):
                 except TargetGone:
                     continue
                 except OSError as e:
-                    if e.errno == 3:       # the thread exited meanwhile
+                    if e.errno == errno.ESRCH:       # the thread exited meanwhile
                         continue
                     raise
                 self._frozen.append(tid)

@@ -18,11 +18,12 @@ import threading
 
 from .. import _core
 from . import BaseEngine
-from ._shm import wait_word
+from .channel import wait_word
 from ..arch import current as _current_arch
 from ..context import SigContext, Stop
 from ..errors import EngineError, RemoteSyscallError, TargetGone
-from ..syscalls import name_of
+from ..abi import MAP_FIXED, MREMAP_FIXED
+from ..syscalls import name_of, number
 
 arch = _current_arch()
 
@@ -71,7 +72,9 @@ class StubEngine(BaseEngine):
             self._map = mmap.mmap(fd, L["STUB_REGION_SIZE"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._keep = ctypes.c_char.from_buffer(self._map)
             self._base = ctypes.addressof(self._keep)
-            struct.pack_into("<IIi", self._map, 0, L["STUB_MAGIC"], 0, os.getpid())
+            struct.pack_into("<I", self._map, L["stub_header.magic"], L["STUB_MAGIC"])
+            struct.pack_into("<I", self._map, L["stub_header.state"], 0)
+            struct.pack_into("<i", self._map, L["stub_header.caller_pid"], os.getpid())
             for i in range(L["STUB_MAX_THREADS"]):
                 slot = L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"]
                 struct.pack_into("<I", self._map, slot + L["slot.spin"], self.spin)
@@ -96,7 +99,7 @@ class StubEngine(BaseEngine):
         self.gadget = struct.unpack_from("<Q", self._map, L["stub_header.gadget"])[0]
         # The first trap's FPU state (the stub never touched the FPU): the clean state for this CPU.
         stop_off = L["STUB_BLOCK_OFF"] + L["STUB_STOP_OFF"]
-        fp_size = struct.unpack_from("<I", self._map, stop_off + 8)[0]
+        fp_size = struct.unpack_from("<I", self._map, stop_off + L["stop.fp_size"])[0]
 
         fp_off = L["STUB_BLOCK_OFF"] + L["STUB_FP_OFF"]
         self._init_fp = bytes(self._map[fp_off:fp_off + fp_size]) if 512 <= fp_size <= L["STUB_FP_MAX"] else None
@@ -141,7 +144,7 @@ class StubEngine(BaseEngine):
             struct.pack_into("<q6Q", self._map, off + L["slot.calls"], 0, block, 0, 0, 0, 0, 0)
             struct.pack_into("<I", self._map, off + L["slot.op"], L["OP_SPAWN"])
             _core.agent_call(slot, counter, alive, pidfd, spin, pid)
-            return struct.unpack_from("<q", self._map, off + L["slot.calls"] + 56)[0]
+            return struct.unpack_from("<q", self._map, off + L["slot.calls"] + L["call.ret"])[0]
 
         tid = self._call(spawn, thread=None)
         if tid <= 0:
@@ -346,17 +349,18 @@ def _no_randomize():
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
 _WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])
-_MAP_FIXED, _MREMAP_FIXED = 0x10, 0x2
+_MAP_FIXED, _MREMAP_FIXED = MAP_FIXED, MREMAP_FIXED
+_NR_MMAP, _NR_MPROTECT, _NR_MUNMAP, _NR_MREMAP = (number(n) for n in ("mmap", "mprotect", "munmap", "mremap"))
 
 
 def _spare_window(nr, args):
     """Refuse mode 2 memory calls that would replace, move or unmap the patching window."""
     a = list(args) + [0] * (6 - len(args))
-    if nr == 9 and a[3] & _MAP_FIXED:
+    if nr == _NR_MMAP and a[3] & _MAP_FIXED:
         ranges = [(a[0], a[1])]
-    elif nr in (10, 11):                    # mprotect, munmap
+    elif nr in (_NR_MPROTECT, _NR_MUNMAP):
         ranges = [(a[0], a[1])]
-    elif nr == 25:                          # mremap: the old range, and the new one if fixed
+    elif nr == _NR_MREMAP:                  # the old range, and the new one if fixed
         ranges = [(a[0], a[1])] + ([(a[4], a[2])] if a[3] & _MREMAP_FIXED else [])
     else:
         return

@@ -6,18 +6,8 @@
  * every signal.
  */
 #include "layout.h"
-#include "guest/freestanding.h"
+#include "freestanding/freestanding.h"
 
-#define SYS_rt_sigprocmask 14
-#define SYS_munmap 11
-#define SYS_poll 7
-#define SYS_close 3
-#define SYS_exit 60
-#define SYS_futex 202
-#define SYS_set_tid_address 218
-#define FUTEX_WAIT 0
-#define FUTEX_WAKE 1
-#define ETIMEDOUT 110
 #define POLLIN 1
 
 static inline long sys6(long n, long a, long b, long c, long d, long e, long f)
@@ -33,9 +23,7 @@ static inline long sys6(long n, long a, long b, long c, long d, long e, long f)
     return ret;
 }
 
-struct timespec_ {
-    long tv_sec, tv_nsec;
-};
+#include "freestanding/channel.h"
 
 struct pollfd_ {
     int fd;
@@ -48,7 +36,7 @@ static int caller_gone(struct pvm_header *h)
     if (h->caller_pidfd < 0)
         return 0;
     struct pollfd_ p = {h->caller_pidfd, POLLIN, 0};
-    return sys6(SYS_poll, (long)&p, 1, 0, 0, 0, 0) == 1 && (p.revents & POLLIN);
+    return sys6(__NR_poll, (long)&p, 1, 0, 0, 0, 0) == 1 && (p.revents & POLLIN);
 }
 
 /* Unmaps [rest, rest + rest_size) then [code_base, code_base + code_keep), then exits. */
@@ -57,32 +45,23 @@ void pvm_agent_final(uint64_t rest, uint64_t rest_size, uint64_t code_base, uint
 __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
 {
     uint64_t all = ~0ULL;
-    sys6(SYS_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
+    sys6(__NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
     struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
     uint32_t last = 0;          /* the caller counts from 0 too */
     st(&h->state, PVM_STATE_SERVING);
-    sys6(SYS_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
+    sys6(__NR_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
         /* Only last + 1 is a request; other values are junk the target may have written. */
         uint32_t claimed = ld(&slot->taken);
         if ((int32_t)(claimed - last) > 0)
             last = claimed;         /* requests the caller withdrew while we were stopped */
-        uint32_t want = last + 1, seq = ld(&slot->req_seq);
-        uint32_t budget = ld(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
-        for (uint32_t spins = budget; seq != want && spins; spins--) {
-            __builtin_ia32_pause();
-            seq = ld(&slot->req_seq);
-        }
+        uint32_t want = last + 1;
+        struct timespec_ ts = {h->idle_ms / 1000, (long)(h->idle_ms % 1000) * 1000000L};
+        int timed_out;
+        uint32_t seq = chan_wait(slot, want, &ts, &timed_out);
         if (seq != want) {
-            st(&slot->agent_sleeping, 1);
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            if (ld(&slot->req_seq) == seq) {
-                struct timespec_ ts = {h->idle_ms / 1000, (long)(h->idle_ms % 1000) * 1000000L};
-                long r = sys6(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, seq, (long)&ts, 0, 0);
-                if (r == -ETIMEDOUT && caller_gone(h))
-                    break;
-            }
-            st(&slot->agent_sleeping, 0);
+            if (timed_out && caller_gone(h))
+                break;
             continue;
         }
         uint32_t expected = last;
@@ -102,21 +81,17 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
                 c->ret = sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5]);
             }
         }
-        st(&slot->agent_cpu, this_cpu());
-        st(&slot->resp_seq, seq);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (ld(&slot->caller_sleeping))
-            sys6(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
+        chan_respond(slot, seq);
         if (op == PVM_OP_EXIT) {
             if (h->caller_pidfd >= 0)
-                sys6(SYS_close, h->caller_pidfd, 0, 0, 0, 0, 0);
-            sys6(SYS_exit, 0, 0, 0, 0, 0, 0);   /* the caller unmaps the region */
+                sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
+            sys6(__NR_exit, 0, 0, 0, 0, 0, 0);   /* the caller unmaps the region */
         }
     }
     /* The caller died: remove ourselves. The last code page cannot unmap itself; it stays. */
     st(&h->state, PVM_STATE_CALLER_GONE);
-    sys6(SYS_close, h->caller_pidfd, 0, 0, 0, 0, 0);
-    sys6(SYS_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
+    sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
+    sys6(__NR_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
     pvm_agent_final(h->code_base + h->code_keep + PVM_PAGE, PVM_REGION_SIZE - h->code_keep - PVM_PAGE,
                     h->code_base, h->code_keep);
     __builtin_unreachable();
@@ -137,7 +112,7 @@ __asm__(
     "  xor %edx, %edx\n"          /* parent_tid */
     "  mov %rcx, %r10\n"          /* child_tid */
     "  xor %r8d, %r8d\n"          /* tls */
-    "  mov $56, %eax\n"           /* clone */
+    "  mov $" PVM_STR(__NR_clone) ", %eax\n"
     "  syscall\n"
     "  test %rax, %rax\n"
     "  jz 1f\n"
@@ -160,17 +135,17 @@ __asm__(
     "pvm_agent_final:\n"
     "  mov %rdx, %r12\n"
     "  mov %rcx, %r13\n"
-    "  mov $11, %eax\n"           /* munmap(rest, rest_size): the stack is gone after this */
+    "  mov $" PVM_STR(__NR_munmap) ", %eax\n"   /* munmap(rest, rest_size): the stack is gone after this */
     "  syscall\n"
     "  mov %r12, %rdi\n"
     "  mov %r13, %rsi\n"
     "  test %rsi, %rsi\n"
     "  jz 1f\n"
-    "  mov $11, %eax\n"           /* munmap(code_base, code_keep) */
+    "  mov $" PVM_STR(__NR_munmap) ", %eax\n"   /* munmap(code_base, code_keep) */
     "  syscall\n"
     "1:\n"
     "  xor %edi, %edi\n"
-    "  mov $60, %eax\n"           /* exit (this thread only) */
+    "  mov $" PVM_STR(__NR_exit) ", %eax\n"     /* exit (this thread only) */
     "  syscall\n"
     "  ud2\n"
     ".size pvm_agent_final, .-pvm_agent_final\n"

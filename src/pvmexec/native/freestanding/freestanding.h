@@ -2,6 +2,18 @@
 #ifndef PVMEXEC_FREESTANDING_H
 #define PVMEXEC_FREESTANDING_H
 #include <stdint.h>
+#include <asm/unistd.h>          /* __NR_*: the kernel's numbers, never typed by hand */
+
+#define PVM_XSTR(x) #x
+#define PVM_STR(x) PVM_XSTR(x)          /* a syscall number inside an asm string */
+
+#define FUTEX_WAIT 0
+#define FUTEX_WAKE 1
+#define ETIMEDOUT 110
+
+struct timespec_ {
+    long tv_sec, tv_nsec;
+};
 
 /* The CPU we run on: Linux keeps it in TSC_AUX for rdtscp (no syscall, none needed). */
 static inline uint32_t this_cpu(void)

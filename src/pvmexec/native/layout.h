@@ -65,6 +65,7 @@
 
 #ifndef __ASSEMBLER__
 #include <stdint.h>
+#include <asm/unistd.h>
 
 struct pvm_call {
     int64_t nr;
@@ -190,7 +191,9 @@ struct pvm_patch_site {
  * stub's own address space (the stub has no file descriptors, so mmap cannot
  * map a file).
  */
-#define PVM_STUB_ALLOWED 9, 10, 11, 14, 15, 25, 28, 39, 60, 110, 131, 186, 202, 231
+#define PVM_STUB_ALLOWED __NR_mmap, __NR_mprotect, __NR_munmap, __NR_rt_sigprocmask, __NR_rt_sigreturn, \
+    __NR_mremap, __NR_madvise, __NR_getpid, __NR_exit, __NR_getppid, __NR_sigaltstack, __NR_gettid, __NR_futex, \
+    __NR_exit_group
 
 /* The state of a stopped guest thread (written by the stub, read by the caller; and back for RUN). */
 struct pvm_stop {
@@ -222,6 +225,85 @@ _Static_assert(sizeof(struct pvm_slot) <= PVM_SLOT_SIZE, "slot fits");
 _Static_assert(__builtin_offsetof(struct pvm_slot, resp_seq) == 64, "resp_seq on its own line");
 _Static_assert(__builtin_offsetof(struct pvm_slot, op) == 128, "op offset");
 _Static_assert(__builtin_offsetof(struct pvm_slot, calls) == 192, "calls offset");
+#endif
+
+#ifndef __ASSEMBLER__
+/*
+ * Everything Python reads from this header, exported as pvmexec._core.LAYOUT
+ * (module.c expands the list): VAL(name, value), OFF(name, type, field)
+ * gives offsetof, SIZE(name, type) gives sizeof. Python uses only these
+ * names, never a number of its own (tests/unit/test_layout.py checks).
+ */
+#define PVM_LAYOUT_EXPORTS(VAL, OFF, SIZE) \
+    VAL("PROCESS_VM_EXEC_SYSCALL", PVM_PROCESS_VM_EXEC_SYSCALL) \
+    VAL("TEST_SYSCALL", PVM_TEST_SYSCALL) \
+    VAL("TEST_SYSCALL_RET", PVM_TEST_SYSCALL_RET) \
+    VAL("TEST_MARKER", PVM_TEST_MARKER) \
+    VAL("AUDIT_ARCH_X86_64", PVM_AUDIT_ARCH_X86_64) \
+    VAL("AUDIT_ARCH_I386", PVM_AUDIT_ARCH_I386) \
+    VAL("SYS_SECCOMP", PVM_SYS_SECCOMP) \
+    VAL("AGENT_MAGIC", PVM_AGENT_MAGIC) \
+    VAL("MAX_BATCH", PVM_MAX_BATCH) \
+    VAL("AGENT_CODE_MAX", PVM_AGENT_CODE_MAX) \
+    VAL("HEADER_OFF", PVM_HEADER_OFF) \
+    VAL("SLOT_OFF", PVM_SLOT_OFF) \
+    VAL("DATA_OFF", PVM_DATA_OFF) \
+    VAL("DATA_SIZE", PVM_DATA_SIZE) \
+    VAL("STACK_OFF", PVM_STACK_OFF) \
+    VAL("STACK_SIZE", PVM_STACK_SIZE) \
+    VAL("REGION_SIZE", PVM_REGION_SIZE) \
+    VAL("OP_CALLS", PVM_OP_CALLS) \
+    VAL("OP_EXIT", PVM_OP_EXIT) \
+    VAL("OP_RUN", PVM_OP_RUN) \
+    VAL("OP_SPAWN", PVM_OP_SPAWN) \
+    OFF("header.magic", struct pvm_header, magic) \
+    OFF("header.version", struct pvm_header, version) \
+    OFF("header.agent_tid", struct pvm_header, agent_tid) \
+    OFF("header.state", struct pvm_header, state) \
+    OFF("header.caller_pidfd", struct pvm_header, caller_pidfd) \
+    OFF("header.idle_ms", struct pvm_header, idle_ms) \
+    OFF("header.code_base", struct pvm_header, code_base) \
+    OFF("header.data_base", struct pvm_header, data_base) \
+    OFF("header.code_keep", struct pvm_header, code_keep) \
+    OFF("slot.req_seq", struct pvm_slot, req_seq) \
+    OFF("slot.spin", struct pvm_slot, spin) \
+    OFF("slot.resp_seq", struct pvm_slot, resp_seq) \
+    OFF("slot.agent_cpu", struct pvm_slot, agent_cpu) \
+    OFF("slot.taken", struct pvm_slot, taken) \
+    OFF("slot.op", struct pvm_slot, op) \
+    OFF("slot.count", struct pvm_slot, count) \
+    OFF("slot.calls", struct pvm_slot, calls) \
+    SIZE("call.size", struct pvm_call) \
+    OFF("call.ret", struct pvm_call, ret) \
+    VAL("STUB_MAGIC", PVM_STUB_MAGIC) \
+    VAL("STUB_READY", PVM_STUB_READY) \
+    VAL("STUB_REGION_SIZE", PVM_STUB_REGION_SIZE) \
+    VAL("STUB_BLOCK_OFF", PVM_STUB_BLOCK_OFF) \
+    VAL("STUB_STOP_OFF", PVM_STUB_STOP_OFF) \
+    VAL("STUB_FP_OFF", PVM_STUB_FP_OFF) \
+    VAL("STUB_FP_MAX", PVM_STUB_FP_MAX) \
+    VAL("STUB_MAX_THREADS", PVM_STUB_MAX_THREADS) \
+    VAL("STUB_BLOCK_SIZE", PVM_STUB_BLOCK_SIZE) \
+    OFF("stop.fp_size", struct pvm_stop, fp_size) \
+    OFF("stop.ready", struct pvm_stop, ready) \
+    OFF("stop.siginfo", struct pvm_stop, siginfo) \
+    OFF("stop.regs", struct pvm_stop, regs) \
+    OFF("stub_header.magic", struct pvm_stub_header, magic) \
+    OFF("stub_header.state", struct pvm_stub_header, state) \
+    OFF("stub_header.caller_pid", struct pvm_stub_header, caller_pid) \
+    OFF("stub_header.gadget", struct pvm_stub_header, gadget) \
+    OFF("stub_header.window", struct pvm_stub_header, window) \
+    VAL("STUB_WINDOW_OFF", PVM_STUB_WINDOW_OFF) \
+    VAL("STUB_WINDOW_ADDR", PVM_STUB_WINDOW_ADDR) \
+    VAL("STUB_WINDOW_SIZE", PVM_STUB_WINDOW_SIZE) \
+    VAL("STUB_PATCH_MAX", PVM_STUB_PATCH_MAX) \
+    VAL("STUB_SLOTS_OFF", PVM_STUB_SLOTS_OFF) \
+    VAL("STUB_TRAMP_OFF", PVM_STUB_TRAMP_OFF) \
+    VAL("STUB_TRAMP_SIZE", PVM_STUB_TRAMP_SIZE) \
+    VAL("STUB_SITES_OFF", PVM_STUB_SITES_OFF) \
+    VAL("STUB_ENTRY_OFF", PVM_STUB_ENTRY_OFF) \
+    VAL("STUB_PREEMPT_SIG", PVM_STUB_PREEMPT_SIG) \
+    SIZE("patch_site.size", struct pvm_patch_site)
 #endif
 
 #ifndef __ASSEMBLER__

@@ -11,23 +11,11 @@
  * on the stub's own address space, and only from one instruction.
  */
 #include "layout.h"
-#include "guest/freestanding.h"
+#include "freestanding/freestanding.h"
 
 /* Nothing is exported: every address is taken PC-relative, so the program needs no relocation. */
 #pragma GCC visibility push(hidden)
 
-#define SYS_mmap 9
-#define SYS_rt_sigaction 13
-#define SYS_close 3
-#define SYS_getppid 110
-#define SYS_sigaltstack 131
-#define SYS_prctl 157
-#define SYS_futex 202
-#define SYS_exit_group 231
-#define SYS_close_range 436
-#define SYS_seccomp 317
-#define SYS_getpid 39
-#define SYS_gettid 186
 
 #define PR_SET_PDEATHSIG 1
 #define PR_SET_NAME 15
@@ -37,9 +25,6 @@
 #define SA_ONSTACK 0x08000000
 #define SA_RESTORER 0x04000000
 #define SA_NODEFER 0x40000000
-#define FUTEX_WAIT 0
-#define FUTEX_WAKE 1
-#define ETIMEDOUT 110
 #define EPERM 1
 #define SIGTRAP 5
 #define SIGSYS 31
@@ -72,9 +57,6 @@ struct sock_filter_ {
     uint32_t k;
 };
 
-struct timespec_ {
-    long tv_sec, tv_nsec;
-};
 
 /* The stub's one syscall instruction; the filter admits syscalls only from here. */
 __asm__(
@@ -88,7 +70,7 @@ __asm__(
     ".globl pvm_stub_restorer\n"
     ".type pvm_stub_restorer,@function\n"
     "pvm_stub_restorer:\n"
-    "  mov $15, %eax\n"
+    "  mov $" PVM_STR(__NR_rt_sigreturn) ", %eax\n"
     "  jmp pvm_stub_gadget\n"
     ".size pvm_stub_restorer, .-pvm_stub_restorer\n"
     ".globl pvm_stub_spawn\n"
@@ -98,7 +80,7 @@ __asm__(
     "  xor %edx, %edx\n"
     "  xor %r10d, %r10d\n"
     "  xor %r8d, %r8d\n"
-    "  mov $56, %eax\n"
+    "  mov $" PVM_STR(__NR_clone) ", %eax\n"
     "  call pvm_stub_gadget\n"          /* the child's gadget `ret` pops pvm_stub_thread_entry */
     "  ret\n"
     ".size pvm_stub_spawn, .-pvm_stub_spawn\n"
@@ -202,7 +184,7 @@ uint64_t pvm_fast_fp[PVM_STUB_MAX_THREADS];
 void pvm_stub_gadget(void);
 void pvm_stub_restorer(void);
 
-static inline long sc(long n, long a, long b, long c, long d, long e, long f)
+static inline long sys6(long n, long a, long b, long c, long d, long e, long f)
 {
     register long r10 __asm__("r10") = d;
     register long r8 __asm__("r8") = e;
@@ -214,6 +196,8 @@ static inline long sc(long n, long a, long b, long c, long d, long e, long f)
                      : "rcx", "r11", "memory");
     return ret;
 }
+
+#include "freestanding/channel.h"
 
 /* A syscall from outside the gadget: trapped by our own filter. Used once to enter the handler. */
 static inline void trap_into_handler(void)
@@ -278,38 +262,15 @@ static int is_allowed(uint64_t nr)
     return 0;
 }
 
-static void respond(struct pvm_slot *slot, uint32_t seq)
-{
-    st(&slot->agent_cpu, this_cpu());
-    st(&slot->resp_seq, seq);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (ld(&slot->caller_sleeping))
-        sc(SYS_futex, (long)&slot->resp_seq, FUTEX_WAKE, 1, 0, 0, 0);
-}
-
 /* The next request is exactly served + 1: anything else in req_seq is junk (the guest can write it). */
 static uint32_t wait_request(struct pvm_slot *slot, uint32_t last)
 {
-    uint32_t want = last + 1;
-    for (;;) {
-        uint32_t seq = ld(&slot->req_seq);
-        uint32_t budget = ld(&slot->caller_cpu) == this_cpu() ? 0 : slot->spin;
-        for (uint32_t spins = budget; seq != want && spins; spins--) {
-            __builtin_ia32_pause();
-            seq = ld(&slot->req_seq);
-        }
-        if (seq == want)
-            return seq;
-        st(&slot->agent_sleeping, 1);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (ld(&slot->req_seq) == seq) {
-            struct timespec_ ts = {0, 500 * 1000 * 1000};
-            long r = sc(SYS_futex, (long)&slot->req_seq, FUTEX_WAIT, seq, (long)&ts, 0, 0);
-            if (r == -ETIMEDOUT && sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
-                sc(SYS_exit_group, 0, 0, 0, 0, 0, 0);
-        }
-        st(&slot->agent_sleeping, 0);
-    }
+    const struct timespec_ idle = {0, 500 * 1000 * 1000};
+    int timed_out;
+    while (chan_wait(slot, last + 1, &idle, &timed_out) != last + 1)
+        if (timed_out && sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
+            sys6(__NR_exit_group, 0, 0, 0, 0, 0, 0);
+    return last + 1;
 }
 
 static inline uint64_t rdfsbase(void) { uint64_t v; __asm__ volatile("rdfsbase %0" : "=r"(v)); return v; }
@@ -364,13 +325,13 @@ static void serve(uint64_t self, struct pvm_slot *slot, struct pvm_stop *stop)
 {
     if (run_pending[self]) {
         run_pending[self] = 0;
-        respond(slot, served[self]);
+        chan_respond(slot, served[self]);
     } else {
         st(&stop->ready, 1);
-        sc(SYS_futex, (long)&stop->ready, FUTEX_WAKE, 1, 0, 0, 0);
+        sys6(__NR_futex, (long)&stop->ready, FUTEX_WAKE, 1, 0, 0, 0);
         if (self == 0 && ld(&header->state) != PVM_STUB_READY) {
             st(&header->state, PVM_STUB_READY);
-            sc(SYS_futex, (long)&header->state, FUTEX_WAKE, 1, 0, 0, 0);
+            sys6(__NR_futex, (long)&header->state, FUTEX_WAKE, 1, 0, 0, 0);
         }
     }
     for (;;) {
@@ -382,20 +343,20 @@ static void serve(uint64_t self, struct pvm_slot *slot, struct pvm_stop *stop)
             for (uint32_t i = 0; i < count; i++) {
                 struct pvm_call *c = &slot->calls[i];
                 c->ret = is_allowed((uint64_t)c->nr)
-                    ? sc(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5])
+                    ? sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5])
                     : -EPERM;
             }
-            respond(slot, seq);
+            chan_respond(slot, seq);
             continue;
         }
         if (op == PVM_OP_SPAWN) {
             slot->calls[0].ret = spawn(slot->calls[0].args[0]);
-            respond(slot, seq);
+            chan_respond(slot, seq);
             continue;
         }
         if (op == PVM_OP_RUN)
             break;
-        respond(slot, seq);     /* not a request we know (the guest may scribble here): ignore it */
+        chan_respond(slot, seq);     /* not a request we know (the guest may scribble here): ignore it */
     }
     run_pending[self] = 1;
 }
@@ -475,7 +436,7 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
     uint64_t at = (uint64_t)(uintptr_t)__builtin_frame_address(0) - (uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF);
     uint64_t self = at / PVM_STUB_BLOCK_SIZE;
     if (self >= PVM_STUB_MAX_THREADS)
-        sc(SYS_exit_group, 9, 0, 0, 0, 0, 0);
+        sys6(__NR_exit_group, 9, 0, 0, 0, 0, 0);
     char *block = region + PVM_STUB_BLOCK_OFF + self * PVM_STUB_BLOCK_SIZE;
     struct pvm_slot *slot = (struct pvm_slot *)block;
     struct pvm_stop *stop = (struct pvm_stop *)(block + PVM_STUB_STOP_OFF);
@@ -565,18 +526,18 @@ static void use_signal_stack(uint64_t index)
         uint64_t size;
     } ss = {(uint64_t)(uintptr_t)(region + PVM_STUB_BLOCK_OFF + index * PVM_STUB_BLOCK_SIZE + PVM_STUB_ALTSTACK_OFF),
             0, 0, PVM_STUB_ALTSTACK_SIZE};
-    sc(SYS_sigaltstack, (long)&ss, 0, 0, 0, 0, 0);
+    sys6(__NR_sigaltstack, (long)&ss, 0, 0, 0, 0, 0);
 }
 
 /* A new stub thread: its own signal stack, then into the handler like the first one. */
 __attribute__((used, noreturn)) void pvm_stub_thread_main(uint64_t index)
 {
     uint64_t none = 0;          /* born inside a handler with every signal blocked: unblock them */
-    sc(14 /* rt_sigprocmask */, 2 /* SIG_SETMASK */, (long)&none, 0, 8, 0, 0);
+    sys6(__NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&none, 0, 8, 0, 0);
     use_signal_stack(index);
-    pvm_fast_tid[index] = (uint32_t)sc(SYS_gettid, 0, 0, 0, 0, 0, 0);
+    pvm_fast_tid[index] = (uint32_t)sys6(__NR_gettid, 0, 0, 0, 0, 0, 0);
     trap_into_handler();
-    sc(SYS_exit_group, 10, 0, 0, 0, 0, 0);
+    sys6(__NR_exit_group, 10, 0, 0, 0, 0, 0);
     __builtin_unreachable();
 }
 
@@ -610,7 +571,7 @@ static void install_filter(uint64_t ip)
     f[i++] = (struct sock_filter_){AND, 0, 0, PVM_STUB_TRAMP_SIZE - 1};
     f[i++] = (struct sock_filter_){JEQ, 0, 3, PVM_STUB_TRAMP_SYSCALL_END};
     f[i++] = (struct sock_filter_){LD, 0, 0, 0};
-    f[i++] = (struct sock_filter_){JEQ, 0, 1, SYS_gettid};
+    f[i++] = (struct sock_filter_){JEQ, 0, 1, __NR_gettid};
     f[i++] = (struct sock_filter_){RET, 0, 0, ALLOW};
     /* Anything else: only from the gadget. */
     f[i++] = (struct sock_filter_){LD, 0, 0, 8};
@@ -635,8 +596,8 @@ static void install_filter(uint64_t ip)
         uint16_t pad[3];
         struct sock_filter_ *filter;
     } prog = {(uint16_t)i, {0, 0, 0}, f};
-    if (sc(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0) || sc(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, (long)&prog, 0, 0, 0))
-        sc(SYS_exit_group, 3, 0, 0, 0, 0, 0);
+    if (sys6(__NR_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0) || sys6(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, (long)&prog, 0, 0, 0))
+        sys6(__NR_exit_group, 3, 0, 0, 0, 0, 0);
 }
 
 static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
@@ -681,11 +642,11 @@ static void setup_window(long fd)
         pvm_fast_fp[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_FP_OFF);
         pvm_fast_tid[k] = ~0U;
     }
-    long at = sc(SYS_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */, MAP_SHARED | MAP_FIXED_NOREPLACE,
+    long at = sys6(__NR_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */, MAP_SHARED | MAP_FIXED_NOREPLACE,
                  fd, PVM_STUB_WINDOW_OFF);
     if (at != (long)PVM_STUB_WINDOW_ADDR) {
         if (at > 0)
-            sc(11 /* munmap */, at, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
+            sys6(__NR_munmap, at, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
         return;
     }
     window = region + PVM_STUB_WINDOW_OFF;
@@ -696,7 +657,7 @@ static void setup_window(long fd)
         uint8_t *p = (uint8_t *)window + PVM_STUB_TRAMP_OFF + i * PVM_STUB_TRAMP_SIZE;
         int32_t rel = (int32_t)(entry - (t + 18));
         const uint8_t code[18] = {
-            0xb8, SYS_gettid, 0, 0, 0,                  /* mov $SYS_gettid, %eax */
+            0xb8, __NR_gettid, 0, 0, 0,                  /* mov $__NR_gettid, %eax */
             0x0f, 0x05,                                 /* syscall: eax = tid, r11 = rflags */
             0xb9, (uint8_t)i, (uint8_t)(i >> 8), 0, 0,  /* mov $i, %ecx */
             0xff, 0x25, (uint8_t)rel, (uint8_t)(rel >> 8), (uint8_t)(rel >> 16), (uint8_t)(rel >> 24)};
@@ -711,29 +672,29 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     long argc = (long)sp[0];
     char **argv = (char **)(sp + 1);
     if (argc < 2)
-        sc(SYS_exit_group, 2, 0, 0, 0, 0, 0);
+        sys6(__NR_exit_group, 2, 0, 0, 0, 0, 0);
     if (argv[1][0] == 'p') {                /* "plain": an empty process for the ptrace engine to borrow */
-        sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);
-        sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+        sys6(__NR_close_range, 0, ~0U, 0, 0, 0, 0);
+        sys6(__NR_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
         for (;;)
-            sc(34 /* pause */, 0, 0, 0, 0, 0, 0);
+            sys6(__NR_pause, 0, 0, 0, 0, 0, 0);
     }
     long fd = parse_int(argv[1]);
-    long base = sc(SYS_mmap, 0, PVM_STUB_REGION_SIZE, 3 /* RW */, 1 /* SHARED */, fd, 0);
+    long base = sys6(__NR_mmap, 0, PVM_STUB_REGION_SIZE, 3 /* RW */, 1 /* SHARED */, fd, 0);
     if (base < 0)
-        sc(SYS_exit_group, 4, 0, 0, 0, 0, 0);
+        sys6(__NR_exit_group, 4, 0, 0, 0, 0, 0);
     region = (char *)base;
     header = (struct pvm_stub_header *)region;
     if (header->magic != PVM_STUB_MAGIC)
-        sc(SYS_exit_group, 5, 0, 0, 0, 0, 0);
+        sys6(__NR_exit_group, 5, 0, 0, 0, 0, 0);
     setup_window(fd);
-    sc(SYS_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
-    sc(SYS_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+    sys6(__NR_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
+    sys6(__NR_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
     static const char comm[16] = "pvmexec-stub";
-    sc(SYS_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
-    if (sc(SYS_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
-        sc(SYS_exit_group, 6, 0, 0, 0, 0, 0);
-    header->stub_pid = (uint32_t)sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+    sys6(__NR_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
+    if (sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
+        sys6(__NR_exit_group, 6, 0, 0, 0, 0, 0);
+    header->stub_pid = (uint32_t)sys6(__NR_getpid, 0, 0, 0, 0, 0, 0);
     header->region_base = (uint64_t)base;
     header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
     use_signal_stack(0);
@@ -744,11 +705,11 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
         sa.flags = SA_SIGINFO | SA_ONSTACK | SA_RESTORER | SA_NODEFER;
         sa.restorer = (void *)pvm_stub_restorer;
         sa.mask = 0;                /* the handler may leave without rt_sigreturn: nothing to unblock */
-        if (sc(SYS_rt_sigaction, sigs[i], (long)&sa, 0, 8, 0, 0))
-            sc(SYS_exit_group, 7, 0, 0, 0, 0, 0);
+        if (sys6(__NR_rt_sigaction, sigs[i], (long)&sa, 0, 8, 0, 0))
+            sys6(__NR_exit_group, 7, 0, 0, 0, 0, 0);
     }
     install_filter((uint64_t)(uintptr_t)pvm_stub_gadget + 2);
     trap_into_handler();
-    sc(SYS_exit_group, 8, 0, 0, 0, 0, 0);
+    sys6(__NR_exit_group, 8, 0, 0, 0, 0, 0);
     __builtin_unreachable();
 }

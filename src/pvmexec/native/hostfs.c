@@ -1,0 +1,63 @@
+/* Host file calls for the sandbox kernel (kernel/files.Policy): raw kernel structures, OSError(errno, call). */
+#include "core.h"
+
+struct pvm_open_how {
+    uint64_t flags, mode, resolve;
+};
+
+PyObject *
+py_openat2(PyObject *self, PyObject *args)
+{
+    int dirfd;
+    const char *path;
+    unsigned long long flags, mode, resolve;
+    if (!PyArg_ParseTuple(args, "iyKKK", &dirfd, &path, &flags, &mode, &resolve))
+        return NULL;
+    struct pvm_open_how how = {flags, mode, resolve};
+    long fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = syscall(__NR_openat2, dirfd, path, &how, sizeof how);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return raise_host("openat2");
+    return PyLong_FromLong(fd);
+}
+
+PyObject *
+py_fstatat_raw(PyObject *self, PyObject *args)
+{
+    int dirfd, flags;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iyi", &dirfd, &path, &flags))
+        return NULL;
+    struct stat st;
+    if (fstatat(dirfd, path, &st, flags) < 0)
+        return raise_host("fstatat");
+    return PyBytes_FromStringAndSize((const char *)&st, sizeof st);
+}
+
+PyObject *
+py_statx_raw(PyObject *self, PyObject *args)
+{
+    int dirfd, flags;
+    unsigned int mask;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iyiI", &dirfd, &path, &flags, &mask))
+        return NULL;
+    unsigned char buf[256] = {0};
+    if (syscall(__NR_statx, dirfd, path, flags, mask, buf) < 0)
+        return raise_host("statx");
+    return PyBytes_FromStringAndSize((const char *)buf, sizeof buf);
+}
+
+PyObject *
+py_fstatfs_raw(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0)
+        return raise_host("fstatfs");
+    return PyBytes_FromStringAndSize((const char *)&sf, sizeof sf);
+}

@@ -1,0 +1,150 @@
+/* Another process's memory (process_vm_readv/writev), its descriptors (pidfd_getfd), and futex waits on shared words. */
+#include "core.h"
+
+/*
+ * Many ranges of another process's memory in one process_vm_readv per 1024:
+ * vm_read_ranges(pid, ranges: array of u64 (start, length) pairs) -> bytes.
+ * Stops at the first range that cannot be read whole (the result is then
+ * shorter: the caller sees how far it got).
+ */
+PyObject *
+py_vm_read_ranges(PyObject *self, PyObject *args)
+{
+    int pid;
+    Py_buffer ranges;
+    if (!PyArg_ParseTuple(args, "iy*", &pid, &ranges))
+        return NULL;
+    const uint64_t *r = ranges.buf;
+    Py_ssize_t n = ranges.len / 16, total = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        total += (Py_ssize_t)r[2 * i + 1];
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out) {
+        PyBuffer_Release(&ranges);
+        return NULL;
+    }
+    char *buf = PyBytes_AS_STRING(out);
+    Py_ssize_t done = 0, i = 0;
+    struct iovec remote[1024];
+    Py_BEGIN_ALLOW_THREADS
+    while (i < n) {
+        int k = 0;
+        Py_ssize_t want = 0;
+        for (; k < 1024 && i + k < n; k++) {
+            remote[k].iov_base = (void *)(uintptr_t)r[2 * (i + k)];
+            remote[k].iov_len = (size_t)r[2 * (i + k) + 1];
+            want += (Py_ssize_t)remote[k].iov_len;
+        }
+        struct iovec local = {buf + done, (size_t)want};
+        ssize_t got = process_vm_readv(pid, &local, 1, remote, (unsigned long)k, 0);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        /* Count only whole ranges: a partial one is read again, alone, by the caller. */
+        Py_ssize_t whole = 0;
+        int j = 0;
+        while (j < k && whole + (Py_ssize_t)remote[j].iov_len <= got)
+            whole += (Py_ssize_t)remote[j++].iov_len;
+        done += whole;
+        i += j;
+        if (j < k)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&ranges);
+    if (done != total && _PyBytes_Resize(&out, done) < 0)
+        return NULL;
+    return out;
+}
+
+PyObject *
+py_futex_wait(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    unsigned int val;
+    long ms;
+    if (!PyArg_ParseTuple(args, "KIl", &addr, &val, &ms))
+        return NULL;
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    long r;
+    Py_BEGIN_ALLOW_THREADS
+    r = futex_op((volatile uint32_t *)(uintptr_t)addr, FUTEX_WAIT, val, &ts);
+    Py_END_ALLOW_THREADS
+    if (r < 0 && errno != EAGAIN && errno != ETIMEDOUT && errno != EINTR)
+        return raise_call("futex(FUTEX_WAIT)", 0);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+py_vm_read(PyObject *self, PyObject *args)
+{
+    int pid;
+    unsigned long long addr;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iKn", &pid, &addr, &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative length");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (!out)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t done = 0;
+    while (done < n) {
+        struct iovec local = {p + done, (size_t)(n - done)};
+        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
+        ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EFAULT;
+            Py_DECREF(out);
+            return raise_call("process_vm_readv", pid);
+        }
+        done += r;
+    }
+    return out;
+}
+
+PyObject *
+py_vm_write(PyObject *self, PyObject *args)
+{
+    int pid;
+    unsigned long long addr;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iKy*", &pid, &addr, &buf))
+        return NULL;
+    Py_ssize_t done = 0;
+    while (done < buf.len) {
+        struct iovec local = {(char *)buf.buf + done, (size_t)(buf.len - done)};
+        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(buf.len - done)};
+        ssize_t r = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EFAULT;
+            PyBuffer_Release(&buf);
+            return raise_call("process_vm_writev", pid);
+        }
+        done += r;
+    }
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+py_pidfd_getfd(PyObject *self, PyObject *args)
+{
+    int pidfd, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &fd))
+        return NULL;
+    long r = syscall(__NR_pidfd_getfd, pidfd, fd, 0);
+    if (r < 0)
+        return raise_call("pidfd_getfd", fd);
+    return PyLong_FromLong(r);
+}
