@@ -11,13 +11,13 @@ import pytest
 from pvmexec import checkpoint as dumpmod
 from pvmexec.errors import TargetGone
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+VICTIMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "victims")
 
 
 @pytest.fixture(scope="module")
 def writer_exe(cc, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("writer") / "writer")
-    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(HERE, "victims", "writer.c")], check=True,
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(VICTIMS, "writer.c")], check=True,
                    timeout=120)
     return out
 

@@ -1,0 +1,49 @@
+"""The Sandbox API: tracing, and subclasses that fake or deny calls."""
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import pytest
+from pvmexec.kernel import Errno, Sandbox
+
+from helpers import *  # noqa: F401,F403
+
+
+def test_trace_lines(busybox, tmp_path):
+    trace = tmp_path / "trace"
+    got = sandboxed([busybox, "cat", "/etc/hostname"], "--trace=%s" % trace)
+    lines = trace.read_text().splitlines()
+    assert any('open' in l and '"/etc/hostname", O_RDONLY' in l and l.endswith("= 3") for l in lines), lines
+    assert got.stdout == open("/etc/hostname", "rb").read()
+    assert any(l.startswith("[pid ") and ("sendfile(1, 3, NULL" in l or "write(1, " in l) for l in lines), lines
+    assert lines[-1].endswith("+++ exited with 0 +++")
+    got = sandboxed([busybox, "cat", "/nonexistent"], "--trace")
+    assert b'"/nonexistent", O_RDONLY) = -1 ENOENT (No such file or directory)' in got.stderr
+
+
+def test_overriding_handlers_fakes_hostname_and_time(busybox, tmp_path):
+    box = FakeWorld(vdso=False)
+    status, out = run_captured(box, [busybox, "hostname"], tmp_path)
+    assert (status, out) == (0, b"sandboxed\n")
+    status, out = run_captured(box, [busybox, "date", "-u", "+%Y-%m-%d"], tmp_path)
+    assert (status, out) == (0, b"2001-09-09\n")
+
+
+def test_a_handler_can_deny_a_call(busybox, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+
+    class NoSecrets(Sandbox):
+        def sys_openat(self, p, dirfd, path, flags, mode):
+            if path is not None and "secret" in path:
+                raise Errno(errno.EPERM)
+            return Sandbox.sys_openat(self, p, dirfd, path, flags, mode)
+    box = NoSecrets()
+    status, out = run_captured(box, [busybox, "cat", str(secret)], tmp_path)
+    assert os.waitstatus_to_exitcode(status) == 1 and out == b""
+    status, out = run_captured(box, [busybox, "cat", "/etc/hostname"], tmp_path)
+    assert status == 0 and out == open("/etc/hostname", "rb").read()

@@ -1,0 +1,85 @@
+"""The policy: what the guest reaches of the host's files and network, and that nothing is left behind."""
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import pytest
+from pvmexec.kernel import Errno, Sandbox
+
+from helpers import *  # noqa: F401,F403
+from helpers import _children
+
+
+def test_root_confines_paths(busybox, tmp_path):
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "data" / "inside").write_text("inside\n")
+    os.link(busybox, root / "bin" / "busybox") if os.stat(busybox).st_dev == os.stat(root).st_dev else \
+        (root / "bin" / "busybox").write_bytes(open(busybox, "rb").read())
+    (root / "bin" / "busybox").chmod(0o755)
+    os.symlink("/etc/hostname", root / "data" / "escape")       # resolved inside the root: not the host's file
+    os.symlink("../../../../../../etc", root / "data" / "up")
+    for path in ("/etc/hostname", "/data/../../../etc/hostname", "/data/escape", "/data/up/hostname"):
+        got = sandboxed(["/bin/busybox", "cat", path], "--root", str(root))
+        assert got.returncode == 1 and b"No such file or directory" in got.stderr, (path, got)
+    got = sandboxed(["/bin/busybox", "cat", "/data/inside"], "--root", str(root))
+    assert got.stdout == b"inside\n"
+    got = sandboxed(["/bin/busybox", "ls", "/proc/self/", "/proc/1"], "--root", str(root))
+    assert got.returncode != 0
+
+
+def test_writes_only_below_writable_paths(busybox, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    keep = tmp_path / "keep"
+    keep.write_text("unchanged\n")
+    os.symlink(str(keep), out / "trap")
+    got = sandboxed([busybox, "sh", "-c", "echo x > %s/new" % out])
+    assert got.returncode != 0 and not (out / "new").exists()
+    w = ("--writable", str(out))
+    assert sandboxed([busybox, "sh", "-c", "echo x > %s/new" % out], *w).returncode == 0
+    assert sandboxed([busybox, "mkdir", str(out / "d")], *w).returncode == 0
+    assert sandboxed([busybox, "mv", str(out / "new"), str(out / "d" / "moved")], *w).returncode == 0
+    assert (out / "d" / "moved").read_text() == "x\n"
+    got = sandboxed([busybox, "sh", "-c", "echo y > %s/trap" % out], *w)
+    assert got.returncode != 0 and b"Permission denied" in got.stderr
+    assert keep.read_text() == "unchanged\n", "a symlink in a writable directory must not reach a read-only file"
+    assert sandboxed([busybox, "rm", str(out / "trap")], *w).returncode == 0 and not os.path.lexists(out / "trap")
+    assert sandboxed([busybox, "rm", str(keep)], *w).returncode != 0 and keep.exists()
+
+
+def test_network_is_denied_by_default(tmp_path):
+    code = "import socket\ntry:\n socket.socket()\nexcept OSError as e: print(e.errno)\n"
+    got = sandboxed([PYTHON3, "-S", "-c", code])
+    assert got.stdout.strip() == str(errno.EACCES).encode()
+
+
+def test_policy_file(busybox, tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"writable": [str(out)]}))
+    got = sandboxed([busybox, "touch", str(out / "made")], "--policy", str(policy))
+    assert got.returncode == 0 and (out / "made").exists()
+    policy.write_text(json.dumps({"writeable": []}))
+    got = sandboxed([busybox, "true"], "--policy", str(policy))
+    assert got.returncode == 2 and b"unknown policy keys: writeable" in got.stderr
+
+
+def test_nothing_is_left_behind(busybox, tmp_path):
+    import gc
+    box = Sandbox()
+    gc.collect()                                    # earlier tests' garbage may hold descriptors
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    children_before = _children()
+    status, out = run_captured(box, [busybox, "echo", "hi"], tmp_path)
+    assert (status, out) == (0, b"hi\n")
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+    assert _children() == children_before
+
+

@@ -1,0 +1,84 @@
+"""Hostile guests: bad arguments, unsupported calls, trap bypass, a failing handler."""
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import pytest
+from pvmexec.kernel import Errno, Sandbox
+
+from helpers import *  # noqa: F401,F403
+
+
+def test_unsupported_syscalls_get_enosys_and_are_reported_once(cc, tmp_path):
+    prog = build(cc, tmp_path, r"""
+        #include <stdio.h>
+        #include <unistd.h>
+        #include <errno.h>
+        #include <sys/syscall.h>
+        int main(void) {
+            for (int i = 0; i < 3; i++) {
+                long r = syscall(SYS_io_setup, 1, 0);
+                printf("%ld %d\n", r, errno);
+            }
+            return 0;
+        }
+    """)
+    got = sandboxed([prog], "--trace")
+    assert got.stdout == b"-1 38\n" * 3
+    assert got.stderr.count(b"io_setup(") == 3 and got.stderr.count(b"not provided by the sandbox") == 1
+
+
+def test_hostile_arguments_get_errors_and_the_guest_keeps_running(cc, tmp_path):
+    prog = build(cc, tmp_path, victim_source("hostile"), "-static")
+    got = sandboxed([prog], input=b"")
+    lines = dict(l.split(" ", 1) for l in got.stdout.decode().splitlines() if " " in l)
+    assert lines["write-bad-buffer"] == "-1 %d" % errno.EFAULT
+    assert lines["open-null"] == "-1 %d" % errno.EFAULT
+    assert lines["open-kernel-address"] == "-1 %d" % errno.EFAULT
+    assert lines["read-huge"] == "0 0"                                       # end of (empty) input
+    assert lines["map-over-window"] == "-1 %d" % errno.EINVAL
+    assert lines["unmap-window"] == "-1 %d" % errno.EINVAL
+    assert lines["bad-fd"] == "-1 %d" % errno.EBADF
+    assert lines["dup2-negative"] == "-1 %d" % errno.EBADF
+    assert lines["sigaction-kill"] == "-1 %d" % errno.EINVAL
+    assert lines["long-path"] == "-1 %d" % errno.ENAMETOOLONG
+    assert got.stdout.endswith(b"still running\n") and got.returncode == 0
+
+
+def test_trap_bypass_attempts_are_contained(cc, tmp_path):
+    import pvmexec
+    from pvmexec import _core
+    probe = pvmexec.Space.create(fixed_layout=True)         # every guest's stub has this same layout
+    try:
+        gadget = probe._engine.gadget
+        region = struct.unpack_from("<Q", probe._engine._map, 16)[0]
+    finally:
+        probe.detach()
+    assert _core.LAYOUT["STUB_BLOCK_SIZE"] == 94208
+    prog = build(cc, tmp_path, victim_source("escapes"), "-static")
+    target = str(tmp_path / "escaped")
+    got = sandboxed([prog, hex(gadget), hex(region), target])
+    lines = got.stdout.decode().splitlines()
+    assert "int80 returned -%d" % errno.ENOSYS in lines                  # i386 calls are not served
+    assert any(l.startswith("sysenter: signal") for l in lines)
+    assert any(l.startswith("vsyscall") for l in lines)
+    assert "gadget: signal %d" % signal.SIGKILL in lines               # the stub's filter killed it
+    assert "channel: exit 0" in lines
+    assert lines[-1] == "dir created: 0" and not os.path.exists(target)
+    assert got.returncode == 0
+
+
+def test_a_failing_handler_kills_the_process_not_the_kernel(busybox, tmp_path, capsys):
+    class Broken(Sandbox):
+        def sys_uname(self, p, buf):
+            raise RuntimeError("bug")
+    box = Broken()
+    status, out = run_captured(box, [busybox, "uname", "-n"], tmp_path)
+    assert status == signal.SIGKILL
+    assert "internal error in uname" in capsys.readouterr().err
+    status, out = run_captured(box, [busybox, "echo", "still fine"], tmp_path)     # the kernel goes on
+    assert (status, out) == (0, b"still fine\n")
