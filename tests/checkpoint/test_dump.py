@@ -81,6 +81,10 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
     out, _ = p.communicate(timeout=60)                  # closes its stdin: it stops and checks itself
     assert p.returncode == 0 and out.startswith("ok "), out          # its own check of all its pages
     dumpmod.Image(str(tmp_path / "img")).check()
+    # every field the image holds is in the published field list, every required one is there
+    fields = dumpmod.MANIFEST_FIELDS
+    assert set(m) <= set(fields), set(m) - set(fields)
+    assert {n for n, (_w, required, _m) in fields.items() if required} <= set(m)
 
 
 def test_until_converged_then_kill(writer, tmp_path):

@@ -54,7 +54,10 @@ def test_channel_and_stub_layouts_match_c():
     assert L["stop.siginfo"] == 16 and L["stop.regs"] == 144
     assert L["stub_header.gadget"] == 24
     assert L["STUB_FP_OFF"] - L["STUB_STOP_OFF"] >= L["stop.regs"] + 8 * len(x86_64.REG_NAMES)
-    assert set(stub_engine.STUB_ALLOWED) == {9, 10, 11, 14, 15, 25, 28, 39, 60, 110, 131, 186, 202, 231}
+    from pvmexec.syscalls import number
+    assert set(stub_engine.STUB_ALLOWED) == {number(n) for n in (
+        "mmap", "mprotect", "munmap", "rt_sigprocmask", "rt_sigreturn", "mremap", "madvise", "getpid", "exit",
+        "getppid", "sigaltstack", "gettid", "futex", "exit_group")}
     assert _core.STUB_ELF[:4] == b"\x7fELF" and struct.unpack_from("<H", _core.STUB_ELF, 16)[0] == 3  # ET_DYN
 
 
@@ -69,3 +72,17 @@ def test_patch_window_layout():
     assert L["STUB_TRAMP_OFF"] + L["STUB_TRAMP_SIZE"] * n <= L["STUB_SITES_OFF"]
     assert L["STUB_SITES_OFF"] + L["patch_site.size"] * n <= size
     assert L["stub_header.window"] == 32 and L["STUB_WINDOW_OFF"] + size == L["STUB_REGION_SIZE"]
+
+
+def test_python_reads_the_shared_layout_by_name_only():
+    """Every LAYOUT name the Python side uses exists: the X-macro list in layout.h is the one source."""
+    import os
+    import re
+    import pvmexec
+    used = set()
+    for d, _dirs, files in os.walk(os.path.dirname(pvmexec.__file__)):
+        for f in files:
+            if f.endswith(".py"):
+                used |= set(re.findall(r'L\["([\w.]+)"\]', open(os.path.join(d, f)).read()))
+    assert used and used - set(_core.LAYOUT) == set()
+    assert _core.LAYOUT["slot.resp_seq"] == 64 and _core.LAYOUT["OP_EXIT"] == 2

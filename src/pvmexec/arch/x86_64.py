@@ -87,6 +87,8 @@ _UC_FLAGS = 1 | 2 | 4                     # UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_S
 _SIGCONTEXT = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx",
                "rax", "rcx", "rsp", "rip", "eflags")
 _UCONTEXT_SIZE = 304                      # uc_flags, uc_link, uc_stack (24), uc_mcontext (256), uc_sigmask (8)
+_UC_STACK, _UC_MCONTEXT, _UC_SIGMASK = 16, 40, 296
+_SC_FPSTATE = 184                         # in struct sigcontext: 18 registers, 4 selectors, err..cr2, fpstate
 FP_XSTATE_MAGIC2 = 0x46505845
 _EFLAGS_USER = 0x50DD5                    # the flags sigreturn may change (AC, OF, DF, TF, SF, ZF, AF, PF, CF, RF)
 _SS_ONSTACK, _SS_DISABLE = 1, 2
@@ -127,10 +129,10 @@ def pop_signal_frame(read, ctx, fp_size):
     Returns (the signal mask to restore, the alternate stack to restore or None).
     """
     raw = read(ctx.rsp, _UCONTEXT_SIZE)
-    ss_sp, ss_flags, ss_size = struct.unpack_from("<Qi4xQ", raw, 16)
-    regs = struct.unpack_from("<18Q", raw, 40)
-    fp_addr = struct.unpack_from("<Q", raw, 40 + 160 + 32)[0]
-    mask = struct.unpack_from("<Q", raw, 296)[0]
+    ss_sp, ss_flags, ss_size = struct.unpack_from("<Qi4xQ", raw, _UC_STACK)
+    regs = struct.unpack_from("<18Q", raw, _UC_MCONTEXT)
+    fp_addr = struct.unpack_from("<Q", raw, _UC_MCONTEXT + _SC_FPSTATE)[0]
+    mask = struct.unpack_from("<Q", raw, _UC_SIGMASK)[0]
     for name, value in zip(_SIGCONTEXT, regs):
         if name == "eflags":
             value = (ctx.eflags & ~_EFLAGS_USER) | (value & _EFLAGS_USER)

@@ -45,6 +45,8 @@ class Policy:
     network: whether the guest may create sockets.
     """
 
+    root_fd = -1                        # until opened: close() and __del__ work on a half-built policy
+
     def __init__(self, root="/", writable=(), network=False):
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):

@@ -5,6 +5,7 @@ import os
 from ..syscalls import TABLE, name_of
 
 
+O_CREAT, O_TMPFILE_BIT = 0o100, 0o20000000
 _OPEN_FLAGS = ((0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"),
                (0o2000, "O_APPEND"), (0o4000, "O_NONBLOCK"), (0o10000, "O_DSYNC"), (0o200000, "O_DIRECTORY"),
                (0o400000, "O_NOFOLLOW"), (0o1000000, "O_NOATIME"), (0o2000000, "O_CLOEXEC"), (0o10000000, "O_PATH"))
@@ -63,7 +64,7 @@ class Tracer:
         shown = []
         mode_at = {"open": 2, "openat": 3}.get(name)
         if mode_at is not None and len(args) > mode_at:
-            if args[mode_at - 1] & 0o20100000 == 0:           # no O_CREAT, O_TMPFILE: no mode, as strace shows it
+            if args[mode_at - 1] & (O_CREAT | O_TMPFILE_BIT) == 0:     # no mode, as strace shows it
                 args = args[:mode_at]
         for i, a in enumerate(args):
             kind = kinds[i] if i < len(kinds) else "int"
@@ -78,7 +79,7 @@ class Tracer:
             elif name in ("open", "openat") and i == (1 if name == "open" else 2):
                 shown.append(_open_flags(a))
             elif i == mode_at or name in ("mkdir", "chmod") and i == 1 or name in ("mkdirat", "fchmodat") and i == 2:
-                shown.append("%#o" % a)
+                shown.append(("0%o" % a if a else "0").zfill(3))          # C's %#03o, as strace
             elif name in ("mmap", "mprotect") and i == 2:
                 shown.append(_flags(a, _PROT, "PROT_NONE"))
             elif name == "mmap" and i == 3:

@@ -1,0 +1,76 @@
+"""The image format on a synthetic image (no process): writer, reader, index rule, checksums."""
+import json
+import os
+
+import pytest
+
+from pvmexec.checkpoint import IMAGE_VERSION, MANIFEST_FIELDS, ZERO, DumpError, Image, ImageWriter
+
+PAGE = 4096
+
+
+def _image(path):
+    w = ImageWriter(str(path))
+    w.add(0x10000, b"a" * PAGE + b"b" * PAGE)
+    w.add_ranges([(0x20000, 0x21000), (0x30000, 0x31000)], b"c" * PAGE + b"d" * PAGE)
+    w.add(0x10000, b"e" * PAGE)                     # written again later: the last record wins
+    w.zero(0x11000, PAGE)
+    w.finish({"pid": 1})
+    return w
+
+
+def test_round_trip_and_the_last_record_wins(tmp_path):
+    _image(tmp_path / "img")
+    img = Image(str(tmp_path / "img"))
+    img.check()
+    idx = img.page_index()
+    assert sorted(idx) == [0x10000, 0x11000, 0x20000, 0x30000] and idx[0x11000] == ZERO
+    with open(tmp_path / "img" / "pages.img", "rb") as f:
+        for addr, want in ((0x10000, b"e"), (0x20000, b"c"), (0x30000, b"d")):
+            f.seek(idx[addr])
+            assert f.read(PAGE) == want * PAGE
+    m = img.manifest
+    assert m["version"] == IMAGE_VERSION and m["complete"] is True and set(m["checksums"]) == {"pages.img", "pages.idx"}
+
+
+def test_a_flipped_byte_fails_the_check(tmp_path):
+    _image(tmp_path / "img")
+    with open(tmp_path / "img" / "pages.img", "r+b") as f:
+        f.seek(5)
+        f.write(b"X")
+    with pytest.raises(DumpError, match="pages.img does not match its checksum"):
+        Image(str(tmp_path / "img")).check()
+
+
+def test_an_aborted_image_says_why(tmp_path):
+    w = ImageWriter(str(tmp_path / "img"))
+    w.add(0x10000, b"a" * PAGE)
+    w.abort("OSError: no space left")
+    with pytest.raises(DumpError, match="incomplete.*no space left"):
+        Image(str(tmp_path / "img")).check()
+
+
+def test_another_version_or_no_manifest_is_refused(tmp_path):
+    _image(tmp_path / "img")
+    path = tmp_path / "img" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["version"] = IMAGE_VERSION + 1
+    path.write_text(json.dumps(m))
+    with pytest.raises(DumpError, match="image version"):
+        Image(str(tmp_path / "img"))
+    os.remove(path)
+    with pytest.raises(DumpError, match="not a pvmexec image"):
+        Image(str(tmp_path / "img"))
+
+
+def test_the_writer_never_overwrites(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("mine")
+    with pytest.raises(FileExistsError):
+        ImageWriter(str(tmp_path / "full"))
+    assert (tmp_path / "full" / "keep").read_text() == "mine"
+
+
+def test_the_field_list_is_well_formed():
+    for name, (where, required, meaning) in MANIFEST_FIELDS.items():
+        assert where in ("image", "process", "dump") and isinstance(required, bool) and meaning, name
