@@ -76,6 +76,33 @@ py_futex_wait(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/*
+ * Move n bytes between our p and the target's addr, all of them or -1 with
+ * errno (EFAULT for a move that stops short). The GIL is released: p is ours.
+ */
+static int
+vm_move(int pid, char *p, Py_ssize_t n, unsigned long long addr, int write)
+{
+    Py_ssize_t done = 0;
+    ssize_t r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (done < n) {
+        struct iovec local = {p + done, (size_t)(n - done)};
+        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
+        r = write ? process_vm_writev(pid, &local, 1, &remote, 1, 0) : process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EFAULT;
+            break;
+        }
+        done += r;
+    }
+    Py_END_ALLOW_THREADS
+    return done == n ? 0 : -1;
+}
+
 PyObject *
 py_vm_read(PyObject *self, PyObject *args)
 {
@@ -91,21 +118,9 @@ py_vm_read(PyObject *self, PyObject *args)
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (!out)
         return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    Py_ssize_t done = 0;
-    while (done < n) {
-        struct iovec local = {p + done, (size_t)(n - done)};
-        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(n - done)};
-        ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            if (r == 0)
-                errno = EFAULT;
-            Py_DECREF(out);
-            return raise_call("process_vm_readv", pid);
-        }
-        done += r;
+    if (vm_move(pid, PyBytes_AS_STRING(out), n, addr, 0) < 0) {
+        Py_DECREF(out);
+        return raise_call("process_vm_readv", pid);
     }
     return out;
 }
@@ -118,22 +133,10 @@ py_vm_write(PyObject *self, PyObject *args)
     Py_buffer buf;
     if (!PyArg_ParseTuple(args, "iKy*", &pid, &addr, &buf))
         return NULL;
-    Py_ssize_t done = 0;
-    while (done < buf.len) {
-        struct iovec local = {(char *)buf.buf + done, (size_t)(buf.len - done)};
-        struct iovec remote = {(void *)(uintptr_t)(addr + (unsigned long long)done), (size_t)(buf.len - done)};
-        ssize_t r = process_vm_writev(pid, &local, 1, &remote, 1, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            if (r == 0)
-                errno = EFAULT;
-            PyBuffer_Release(&buf);
-            return raise_call("process_vm_writev", pid);
-        }
-        done += r;
-    }
+    int r = vm_move(pid, (char *)buf.buf, buf.len, addr, 1);
     PyBuffer_Release(&buf);
+    if (r < 0)
+        return raise_call("process_vm_writev", pid);
     Py_RETURN_NONE;
 }
 

@@ -77,65 +77,54 @@ static const struct export layout_exports[] = {
     {NULL, 0},
 };
 
-/* dict[name] = int for each entry; a new reference or NULL. */
+static int
+set_int(PyObject *d, const char *name, long long value)
+{
+    PyObject *v = PyLong_FromLongLong(value);
+    int r = v ? PyDict_SetItemString(d, name, v) : -1;
+    Py_XDECREF(v);
+    return r;
+}
+
+/* LAYOUT: name -> value for each export; a new reference or NULL. */
 static PyObject *
-int_dict(const struct export *e)
+layout_dict(void)
 {
     PyObject *d = PyDict_New();
-    for (; d && e->name; e++) {
-        PyObject *v = PyLong_FromLongLong(e->value);
-        if (!v || PyDict_SetItemString(d, e->name, v) < 0) {
-            Py_XDECREF(v);
+    for (const struct export *e = layout_exports; d && e->name; e++)
+        if (set_int(d, e->name, e->value) < 0)
             Py_CLEAR(d);
-            break;
-        }
-        Py_DECREF(v);
-    }
     return d;
 }
 
+/* A blob's exported symbols: name -> offset. */
 static PyObject *
 symbol_dict(const struct pvm_symbol *s)
 {
     PyObject *d = PyDict_New();
-    for (; d && s->name; s++) {
-        PyObject *v = PyLong_FromUnsignedLong(s->offset);
-        if (!v || PyDict_SetItemString(d, s->name, v) < 0) {
-            Py_XDECREF(v);
+    for (; d && s->name; s++)
+        if (set_int(d, s->name, (long long)s->offset) < 0)
             Py_CLEAR(d);
-            break;
-        }
-        Py_DECREF(v);
-    }
     return d;
 }
 
-static PyObject *
-long_tuple(const long *v, size_t n)
-{
-    PyObject *t = PyTuple_New((Py_ssize_t)n);
-    for (size_t i = 0; t && i < n; i++) {
-        PyObject *o = PyLong_FromLong(v[i]);
-        if (!o) {
-            Py_CLEAR(t);
-            break;
-        }
-        PyTuple_SET_ITEM(t, (Py_ssize_t)i, o);
-    }
-    return t;
-}
+static const char *const reg_names[] = {PVM_X86_64_REG_NAMES};
+static const long stub_allowed[] = {PVM_STUB_ALLOWED};
 
+static PyObject *reg_name(Py_ssize_t i) { return PyUnicode_FromString(reg_names[i]); }
+static PyObject *allowed_nr(Py_ssize_t i) { return PyLong_FromLong(stub_allowed[i]); }
+
+/* A tuple of n items made by item(i); a new reference or NULL. */
 static PyObject *
-str_tuple(const char *const *v, size_t n)
+tuple_of(Py_ssize_t n, PyObject *(*item)(Py_ssize_t))
 {
-    PyObject *t = PyTuple_New((Py_ssize_t)n);
-    for (size_t i = 0; t && i < n; i++) {
-        PyObject *o = PyUnicode_FromString(v[i]);
-        if (!o) {
+    PyObject *t = PyTuple_New(n);
+    for (Py_ssize_t i = 0; t && i < n; i++) {
+        PyObject *o = item(i);
+        if (!o)
             Py_CLEAR(t);
-            break;
-        }
-        PyTuple_SET_ITEM(t, (Py_ssize_t)i, o);
+        else
+            PyTuple_SET_ITEM(t, i, o);
     }
     return t;
 }
@@ -154,18 +143,16 @@ add_steal(PyObject *m, const char *name, PyObject *v)
 static int
 core_exec(PyObject *m)
 {
-    static const char *const reg_names[] = {PVM_X86_64_REG_NAMES};
-    static const long stub_allowed[] = {PVM_STUB_ALLOWED};
-    PyObject *layout = int_dict(layout_exports);
+    PyObject *layout = layout_dict();
     if (!layout)
         return -1;
-    PyObject *names = str_tuple(reg_names, PVM_X86_64_NREGS);
+    PyObject *names = tuple_of(PVM_X86_64_NREGS, reg_name);
     int bad = !names || PyDict_SetItemString(layout, "reg_names", names) < 0;
     Py_XDECREF(names);
     if (bad || add_steal(m, "LAYOUT", layout) < 0
         || add_steal(m, "GUEST_SYMBOLS", symbol_dict(pvm_guest_symbols)) < 0
         || add_steal(m, "AGENT_SYMBOLS", symbol_dict(pvm_agent_symbols)) < 0
-        || add_steal(m, "STUB_ALLOWED", long_tuple(stub_allowed, sizeof stub_allowed / sizeof stub_allowed[0])) < 0
+        || add_steal(m, "STUB_ALLOWED", tuple_of(sizeof stub_allowed / sizeof stub_allowed[0], allowed_nr)) < 0
         || add_steal(m, "STUB_ELF", PyBytes_FromStringAndSize((const char *)pvm_stub_elf, PVM_STUB_ELF_SIZE)) < 0
         || add_steal(m, "AGENT_BLOB",
                         PyBytes_FromStringAndSize((const char *)pvm_agent_blob, PVM_AGENT_BLOB_SIZE)) < 0
