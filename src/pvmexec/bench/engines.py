@@ -14,7 +14,12 @@ import time
 from .. import _core
 from ..guest import Guest
 from ..space import attach
+from ..arch import current as _current_arch
+from ..syscalls import number
 from .common import machine
+
+NR_GETPPID = number("getppid")
+_R = _current_arch().REG_INDEX
 
 
 TEST_SYSCALL, TEST_SYSCALL_RET, TEST_MARKER = 123, 456, 789
@@ -69,10 +74,10 @@ def _per_op(seconds, n):
 
 
 def _c_loop(space, kind, ctx, n, a0, a1):
-    engine = space._engine
+    engine = space.backend
     regs = bytearray(ctx._buf)
     q = memoryview(regs).cast("Q")
-    q[15] = (1 << 64) - 1          # orig_rax: not in a syscall
+    q[_R["orig_rax"]] = (1 << 64) - 1          # not in a syscall
     done, ns, _code, _status = _core.loop(engine.tid, kind, regs, n, a0, a1, engine.reaps(engine.tid))
     if done != n:
         raise RuntimeError("benchmark loop stopped early after %d of %d round trips" % (done, n))
@@ -138,10 +143,10 @@ def run(iterations=20000, quick=False):
             add("exec-fault", "python", _exec_fault_python(space, guest, n_py))
             # Mode 2: one remote syscall (getppid) per round trip.
             with space.borrowed():
-                b = space._engine._borrowed
+                b = space.backend.borrowed_thread()
                 regs = bytearray(b.saved_regs)
                 q = memoryview(regs).cast("Q")
-                q[10], q[16] = 110, space._engine.syscall_insn(b)
+                q[_R["rax"]], q[_R["rip"]] = NR_GETPPID, space.backend.syscall_insn(b)
                 add("syscall", "c", _c_loop(space, 2, _RawCtx(regs), n_c, 0, 0))
                 add("syscall", "python", _python_calls(space, n_py), held=True)
             add("syscall", "python", _python_calls(space, n_py // 4), held=False,
@@ -151,13 +156,13 @@ def run(iterations=20000, quick=False):
         cpus = sorted(old_affinity)
         other = cpus[1] if len(cpus) > 1 else cpu
         with attach(target.proc.pid, engine="agent") as space:
-            agent = space._engine
+            agent = space.backend
             os.sched_setaffinity(agent.agent_tid, {other})
             placed = "caller on cpu %d, agent thread on cpu %d (both spin before sleeping)" % (cpu, other)
 
             add_agent = _adder(results, "agent", placed)
 
-            space.syscall_raw(110)
+            space.syscall_raw(NR_GETPPID)
             add_agent("syscall", "c", _agent_c_loop(agent, n_c * 5, 1))
             add_agent("syscall", "python", _python_calls(space, n_py * 4))
             add_agent("syscall-batch", "c", _agent_c_loop(agent, max(4, n_c // 16), 64), batch=64)
@@ -166,7 +171,7 @@ def run(iterations=20000, quick=False):
             os.sched_setaffinity(agent.agent_tid, {cpu})
             spin = agent.spin
             agent.set_spin(0)
-            space.syscall_raw(110)
+            space.syscall_raw(NR_GETPPID)
             add_agent("syscall", "c", _agent_c_loop(agent, max(100, n_c // 4), 1),
                       placement="caller and agent thread on cpu %d (futex wake-ups, no spinning)" % cpu)
             agent.set_spin(spin)
@@ -185,7 +190,7 @@ def run(iterations=20000, quick=False):
         for patch in (True, False):
             stub_space = Space.create(patch_syscalls=patch)
             try:
-                stub = stub_space._engine
+                stub = stub_space.backend
                 for tid in os.listdir("/proc/%d/task" % stub.pid):
                     os.sched_setaffinity(int(tid), {other})
                 placed = "caller on cpu %d, stub on cpu %d (both spin before sleeping)" % (cpu, other)
@@ -237,7 +242,7 @@ def _python_calls(space, n):
     """µs per getppid through Space.syscall_raw."""
     t0 = time.perf_counter()
     for _ in range(n):
-        space.syscall_raw(110)
+        space.syscall_raw(NR_GETPPID)
     return _per_op(time.perf_counter() - t0, n)
 
 
@@ -259,7 +264,7 @@ def _agent_c_loop(agent, rounds, per_round):
 
 def _stub_c_loop(space, stop, kind, n, a0, a1):
     """The stub's C-level loop starts from the stop registers already in its block; answer that stop first."""
-    stub = space._engine
+    stub = space.backend
     regs_off = stub.block - stub._base + _core.LAYOUT["STUB_STOP_OFF"] + _core.LAYOUT["stop.regs"]
     ctx = stop.ctx
     if kind == 0:

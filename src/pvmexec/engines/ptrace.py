@@ -26,7 +26,7 @@ from ..syscalls import name_of, number
 
 arch = _current_arch()
 
-_NR_RT_TGSIGQUEUEINFO = number("rt_tgsigqueueinfo")
+_NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
@@ -284,7 +284,7 @@ class PtraceEngine(BaseEngine):
                 raise
             r = -1
         if r < 0:
-            self._run_syscall(b, 234, (self.pid, b.tid, info.signo))             # tgkill: siginfo lost
+            self._run_syscall(b, _NR_TGKILL, (self.pid, b.tid, info.signo))      # siginfo lost
 
     def cancel(self, b):
         """Stop whatever the borrowed thread runs (Ctrl-C in the caller) without running user code."""
@@ -325,6 +325,10 @@ class PtraceEngine(BaseEngine):
     def thaw(self):
         while self._frozen:
             self._try_detach(self._frozen.pop())
+
+    def borrowed_thread(self):
+        """The Borrowed thread while acquire() holds one (Space.borrowed()), else None."""
+        return self._borrowed
 
     def frozen_tids(self):
         """The threads freeze() holds stopped, in the order they were taken."""

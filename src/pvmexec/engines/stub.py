@@ -26,6 +26,7 @@ from ..abi import MAP_FIXED, MREMAP_FIXED
 from ..syscalls import name_of, number
 
 arch = _current_arch()
+_RIP = arch.REG_INDEX["rip"]
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run
@@ -235,8 +236,8 @@ class StubEngine(BaseEngine):
         signo = got[0]
         if signo == SIGSYS and got[1] == SYS_SECCOMP:
             stop.reason = "syscall"
-            if self._mem >= 0 and out._q[16] not in self._sites:
-                self._patch(out._q[16], got[4])
+            if self._mem >= 0 and out._q[_RIP] not in self._sites:
+                self._patch(out._q[_RIP], got[4])
             return stop, 0
         stop.reason = "signal"
         return stop, (0 if signo in sigmask else signo)
