@@ -2,6 +2,52 @@
 #include "core.h"
 
 
+#define MAX_RW_COUNT 0x7ffff000L          /* what Linux moves in one read or write at most */
+
+/*
+ * read/write of a regular file, all of count (as Linux does), in 64 KiB steps
+ * through tmp: a file that ends or a disk that fills stops it short, and so
+ * does guest memory that ends (then the file offset moves only by what the
+ * guest really got or gave). Any error before the first byte goes to Python.
+ */
+static int
+regular_io(struct fast_path *fp, int host, int writing, uint64_t buf, uint64_t count, uint64_t *r)
+{
+    static char tmp[65536];
+    off_t start = writing ? 0 : lseek(host, 0, SEEK_CUR);
+    if (start < 0)
+        return 0;
+    uint64_t want = count < (uint64_t)MAX_RW_COUNT ? count : (uint64_t)MAX_RW_COUNT, done = 0;
+    while (done < want) {
+        size_t n = want - done < sizeof tmp ? (size_t)(want - done) : sizeof tmp;
+        struct iovec local = {tmp, n}, remote = {(void *)(uintptr_t)(buf + done), n};
+        ssize_t got;
+        if (writing) {
+            if (process_vm_readv(fp->stub_pid, &local, 1, &remote, 1, 0) != (ssize_t)n)
+                break;
+            got = write(host, tmp, n);
+        } else {
+            got = pread(host, tmp, n, start + (off_t)done);
+            if (got > 0) {
+                local.iov_len = remote.iov_len = (size_t)got;
+                if (process_vm_writev(fp->stub_pid, &local, 1, &remote, 1, 0) != got)
+                    break;
+            }
+        }
+        if (got <= 0)
+            break;
+        done += (uint64_t)got;
+        if ((size_t)got < n)
+            break;
+    }
+    if (!writing && done && lseek(host, start + (off_t)done, SEEK_SET) < 0)
+        return 0;
+    if (!done && want)
+        return 0;                          /* nothing moved: Python finds the errno (or EOF) */
+    r[R_RAX] = done;
+    return 1;
+}
+
 int
 fast_answer(struct fast_path *fp, struct pvm_stop *stop)
 {
@@ -41,6 +87,8 @@ fast_answer(struct fast_path *fp, struct pvm_stop *stop)
                 return 0;                  /* it would wait (or hit EOF/an error): Python decides */
         }
         static char tmp[65536];
+        if (!may_block)
+            return regular_io(fp, host, nr == __NR_write, buf, count, r);
         struct iovec local = {tmp, n}, remote = {(void *)(uintptr_t)buf, n};
         if (nr == __NR_write) {
             if (process_vm_readv(fp->stub_pid, &local, 1, &remote, 1, 0) != (ssize_t)n)

@@ -7,11 +7,13 @@ import stat
 import struct
 
 from ...abi import O_LARGEFILE
-from ..errors import Errno
+from ..errors import Errno, Interrupted
 from ..files import OpenFile
 
 
-IO_MAX = 1 << 20
+IO_MAX = 1 << 20                      # bytes moved per step (pipes and terminals: per call)
+MAX_RW_COUNT = 0x7FFFF000             # what Linux moves in one read or write at most
+PIPE_BUF = 4096
 _IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4}              # TCGETS, TIOCGWINSZ, FIONREAD
 _IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36}             # TCSETS, TCSETSW, TCSETSF
 
@@ -50,19 +52,92 @@ def _write(self, p, call, fd, data, *extra):
         raise Errno(e.errno or errno.EIO) from None
 
 
-def _iovec(p, vec, n):
-    if n > 1024:
-        raise Errno(errno.EINVAL)
-    words = p.read_u64s(vec, 2 * n) if n else ()
+def _regular(f):
+    try:
+        return stat.S_ISREG(os.fstat(f.host_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _whole_writes(f):
+    """Regular files, and blocking descriptors: a write(2) there moves everything (or waits)."""
+    try:
+        return stat.S_ISREG(os.fstat(f.host_fd).st_mode) or os.get_blocking(f.host_fd)
+    except OSError:
+        return False
+
+
+def _read_file(p, f, segments, pos=None):
+    """Fill (address, length) segments from a regular file, as Linux does: all of them unless the file
+    ends; guest memory that ends stops it too, and the offset moves only by what the guest got."""
+    start = _host(os.lseek, f.host_fd, 0, os.SEEK_CUR) if pos is None else pos
+    done = 0
+    try:
+        for base, length in segments:
+            at = 0
+            while at < length:
+                chunk = _host(os.pread, f.host_fd, min(length - at, IO_MAX), start + done)
+                if not chunk:
+                    return done
+                try:
+                    p.write(base + at, chunk)
+                except Errno:
+                    if not done:
+                        raise
+                    return done
+                at += len(chunk)
+                done += len(chunk)
+        return done
+    finally:
+        if pos is None and done:
+            _host(os.lseek, f.host_fd, start + done, os.SEEK_SET)
+
+
+def _write_all(self, p, fd, segments, pos=None):
+    """Write (address, length) segments whole, as Linux does for regular files and blocking pipes,
+    sockets and terminals: unless the disk or guest memory ends, or a signal comes after some bytes."""
+    # What may wait goes in steps of what POLLOUT promises, so that a signal can cut the wait short.
+    step = PIPE_BUF if _may_block(p.fds.get(fd)) else IO_MAX
+    done = 0
+    for base, length in segments:
+        at = 0
+        while at < length:
+            try:
+                data = p.read(base + at, min(length - at, step))
+            except Errno:
+                if not done:
+                    raise
+                return done
+            try:
+                w = _write(self, p, os.write, fd, data) if pos is None else \
+                    _write(self, p, os.pwrite, fd, data, pos + done)
+            except (Errno, Interrupted):
+                if not done:
+                    raise
+                return done
+            at += w
+            done += w
+            if w < len(data):
+                return done
+    return done
+
+
+def _capped(segments, limit=MAX_RW_COUNT):
     out, total = [], 0
-    for i in range(n):
-        base, length = words[2 * i], words[2 * i + 1]
-        if length >= 1 << 63:
-            raise Errno(errno.EINVAL)
-        length = min(length, IO_MAX - total)
+    for base, length in segments:
+        length = min(length, limit - total)
         out.append((base, length))
         total += length
     return out, total
+
+
+def _iovec(p, vec, n, limit=IO_MAX):
+    if n > 1024:
+        raise Errno(errno.EINVAL)
+    words = p.read_u64s(vec, 2 * n) if n else ()
+    if any(words[2 * i + 1] >= 1 << 63 for i in range(n)):
+        raise Errno(errno.EINVAL)
+    return _capped([(words[2 * i], words[2 * i + 1]) for i in range(n)], limit)
 
 
 class IoCalls:
@@ -70,18 +145,23 @@ class IoCalls:
 
     def sys_read(self, p, fd, buf, count):
         f = p.fds.get(fd)
+        if _regular(f):
+            return _read_file(p, f, _capped([(buf, count)])[0])
         data = _read(self, p, f, min(count, IO_MAX))
         p.write(buf, data)
         return len(data)
 
     def sys_write(self, p, fd, buf, count):
-        p.fds.get(fd)
+        if _whole_writes(p.fds.get(fd)):
+            return _write_all(self, p, fd, _capped([(buf, count)])[0])
         return _write(self, p, os.write, fd, p.read(buf, min(count, IO_MAX)))
 
     def sys_pread64(self, p, fd, buf, count, pos):
         f = p.fds.get(fd)
         if pos >= 1 << 63:
             raise Errno(errno.EINVAL)
+        if _regular(f):
+            return _read_file(p, f, _capped([(buf, count)])[0], pos)
         data = _host(os.pread, f.host_fd, min(count, IO_MAX), pos)
         p.write(buf, data)
         return len(data)
@@ -90,10 +170,14 @@ class IoCalls:
         p.fds.get(fd)
         if pos >= 1 << 63:
             raise Errno(errno.EINVAL)
+        if _whole_writes(p.fds.get(fd)):
+            return _write_all(self, p, fd, _capped([(buf, count)])[0], pos)
         return _write(self, p, os.pwrite, fd, p.read(buf, min(count, IO_MAX)), pos)
 
     def sys_readv(self, p, fd, vec, n):
         f = p.fds.get(fd)
+        if _regular(f):
+            return _read_file(p, f, _iovec(p, vec, n, MAX_RW_COUNT)[0])
         iov, total = _iovec(p, vec, n)
         data = _read(self, p, f, total)
         done = 0
@@ -105,7 +189,8 @@ class IoCalls:
         return len(data)
 
     def sys_writev(self, p, fd, vec, n):
-        p.fds.get(fd)
+        if _whole_writes(p.fds.get(fd)):
+            return _write_all(self, p, fd, _iovec(p, vec, n, MAX_RW_COUNT)[0])
         iov, _total = _iovec(p, vec, n)
         return _write(self, p, os.write, fd, b"".join(p.read(base, length) for base, length in iov))
 
