@@ -1,9 +1,11 @@
 """The command line, run as a user would."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 
 
 def pvmexec(*args, timeout=120):
@@ -76,3 +78,43 @@ def test_bench_sandbox_and_dump_json_quick():
     assert report["stop-the-world"]["rounds"] == 1 and report["pre-dump"]["rounds"] >= 2
     assert report["freeze_ratio"] > 0 and 0 < report["pre-dump"]["progress_kept"]
     assert report["placement"]
+
+
+def test_run_trace_is_a_flag_and_never_destroys_a_file(tmp_path):
+    exe = tmp_path / "echo-copy"
+    shutil.copy("/bin/echo", exe)
+    before = exe.read_bytes()
+    # typed the strace way: --trace then the program, which must run, not become the trace file
+    out = pvmexec("run", "--trace", str(exe), "hi")
+    assert out.returncode == 0 and out.stdout == "hi\n" and "+++ exited with 0 +++" in out.stderr
+    out = pvmexec("run", "--trace", "ls", "-l", str(exe))
+    assert out.returncode == 0 and str(exe) in out.stdout
+    out = pvmexec("run", "--trace", "-o", str(exe), "/bin/true")            # an executable as the output
+    assert out.returncode == 125 and "refusing to overwrite" in out.stderr and "Traceback" not in out.stderr
+    assert exe.read_bytes() == before
+    out = pvmexec("run", "--trace", "-o", str(tmp_path), "/bin/true")       # a directory
+    assert out.returncode == 125 and "not a regular file" in out.stderr
+    trace = tmp_path / "trace.txt"
+    out = pvmexec("run", "--trace", "-o", str(trace), "/bin/true")
+    assert out.returncode == 0 and "+++ exited with 0 +++" in trace.read_text() and out.stderr == ""
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--", "/no/such/program"], 127, "No such file or directory"),
+    (["--root", "/no/such", "--", "/bin/true"], 125, "is not a directory"),
+    (["--trace=/tmp", "/bin/true"], 125, "ignored explicit argument"),
+    (["--writable", "relative", "--", "/bin/true"], 125, "not an absolute guest path"),
+    ([], 125, "no program given"),
+])
+def test_run_errors_are_one_line_with_conventional_statuses(args, status, message):
+    out = pvmexec("run", *args)
+    assert out.returncode == status and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_run_cannot_execute_is_126(tmp_path):
+    script = tmp_path / "notes.txt"
+    script.write_text("just text\n")
+    script.chmod(0o755)
+    for target in (script, tmp_path):
+        out = pvmexec("run", "--", str(target))
+        assert out.returncode == 126 and "Traceback" not in out.stderr, out.stderr

@@ -50,16 +50,36 @@ def cmd_syscall(args):
     return 0
 
 
+def open_output(path):
+    """Open a file the user named as output, as strace -o does, but never an executable or anything but
+    a regular file: `--trace -o /bin/echo` must not destroy /bin/echo."""
+    import errno
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (the trace goes to a new or regular file)")
+        if st.st_mode & 0o111:
+            raise OSError(errno.EPERM, "an executable file; refusing to overwrite it with a trace")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "w")
+
+
 def cmd_run(args):
+    import errno
     import json
     import os
     import signal
-    from .kernel import Policy, Sandbox
+    from .kernel import Errno, Policy, Sandbox
     if args.program[:1] == ["--"]:
         args.program = args.program[1:]
     if not args.program:
         print("pvmexec run: no program given (pvmexec run [OPTIONS] -- PROGRAM [ARGS...])", file=sys.stderr)
-        return 2
+        return 125
     try:
         if args.policy:
             with open(args.policy) as f:
@@ -77,10 +97,17 @@ def cmd_run(args):
         policy = Policy.from_dict(spec)
     except (OSError, ValueError) as e:
         print("pvmexec run: policy: %s" % e, file=sys.stderr)
-        return 2
+        return 125
     trace = None
-    if args.trace is not None:
-        trace = sys.stderr if args.trace == "-" else args.trace
+    if args.output and not args.trace:
+        print("pvmexec run: -o names the trace's file: give --trace too", file=sys.stderr)
+        return 125
+    if args.trace:
+        try:
+            trace = open_output(args.output) if args.output else sys.stderr
+        except OSError as e:
+            print("pvmexec run: -o %s: %s" % (args.output, e.strerror), file=sys.stderr)
+            return 125
     box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
     # The terminal's signals (Ctrl-C, Ctrl-\, a hang-up, a kill of this process) go to the program.
     forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
@@ -90,6 +117,9 @@ def cmd_run(args):
     except FileNotFoundError as e:
         print("pvmexec run: %s" % e.strerror, file=sys.stderr)
         return 127
+    except Errno as e:                     # the program cannot be executed (env's and docker's 126, 127)
+        print("pvmexec run: %s: %s" % (args.program[0], os.strerror(e.errno)), file=sys.stderr)
+        return 127 if e.errno == errno.ENOENT else 126
     except PvmexecError as e:
         print("pvmexec run: %s" % e, file=sys.stderr)
         return 126
@@ -169,6 +199,14 @@ def cmd_image_or_usage(args):
     return cmd_image(args)
 
 
+def _usage_status(parser, status):
+    """Make a (sub)command's usage errors exit with status instead of argparse's 2."""
+    def error(message):
+        parser.print_usage(sys.stderr)
+        parser.exit(status, "%s: error: %s\n" % (parser.prog, message))
+    parser.error = error
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="pvmexec",
@@ -197,8 +235,10 @@ def build_parser():
                                    "reaches host files only through the policy: everything under ROOT "
                                    "read-only, and writable paths below it. stdin, stdout, stderr and the "
                                    "exit status are the program's.")
-    r.add_argument("--trace", nargs="?", const="-", metavar="FILE",
-                   help="print one strace-like line per syscall, to stderr or FILE")
+    r.add_argument("--trace", action="store_true",
+                   help="print one strace-like line per syscall (to stderr, or to the file of -o)")
+    r.add_argument("-o", "--output", metavar="FILE",
+                   help="write the trace to FILE (a new file, or an existing file that is not executable)")
     r.add_argument("--policy", metavar="FILE",
                    help='JSON: {"root": DIR, "writable": [PATH, ...], "network": false}')
     r.add_argument("--root", metavar="DIR", help="host directory the program sees as / (default /)")
@@ -209,6 +249,7 @@ def build_parser():
                    help="hide the vDSO, so that time calls reach the kernel")
     r.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]")
     r.set_defaults(func=cmd_run)
+    _usage_status(r, 125)                  # pvmexec's own failure, as env, timeout and docker run say it
 
     d = sub.add_parser("dump", help="checkpoint a running process: pre-dumps while it runs, then a short freeze",
                        description="Dump process PID into DIR (new or empty): rounds that copy the pages "

@@ -16,7 +16,7 @@ from helpers import *  # noqa: F401,F403
 def test_calls_answered_in_c_match_the_python_handlers(cc, tmp_path):
     prog = build_program(cc, tmp_path, "syscall_heavy", "-static")
     fast = sandboxed([prog, "300"])
-    slow = sandboxed([prog, "300"], "--trace=%s" % (tmp_path / "trace"))     # tracing turns the C path off
+    slow = sandboxed([prog, "300"], "--trace", "-o", str(tmp_path / "trace"))     # tracing turns the C path off
     assert fast.returncode == slow.returncode == 0 and fast.stdout == slow.stdout
     assert (tmp_path / "trace").read_text().count("getpid()") == 301
 

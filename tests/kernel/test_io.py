@@ -19,7 +19,7 @@ def bigio(cc, tmp_path_factory):
 def test_whole_reads_and_writes(bigio, tmp_path, size, path):
     out = tmp_path / "out"
     out.mkdir()
-    options = ["--writable", str(out)] + (["--trace=%s" % (tmp_path / "trace")] if path == "python" else [])
+    options = ["--writable", str(out)] + (["--trace", "-o", str(tmp_path / "trace")] if path == "python" else [])
     got = sandboxed([bigio, str(out / "f"), str(size)], *options)
     assert got.returncode == 0 and got.stderr.endswith(b"ok %d\n" % size), got.stderr[-300:]
     assert len(got.stdout) == size

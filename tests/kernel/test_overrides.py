@@ -15,7 +15,7 @@ from helpers import *  # noqa: F401,F403
 
 def test_trace_lines(busybox, tmp_path):
     trace = tmp_path / "trace"
-    got = sandboxed([busybox, "cat", "/etc/hostname"], "--trace=%s" % trace)
+    got = sandboxed([busybox, "cat", "/etc/hostname"], "--trace", "-o", str(trace))
     lines = trace.read_text().splitlines()
     assert any('open' in l and '"/etc/hostname", O_RDONLY' in l and l.endswith("= 3") for l in lines), lines
     assert got.stdout == open("/etc/hostname", "rb").read()

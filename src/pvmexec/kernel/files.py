@@ -48,19 +48,47 @@ class Policy:
     root_fd = -1                        # until opened: close() and __del__ work on a half-built policy
 
     def __init__(self, root="/", writable=(), network=False):
+        if not isinstance(root, str) or not root:
+            raise ValueError("policy root must be a directory's path (a string), not %r" % (root,))
+        if isinstance(writable, (str, bytes)) or not isinstance(writable, (list, tuple)):
+            raise ValueError("policy writable must be a list of guest paths, not %r" % (writable,))
+        for w in writable:
+            if not isinstance(w, str) or not w.startswith("/"):
+                raise ValueError("policy writable: %r is not an absolute guest path" % (w,))
+        if not isinstance(network, bool):
+            raise ValueError("policy network must be true or false, not %r" % (network,))
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise ValueError("policy root %r is not a directory" % root)
-        self.writable = tuple(posixpath.normpath("/" + w.lstrip("/")) for w in writable)
-        self.network = bool(network)
-        self.root_fd = -1
+        self.writable = tuple(posixpath.normpath(w) for w in writable)
+        for w in self.writable:
+            if not os.path.isdir(os.path.join(self.root, w.lstrip("/"))):
+                raise ValueError("policy writable: %s is not a directory under the root %s" % (w, self.root))
+        self.network = network
         self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    SCHEMA = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "pvmexec run policy",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "root": {"type": "string", "minLength": 1,
+                     "description": "host directory the guest sees as / (default /)"},
+            "writable": {"type": "array", "items": {"type": "string", "pattern": "^/"},
+                         "description": "guest paths below which the guest may create, change and delete"},
+            "network": {"type": "boolean", "description": "whether the guest may create sockets"},
+        },
+    }
 
     @classmethod
     def from_dict(cls, d):
+        """A policy from its JSON form (SCHEMA); ValueError naming the field that is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("a policy is a JSON object, not %s" % type(d).__name__)
         unknown = set(d) - {"root", "writable", "network"}
         if unknown:
-            raise ValueError("unknown policy keys: %s" % ", ".join(sorted(unknown)))
+            raise ValueError("unknown policy keys: %s" % ", ".join(sorted(map(str, unknown))))
         return cls(d.get("root", "/"), d.get("writable", ()), d.get("network", False))
 
     def close(self):
