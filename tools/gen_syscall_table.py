@@ -55,9 +55,15 @@ STR_NAME = re.compile(r"(name|path|file|special|dir|type|uargs|cmdline|descripti
 NOT_A_DESCRIPTOR = {("pidfd_getfd", "fd"), ("dup2", "newfd"), ("dup3", "newfd")}
 
 
+# `const char __user *` arguments that are buffers, not NUL-terminated strings.
+CONST_CHAR_BUFFERS = {"buf", "u_msg_ptr"}
+
+
 def kind(ctype, name):
     ctype = " ".join(ctype.split())
     if "*" in ctype or "__user" in ctype or ctype.endswith("_t") and "user" in ctype:
+        if ctype == "const char __user *" and name not in CONST_CHAR_BUFFERS:
+            return "str"                   # symlink's `old`, `new` too: not only names that say path
         if "char" in ctype and STR_NAME.search(name or "") and name not in ("buf", "list"):
             return "str"
         return "ptr"

@@ -82,3 +82,23 @@ def test_a_failing_handler_kills_the_process_not_the_kernel(busybox, tmp_path, c
     assert "internal error in uname" in capsys.readouterr().err
     status, out = run_captured(box, [busybox, "echo", "still fine"], tmp_path)     # the kernel goes on
     assert (status, out) == (0, b"still fine\n")
+
+
+def test_no_path_reaches_the_hosts_proc_or_sys(busybox, tmp_path):
+    """Whatever path a guest uses — a symlink it makes, one it finds on the host, .. — it never reaches
+    the host's procfs or sysfs: only the general /proc files are there."""
+    w = tmp_path / "w"
+    w.mkdir()
+    for name, target in (("found-mounts", "/proc/self/mounts"), ("found-environ", "/proc/1/environ"),
+                         ("found-fd", "/proc/self/fd"), ("found-sys", "/sys/kernel"), ("found-dev-fd", "/dev/fd")):
+        os.symlink(target, w / name)
+    script = ("cd %s; ln -s /proc p; ln -s /sys s; ln -s ../../../../../../proc up; "
+              "for f in p/1/environ p/self/mounts p/1/fd/0 p/99999/environ s/kernel/hostname up/1/status "
+              "found-mounts found-environ found-fd/0 found-sys/hostname found-dev-fd/0 /proc/self/status "
+              "/proc/1/cmdline; do cat $f >/dev/null 2>&1 && echo READ $f; done; "
+              "ls p s up found-fd found-sys /proc 2>/dev/null | head -5; "
+              "cat p/cpuinfo | head -1" % w)
+    got = sandboxed([busybox, "sh", "-c", script], "--writable", str(w))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [b"processor\t: 0"], got.stdout     # only the general file, by any path
+    assert b"READ" not in got.stdout and str(os.getpid()).encode() not in got.stdout

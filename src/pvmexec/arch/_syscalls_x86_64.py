@@ -91,7 +91,7 @@ TABLE = {
     85: ('creat', (('pathname', 'str'), ('mode', 'int'))),
     86: ('link', (('oldname', 'str'), ('newname', 'str'))),
     87: ('unlink', (('pathname', 'str'),)),
-    88: ('symlink', (('old', 'ptr'), ('new', 'ptr'))),
+    88: ('symlink', (('old', 'str'), ('new', 'str'))),
     89: ('readlink', (('path', 'str'), ('buf', 'ptr'), ('bufsiz', 'int'))),
     90: ('chmod', (('filename', 'str'), ('mode', 'int'))),
     91: ('fchmod', (('fd', 'fd'), ('mode', 'int'))),

@@ -120,24 +120,79 @@ class Policy:
                 return True
         return False
 
+    def reached(self, fd):
+        """fd, if what it opened is the guest's to see; else it is closed and the guest gets ENOENT.
+
+        The path does not say where the host kernel went (symlinks into /proc are ordinary links, and
+        RESOLVE_IN_ROOT follows them): the filesystem the descriptor landed on does.
+        """
+        try:
+            ftype = struct.unpack_from("<q", _core.fstatfs_raw(fd))[0] & 0xFFFFFFFF
+            if ftype not in PSEUDO_FS:
+                return fd
+            host = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            os.close(fd)
+            raise Errno(errno.ENOENT) from None
+        guest = self.guest_path(host)
+        if ftype == PROC_SUPER_MAGIC and guest is not None and any(
+                guest == v or guest.startswith(v + "/") for v in PROC_VISIBLE):
+            return fd
+        os.close(fd)
+        raise Errno(errno.ENOENT)
+
+    def _error(self, guest_abs, err):
+        """The errno for a path that failed: ENOENT when its deepest reachable directory is in a host
+        pseudo-filesystem (EACCES or ENOTDIR there would tell the guest what the host has)."""
+        head = guest_abs
+        while head not in ("", "/"):
+            head = posixpath.dirname(head.rstrip("/"))
+            try:
+                fd = _core.openat2(self.root_fd, self._rel(head or "/"), os.O_PATH | os.O_CLOEXEC, 0,
+                                   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                continue
+            try:
+                ftype = struct.unpack_from("<q", _core.fstatfs_raw(fd))[0] & 0xFFFFFFFF
+            except OSError:
+                return errno.ENOENT
+            finally:
+                os.close(fd)
+            return errno.ENOENT if ftype in PSEUDO_FS else err
+        return err
+
+    def guest_path(self, host):
+        """The guest's name for a host path below the root, or None."""
+        if self.root == "/":
+            return host
+        if host == self.root or host.startswith(self.root + "/"):
+            return host[len(self.root):] or "/"
+        return None
+
     def path_fd(self, guest_abs, follow=True, directory=False):
         """An O_PATH descriptor for a guest path (the caller closes it)."""
         self._visible(guest_abs)
         flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW) | (os.O_DIRECTORY if directory else 0)
         try:
-            return _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            fd = _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
         except OSError as e:
-            raise Errno(e.errno) from None
+            raise Errno(self._error(guest_abs, e.errno)) from None
+        return self.reached(fd)
 
     def open(self, guest_abs, flags, mode):
         """A host descriptor for open(2) of a guest path, the policy checked before anything changes."""
         flags |= os.O_CLOEXEC
         if not flags & _WRITING and flags & O_ACCMODE == os.O_RDONLY:
             self._visible(guest_abs)
+            # Where the path leads is checked before the file itself is opened: the host's
+            # answer for a file of its own (EACCES for another process's) would tell it exists.
+            where = self.path_fd(guest_abs, follow=not flags & os.O_NOFOLLOW)
             try:
-                return _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                return os.open("/proc/self/fd/%d" % where, flags & ~os.O_NOFOLLOW)
             except OSError as e:
                 raise Errno(e.errno) from None
+            finally:
+                os.close(where)
         try:
             existing = self.path_fd(guest_abs, follow=not flags & os.O_NOFOLLOW)
         except Errno as e:
@@ -206,6 +261,16 @@ class OpenFile:
         except OSError:
             return False
 
+
+# Host pseudo-filesystems (statfs f_type): what they show is the host's (its processes, devices,
+# kernel state), never the guest's. Reached by any path or symlink, they are not there for the guest,
+# except the general /proc files above.
+PROC_SUPER_MAGIC = 0x9FA0
+PSEUDO_FS = frozenset((PROC_SUPER_MAGIC, 0x62656572, 0x1CD1, 0x64626720, 0x74726163, 0x73636673, 0x63677270,
+                       0x27E0EB, 0xCAFE4A11, 0x6165676C, 0x62656570, 0xDE5E81E4, 0xF97CFF8C, 0x42494E4D,
+                       0x65735543, 0x6E736673, 0x19800202))
+# proc sysfs devpts debugfs tracefs securityfs cgroup2 cgroup bpf pstore configfs efivarfs selinuxfs
+# binfmt_misc fusectl nsfs mqueue
 
 # Descriptor tables are changed by several guest threads and processes at once (and open file
 # descriptions are shared between processes after fork): one lock for all of them.

@@ -134,12 +134,8 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
 
     def _guest_path(self, host):
         """The guest's name for a host path: below the policy's root, else its `/`."""
-        root = self.policy.root
-        if root == "/":
-            return host
-        if host == root or host.startswith(root + "/"):
-            return host[len(root):] or "/"
-        return "/"
+        guest = self.policy.guest_path(host)
+        return "/" if guest is None else guest
 
     def _which(self, p, name, path_env):
         if "/" in name:
