@@ -13,6 +13,7 @@ import pytest
 import pvmexec
 from pvmexec import (AlreadyTraced, InvalidContext, PROCESS_VM_EXEC_SYSCALL, RemoteSyscallError,
                      SigContext, TargetGone, UnsupportedTarget, process_vm_exec)
+from pvmexec import proc
 from pvmexec.guest import Guest
 from conftest import snapshot
 
@@ -192,17 +193,30 @@ def test_elf_class_check():
         check_elf_header(1, f.read(20))         # this interpreter is fine
 
 
+CAN_READ_FILTERS = proc.has_cap(21)           # CAP_SYS_ADMIN: PTRACE_SECCOMP_GET_FILTER needs it
+
+
 def test_seccomp_filter_is_respected(spawn):
     v = spawn("seccomp")
     with pvmexec.attach(v.pid, engine="ptrace") as space:
-        assert space.syscall("getpid") == v.pid
-        with pytest.raises(pvmexec.SeccompBlocked, match="kill the process"):
-            space.syscall("getppid")
-        with pytest.raises(pvmexec.SeccompBlocked, match="SIGSYS"):
-            space.syscall("getgid")
-        # ERRNO verdicts are answered as the target would get them, without running the call.
-        assert space.syscall_raw("getuid") == -errno.EPERM
-        assert space.syscall("getpid") == v.pid
+        if not CAN_READ_FILTERS:
+            # Unprivileged: the filters cannot be read, so nothing is injected, with the reason.
+            with pytest.raises(pvmexec.SeccompBlocked, match="cannot be read.*CAP_SYS_ADMIN.*check_seccomp=False"):
+                space.syscall("getpid")
+    if not CAN_READ_FILTERS:
+        with pvmexec.attach(v.pid, engine="ptrace", check_seccomp=False) as space:   # the user's own risk
+            assert space.syscall("getpid") == v.pid
+            assert space.syscall_raw("getuid") == -errno.EPERM                   # the filter's own answer
+    else:
+        with pvmexec.attach(v.pid, engine="ptrace") as space:
+            assert space.syscall("getpid") == v.pid
+            with pytest.raises(pvmexec.SeccompBlocked, match="kill the process"):
+                space.syscall("getppid")
+            with pytest.raises(pvmexec.SeccompBlocked, match="SIGSYS"):
+                space.syscall("getgid")
+            # ERRNO verdicts are answered as the target would get them, without running the call.
+            assert space.syscall_raw("getuid") == -errno.EPERM
+            assert space.syscall("getpid") == v.pid
     v.send(b"x")
     assert v.readline().startswith("done 1 usr1 0")
     assert v.wait() == 0
