@@ -26,9 +26,8 @@ class SigContext:
         self._buf = bytearray(_arch.REGS_SIZE)
         self._q = memoryview(self._buf).cast("Q")
         self.fpstate = regs.pop("fpstate", None)
-        self.cs = _arch.USER_CS
-        self.ss = _arch.USER_DS
-        self.eflags = 0x202
+        for k, v in _arch.CONTEXT_DEFAULTS.items():
+            setattr(self, k, v)
         for k, v in regs.items():
             if k not in _arch.REG_INDEX or k == "orig_rax":
                 raise TypeError("SigContext has no register %r" % k)

@@ -5,10 +5,12 @@ import os
 import struct
 
 from .abi import ALL_SIGNALS, s64
+from .arch import current as _current_arch
 from .context import SigContext, SigInfo
 from .space import attach
 from .syscalls import arg_kinds, name_of, number
 
+_ARCH = _current_arch()
 PROCESS_VM_EXEC_SYSCALL = 0x1
 _SIGSET_SIZE = 8
 
@@ -46,8 +48,8 @@ def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIG
     mask = _mask_to_set(sigmask)
     with attach(pid, engine=engine) as space:
         if flags & PROCESS_VM_EXEC_SYSCALL:
-            args = [ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10, ctx.r8, ctx.r9]
-            ctx.rax = syscall_with_callers_fds(space, ctx.rax, args)
+            nr = getattr(ctx, _ARCH.SYSCALL_NR)
+            _ARCH.set_syscall_result(ctx, syscall_with_callers_fds(space, nr, _ARCH.syscall_args(ctx)))
             return 0
         stop = space.exec(ctx, sigmask=mask)
     ctx._buf[:] = stop.ctx._buf

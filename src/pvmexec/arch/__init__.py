@@ -28,6 +28,7 @@ INTERFACE = {
     "SYSCALL_INSN_LEN": "its length: a stop after a syscall has the instruction pointer this far past it",
     "USER_CS": "user code selector (or the arch's equivalent mode word)",
     "USER_DS": "user data selector",
+    "CONTEXT_DEFAULTS": "register values a new SigContext starts with",
     "TASK_SIZE_MAX": "highest user address + 1",
     "RESTART_CODES": "-ERESTART* values a thread stopped in a syscall may show",
     "SYNC_SIGNALS": "signals the CPU raises for the running code",
@@ -40,6 +41,7 @@ INTERFACE = {
     "syscall_args": "the six arguments of the syscall a context stopped at",
     "set_syscall_result": "store a syscall's result in a context",
     "restart_syscall": "make a context enter a syscall again when it resumes",
+    "clone_child_context": "the context a clone child starts from (returns 0, its own stack and TLS)",
 }
 
 

@@ -28,6 +28,8 @@ USER_CS = 0x33
 USER32_CS = 0x23
 USER_DS = 0x2B
 TASK_SIZE_MAX = (1 << 47) - 4096
+# A new SigContext: user selectors, interrupts enabled (IF) and the always-one bit.
+CONTEXT_DEFAULTS = {"cs": USER_CS, "ss": USER_DS, "eflags": 0x202}
 
 # -ERESTART* values a thread stopped inside a syscall may show in rax.
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
@@ -158,3 +160,16 @@ def restart_syscall(ctx, nr):
     """Make the thread enter syscall nr again when it resumes (the instruction just before rip)."""
     ctx.rip -= SYSCALL_INSN_LEN
     ctx.rax = nr
+
+
+def clone_child_context(parent, newsp, tls):
+    """The context a clone child starts from: the parent's, with clone() returning 0 in it, on its own
+    stack (newsp, if given) and with its own TLS (tls, if given: CLONE_SETTLS)."""
+    ctx = parent.copy()
+    ctx.fpstate = parent.fpstate
+    ctx.rax = 0
+    if newsp:
+        ctx.rsp = newsp
+    if tls is not None:
+        ctx.fs_base = tls
+    return ctx

@@ -23,7 +23,10 @@ from .channel import channel_error, wait_word
 from ..errors import EngineError, TargetGone, UnsupportedTarget
 from .ptrace import PtraceEngine, find_syscall_insn
 from .target_filters import thread_mode
+from ..arch import current as _current_arch
 from ..syscalls import number
+
+arch = _current_arch()
 
 L = _core.LAYOUT
 SYMS = _core.AGENT_SYMBOLS
@@ -36,7 +39,7 @@ CALL = struct.Struct("<q6Qq")
 CLONE_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
                | CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID)
 NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl",
-                              "madvise")}
+                              "madvise", "exit")}
 
 # Spin budget (pause iterations) of both sides before sleeping on a futex. It is used only
 # while the two run on different CPUs (each side records its CPU in the slot); a machine
@@ -203,8 +206,8 @@ class AgentEngine(BaseEngine):
             regs = bytearray(_core.getregs(self.agent_tid))
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            if q[idx["orig_rax"]] != (1 << 64) - 1 and (1 << 64) - q[idx["rax"]] in (512, 513, 514, 516):
-                q[idx["rax"]] = (1 << 64) - 4          # -EINTR, and no restart
+            if q[idx["orig_rax"]] != (1 << 64) - 1 and (1 << 64) - q[idx["rax"]] in arch.RESTART_CODES:
+                q[idx["rax"]] = (1 << 64) - errno.EINTR       # and no restart
                 q[idx["orig_rax"]] = (1 << 64) - 1
                 _core.setregs(self.agent_tid, regs)
         finally:
@@ -285,7 +288,7 @@ class AgentEngine(BaseEngine):
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
             q[idx["rip"]] = find_syscall_insn(self.pid)
-            q[idx["rax"]] = 60                            # exit: this thread only
+            q[idx["rax"]] = NR["exit"]                    # this thread only
             q[idx["rdi"]] = 0
             q[idx["orig_rax"]] = (1 << 64) - 1            # no syscall restart on the way out
             _core.setregs(tid, regs)

@@ -10,9 +10,12 @@ import threading
 
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
+from ..arch import current as _current_arch
 from .errors import Errno
 from .task import Process, close_wake, kill_space
 from .threads import wait_for_threads
+
+ARCH = _current_arch()
 
 
 SIGCHLD = signal.SIGCHLD
@@ -37,13 +40,7 @@ class ProcessMachinery:
         except BaseException:
             self._discard(child)
             raise
-        child.ctx = p.ctx.copy()
-        child.ctx.fpstate = p.ctx.fpstate
-        child.ctx.rax = 0
-        if newsp:
-            child.ctx.rsp = newsp
-        if flags & CLONE_SETTLS:
-            child.ctx.fs_base = tls
+        child.ctx = ARCH.clone_child_context(p.ctx, newsp, tls if flags & CLONE_SETTLS else None)
         child.exit_signal = flags & 0xFF
         if flags & CLONE_PARENT_SETTID:
             for q in (p, child):

@@ -6,8 +6,11 @@ import struct
 import threading
 
 from ..abi import CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_VM
+from ..arch import current as _current_arch
 from .errors import Errno, ThreadExit
 from .task import Thread, close_wake, kill_space, leader_of, wake
+
+ARCH = _current_arch()
 
 
 def end_group(proc, status):
@@ -78,14 +81,7 @@ class ThreadMachinery:
             except Exception:
                 raise Errno(errno.EAGAIN) from None
         t = Thread(proc, tid, index)
-        ctx = p.ctx.copy()
-        ctx.fpstate = p.ctx.fpstate
-        ctx.rax = 0
-        if newsp:
-            ctx.rsp = newsp
-        if flags & CLONE_SETTLS:
-            ctx.fs_base = tls
-        t.ctx = ctx
+        t.ctx = ARCH.clone_child_context(p.ctx, newsp, tls if flags & CLONE_SETTLS else None)
         t.sigmask = p.sigmask
         if flags & CLONE_PARENT_SETTID:
             p.write(parent_tid, struct.pack("<i", tid))
