@@ -118,3 +118,26 @@ def test_run_cannot_execute_is_126(tmp_path):
     for target in (script, tmp_path):
         out = pvmexec("run", "--", str(target))
         assert out.returncode == 126 and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["syscall", "0", "getpid"], "must be above 0"),
+    (["syscall", "-5", "getpid"], "must be above 0"),
+    (["syscall", "1", "getpid", "i:abc"], "invalid literal"),
+    (["syscall", "1", "frobnicate"], "unknown x86-64 system call"),
+    (["bench", "--iterations", "0"], "must be above 0"),
+    (["dump", "--pre-dumps", "-1", "1", "/nonexistent/dir"], "must not be negative"),
+    (["dump", "x", "/tmp/d"], "is not a whole number"),
+])
+def test_bad_input_is_one_line_never_a_traceback(args, message):
+    out = pvmexec(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_image_statuses_as_cmp(tmp_path):
+    out = pvmexec("image", "show", str(tmp_path))
+    assert out.returncode == 2 and "not a pvmexec image" in out.stderr
+    out = pvmexec("image", "verify", str(tmp_path / "none"), "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    out = pvmexec("dump", "999999999", str(tmp_path / "img"))
+    assert out.returncode == 1 and "no such process" in out.stderr and not (tmp_path / "img").exists()

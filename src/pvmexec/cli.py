@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import PvmexecError, RemoteSyscallError
+from .errors import PvmexecError
 from .syscalls import errno_name, name_of, number
 
 
@@ -26,10 +26,10 @@ def cmd_syscall(args):
     from .space import attach
     try:
         nr = number(args.name)
+        values = [parse_arg(a) for a in args.args]
     except ValueError as e:
         print("pvmexec: %s" % e, file=sys.stderr)
         return 2
-    values = [parse_arg(a) for a in args.args]
     if len(values) > 6:
         print("pvmexec: a system call takes at most 6 arguments", file=sys.stderr)
         return 2
@@ -39,11 +39,14 @@ def cmd_syscall(args):
     except (PvmexecError, OSError) as e:
         print("pvmexec: %s" % e, file=sys.stderr)
         return 1
+    except (ValueError, TypeError, OverflowError) as e:          # a pid or argument that cannot be
+        print("pvmexec: %s" % e, file=sys.stderr)
+        return 2
     call = "%s(%s)" % (name_of(nr), ", ".join(
         repr(v) if isinstance(v, str) else str(v) for v in values))
     if -4096 < ret < 0:
-        err = RemoteSyscallError(-ret, name_of(nr), values)
-        print("%s = -1 %s (%s)" % (call, errno_name(-ret), err.strerror.rsplit("(", 1)[-1].rstrip(")")))
+        import os
+        print("%s = -1 %s (%s)" % (call, errno_name(-ret), os.strerror(-ret)))
         return 1
     shown = hex(ret) if args.hex or name_of(nr) in ("mmap", "brk", "mremap") else str(ret)
     print("%s = %s" % (call, shown))
@@ -172,6 +175,7 @@ def cmd_dump(args):
 
 
 def cmd_image(args):
+    """show: 0, or 2 for an image that cannot be read; verify: 0 same, 1 differ, 2 trouble (as cmp)."""
     from . import checkpoint as dumpmod
     try:
         if args.action == "show":
@@ -180,7 +184,7 @@ def cmd_image(args):
         diffs = dumpmod.verify(args.dir, args.pid)
     except (PvmexecError, OSError) as e:
         print("pvmexec image: %s" % e, file=sys.stderr)
-        return 1
+        return 2
     for addr, what in diffs[:20]:
         print("%#x: %s" % (addr, what))
     print("%s: %s" % (args.dir, "matches process %d" % args.pid if not diffs else "%d pages differ" % len(diffs)))
@@ -197,6 +201,28 @@ def cmd_image_or_usage(args):
         print("pvmexec image verify: give the PID to compare with", file=sys.stderr)
         return 2
     return cmd_image(args)
+
+
+def positive_int(text):
+    """An argparse type: a whole number above 0 (a pid, a count of iterations)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("%s must be above 0" % text)
+    return value
+
+
+def counting_int(text):
+    """An argparse type: a whole number of 0 or more."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("%s must not be negative" % text)
+    return value
 
 
 def _usage_status(parser, status):
@@ -220,7 +246,7 @@ def build_parser():
                                    "memory, and print the result or the error by name. Arguments are "
                                    "integers (42, 0x2a, -1) or strings, which are placed in the "
                                    "target's memory for the call (force with s:TEXT or i:NUMBER).")
-    s.add_argument("pid", type=int, metavar="PID")
+    s.add_argument("pid", type=positive_int, metavar="PID")
     s.add_argument("name", metavar="NAME", help="system call name (openat) or number (257)")
     s.add_argument("args", nargs="*", metavar="ARG")
     s.add_argument("--freeze", action="store_true", help="stop all threads of the target meanwhile")
@@ -256,10 +282,10 @@ def build_parser():
                                    "written since the last one while it runs (userfaultfd write-protect and "
                                    "PAGEMAP_SCAN), then a final round with every thread frozen, and its "
                                    "threads' and process's state. Progress on a terminal.")
-    d.add_argument("pid", type=int, metavar="PID")
+    d.add_argument("pid", type=positive_int, metavar="PID")
     d.add_argument("dir", metavar="DIR")
     how = d.add_mutually_exclusive_group()
-    how.add_argument("--pre-dumps", type=int, default=2, metavar="N", help="rounds while running (default 2)")
+    how.add_argument("--pre-dumps", type=counting_int, default=2, metavar="N", help="rounds while running (default 2)")
     how.add_argument("--until-converged", action="store_true",
                      help="pre-dump until a round copies at most 8 MiB or stops shrinking")
     d.add_argument("--transfer", choices=("readv", "vmsplice"), default="readv",
@@ -283,7 +309,7 @@ def build_parser():
                                    "loops, mode 2 latency, single and batched; true µs per round trip "
                                    "beside the published figures. Starts its own target processes.")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--iterations", type=int, default=20000, help="round trips per C-level loop")
+    b.add_argument("--iterations", type=positive_int, default=20000, help="round trips per C-level loop")
     b.add_argument("--quick", action="store_true", help="a few hundred round trips (smoke test)")
     b.add_argument("what", nargs="?", choices=("engines", "sandbox", "dump"), default="engines",
                    help="engines (default): both modes, every engine; sandbox: pvmexec run against native "

@@ -100,6 +100,11 @@ def test_until_converged_then_kill(writer, tmp_path):
 def test_bad_input(writer, tmp_path):
     with pytest.raises(TargetGone):
         dumpmod.dump(999999999, str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()             # failed before anything was written: no directory
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TargetGone):
+        dumpmod.dump(999999999, str(tmp_path / "empty"))
+    assert os.listdir(tmp_path / "empty") == []          # the user's (empty) directory stays, empty
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")

@@ -15,8 +15,19 @@ def _image(path):
     w.add_ranges([(0x20000, 0x21000), (0x30000, 0x31000)], b"c" * PAGE + b"d" * PAGE)
     w.add(0x10000, b"e" * PAGE)                     # written again later: the last record wins
     w.zero(0x11000, PAGE)
-    w.finish({"pid": 1})
+    w.finish(_manifest())
     return w
+
+
+def _manifest(**changes):
+    """Every required field, as a dump writes them (values made up)."""
+    m = dict(pid=1, mappings=[dict(start=0x10000, end=0x12000, perms="rw-p", offset=0, path="", vm_flags="rd wr")],
+             rounds=[dict(round=1, final=True, pages=2, seconds=0.01)], freeze_seconds=0.01,
+             freeze_breakdown=dict(stop_threads=0, last_round=0, state=0), total_seconds=0.02, bytes_written=8192,
+             bytes_spliced=0, transfer="readv", threads=[], shared_pending=[], auxv="", mm={}, personality=0,
+             cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={})
+    m.update(changes)
+    return m
 
 
 def test_round_trip_and_the_last_record_wins(tmp_path):
@@ -69,6 +80,23 @@ def test_the_writer_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         ImageWriter(str(tmp_path / "full"))
     assert (tmp_path / "full" / "keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("threads"), "lacks threads"),
+    (lambda m: m.update(checksums={}), "checksums must be"),
+    (lambda m: m.update(pid="1"), "pid is not a int"),
+    (lambda m: m.update(mappings=[dict(start=5, end=1, perms="r", offset=0, path="")]), "mapping 0 is malformed"),
+    (lambda m: m.update(rounds=[None]), "round 0 is malformed"),
+])
+def test_a_malformed_manifest_is_refused_not_shown(tmp_path, edit, message):
+    _image(tmp_path / "img")
+    path = tmp_path / "img" / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(DumpError, match=message):
+        Image(str(tmp_path / "img")).summary()
 
 
 def test_the_field_list_is_well_formed():

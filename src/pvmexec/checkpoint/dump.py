@@ -52,7 +52,10 @@ def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True,
             on_frozen(pid)
         return manifest
     except BaseException as e:
-        run.image.abort("%s: %s" % (type(e).__name__, e))
+        if not run.image.bytes_written:     # failed before anything was copied: leave nothing behind
+            run.image.discard()
+        else:
+            run.image.abort("%s: %s" % (type(e).__name__, e))
         raise
     finally:
         run.close(leave_running)

@@ -63,6 +63,7 @@ class ImageWriter:
     def __init__(self, directory):
         if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
             raise FileExistsError(errno.EEXIST, "%s exists and is not an empty directory" % directory)
+        self.created = not os.path.exists(directory)
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
         self.files = {"pages.img": open(os.path.join(directory, "pages.img"), "wb", buffering=0),  # splice joins in
@@ -157,6 +158,24 @@ class ImageWriter:
         except OSError:
             pass
 
+    def discard(self):
+        """Nothing worth keeping was written: remove the image's files, and the directory if we made it."""
+        for f in self.files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        for name in ("pages.img", "pages.idx", "manifest.json", "manifest.json.tmp"):
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except FileNotFoundError:
+                pass
+        if self.created:
+            try:
+                os.rmdir(self.dir)
+            except OSError:
+                pass
+
     def _write_manifest(self):
         tmp = os.path.join(self.dir, "manifest.json.tmp")
         with open(tmp, "w") as f:
@@ -181,6 +200,8 @@ def _sha256(path):
 
 
 class Image:
+    """A checkpoint image read back: its manifest (validated), checksums, page index and summary."""
+
     def __init__(self, directory):
         self.dir = directory
         try:
@@ -188,15 +209,19 @@ class Image:
                 self.manifest = json.load(f)
         except (OSError, ValueError) as e:
             raise DumpError(errno.EINVAL, "%s is not a pvmexec image: %s" % (directory, e)) from None
+        if not isinstance(self.manifest, dict):
+            raise DumpError(errno.EINVAL, "%s: the manifest is not a JSON object" % directory)
         if self.manifest.get("version") != IMAGE_VERSION:
             raise DumpError(errno.EINVAL, "image version %r, this pvmexec reads %d" % (
                 self.manifest.get("version"), IMAGE_VERSION))
+        if self.manifest.get("complete") is True:
+            _validate(directory, self.manifest)
 
     def check(self):
         """The checksums; a DumpError names what is wrong."""
         if not self.manifest.get("complete"):
             raise DumpError(errno.EINVAL, "the image is incomplete (%s)" % self.manifest.get("error", "unknown"))
-        for name, want in self.manifest["checksums"].items():
+        for name, want in sorted(self.manifest["checksums"].items()):
             if _sha256(os.path.join(self.dir, name)) != want:
                 raise DumpError(errno.EINVAL, "%s does not match its checksum" % name)
 
@@ -229,6 +254,34 @@ class Image:
         for mp in m["mappings"]:
             lines.append("  %012x-%012x %s %s" % (mp["start"], mp["end"], mp["perms"], mp["path"]))
         return "\n".join(lines)
+
+
+_TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
+          "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
+          "checksums": dict}
+
+
+def _validate(directory, m):
+    """A complete image's manifest has every required field, of its type, and its two checksums."""
+    missing = sorted(n for n, (_w, required, _m) in MANIFEST_FIELDS.items() if required and n not in m)
+    if missing:
+        raise DumpError(errno.EINVAL, "%s: the manifest lacks %s" % (directory, ", ".join(missing)))
+    for name, typ in _TYPES.items():
+        if not isinstance(m[name], typ) or isinstance(m[name], bool):
+            raise DumpError(errno.EINVAL, "%s: the manifest's %s is not a %s" % (
+                directory, name, getattr(typ, "__name__", "number")))
+    if set(m["checksums"]) != {"pages.img", "pages.idx"} or not all(
+            isinstance(v, str) and len(v) == 64 for v in m["checksums"].values()):
+        raise DumpError(errno.EINVAL, "%s: the manifest's checksums must be the SHA-256 of pages.img and "
+                        "pages.idx" % directory)
+    for i, mp in enumerate(m["mappings"]):
+        if not (isinstance(mp, dict) and all(isinstance(mp.get(k), int) for k in ("start", "end", "offset"))
+                and isinstance(mp.get("perms"), str) and isinstance(mp.get("path"), str)
+                and 0 <= mp["start"] < mp["end"] < 1 << 64):
+            raise DumpError(errno.EINVAL, "%s: the manifest's mapping %d is malformed" % (directory, i))
+    for i, r in enumerate(m["rounds"]):
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("round", "pages", "seconds"))):
+            raise DumpError(errno.EINVAL, "%s: the manifest's round %d is malformed" % (directory, i))
 
 
 def verify(directory, pid, frozen=False):
