@@ -141,3 +141,19 @@ def test_image_statuses_as_cmp(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     out = pvmexec("dump", "999999999", str(tmp_path / "img"))
     assert out.returncode == 1 and "no such process" in out.stderr and not (tmp_path / "img").exists()
+
+
+def test_warnings_in_pvmexecs_words_and_quiet(spawn):
+    v = spawn("seccomp")                                 # the agent cannot go in: auto falls back, warning
+    out = pvmexec("syscall", "--engine", "auto", v.pid, "getuid")
+    assert out.stderr.startswith("pvmexec: warning: agent engine unavailable"), out.stderr
+    assert "RuntimeWarning" not in out.stderr and "warnings.warn" not in out.stderr
+    out = pvmexec("syscall", "-q", "--engine", "auto", v.pid, "getuid")
+    assert "warning" not in out.stderr
+
+
+def test_completion_and_manual_page_come_from_the_parser():
+    out = pvmexec("completion", "bash")
+    assert out.returncode == 0 and "pvmexec" in out.stdout and "--writable" in out.stdout
+    out = pvmexec("man")
+    assert out.returncode == 0 and out.stdout.startswith(".TH PVMEXEC") and "syscall" in out.stdout

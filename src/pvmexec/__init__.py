@@ -3,6 +3,7 @@
 The user-space realisation of the proposed process_vm_exec() syscall. See
 attach(), Space and process_vm_exec().
 """
+import logging as _logging
 import sys as _sys
 
 if not _sys.platform.startswith("linux"):
@@ -17,6 +18,7 @@ from .syscalls import name_of as syscall_name, number as syscall_number
 from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec
 
 __version__ = "0.1.0"
+_logging.getLogger("pvmexec").addHandler(_logging.NullHandler())     # the application decides what to show
 
 __all__ = [
     "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",

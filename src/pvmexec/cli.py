@@ -132,6 +132,11 @@ def cmd_run(args):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if box.unsupported:                    # once per run, as gVisor logs them: the calls that got ENOSYS
+        import logging
+        from .syscalls import name_of as _name
+        logging.getLogger("pvmexec").warning("calls the sandbox does not provide got ENOSYS: %s" % ", ".join(
+            sorted(_name(nr) for nr in box.unsupported)))
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         sys.stdout.flush()
@@ -234,14 +239,20 @@ def _usage_status(parser, status):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given before or after the command, a subcommand's default must not undo it
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print errors only (no warnings)")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="say what pvmexec does (-vv: and in detail)")
+    p = argparse.ArgumentParser(parents=[common],
         prog="pvmexec",
         description="Execute system calls and code inside another process's address space "
                     "(user-space process_vm_exec).")
     p.add_argument("--version", action="version", version="pvmexec " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("syscall", help="run one system call inside a process",
+    s = sub.add_parser("syscall", parents=[common], help="run one system call inside a process",
                        description="Run one system call inside process PID, with its descriptors and "
                                    "memory, and print the result or the error by name. Arguments are "
                                    "integers (42, 0x2a, -1) or strings, which are placed in the "
@@ -255,7 +266,7 @@ def build_parser():
                    help="ptrace (default: nothing added to the target for one call) or agent")
     s.set_defaults(func=cmd_syscall)
 
-    r = sub.add_parser("run", help="run a program in the sandbox (every syscall handled by pvmexec's kernel)",
+    r = sub.add_parser("run", parents=[common], help="run a program in the sandbox (every syscall handled by pvmexec's kernel)",
                        description="Run PROGRAM in a stub address space of its own; each of its system "
                                    "calls is carried out by pvmexec's application kernel (Python), which "
                                    "reaches host files only through the policy: everything under ROOT "
@@ -277,7 +288,7 @@ def build_parser():
     r.set_defaults(func=cmd_run)
     _usage_status(r, 125)                  # pvmexec's own failure, as env, timeout and docker run say it
 
-    d = sub.add_parser("dump", help="checkpoint a running process: pre-dumps while it runs, then a short freeze",
+    d = sub.add_parser("dump", parents=[common], help="checkpoint a running process: pre-dumps while it runs, then a short freeze",
                        description="Dump process PID into DIR (new or empty): rounds that copy the pages "
                                    "written since the last one while it runs (userfaultfd write-protect and "
                                    "PAGEMAP_SCAN), then a final round with every thread frozen, and its "
@@ -296,7 +307,7 @@ def build_parser():
     end.add_argument("--kill", action="store_true", help="kill it once dumped")
     d.set_defaults(func=cmd_dump)
 
-    im = sub.add_parser("image", help="show an image, or verify it against a process",
+    im = sub.add_parser("image", parents=[common], help="show an image, or verify it against a process",
                         description="show DIR: a readable summary. verify DIR PID: compare the image's memory "
                                     "with process PID's, page by page (the process is frozen meanwhile).")
     im.add_argument("action", choices=("show", "verify"))
@@ -304,7 +315,7 @@ def build_parser():
     im.add_argument("pid", type=int, nargs="?", metavar="PID")
     im.set_defaults(func=cmd_image_or_usage)
 
-    b = sub.add_parser("bench", help="measure both process_vm_exec modes (self-contained)",
+    b = sub.add_parser("bench", parents=[common], help="measure both process_vm_exec modes (self-contained)",
                        description="Reproduce the proposal's measurements: mode 1 syscall and fault "
                                    "loops, mode 2 latency, single and batched; true µs per round trip "
                                    "beside the published figures. Starts its own target processes.")
@@ -315,7 +326,58 @@ def build_parser():
                    help="engines (default): both modes, every engine; sandbox: pvmexec run against native "
                         "runs, the ptrace engine and strace; dump: live checkpoint against stop-the-world")
     b.set_defaults(func=cmd_bench)
+    c = sub.add_parser("completion", parents=[common], help="print a shell completion script",
+                       description="Print the completion script for SHELL (generated from this parser by "
+                                   "shtab); e.g. pvmexec completion bash > /etc/bash_completion.d/pvmexec")
+    c.add_argument("shell", choices=("bash", "zsh", "tcsh"), metavar="SHELL", help="bash, zsh or tcsh")
+    c.set_defaults(func=cmd_completion)
+    m = sub.add_parser("man", parents=[common], help="print the manual page (roff, generated from this parser)",
+                       description="Print pvmexec(1) in roff; e.g. pvmexec man | man -l -")
+    m.set_defaults(func=cmd_man)
     return p
+
+
+def cmd_completion(args):
+    import shtab
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def cmd_man(args):
+    from argparse_manpage.manpage import Manpage
+    parser = build_parser()
+    page = Manpage(parser, _data={"project_name": "pvmexec", "version": __version__,
+                                  "description": "execute system calls and code inside another process's "
+                                                 "address space", "url": "", "authors": []})
+    print(str(page))
+    return 0
+
+
+def _setup_logging(args):
+    """-q: errors only; default: warnings; -v: what pvmexec does; -vv: in detail. The library logs to the
+    "pvmexec" logger and warns with warnings.warn; both print here as `pvmexec: warning: ...`."""
+    import logging
+    import warnings
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", 0)
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("pvmexec: %(levelname)s: %(message)s"))
+    log = logging.getLogger("pvmexec")
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.warning(str(message).removeprefix("pvmexec: "))
+    warnings.showwarning = show
+    if quiet:
+        warnings.simplefilter("ignore")
+
+
+class _LowerLevelFormatter(__import__("logging").Formatter):
+    def format(self, record):
+        record.levelname = record.levelname.lower()
+        return super().format(record)
 
 
 def main(argv=None):
@@ -324,6 +386,7 @@ def main(argv=None):
     if not args.command:
         parser.print_help()
         return 2
+    _setup_logging(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -32,9 +32,10 @@ class AccessDenied(PvmexecError, PermissionError):
 class AlreadyTraced(AccessDenied):
     """Another tracer (a debugger, strace, ...) holds the target."""
 
-    def __init__(self, pid, tracer):
+    def __init__(self, pid, tracer, tid=None, why=None):
         self.tracer = tracer
-        super().__init__(pid, "already traced by process %d (%s)" % (tracer, _comm(tracer)))
+        thread = " (its thread %d)" % tid if tid and tid != pid else ""
+        super().__init__(pid, why or "already traced%s by process %d (%s)" % (thread, tracer, _comm(tracer)))
 
 
 class UnsupportedTarget(PvmexecError):

@@ -77,10 +77,36 @@ def seize_error(pid, exc):
         return gone
     if st.get("State", "?")[:1] in ("Z", "X"):
         return TargetGone(pid, "process %d has exited (zombie)" % pid)
-    tracer = int(st.get("TracerPid", "0"))
-    if tracer and tracer != os.getpid():
-        return AlreadyTraced(pid, tracer)
+    tracer, tid = tracer_of_any_thread(pid, st)
+    if tracer == os.getpid():
+        return AlreadyTraced(pid, tracer, tid, "this process already traces it (another Space attached to "
+                             "it, still open?)")
+    if tracer:
+        return AlreadyTraced(pid, tracer, tid)
     return AccessDenied(pid, denied_reason(pid, st))
+
+
+def tracer_of_any_thread(pid, st=None):
+    """(tracer pid, tid) of the first traced thread of process pid, or (0, 0): a tracer may hold only one
+    thread, not the leader."""
+    st = st or status(pid)
+    if int(st.get("TracerPid", "0")):
+        return int(st["TracerPid"]), pid
+    try:
+        tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%d/status" % (pid, tid)) as f:
+                for line in f:
+                    if line.startswith("TracerPid:"):
+                        if int(line.split()[1]):
+                            return int(line.split()[1]), tid
+                        break
+        except OSError:
+            continue
+    return 0, 0
 
 
 # -- what we can operate on -------------------------------------------------------
@@ -116,9 +142,10 @@ def check_target(pid):
         raise TargetGone(pid) from None
     if flags & PF_KTHREAD:
         raise UnsupportedTarget(pid, "it is a kernel thread")
-    tracer = int(st.get("TracerPid", "0"))
+    tracer, tid = tracer_of_any_thread(pid, st)
     if tracer:
-        raise AlreadyTraced(pid, tracer)
+        raise (AlreadyTraced(pid, tracer, tid, "this process already traces it (another Space attached to it, "
+                             "still open?)") if tracer == os.getpid() else AlreadyTraced(pid, tracer, tid))
     return st, tgid
 
 

@@ -87,6 +87,29 @@ def test_already_traced(spawn):
         assert space.syscall("getpid") == v.pid
 
 
+def test_a_tracer_of_one_other_thread_is_named(spawn):
+    v = spawn("threads")                                 # a worker thread beside the main one
+    worker = max(int(t) for t in os.listdir("/proc/%d/task" % v.pid))
+    assert worker != v.pid
+    tracer = subprocess.Popen([sys.executable, "-c", TRACER, str(worker)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline() == "seized\n"
+        with pytest.raises(AlreadyTraced, match="its thread %d\\) by process %d" % (worker, tracer.pid)):
+            pvmexec.attach(v.pid, engine="ptrace", thread=v.pid)
+    finally:
+        tracer.stdin.close()
+        tracer.wait(10)
+        tracer.stdout.close()
+
+
+def test_a_second_attachment_from_this_process_says_so(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="ptrace", freeze=True):
+        with pytest.raises(AlreadyTraced, match="this process already traces it"):
+            pvmexec.attach(v.pid, engine="ptrace")
+
+
 UNPRIVILEGED = textwrap.dedent("""
     import os, sys
     import pvmexec            # before dropping privileges: the interpreter may live under /root

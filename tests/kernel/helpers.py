@@ -37,7 +37,8 @@ def native(argv, cwd=None, input=None, env=None):
 
 
 def same_as_native(argv, cwd=None, input=None, env=None):
-    want, got = native(argv, cwd, input, env), sandboxed(argv, cwd=cwd, input=input, env=env)
+    """The program's own output and status, natively and sandboxed (-q: pvmexec's notes are not the program's)."""
+    want, got = native(argv, cwd, input, env), sandboxed(argv, "-q", cwd=cwd, input=input, env=env)
     assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr), argv
     return got
 
