@@ -9,7 +9,7 @@ import sys as _sys
 if not _sys.platform.startswith("linux"):
     raise ImportError("pvmexec works on Linux only (this is %s)" % _sys.platform)
 
-from .context import SigContext, SigInfo, Stop
+from .context import SigContext, SigInfo, Stop, StopReason
 from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, PvmexecError,
                      RemoteSyscallError, SeccompBlocked, TargetGone, TargetStopped, UnsupportedTarget)
 from .abi import ALL_SIGNALS
@@ -22,7 +22,7 @@ _logging.getLogger("pvmexec").addHandler(_logging.NullHandler())     # the appli
 
 __all__ = [
     "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",
-    "Stop", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
+    "Stop", "StopReason", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
     "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError", "TargetStopped",
     "syscall_number", "syscall_name",
 ]

@@ -1,4 +1,5 @@
 """Register state (SigContext) and signal information (SigInfo)."""
+import enum
 import signal
 import struct
 
@@ -95,6 +96,24 @@ class SigInfo:
         """For SIGSYS: the address after the system call instruction."""
         return self.addr
 
+    # The standard library's names (signal.struct_siginfo, os.waitid_result).
+    si_signo = property(lambda self: self.signo, doc="the signal number")
+    si_code = property(lambda self: self.code, doc="why it was sent (SI_USER, SYS_SECCOMP, SEGV_MAPERR...)")
+    si_errno = property(lambda self: self.errno, doc="an errno the sender attached")
+    si_pid = property(lambda self: self.pid, doc="the sending process (signals sent by a process, SIGCHLD)")
+    si_uid = property(lambda self: self.uid, doc="the sender's real uid")
+    si_addr = property(lambda self: self.addr, doc="the faulting address (SIGSEGV, SIGBUS, SIGILL, SIGFPE)")
+    si_syscall = property(lambda self: self.syscall, doc="SIGSYS: the system call's number")
+    si_arch = property(lambda self: self.arch, doc="SIGSYS: its AUDIT_ARCH_*")
+    si_call_addr = property(lambda self: self.addr, doc="SIGSYS: the address after the syscall instruction")
+
+    @property
+    def si_status(self):
+        """SIGCHLD: the exit status or the signal; else 0."""
+        if self.signo == _SIGCHLD and self.raw and len(self.raw) >= 28:
+            return struct.unpack_from("<i", self.raw, 24)[0]
+        return 0
+
     @classmethod
     def from_bytes(cls, raw):
         """Decode a kernel siginfo_t. Only fields meaningful for the signal are read."""
@@ -151,8 +170,19 @@ class SigInfo:
         return "<SigInfo %s code=%d addr=%#x>" % (name, self.code, self.addr)
 
 
+class StopReason(enum.StrEnum):
+    """Why a run ended. A str enum: stop.reason == "syscall" reads as before."""
+
+    SYSCALL = "syscall"         # the guest made a system call: not executed, the caller answers it
+    SIGNAL = "signal"           # a signal (a fault, or one sent to the thread)
+
+
 class Stop:
-    """Why Space.exec returned: a trapped system call or a signal, with the state at that point."""
+    """Why Space.exec returned: a trapped system call or a signal, with the state at that point.
+
+    ctx: the registers (and fpstate, if asked for) at the stop; reason: a StopReason; siginfo:
+    the synthetic SIGSYS of a syscall stop or the signal's; syscall: its number, or None; signo.
+    """
 
     # _fields: (signo, code, errno, word, syscall, arch, raw, ...) as read from a siginfo by the
     # stub engine; the SigInfo is built from them only when asked for.
@@ -169,7 +199,7 @@ class Stop:
 
     @property
     def syscall(self):
-        if self.reason != "syscall":
+        if self.reason != StopReason.SYSCALL:
             return None
         return self._fields[4] if self._info is None else self._info.syscall
 

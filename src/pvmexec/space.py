@@ -312,22 +312,34 @@ class Space:
     # -- memory --------------------------------------------------------------------
 
     def read(self, addr, n):
-        """Read n bytes of target memory (process_vm_readv; /proc/PID/mem where refused)."""
+        """Read n bytes of target memory (process_vm_readv; /proc/PID/mem where refused).
+
+        Raises TargetGone if the process is gone, an OSError naming the address if the memory is not there.
+        """
         self._live()
+        _check_range(addr, n)
         try:
             return _core.vm_read(self.pid, addr, n)
         except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetGone(self.pid) from None
             if e.errno not in (errno.EFAULT, errno.EPERM, errno.ENOSYS):
                 raise
             return self._mem_io(addr, n, None, e)
 
     def write(self, addr, data):
-        """Write bytes to target memory; read-only pages are written through /proc/PID/mem."""
+        """Write bytes to target memory; read-only pages are written through /proc/PID/mem.
+
+        Raises TargetGone if the process is gone, an OSError naming the address if the memory is not there.
+        """
         self._live()
         data = bytes(data)
+        _check_range(addr, len(data))
         try:
             _core.vm_write(self.pid, addr, data)
         except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise TargetGone(self.pid) from None
             if e.errno not in (errno.EFAULT, errno.EPERM, errno.ENOSYS):
                 raise
             self._mem_io(addr, len(data), data, e)
@@ -335,7 +347,7 @@ class Space:
     def _mem_io(self, addr, n, data, first_error):
         try:
             fd = os.open("/proc/%d/mem" % self.pid, os.O_RDWR if data is not None else os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             raise TargetGone(self.pid) from None
         try:
             out, done = [], 0
@@ -446,6 +458,13 @@ class Space:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""
         self._live()
         return _core.pidfd_getfd(self.pidfd, remote_fd)
+
+
+def _check_range(addr, n):
+    if type(addr) is not int or type(n) is not int:
+        raise TypeError("addresses and lengths are ints")
+    if not 0 <= addr < 1 << 64 or n < 0 or addr + n > 1 << 64:
+        raise ValueError("%d bytes at %#x is not a range of the address space" % (n, addr))
 
 
 def _probe(tracer, pid, freeze):

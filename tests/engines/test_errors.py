@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming what was wrong, and nothing is left behind."""
+import contextlib
 import errno
 import struct
 import os
@@ -289,3 +290,24 @@ def test_target_exiting_between_operations(spawn):
         assert v.wait() == 0
         with pytest.raises(TargetGone):
             space.syscall("getpid")
+
+
+def test_memory_errors_are_domain_errors(spawn):
+    v = spawn("wait")
+    space = pvmexec.attach(v.pid, engine="ptrace")
+    try:
+        with pytest.raises(OSError, match="at 0x10 in process %d" % v.pid) as e:
+            space.read(0x10, 8)
+        assert e.value.errno == errno.EFAULT
+        with pytest.raises(OSError, match="at 0x10 in process"):
+            space.write(0x10, b"x")
+        with pytest.raises(ValueError):
+            space.read(-1, 8)
+        with pytest.raises(TypeError):
+            space.read("0x10", 8)
+        v.kill()
+        with pytest.raises(TargetGone):
+            space.read(0x400000, 8)
+    finally:
+        with contextlib.suppress(TargetGone):
+            space.detach()

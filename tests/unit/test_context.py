@@ -39,3 +39,18 @@ def test_siginfo_reads_only_what_the_signal_means():
     info = SigInfo.from_bytes(raw)
     assert (info.addr, info.syscall, info.arch, info.pid) == (0xdead, 0, 0, 0)
     assert info.call_addr == info.addr
+
+
+def test_siginfo_answers_to_the_standard_librarys_names():
+    info = SigInfo(signo=signal.SIGSYS, code=1, addr=0x401234, syscall=123, arch=0xC000003E)
+    assert (info.si_signo, info.si_code, info.si_syscall, info.si_arch, info.si_call_addr) == (
+        signal.SIGSYS, 1, 123, 0xC000003E, 0x401234)
+    raw = struct.pack("<iiiiiii", signal.SIGCHLD, 0, 1, 0, 4242, 1000, 3).ljust(128, b"\0")
+    child = SigInfo.from_bytes(raw)
+    assert (child.si_pid, child.si_uid, child.si_status, child.si_errno) == (4242, 1000, 3, 0)
+
+
+def test_stop_reason_is_an_enum_that_reads_as_its_string():
+    from pvmexec import Stop, StopReason
+    stop = Stop(SigContext(), SigInfo(signo=signal.SIGSYS, code=1, syscall=39), StopReason.SYSCALL)
+    assert stop.reason is StopReason.SYSCALL and stop.reason == "syscall" and stop.syscall == 39

@@ -19,7 +19,7 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT,
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
                    PTRACE_SYSEMU)
 from ..arch import current as _current_arch
-from ..context import SigContext, SigInfo, Stop
+from ..context import SigContext, SigInfo, Stop, StopReason
 from . import BaseEngine, target_filters
 from ..errors import EngineError, RemoteSyscallError, SeccompBlocked, TargetGone, UnsupportedTarget
 from ..syscalls import name_of, number
@@ -493,11 +493,11 @@ class PtraceEngine(BaseEngine):
                     op, audit_arch, ip, _sp, nr = _core.syscall_info(b.tid)
                     info = SigInfo(signo=signal.SIGSYS, code=1, addr=ip, syscall=nr, arch=audit_arch)
                     q[_RAX] = nr
-                    return self._stop(b, ctx, info, "syscall"), 0
+                    return self._stop(b, ctx, info, StopReason.SYSCALL), 0
                 sig_in, info = self._other_stop(b, status)
                 if info is None:
                     continue
-                stop = self._stop(b, ctx, info, "signal")
+                stop = self._stop(b, ctx, info, StopReason.SIGNAL)
                 return stop, (0 if info.signo in sigmask else info.signo)
         finally:
             self.release()

@@ -20,7 +20,7 @@ from .. import _core
 from . import BaseEngine
 from .channel import wait_word
 from ..arch import current as _current_arch
-from ..context import SigContext, Stop
+from ..context import SigContext, Stop, StopReason
 from ..errors import EngineError, RemoteSyscallError, TargetGone
 from ..abi import MAP_FIXED, MREMAP_FIXED
 from ..syscalls import name_of, number
@@ -235,11 +235,11 @@ class StubEngine(BaseEngine):
         stop.ctx, stop._info, stop._fields = out, None, got
         signo = got[0]
         if signo == SIGSYS and got[1] == SYS_SECCOMP:
-            stop.reason = "syscall"
+            stop.reason = StopReason.SYSCALL
             if self._mem >= 0 and out._q[_RIP] not in self._sites:
                 self._patch(out._q[_RIP], got[4])
             return stop, 0
-        stop.reason = "signal"
+        stop.reason = StopReason.SIGNAL
         return stop, (0 if signo in sigmask else signo)
 
     def _patch(self, ret, nr):
