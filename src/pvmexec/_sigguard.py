@@ -23,6 +23,8 @@ _MAIN = threading.main_thread().ident
 
 
 class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP during an operation: unwinds it, then we die of signum."""
+
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum

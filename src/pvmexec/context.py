@@ -1,4 +1,8 @@
 """Register state (SigContext) and signal information (SigInfo)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import enum
 import signal
 import struct
@@ -23,7 +27,36 @@ class SigContext:
 
     __slots__ = ("_buf", "_q", "fpstate")
 
-    def __init__(self, **regs):
+    if TYPE_CHECKING:                   # the registers are properties made below, from the arch's list
+        fpstate: bytes | None
+        r15: int
+        r14: int
+        r13: int
+        r12: int
+        rbp: int
+        rbx: int
+        r11: int
+        r10: int
+        r9: int
+        r8: int
+        rax: int
+        rcx: int
+        rdx: int
+        rsi: int
+        rdi: int
+        rip: int
+        cs: int
+        eflags: int
+        rsp: int
+        ss: int
+        fs_base: int
+        gs_base: int
+        ds: int
+        es: int
+        fs: int
+        gs: int
+
+    def __init__(self, **regs: Any) -> None:
         self._buf = bytearray(_arch.REGS_SIZE)
         self._q = memoryview(self._buf).cast("Q")
         self.fpstate = regs.pop("fpstate", None)
@@ -42,18 +75,18 @@ class SigContext:
         ctx.fpstate = fpstate
         return ctx
 
-    def copy(self):
+    def copy(self) -> SigContext:
         return SigContext._from_regs(bytearray(self._buf), self.fpstate)
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, int]:
         return {n: getattr(self, n) for n in _SIGCONTEXT_REGS}
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, SigContext):
             return NotImplemented
         return self.as_dict() == other.as_dict() and self.fpstate == other.fpstate
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         d = self.as_dict()
         regs = " ".join("%s=%#x" % (k, d[k]) for k in ("rip", "rsp", "rax", "rdi", "rsi", "rdx",
                                                          "r10", "r8", "r9", "rcx", "rbx", "rbp"))
@@ -85,14 +118,34 @@ class SigInfo:
     """The fields of siginfo_t that matter here. Mutable, so process_vm_exec can fill it in place."""
 
     __slots__ = ("signo", "errno", "code", "addr", "pid", "uid", "syscall", "arch", "raw")
+    if TYPE_CHECKING:
+        signo: int
+        errno: int
+        code: int
+        addr: int
+        pid: int
+        uid: int
+        syscall: int
+        arch: int
+        raw: bytes | None
+        si_signo: int
+        si_code: int
+        si_errno: int
+        si_pid: int
+        si_uid: int
+        si_addr: int
+        si_syscall: int
+        si_arch: int
+        si_call_addr: int
 
-    def __init__(self, signo=0, code=0, errno=0, addr=0, pid=0, uid=0, syscall=0, arch=0, raw=None):
+    def __init__(self, signo: int = 0, code: int = 0, errno: int = 0, addr: int = 0, pid: int = 0, uid: int = 0,
+                 syscall: int = 0, arch: int = 0, raw: bytes | None = None) -> None:
         self.signo, self.code, self.errno = signo, code, errno
         self.addr, self.pid, self.uid = addr, pid, uid
         self.syscall, self.arch, self.raw = syscall, arch, raw
 
     @property
-    def call_addr(self):
+    def call_addr(self) -> int:
         """For SIGSYS: the address after the system call instruction."""
         return self.addr
 
@@ -108,14 +161,14 @@ class SigInfo:
     si_call_addr = property(lambda self: self.addr, doc="SIGSYS: the address after the syscall instruction")
 
     @property
-    def si_status(self):
+    def si_status(self) -> int:
         """SIGCHLD: the exit status or the signal; else 0."""
         if self.signo == _SIGCHLD and self.raw and len(self.raw) >= 28:
             return struct.unpack_from("<i", self.raw, 24)[0]
         return 0
 
     @classmethod
-    def from_bytes(cls, raw):
+    def from_bytes(cls, raw: bytes) -> SigInfo:
         """Decode a kernel siginfo_t. Only fields meaningful for the signal are read."""
         signo, errno, code, word, syscall, arch = _SIGINFO_HEAD.unpack_from(raw, 0)
         return cls._decoded(signo, code, errno, word, syscall, arch, raw)
@@ -135,7 +188,7 @@ class SigInfo:
             info.addr = word
         return info
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         """Encode as a kernel siginfo_t (the original bytes, with the decoded fields written over)."""
         raw = bytearray(self.raw or bytes(128))
         _SIGINFO.pack_into(raw, 0, self.signo, self.errno, self.code)
@@ -187,24 +240,27 @@ class Stop:
     # _fields: (signo, code, errno, word, syscall, arch, raw, ...) as read from a siginfo by the
     # stub engine; the SigInfo is built from them only when asked for.
     __slots__ = ("ctx", "_info", "_fields", "reason")
+    if TYPE_CHECKING:
+        ctx: SigContext
+        reason: StopReason
 
-    def __init__(self, ctx, siginfo, reason):
+    def __init__(self, ctx: SigContext, siginfo: SigInfo | None, reason: StopReason) -> None:
         self.ctx, self._info, self._fields, self.reason = ctx, siginfo, None, reason
 
     @property
-    def siginfo(self):
+    def siginfo(self) -> SigInfo:
         if self._info is None:
             self._info = SigInfo._decoded(*self._fields[:7])
         return self._info
 
     @property
-    def syscall(self):
+    def syscall(self) -> int | None:
         if self.reason != StopReason.SYSCALL:
             return None
         return self._fields[4] if self._info is None else self._info.syscall
 
     @property
-    def signo(self):
+    def signo(self) -> int:
         return self._fields[0] if self._info is None else self._info.signo
 
     def __repr__(self):

@@ -1,4 +1,10 @@
 """The bundled guest code (guest/guest.c), mapped into a target for tests and the benchmark."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .space import Space
 from . import _core
 from .context import SigContext
 from .errors import TargetGone
@@ -16,7 +22,7 @@ class Guest:
     Unmapped by close() or at the end of a with block, so the target keeps no mapping.
     """
 
-    def __init__(self, space, stack_size=65536, data_size=PAGE):
+    def __init__(self, space: Space, stack_size: int = 65536, data_size: int = PAGE) -> None:
         self.space = space
         blob = _core.GUEST_BLOB
         self.code_size = (len(blob) + PAGE - 1) & ~(PAGE - 1)
@@ -36,16 +42,16 @@ class Guest:
         self.data = self.rw                       # data area at the bottom, stack grows down above it
         self.stack_top = self.rw + self.rw_size - 64
 
-    def address(self, symbol):
+    def address(self, symbol: str) -> int:
         return self.code + SYMBOLS[symbol]
 
-    def context(self, symbol, **regs):
+    def context(self, symbol: str, **regs: int) -> SigContext:
         """A fresh SigContext entering `symbol` on the guest stack."""
         regs.setdefault("rip", self.address(symbol))
         regs.setdefault("rsp", self.stack_top)
         return SigContext(**regs)
 
-    def close(self):
+    def close(self) -> None:
         calls = []
         if self.code is not None:
             calls.append((number("munmap"), (self.code, self.code_size)))
@@ -58,9 +64,9 @@ class Guest:
             except TargetGone:
                 pass                    # gone with its process: nothing left to unmap
 
-    def __enter__(self):
+    def __enter__(self) -> Guest:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False

@@ -1,4 +1,11 @@
 """attach() and Space: the public face of an engine attached to one process."""
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
+
+if TYPE_CHECKING:
+    from .engines import Engine
 import contextlib
 import errno
 import os
@@ -12,7 +19,7 @@ from . import _core, _sigguard, proc
 from .abi import (AF_UNIX, ALL_SIGNALS, F_DUPFD_CLOEXEC, MAP_ANONYMOUS, MAP_PRIVATE, MSG_CMSG_CLOEXEC,
                   PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_DGRAM, SOL_SOCKET)
 from .arch import current as _current_arch
-from .context import SigContext
+from .context import SigContext, Stop
 from .errors import EngineError, RemoteSyscallError, TargetGone
 from .engines.ptrace import PtraceEngine
 from .syscalls import name_of, number
@@ -25,7 +32,8 @@ def _is_register_value(a):
     return type(a) is int and -(1 << 63) <= a < (1 << 64)
 
 
-def attach(target=None, *, pidfd=None, engine="auto", freeze=False, thread=None, check_seccomp=True):
+def attach(target: int | None = None, *, pidfd: int | None = None, engine: str = "auto", freeze: bool = False,
+           thread: int | None = None, check_seccomp: bool = True) -> Space:
     """Attach to a process by pid (or pidfd=) and return a Space.
 
     engine: "agent" (inject a thread of ours and talk to it through shared
@@ -71,7 +79,8 @@ class Space:
     Made by attach() (a live process) or Space.create() (a stub space of ours).
     """
 
-    def __init__(self, engine, pidfd, *, fallback_reason=None, owned_process=None):
+    def __init__(self, engine: Engine, pidfd: int, *, fallback_reason: str | None = None,
+                 owned_process: subprocess.Popen[bytes] | None = None) -> None:
         """Wrap an engine (pvmexec.engines) already attached; the Space owns pidfd from now on.
 
         owned_process: a subprocess.Popen of ours that detach() also ends.
@@ -117,7 +126,7 @@ class Space:
             _sigguard.uninstall()
 
     @classmethod
-    def adopt(cls, process, *, check_seccomp=True):
+    def adopt(cls, process: subprocess.Popen[bytes], *, check_seccomp: bool = True) -> Space:
         """Attach (ptrace engine) to a child process of ours, a subprocess.Popen the Space then owns:
         detach() ends it."""
         pidfd = os.pidfd_open(process.pid)
@@ -131,7 +140,7 @@ class Space:
         return space
 
     @classmethod
-    def create(cls, patch_syscalls=True, fixed_layout=False):
+    def create(cls, patch_syscalls: bool = True, fixed_layout: bool = False) -> Space:
         """A fresh, almost empty address space (a stub process of ours) for guest code.
 
         Mode 1 runs at full speed there: guest syscalls are trapped by the stub's
@@ -161,23 +170,23 @@ class Space:
         return cls(engine, pidfd)
 
     @property
-    def backend(self):
+    def backend(self) -> Any:
         """The engine object (pvmexec.engines) behind this space, for tools that need engine-specific calls."""
         return self._engine
 
     @property
-    def patching(self):
+    def patching(self) -> str:
         """Stub spaces: "on" when trapped syscall sites are rewritten, else "off (why)"."""
         return self._engine.patching
 
-    def new_thread(self):
+    def new_thread(self) -> int:
         """Stub spaces: start another stub thread for another guest thread; returns its number for exec(thread=)."""
         self._live()
         if self.engine != "stub":
             raise ValueError("new_thread() is for stub spaces (Space.create())")
         return self._engine.new_thread()
 
-    def kill(self):
+    def kill(self) -> None:
         """End the space's process, if it is ours (a stub space or an adopted child); detach() still follows."""
         if self._owned is not None:
             self._owned.kill()
@@ -188,7 +197,7 @@ class Space:
 
     # -- lifetime ---------------------------------------------------------------
 
-    def detach(self):
+    def detach(self) -> None:
         """Let the target go. Idempotent; the target is left exactly as found."""
         if self._detached:
             return
@@ -213,10 +222,10 @@ class Space:
 
     close = detach
 
-    def __enter__(self):
+    def __enter__(self) -> Space:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.detach()
         return False
 
@@ -225,7 +234,7 @@ class Space:
             with contextlib.suppress(Exception):
                 self.detach()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Space pid=%d engine=%s%s>" % (self.pid, self.engine, " detached" if self._detached else "")
 
     def _live(self):
@@ -234,7 +243,7 @@ class Space:
 
     # -- system calls (mode 2) ---------------------------------------------------
 
-    def syscall_raw(self, nr_or_name, *args):
+    def syscall_raw(self, nr_or_name: int | str, *args: int | bytes | bytearray | str) -> int:
         """Run one syscall in the target (its fd table, its memory); return the raw result."""
         self._live()
         nr = number(nr_or_name)
@@ -248,14 +257,14 @@ class Space:
             with _sigguard.operation():
                 return self._engine.syscall(nr, args)
 
-    def syscall(self, nr_or_name, *args):
+    def syscall(self, nr_or_name: int | str, *args: int | bytes | bytearray | str) -> int:
         """Like syscall_raw, but a -errno result raises RemoteSyscallError."""
         ret = self.syscall_raw(nr_or_name, *args)
         if -4096 < ret < 0:
             raise RemoteSyscallError(-ret, name_of(number(nr_or_name)), args)
         return ret
 
-    def syscalls(self, calls):
+    def syscalls(self, calls: Iterable[tuple[int | str, Sequence[int]]]) -> list[int]:
         """Run several (nr_or_name, args) calls in one borrow; returns the raw results."""
         self._live()
         batch = []
@@ -282,7 +291,7 @@ class Space:
         return addr
 
     @contextlib.contextmanager
-    def scratch(self, size):
+    def scratch(self, size: int) -> Iterator[int]:
         """Anonymous memory in the target for the duration of the block (unmapped afterwards)."""
         self._live()
         length = max(4096, (size + 4095) & ~4095)
@@ -299,7 +308,7 @@ class Space:
         return ret
 
     @contextlib.contextmanager
-    def borrowed(self):
+    def borrowed(self) -> Iterator[Space]:
         """Hold the borrowed thread stopped across several operations (fewer round trips)."""
         self._live()
         self._engine.acquire()
@@ -311,7 +320,7 @@ class Space:
 
     # -- memory --------------------------------------------------------------------
 
-    def read(self, addr, n):
+    def read(self, addr: int, n: int) -> bytes:
         """Read n bytes of target memory (process_vm_readv; /proc/PID/mem where refused).
 
         Raises TargetGone if the process is gone, an OSError naming the address if the memory is not there.
@@ -327,7 +336,7 @@ class Space:
                 raise
             return self._mem_io(addr, n, None, e)
 
-    def write(self, addr, data):
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write bytes to target memory; read-only pages are written through /proc/PID/mem.
 
         Raises TargetGone if the process is gone, an OSError naming the address if the memory is not there.
@@ -371,7 +380,7 @@ class Space:
 
     # -- code (mode 1) ---------------------------------------------------------------
 
-    def exec(self, ctx, *, sigmask=ALL_SIGNALS, thread=0):
+    def exec(self, ctx: SigContext, *, sigmask: Iterable[int] = ALL_SIGNALS, thread: int = 0) -> Stop:
         """Run code in the target from ctx until its first syscall (not executed) or signal.
 
         Returns a Stop. A signal that is not in sigmask ends the run too and is
@@ -392,7 +401,7 @@ class Space:
             signal.pthread_kill(threading.get_ident(), deliver)
         return stop
 
-    def initial_fpstate(self):
+    def initial_fpstate(self) -> bytes:
         """A clean FPU state in this CPU's xstate layout: set ctx.fpstate to it to carry FPU state across exec()."""
         self._live()
         return self._engine.initial_fpstate()
@@ -440,7 +449,7 @@ class Space:
                 eng.syscall(NR["close"], (fd,))
 
     @contextlib.contextmanager
-    def lend(self, fd):
+    def lend(self, fd: int) -> Iterator[int]:
         """Make the caller's descriptor fd usable in the target for the block; yields its number there."""
         self._live()
         os.fstat(fd)        # EBADF here, in the caller, names the right culprit
@@ -454,7 +463,7 @@ class Space:
             with contextlib.suppress(TargetGone):
                 self._engine.syscall(NR["close"], (remote,))
 
-    def take_fd(self, remote_fd):
+    def take_fd(self, remote_fd: int) -> int:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""
         self._live()
         return _core.pidfd_getfd(self.pidfd, remote_fd)

@@ -1,4 +1,6 @@
 """System call names, numbers and argument kinds for this machine's architecture (up to Linux 6.18)."""
+from __future__ import annotations
+
 import errno as _errno
 
 from .arch import current as _current_arch
@@ -14,7 +16,7 @@ for _alias, _real in (("newfstatat", "newfstatat"), ("fstatat", "newfstatat"), (
     _BY_NAME.setdefault(_alias, _BY_NAME[_real])
 
 
-def number(nr_or_name):
+def number(nr_or_name: int | str) -> int:
     """The syscall number for a name or number; ValueError naming what is unknown."""
     if type(nr_or_name) is int and 0 <= nr_or_name < _ARCH.FOREIGN_SYSCALL_BIT:
         return nr_or_name                  # the common case, first: this runs on every call
@@ -33,16 +35,16 @@ def number(nr_or_name):
         raise ValueError("unknown %s system call %r" % (_ARCH.TITLE, nr_or_name)) from None
 
 
-def name_of(nr):
+def name_of(nr: int) -> str:
     entry = TABLE.get(nr)
     return entry[0] if entry else "syscall_%d" % nr
 
 
-def arg_kinds(nr):
+def arg_kinds(nr: int) -> tuple[tuple[str, str], ...]:
     """((name, kind), ...) for a syscall; kind is fd, str, ptr or int. Empty if unknown."""
     entry = TABLE.get(nr)
     return entry[1] or () if entry else ()
 
 
-def errno_name(err):
+def errno_name(err: int) -> str:
     return _errno.errorcode.get(err, "E%d" % err)

@@ -1,4 +1,7 @@
 """The proposal's interface: process_vm_exec(pid, ctx, flags, siginfo, sigmask)."""
+from __future__ import annotations
+
+from typing import Iterable
 import contextlib
 import errno
 import os
@@ -23,7 +26,9 @@ def _mask_to_set(sigmask):
     return frozenset(int(s) for s in sigmask)
 
 
-def process_vm_exec(pid, ctx, flags=0, siginfo=None, sigmask=None, sizemask=_SIGSET_SIZE, *, engine="ptrace"):
+def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo | None = None,
+                    sigmask: int | Iterable[int] | None = None, sizemask: int = _SIGSET_SIZE, *,
+                    engine: str = "ptrace") -> int:
     """Run ctx in the address space of pid (flags=0) or one syscall there (PROCESS_VM_EXEC_SYSCALL).
 
     flags=0: runs until the first syscall or signal; ctx is updated in place;

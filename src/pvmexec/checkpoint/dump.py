@@ -5,6 +5,10 @@ the final round runs with every thread frozen (ptrace), then records the
 threads' and the process's state (state.py). Everything is undone before the
 target goes on: no userfaultfd, no write protection, no agent thread.
 """
+from __future__ import annotations
+
+from typing import Any, Callable
+
 import os
 import signal
 import time
@@ -22,8 +26,9 @@ CONVERGED_BYTES = 8 << 20
 MAX_ROUNDS = 16
 
 
-def dump(pid, directory, pre_dumps=2, until_converged=False, leave_running=True, progress=None, on_frozen=None,
-         transfer="readv"):
+def dump(pid: int, directory: str, pre_dumps: int = 2, until_converged: bool = False, leave_running: bool = True,
+         progress: Callable[[int, int, int], None] | None = None, on_frozen: Callable[[int], None] | None = None,
+         transfer: str = "readv") -> dict[str, Any]:
     """Dump process pid into directory (which must not exist or be empty).
 
     pre_dumps rounds copy what was written while the target runs (or, with

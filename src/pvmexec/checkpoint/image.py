@@ -10,6 +10,10 @@ describes every field; IMAGE_VERSION changes whenever a reader of the old versio
 misread a new image (a field removed, renamed or given another meaning); adding a field that
 old readers may ignore does not change it.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import errno
 import hashlib
 import json
@@ -56,11 +60,13 @@ MANIFEST_FIELDS = {
 
 
 class DumpError(PvmexecError):
-    pass
+    """An image that cannot be written or read as one (incomplete, corrupted, another version)."""
 
 
 class ImageWriter:
-    def __init__(self, directory):
+    """Writes an image: pages and index as rounds add them, the manifest last (complete: true)."""
+
+    def __init__(self, directory: str) -> None:
         if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
             raise FileExistsError(errno.EEXIST, "%s exists and is not an empty directory" % directory)
         self.created = not os.path.exists(directory)
@@ -202,8 +208,9 @@ def _sha256(path):
 class Image:
     """A checkpoint image read back: its manifest (validated), checksums, page index and summary."""
 
-    def __init__(self, directory):
+    def __init__(self, directory: str) -> None:
         self.dir = directory
+        self.manifest: dict[str, Any]
         try:
             with open(os.path.join(directory, "manifest.json")) as f:
                 self.manifest = json.load(f)
@@ -217,7 +224,7 @@ class Image:
         if self.manifest.get("complete") is True:
             _validate(directory, self.manifest)
 
-    def check(self):
+    def check(self) -> None:
         """The checksums; a DumpError names what is wrong."""
         if not self.manifest.get("complete"):
             raise DumpError(errno.EINVAL, "the image is incomplete (%s)" % self.manifest.get("error", "unknown"))
@@ -225,7 +232,7 @@ class Image:
             if _sha256(os.path.join(self.dir, name)) != want:
                 raise DumpError(errno.EINVAL, "%s does not match its checksum" % name)
 
-    def page_index(self):
+    def page_index(self) -> dict[int, int]:
         """address -> offset in pages.img (or ZERO): the last entry wins."""
         out = {}
         with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
@@ -234,7 +241,7 @@ class Image:
             out[addr] = off
         return out
 
-    def summary(self):
+    def summary(self) -> str:
         m = self.manifest
         lines = ["pvmexec image %s (version %d, %s)" % (self.dir, m["version"],
                                                           "complete" if m.get("complete") else "INCOMPLETE")]
@@ -284,7 +291,7 @@ def _validate(directory, m):
             raise DumpError(errno.EINVAL, "%s: the manifest's round %d is malformed" % (directory, i))
 
 
-def verify(directory, pid, frozen=False):
+def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, str]]:
     """Compare the image's memory with process pid's, page by page, through /proc/PID/mem.
 
     Freezes the process meanwhile unless frozen (already stopped by the caller). Returns a list

@@ -23,6 +23,8 @@ _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 
 
 class Mapping:
+    """One line of /proc/PID/maps."""
+
     __slots__ = ("start", "end", "perms", "offset", "path")
 
     def __init__(self, line):

@@ -48,10 +48,15 @@ SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
 
 
 class InjectionFailed(UnsupportedTarget):
+    """The agent could not be put into the target (the reason says why); "auto" falls back to ptrace."""
+
     pass
 
 
 class AgentEngine(BaseEngine):
+    """A thread of ours injected into the target, serving syscalls over shared memory: the target runs
+    free meanwhile. Mode 1 runs on that thread through ptrace."""
+
     name = "agent"
 
     def __init__(self, pid, pidfd, tracer, high_fd, idle_ms=500):

@@ -72,6 +72,9 @@ class Borrowed:
 
 
 class PtraceEngine(BaseEngine):
+    """Borrows one thread of the target per operation (or holds it, or freezes them all) and puts it back
+    exactly: nothing is added to the target."""
+
     name = "ptrace"
     reg_index = arch.REG_INDEX
 

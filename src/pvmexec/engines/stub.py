@@ -51,6 +51,9 @@ class _Thread:
 
 
 class StubEngine(BaseEngine):
+    """A stub process of ours whose address space hosts guest code (Space.create()): mode 1 through its
+    seccomp trap and signal handlers, mode 2 limited to its own memory, over the channel."""
+
     name = "stub"
 
     def __init__(self, spin=None, patch=True, fixed_layout=False):

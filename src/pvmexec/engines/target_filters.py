@@ -30,6 +30,8 @@ STRICT_ALLOWED = frozenset((0, 1, 60, 15))      # read, write, exit, rt_sigretur
 
 
 class FilterUnreadable(Exception):
+    """The target's seccomp filters cannot be read (PTRACE_SECCOMP_GET_FILTER needs CAP_SYS_ADMIN)."""
+
     pass
 
 

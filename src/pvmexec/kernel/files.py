@@ -5,6 +5,10 @@ policy's root (openat2 with RESOLVE_IN_ROOT: `..` and symlinks cannot leave
 it), and written only below a writable path. The guest never holds a host
 descriptor: its descriptors are numbers in FdTable.
 """
+from __future__ import annotations
+
+from typing import Any, Sequence
+
 import errno
 import os
 import posixpath
@@ -47,7 +51,7 @@ class Policy:
 
     root_fd = -1                        # until opened: close() and __del__ work on a half-built policy
 
-    def __init__(self, root="/", writable=(), network=False):
+    def __init__(self, root: str = "/", writable: Sequence[str] = (), network: bool = False) -> None:
         if not isinstance(root, str) or not root:
             raise ValueError("policy root must be a directory's path (a string), not %r" % (root,))
         if isinstance(writable, (str, bytes)) or not isinstance(writable, (list, tuple)):
@@ -82,7 +86,7 @@ class Policy:
     }
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Any) -> Policy:
         """A policy from its JSON form (SCHEMA); ValueError naming the field that is wrong."""
         if not isinstance(d, dict):
             raise ValueError("a policy is a JSON object, not %s" % type(d).__name__)
@@ -91,7 +95,7 @@ class Policy:
             raise ValueError("unknown policy keys: %s" % ", ".join(sorted(map(str, unknown))))
         return cls(d.get("root", "/"), d.get("writable", ()), d.get("network", False))
 
-    def close(self):
+    def close(self) -> None:
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1

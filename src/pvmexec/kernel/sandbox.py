@@ -11,6 +11,10 @@ subclass to emulate, deny, rewrite or observe a call.
 Guest memory is hostile input: every pointer is read through the space
 (EFAULT if it is bad), every length bounded, every structure parsed here.
 """
+from __future__ import annotations
+
+from typing import IO, Mapping, Sequence
+
 import errno
 import os
 import posixpath
@@ -28,18 +32,21 @@ from .errors import Errno, Exited, Interrupted, ThreadExit
 from .files import OpenFile, Policy
 from .processes import ProcessMachinery
 from .signals import SignalDelivery, killed_status, sender_info
-from .syscalls import CALLS
+from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
+                       ThreadCalls)
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
 from .trace import Tracer
 
 
-class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
+class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls,
+              SignalDelivery, ProcessMachinery, ThreadMachinery):
     """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
     file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
     calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
 
-    def __init__(self, policy=None, trace=None, vdso=True, hostname=None, patch_syscalls=True, engine="stub"):
+    def __init__(self, policy: Policy | None = None, trace: str | IO[str] | None = None, vdso: bool = True,
+                 hostname: str | None = None, patch_syscalls: bool = True, engine: str = "stub") -> None:
         if engine not in ("stub", "ptrace"):
             raise ValueError("engine must be stub or ptrace, not %r" % (engine,))
         self.engine = engine
@@ -64,7 +71,8 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
 
     # -- running a program ----------------------------------------------------------------------
 
-    def run(self, argv, env=None, cwd=None, stdin=0, stdout=1, stderr=2):
+    def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
+            stdin: int | None = 0, stdout: int | None = 1, stderr: int | None = 2) -> int:
         """Run argv[0] (a guest path, looked up in PATH if it has no slash) to completion.
 
         Returns its wait status, as os.waitpid would: os.waitstatus_to_exitcode() reads it.
@@ -93,7 +101,7 @@ class Sandbox(*CALLS, SignalDelivery, ProcessMachinery, ThreadMachinery):
         self._end_all()
         return status
 
-    def host_signal(self, sig):
+    def host_signal(self, sig: int) -> None:
         """A signal from outside (the terminal's Ctrl-C, a kill of `pvmexec run`): for every guest
         process in the first one's session, as a terminal sends it to its foreground group."""
         with self._cond:
