@@ -1,9 +1,11 @@
 """The command line, run as a user would."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -157,3 +159,67 @@ def test_completion_and_manual_page_come_from_the_parser():
     assert out.returncode == 0 and "pvmexec" in out.stdout and "--writable" in out.stdout
     out = pvmexec("man")
     assert out.returncode == 0 and out.stdout.startswith(".TH PVMEXEC") and "syscall" in out.stdout
+
+
+def _read_until_exit(fd, proc, seconds):
+    import select
+    out, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:                            # the pty's other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    return out
+
+
+def test_dump_on_a_terminal_shows_progress_within_a_round(cc, tmp_path):
+    """On a terminal, a round in progress shows pages copied of those expected, MiB/s and the time left."""
+    import pty
+    from pvmexec.bench.common import compile_c
+    exe = compile_c(str(tmp_path), "dirty_writer")
+    target = subprocess.Popen([exe, "768"], stdout=subprocess.PIPE, text=True)      # 768 MiB, written
+    try:
+        target.stdout.readline()
+        master, slave = pty.openpty()
+        dumper = subprocess.Popen([sys.executable, "-m", "pvmexec", "dump", str(target.pid), str(tmp_path / "img"),
+                                   "--pre-dumps", "1"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=slave)
+        os.close(slave)
+        try:
+            shown = _read_until_exit(master, dumper, 120).decode(errors="replace")
+            assert dumper.wait(60) == 0, shown
+        finally:
+            os.close(master)
+            if dumper.poll() is None:
+                dumper.kill()
+                dumper.wait()
+            dumper.stdout.close()
+        assert re.search(r"\rround 1: \d+/\d+ pages \(\d+%\), \d+ MiB/s, about \d+ s left", shown), shown
+        assert "round 2:" in shown and "frozen" not in shown.split("\n")[-1]
+    finally:
+        target.kill()
+        target.wait()
+        target.stdout.close()
+
+
+def test_bench_rows_stream_as_they_are_measured():
+    proc = subprocess.Popen([sys.executable, "-m", "pvmexec", "bench", "dump", "--quick"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]      # title, blank, heading, first row
+        assert lines[3].startswith("stop-the-world") and proc.poll() is None, lines  # the rest still to come
+        rest = proc.stdout.read()
+        assert proc.wait(600) == 0 and "pre-dump (vmsplice)" in rest and "freeze time" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -157,6 +157,7 @@ def cmd_run(args):
 
 def cmd_dump(args):
     import os
+    import time
     from . import checkpoint as dumpmod
     tty = sys.stderr.isatty()
 
@@ -165,9 +166,20 @@ def cmd_dump(args):
         line = "round %d: %d pages dirtied, %.1f MiB written, a freeze now would copy ~%.1f MiB" % (
             rnd, pages, written / 2 ** 20, pages * 4096 / 2 ** 20)
         print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    started = time.monotonic()
+
+    def copying(rnd, done, expected, written):
+        # Within a round, on a terminal only: pages copied of those expected, the rate, the time left.
+        seconds = max(time.monotonic() - started, 1e-6)
+        rate = written / seconds
+        left = (expected - done) * 4096 / rate if rate else 0
+        print("\rround %d: %d/%d pages (%d%%), %.0f MiB/s, about %.0f s left   " % (
+            rnd, done, expected, 100 * done // max(expected, 1), rate / 2 ** 20, left),
+            end="", file=sys.stderr, flush=True)
     try:
         m = dumpmod.dump(args.pid, args.dir, pre_dumps=args.pre_dumps, until_converged=args.until_converged,
-                         leave_running=not args.kill, progress=progress, transfer=args.transfer)
+                         leave_running=not args.kill, progress=progress, transfer=args.transfer,
+                         copying=copying if tty else None)
     except (PvmexecError, OSError) as e:
         print(("\n" if tty else "") + "pvmexec dump: %s" % e, file=sys.stderr)
         return 1
@@ -391,6 +403,10 @@ def main(argv=None):
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:                # `pvmexec bench | head`: the reader left, as for any filter
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

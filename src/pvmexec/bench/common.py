@@ -22,6 +22,33 @@ def machine():
             "python": platform.python_version(), "machine": platform.machine()}
 
 
+class Rows(list):
+    """A benchmark's result rows; each is handed to on_row as it is measured (the table streams)."""
+
+    def __init__(self, on_row=None):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row):
+        super().append(row)
+        if self.on_row:
+            self.on_row(row)
+
+
+def streamed(header, line):
+    """on_row for a table: prints header before the first row, then line(row) for each, flushed."""
+    started = []
+
+    def on_row(row):
+        if not started:
+            print(header, flush=True)
+            started.append(True)
+        text = line(row)
+        if text is not None:
+            print(text, flush=True)
+    return on_row
+
+
 def program_source(name):
     """The path of bench/programs/NAME.c (shipped with the package; the tests build them too)."""
     return os.path.join(PROGRAMS, name + ".c")

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from .. import _core
-from .common import compile_c
+from .common import compile_c, streamed
 
 
 KINDS = ("stop-the-world", "pre-dump", "pre-dump (vmsplice)")
@@ -33,7 +33,8 @@ def _rate(pid, addr, seconds):
     return (_work(pid, addr) - a) / (time.monotonic() - t0)
 
 
-def run(quick=False):
+def run(quick=False, on_row=None):
+    """Both ways of dumping, in one run; on_row((kind, row)) sees each as it is measured."""
     size_mb = 128 if quick else 1024
     pre_dumps = None
     cpus = sorted(os.sched_getaffinity(0))
@@ -46,14 +47,14 @@ def run(quick=False):
     os.sched_setaffinity(0, {mine})
     try:
         with tempfile.TemporaryDirectory(prefix="pvmexec-bench-dump-", dir=where) as work_dir:
-            _runs(out, work_dir, size_mb, pre_dumps, quick, theirs)
+            _runs(out, work_dir, size_mb, pre_dumps, quick, theirs, on_row)
     finally:
         os.sched_setaffinity(0, old_affinity)
     out["freeze_ratio"] = out["stop-the-world"]["freeze_s"] / out["pre-dump"]["freeze_s"]
     return out
 
 
-def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
+def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu, on_row):
     from ..checkpoint import dump
     exe = compile_c(work_dir, "dirty_writer")
     for kind in KINDS:
@@ -78,23 +79,32 @@ def _runs(out, work_dir, size_mb, pre_dumps, quick, cpu):
                 row["pre_dump_work_per_s"] = (w_pre - w0) / (t_pre - t0)
                 row["progress_kept"] = row["pre_dump_work_per_s"] / undisturbed
             out[kind] = row
+            if on_row:
+                on_row((kind, row))
             shutil.rmtree(image)
         finally:
             target.kill()
             target.wait(10)
 
 
-def format_table(r):
-    lines = ["pvmexec bench dump — a %d MiB working set, %s; pre-dumps copy by process_vm_readv (or vmsplice)" % (
-        r["working_set_mib"], r["dirty"]),
-        "placement: " + r["placement"], ""]
-    lines.append("%-20s %10s %10s %8s %11s %14s" % ("", "freeze", "total", "rounds", "copy GB/s", "target work"))
-    for kind in KINDS:
-        row = r[kind]
-        kept = "%.0f%% of rate" % (100 * row["progress_kept"]) if "progress_kept" in row else "frozen"
-        lines.append("%-20s %9.3fs %9.3fs %8d %11.2f %14s" % (kind, row["freeze_s"], row["total_s"], row["rounds"],
-                                                             row["throughput_gbs"], kept))
+def _header(quick):
+    return "\n".join(["pvmexec bench dump — a %d MiB working set, 1%% of the pages dirtied every 100 ms; "
+                      "pre-dumps copy by process_vm_readv (or vmsplice)" % (128 if quick else 1024), "",
+                      "%-20s %10s %10s %8s %11s %14s" % ("", "freeze", "total", "rounds", "copy GB/s", "target work")])
+
+
+def _line(kind_row):
+    kind, row = kind_row
+    kept = "%.0f%% of rate" % (100 * row["progress_kept"]) if "progress_kept" in row else "frozen"
+    return "%-20s %9.3fs %9.3fs %8d %11.2f %14s" % (kind, row["freeze_s"], row["total_s"], row["rounds"],
+                                                   row["throughput_gbs"], kept)
+
+
+def format_table(r, rows=True):
+    """The report as a table; rows=False: only what follows the rows (they were streamed)."""
+    lines = [_header(r["working_set_mib"] == 128)] + [_line((k, r[k])) for k in KINDS] if rows else []
     lines.append("")
+    lines.append("placement: " + r["placement"])
     lines.append("freeze time, stop-the-world / pre-dumps: %.1fx" % r["freeze_ratio"])
     for kind in KINDS[1:]:
         if "progress_kept" in r[kind]:
@@ -104,6 +114,9 @@ def format_table(r):
 
 
 def main(args):
-    report = run(quick=args.quick)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.json:
+        print(json.dumps(run(quick=args.quick), indent=2))
+    else:
+        report = run(quick=args.quick, on_row=streamed(_header(args.quick), _line))
+        print(format_table(report, rows=False))
     return 0

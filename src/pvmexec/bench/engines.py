@@ -16,9 +16,9 @@ from ..guest import Guest
 from ..space import attach
 from ..arch import current as _current_arch
 from ..syscalls import number
-from .common import machine
+from .common import Rows, machine, streamed
 
-NR_GETPPID = number("getppid")
+NR_GETPPID, NR_READ = number("getppid"), number("read")
 _R = _current_arch().REG_INDEX
 
 
@@ -42,15 +42,16 @@ class _Target:
                                      stdin=subprocess.PIPE)
         if cpu is not None:
             os.sched_setaffinity(self.proc.pid, {cpu})
-        # Wait until it sleeps in read(), so it is a quiet target.
+        # Wait until it sleeps in read(0), so it is a quiet target (its CPU ticks may well stay at 0).
         deadline = time.monotonic() + 10
-        while True:
-            with open("/proc/%d/stat" % self.proc.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if fields[0] == "S" and int(fields[11]) + int(fields[12]) > 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-        time.sleep(0.05)
+        while time.monotonic() < deadline:
+            try:
+                with open("/proc/%d/syscall" % self.proc.pid) as f:
+                    if f.read().split()[:2] == [str(NR_READ), "0x0"]:
+                        break
+            except (OSError, IndexError):
+                pass
+            time.sleep(0.005)
 
     def close(self):
         try:
@@ -111,13 +112,13 @@ def _exec_fault_python(space, guest, n):
     return _per_op(t1 - t0, n)
 
 
-def run(iterations=20000, quick=False):
-    """Measure everything; returns the JSON-able report."""
+def run(iterations=20000, quick=False, on_row=None):
+    """Measure everything; returns the JSON-able report. on_row(row) sees each row as it is measured."""
     n_c = 200 if quick else iterations
     n_py = 100 if quick else max(1000, iterations // 4)
     cpu = sorted(os.sched_getaffinity(0))[0]
     old_affinity = os.sched_getaffinity(0)
-    results = []
+    results = Rows(on_row)
     target = None
     try:
         os.sched_setaffinity(0, {cpu})
@@ -289,25 +290,29 @@ class _RawCtx:
         self._buf = regs
 
 
-def format_table(report):
-    m = report["machine"]
-    out = ["pvmexec bench — true cost per round trip (µs); %s, %d CPUs, Linux %s" % (
-        m["cpu"], m["cpus"], m["kernel"]), ""]
-    out.append("%-14s %-9s %-7s %10s  %s" % ("mode", "engine", "loop", "µs/op", "placement / notes"))
-    for r in report["results"]:
-        if r["mode"] == "idle-cpu":
-            continue
-        notes = [r["placement"]]
-        if "held" in r:
-            notes.append("thread held across calls" if r["held"] else r.get("note", ""))
-        if "batch" in r:
-            notes.append("per syscall, batches of %d" % r["batch"])
-        out.append("%-14s %-9s %-7s %10.2f  %s" % (r["mode"], r["engine"], r["loop"], r["us_per_op"],
-                                                    "; ".join(n for n in notes if n)))
-    for r in report["results"]:
-        if r["mode"] == "idle-cpu":
-            out.append("%-14s %-9s %-7s %9.3f%%  CPU of an attached, idle agent thread over %.1f s" % (
-                r["mode"], r["engine"], "", r["cpu_percent"], r["seconds"]))
+def _header():
+    m = machine()
+    return "\n".join(["pvmexec bench — true cost per round trip (µs); %s, %d CPUs, Linux %s" % (
+        m["cpu"], m["cpus"], m["kernel"]), "",
+        "%-14s %-9s %-7s %10s  %s" % ("mode", "engine", "loop", "µs/op", "placement / notes")])
+
+
+def _line(r):
+    if r["mode"] == "idle-cpu":
+        return "%-14s %-9s %-7s %9.3f%%  CPU of an attached, idle agent thread over %.1f s" % (
+            r["mode"], r["engine"], "", r["cpu_percent"], r["seconds"])
+    notes = [r["placement"]]
+    if "held" in r:
+        notes.append("thread held across calls" if r["held"] else r.get("note", ""))
+    if "batch" in r:
+        notes.append("per syscall, batches of %d" % r["batch"])
+    return "%-14s %-9s %-7s %10.2f  %s" % (r["mode"], r["engine"], r["loop"], r["us_per_op"],
+                                           "; ".join(n for n in notes if n))
+
+
+def format_table(report, rows=True):
+    """The report as a table; rows=False: only what follows the rows (they were streamed)."""
+    out = [_header()] + [_line(r) for r in report["results"]] if rows else []
     ratios = _ratios(report["results"])
     if ratios:
         out.append("")
@@ -357,9 +362,9 @@ def _ratios(results):
 
 
 def main(args):
-    report = run(iterations=args.iterations, quick=args.quick)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(run(iterations=args.iterations, quick=args.quick), indent=2))
     else:
-        print(format_table(report))
+        report = run(iterations=args.iterations, quick=args.quick, on_row=streamed(_header(), _line))
+        print(format_table(report, rows=False))
     return 0

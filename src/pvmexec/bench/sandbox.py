@@ -15,7 +15,7 @@ import sysconfig
 import tempfile
 import time
 
-from .common import compile_c, machine
+from .common import Rows, compile_c, machine, streamed
 
 
 def _workloads(work, quick):
@@ -43,11 +43,12 @@ def _time(fn, repeat):
     return statistics.median(times)
 
 
-def run(quick=False):
+def run(quick=False, on_row=None):
+    """Measure every workload; on_row(row) sees each as it is measured."""
     from ..kernel import Sandbox
     repeat = 1 if quick else 3
     strace = shutil.which("strace")
-    results = []
+    results = Rows(on_row)
     with tempfile.TemporaryDirectory(prefix="pvmexec-bench-") as work:
         sink_path = os.path.join(work, "stdout")
         for name, what, argv, syscalls in _workloads(work, quick):
@@ -81,21 +82,30 @@ def run(quick=False):
         "syscall-heavy: strace / pvmexec": heavy["strace_s"] / heavy["pvmexec_s"] if heavy["strace_s"] else None,
         "syscall-heavy: pvmexec ptrace engine / pvmexec": heavy["pvmexec_ptrace_s"] / heavy["pvmexec_s"],
     }
-    return {"machine": machine(), "results": results, "ratios": ratios, "repeat": repeat,
-            "placement": "not pinned: the caller and each guest's stub run where the scheduler puts them "
-                         "(2 CPUs here); each stub spins briefly before sleeping when on the other CPU"}
+    return {"machine": machine(), "results": results, "ratios": ratios, "repeat": repeat, "placement": PLACEMENT}
 
 
-def format_table(report):
-    m = report["machine"]
-    out = ["pvmexec bench sandbox — wall-clock seconds, median of %d; %s, %d CPUs, Linux %s" % (
-        report["repeat"], m["cpu"], m["cpus"], m["kernel"]), report["placement"], ""]
-    out.append("%-18s %9s %16s %16s %16s" % ("workload", "native", "pvmexec run", "ptrace engine", "strace -f"))
-    for r in report["results"]:
-        def cell(v):
-            return "%8.3f (%5.1fx)" % (v, v / r["native_s"]) if v is not None else "%16s" % "n/a"
-        out.append("%-18s %9.3f %16s %16s %16s" % (r["workload"], r["native_s"], cell(r["pvmexec_s"]),
-                                                     cell(r["pvmexec_ptrace_s"]), cell(r["strace_s"])))
+PLACEMENT = ("not pinned: the caller and each guest's stub run where the scheduler puts them "
+             "(2 CPUs here); each stub spins briefly before sleeping when on the other CPU")
+
+
+def _header(repeat):
+    m = machine()
+    return "\n".join(["pvmexec bench sandbox — wall-clock seconds, median of %d; %s, %d CPUs, Linux %s" % (
+        repeat, m["cpu"], m["cpus"], m["kernel"]), PLACEMENT, "",
+        "%-18s %9s %16s %16s %16s" % ("workload", "native", "pvmexec run", "ptrace engine", "strace -f")])
+
+
+def _line(r):
+    def cell(v):
+        return "%8.3f (%5.1fx)" % (v, v / r["native_s"]) if v is not None else "%16s" % "n/a"
+    return "%-18s %9.3f %16s %16s %16s" % (r["workload"], r["native_s"], cell(r["pvmexec_s"]),
+                                           cell(r["pvmexec_ptrace_s"]), cell(r["strace_s"]))
+
+
+def format_table(report, rows=True):
+    """The report as a table; rows=False: only what follows the rows (they were streamed)."""
+    out = [_header(report["repeat"])] + [_line(r) for r in report["results"]] if rows else []
     for r in report["results"]:
         if r["syscalls"]:
             out.append("")
@@ -114,6 +124,9 @@ def format_table(report):
 
 
 def main(args):
-    report = run(quick=args.quick)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.json:
+        print(json.dumps(run(quick=args.quick), indent=2))
+    else:
+        report = run(quick=args.quick, on_row=streamed(_header(1 if args.quick else 3), _line))
+        print(format_table(report, rows=False))
     return 0

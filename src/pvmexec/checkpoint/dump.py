@@ -28,7 +28,7 @@ MAX_ROUNDS = 16
 
 def dump(pid: int, directory: str, pre_dumps: int = 2, until_converged: bool = False, leave_running: bool = True,
          progress: Callable[[int, int, int], None] | None = None, on_frozen: Callable[[int], None] | None = None,
-         transfer: str = "readv") -> dict[str, Any]:
+         transfer: str = "readv", copying: Callable[[int, int, int, int], None] | None = None) -> dict[str, Any]:
     """Dump process pid into directory (which must not exist or be empty).
 
     pre_dumps rounds copy what was written while the target runs (or, with
@@ -42,11 +42,13 @@ def dump(pid: int, directory: str, pre_dumps: int = 2, until_converged: bool = F
     its CPU) or "vmsplice" (the agent vmsplices them into a pipe and the kernel
     splices them into the file: no copy through user space, several times
     faster, but that work runs in a thread of the target, which measurably
-    slows it); the frozen round always reads. Returns the manifest.
+    slows it); the frozen round always reads. copying(round, pages copied, pages expected, bytes
+    written) reports progress within a round, at most ten times a second (expected: the mappings'
+    size in the first round, the round before's pages after). Returns the manifest.
     """
     if transfer not in ("vmsplice", "readv"):
         raise ValueError("transfer must be vmsplice or readv, not %r" % (transfer,))
-    run = _Dump(pid, directory, transfer, progress)
+    run = _Dump(pid, directory, transfer, progress, copying)
     try:
         run.start()
         run.pre_dumps(pre_dumps, until_converged)
@@ -69,8 +71,8 @@ def dump(pid: int, directory: str, pre_dumps: int = 2, until_converged: bool = F
 class _Dump:
     """One dump's state across its steps."""
 
-    def __init__(self, pid, directory, transfer, progress):
-        self.pid, self.transfer, self.progress = pid, transfer, progress
+    def __init__(self, pid, directory, transfer, progress, copying=None):
+        self.pid, self.transfer, self.progress, self.copying = pid, transfer, progress, copying
         self.image = ImageWriter(directory)
         self.rounds = []
         self.t_start = time.monotonic()
@@ -142,13 +144,18 @@ class _Dump:
     def one_round(self, final):
         """Copy what changed (everything, for mappings seen first); returns (pages, maps)."""
         pid, image, tracker, scanner, splicer = self.pid, self.image, self.tracker, self.scanner, self.splicer
-        t0 = time.monotonic()
+        t0 = last_report = time.monotonic()
         pages = 0
         maps = read_maps(pid, self.skip)
+        expected = self.rounds[-1]["pages"] if self.rounds else sum(
+            (m.end - m.start) // PAGE for m in maps if "r" in m.perms)
         keys = {m.key for m in maps}
         for key in [k for k in tracker.ranges if k not in keys]:
             tracker.forget(key)
         for m in maps:
+            if self.copying and time.monotonic() - last_report >= 0.1:
+                last_report = time.monotonic()
+                self.copying(len(self.rounds) + 1, pages, max(expected, pages), image.bytes_written)
             if "r" not in m.perms:
                 continue
             new = m.key not in tracker.ranges and m.key not in self.whole
