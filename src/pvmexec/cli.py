@@ -4,7 +4,7 @@ import sys
 
 from . import __version__
 from .errors import PvmexecError
-from .syscalls import errno_name, name_of, number
+from .syscalls import name_of, number
 
 
 def parse_arg(text):
@@ -42,15 +42,13 @@ def cmd_syscall(args):
     except (ValueError, TypeError, OverflowError) as e:          # a pid or argument that cannot be
         print("pvmexec: %s" % e, file=sys.stderr)
         return 2
-    call = "%s(%s)" % (name_of(nr), ", ".join(
-        repr(v) if isinstance(v, str) else str(v) for v in values))
-    if -4096 < ret < 0:
-        import os
-        print("%s = -1 %s (%s)" % (call, errno_name(-ret), os.strerror(-ret)))
-        return 1
-    shown = hex(ret) if args.hex or name_of(nr) in ("mmap", "brk", "mremap") else str(ret)
-    print("%s = %s" % (call, shown))
-    return 0
+    from .kernel.trace import format_call
+    from .syscalls import TABLE
+    line = format_call(name_of(nr), TABLE.get(nr, ("", ()))[1], values, ret)
+    if args.hex and not -4096 < ret < 0:
+        line = line.rsplit(" = ", 1)[0] + " = %#x" % ret
+    print(line)
+    return 1 if -4096 < ret < 0 else 0
 
 
 def open_output(path):
@@ -102,15 +100,24 @@ def cmd_run(args):
         print("pvmexec run: policy: %s" % e, file=sys.stderr)
         return 125
     trace = None
-    if args.output and not args.trace:
-        print("pvmexec run: -o names the trace's file: give --trace too", file=sys.stderr)
-        return 125
-    if args.trace:
+    # As with strace, any tracing option traces.
+    if args.trace or args.output or args.expr or args.summary or args.paths or args.strsize != 32:
+        from .kernel.trace import Tracer, trace_set
         try:
-            trace = open_output(args.output) if args.output else sys.stderr
+            calls = None
+            for expr in args.expr:
+                if not expr.startswith("trace="):
+                    raise ValueError("-e %s: only trace=SET is understood" % expr)
+                calls = trace_set(expr) if calls is None else calls | trace_set(expr)
+        except ValueError as e:
+            print("pvmexec run: %s" % e, file=sys.stderr)
+            return 125
+        try:
+            out = open_output(args.output) if args.output else sys.stderr
         except OSError as e:
             print("pvmexec run: -o %s: %s" % (args.output, e.strerror), file=sys.stderr)
             return 125
+        trace = Tracer(out, calls=calls, summary=args.summary, strsize=args.strsize, show_paths=args.paths)
     box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
     # The terminal's signals (Ctrl-C, Ctrl-\, a hang-up, a kill of this process) go to the program.
     forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
@@ -288,6 +295,14 @@ def build_parser():
                    help="print one strace-like line per syscall (to stderr, or to the file of -o)")
     r.add_argument("-o", "--output", metavar="FILE",
                    help="write the trace to FILE (a new file, or an existing file that is not executable)")
+    r.add_argument("-e", dest="expr", action="append", default=[], metavar="trace=SET",
+                   help="trace only SET: names and classes, comma-separated (trace=openat,%%process; "
+                        "classes %%file %%process %%network %%signal %%memory %%desc; !SET for all but SET)")
+    r.add_argument("-c", dest="summary", action="store_true",
+                   help="count time, calls and errors per syscall and print a summary at exit, instead of lines")
+    r.add_argument("-s", dest="strsize", type=positive_int, default=32, metavar="N",
+                   help="show at most N bytes of buffers and strings (default 32)")
+    r.add_argument("-y", dest="paths", action="store_true", help="print paths beside descriptors")
     r.add_argument("--policy", metavar="FILE",
                    help='JSON: {"root": DIR, "writable": [PATH, ...], "network": false}')
     r.add_argument("--root", metavar="DIR", help="host directory the program sees as / (default /)")

@@ -47,3 +47,24 @@ def test_a_handler_can_deny_a_call(busybox, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 1 and out == b""
     status, out = run_captured(box, [busybox, "cat", "/etc/hostname"], tmp_path)
     assert status == 0 and out == open("/etc/hostname", "rb").read()
+
+
+def test_strace_options(busybox, tmp_path):
+    """-e trace=SET, -s, -y, -c, signals and exits, in strace's shape."""
+    script = 'trap "echo handled" USR1; kill -USR1 $$; cat /etc/hostname >/dev/null; exit 3'
+    got = sandboxed([busybox, "sh", "-c", script], "-e", "trace=openat,kill,exit_group", "-y", "-s", "8")
+    lines = [l.split("] ", 1)[1] for l in got.stderr.decode().splitlines() if l.startswith("[pid")]
+    assert got.returncode == 3 and got.stdout == b"handled\n"
+    assert any(l.startswith("kill(") and ", SIGUSR1) = 0" in l for l in lines), lines
+    assert any(l.startswith("--- SIGUSR1 {si_signo=SIGUSR1, si_code=SI_USER") for l in lines), lines
+    assert any(l.startswith('openat(AT_FDCWD, "/etc/hostname", O_RDONLY') for l in lines), lines
+    assert lines[-1] == "+++ exited with 3 +++" and "exit_group(3) = ?" in lines
+    assert not any(l.startswith(("read(", "write(", "close(")) for l in lines)      # outside the set
+    got = sandboxed([busybox, "cat", "/etc/hostname"], "-c")
+    table = got.stderr.decode()
+    assert got.returncode == 0 and table.startswith("% time") and "openat" in table and "total" in table
+    assert "[pid" not in table                                        # -c: the summary instead of lines
+    got = sandboxed([busybox, "cat", "/etc/hostname"], "-y", "-e", "trace=%desc")
+    assert b"3</etc/hostname>" in got.stderr
+    got = sandboxed([busybox, "true"], "-e", "trace=frobnicate")
+    assert got.returncode == 125 and b"unknown x86-64 system call 'frobnicate'" in got.stderr

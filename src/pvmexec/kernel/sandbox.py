@@ -20,6 +20,7 @@ import os
 import posixpath
 import signal
 import threading
+import time
 
 from .. import _core
 from ..abi import ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, SIG_IGN, page_up
@@ -51,7 +52,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             raise ValueError("engine must be stub or ptrace, not %r" % (engine,))
         self.engine = engine
         self.policy = policy if policy is not None else Policy()
-        self.tracer = Tracer(trace) if trace is not None else None
+        self.tracer = trace if isinstance(trace, Tracer) or trace is None else Tracer(trace)
         self.vdso = vdso
         self.hostname = hostname
         self.patch_syscalls = patch_syscalls
@@ -99,6 +100,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             raise
         self._finish(p, status)
         self._end_all()
+        if self.tracer:
+            self.tracer.close()
         return status
 
     def host_signal(self, sig: int) -> None:
@@ -207,9 +210,13 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                     continue
                 handler, kinds = entry
                 decoded = args[:len(kinds)]
+                started = time.perf_counter() if tracer else 0.0
+                shown = None
                 try:
                     if "str" in kinds or "fd" in kinds:
                         decoded = tuple(self._decode(p, a, k) for a, k in zip(decoded, kinds))
+                    if tracer and nr in tracer.EARLY:
+                        shown = tracer.enter(p, nr, decoded)
                     ret = handler(p, *decoded)
                 except Errno as e:
                     ret = -e.errno
@@ -225,7 +232,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                     self._internal_error(p, nr, e)
                     raise Exited(signal.SIGKILL) from e
                 if tracer:
-                    tracer.call(p, nr, decoded, ret)
+                    tracer.call(p, nr, decoded, ret, time.perf_counter() - started, shown)
                 if ret is not None:                         # None: the handler set the registers (execve)
                     set_result(p.ctx, ret)
         except Exited as e:

@@ -97,6 +97,8 @@ class SignalDelivery:
         return False
 
     def _deliver(self, p, sig, info, sync=False):
+        if self.tracer:
+            self.tracer.signal(p, info)
         handler, flags, restorer, mask = _disposition(p, sig)
         blocked = p.sigmask & _bit(sig)
         if sync and (handler == SIG_IGN or blocked):
