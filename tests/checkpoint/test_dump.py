@@ -157,3 +157,18 @@ def test_cli_dump_show_and_verify(spawn, tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "matches process %d" % v.pid in check.stdout, check
     assert v.state() in "SR"                            # still running, not left stopped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops a capability of root's: needs root")
+def test_a_root_dump_without_cap_sys_resource_names_it(tmp_path):
+    target = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        got = subprocess.run(["setpriv", "--bounding-set=-sys_resource", "--inh-caps=-sys_resource",
+                              sys.executable, "-m", "pvmexec", "dump", str(target.pid), str(tmp_path / "img")],
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 1 and "needs CAP_SYS_RESOURCE" in got.stderr and "Traceback" not in got.stderr
+        assert not (tmp_path / "img").exists()            # refused before anything was written
+    finally:
+        target.kill()
+        target.wait()

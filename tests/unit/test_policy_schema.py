@@ -49,3 +49,17 @@ def test_writable_paths_must_be_directories_under_the_root(tmp_path):
     Policy(str(tmp_path), writable=["/out"]).close()
     with pytest.raises(ValueError, match="/nonexistent-dir is not a directory under the root"):
         Policy(str(tmp_path), writable=["/nonexistent-dir"])
+
+
+def test_a_half_built_policy_leaves_nothing_behind():
+    import gc
+    import sys
+    seen = []
+    old, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        with pytest.raises(ValueError):
+            Policy(root=5)
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert seen == []                      # no "Exception ignored in __del__ ... no attribute 'root_fd'"

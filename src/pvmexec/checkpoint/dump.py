@@ -82,6 +82,7 @@ class _Dump:
 
     def start(self):
         from ..space import attach
+        state.rlimits(self.pid)             # what might be refused late is asked first, before any copy
         self.space = attach(self.pid, engine="agent")
         self.agent = self.space.backend
         region = self.agent.region()

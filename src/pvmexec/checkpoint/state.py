@@ -93,9 +93,22 @@ def files(pid, our_fds):
             continue
         fds.append(dict(fd=fd, path=target, pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8)))
     return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid),
-                rlimits={name: list(resource.prlimit(pid, getattr(resource, name)))
-                         for name in dir(resource) if name.startswith("RLIMIT_")},
-                fds=fds)
+                rlimits=rlimits(pid), fds=fds)
+
+
+def rlimits(pid):
+    """RLIMIT_* name -> [soft, hard]. prlimit(2) of another user's process needs CAP_SYS_RESOURCE, even as
+    root: say so, rather than a bare EPERM."""
+    try:
+        return {name: list(resource.prlimit(pid, getattr(resource, name)))
+                for name in dir(resource) if name.startswith("RLIMIT_")}
+    except ProcessLookupError:
+        from ..errors import TargetGone
+        raise TargetGone(pid) from None
+    except PermissionError:
+        from ..errors import AccessDenied
+        raise AccessDenied(pid, "reading its resource limits (prlimit) needs CAP_SYS_RESOURCE when it runs as "
+                                "another user") from None
 
 
 def signals_and_timers(space):
