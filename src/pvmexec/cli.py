@@ -227,26 +227,24 @@ def cmd_image_or_usage(args):
     return cmd_image(args)
 
 
-def positive_int(text):
-    """An argparse type: a whole number above 0 (a pid, a count of iterations)."""
+def _whole_number(text, least):
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("%s must be above 0" % text)
+    if value < least:
+        raise argparse.ArgumentTypeError("%s must be above 0" % text if least else "%s must not be negative" % text)
     return value
+
+
+def positive_int(text):
+    """An argparse type: a whole number above 0 (a pid, a count of iterations)."""
+    return _whole_number(text, 1)
 
 
 def counting_int(text):
     """An argparse type: a whole number of 0 or more."""
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("%s must not be negative" % text)
-    return value
+    return _whole_number(text, 0)
 
 
 def _usage_status(parser, status):
