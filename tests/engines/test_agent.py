@@ -265,3 +265,42 @@ def test_stopped_target(spawn):
     assert v.readline() == "after"
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+ATTACH_LOOP = textwrap.dedent("""
+    import sys, pvmexec
+    ok = refused = 0
+    for _ in range(int(sys.argv[2])):
+        try:
+            with pvmexec.attach(int(sys.argv[1]), engine="agent") as space:
+                assert space.syscall("getpid") == int(sys.argv[1])
+                ok += 1
+        except pvmexec.UnsupportedTarget as e:
+            refused += 1
+    print(ok, refused)
+""")
+
+
+def test_a_target_that_truncates_the_agents_memory_never_crashes_the_caller(cc, tmp_path):
+    exe = str(tmp_path / "truncator")
+    subprocess.run([cc, "-O1", "-pthread", "-o", exe, os.path.join(os.path.dirname(__file__), "..", "victims",
+                                                                    "truncator.c")], check=True, timeout=120)
+    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline().startswith("ready")
+        got = subprocess.run([sys.executable, "-c", ATTACH_LOOP, str(target.pid), "30"], capture_output=True,
+                             text=True, timeout=300)
+        assert got.returncode == 0, (got.returncode, got.stderr[-2000:])     # no SIGBUS, no traceback
+        ok, refused = map(int, got.stdout.split())
+        assert ok + refused == 30 and ok > 0
+        target.stdin.close()
+        assert target.wait(30) == 0                        # the target lives on, unharmed
+        shrunk = int(target.stdout.readline().split()[1])
+        # Sealed, the region cannot shrink; one the target shrank before the seals is never mapped
+        # (that attach is refused, the caller goes on).
+        assert shrunk <= refused, (shrunk, refused)
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+        target.stdout.close()

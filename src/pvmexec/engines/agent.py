@@ -15,6 +15,8 @@ import time
 import warnings
 
 from .. import _core
+from ..abi import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
+                   F_SEAL_SHRINK, F_SEAL_WRITE, MFD_ALLOW_SEALING)
 from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
                    CLONE_THREAD, CLONE_VM, F_DUPFD_CLOEXEC, MADV_DONTFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE,
                    MAP_SHARED, MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE)
@@ -45,6 +47,19 @@ NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "clo
 # while the two run on different CPUs (each side records its CPU in the slot); a machine
 # with one CPU never spins.
 SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
+
+
+def _check_region(pid, fd):
+    """Our own look at the region's memfd before we map it: its size fixed by our seals, and whole. The
+    target could have raced us between memfd_create and the seals (or sealed writes away)."""
+    import fcntl
+    seals = fcntl.fcntl(fd, F_GET_SEALS)
+    if seals & (F_SEAL_SHRINK | F_SEAL_GROW) != F_SEAL_SHRINK | F_SEAL_GROW or seals & (F_SEAL_WRITE |
+                                                                                          F_SEAL_FUTURE_WRITE):
+        raise InjectionFailed(pid, "the agent's memory was tampered with while it was made (seals %#x)" % seals)
+    if os.fstat(fd).st_size != REGION:
+        raise InjectionFailed(pid, "the agent's memory was resized while it was made (%d bytes)" %
+                              os.fstat(fd).st_size)
 
 
 class InjectionFailed(UnsupportedTarget):
@@ -95,11 +110,16 @@ class AgentEngine(BaseEngine):
                                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
             try:
                 _core.vm_write(self.pid, scratch, b"pvmexec-agent\0")
-                fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC)), "memfd_create")
+                fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
+                                "memfd_create")
             finally:
                 t.syscall(NR["munmap"], (scratch, 4096))
             try:
                 self._ok(t.syscall(NR["ftruncate"], (fd_t, REGION)), "ftruncate")
+                # Its size is fixed from now on: another thread of the target that finds the memfd (its fd,
+                # /proc/self/map_files) cannot shrink it under our mapping (the caller would die of SIGBUS).
+                self._ok(t.syscall(NR["fcntl"], (fd_t, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)),
+                         "fcntl(F_ADD_SEALS)")
                 code = self._ok(t.syscall(NR["mmap"], (0, REGION, PROT_READ | PROT_EXEC, MAP_SHARED, fd_t, 0)),
                                 "mmap")
                 self.code_base = code
@@ -110,6 +130,7 @@ class AgentEngine(BaseEngine):
                 self._ok(t.syscall(NR["madvise"], (code, REGION, MADV_DONTFORK)), "madvise")
                 fd_c = _core.pidfd_getfd(self.pidfd, fd_t)
                 try:
+                    _check_region(self.pid, fd_c)
                     self._map = mmap.mmap(fd_c, REGION, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 finally:
                     os.close(fd_c)
