@@ -1,11 +1,14 @@
 """Domain errors. All are OSError subclasses carrying an errno."""
+from __future__ import annotations
+
 import errno as _errno
+from typing import Sequence
 
 
 class PvmexecError(OSError):
     """Base class of pvmexec's errors."""
 
-    def __init__(self, err, message):
+    def __init__(self, err: int, message: str) -> None:
         super().__init__(err, message)
 
     def __str__(self):
@@ -15,7 +18,7 @@ class PvmexecError(OSError):
 class TargetGone(PvmexecError, ProcessLookupError):
     """The target does not exist, is a zombie, or died during the operation."""
 
-    def __init__(self, pid, message=None):
+    def __init__(self, pid: int, message: str | None = None) -> None:
         self.pid = pid
         super().__init__(_errno.ESRCH, message or "no such process: %d" % pid)
 
@@ -23,7 +26,7 @@ class TargetGone(PvmexecError, ProcessLookupError):
 class AccessDenied(PvmexecError, PermissionError):
     """The caller may not trace the target; `reason` says why."""
 
-    def __init__(self, pid, reason):
+    def __init__(self, pid: int, reason: str) -> None:
         self.pid = pid
         self.reason = reason
         super().__init__(_errno.EPERM, "not permitted to trace process %d: %s" % (pid, reason))
@@ -32,7 +35,7 @@ class AccessDenied(PvmexecError, PermissionError):
 class AlreadyTraced(AccessDenied):
     """Another tracer (a debugger, strace, ...) holds the target."""
 
-    def __init__(self, pid, tracer, tid=None, why=None):
+    def __init__(self, pid: int, tracer: int, tid: int | None = None, why: str | None = None) -> None:
         self.tracer = tracer
         thread = " (its thread %d)" % tid if tid and tid != pid else ""
         super().__init__(pid, why or "already traced%s by process %d (%s)" % (thread, tracer, _comm(tracer)))
@@ -41,7 +44,7 @@ class AlreadyTraced(AccessDenied):
 class UnsupportedTarget(PvmexecError):
     """The target is of a kind we cannot operate on (32-bit, x32, kernel thread, ourselves)."""
 
-    def __init__(self, pid, reason):
+    def __init__(self, pid: int, reason: str) -> None:
         self.pid = pid
         self.reason = reason
         super().__init__(_errno.EOPNOTSUPP, "unsupported target %d: %s" % (pid, reason))
@@ -50,14 +53,14 @@ class UnsupportedTarget(PvmexecError):
 class InvalidContext(PvmexecError, ValueError):
     """A register context that the CPU or kernel would not accept."""
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         super().__init__(_errno.EINVAL, "invalid register state: " + message)
 
 
 class RemoteSyscallError(PvmexecError):
     """A system call run in the target returned -errno."""
 
-    def __init__(self, err, syscall, args):
+    def __init__(self, err: int, syscall: str, args: Sequence[object]) -> None:
         self.syscall = syscall
         self.args_ = tuple(args)
         shown = ", ".join(hex(a) if isinstance(a, int) and a >= 1 << 32 else repr(a) for a in args)
@@ -68,7 +71,7 @@ class RemoteSyscallError(PvmexecError):
 class SeccompBlocked(RemoteSyscallError):
     """The target's seccomp policy would act on this call (kill, trap...): it was not run."""
 
-    def __init__(self, syscall, args, action):
+    def __init__(self, syscall: str, args: Sequence[object], action: str) -> None:
         self.action = action
         PvmexecError.__init__(self, _errno.EPERM, "%s not run in target: its seccomp policy would %s" % (
             syscall, action))
@@ -82,7 +85,7 @@ class TargetStopped(PvmexecError):
     The request was withdrawn before it ran. Continue the target, or use engine="ptrace".
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid: int) -> None:
         self.pid = pid
         super().__init__(_errno.EAGAIN, "process %d is stopped (job control), and the agent thread with it: "
                          "the call was withdrawn, not run (continue the process, or use engine='ptrace')" % pid)
@@ -91,7 +94,7 @@ class TargetStopped(PvmexecError):
 class EngineError(PvmexecError):
     """The mechanism itself failed (an unexpected stop or kernel answer)."""
 
-    def __init__(self, message, err=_errno.EPROTO):
+    def __init__(self, message: str, err: int = _errno.EPROTO) -> None:
         super().__init__(err, message)
 
 
