@@ -11,7 +11,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def test_a_manylinux_wheel_installs_and_runs_without_building(tmp_path):
     got = subprocess.run(["bash", os.path.join(ROOT, "tools", "build_wheels.sh"), str(tmp_path / "dist")],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+                         capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env=dict(os.environ, PYTHON=sys.executable))
     assert got.returncode == 0, got.stderr[-2000:]
     wheel, = glob.glob(str(tmp_path / "dist" / "pvmexec-*manylinux*_x86_64.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
+py=${PYTHON:-python3}                  # the Python to build for
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python -m pip wheel -q --no-deps -w "$work" .
-python -m auditwheel repair -w "$out" "$work"/pvmexec-*.whl
+"$py" -m pip wheel -q --no-deps -w "$work" .
+"$py" -m auditwheel repair -w "$out" "$work"/pvmexec-*.whl
 ls "$out"/pvmexec-*manylinux*.whl
