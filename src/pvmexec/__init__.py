@@ -11,7 +11,8 @@ if not _sys.platform.startswith("linux"):
 
 from .context import SigContext, SigInfo, Stop, StopReason
 from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, PvmexecError,
-                     RemoteSyscallError, SeccompBlocked, TargetGone, TargetStopped, UnsupportedTarget)
+                     RemoteSyscallError, SeccompBlocked, TargetGone, TargetMisbehaved, TargetStopped,
+                     UnsupportedTarget)
 from .abi import ALL_SIGNALS
 from .space import Space, attach
 from .syscalls import name_of as syscall_name, number as syscall_number
@@ -23,6 +24,6 @@ _logging.getLogger("pvmexec").addHandler(_logging.NullHandler())     # the appli
 __all__ = [
     "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",
     "Stop", "StopReason", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
-    "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError", "TargetStopped",
+    "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError", "TargetStopped", "TargetMisbehaved",
     "syscall_number", "syscall_name",
 ]

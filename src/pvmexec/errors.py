@@ -79,6 +79,15 @@ class SeccompBlocked(RemoteSyscallError):
         self.args_ = tuple(args)
 
 
+class TargetMisbehaved(PvmexecError):
+    """The target interfered with the agent's channel (it wrote the shared slot): the request was not
+    answered and will not be. The agent cannot be trusted any more; detach, or use engine="ptrace"."""
+
+    def __init__(self, pid: int, what: str) -> None:
+        self.pid = pid
+        super().__init__(_errno.EPROTO, "process %d interfered with the agent: %s" % (pid, what))
+
+
 class TargetStopped(PvmexecError):
     """The target is stopped (job control) and the agent, one of its threads, is stopped with it.
 

@@ -304,3 +304,25 @@ def test_a_target_that_truncates_the_agents_memory_never_crashes_the_caller(cc, 
             target.kill()
             target.wait()
         target.stdout.close()
+
+
+def test_a_target_that_takes_requests_away_gets_an_error_not_a_hang(cc, tmp_path):
+    exe = str(tmp_path / "scribbler")
+    subprocess.run([cc, "-O1", "-pthread", "-o", exe, os.path.join(os.path.dirname(__file__), "..", "victims",
+                                                                    "scribbler.c")], check=True, timeout=120)
+    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline().startswith("ready")
+        t0 = time.monotonic()
+        with pvmexec.attach(target.pid, engine="agent") as space:
+            with pytest.raises(pvmexec.TargetMisbehaved, match="interfered with the agent"):
+                while time.monotonic() - t0 < 15:        # until the scribbler wins a race for a request
+                    space.syscall("getpid")
+        assert time.monotonic() - t0 < 25                # an error in seconds, and detach did not hang
+        target.stdin.close()
+        assert target.wait(30) == 0 and target.stdout.readline() == "alive\n"
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+        target.stdout.close()

@@ -6,7 +6,7 @@ import struct
 import time
 
 from .. import _core
-from ..errors import TargetGone, TargetStopped
+from ..errors import TargetGone, TargetMisbehaved, TargetStopped
 
 
 def wait_word(mem, base, off, want, seconds, gone=lambda: False):
@@ -28,7 +28,8 @@ def channel_error(e, pid, server_gone):
     """The domain error for an OSError from a channel post/wait, or None if it is no channel status.
 
     ESRCH: the process died; EAGAIN: the request was withdrawn, the process is stopped;
-    ECHILD: the serving thread is gone (server_gone says how, in words).
+    ECHILD: the serving thread is gone (server_gone says how, in words); EPROTO: the target
+    took the request away from the agent.
     """
     if not isinstance(e, OSError):
         return None
@@ -38,4 +39,7 @@ def channel_error(e, pid, server_gone):
         return TargetStopped(pid)
     if e.errno == errno.ECHILD:
         return TargetGone(pid, server_gone)
+    if e.errno == errno.EPROTO:
+        return TargetMisbehaved(pid, "the agent sleeps while our request is unanswered (the shared slot "
+                                     "was written)")
     return None

@@ -23,6 +23,29 @@ thread_stopped(int pid, uint32_t tid)
     return p && (p[2] == 'T' || p[2] == 't');
 }
 
+/*
+ * Is the agent (thread tid of pid) idle, waiting for a request on req_seq at target address want_addr,
+ * while ours is posted? Then it will never answer it: the target claimed or rewrote it. The kernel's
+ * /proc/PID/task/TID/syscall tells what the thread really does, whatever the shared slot says.
+ */
+static int
+agent_idle_on(int pid, uint32_t tid, uint64_t want_addr)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/task/%u/syscall", pid, tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    unsigned long long nr, addr, op;
+    return sscanf(buf, "%llu 0x%llx 0x%llx", &nr, &addr, &op) == 3 && nr == __NR_futex &&
+           (op & 0x7f) == FUTEX_WAIT && addr == want_addr;
+}
+
 /* A stub thread to interrupt (PVM_STUB_PREEMPT_SIG) while *flag is set, for stub_run_fast. */
 struct preempt {
     volatile int32_t *flag;
@@ -71,7 +94,7 @@ channel_post_wait_preempt(struct pvm_slot *slot, uint32_t *counter, volatile uin
     }
     __atomic_store_n(&slot->caller_sleeping, 1, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    int rc = 0;
+    int rc = 0, idle_ticks = 0;
     for (;;) {
         uint32_t cur = __atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE);
         if (cur == seq)
@@ -113,6 +136,29 @@ channel_post_wait_preempt(struct pvm_slot *slot, uint32_t *counter, volatile uin
                 errno = EAGAIN;
                 rc = -1;
                 break;
+            }
+            /*
+             * The agent keeps sleeping, waiting for a request, while ours is posted, and it is not
+             * stopped: the target took it away (wrote the slot). Fail, rather than wait forever.
+             */
+            if (alive && pid > 0) {
+                const struct pvm_header *h =
+                    (const struct pvm_header *)((const char *)slot - (PVM_SLOT_OFF - PVM_HEADER_OFF));
+                uint64_t req_addr = __atomic_load_n(&h->data_base, __ATOMIC_RELAXED) +
+                                    (PVM_SLOT_OFF - PVM_HEADER_OFF) + offsetof(struct pvm_slot, req_seq);
+                uint32_t tid = __atomic_load_n(alive, __ATOMIC_ACQUIRE);
+                if (agent_idle_on(pid, tid, req_addr) && !thread_stopped(pid, tid) &&
+                    __atomic_load_n(&slot->resp_seq, __ATOMIC_ACQUIRE) != seq) {
+                    /* It re-reads the slot each time its idle sleep ends: give it two of those. */
+                    uint32_t idle_ms = __atomic_load_n(&h->idle_ms, __ATOMIC_RELAXED);
+                    if (++idle_ticks > 2 * (long)(idle_ms < 5000 ? idle_ms : 5000) / 50 + 2) {
+                        errno = EPROTO;
+                        rc = -1;
+                        break;
+                    }
+                } else {
+                    idle_ticks = 0;
+                }
             }
         }
     }
