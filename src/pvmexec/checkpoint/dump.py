@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import errno
 import os
 import signal
 import time
@@ -17,7 +18,7 @@ from .. import _core
 from ..abi import PAGE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
 from ..errors import PvmexecError, TargetGone
 from . import state
-from .image import ImageWriter
+from .image import DumpError, ImageWriter
 from .tracking import Scanner, Tracker, read_maps
 from .transfer import IOV_BYTES, Splicer, copy_range, copy_ranges
 
@@ -168,9 +169,11 @@ class _Dump:
                     copy_range(pid, image, s, e, final)
                 pages += (m.end - m.start) // PAGE
                 if m.key in tracker.ranges:
-                    scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=True)   # protect what we copied
+                    self._scan(m, PAGE_IS_WRITTEN, wp=True, final=final)   # protect what we copied
                 continue
-            written = scanner.regions(m.start, m.end, PAGE_IS_WRITTEN, wp=not final)   # frozen: no need
+            written = self._scan(m, PAGE_IS_WRITTEN, wp=not final, final=final)   # frozen: no need
+            if written is None:
+                continue
             left = splicer.move(image, written) if splicer is not None and not final else written
             copy_ranges(pid, image, left, final)
             pages += sum(e - s for s, e in written) // PAGE
@@ -185,6 +188,18 @@ class _Dump:
         if self.progress:
             self.progress(len(self.rounds), pages, image.bytes_written)
         return pages, maps
+
+    def _scan(self, m, categories, wp, final):
+        """PAGEMAP_SCAN of mapping m. While the target runs, m may be unmapped or replaced between reading
+        the maps and the scan (EPERM, EINVAL, ENOENT): then the round leaves it to the next one, which
+        takes it as a new mapping (registered and copied whole), and returns None. Frozen, nothing moves."""
+        try:
+            return self.scanner.regions(m.start, m.end, categories, wp=wp)
+        except DumpError as e:
+            if final or e.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
+                raise
+            self.tracker.forget(m.key)
+            return None
 
     def close(self, leave_running):
         """Undo everything in the target, whatever step failed."""
