@@ -11,6 +11,41 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def compile_victim(cc, out_dir, name):
+    """Build tests/victims/NAME.c (with threads) into out_dir; returns the executable's path."""
+    out = os.path.join(str(out_dir), name)
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(HERE, "victims", name + ".c")], check=True,
+                   timeout=120)
+    return out
+
+
+class Running:
+    """A victim that prints "ready <pid>" first, then takes stdin and prints on stdout; always killed and
+    reaped on exit from the block."""
+
+    def __init__(self, exe):
+        self.proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+
+    def __enter__(self):
+        line = self.proc.stdout.readline()
+        assert line.startswith("ready"), line
+        return self
+
+    def finish(self, timeout=30):
+        """Close its stdin and wait: (exit status, what it said last)."""
+        self.proc.stdin.close()
+        status = self.proc.wait(timeout)
+        return status, self.proc.stdout.readline()
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        return False
+
+
 @pytest.fixture(scope="session")
 def victim_exe(tmp_path_factory):
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")

@@ -11,6 +11,8 @@ import pytest
 from pvmexec import checkpoint as dumpmod
 from pvmexec.errors import TargetGone
 
+from conftest import Running, compile_victim
+
 VICTIMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "victims")
 
 
@@ -177,11 +179,7 @@ def test_a_root_dump_without_cap_sys_resource_names_it(tmp_path):
 def test_dumps_of_a_churning_target_never_fail(cc, tmp_path):
     """A mapping that changes between reading the maps and the scan is left to the next round, never a
     failure (it was PAGEMAP_SCAN: Operation not permitted, in a few % of dumps)."""
-    exe = str(tmp_path / "churner")
-    subprocess.run([cc, "-O1", "-pthread", "-o", exe, os.path.join(VICTIMS, "churner.c")], check=True, timeout=120)
-    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert target.stdout.readline().startswith("ready")
+    with Running(compile_victim(cc, tmp_path, "churner")) as target:
         for i in range(40):
             img = str(tmp_path / ("img%d" % i))
             diffs = []
@@ -189,10 +187,5 @@ def test_dumps_of_a_churning_target_never_fail(cc, tmp_path):
                              on_frozen=lambda pid: diffs.extend(dumpmod.verify(img, pid, frozen=True)))
             dumpmod.Image(img).check()
             assert len(m["rounds"]) == 4 and diffs == [], diffs[:5]      # and the image is exact
-        target.stdin.close()
-        assert target.wait(30) == 0 and target.stdout.readline().startswith("ok ")
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
-        target.stdout.close()
+        status, last = target.finish()
+        assert status == 0 and last.startswith("ok ")

@@ -14,7 +14,7 @@ import pvmexec
 from pvmexec import proc
 from pvmexec.guest import Guest
 from pvmexec.vmexec import syscall_with_callers_fds
-from conftest import kill_caller_after_first_line, snapshot
+from conftest import Running, compile_victim, kill_caller_after_first_line, snapshot
 
 
 def task_state(pid, tid):
@@ -282,47 +282,26 @@ ATTACH_LOOP = textwrap.dedent("""
 
 
 def test_a_target_that_truncates_the_agents_memory_never_crashes_the_caller(cc, tmp_path):
-    exe = str(tmp_path / "truncator")
-    subprocess.run([cc, "-O1", "-pthread", "-o", exe, os.path.join(os.path.dirname(__file__), "..", "victims",
-                                                                    "truncator.c")], check=True, timeout=120)
-    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert target.stdout.readline().startswith("ready")
+    with Running(compile_victim(cc, tmp_path, "truncator")) as target:
         got = subprocess.run([sys.executable, "-c", ATTACH_LOOP, str(target.pid), "30"], capture_output=True,
                              text=True, timeout=300)
         assert got.returncode == 0, (got.returncode, got.stderr[-2000:])     # no SIGBUS, no traceback
         ok, refused = map(int, got.stdout.split())
         assert ok + refused == 30 and ok > 0
-        target.stdin.close()
-        assert target.wait(30) == 0                        # the target lives on, unharmed
-        shrunk = int(target.stdout.readline().split()[1])
+        status, last = target.finish()
+        assert status == 0                                 # the target lives on, unharmed
         # Sealed, the region cannot shrink; one the target shrank before the seals is never mapped
         # (that attach is refused, the caller goes on).
+        shrunk = int(last.split()[1])
         assert shrunk <= refused, (shrunk, refused)
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
-        target.stdout.close()
 
 
 def test_a_target_that_takes_requests_away_gets_an_error_not_a_hang(cc, tmp_path):
-    exe = str(tmp_path / "scribbler")
-    subprocess.run([cc, "-O1", "-pthread", "-o", exe, os.path.join(os.path.dirname(__file__), "..", "victims",
-                                                                    "scribbler.c")], check=True, timeout=120)
-    target = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert target.stdout.readline().startswith("ready")
+    with Running(compile_victim(cc, tmp_path, "scribbler")) as target:
         t0 = time.monotonic()
         with pvmexec.attach(target.pid, engine="agent") as space:
             with pytest.raises(pvmexec.TargetMisbehaved, match="interfered with the agent"):
                 while time.monotonic() - t0 < 15:        # until the scribbler wins a race for a request
                     space.syscall("getpid")
         assert time.monotonic() - t0 < 25                # an error in seconds, and detach did not hang
-        target.stdin.close()
-        assert target.wait(30) == 0 and target.stdout.readline() == "alive\n"
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
-        target.stdout.close()
+        assert target.finish() == (0, "alive\n")

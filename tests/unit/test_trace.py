@@ -55,12 +55,10 @@ def test_exits_and_kills():
 def _fmt(name, args, ret, memory=None, **kw):
     from pvmexec.kernel.trace import format_call
     from pvmexec.syscalls import TABLE
-    read = None
-    if memory is not None:
-        def read(addr, n):
-            base = min(memory)
-            return memory[base][addr - base:addr - base + n]
-    return format_call(name, TABLE[number(name)][1], args, ret, read=read, **kw)
+    def read(addr, n):
+        base = min(memory)
+        return memory[base][addr - base:addr - base + n]
+    return format_call(name, TABLE[number(name)][1], args, ret, read=read if memory is not None else None, **kw)
 
 
 def test_flags_signals_and_requests_by_name():
