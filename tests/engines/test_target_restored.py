@@ -323,3 +323,28 @@ def test_memory_read_write_including_read_only_pages(spawn):
         space.write(code, original)
         with pytest.raises(OSError):
             space.read(8, 16)
+
+
+def test_requeued_signals_leave_the_stack_alone(spawn):
+    """Signals dequeued while borrowed are queued again from memory of our own, never from the thread's
+    stack (below its stack pointer may be live data: a thread on a small alternate stack), and that
+    memory is gone afterwards."""
+    v = spawn("wait")
+    with open("/proc/%d/syscall" % v.pid) as f:
+        sp = int(f.read().split()[-2], 16)                  # blocked in read(): its stack pointer
+    below = (sp - 4096) & ~0xF
+    with open("/proc/%d/mem" % v.pid, "rb") as mem:
+        mem.seek(below - 256)
+        before = mem.read(512)
+    maps = snapshot(v.pid)["maps"]
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
+        with space.borrowed():
+            os.kill(v.pid, signal.SIGBUS)                   # dequeued while borrowed, queued again
+            for _ in range(3):
+                space.syscall("getpid")
+    with open("/proc/%d/mem" % v.pid, "rb") as mem:
+        mem.seek(below - 256)
+        assert mem.read(512) == before
+    assert snapshot(v.pid)["maps"] == maps                  # no page of ours left behind
+    v.send(b"x")
+    assert v.readline() == "done 1 usr1 0 pid 0 code 0 usr2 0 bus 1"

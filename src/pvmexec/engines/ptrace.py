@@ -15,6 +15,7 @@ import signal
 import struct
 
 from .. import _core, proc
+from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT, PTRACE_DETACH,  # noqa: F401
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
                    PTRACE_SYSEMU)
@@ -27,6 +28,7 @@ from ..syscalls import name_of, number
 arch = _current_arch()
 
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
+_NR_MMAP, _NR_MUNMAP = number("mmap"), number("munmap")
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
@@ -270,6 +272,10 @@ class PtraceEngine(BaseEngine):
 
     def _requeue(self, b):
         """Put back signals that were dequeued while borrowed, with their original siginfo."""
+        if b.foreign:
+            # Block everything meanwhile (restore() puts the thread's own mask back): a signal queued
+            # here must not be dequeued again by the next call we run to queue the others.
+            _core.setsigmask(b.tid, _ALL & ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1))))
         for _round in range(8):
             pending, b.foreign = b.foreign, []
             if not pending:
@@ -278,14 +284,22 @@ class PtraceEngine(BaseEngine):
                 self._requeue_one(b, info)
 
     def _requeue_one(self, b, info):
-        scratch = (b.saved("rsp") - 4096) & ~0xF     # below the red zone: unused stack
+        # The siginfo goes in a page of our own: below the stack pointer may be live data (a thread on
+        # a small alternate stack), and nothing of ours may stay in the target's memory.
+        r, scratch = -1, None
         try:
-            _core.vm_write(self.pid, scratch, info.to_bytes())
-            r = self._run_syscall(b, _NR_RT_TGSIGQUEUEINFO, (self.pid, b.tid, info.signo, scratch))
+            scratch = self._run_syscall(b, _NR_MMAP, (0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                                                      -1, 0))
+            if scratch > 0:
+                _core.vm_write(self.pid, scratch, info.to_bytes())
+                r = self._run_syscall(b, _NR_RT_TGSIGQUEUEINFO, (self.pid, b.tid, info.signo, scratch))
         except (RemoteSyscallError, EngineError, OSError) as e:
             if isinstance(e, TargetGone):
                 raise
             r = -1
+        finally:
+            if scratch is not None and scratch > 0:
+                self._run_syscall(b, _NR_MUNMAP, (scratch, PAGE))
         if r < 0:
             self._run_syscall(b, _NR_TGKILL, (self.pid, b.tid, info.signo))      # siginfo lost
 
