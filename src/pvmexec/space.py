@@ -498,4 +498,6 @@ def _high_fd(pid):
                     soft = int(v) if v.isdigit() else 1 << 20
     except OSError:
         pass
-    return max(64, min(soft, 1024) - 64)
+    # Far above what it uses; with a tiny limit, the upper half of what it may have (the agent needs
+    # its pidfd of the caller somewhere, or it would never see the caller die).
+    return min(soft, 1024) - 64 if soft > 128 else max(3, soft // 2)

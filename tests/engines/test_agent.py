@@ -147,8 +147,12 @@ CALLER = textwrap.dedent("""
 """)
 
 
-def test_agent_removes_itself_when_the_caller_dies(spawn):
-    v = spawn("wait")
+@pytest.mark.parametrize("nofile", [None, 64, 16])
+def test_agent_removes_itself_when_the_caller_dies(spawn, nofile):
+    # With a tiny RLIMIT_NOFILE too: the agent's pidfd of the caller still finds a place.
+    import resource
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+    v = spawn("wait", preexec_fn=limit)
     before = snapshot(v.pid)
     agent = int(kill_caller_after_first_line(CALLER, v.pid))
     deadline = time.monotonic() + 3
