@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import struct
+import time
 
 from .. import _core, proc
 from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
@@ -29,6 +30,7 @@ arch = _current_arch()
 
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
 _NR_MMAP, _NR_MUNMAP = number("mmap"), number("munmap")
+_WALL = 0x40000000                     # waitid: threads too
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
@@ -120,7 +122,7 @@ class PtraceEngine(BaseEngine):
         except TargetGone:
             raise
         except BaseException:
-            self._try_detach(tid)
+            self._let_go(tid)
             raise
 
     def _wait_for_event_stop(self, tid, borrowed=None):
@@ -159,6 +161,22 @@ class PtraceEngine(BaseEngine):
             _core.ptrace(PTRACE_DETACH, tid, 0, 0, "ptrace(PTRACE_DETACH)")
         except OSError:
             pass
+
+    def _let_go(self, tid):
+        """Detach tid; if it died while ours, collect it, so that no exited thread stays traced by us
+        (a zombie in the target's task list that the next attach would find traced)."""
+        try:
+            _core.ptrace(PTRACE_DETACH, tid, 0, 0, "ptrace(PTRACE_DETACH)")
+        except OSError as e:
+            if e.errno == errno.ESRCH and self.reaps(tid):
+                deadline = time.monotonic() + 1.0      # it may still be on its way out
+                while time.monotonic() < deadline:
+                    try:
+                        if os.waitid(os.P_PID, tid, os.WEXITED | os.WNOHANG | _WALL) is not None:
+                            return
+                    except OSError:                     # not ours to collect (any more)
+                        return
+                    time.sleep(0.001)
 
     # -- borrowing -------------------------------------------------------------
 
@@ -341,7 +359,7 @@ class PtraceEngine(BaseEngine):
 
     def thaw(self):
         while self._frozen:
-            self._try_detach(self._frozen.pop())
+            self._let_go(self._frozen.pop())
 
     def borrowed_thread(self):
         """The Borrowed thread while acquire() holds one (Space.borrowed()), else None."""

@@ -3,7 +3,6 @@ import errno
 import fcntl
 import os
 import select
-import stat
 import struct
 
 from ...abi import O_LARGEFILE
@@ -28,7 +27,7 @@ def _host(call, *args, **kw):
 def _may_block(f):
     """Whether a read or write could wait (then the wait must give way to signals)."""
     try:
-        return not stat.S_ISREG(os.fstat(f.host_fd).st_mode) and os.get_blocking(f.host_fd)
+        return not f.regular and os.get_blocking(f.host_fd)
     except OSError:
         return False
 
@@ -53,16 +52,13 @@ def _write(self, p, call, fd, data, *extra):
 
 
 def _regular(f):
-    try:
-        return stat.S_ISREG(os.fstat(f.host_fd).st_mode)
-    except OSError:
-        return False
+    return f.regular                        # known since it was opened: a file's type does not change
 
 
 def _whole_writes(f):
     """Regular files, and blocking descriptors: a write(2) there moves everything (or waits)."""
     try:
-        return stat.S_ISREG(os.fstat(f.host_fd).st_mode) or os.get_blocking(f.host_fd)
+        return f.regular or os.get_blocking(f.host_fd)
     except OSError:
         return False
 
