@@ -152,3 +152,64 @@ def test_signals_sent_to_pvmexec_run_reach_the_program(busybox):
     rc, out, _ = _run_then_signal([busybox, "sh", "-c", "echo ready; exec sleep 30"], signal.SIGTERM)
     assert rc == -signal.SIGTERM
     assert _children() == set()
+
+
+TIMERS = r"""
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+static volatile int alarms, ticks, posix_hits, value_seen;
+static void on_alarm(int s) { alarms++; }
+static void on_tick(int s) { ticks++; }
+static void on_posix(int s, siginfo_t *si, void *u) { posix_hits++; value_seen = si->si_value.sival_int; }
+int main(void) {
+    char stack[65536];
+    stack_t ss = {.ss_sp = stack, .ss_size = sizeof stack};
+    sigaltstack(&ss, NULL);
+    struct sigaction a = {.sa_handler = on_alarm, .sa_flags = SA_ONSTACK};
+    sigaction(SIGALRM, &a, NULL);
+    alarm(1);
+    printf("left %u\n", alarm(1));               /* the first alarm's seconds, rounded up */
+    pause();                                      /* never restarted: EINTR after the handler */
+    printf("alarm %d\n", alarms);
+    struct sigaction t = {.sa_handler = on_tick};
+    sigaction(SIGVTALRM, &t, NULL);
+    struct itimerval iv = {{0, 20000}, {0, 20000}};
+    setitimer(ITIMER_VIRTUAL, &iv, NULL);
+    while (ticks < 3)
+        ;
+    memset(&iv, 0, sizeof iv);
+    setitimer(ITIMER_VIRTUAL, &iv, NULL);
+    printf("ticks %d\n", ticks >= 3);
+    struct sigaction p = {.sa_sigaction = on_posix, .sa_flags = SA_SIGINFO};
+    sigaction(SIGRTMIN, &p, NULL);
+    struct sigevent ev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = SIGRTMIN, .sigev_value.sival_int = 42};
+    timer_t id;
+    if (timer_create(CLOCK_MONOTONIC, &ev, &id)) return 2;
+    struct itimerspec its = {{0, 0}, {0, 50000000}};
+    timer_settime(id, 0, &its, NULL);
+    struct timespec req = {2, 0}, rem = {0, 0};
+    int r = nanosleep(&req, &rem);                 /* cut short by the timer's signal */
+    printf("posix %d value %d nanosleep %d rem %d\n", posix_hits, value_seen, r, rem.tv_sec >= 1);
+    timer_delete(id);
+    return 0;
+}
+"""
+
+
+def test_alarm_interval_and_posix_timers(cc, tmp_path):
+    prog = build(cc, tmp_path, TIMERS, "-static")
+    want, got = native([prog]), sandboxed([prog], "-q")
+    assert got.returncode == want.returncode == 0, got.stderr
+    assert got.stdout == want.stdout == b"left 1\nalarm 1\nticks 1\nposix 1 value 42 nanosleep -1 rem 1\n"
+
+
+def test_timeout_of_coreutils_ends_its_command(tmp_path):
+    import time
+    t0 = time.monotonic()
+    got = sandboxed(["timeout", "1", "sleep", "10"])
+    assert got.returncode == 124 and time.monotonic() - t0 < 8           # it hung before: no alarm() timers

@@ -79,3 +79,16 @@ def test_init_xstate_keeps_the_kernels_sizes():
     clean = x86_64.init_xstate(bytes(template))
     assert len(clean) == 1024 and clean[464:512] == template[464:512]
     assert struct.unpack_from("<H", clean, 0)[0] == 0x37F and struct.unpack_from("<I", clean, 24)[0] == 0x1F80
+
+
+@pytest.mark.parametrize("altstack, to_alt, lands", [
+    ((0, 2, 0), True, "stack"),                  # SA_ONSTACK, but no alternate stack (SS_DISABLE)
+    ((0x500000, 0, 0x10000), True, "alt"),       # SA_ONSTACK and one: the frame goes there
+    ((0x500000, 0, 0x10000), False, "stack"),    # without SA_ONSTACK
+])
+def test_signal_frames_go_where_linux_puts_them(altstack, to_alt, lands):
+    ctx = SigContext(rip=0x401000, rsp=0x7ffff000)
+    writes = x86_64.push_signal_frame(ctx, signal.SIGALRM, bytes(128), 0x402000, 0x403000, 0, altstack, to_alt,
+                                      bytes(576))
+    lo, hi = (0x500000, 0x510000) if lands == "alt" else (0x7fffe000, 0x7ffff000 - x86_64.RED_ZONE)
+    assert all(lo <= addr < hi for addr, _data in writes) and lo <= ctx.rsp < hi

@@ -105,7 +105,8 @@ def push_signal_frame(ctx, sig, info, handler, restorer, old_mask, altstack, to_
     """
     ss_sp, ss_flags, ss_size = altstack
     on_alt = not ss_flags & _SS_DISABLE and ss_sp < ctx.rsp <= ss_sp + ss_size
-    sp = ss_sp + ss_size if to_altstack and not on_alt else ctx.rsp - RED_ZONE
+    use_alt = to_altstack and not ss_flags & _SS_DISABLE and not on_alt
+    sp = ss_sp + ss_size if use_alt else ctx.rsp - RED_ZONE
     sp = (sp - len(fp) - 4) & ~63
     fp_addr = sp
     sp = ((sp - (8 + _UCONTEXT_SIZE + 128)) & ~15) - 8

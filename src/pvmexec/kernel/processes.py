@@ -12,6 +12,7 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
 from .errors import Errno
+from .syscalls.timer import end_timers
 from .task import Process, close_wake, kill_space
 from .threads import wait_for_threads
 
@@ -141,6 +142,7 @@ class ProcessMachinery:
                 pass
         p.threads.pop(p.pid, None)
         p.fds.close_all()
+        end_timers(p)
         if p.space is not None:
             p.space.detach()
         with self._cond:

@@ -34,14 +34,15 @@ from .files import OpenFile, Policy
 from .processes import ProcessMachinery
 from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
-                       ThreadCalls)
+                       ThreadCalls, TimerCalls)
+from .syscalls.timer import end_timers
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
 from .trace import Tracer
 
 
 class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls,
-              SignalDelivery, ProcessMachinery, ThreadMachinery):
+              TimerCalls, SignalDelivery, ProcessMachinery, ThreadMachinery):
     """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
     file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
     calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
@@ -172,7 +173,13 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                 if p.pending or p.fatal:
                     if p.fatal:
                         raise Exited(killed_status(p.fatal))
-                    self._deliver_pending(p)
+                    try:
+                        self._deliver_pending(p)
+                    except (Exited, ThreadExit, TargetGone):
+                        raise
+                    except Exception as e:              # a bug of ours: the process dies, not the kernel
+                        self._internal_error(p, "signal delivery", e)
+                        raise Exited(signal.SIGKILL) from e
                 if self.engine == "stub":      # C answers trivial calls (if allowed) and interrupts for signals
                     p.fast_flag[0] = 1 if p.pending or p.fatal or p.group_status is not None else 0
                     fast = (p.fds.fast, p.fast_ids, p.fast_flag, self._fast)
@@ -247,7 +254,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         import traceback
         where = traceback.extract_tb(e.__traceback__)[-1]
         print("pvmexec: internal error in %s for process %d (%s: %s at %s:%d); the process is killed" % (
-            name_of(nr), p.pid, type(e).__name__, e, os.path.basename(where.filename), where.lineno), file=sys.stderr)
+            nr if isinstance(nr, str) else name_of(nr), p.pid, type(e).__name__, e, os.path.basename(where.filename),
+            where.lineno), file=sys.stderr)
         p.internal_error = e
 
     @staticmethod
@@ -335,6 +343,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.clear_child_tid = 0
         p.robust_list = (0, 0)
         p.fds.close_on_exec()
+        end_timers(p, exec_only=True)                       # POSIX timers end with the image
         p.pending = {s: i for s, i in p.pending.items()}
         if old is not None:
             old.detach()

@@ -8,11 +8,16 @@ import struct
 
 from ..abi import SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SIG_DFL, SIG_IGN, UNBLOCKABLE
 from ..arch import current as _current_arch
+from ..syscalls import number
 from .errors import Errno, Exited, Interrupted
 from .task import _drain, kill_space, wake
 
 
 ARCH = _current_arch()
+_NEVER_RESTARTED = frozenset(number(n) for n in (
+    "pause", "rt_sigsuspend", "rt_sigtimedwait", "nanosleep", "clock_nanosleep", "poll", "ppoll", "select",
+    "pselect6", "epoll_wait", "epoll_pwait", "epoll_pwait2", "io_getevents", "semop", "semtimedop", "msgrcv",
+    "msgsnd"))
 _DEFAULT_IGNORE = frozenset((signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT))
 _STOP = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
 _CORE = frozenset((signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS,
@@ -128,9 +133,10 @@ class SignalDelivery:
         p.ctx.fpstate = p.space.initial_fpstate()
 
     def _interrupted_syscall(self, p, nr):
-        """A blocking call gave way to a signal: restart it after the handler if SA_RESTART, else EINTR."""
+        """A blocking call gave way to a signal: restart it after the handler if SA_RESTART, else EINTR.
+        Waits for signals, sleeps and polls are never restarted (signal(7))."""
         sig = next((s for s in sorted(p.pending) if not p.sigmask & _bit(s)), None)
-        if sig is not None and _disposition(p, sig)[1] & SA_RESTART:
+        if sig is not None and nr not in _NEVER_RESTARTED and _disposition(p, sig)[1] & SA_RESTART:
             ARCH.restart_syscall(p.ctx, nr)
             return None
         return -errno.EINTR

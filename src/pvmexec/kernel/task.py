@@ -118,6 +118,8 @@ class Process:
         self.threads = {pid: self}          # tid -> Thread (the leader is itself)
         self.thread_lock = threading.Condition()
         self.free_thread_indices = []
+        self.timers = {}                    # POSIX timers: id -> syscalls.timer._Timer
+        self.itimers = {}                   # alarm and setitimer: which -> _Timer
         self.futexes = {}                   # address -> [waiter]
         self.futex_lock = threading.Lock()
         self.group_status = None            # set by exit_group or a fatal signal in any thread

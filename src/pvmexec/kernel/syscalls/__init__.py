@@ -24,9 +24,11 @@ from .poll import PollCalls
 from .process import ProcessCalls
 from .signal import SignalCalls
 from .thread import ThreadCalls
+from .timer import TimerCalls
 
 
-CALLS = (FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls)
+CALLS = (FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls,
+         TimerCalls)
 
 SUPPORT = {
     "mmap": "partial: MAP_SHARED mappings of files that are written are refused (ENODEV), not shared",
@@ -53,4 +55,7 @@ SUPPORT = {
     "getcpu": "partial: always CPU 0, node 0",
     "prctl": "partial: PR_SET_NAME, PR_GET_NAME and a few queries; others EINVAL",
     "sysinfo": "partial: the host's memory and load, one process",
+    "setitimer": "partial: ITIMER_VIRTUAL and ITIMER_PROF count wall-clock time, not CPU time",
+    "timer_create": "partial: CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME; SIGEV_SIGNAL, SIGEV_NONE, "
+                    "SIGEV_THREAD_ID",
 }
