@@ -12,6 +12,7 @@ import threading
 import time
 
 from ..errors import Errno
+from ..task import leader_of
 
 SI_KERNEL, SI_TIMER = 0x80, -2
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD, SIGEV_THREAD_ID = 0, 1, 2, 4
@@ -102,13 +103,9 @@ def _timespec(ns):
     return struct.pack("<qq", ns // 10 ** 9, ns % 10 ** 9)
 
 
-def _leader(p):
-    return p.leader if getattr(p, "is_thread", False) else p
-
-
 def end_timers(p, exec_only=False):
     """Disarm a process's timers: all of them when it ends, the POSIX ones when it runs execve."""
-    proc = _leader(p)
+    proc = leader_of(p)
     for t in list(proc.timers.values()):
         t.close()
     proc.timers.clear()
@@ -127,7 +124,7 @@ class TimerCalls:
                 self._queue(q, sig, info, wake_it=True)
 
     def _itimer(self, p, which):
-        proc = _leader(p)
+        proc = leader_of(p)
         t = proc.itimers.get(which)
         if t is None:
             sig = _ITIMER_SIGNALS[which]
@@ -168,7 +165,7 @@ class TimerCalls:
     def sys_timer_create(self, p, clock, sevp, timerid):
         if clock not in _CLOCKS:
             raise Errno(errno.EINVAL)
-        proc = _leader(p)
+        proc = leader_of(p)
         if len(proc.timers) >= _MAX_TIMERS:
             raise Errno(errno.EAGAIN)
         tid = next(i for i in range(len(proc.timers) + 1) if i not in proc.timers)
@@ -192,7 +189,7 @@ class TimerCalls:
         return 0
 
     def _posix_timer(self, p, timerid):
-        t = _leader(p).timers.get(timerid & 0xFFFFFFFF)
+        t = leader_of(p).timers.get(timerid & 0xFFFFFFFF)
         if t is None:
             raise Errno(errno.EINVAL)
         return t
@@ -221,5 +218,5 @@ class TimerCalls:
     def sys_timer_delete(self, p, timerid):
         t = self._posix_timer(p, timerid)
         t.close()
-        del _leader(p).timers[timerid & 0xFFFFFFFF]
+        del leader_of(p).timers[timerid & 0xFFFFFFFF]
         return 0
