@@ -96,3 +96,14 @@ def test_python3_asyncio_epoll_select_eventfd_and_socketpairs(tree):
             "e = os.eventfd(3); os.eventfd_write(e, 4); print(os.eventfd_read(e))\n")
     got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
     assert got.stdout == b"b'from asyncio\\n'\nb'pair'\nTrue []\n7\n"
+
+
+def test_readlink_of_what_is_no_symlink(tree):
+    code = ("import os\n"
+            "for path in ('a.txt', 'link', 'nonexistent', 'sub'):\n"
+            "    try:\n"
+            "        print(path, os.readlink(path))\n"
+            "    except OSError as e:\n"
+            "        print(path, e.errno)\n")
+    got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
+    assert got.stdout == b"a.txt 22\nlink a.txt\nnonexistent 2\nsub 22\n"

@@ -152,6 +152,8 @@ class FsCalls:
         else:
             pfd = self._path_fd(p, dirfd, path, AT_SYMLINK_NOFOLLOW)
             try:
+                if not stat.S_ISLNK(os.fstat(pfd).st_mode):
+                    raise Errno(errno.EINVAL)           # as Linux says of a file that is no symlink
                 target = _host(os.readlink, "", dir_fd=pfd)
             finally:
                 os.close(pfd)
