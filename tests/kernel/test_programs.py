@@ -107,3 +107,17 @@ def test_readlink_of_what_is_no_symlink(tree):
             "        print(path, e.errno)\n")
     got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
     assert got.stdout == b"a.txt 22\nlink a.txt\nnonexistent 2\nsub 22\n"
+
+
+def test_socket_names_of_socketpair_ends(tree):
+    code = ("import errno, os, socket\n"
+            "a, b = socket.socketpair()\n"
+            "print(repr(a.getsockname()), repr(b.getpeername()), a.family == socket.AF_UNIX)\n"
+            "with open('a.txt', 'rb') as f:\n"
+            "    for fd in (f.fileno(), 999):\n"
+            "        try:\n"
+            "            socket.socket(fileno=fd)\n"
+            "        except OSError as e:\n"
+            "            print(errno.errorcode[e.errno])\n")
+    got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
+    assert got.stdout == b"'' '' True\nENOTSOCK\nEBADF\n"

@@ -47,6 +47,8 @@ SUPPORT = {
     "socket": "refused: EACCES without --network, EAFNOSUPPORT with it (only socketpair is provided)",
     "sendto": "partial: connected sockets only (no address)",
     "recvfrom": "partial: no source address is reported",
+    "getsockname": "partial: socketpair ends only; sockets inherited from the host EOPNOTSUPP",
+    "getpeername": "partial: socketpair ends only; sockets inherited from the host EOPNOTSUPP",
     "clone3": "refused: ENOSYS, libc falls back to clone",
     "rseq": "refused: ENOSYS, libc does without",
     "execveat": "partial: not from a process that has other threads (ENOSYS)",

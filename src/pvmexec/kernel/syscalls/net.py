@@ -1,11 +1,14 @@
-"""Handlers: sockets (socket, socketpair, sendto, recvfrom, shutdown)."""
+"""Handlers: sockets (socket, socketpair, sendto, recvfrom, shutdown, getsockname, getpeername)."""
 import errno
 import os
 import socket
+import stat
 import struct
 
 from ..errors import Errno
 from ..files import OpenFile
+
+_PAIR_END = "socket:[unix]"
 
 
 class NetCalls:
@@ -30,7 +33,7 @@ class NetCalls:
                 host = s.detach()
                 if type_ & os.O_NONBLOCK:
                     os.set_blocking(host, False)
-                fds.append(p.fds.install(OpenFile(host, "socket:[unix]", os.O_RDWR), cloexec=type_ & os.O_CLOEXEC))
+                fds.append(p.fds.install(OpenFile(host, _PAIR_END, os.O_RDWR), cloexec=type_ & os.O_CLOEXEC))
             p.write(sv, struct.pack("<ii", *fds))
         except BaseException:
             for fd in fds:
@@ -58,4 +61,25 @@ class NetCalls:
             raise Errno(e.errno) from None
         finally:
             s.close()
+        return 0
+
+    def sys_getsockname(self, p, fd, addr, addrlen):
+        return self._socket_name(p, fd, addr, addrlen)
+
+    def sys_getpeername(self, p, fd, addr, addrlen):
+        return self._socket_name(p, fd, addr, addrlen)
+
+    def _socket_name(self, p, fd, addr, addrlen):
+        """Socketpair ends are unnamed: both names are the family alone, as Linux says."""
+        f = p.fds.get(fd)
+        if not stat.S_ISSOCK(os.fstat(f.host_fd).st_mode):
+            raise Errno(errno.ENOTSOCK)
+        if f.path != _PAIR_END:
+            raise Errno(errno.EOPNOTSUPP)        # a socket inherited from the host: its name is not shown
+        (room,) = struct.unpack("<i", p.read(addrlen, 4))
+        if room < 0:
+            raise Errno(errno.EINVAL)
+        name = struct.pack("<H", socket.AF_UNIX)
+        p.write(addr, name[:room])
+        p.write(addrlen, struct.pack("<i", len(name)))
         return 0
