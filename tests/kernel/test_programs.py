@@ -121,3 +121,20 @@ def test_socket_names_of_socketpair_ends(tree):
             "            print(errno.errorcode[e.errno])\n")
     got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
     assert got.stdout == b"'' '' True\nENOTSOCK\nEBADF\n"
+
+
+def test_mincore_reports_which_pages_are_in_memory(tree):
+    code = ("import ctypes, mmap\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.mmap.restype = ctypes.c_void_p\n"
+            "libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+            " ctypes.c_long)\n"
+            "libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)\n"
+            "p = libc.mmap(None, 3 * 4096, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)\n"
+            "ctypes.memset(p, 1, 1); ctypes.memset(p + 2 * 4096, 1, 1)\n"
+            "vec = (ctypes.c_ubyte * 3)()\n"
+            "print(libc.mincore(p, 3 * 4096, vec), [v & 1 for v in vec])\n"
+            "print(libc.mincore(p, 4096, ctypes.c_void_p(8)), ctypes.get_errno())\n"
+            "print(libc.mincore(p, 4096, ctypes.c_void_p(0x050f0000)), ctypes.get_errno())\n")  # the stub's window
+    got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
+    assert got.stdout == b"0 [1, 0, 1]\n-1 14\n-1 14\n"

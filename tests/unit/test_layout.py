@@ -56,8 +56,8 @@ def test_channel_and_stub_layouts_match_c():
     assert L["STUB_FP_OFF"] - L["STUB_STOP_OFF"] >= L["stop.regs"] + 8 * len(x86_64.REG_NAMES)
     from pvmexec.syscalls import number
     assert set(stub_engine.STUB_ALLOWED) == {number(n) for n in (
-        "mmap", "mprotect", "munmap", "rt_sigprocmask", "rt_sigreturn", "mremap", "madvise", "getpid", "exit",
-        "getppid", "sigaltstack", "gettid", "futex", "exit_group")}
+        "mmap", "mprotect", "munmap", "rt_sigprocmask", "rt_sigreturn", "mremap", "madvise", "mincore", "getpid",
+        "exit", "getppid", "sigaltstack", "gettid", "futex", "exit_group")}
     assert _core.STUB_ELF[:4] == b"\x7fELF" and struct.unpack_from("<H", _core.STUB_ELF, 16)[0] == 3  # ET_DYN
 
 

@@ -185,15 +185,15 @@ struct pvm_patch_site {
 
 /*
  * The only syscalls the stub's filter lets through, and only from its gadget:
- * mmap mprotect munmap rt_sigprocmask rt_sigreturn mremap madvise getpid exit
- * getppid sigaltstack gettid futex exit_group, and clone with exactly
+ * mmap mprotect munmap rt_sigprocmask rt_sigreturn mremap madvise mincore getpid
+ * exit getppid sigaltstack gettid futex exit_group, and clone with exactly
  * PVM_STUB_CLONE_FLAGS (a thread in the same space). None reaches outside the
  * stub's own address space (the stub has no file descriptors, so mmap cannot
  * map a file).
  */
 #define PVM_STUB_ALLOWED __NR_mmap, __NR_mprotect, __NR_munmap, __NR_rt_sigprocmask, __NR_rt_sigreturn, \
-    __NR_mremap, __NR_madvise, __NR_getpid, __NR_exit, __NR_getppid, __NR_sigaltstack, __NR_gettid, __NR_futex, \
-    __NR_exit_group
+    __NR_mremap, __NR_madvise, __NR_mincore, __NR_getpid, __NR_exit, __NR_getppid, __NR_sigaltstack, __NR_gettid, \
+    __NR_futex, __NR_exit_group
 
 /* The state of a stopped guest thread (written by the stub, read by the caller; and back for RUN). */
 struct pvm_stop {

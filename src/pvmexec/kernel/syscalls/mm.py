@@ -1,4 +1,4 @@
-"""Handlers: memory (mmap, munmap, mprotect, mremap, madvise, brk); the stub's own mappings are untouchable."""
+"""Handlers: memory (mmap, munmap, mprotect, mremap, madvise, mincore, brk); the stub's own mappings are untouchable."""
 import errno
 import os
 
@@ -81,6 +81,15 @@ class MmCalls:
     def sys_madvise(self, p, addr, length, advice):
         _untouchable(p, addr, length)
         return _mode2(p, "madvise", addr, length, advice & 0xFFFFFFFF)
+
+    def sys_mincore(self, p, addr, length, vec):
+        """Run in the guest's space: the kernel writes a byte per page into vec, never into the stub's pages."""
+        if length:
+            try:
+                _untouchable(p, vec, (length + PAGE - 1) // PAGE)
+            except Errno:
+                raise Errno(errno.EFAULT) from None     # to the guest those pages are not there
+        return _mode2(p, "mincore", addr, length, vec)
 
     def sys_brk(self, p, addr):
         """The program break, kept by the kernel: pages are mapped and unmapped behind it."""
