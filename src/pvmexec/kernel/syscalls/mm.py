@@ -86,7 +86,7 @@ class MmCalls:
         """Run in the guest's space: the kernel writes a byte per page into vec, never into the stub's pages."""
         if length:
             try:
-                _untouchable(p, vec, (length + PAGE - 1) // PAGE)
+                _untouchable(p, vec, page_up(length) // PAGE)
             except Errno:
                 raise Errno(errno.EFAULT) from None     # to the guest those pages are not there
         return _mode2(p, "mincore", addr, length, vec)
