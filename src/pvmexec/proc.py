@@ -23,6 +23,16 @@ def status(pid):
     return dict(line.split(":\t", 1) for line in data.splitlines() if ":\t" in line)
 
 
+def thread_exited(pid, tid):
+    """Whether thread tid of process pid has exited: no task entry, or state Z or X."""
+    try:
+        with open("/proc/%d/task/%d/stat" % (pid, tid), "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+
+
 def has_cap(cap):
     return bool(int(status(os.getpid())["CapEff"], 16) >> cap & 1)
 

@@ -115,6 +115,9 @@ class PtraceEngine(BaseEngine):
         try:
             _core.ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "ptrace(PTRACE_SEIZE)")
         except OSError as e:
+            if e.errno == errno.EPERM and tid != self.pid and proc.thread_exited(self.pid, tid):
+                # The kernel refuses to attach to a thread past exit: it is gone, not forbidden.
+                raise TargetGone(self.pid, "thread %d of process %d exited" % (tid, self.pid)) from None
             raise proc.seize_error(self.pid, e) from None
         try:
             _core.ptrace(PTRACE_INTERRUPT, tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
