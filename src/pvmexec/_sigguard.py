@@ -3,9 +3,9 @@
 SIGINT already becomes KeyboardInterrupt, which the engine handles by putting
 the target back first. SIGTERM and SIGHUP would kill the caller outright, so
 while a Space is attached (and only if they were at their default action) a
-handler makes them cancel the operation in flight, restore the target, and
-then terminate the caller with the same signal as before. With no operation
-in flight the handler behaves exactly like the default action.
+handler makes them cancel the operation in flight, restore the target, detach
+every open Space (with what it placed in its target), and then terminate the
+caller with the same signal as before.
 """
 import os
 import signal
@@ -30,7 +30,21 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_cleanup = None      # set by space.py: detach every open Space
+
+
+def set_cleanup(fn):
+    global _cleanup
+    _cleanup = fn
+
+
 def _die(signum):
+    """Detach what is still attached (no operation is in flight now), then die of signum."""
+    if _cleanup is not None:
+        try:
+            _cleanup()
+        except Exception:
+            pass
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -31,11 +31,13 @@ class Guest:
         with space.borrowed():
             self.code = space.syscall("mmap", 0, self.code_size, PROT_READ | PROT_WRITE,
                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            space.track_mapping(self.code, self.code_size)
             try:
                 space.write(self.code, blob)
                 space.syscall("mprotect", self.code, self.code_size, PROT_READ | PROT_EXEC)
                 self.rw = space.syscall("mmap", 0, self.rw_size, PROT_READ | PROT_WRITE,
                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                space.track_mapping(self.rw, self.rw_size)
             except BaseException:
                 self.close()
                 raise
@@ -53,12 +55,12 @@ class Guest:
 
     def close(self) -> None:
         calls = []
-        if self.code is not None:
-            calls.append((number("munmap"), (self.code, self.code_size)))
-        if self.rw is not None:
-            calls.append((number("munmap"), (self.rw, self.rw_size)))
+        for addr, size in ((self.code, self.code_size), (self.rw, self.rw_size)):
+            if addr is not None:
+                calls.append((number("munmap"), (addr, size)))
+                self.space.untrack_mapping(addr)
         self.code = self.rw = None
-        if calls:
+        if calls and not self.space.detached:
             try:
                 self.space.syscalls(calls)
             except TargetGone:

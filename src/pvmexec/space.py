@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Sequence
 
 if TYPE_CHECKING:
     from .engines import Engine
+import atexit
 import contextlib
 import errno
 import os
@@ -14,6 +15,7 @@ import socket
 import struct
 import threading
 import warnings
+import weakref
 
 from . import _core, _sigguard, proc
 from .abi import (AF_UNIX, ALL_SIGNALS, F_DUPFD_CLOEXEC, MAP_ANONYMOUS, MAP_PRIVATE, MSG_CMSG_CLOEXEC,
@@ -25,6 +27,20 @@ from .engines.ptrace import PtraceEngine
 from .syscalls import name_of, number
 
 NR = {n: number(n) for n in ("mmap", "munmap", "close", "fcntl", "socketpair", "recvmsg")}
+
+# Spaces not yet detached: detached at interpreter exit and when SIGTERM/SIGHUP end the caller, so that
+# an exit that skips a with block (sys.exit, an uncaught exception, a signal) leaves nothing behind.
+_open_spaces: weakref.WeakSet[Space] = weakref.WeakSet()
+
+
+def _detach_all():
+    for space in list(_open_spaces):
+        with contextlib.suppress(Exception):
+            space.detach()
+
+
+atexit.register(_detach_all)
+_sigguard.set_cleanup(_detach_all)
 
 
 def _is_register_value(a):
@@ -94,7 +110,10 @@ class Space:
         self._detached = False
         self._lend_sock = None         # caller's end of the descriptor-passing socket
         self._lend_remote = None       # target's end (a high fd in the target)
+        self._lent = set()             # descriptors lend() placed in the target, open now
+        self._mappings = {}            # address -> size of mappings of ours that detach() removes
         _sigguard.install()
+        _open_spaces.add(self)
 
     @classmethod
     def _attach(cls, pid, pidfd, *, freeze, thread, check_seccomp, engine):
@@ -202,11 +221,18 @@ class Space:
         if self._detached:
             return
         self._detached = True
+        _open_spaces.discard(self)
         try:
+            calls = [(NR["munmap"], (addr, size)) for addr, size in self._mappings.items()]
+            calls += [(NR["close"], (fd,)) for fd in sorted(self._lent)]
             if self._lend_remote is not None:
+                calls.append((NR["close"], (self._lend_remote,)))
+            if calls:
                 with contextlib.suppress(OSError):
-                    self._engine.syscall(NR["close"], (self._lend_remote,))
+                    self._engine.syscalls(calls)
         finally:
+            self._mappings.clear()
+            self._lent.clear()
             self._lend_remote = None
             if self._lend_sock is not None:
                 self._lend_sock.close()
@@ -221,6 +247,19 @@ class Space:
                     self._owned.wait(10)
 
     close = detach
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
+
+    def track_mapping(self, addr: int, size: int) -> None:
+        """Record a mapping the caller made in the target, for detach() to remove if the caller has not
+        (an exit that skips a with block, SIGTERM). untrack_mapping() once the caller unmapped it."""
+        _check_range(addr, size)
+        self._mappings[addr] = size
+
+    def untrack_mapping(self, addr: int) -> None:
+        self._mappings.pop(addr, None)
 
     def __enter__(self) -> Space:
         return self
@@ -457,11 +496,14 @@ class Space:
             self._setup_lending()
             socket.send_fds(self._lend_sock, [b"\0"], [fd])
             remote = self._receive_fd()
+            self._lent.add(remote)
         try:
             yield remote
         finally:
-            with contextlib.suppress(TargetGone):
-                self._engine.syscall(NR["close"], (remote,))
+            if remote in self._lent:            # not yet closed by a detach() meanwhile
+                self._lent.discard(remote)
+                with contextlib.suppress(TargetGone):
+                    self._engine.syscall(NR["close"], (remote,))
 
     def take_fd(self, remote_fd: int) -> int:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""

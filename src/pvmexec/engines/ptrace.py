@@ -33,6 +33,7 @@ _NR_MMAP, _NR_MUNMAP = number("mmap"), number("munmap")
 _WALL = 0x40000000                     # waitid: threads too
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
+STOP_TIMEOUT = 5.0     # s a thread may take to stop once interrupted before we give up on it
 STOP_SIGNALS = frozenset((signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU))
 
 _ALL = (1 << 64) - 1
@@ -53,7 +54,7 @@ class Borrowed:
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
                  "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
-                 "group_stopped")
+                 "group_stopped", "stepped", "running")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -70,6 +71,8 @@ class Borrowed:
         self.seccomp = None        # None, "strict", a list of filters, or FilterUnreadable
         self.rseq_cs = None        # (address, value) of the thread's rseq_cs word, if set
         self.group_stopped = False  # the process was stopped by job control when we took the thread
+        self.stepped = False       # last resumed with PTRACE_SINGLESTEP: the kernel's step trap is armed
+        self.running = bytearray(1)  # set by _core.step while the thread runs, cleared once its stop is ours
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -100,8 +103,13 @@ class PtraceEngine(BaseEngine):
         """Whether an exit of tid is ours to collect (not when we are also the leader's parent)."""
         return self._reap_leader or tid != self.pid
 
-    def _wait(self, tid, interruptible=False):
-        code, status = _core.wait(tid, self.reaps(tid), interruptible)
+    def _wait(self, tid, interruptible=False, deadline=None):
+        timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        event = _core.wait(tid, self.reaps(tid), interruptible, timeout)
+        if event is None:
+            raise EngineError("thread %d of process %d did not stop within %.0f s of being interrupted "
+                              "(in uninterruptible sleep?)" % (tid, self.pid, STOP_TIMEOUT))
+        code, status = event
         if code in (CLD_EXITED, CLD_KILLED, CLD_DUMPED):
             if self._borrowed is not None and self._borrowed.tid == tid:
                 self._borrowed = None
@@ -128,10 +136,10 @@ class PtraceEngine(BaseEngine):
             self._let_go(tid)
             raise
 
-    def _wait_for_event_stop(self, tid, borrowed=None):
+    def _wait_for_event_stop(self, tid, borrowed=None, deadline=None):
         """Wait for PTRACE_EVENT_STOP, passing on any signal the thread dequeues meanwhile."""
         while True:
-            code, status = self._wait(tid)
+            code, status = self._wait(tid, deadline=deadline)
             sig = status & 0x7F
             if code == CLD_TRAPPED and status >> 8 == PTRACE_EVENT_STOP:
                 return sig in STOP_SIGNALS
@@ -191,6 +199,7 @@ class PtraceEngine(BaseEngine):
         tid = self.tid
         seized_here = tid not in self._frozen
         stopped = self._seize_and_stop(tid) if seized_here else self._frozen_stopped
+        b = None
         try:
             b = Borrowed(tid, seized_here)
             b.group_stopped = stopped
@@ -202,6 +211,11 @@ class PtraceEngine(BaseEngine):
             b.seccomp = self._seccomp_state(tid)
             b.rseq_cs = self._rseq_cs(tid)
         except BaseException:
+            if b is not None:
+                try:
+                    _core.setsigmask(tid, b.saved_mask)
+                except OSError:
+                    pass
             if seized_here:
                 self._try_detach(tid)
             raise
@@ -276,11 +290,12 @@ class PtraceEngine(BaseEngine):
             if b.at_syscall_stop and signed(b.saved("orig_rax")) != -1:
                 # Restore from a stop inside the signal path, where the kernel
                 # applies its syscall-restart logic to the saved registers.
-                _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
-                _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
-                self._wait_for_event_stop(b.tid, b)
-                b.at_syscall_stop = False
+                self._stop_in_signal_path(b)
             self._requeue(b)
+            if b.stepped and not b.seized_here:
+                # A thread we keep held (frozen) must not stay armed for single-step: if we die, the
+                # kernel's detach at our exit leaves the trap set and the thread dies of SIGTRAP.
+                self._stop_in_signal_path(b)
             if b.rseq_cs is not None:
                 _core.vm_write(self.pid, b.rseq_cs[0], struct.pack("<Q", b.rseq_cs[1]))
         except TargetGone:
@@ -290,6 +305,14 @@ class PtraceEngine(BaseEngine):
             if not gone:
                 request = PTRACE_DETACH if b.seized_here else -1
                 _core.restore(b.tid, b.saved_regs, b.saved_xstate, b.saved_mask, request, 0)
+
+    def _stop_in_signal_path(self, b):
+        """Move the stopped thread to a PTRACE_EVENT_STOP without running user code (PTRACE_CONT
+        with a trap pending); it also disarms single-step."""
+        _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+        _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
+        self._wait_for_event_stop(b.tid, b, time.monotonic() + STOP_TIMEOUT)
+        b.at_syscall_stop = b.stepped = False
 
     def _requeue(self, b):
         """Put back signals that were dequeued while borrowed, with their original siginfo."""
@@ -325,20 +348,32 @@ class PtraceEngine(BaseEngine):
             self._run_syscall(b, _NR_TGKILL, (self.pid, b.tid, info.signo))      # siginfo lost
 
     def cancel(self, b):
-        """Stop whatever the borrowed thread runs (Ctrl-C in the caller) without running user code."""
+        """Stop whatever the borrowed thread runs (Ctrl-C in the caller) without running user code.
+        Every wait here is bounded (STOP_TIMEOUT): the caller never hangs on a thread that will not stop."""
+        if not b.running[0]:
+            # The exception came while the thread sat in a stop we had already collected: no new event
+            # would come for an interrupt. Keep a signal it was stopped for, then park it.
+            try:
+                info = SigInfo.from_bytes(_core.getsiginfo(b.tid))
+            except OSError:
+                info = None                           # a group stop
+            if info is not None and (info.code <= 0 or info.signo not in arch.SYNC_SIGNALS):
+                b.foreign.append(info)
+            self._stop_in_signal_path(b)
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT
         _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
-        self._wait_for_event_stop(b.tid, b)
+        self._wait_for_event_stop(b.tid, b, deadline)
+        b.running[0] = 0
         b.at_syscall_stop = False
         # An interrupted single-stepped syscall queues its SIGTRAP behind our stop: take it out.
         pending = [SigInfo.from_bytes(raw) for raw in _core.peeksiginfo(b.tid, False, 64)]
         if any(i.signo == signal.SIGTRAP and i.code > 0 for i in pending):
             _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
-            code, status = self._wait(b.tid)
+            code, status = self._wait(b.tid, deadline=deadline)
             if code != CLD_TRAPPED or status != signal.SIGTRAP:
                 raise EngineError("expected our SIGTRAP, got %d/%#x" % (code, status))
-            _core.ptrace(PTRACE_INTERRUPT, b.tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
-            _core.ptrace(PTRACE_CONT, b.tid, 0, 0, "ptrace(PTRACE_CONT)")
-            self._wait_for_event_stop(b.tid, b)
+            self._stop_in_signal_path(b)
 
     # -- freezing the whole thread group --------------------------------------
 
@@ -457,7 +492,8 @@ class PtraceEngine(BaseEngine):
     def _resume(self, b, request, sig):
         """Resume the borrowed thread from b.regs until its next stop; returns the wait status."""
         try:
-            code, status = _core.step(b.tid, b.regs, request, sig, self.reaps(b.tid))
+            b.stepped = request == PTRACE_SINGLESTEP
+            code, status = _core.step(b.tid, b.regs, request, sig, self.reaps(b.tid), b.running)
         except BaseException:
             self.cancel(b)
             raise
@@ -548,7 +584,12 @@ class PtraceEngine(BaseEngine):
         return _core.vm_read(self.pid, addr, n)
 
     def close(self):
-        self.thaw()
+        try:
+            if self._borrowed is not None:      # closed inside borrowed(): put the thread back first
+                self._depth = 1
+                self.release()
+        finally:
+            self.thaw()
 
 
 def _threads(pid):

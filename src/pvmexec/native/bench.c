@@ -42,7 +42,7 @@ py_loop(PyObject *self, PyObject *args)
             raise_call("ptrace(resume)", tid);
             goto out;
         }
-        while (wait_event(tid, reap, 0, &code, &status) < 0) {
+        while (wait_event(tid, reap, 0, -1, &code, &status) < 0) {
             raise_call("waitid", tid);
             goto out;
         }

@@ -97,7 +97,7 @@ PyObject *raise_host(const char *call);
 /* ptrace.c */
 int xptrace(long req, pid_t tid, void *addr, void *data);
 uint64_t now_ns(void);
-int wait_event(pid_t tid, int reap, int interruptible, int *code, int *status);
+int wait_event(pid_t tid, int reap, int interruptible, double timeout, int *code, int *status);
 int setregset(int tid, unsigned long nt, void *data, size_t len);
 
 /* channel.c */

@@ -14,7 +14,7 @@ struct pvm_symbol {
 
 static PyMethodDef methods[] = {
     {"ptrace", py_ptrace, METH_VARARGS, "ptrace(request, tid, addr=0, data=0, name='ptrace')"},
-    {"wait", py_wait, METH_VARARGS, "wait(tid, reap, interruptible) -> (si_code, si_status)"},
+    {"wait", py_wait, METH_VARARGS, "wait(tid, reap, interruptible, timeout=-1) -> (si_code, si_status) or None"},
     {"getregs", py_getregs, METH_VARARGS, "getregs(tid) -> bytes"},
     {"setregs", py_setregs, METH_VARARGS, "setregs(tid, regs)"},
     {"getregset", py_getregset, METH_VARARGS, "getregset(tid, note_type) -> bytes"},
@@ -23,7 +23,7 @@ static PyMethodDef methods[] = {
     {"setsigmask", py_setsigmask, METH_VARARGS, "setsigmask(tid, mask)"},
     {"getsiginfo", py_getsiginfo, METH_VARARGS, "getsiginfo(tid) -> bytes"},
     {"peeksiginfo", py_peeksiginfo, METH_VARARGS, "peeksiginfo(tid, shared, nr) -> [bytes]"},
-    {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig, reap) -> (si_code, si_status)"},
+    {"step", py_step, METH_VARARGS, "step(tid, regs: bytearray, request, sig, reap, running: bytearray) -> (si_code, si_status)"},
     {"restore", py_restore, METH_VARARGS, "restore(tid, regs, xstate, sigmask, request, sig)"},
     {"loop", py_loop, METH_VARARGS, "loop(tid, kind, regs, n, a0, a1, reap) -> (done, ns, code, status)"},
     {"rseq_config", py_rseq_config, METH_VARARGS, "rseq_config(tid) -> (addr, size, sig) | None"},

@@ -30,19 +30,36 @@ now_ns(void)
  * to the caller only when interruptible.
  */
 int
-wait_event(pid_t tid, int reap, int interruptible, int *code, int *status)
+wait_event(pid_t tid, int reap, int interruptible, double timeout, int *code, int *status)
 {
     siginfo_t si;
+    struct timespec start, now;
+    long pause_ns = 20000;
+    if (timeout >= 0)
+        clock_gettime(CLOCK_MONOTONIC, &start);
     for (;;) {
         memset(&si, 0, sizeof si);
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | WNOWAIT);
+        r = waitid(P_PID, tid, &si, WEXITED | WSTOPPED | __WALL | WNOWAIT | (timeout >= 0 ? WNOHANG : 0));
         Py_END_ALLOW_THREADS
         if (r < 0) {
             if (errno == EINTR && !interruptible)
                 continue;
             return -1;
+        }
+        if (timeout >= 0 && si.si_pid == 0) {
+            /* waitid has no timeout: poll, backing off to 1 ms (only the rare cancel path waits so) */
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) / 1e9 >= timeout)
+                return 1;
+            struct timespec ts = {0, pause_ns};
+            Py_BEGIN_ALLOW_THREADS
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+            if (pause_ns < 1000000)
+                pause_ns *= 2;
+            continue;
         }
         break;
     }
@@ -60,16 +77,21 @@ wait_event(pid_t tid, int reap, int interruptible, int *code, int *status)
     return 0;
 }
 
+/* wait(tid, reap, interruptible, timeout=-1): (code, status) of the next event, or None after timeout s. */
 PyObject *
 py_wait(PyObject *self, PyObject *args)
 {
     int tid, reap, interruptible;
-    if (!PyArg_ParseTuple(args, "ipp", &tid, &reap, &interruptible))
+    double timeout = -1;
+    if (!PyArg_ParseTuple(args, "ipp|d", &tid, &reap, &interruptible, &timeout))
         return NULL;
     int code, status;
     for (;;) {
-        if (wait_event(tid, reap, interruptible, &code, &status) == 0)
+        int r = wait_event(tid, reap, interruptible, timeout, &code, &status);
+        if (r == 0)
             return Py_BuildValue("(ii)", code, status);
+        if (r > 0)
+            Py_RETURN_NONE;
         if (errno != EINTR)
             return raise_call("waitid", tid);
         if (PyErr_CheckSignals() < 0)
@@ -245,13 +267,17 @@ py_step(PyObject *self, PyObject *args)
 {
     int tid, sig, reap;
     long request;
-    Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "iw*lip", &tid, &buf, &request, &sig, &reap))
+    Py_buffer buf, state;
+    if (!PyArg_ParseTuple(args, "iw*lipw*", &tid, &buf, &request, &sig, &reap, &state))
         return NULL;
     PyObject *res = NULL;
     int code, status;
     if (buf.len != sizeof(struct user_regs_struct)) {
         PyErr_SetString(PyExc_ValueError, "register block must be sizeof(struct user_regs_struct)");
+        goto out;
+    }
+    if (state.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "running flag buffer must hold a byte");
         goto out;
     }
     if (xptrace(PTRACE_SETREGS, tid, NULL, buf.buf) < 0) {
@@ -262,8 +288,10 @@ py_step(PyObject *self, PyObject *args)
         raise_call("ptrace(resume)", tid);
         goto out;
     }
+    /* Whether the thread runs, for a Python exception raised before or after this returns. */
+    ((char *)state.buf)[0] = 1;
     for (;;) {
-        if (wait_event(tid, reap, 1, &code, &status) == 0)
+        if (wait_event(tid, reap, 1, -1, &code, &status) == 0)
             break;
         if (errno != EINTR) {
             raise_call("waitid", tid);
@@ -272,6 +300,7 @@ py_step(PyObject *self, PyObject *args)
         if (PyErr_CheckSignals() < 0)
             goto out;   /* the thread is still running: Python interrupts it and cleans up */
     }
+    ((char *)state.buf)[0] = 0;
     if (code == CLD_TRAPPED && xptrace(PTRACE_GETREGS, tid, NULL, buf.buf) < 0) {
         raise_call("ptrace(PTRACE_GETREGS)", tid);
         goto out;
@@ -279,6 +308,7 @@ py_step(PyObject *self, PyObject *args)
     res = Py_BuildValue("(ii)", code, status);
 out:
     PyBuffer_Release(&buf);
+    PyBuffer_Release(&state);
     return res;
 }
 

@@ -1,0 +1,194 @@
+"""Fault injection: signal the caller at a random moment of an operation and look at the target.
+
+Each run starts a self-checking victim (victim.c "regs": known values in every register and in
+xmm/MXCSR/x87, checked on SIGUSR1), a caller process that attaches to it and runs one scenario in a
+loop, then sends the caller a signal at a random moment. The run is "clean" when, within a second of
+the caller's end, the victim is untraced, not stopped, has its threads, mappings, descriptors and
+signal state of before, and reports its registers intact. Used by test_caller_faults.py with a few
+runs, and as a stress tool:
+
+    python tests/faults.py --runs 20 [SCENARIO ...]      # prints the table of outcomes
+"""
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from conftest import Victim, snapshot  # noqa: E402
+
+PRELUDE = textwrap.dedent("""
+    import os, sys, time, pvmexec
+    from pvmexec.guest import Guest
+    pid = int(sys.argv[1])
+    def go():
+        print("go", flush=True)
+""")
+
+# name -> (caller code, signals it is tried with). The code runs after PRELUDE with `pid` set; it
+# prints "go" (go()) once the operation under test is under way, and loops until killed.
+SCENARIOS = {
+    "ptrace-frozen-idle": ("""
+        space = pvmexec.attach(pid, engine="ptrace", freeze=True)
+        space.syscall("getpid")
+        go()
+        time.sleep(60)
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "ptrace-syscalls": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    "ptrace-borrowed-syscalls": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space, space.borrowed():
+            go()
+            while True:
+                space.syscalls([("getppid",), ("getpid",)])
+    """, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    "ptrace-exec": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space, Guest(space) as g:
+            go()
+            while True:
+                space.exec(g.context("syscall_loop", rdi=1, rbx=1, r15=2))
+    """, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    "ptrace-attach-detach": ("""
+        go()
+        while True:
+            with pvmexec.attach(pid, engine="ptrace") as space:
+                space.syscall("getpid")
+    """, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    "agent-idle": ("""
+        space = pvmexec.attach(pid, engine="agent")
+        space.syscall("getpid")
+        go()
+        time.sleep(60)
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "agent-syscalls": ("""
+        with pvmexec.attach(pid, engine="agent") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    "agent-attach-detach": ("""
+        go()
+        while True:
+            with pvmexec.attach(pid, engine="agent") as space:
+                space.syscall("getpid")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "agent-exec": ("""
+        with pvmexec.attach(pid, engine="agent") as space, Guest(space) as g:
+            go()
+            while True:
+                space.exec(g.context("fault_loop", rdi=g.data, rsi=5))
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "ptrace-syscalls-kill": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGKILL,)),
+}
+
+
+def _state(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
+    """Returns (outcome, detail): outcome is "clean", "killed" (the victim died), "harmed" (it lives but
+    reports changed state), "leftover" (something of ours stayed) or "hang" (the caller did not end)."""
+    code = PRELUDE + textwrap.dedent(SCENARIOS[name][0])
+    v = Victim(victim_exe, "regs")
+    caller = None
+    try:
+        time.sleep(0.01)
+        before = snapshot(v.pid)
+        caller = subprocess.Popen([sys.executable, "-c", code, str(v.pid)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        if caller.stdout.readline() != "go\n":
+            return "error", "the caller did not start (exit %s)" % caller.wait(10)
+        time.sleep(rng.uniform(0, max_delay))
+        caller.send_signal(sig)
+        try:
+            caller.wait(10)
+        except subprocess.TimeoutExpired:
+            return "hang", "the caller still runs 10 s after %s" % signal.Signals(sig).name
+        deadline = time.monotonic() + 1.0
+        while True:
+            if v.proc.poll() is not None:
+                return "killed", "victim ended with %s" % v.proc.returncode
+            after = snapshot(v.pid)
+            if after == before and _state(v.pid) not in "tT":
+                break
+            if time.monotonic() > deadline:
+                diff = sorted(k for k in before if before[k] != after[k])
+                if after["sig"] != before["sig"]:
+                    diff = ["%s=%s (was %s)" % (k, after["sig"][k], before["sig"][k])
+                            for k in before["sig"] if after["sig"][k] != before["sig"][k]] + diff
+                return "leftover", "after 1 s: %s; state %s" % (", ".join(diff) or "stopped", _state(v.pid))
+            time.sleep(0.01)
+        os.kill(v.pid, signal.SIGUSR1)
+        try:
+            line = v.readline(timeout=5)
+        except (EOFError, TimeoutError) as e:
+            return ("killed" if v.proc.poll() is not None else "harmed"), str(e)
+        if line != "regs ok":
+            return "harmed", line
+        return "clean", ""
+    finally:
+        if caller is not None:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait(10)
+            caller.stdout.close()
+        v.kill()
+
+
+def build_victim(out_dir):
+    cc = os.environ.get("CC", "cc")
+    out = os.path.join(out_dir, "victim")
+    subprocess.run([cc, "-O1", "-pthread", "-o", out, os.path.join(HERE, "victims", "victim.c")], check=True,
+                   timeout=120)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=20, help="runs per scenario and signal (default 20)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("scenarios", nargs="*", help="default: all of %s" % ", ".join(SCENARIOS))
+    args = ap.parse_args(argv)
+    for s in args.scenarios:
+        if s not in SCENARIOS:
+            ap.error("unknown scenario %r" % s)
+    rng = random.Random(args.seed)
+    outcomes = ("clean", "killed", "harmed", "leftover", "hang", "error")
+    print("| scenario | signal | runs | " + " | ".join(outcomes) + " |")
+    print("|---|---|---|" + "---|" * len(outcomes))
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build_victim(tmp)
+        for name in args.scenarios or SCENARIOS:
+            for sig in SCENARIOS[name][1]:
+                counts = dict.fromkeys(outcomes, 0)
+                details = []
+                for _ in range(args.runs):
+                    outcome, detail = one_run(exe, name, sig, rng=rng)
+                    counts[outcome] += 1
+                    if detail:
+                        details.append(detail)
+                print("| %s | %s | %d | %s |" % (name, signal.Signals(sig).name, args.runs,
+                                                 " | ".join(str(counts[o]) for o in outcomes)), flush=True)
+                for d in sorted(set(details))[:3]:
+                    print("|   | %s |" % d, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
