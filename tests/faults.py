@@ -94,6 +94,45 @@ SCENARIOS = {
             while True:
                 space.syscall("getppid")
     """, (signal.SIGKILL,)),
+    "ptrace-borrowed-kill": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space, space.borrowed():
+            go()
+            while True:
+                space.syscalls([("getppid",), ("getpid",)])
+    """, (signal.SIGKILL,)),
+    "ptrace-strings": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                space.syscall_raw("access", "/", 0)     # a string argument: a scratch mapping
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "ptrace-lend": ("""
+        r, w = os.pipe()
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                with space.lend(w) as fd:
+                    space.syscall("write", fd, b"x", 1)
+                os.read(r, 1)
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "ptrace-blocked-read": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM), "read"),
+    "agent-blocked-read": ("""
+        with pvmexec.attach(pid, engine="agent") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGKILL,), "read"),
+    "dump-frozen": ("""
+        import tempfile
+        from pvmexec.checkpoint import dump
+        with tempfile.TemporaryDirectory() as d:
+            dump(pid, d + "/img", pre_dumps=1, on_frozen=lambda p: (go(), time.sleep(60)))
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
 }
 
 
@@ -106,10 +145,13 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
     """Returns (outcome, detail): outcome is "clean", "killed" (the victim died), "harmed" (it lives but
     reports changed state), "leftover" (something of ours stayed) or "hang" (the caller did not end)."""
     code = PRELUDE + textwrap.dedent(SCENARIOS[name][0])
-    v = Victim(victim_exe, "regs")
+    mode = SCENARIOS[name][2] if len(SCENARIOS[name]) > 2 else "regs"
+    v = Victim(victim_exe, mode)
     caller = None
     try:
         time.sleep(0.01)
+        if mode == "read":
+            v.wait_state("S")
         before = snapshot(v.pid)
         caller = subprocess.Popen([sys.executable, "-c", code, str(v.pid)], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
@@ -135,12 +177,17 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
                             for k in before["sig"] if after["sig"][k] != before["sig"][k]] + diff
                 return "leftover", "after 1 s: %s; state %s" % (", ".join(diff) or "stopped", _state(v.pid))
             time.sleep(0.01)
-        os.kill(v.pid, signal.SIGUSR1)
+        if mode == "read":
+            v.send(b"hello")            # the read it was blocked in must still take it
+            expected = "read 5 hello"
+        else:
+            os.kill(v.pid, signal.SIGUSR1)
+            expected = "regs ok"
         try:
             line = v.readline(timeout=5)
         except (EOFError, TimeoutError) as e:
             return ("killed" if v.proc.poll() is not None else "harmed"), str(e)
-        if line != "regs ok":
+        if line != expected:
             return "harmed", line
         return "clean", ""
     finally:

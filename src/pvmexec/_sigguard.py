@@ -1,14 +1,17 @@
-"""Keep the target whole when the caller is told to terminate mid-operation.
+"""Keep the target whole when the caller is told to terminate.
 
 SIGINT already becomes KeyboardInterrupt, which the engine handles by putting
 the target back first. SIGTERM and SIGHUP would kill the caller outright, so
-while a Space is attached (and only if they were at their default action) a
-handler makes them cancel the operation in flight, restore the target, detach
-every open Space (with what it placed in its target), and then terminate the
-caller with the same signal as before.
+while a Space is attached (and only if they were at their default action) they
+raise Terminated in the main thread the same way: the operation in flight is
+cancelled and the target restored, with blocks and finally clauses unwind (a
+dump takes its write protection back), and when Terminated reaches the top the
+caller detaches what is still attached and dies of the same signal as before.
+While another thread is in an operation, that waits for the operation's end.
 """
 import os
 import signal
+import sys
 import threading
 from threading import get_ident
 
@@ -50,12 +53,19 @@ def _die(signum):
 
 
 def _handler(signum, frame):
-    if _main_ops:
-        raise Terminated(signum)
-    if _ops:
+    if _ops > _main_ops:                # another thread is mid-operation: after it
         _deferred.append(signum)
         return
-    _die(signum)
+    raise Terminated(signum)
+
+
+def _excepthook(typ, value, tb):
+    if issubclass(typ, Terminated):
+        _die(value.signum)
+    _previous_hook(typ, value, tb)
+
+
+_previous_hook = None
 
 
 def install():
@@ -67,6 +77,8 @@ def install():
         for s in _SIGNALS:
             if signal.getsignal(s) == signal.SIG_DFL:
                 _installed[s] = signal.signal(s, _handler)
+        if _installed and _previous_hook is None:
+            _set_hook()
 
 
 def uninstall():
@@ -79,6 +91,12 @@ def uninstall():
             if signal.getsignal(s) is _handler:
                 signal.signal(s, old)
             del _installed[s]
+
+
+def _set_hook():
+    global _previous_hook
+    _previous_hook = sys.excepthook
+    sys.excepthook = _excepthook
 
 
 class _Operation:
@@ -97,8 +115,6 @@ class _Operation:
         _ops -= 1
         if get_ident() == _MAIN:
             _main_ops -= 1
-        if typ is Terminated:
-            _die(exc.signum)
         if _deferred and not _ops:
             _die(_deferred.pop())
         return False

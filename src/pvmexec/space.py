@@ -17,7 +17,7 @@ import threading
 import warnings
 import weakref
 
-from . import _core, _sigguard, proc
+from . import _core, _sigguard, janitor, proc
 from .abi import (AF_UNIX, ALL_SIGNALS, F_DUPFD_CLOEXEC, MAP_ANONYMOUS, MAP_PRIVATE, MSG_CMSG_CLOEXEC,
                   PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_DGRAM, SOL_SOCKET)
 from .arch import current as _current_arch
@@ -110,8 +110,10 @@ class Space:
         self._detached = False
         self._lend_sock = None         # caller's end of the descriptor-passing socket
         self._lend_remote = None       # target's end (a high fd in the target)
-        self._lent = set()             # descriptors lend() placed in the target, open now
-        self._mappings = {}            # address -> size of mappings of ours that detach() removes
+        self._fds = {}                 # descriptors of ours open in the target (lend(), track_fd()) -> janitor key
+        self._mappings = {}            # address -> (size, janitor key) of mappings detach() removes
+        self._started = None           # the target's start time, for the janitor's records
+        self._lend_key = None
         _sigguard.install()
         _open_spaces.add(self)
 
@@ -223,17 +225,22 @@ class Space:
         self._detached = True
         _open_spaces.discard(self)
         try:
-            calls = [(NR["munmap"], (addr, size)) for addr, size in self._mappings.items()]
-            calls += [(NR["close"], (fd,)) for fd in sorted(self._lent)]
+            calls = [(NR["munmap"], (addr, size)) for addr, (size, _key) in self._mappings.items()]
+            calls += [(NR["close"], (fd,)) for fd in sorted(self._fds)]
             if self._lend_remote is not None:
                 calls.append((NR["close"], (self._lend_remote,)))
             if calls:
                 with contextlib.suppress(OSError):
                     self._engine.syscalls(calls)
         finally:
+            for _size, key in self._mappings.values():
+                janitor.unrecord(key)
+            for key in self._fds.values():
+                janitor.unrecord(key)
             self._mappings.clear()
-            self._lent.clear()
+            self._fds.clear()
             self._lend_remote = None
+            janitor.unrecord(self._lend_key)
             if self._lend_sock is not None:
                 self._lend_sock.close()
                 self._lend_sock = None
@@ -256,10 +263,43 @@ class Space:
         """Record a mapping the caller made in the target, for detach() to remove if the caller has not
         (an exit that skips a with block, SIGTERM). untrack_mapping() once the caller unmapped it."""
         _check_range(addr, size)
-        self._mappings[addr] = size
+        self.untrack_mapping(addr)
+        self._mappings[addr] = (size, self._record("map", addr, size))
+
+    def own_mappings(self) -> list[tuple[int, int]]:
+        """(start, end) of every mapping of ours in the target now (the engine's, tracked ones): what a
+        dump or a comparison must leave out."""
+        return self._engine.own_mappings() + [(a, a + size) for a, (size, _key) in self._mappings.items()]
 
     def untrack_mapping(self, addr: int) -> None:
-        self._mappings.pop(addr, None)
+        _size, key = self._mappings.pop(addr, (0, None))
+        janitor.unrecord(key)
+
+    def track_fd(self, fd: int) -> None:
+        """Record a descriptor the caller opened in the target, for detach() to close if the caller has
+        not; untrack_fd() once the caller closed it."""
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
+        except OSError:
+            key = None
+        else:
+            key = self._record("fd", fd, st.st_dev, st.st_ino)
+        self.untrack_fd(fd)
+        self._fds[fd] = key
+
+    def untrack_fd(self, fd: int) -> None:
+        janitor.unrecord(self._fds.pop(fd, None))
+
+    def _record(self, kind, *args):
+        """Tell the janitor what we placed in a live target (spaces of ours die with us)."""
+        if self._owned is not None or self.engine == "stub":
+            return None
+        if self._started is None:
+            try:
+                self._started = janitor.start_time(self.pid)
+            except OSError:
+                return None
+        return janitor.record(self.pid, self._started, kind, *args)
 
     def __enter__(self) -> Space:
         return self
@@ -291,7 +331,8 @@ class Space:
         if all(map(_is_register_value, args)):
             with _sigguard.operation():
                 return self._engine.syscall(nr, args)
-        with contextlib.ExitStack() as stack:
+        # One borrow for the scratch memory and the call: the target cannot map over it meanwhile.
+        with self.borrowed(), contextlib.ExitStack() as stack:
             args = [self._place(stack, a) for a in args]
             with _sigguard.operation():
                 return self._engine.syscall(nr, args)
@@ -336,10 +377,13 @@ class Space:
         length = max(4096, (size + 4095) & ~4095)
         addr = self._check(self._engine.syscall(
             NR["mmap"], (0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+        self.track_mapping(addr, length)
         try:
             yield addr
         finally:
-            self._engine.syscall(NR["munmap"], (addr, length))
+            if addr in self._mappings:          # not yet removed by a detach() meanwhile
+                self._engine.syscall(NR["munmap"], (addr, length))
+                self.untrack_mapping(addr)
 
     def _check(self, ret, what):
         if -4096 < ret < 0:
@@ -467,6 +511,9 @@ class Space:
                 eng.syscall(NR["close"], (ra,))
         self._lend_sock = socket.socket(fileno=mine)
         self._lend_remote = rb
+        with contextlib.suppress(OSError):
+            st = os.stat("/proc/%d/fd/%d" % (self.pid, rb))
+            self._lend_key = self._record("fd", rb, st.st_dev, st.st_ino)
 
     def _receive_fd(self):
         """recvmsg one SCM_RIGHTS descriptor in the target; move it high. Returns its number there."""
@@ -491,19 +538,19 @@ class Space:
     def lend(self, fd: int) -> Iterator[int]:
         """Make the caller's descriptor fd usable in the target for the block; yields its number there."""
         self._live()
-        os.fstat(fd)        # EBADF here, in the caller, names the right culprit
+        st = os.fstat(fd)        # EBADF here, in the caller, names the right culprit
         with self.borrowed():
             self._setup_lending()
             socket.send_fds(self._lend_sock, [b"\0"], [fd])
             remote = self._receive_fd()
-            self._lent.add(remote)
+            self._fds[remote] = self._record("fd", remote, st.st_dev, st.st_ino)
         try:
             yield remote
         finally:
-            if remote in self._lent:            # not yet closed by a detach() meanwhile
-                self._lent.discard(remote)
+            if remote in self._fds:             # not yet closed by a detach() meanwhile
                 with contextlib.suppress(TargetGone):
                     self._engine.syscall(NR["close"], (remote,))
+                self.untrack_fd(remote)
 
     def take_fd(self, remote_fd: int) -> int:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""
@@ -525,6 +572,7 @@ def _probe(tracer, pid, freeze):
     tracer.acquire()
     try:
         proc.check_elf(pid)
+        tracer.prepare()
     finally:
         tracer.release()
 

@@ -159,14 +159,13 @@ def test_agent_removes_itself_when_the_caller_dies(spawn, nofile):
     while str(agent) in os.listdir("/proc/%d/task" % v.pid):
         assert time.monotonic() < deadline, "agent thread still there 3 s after the caller died"
         time.sleep(0.02)
-    after = snapshot(v.pid)
-    assert after["threads"] == before["threads"] and after["fds"] == before["fds"]
-    # What cannot unmap itself: the one page holding the agent's last instructions.
-    extra = [l for l in after["maps"].splitlines() if l not in before["maps"].splitlines()]
-    assert len(extra) <= 1
-    for line in extra:
-        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-        assert hi - lo == 4096 and "r-x" in line and "pvmexec-agent" in line
+    # The page with the agent's last instructions (and the injection's trampoline) cannot go by
+    # themselves: the janitor process removes them once the agent has left.
+    while snapshot(v.pid) != before:
+        after = snapshot(v.pid)
+        assert time.monotonic() < deadline, "3 s after the caller died the target still holds %s" % [
+            line for line in after["maps"].splitlines() if line not in before["maps"].splitlines()]
+        time.sleep(0.02)
     v.send(b"x")
     assert v.readline().startswith("done 1")
 

@@ -330,6 +330,7 @@ def test_requeued_signals_leave_the_stack_alone(spawn):
     stack (below its stack pointer may be live data: a thread on a small alternate stack), and that
     memory is gone afterwards."""
     v = spawn("wait")
+    v.wait_state("S")
     with open("/proc/%d/syscall" % v.pid) as f:
         sp = int(f.read().split()[-2], 16)                  # blocked in read(): its stack pointer
     below = (sp - 4096) & ~0xF

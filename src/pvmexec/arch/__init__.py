@@ -38,6 +38,8 @@ INTERFACE = {
     "init_xstate": "a clean FPU state in the kernel's layout, from a template of the right size",
     "push_signal_frame": "lay out Linux's signal frame for a handler; returns the writes to make",
     "pop_signal_frame": "rt_sigreturn: restore registers, mask and alternate stack from a frame",
+    "self_restore_code": "code that runs one syscall, then rt_sigreturns through the frame at an address",
+    "self_restore_frame": "the frame that code takes a stopped thread back to its saved state with",
     "syscall_args": "the six arguments of the syscall a context stopped at",
     "set_syscall_result": "store a syscall's result in a context",
     "restart_syscall": "make a context enter a syscall again when it resumes",

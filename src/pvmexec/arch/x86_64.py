@@ -146,6 +146,53 @@ def pop_signal_frame(read, ctx, fp_size):
     return mask, altstack
 
 
+# -- a traced thread that puts itself back: if its tracer dies mid-operation ----------------------
+
+_NR_RT_SIGRETURN, _NR_RESTART_SYSCALL = 15, 219
+FP_XSTATE_MAGIC1 = 0x46505853
+_XFEATURE_TILEDATA = 18                   # AMX tiles: in a signal frame only for a process that uses them
+_SS_INVALID = 0x7FFF0000                  # flags sigaltstack refuses: rt_sigreturn then keeps the altstack
+
+
+def self_restore_code(frame):
+    """`syscall`, then rsp = frame + 8 and rt_sigreturn: a thread stopped anywhere in it by a tracer that
+    dies goes on to restore the state the frame at `frame` holds."""
+    return (SYSCALL_INSN + b"\x48\xbc" + struct.pack("<Q", frame + 8) + b"\xb8" +
+            struct.pack("<I", _NR_RT_SIGRETURN) + SYSCALL_INSN + b"\x0f\x0b")
+
+
+def _sigframe_xstate(xstate, components):
+    """The ptrace xstate image (XCR0 in bytes 464-471) as a signal frame's fpstate (the kernel's
+    software-reserved header instead, trailing magic); components: [(i, size, offset)] from CPUID."""
+    xcr0, = struct.unpack_from("<Q", xstate, 464)
+    bv, = struct.unpack_from("<Q", xstate, 512)
+    features = xcr0 if bv >> _XFEATURE_TILEDATA & 1 else xcr0 & ~(1 << _XFEATURE_TILEDATA)
+    size = max([576] + [off + n for i, n, off in components if features >> i & 1])
+    buf = bytearray(xstate[:size].ljust(size, b"\0"))
+    buf[464:512] = struct.pack("<IIQI", FP_XSTATE_MAGIC1, size + 4, features, size).ljust(48, b"\0")
+    struct.pack_into("<Q", buf, 512, bv & features)
+    return bytes(buf) + struct.pack("<I", FP_XSTATE_MAGIC2)
+
+
+def self_restore_frame(regs, mask, xstate, components, frame):
+    """The rt_sigframe (at address `frame`, 64-byte aligned) that self_restore_code's rt_sigreturn takes:
+    regs (name -> value, a thread's saved registers) as the thread resumes them, with an interrupted
+    syscall set to restart as the kernel does when no handler runs; mask; xstate (the ptrace image)."""
+    r = dict(regs)
+    if r["orig_rax"] < 1 << 63 and (-r["rax"]) % (1 << 64) in RESTART_CODES:
+        code = (-r["rax"]) % (1 << 64)
+        r["rax"] = _NR_RESTART_SYSCALL if code == ERESTART_RESTARTBLOCK else r["orig_rax"]
+        r["rip"] -= SYSCALL_INSN_LEN
+    fp_addr = frame + 448                 # after pretcode, ucontext and siginfo, aligned for xrstor
+    sigcontext = struct.pack("<18Q", *(r[n] for n in _SIGCONTEXT)) + \
+        struct.pack("<HHHH", USER_CS, 0, 0, r.get("ss", USER_DS)) + \
+        struct.pack("<QQQQQ", 0, 0, mask, 0, fp_addr) + bytes(64)
+    stack = struct.pack("<QiiQ", 0, _SS_INVALID, 0, 0)
+    ucontext = struct.pack("<QQ", _UC_FLAGS, 0) + stack + sigcontext + struct.pack("<Q", mask)
+    head = (bytes(8) + ucontext).ljust(448, b"\0")
+    return head + _sigframe_xstate(xstate, components)
+
+
 # -- a guest's syscall as the application kernel sees it --------------------------------------------
 
 def syscall_args(ctx):

@@ -20,7 +20,7 @@ from ..errors import PvmexecError, TargetGone
 from . import state
 from .image import DumpError, ImageWriter
 from .tracking import Scanner, Tracker, read_maps
-from .transfer import IOV_BYTES, Splicer, copy_range, copy_ranges
+from .transfer import Splicer, copy_range, copy_ranges
 
 
 CONVERGED_BYTES = 8 << 20
@@ -78,7 +78,6 @@ class _Dump:
         self.rounds = []
         self.t_start = time.monotonic()
         self.space = self.agent = self.tracker = self.scanner = self.engine = self.splicer = None
-        self.skip = []
         self.whole = set()             # mappings copied whole every round (untracked)
 
     def start(self):
@@ -86,8 +85,6 @@ class _Dump:
         state.rlimits(self.pid)             # what might be refused late is asked first, before any copy
         self.space = attach(self.pid, engine="agent")
         self.agent = self.space.backend
-        region = self.agent.region()
-        self.skip = [region] if region else []
         self.tracker = Tracker(self.space)
         self.scanner = Scanner(self.pid)
         if self.transfer == "vmsplice":
@@ -97,7 +94,6 @@ class _Dump:
             except OSError:
                 pass
             self.splicer = Splicer(self.space)
-            self.skip.append((self.splicer.iov, self.splicer.iov + IOV_BYTES))
 
     def pre_dumps(self, count, until_converged):
         previous = None
@@ -132,7 +128,7 @@ class _Dump:
     def finish(self, thaw_first):
         """Write the image; thaw_first: nobody needs the target frozen any longer, let it go first."""
         if thaw_first:
-            self.engine.thaw()
+            self._release_frozen()
         freeze_s = time.monotonic() - self.t_freeze
         self.image.flush()
         flags = state.vm_flags(self.pid)
@@ -148,7 +144,7 @@ class _Dump:
         pid, image, tracker, scanner, splicer = self.pid, self.image, self.tracker, self.scanner, self.splicer
         t0 = last_report = time.monotonic()
         pages = 0
-        maps = read_maps(pid, self.skip)
+        maps = read_maps(pid, self.space.own_mappings() + (self.engine.own_mappings() if self.engine else []))
         expected = self.rounds[-1]["pages"] if self.rounds else sum(
             (m.end - m.start) // PAGE for m in maps if "r" in m.perms)
         keys = {m.key for m in maps}
@@ -213,13 +209,18 @@ class _Dump:
         if not leave_running and engine is not None:
             self._kill_frozen()
         if engine is not None:
-            engine.thaw()                           # before the agent leaves: it unmaps itself with ptrace
+            self._release_frozen()                  # before the agent leaves: it unmaps itself with ptrace
         if self.space is not None:
             try:
                 self.space.detach()
             except TargetGone:
                 if leave_running:
                     raise
+
+    def _release_frozen(self):
+        if self.engine.frozen_tids():
+            self.engine.drop_trampoline()           # while frozen: nothing of ours stays mapped
+        self.engine.thaw()
 
     def _kill_frozen(self):
         pid, engine = self.pid, self.engine

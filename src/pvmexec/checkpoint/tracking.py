@@ -91,6 +91,8 @@ class Tracker:
         self.uffd = space.syscall("userfaultfd", os.O_CLOEXEC | UFFD_USER_MODE_ONLY)
         self.ranges = {}
         try:
+            # Should we die, the janitor closes it: the kernel then drops its write protection too.
+            space.track_fd(self.uffd)
             with space.scratch(64) as mem:
                 space.write(mem, struct.pack("<QQQ", 0xAA, UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_ASYNC, 0))
                 space.syscall("ioctl", self.uffd, UFFDIO_API, mem)
@@ -130,4 +132,5 @@ class Tracker:
             try:
                 self.space.syscall_raw("close", self.uffd)
             finally:
+                self.space.untrack_fd(self.uffd)
                 self.uffd = None

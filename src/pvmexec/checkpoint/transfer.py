@@ -83,13 +83,17 @@ class Splicer:
         with space.scratch(8) as mem:
             space.syscall("pipe2", mem, os.O_CLOEXEC)
             r, self.write_fd = struct.unpack("<ii", space.read(mem, 8))
+            space.track_fd(r)
+            space.track_fd(self.write_fd)
         try:
             self.read_fd = space.take_fd(r)
         finally:
             space.syscall_raw("close", r)
+            space.untrack_fd(r)
         size = space.syscall_raw("fcntl", self.write_fd, self.F_SETPIPE_SZ, 1 << 20)
         self.capacity = size if size > 0 else 65536
         self.iov = space.syscall("mmap", 0, IOV_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        space.track_mapping(self.iov, IOV_BYTES)
 
     def move(self, image, ranges):
         """Copy page-aligned ranges into the image; returns the ranges it could not (copy those otherwise)."""
@@ -126,7 +130,9 @@ class Splicer:
             self.read_fd = -1
         if self.write_fd is not None:
             self.space.syscall_raw("close", self.write_fd)
+            self.space.untrack_fd(self.write_fd)
             self.write_fd = None
         if self.iov is not None:
             self.space.syscall_raw("munmap", self.iov, IOV_BYTES)
+            self.space.untrack_mapping(self.iov)
             self.iov = None

@@ -43,6 +43,9 @@ class Engine(Protocol):
     def close(self) -> None:
         """Let the target go, exactly as found. Idempotent."""
 
+    def own_mappings(self) -> list[tuple[int, int]]:
+        """(start, end) of the engine's own mappings in the target now: not the target's memory."""
+
 
 class BaseEngine:
     """Defaults shared by the engines that hold nothing between operations."""
@@ -58,6 +61,9 @@ class BaseEngine:
 
     def reaps(self, tid):
         return False
+
+    def own_mappings(self):
+        return []
 
     def check_thread(self, thread):
         if thread:

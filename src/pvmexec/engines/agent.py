@@ -14,7 +14,7 @@ import struct
 import time
 import warnings
 
-from .. import _core
+from .. import _core, janitor
 from ..abi import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
                    F_SEAL_SHRINK, F_SEAL_WRITE, MFD_ALLOW_SEALING)
 from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
@@ -86,6 +86,7 @@ class AgentEngine(BaseEngine):
         self._counter = ctypes.addressof(self._seq)
         self.code_base = self.data_base = None
         self.agent_tid = None
+        self._janitor_key = None       # our record of the region with the janitor (caller-death cleanup)
         self._thread_engine = None
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
         try:
@@ -165,11 +166,13 @@ class AgentEngine(BaseEngine):
             if tid <= 0:
                 raise InjectionFailed(self.pid, "clone of the agent thread failed: %s" % os.strerror(-tid))
             self.agent_tid = tid
+            self._janitor_key = janitor.record(self.pid, janitor.start_time(self.pid), "agent", tid, code, REGION)
         finally:
             t.release()
         if not wait_word(self._map, self._base, HEADER + L["header.state"], 1, 5):
             raise EngineError("the agent thread %d did not start" % self.agent_tid)
         self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
+        self._main.drop_trampoline()        # the agent serves from now on: nothing else of ours stays mapped
 
     def _caller_pidfd(self, t, high_fd):
         """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
@@ -250,6 +253,13 @@ class AgentEngine(BaseEngine):
         """(start, end) of the agent's own region in the target, or None: not the target's memory."""
         return (self.code_base, self.code_base + L["REGION_SIZE"]) if self.code_base else None
 
+    def own_mappings(self):
+        ours = [self.region()] if self.code_base else []
+        for engine in (self._main, self._thread_engine):
+            if engine is not None:
+                ours += engine.own_mappings()
+        return ours
+
     def own_fds(self):
         """The descriptors the agent holds in the target's table (not the target's)."""
         return {struct.unpack_from("<i", self._map, HEADER + L["header.caller_pidfd"])[0]}
@@ -284,16 +294,19 @@ class AgentEngine(BaseEngine):
                     if self.agent_tid:
                         # It will only exit when the target continues; until then it must keep its
                         # memory (the kernel clears its tid word there on exit). Leave the region.
+                        # The janitor removes the region once the thread has left, after we exit.
                         warnings.warn("pvmexec: process %d is stopped; the agent thread %d leaves when it "
-                                      "continues, and its %d-byte region stays mapped"
+                                      "continues, and its %d-byte region stays mapped until then"
                                       % (self.pid, self.agent_tid, REGION), RuntimeWarning)
-                        self.code_base = None
+                        self.code_base = self._janitor_key = None
             if self.code_base is not None and self._region_still_ours():
                 try:
                     self._main.syscalls([(NR["munmap"], (self.code_base, REGION))])
                 except TargetGone:
                     pass
             self.code_base = None
+            janitor.unrecord(self._janitor_key)
+            self._janitor_key = None
         finally:
             self._keep = None
             if self._map is not None:

@@ -15,11 +15,11 @@ import signal
 import struct
 import time
 
-from .. import _core, proc
+from .. import _core, janitor, proc
 from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT, PTRACE_DETACH,  # noqa: F401
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
-                   PTRACE_SYSEMU)
+                   PTRACE_SYSCALL, PTRACE_SYSEMU)
 from ..arch import current as _current_arch
 from ..context import SigContext, SigInfo, Stop, StopReason
 from . import BaseEngine, target_filters
@@ -29,7 +29,10 @@ from ..syscalls import name_of, number
 arch = _current_arch()
 
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
-_NR_MMAP, _NR_MUNMAP = number("mmap"), number("munmap")
+_NR_MMAP, _NR_MUNMAP, _NR_MPROTECT = number("mmap"), number("munmap"), number("mprotect")
+PROT_EXEC = 4
+# The trampoline: a code page (self_restore_code) and the frame it restores from (up to ~11.5 KiB).
+TRAMPOLINE_SIZE = 5 * PAGE
 _WALL = 0x40000000                     # waitid: threads too
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
@@ -54,7 +57,7 @@ class Borrowed:
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
                  "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
-                 "group_stopped", "stepped", "running")
+                 "group_stopped", "stepped", "running", "frame_written", "trampoline_checked", "masked")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -73,6 +76,9 @@ class Borrowed:
         self.group_stopped = False  # the process was stopped by job control when we took the thread
         self.stepped = False       # last resumed with PTRACE_SINGLESTEP: the kernel's step trap is armed
         self.running = bytearray(1)  # set by _core.step while the thread runs, cleared once its stop is ours
+        self.frame_written = False   # the trampoline's frame holds this thread's saved state
+        self.masked = False          # OP_SIGMASK set (with the first resume, not before)
+        self.trampoline_checked = False
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -96,6 +102,10 @@ class PtraceEngine(BaseEngine):
         self._frozen = []          # tids seized and held stopped by freeze()
         self._frozen_stopped = False  # freeze() found the process stopped by job control
         self._vdso_syscall = None
+        self._trampoline = None        # address of our trampoline in the target, once made
+        self._trampoline_code = b""
+        self._trampoline_key = None    # its record with the janitor
+        self._trampoline_tried = False
 
     # -- waiting -------------------------------------------------------------
 
@@ -143,6 +153,9 @@ class PtraceEngine(BaseEngine):
             sig = status & 0x7F
             if code == CLD_TRAPPED and status >> 8 == PTRACE_EVENT_STOP:
                 return sig in STOP_SIGNALS
+            if code == CLD_TRAPPED:
+                # Any other trap consumes the pending stop trap (kernel's ptrace_stop): ask again.
+                _core.ptrace(PTRACE_INTERRUPT, tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
             if code == CLD_TRAPPED and status == SYSCALL_STOP:
                 _core.ptrace(PTRACE_CONT, tid, 0, 0, "ptrace(PTRACE_CONT)")
                 continue
@@ -207,7 +220,6 @@ class PtraceEngine(BaseEngine):
             if cs != arch.USER_CS:
                 raise UnsupportedTarget(self.pid, "thread %d runs in %s mode (cs=%#x)" % (
                     tid, "32-bit" if cs == arch.USER32_CS else "unknown", cs))
-            _core.setsigmask(tid, OP_SIGMASK)
             b.seccomp = self._seccomp_state(tid)
             b.rseq_cs = self._rseq_cs(tid)
         except BaseException:
@@ -278,7 +290,7 @@ class PtraceEngine(BaseEngine):
         raise SeccompBlocked(name_of(nr), args, target_filters.describe(ret))
 
     def release(self):
-        self._depth -= 1
+        self._depth = max(0, self._depth - 1)     # 0 already when the target died mid-operation
         if self._depth > 0:
             return
         b = self._borrowed
@@ -441,7 +453,134 @@ class PtraceEngine(BaseEngine):
         return self._vdso_syscall
 
     def _run_syscall(self, b, nr, args):
-        """Run one syscall in the borrowed thread; returns the raw (signed) result."""
+        """Run one syscall in the borrowed thread; returns the raw (signed) result.
+
+        It runs at our trampoline, stepped through syscall-entry and -exit stops: should we die at any
+        moment of it (SIGKILL), the kernel lets the thread go, it finishes the call and restores its own
+        saved state from the trampoline's frame (registers, FPU, mask) and runs on untouched. With no
+        trampoline (its mapping refused) it single-steps a syscall instruction of the target's own."""
+        at = self._trampoline_for(b)
+        if at is None:
+            return self._step_syscall(b, nr, args)
+        if b.seccomp is not None:
+            refused = self._seccomp_gate(b, nr, args, at)
+            if refused is not None:
+                return refused
+        if not b.frame_written:
+            saved = dict(zip(arch.REG_NAMES, memoryview(b.saved_regs).cast("Q")))
+            _core.vm_write(self.pid, at + PAGE, arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate,
+                                                                       _xsave_components(), at + PAGE))
+            b.frame_written = True
+        q = b.q
+        q[:] = memoryview(b.saved_regs).cast("Q")
+        q[_RAX] = nr
+        q[_ORIG_RAX] = _NEG - 1
+        q[_RIP] = at
+        for name, value in zip(arch.SYSCALL_ARGS, args):
+            q[_I[name]] = value % _NEG
+        prepared = bytes(b.regs)
+        sig_in = 0
+        entered = False
+        while True:
+            status = self._resume(b, PTRACE_SYSCALL, sig_in)
+            sig_in = 0
+            if status == SYSCALL_STOP:
+                if q[_RIP] != at + arch.SYSCALL_INSN_LEN:
+                    # Resumed from a stop inside a syscall (a mode-1 SYSEMU stop), the kernel reports
+                    # that call's exit first, before our instruction ran: again.
+                    b.regs[:] = prepared
+                    continue
+                if entered:
+                    return signed(q[_RAX])
+                entered = True
+                continue
+            sig_in, info = self._other_stop(b, status)
+            if info is None:
+                continue
+            if info.signo == signal.SIGSYS:
+                raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
+                                         "syscall user dispatch)", args)
+            raise EngineError("%s in the target while running %s at %#x" % (
+                signal.Signals(info.signo).name, name_of(nr), q[_RIP]))
+
+    def _trampoline_for(self, b):
+        """Our trampoline's address (made at the first call; checked once per borrow), or None."""
+        if self._trampoline is not None and not b.trampoline_checked:
+            b.trampoline_checked = True
+            try:
+                intact = _core.vm_read(self.pid, self._trampoline, len(self._trampoline_code)) == \
+                    self._trampoline_code
+            except OSError:
+                intact = False
+            if not intact:              # gone with an execve, or unmapped by the target
+                self._forget_trampoline()
+                self._trampoline_tried = False
+        if self._trampoline is None and not self._trampoline_tried:
+            self._trampoline_tried = True
+            self._make_trampoline(b)
+        return self._trampoline
+
+    def _make_trampoline(self, b):
+        try:
+            addr = self._step_syscall(b, _NR_MMAP, (0, TRAMPOLINE_SIZE, PROT_READ | PROT_WRITE,
+                                                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        except SeccompBlocked:
+            return                  # its policy forbids mmap (or mprotect below): calls step instead
+        if -4096 < addr < 0:
+            return
+        try:
+            code = arch.self_restore_code(addr + PAGE)
+            _core.vm_write(self.pid, addr, code)
+            if self._step_syscall(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
+                raise OSError(errno.EACCES, "mprotect")
+            self._trampoline_key = janitor.record(self.pid, janitor.start_time(self.pid), "map", addr,
+                                                  TRAMPOLINE_SIZE)
+        except BaseException as e:
+            self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+            if isinstance(e, (OSError, SeccompBlocked)) and not isinstance(e, TargetGone):
+                return                          # no trampoline: calls step instead
+            raise
+        self._trampoline, self._trampoline_code = addr, code
+
+    def _forget_trampoline(self):
+        janitor.unrecord(self._trampoline_key)
+        self._trampoline = self._trampoline_key = None
+
+    def own_mappings(self):
+        return [(self._trampoline, self._trampoline + TRAMPOLINE_SIZE)] if self._trampoline is not None else []
+
+    def prepare(self):
+        """Make the trampoline now (attach does): the one stretch in which our death can still harm the
+        thread, two single-stepped calls, then lies inside attach(), not in an operation."""
+        b = self.acquire()
+        try:
+            self._trampoline_for(b)
+        finally:
+            self.release()
+
+    def drop_trampoline(self):
+        """Unmap our trampoline from the target now (the next call makes it again)."""
+        if self._trampoline is None:
+            return
+        try:
+            b = self.acquire()
+            try:
+                addr = self._trampoline_for(b)
+                if addr is not None:
+                    # Forgotten first: what this borrow still runs (re-queued signals) steps instead.
+                    self._forget_trampoline()
+                    self._trampoline_tried = True
+                    self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+            finally:
+                self.release()
+        except (OSError, EngineError):      # gone (its memory with it), or no longer ours to trace
+            pass
+        finally:
+            self._forget_trampoline()
+            self._trampoline_tried = False
+
+    def _step_syscall(self, b, nr, args):
+        """_run_syscall without a trampoline: single-step a syscall instruction of the target."""
         q = b.q
         insn = self.syscall_insn(b)
         if b.seccomp is not None:
@@ -493,7 +632,9 @@ class PtraceEngine(BaseEngine):
         """Resume the borrowed thread from b.regs until its next stop; returns the wait status."""
         try:
             b.stepped = request == PTRACE_SINGLESTEP
-            code, status = _core.step(b.tid, b.regs, request, sig, self.reaps(b.tid), b.running)
+            mask = None if b.masked else OP_SIGMASK
+            b.masked = True
+            code, status = _core.step(b.tid, b.regs, request, sig, self.reaps(b.tid), b.running, mask)
         except BaseException:
             self.cancel(b)
             raise
@@ -588,8 +729,19 @@ class PtraceEngine(BaseEngine):
             if self._borrowed is not None:      # closed inside borrowed(): put the thread back first
                 self._depth = 1
                 self.release()
+            self.drop_trampoline()
         finally:
             self.thaw()
+
+
+_components = None
+
+
+def _xsave_components():
+    global _components
+    if _components is None:
+        _components = _core.xsave_components()
+    return _components
 
 
 def _threads(pid):

@@ -141,6 +141,7 @@ PyObject *py_peeksiginfo(PyObject *self, PyObject *args);
 PyObject *py_step(PyObject *self, PyObject *args);
 PyObject *py_restore(PyObject *self, PyObject *args);
 PyObject *py_rseq_config(PyObject *self, PyObject *args);
+PyObject *py_xsave_components(PyObject *self, PyObject *unused);
 PyObject *py_seccomp_filter(PyObject *self, PyObject *args);
 PyObject *py_syscall_info(PyObject *self, PyObject *args);
 PyObject *py_loop(PyObject *self, PyObject *args);

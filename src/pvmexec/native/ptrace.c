@@ -1,5 +1,6 @@
 /* ptrace and waitid: registers, regsets, signal masks and siginfo, stepping and restoring a thread, rseq, seccomp filters, syscall info. */
 #include "core.h"
+#include <cpuid.h>
 
 struct peeksiginfo_args_ {
     uint64_t off;
@@ -268,7 +269,8 @@ py_step(PyObject *self, PyObject *args)
     int tid, sig, reap;
     long request;
     Py_buffer buf, state;
-    if (!PyArg_ParseTuple(args, "iw*lipw*", &tid, &buf, &request, &sig, &reap, &state))
+    PyObject *mask_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "iw*lipw*|O", &tid, &buf, &request, &sig, &reap, &state, &mask_obj))
         return NULL;
     PyObject *res = NULL;
     int code, status;
@@ -283,6 +285,16 @@ py_step(PyObject *self, PyObject *args)
     if (xptrace(PTRACE_SETREGS, tid, NULL, buf.buf) < 0) {
         raise_call("ptrace(PTRACE_SETREGS)", tid);
         goto out;
+    }
+    /* The operation's mask after its registers: a thread left with the one keeps the other. */
+    if (mask_obj != Py_None) {
+        uint64_t m = PyLong_AsUnsignedLongLong(mask_obj);
+        if (PyErr_Occurred())
+            goto out;
+        if (xptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof m, &m) < 0) {
+            raise_call("ptrace(PTRACE_SETSIGMASK)", tid);
+            goto out;
+        }
     }
     if (xptrace(request, tid, NULL, (void *)(long)sig) < 0) {
         raise_call("ptrace(resume)", tid);
@@ -327,16 +339,17 @@ py_restore(PyObject *self, PyObject *args)
         return NULL;
     PyObject *res = NULL;
     uint64_t m = mask;
-    if (xptrace(PTRACE_SETREGS, tid, NULL, regs.buf) < 0) {
-        raise_call("ptrace(PTRACE_SETREGS)", tid);
+    /* Registers last: if we die half-way, a thread still at our trampoline restores itself whole. */
+    if (xptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof m, &m) < 0) {
+        raise_call("ptrace(PTRACE_SETSIGMASK)", tid);
         goto out;
     }
     if (xs.len && setregset(tid, NT_X86_XSTATE, xs.buf, (size_t)xs.len) < 0) {
         raise_call("ptrace(PTRACE_SETREGSET, NT_X86_XSTATE)", tid);
         goto out;
     }
-    if (xptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof m, &m) < 0) {
-        raise_call("ptrace(PTRACE_SETSIGMASK)", tid);
+    if (xptrace(PTRACE_SETREGS, tid, NULL, regs.buf) < 0) {
+        raise_call("ptrace(PTRACE_SETREGS)", tid);
         goto out;
     }
     if (request >= 0 && xptrace(request, tid, NULL, (void *)(long)sig) < 0) {
@@ -413,4 +426,22 @@ py_syscall_info(PyObject *self, PyObject *args)
         return raise_call("ptrace(PTRACE_GET_SYSCALL_INFO)", tid);
     return Py_BuildValue("(iIKKK)", info.op, info.arch, (unsigned long long)info.ip,
                          (unsigned long long)info.sp, (unsigned long long)info.nr);
+}
+
+/* CPUID leaf 0xD: [(component, size, offset in the standard xsave format)] for components 2 and up. */
+PyObject *
+py_xsave_components(PyObject *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    for (unsigned i = 2; list && i < 63; i++) {
+        unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+        __cpuid_count(0xD, i, eax, ebx, ecx, edx);
+        if (!eax)
+            continue;
+        PyObject *t = Py_BuildValue("(III)", i, eax, ebx);
+        if (!t || PyList_Append(list, t) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(t);
+    }
+    return list;
 }

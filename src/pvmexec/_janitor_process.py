@@ -1,0 +1,99 @@
+"""The janitor process (see janitor.py): reads the caller's records until the caller is gone, then removes
+what is still recorded."""
+import os
+import signal
+import sys
+import time
+
+from . import janitor
+from .errors import AlreadyTraced
+from .space import attach
+
+AGENT_WAIT = 600.0      # s to wait for an agent thread to leave (it leaves only while its process runs)
+
+
+def _maps(pid):
+    """[(start, end, path)] of process pid."""
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            fields = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, fields[5].strip() if len(fields) > 5 else ""))
+    return out
+
+
+def _undo(space, kind, args):
+    pid = space.pid
+    if kind == "agent":                 # _clean waited for the thread to leave
+        _tid, base, size = args
+        for lo, hi, path in _maps(pid):
+            if base <= lo and hi <= base + size and path.startswith("/memfd:pvmexec-agent"):
+                space.syscall("munmap", lo, hi - lo)
+    elif kind == "map":
+        addr, size = args
+        # Still anonymous memory throughout (the kernel may have merged it with a neighbour's).
+        inside = sorted((lo, hi, path) for lo, hi, path in _maps(pid) if lo < addr + size and hi > addr)
+        covered = inside and inside[0][0] <= addr and inside[-1][1] >= addr + size and all(
+            a[1] == b[0] for a, b in zip(inside, inside[1:]))
+        if covered and not any(path for _lo, _hi, path in inside):
+            space.syscall("munmap", addr, size)
+    elif kind == "fd":
+        fd, dev, ino = args
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (pid, fd))
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            space.syscall("close", fd)
+
+
+def _clean(records):
+    by_pid = {}
+    for pid, started, kind, args in records.values():
+        by_pid.setdefault((pid, started), []).append((kind, args))
+    for (pid, started), things in by_pid.items():
+        agents = [t for t in things if t[0] == "agent"]
+        if agents:      # the agent must have left before its region goes, and before we freeze the process
+            _, (tid, base, size) = agents[0]
+            deadline = time.monotonic() + AGENT_WAIT
+            while os.path.exists("/proc/%d/task/%d" % (pid, tid)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                if janitor.start_time(pid) != started:
+                    break
+                with attach(pid, engine="ptrace", freeze=True) as space:
+                    for kind, args in things:
+                        try:
+                            _undo(space, kind, args)
+                        except OSError:
+                            pass
+                break
+            except AlreadyTraced:
+                # The dead caller closed our pipe before the kernel let go of its tracees.
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            except (OSError, ValueError):
+                break       # gone, or not ours to trace
+
+
+def main():
+    janitor.stop_recording()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    records = {}
+    for line in sys.stdin.buffer:
+        fields = line.split()
+        try:
+            if fields[0] == b"+":
+                key, pid, started = int(fields[1]), int(fields[2]), int(fields[3])
+                records[key] = (pid, started, fields[4].decode(), tuple(int(a) for a in fields[5:]))
+            elif fields[0] == b"-":
+                records.pop(int(fields[1]), None)
+        except (IndexError, ValueError):
+            continue
+    if records:
+        _clean(records)

@@ -1,0 +1,89 @@
+"""What a SIGKILL of the caller leaves in a target, removed by a process of ours that outlives it.
+
+After a SIGKILL the caller cleans nothing: the agent thread removes itself but for the page its last
+instructions run on, and mappings or descriptors the caller placed stay. So the caller records what it
+places in a target and unrecords it once removed, over a pipe to a janitor process: one per caller
+process, started at the first record, not the caller's child (no wait() of the caller sees it) and in
+a session of its own (no Ctrl-C of the terminal reaches it). Only the caller holds the pipe's writing
+end, so end of file means the caller is gone, however it died. The janitor then removes what is still
+recorded, with the ptrace engine and the target frozen, after checking that the process is the same
+one (its start time) and that each thing is still ours (the agent's memfd name, an anonymous mapping
+of the recorded size, a descriptor's device and inode).
+
+The residual case: a SIGKILL of the janitor itself leaves the records undone.
+"""
+import itertools
+import os
+import subprocess
+import sys
+import threading
+
+_lock = threading.Lock()
+_pipe = None            # our writing end, or False once starting failed
+_keys = itertools.count(1)
+_inside = False         # this process is the janitor: it records nothing
+
+
+def start_time(pid):
+    """The process's start time (clock ticks since boot): a recycled pid has another one."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+def _start():
+    global _pipe
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        janitor = "import sys; sys.path.insert(0, %r); from pvmexec._janitor_process import main; main()" % here
+        # A short-lived middle process forks the janitor and exits, so the janitor is not our child.
+        launcher = ("import os, sys\nif os.fork() == 0:\n    os.execv(sys.executable, [sys.executable, '-c', %r])\n"
+                    % janitor)
+        p = subprocess.Popen([sys.executable, "-S", "-c", launcher], stdin=r, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        p.wait(30)
+    except (OSError, subprocess.SubprocessError):
+        os.close(w)
+        _pipe = False
+        return
+    finally:
+        os.close(r)
+    _pipe = w
+
+
+def _send(line):
+    global _pipe
+    try:
+        os.write(_pipe, line.encode())
+    except OSError:                 # the janitor is gone: nothing more can be recorded
+        os.close(_pipe)
+        _pipe = False
+
+
+def stop_recording():
+    """This process is the janitor: it records nothing of its own."""
+    global _inside
+    _inside = True
+
+
+def record(pid, started, kind, *args):
+    """Record one thing placed in process pid (start_time(pid) = started); returns the key for
+    unrecord(), or None if nothing was recorded."""
+    if _inside or started is None:
+        return None
+    with _lock:
+        if _pipe is None:
+            _start()
+        if not _pipe:
+            return None
+        key = next(_keys)
+        _send("+ %d %d %d %s %s\n" % (key, pid, started, kind, " ".join(str(int(a)) for a in args)))
+        return key
+
+
+def unrecord(key):
+    if key is None:
+        return
+    with _lock:
+        if _pipe:
+            _send("- %d\n" % key)
