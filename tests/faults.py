@@ -141,6 +141,12 @@ def _state(pid):
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+def _last_error(f):
+    f.seek(0)
+    lines = f.read().decode(errors="replace").strip().splitlines()
+    return "; the caller said: %s" % lines[-1] if lines else ""
+
+
 def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
     """Returns (outcome, detail): outcome is "clean", "killed" (the victim died), "harmed" (it lives but
     reports changed state), "leftover" (something of ours stayed) or "hang" (the caller did not end)."""
@@ -148,13 +154,14 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
     mode = SCENARIOS[name][2] if len(SCENARIOS[name]) > 2 else "regs"
     v = Victim(victim_exe, mode)
     caller = None
+    errors = tempfile.TemporaryFile()         # the caller's stderr: its last line goes into a report
     try:
         time.sleep(0.01)
         if mode == "read":
             v.wait_state("S")
         before = snapshot(v.pid)
         caller = subprocess.Popen([sys.executable, "-c", code, str(v.pid)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+                                  stderr=errors, text=True)
         if caller.stdout.readline() != "go\n":
             return "error", "the caller did not start (exit %s)" % caller.wait(10)
         time.sleep(rng.uniform(0, max_delay))
@@ -175,7 +182,10 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
                 if after["sig"] != before["sig"]:
                     diff = ["%s=%s (was %s)" % (k, after["sig"][k], before["sig"][k])
                             for k in before["sig"] if after["sig"][k] != before["sig"][k]] + diff
-                return "leftover", "after 1 s: %s; state %s" % (", ".join(diff) or "stopped", _state(v.pid))
+                extra = [line.split()[0] + " " + line.split()[1] for line in after["maps"].splitlines()
+                         if line not in before["maps"].splitlines()]
+                return "leftover", "after 1 s: %s%s; state %s%s" % (
+                    ", ".join(diff) or "stopped", " %s" % extra if extra else "", _state(v.pid), _last_error(errors))
             time.sleep(0.01)
         if mode == "read":
             v.send(b"hello")            # the read it was blocked in must still take it
@@ -196,6 +206,7 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
                 caller.kill()
                 caller.wait(10)
             caller.stdout.close()
+        errors.close()
         v.kill()
 
 

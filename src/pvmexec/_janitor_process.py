@@ -2,13 +2,16 @@
 what is still recorded."""
 import os
 import signal
+import struct
 import sys
 import time
 
-from . import janitor
+from . import _core, janitor
+from .arch import current as _current_arch
 from .errors import AlreadyTraced
 from .space import attach
 
+arch = _current_arch()
 AGENT_WAIT = 600.0      # s to wait for an agent thread to leave (it leaves only while its process runs)
 
 
@@ -36,7 +39,9 @@ def _undo(space, kind, args):
         inside = sorted((lo, hi, path) for lo, hi, path in _maps(pid) if lo < addr + size and hi > addr)
         covered = inside and inside[0][0] <= addr and inside[-1][1] >= addr + size and all(
             a[1] == b[0] for a, b in zip(inside, inside[1:]))
-        if covered and not any(path for _lo, _hi, path in inside):
+        # Our own trampoline may sit where a record says a mapping was (if it was gone already).
+        ours = any(lo < addr + size and hi > addr for lo, hi in space.own_mappings())
+        if covered and not ours and not any(path for _lo, _hi, path in inside):
             space.syscall("munmap", addr, size)
     elif kind == "fd":
         fd, dev, ino = args
@@ -46,6 +51,24 @@ def _undo(space, kind, args):
             return
         if (st.st_dev, st.st_ino) == (dev, ino):
             space.syscall("close", fd)
+
+
+class _StillInside(Exception):
+    pass
+
+
+def _running_in(space, things):
+    """Whether a (frozen) thread's instruction pointer is inside one of the recorded mappings."""
+    ranges = [(args[-2], args[-2] + args[-1]) for kind, args in things if kind in ("map", "agent")]
+    rip = arch.REG_INDEX["rip"]
+    for tid in space.backend.frozen_tids():
+        try:
+            at = struct.unpack_from("<Q", _core.getregs(tid), 8 * rip)[0]
+        except OSError:
+            continue
+        if any(lo <= at < hi for lo, hi in ranges):
+            return True
+    return False
 
 
 def _clean(records):
@@ -65,14 +88,17 @@ def _clean(records):
                 if janitor.start_time(pid) != started:
                     break
                 with attach(pid, engine="ptrace", freeze=True) as space:
+                    if _running_in(space, things):
+                        raise _StillInside()
                     for kind, args in things:
                         try:
                             _undo(space, kind, args)
                         except OSError:
                             pass
                 break
-            except AlreadyTraced:
-                # The dead caller closed our pipe before the kernel let go of its tracees.
+            except (AlreadyTraced, _StillInside):
+                # The dead caller closed our pipe before the kernel let go of its tracees, or a thread
+                # has yet to run out of the caller's trampoline (it restores itself when it runs).
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.005)

@@ -125,3 +125,24 @@ _OPERATION = _Operation()
 
 def operation():
     return _OPERATION
+
+
+_DEFER = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+class _Deferred:
+    """Hold SIGINT/SIGTERM/SIGHUP off for a step that must not be cut in two (make a thing in the target
+    and record it; remove it and unrecord it; detach): they take effect at the block's end."""
+
+    __slots__ = ("old",)
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFER)
+
+    def __exit__(self, typ, exc, tb):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+def deferred():
+    return _Deferred()

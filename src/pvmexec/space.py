@@ -113,7 +113,6 @@ class Space:
         self._fds = {}                 # descriptors of ours open in the target (lend(), track_fd()) -> janitor key
         self._mappings = {}            # address -> (size, janitor key) of mappings detach() removes
         self._started = None           # the target's start time, for the janitor's records
-        self._lend_key = None
         _sigguard.install()
         _open_spaces.add(self)
 
@@ -132,7 +131,8 @@ class Space:
             if engine in ("agent", "auto"):
                 from .engines.agent import AgentEngine, InjectionFailed
                 try:
-                    chosen = AgentEngine(tgid, pidfd, tracer, _high_fd(tgid))
+                    with _sigguard.deferred():      # a half-made agent is worse than a late Ctrl-C
+                        chosen = AgentEngine(tgid, pidfd, tracer, _high_fd(tgid))
                 except InjectionFailed as e:
                     if engine == "agent":
                         raise
@@ -219,16 +219,19 @@ class Space:
     # -- lifetime ---------------------------------------------------------------
 
     def detach(self) -> None:
-        """Let the target go. Idempotent; the target is left exactly as found."""
+        """Let the target go. Idempotent; the target is left exactly as found. Ctrl-C or SIGTERM
+        meanwhile takes effect once it is done."""
         if self._detached:
             return
+        with _sigguard.deferred():
+            self._detach()
+
+    def _detach(self):
         self._detached = True
         _open_spaces.discard(self)
         try:
             calls = [(NR["munmap"], (addr, size)) for addr, (size, _key) in self._mappings.items()]
-            calls += [(NR["close"], (fd,)) for fd in sorted(self._fds)]
-            if self._lend_remote is not None:
-                calls.append((NR["close"], (self._lend_remote,)))
+            calls += [(NR["close"], (fd,)) for fd in sorted(self._fds)]      # the lending socket's end too
             if calls:
                 with contextlib.suppress(OSError):
                     self._engine.syscalls(calls)
@@ -240,7 +243,6 @@ class Space:
             self._mappings.clear()
             self._fds.clear()
             self._lend_remote = None
-            janitor.unrecord(self._lend_key)
             if self._lend_sock is not None:
                 self._lend_sock.close()
                 self._lend_sock = None
@@ -375,15 +377,17 @@ class Space:
         """Anonymous memory in the target for the duration of the block (unmapped afterwards)."""
         self._live()
         length = max(4096, (size + 4095) & ~4095)
-        addr = self._check(self._engine.syscall(
-            NR["mmap"], (0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
-        self.track_mapping(addr, length)
+        with _sigguard.deferred():
+            addr = self._check(self._engine.syscall(
+                NR["mmap"], (0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+            self.track_mapping(addr, length)
         try:
             yield addr
         finally:
             if addr in self._mappings:          # not yet removed by a detach() meanwhile
-                self._engine.syscall(NR["munmap"], (addr, length))
-                self.untrack_mapping(addr)
+                with _sigguard.deferred():
+                    self._engine.syscall(NR["munmap"], (addr, length))
+                    self.untrack_mapping(addr)
 
     def _check(self, ret, what):
         if -4096 < ret < 0:
@@ -495,25 +499,40 @@ class Space:
         if self._lend_remote is not None:
             return
         eng = self._engine
+        # Every descriptor is tracked from the moment it exists: whatever ends us, detach() or the
+        # janitor closes what is still open.
         with self.borrowed(), self.scratch(8) as sv:
-            self._check(eng.syscall(NR["socketpair"], (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv)), "socketpair")
-            a, b = struct.unpack("<ii", self.read(sv, 8))
+            with _sigguard.deferred():
+                self._check(eng.syscall(NR["socketpair"], (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv)),
+                            "socketpair")
+                a, b = struct.unpack("<ii", self.read(sv, 8))
+                self.track_fd(a)
+                self.track_fd(b)
             try:
                 high = _high_fd(self.pid)
-                ra = self._check(eng.syscall(NR["fcntl"], (a, F_DUPFD_CLOEXEC, high)), "fcntl")
-                rb = self._check(eng.syscall(NR["fcntl"], (b, F_DUPFD_CLOEXEC, high)), "fcntl")
+                ra = self._open_remote(NR["fcntl"], (a, F_DUPFD_CLOEXEC, high), "fcntl")
+                rb = self._open_remote(NR["fcntl"], (b, F_DUPFD_CLOEXEC, high), "fcntl")
             finally:
-                eng.syscall(NR["close"], (a,))
-                eng.syscall(NR["close"], (b,))
+                self._close_remote(a)
+                self._close_remote(b)
             try:
                 mine = _core.pidfd_getfd(self.pidfd, ra)
             finally:
-                eng.syscall(NR["close"], (ra,))
+                self._close_remote(ra)
         self._lend_sock = socket.socket(fileno=mine)
         self._lend_remote = rb
-        with contextlib.suppress(OSError):
-            st = os.stat("/proc/%d/fd/%d" % (self.pid, rb))
-            self._lend_key = self._record("fd", rb, st.st_dev, st.st_ino)
+
+    def _close_remote(self, fd):
+        with _sigguard.deferred():
+            self._engine.syscall(NR["close"], (fd,))
+            self.untrack_fd(fd)
+
+    def _open_remote(self, nr, args, what):
+        """A call that makes a descriptor in the target, tracked before anything can interrupt us."""
+        with _sigguard.deferred():
+            fd = self._check(self._engine.syscall(nr, args), what)
+            self.track_fd(fd)
+        return fd
 
     def _receive_fd(self):
         """recvmsg one SCM_RIGHTS descriptor in the target; move it high. Returns its number there."""
@@ -523,34 +542,34 @@ class Space:
             cmsg_space = 24
             self.write(iov, struct.pack("<QQ", data, 1))
             self.write(msg, struct.pack("<QIxxxxQQQQi", 0, 0, iov, 1, ctl, cmsg_space, 0))
-            self._check(eng.syscall(NR["recvmsg"], (self._lend_remote, msg, MSG_CMSG_CLOEXEC)), "recvmsg")
-            raw = self.read(ctl, cmsg_space)
-            # The target can write its own memory: check the control message before trusting it.
-            length, level, typ, fd = struct.unpack_from("<QiiI", raw)
-            if (length, level, typ) != (20, SOL_SOCKET, SCM_RIGHTS) or fd > 1 << 20:
-                raise EngineError("unexpected control message in the target while lending a descriptor")
+            with _sigguard.deferred():
+                self._check(eng.syscall(NR["recvmsg"], (self._lend_remote, msg, MSG_CMSG_CLOEXEC)), "recvmsg")
+                raw = self.read(ctl, cmsg_space)
+                # The target can write its own memory: check the control message before trusting it.
+                length, level, typ, fd = struct.unpack_from("<QiiI", raw)
+                if (length, level, typ) != (20, SOL_SOCKET, SCM_RIGHTS) or fd > 1 << 20:
+                    raise EngineError("unexpected control message in the target while lending a descriptor")
+                self.track_fd(fd)
             try:
-                return self._check(eng.syscall(NR["fcntl"], (fd, F_DUPFD_CLOEXEC, _high_fd(self.pid))), "fcntl")
+                return self._open_remote(NR["fcntl"], (fd, F_DUPFD_CLOEXEC, _high_fd(self.pid)), "fcntl")
             finally:
-                eng.syscall(NR["close"], (fd,))
+                self._close_remote(fd)
 
     @contextlib.contextmanager
     def lend(self, fd: int) -> Iterator[int]:
         """Make the caller's descriptor fd usable in the target for the block; yields its number there."""
         self._live()
-        st = os.fstat(fd)        # EBADF here, in the caller, names the right culprit
+        os.fstat(fd)        # EBADF here, in the caller, names the right culprit
         with self.borrowed():
             self._setup_lending()
             socket.send_fds(self._lend_sock, [b"\0"], [fd])
             remote = self._receive_fd()
-            self._fds[remote] = self._record("fd", remote, st.st_dev, st.st_ino)
         try:
             yield remote
         finally:
             if remote in self._fds:             # not yet closed by a detach() meanwhile
                 with contextlib.suppress(TargetGone):
-                    self._engine.syscall(NR["close"], (remote,))
-                self.untrack_fd(remote)
+                    self._close_remote(remote)
 
     def take_fd(self, remote_fd: int) -> int:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""

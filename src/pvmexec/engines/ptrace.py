@@ -15,7 +15,7 @@ import signal
 import struct
 import time
 
-from .. import _core, janitor, proc
+from .. import _core, _sigguard, janitor, proc
 from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT, PTRACE_DETACH,  # noqa: F401
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
@@ -130,6 +130,10 @@ class PtraceEngine(BaseEngine):
 
     def _seize_and_stop(self, tid):
         """Seize tid and bring it to a stop in the kernel's signal path. Returns True if group-stopped."""
+        with _sigguard.deferred():          # seized must mean held: no Ctrl-C in between
+            return self._seize_and_stop_now(tid)
+
+    def _seize_and_stop_now(self, tid):
         try:
             _core.ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "ptrace(PTRACE_SEIZE)")
         except OSError as e:
@@ -139,7 +143,7 @@ class PtraceEngine(BaseEngine):
             raise proc.seize_error(self.pid, e) from None
         try:
             _core.ptrace(PTRACE_INTERRUPT, tid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
-            return self._wait_for_event_stop(tid)
+            return self._wait_for_event_stop(tid, deadline=time.monotonic() + STOP_TIMEOUT)
         except TargetGone:
             raise
         except BaseException:
@@ -209,6 +213,10 @@ class PtraceEngine(BaseEngine):
         if self._depth:
             self._depth += 1
             return self._borrowed
+        with _sigguard.deferred():          # a borrow is whole or none
+            return self._acquire()
+
+    def _acquire(self):
         tid = self.tid
         seized_here = tid not in self._frozen
         stopped = self._seize_and_stop(tid) if seized_here else self._frozen_stopped
@@ -293,6 +301,10 @@ class PtraceEngine(BaseEngine):
         self._depth = max(0, self._depth - 1)     # 0 already when the target died mid-operation
         if self._depth > 0:
             return
+        with _sigguard.deferred():          # the thread goes back whole, then a Ctrl-C takes effect
+            self._release()
+
+    def _release(self):
         b = self._borrowed
         self._borrowed = None
         if b is None:
@@ -554,7 +566,8 @@ class PtraceEngine(BaseEngine):
         thread, two single-stepped calls, then lies inside attach(), not in an operation."""
         b = self.acquire()
         try:
-            self._trampoline_for(b)
+            with _sigguard.deferred():
+                self._trampoline_for(b)
         finally:
             self.release()
 
@@ -567,16 +580,18 @@ class PtraceEngine(BaseEngine):
             try:
                 addr = self._trampoline_for(b)
                 if addr is not None:
-                    # Forgotten first: what this borrow still runs (re-queued signals) steps instead.
-                    self._forget_trampoline()
+                    # Off first: what this borrow still runs (re-queued signals) steps instead.
+                    key, self._trampoline = self._trampoline_key, None
                     self._trampoline_tried = True
                     self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+                    janitor.unrecord(key)               # removed; else the janitor's record stays
             finally:
                 self.release()
-        except (OSError, EngineError):      # gone (its memory with it), or no longer ours to trace
+        except (OSError, EngineError):      # gone (its memory with it), or not ours to trace now
             pass
         finally:
-            self._forget_trampoline()
+            self._trampoline = None
+            self._trampoline_key = None
             self._trampoline_tried = False
 
     def _step_syscall(self, b, nr, args):

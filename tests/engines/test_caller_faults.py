@@ -1,0 +1,38 @@
+"""The caller killed or signalled at a random moment of an operation: the target runs on as it was.
+
+Each case is a scenario of tests/faults.py (its docstring says what a run checks) run a few times here;
+`python tests/faults.py --runs 20` is the stress version, with the table of every scenario, including
+those with a known residual window (see the README's security notes).
+"""
+import os
+import random
+import signal
+
+import pytest
+
+import faults
+
+RUNS = int(os.environ.get("PVMEXEC_FAULT_RUNS", "3"))
+
+CLEAN = [
+    ("ptrace-frozen-idle", signal.SIGKILL), ("ptrace-frozen-idle", signal.SIGTERM),
+    ("ptrace-syscalls", signal.SIGINT), ("ptrace-syscalls", signal.SIGTERM), ("ptrace-syscalls", signal.SIGHUP),
+    ("ptrace-syscalls-kill", signal.SIGKILL), ("ptrace-borrowed-kill", signal.SIGKILL),
+    ("ptrace-borrowed-syscalls", signal.SIGTERM), ("ptrace-exec", signal.SIGTERM),
+    ("ptrace-blocked-read", signal.SIGKILL), ("ptrace-blocked-read", signal.SIGINT),
+    ("ptrace-strings", signal.SIGINT), ("ptrace-strings", signal.SIGTERM),
+    ("ptrace-lend", signal.SIGINT), ("ptrace-lend", signal.SIGTERM),
+    ("ptrace-attach-detach", signal.SIGINT), ("ptrace-attach-detach", signal.SIGTERM),
+    ("agent-idle", signal.SIGKILL), ("agent-idle", signal.SIGINT),
+    ("agent-syscalls", signal.SIGKILL), ("agent-syscalls", signal.SIGTERM),
+    ("agent-blocked-read", signal.SIGKILL), ("agent-attach-detach", signal.SIGINT),
+    ("dump-frozen", signal.SIGKILL), ("dump-frozen", signal.SIGTERM),
+]
+
+
+@pytest.mark.parametrize("scenario,sig", CLEAN, ids=["%s-%s" % (n, signal.Signals(s).name) for n, s in CLEAN])
+def test_target_survives_the_caller(victim_exe, scenario, sig):
+    rng = random.Random(hash((scenario, sig)))
+    for _ in range(RUNS):
+        outcome, detail = faults.one_run(victim_exe, scenario, sig, rng=rng)
+        assert outcome == "clean", "%s after %s: %s %s" % (scenario, signal.Signals(sig).name, outcome, detail)
