@@ -163,7 +163,7 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
         caller = subprocess.Popen([sys.executable, "-c", code, str(v.pid)], stdout=subprocess.PIPE,
                                   stderr=errors, text=True)
         if caller.stdout.readline() != "go\n":
-            return "error", "the caller did not start (exit %s)" % caller.wait(10)
+            return "error", "the caller did not start (exit %s)%s" % (caller.wait(10), _last_error(errors))
         time.sleep(rng.uniform(0, max_delay))
         caller.send_signal(sig)
         try:

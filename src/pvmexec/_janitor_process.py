@@ -8,6 +8,7 @@ import time
 
 from . import _core, janitor
 from .arch import current as _current_arch
+from .engines import agent
 from .errors import AlreadyTraced
 from .space import attach
 
@@ -71,16 +72,32 @@ def _running_in(space, things):
     return False
 
 
+def _agent_tid(pid, base):
+    """The agent thread's tid, from its region's header (the kernel writes it there at clone, clears it
+    at exit); 0 if none ever started or it left."""
+    try:
+        fd = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        raw = os.pread(fd, 4, base + agent.HEADER + agent.L["header.agent_tid"])
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    return struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
+
+
 def _clean(records):
     by_pid = {}
     for pid, started, kind, args in records.values():
         by_pid.setdefault((pid, started), []).append((kind, args))
     for (pid, started), things in by_pid.items():
-        agents = [t for t in things if t[0] == "agent"]
-        if agents:      # the agent must have left before its region goes, and before we freeze the process
-            _, (tid, base, size) = agents[0]
+        for kind, (tid, base, _size) in [t for t in things if t[0] == "agent"]:
+            # The agent must have left before its region goes, and before we freeze the process.
+            tid = tid or _agent_tid(pid, base)
             deadline = time.monotonic() + AGENT_WAIT
-            while os.path.exists("/proc/%d/task/%d" % (pid, tid)) and time.monotonic() < deadline:
+            while tid and os.path.exists("/proc/%d/task/%d" % (pid, tid)) and time.monotonic() < deadline:
                 time.sleep(0.01)
         deadline = time.monotonic() + 5
         while True:

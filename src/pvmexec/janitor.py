@@ -66,6 +66,15 @@ def stop_recording():
     _inside = True
 
 
+def start():
+    """Start the janitor now (once per process), so that no later record waits for it."""
+    if _inside:
+        return
+    with _lock:
+        if _pipe is None:
+            _start()
+
+
 def record(pid, started, kind, *args):
     """Record one thing placed in process pid (start_time(pid) = started); returns the key for
     unrecord(), or None if nothing was recorded."""

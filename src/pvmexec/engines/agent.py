@@ -41,7 +41,7 @@ CALL = struct.Struct("<q6Qq")
 CLONE_FLAGS = (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
                | CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID)
 NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "close", "pidfd_open", "fcntl",
-                              "madvise", "exit")}
+                              "madvise", "exit", "clone")}
 
 # Spin budget (pause iterations) of both sides before sleeping on a futex. It is used only
 # while the two run on different CPUs (each side records its CPU in the slot); a machine
@@ -87,6 +87,7 @@ class AgentEngine(BaseEngine):
         self.code_base = self.data_base = None
         self.agent_tid = None
         self._janitor_key = None       # our record of the region with the janitor (caller-death cleanup)
+        self._pidfd_key = None
         self._thread_engine = None
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
         try:
@@ -107,14 +108,19 @@ class AgentEngine(BaseEngine):
             if mode:
                 raise InjectionFailed(self.pid, "it runs under seccomp (mode %d): the agent's calls could not be "
                                       "checked against its filters; use the ptrace engine" % mode)
+            # Each thing is recorded with the janitor from the moment it exists, for a SIGKILL of ours.
+            janitor.start()
             scratch = self._ok(t.syscall(NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE,
                                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+            scratch_key = self._note("map", scratch, 4096)
             try:
                 _core.vm_write(self.pid, scratch, b"pvmexec-agent\0")
                 fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
                                 "memfd_create")
+                fd_key = self._note_fd(fd_t)
             finally:
                 t.syscall(NR["munmap"], (scratch, 4096))
+                janitor.unrecord(scratch_key)
             try:
                 self._ok(t.syscall(NR["ftruncate"], (fd_t, REGION)), "ftruncate")
                 # Its size is fixed from now on: another thread of the target that finds the memfd (its fd,
@@ -123,6 +129,8 @@ class AgentEngine(BaseEngine):
                          "fcntl(F_ADD_SEALS)")
                 code = self._ok(t.syscall(NR["mmap"], (0, REGION, PROT_READ | PROT_EXEC, MAP_SHARED, fd_t, 0)),
                                 "mmap")
+                # The janitor reads the agent's tid from the region's header (CLONE_CHILD_SETTID).
+                self._janitor_key = self._note("agent", 0, code, REGION)
                 self.code_base = code
                 self._ok(t.syscall(NR["mmap"], (code + HEADER, REGION - HEADER, PROT_READ | PROT_WRITE,
                                                 MAP_SHARED | MAP_FIXED, fd_t, HEADER)), "mmap")
@@ -137,6 +145,7 @@ class AgentEngine(BaseEngine):
                     os.close(fd_c)
             finally:
                 t.syscall(NR["close"], (fd_t,))
+                janitor.unrecord(fd_key)
             self._keep = ctypes.c_char.from_buffer(self._map)
             self._base = ctypes.addressof(self._keep)
             self._slot = self._base + SLOT
@@ -162,27 +171,51 @@ class AgentEngine(BaseEngine):
             q[idx["rdx"]] = CLONE_FLAGS
             q[idx["rcx"]] = code + HEADER + L["header.agent_tid"]
             q[idx["orig_rax"]] = (1 << 64) - 1
-            tid = t.run_code(b, regs)
+            back = t.way_back(b)
+            if back is not None:
+                # After clone the thread jumps to our trampoline's way back: should we die while it
+                # runs the bootstrap, it restores itself instead of running on in our code.
+                q[idx["r13"]] = back
+                tid = t.run_code_to_syscall(b, regs, NR["clone"])
+            else:
+                q[idx["r13"]] = 0
+                tid = t.run_code(b, regs)
             if tid <= 0:
                 raise InjectionFailed(self.pid, "clone of the agent thread failed: %s" % os.strerror(-tid))
             self.agent_tid = tid
-            self._janitor_key = janitor.record(self.pid, janitor.start_time(self.pid), "agent", tid, code, REGION)
         finally:
             t.release()
         if not wait_word(self._map, self._base, HEADER + L["header.state"], 1, 5):
             raise EngineError("the agent thread %d did not start" % self.agent_tid)
         self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
-        self._main.drop_trampoline()        # the agent serves from now on: nothing else of ours stays mapped
+
+    def _note(self, kind, *args):
+        try:
+            return janitor.record(self.pid, janitor.start_time(self.pid), kind, *args)
+        except OSError:
+            return None
+
+    def _note_fd(self, fd):
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
+        except OSError:
+            return None
+        return self._note("fd", fd, st.st_dev, st.st_ino)
 
     def _caller_pidfd(self, t, high_fd):
         """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
         p = t.syscall(NR["pidfd_open"], (os.getpid(), 0))
         if p < 0:
             return -1
+        key = self._note_fd(p)
         try:
-            return t.syscall(NR["fcntl"], (p, F_DUPFD_CLOEXEC, high_fd))
+            high = t.syscall(NR["fcntl"], (p, F_DUPFD_CLOEXEC, high_fd))
+            if high >= 0:
+                self._pidfd_key = self._note_fd(high)     # the agent closes it as it leaves
+            return high
         finally:
             t.syscall(NR["close"], (p,))
+            janitor.unrecord(key)
 
     def _ok(self, ret, what):
         if ret < 0:
@@ -307,6 +340,9 @@ class AgentEngine(BaseEngine):
             self.code_base = None
             janitor.unrecord(self._janitor_key)
             self._janitor_key = None
+            if not self.agent_tid:
+                janitor.unrecord(self._pidfd_key)
+                self._pidfd_key = None
         finally:
             self._keep = None
             if self._map is not None:

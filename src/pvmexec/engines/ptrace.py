@@ -106,6 +106,8 @@ class PtraceEngine(BaseEngine):
         self._trampoline_code = b""
         self._trampoline_key = None    # its record with the janitor
         self._trampoline_tried = False
+        self._trampoline_mem = None    # /proc/PID/mem, for writing into it (read+exec), or None
+        self._started = None           # the target's start time, for the janitor
 
     # -- waiting -------------------------------------------------------------
 
@@ -213,8 +215,14 @@ class PtraceEngine(BaseEngine):
         if self._depth:
             self._depth += 1
             return self._borrowed
-        with _sigguard.deferred():          # a borrow is whole or none
-            return self._acquire()
+        try:
+            with _sigguard.deferred():      # a borrow is whole or none
+                return self._acquire()
+        except BaseException:
+            # A Ctrl-C held off meanwhile is raised as the block ends: give back what was just taken.
+            if self._borrowed is not None and self._depth == 1:
+                self.release()
+            raise
 
     def _acquire(self):
         tid = self.tid
@@ -409,15 +417,16 @@ class PtraceEngine(BaseEngine):
                 return
             for tid in sorted(tids):
                 try:
-                    if self._seize_and_stop(tid):
-                        self._frozen_stopped = True
+                    with _sigguard.deferred():      # held means listed, for thaw()
+                        if self._seize_and_stop(tid):
+                            self._frozen_stopped = True
+                        self._frozen.append(tid)
                 except TargetGone:
                     continue
                 except OSError as e:
                     if e.errno == errno.ESRCH:       # the thread exited meanwhile
                         continue
                     raise
-                self._frozen.append(tid)
 
     def thaw(self):
         while self._frozen:
@@ -478,11 +487,7 @@ class PtraceEngine(BaseEngine):
             refused = self._seccomp_gate(b, nr, args, at)
             if refused is not None:
                 return refused
-        if not b.frame_written:
-            saved = dict(zip(arch.REG_NAMES, memoryview(b.saved_regs).cast("Q")))
-            _core.vm_write(self.pid, at + PAGE, arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate,
-                                                                       _xsave_components(), at + PAGE))
-            b.frame_written = True
+        self._write_frame(b, at)
         q = b.q
         q[:] = memoryview(b.saved_regs).cast("Q")
         q[_RAX] = nr
@@ -515,6 +520,43 @@ class PtraceEngine(BaseEngine):
             raise EngineError("%s in the target while running %s at %#x" % (
                 signal.Signals(info.signo).name, name_of(nr), q[_RIP]))
 
+    def _write_frame(self, b, at):
+        if not b.frame_written:
+            saved = dict(zip(arch.REG_NAMES, memoryview(b.saved_regs).cast("Q")))
+            self._write_trampoline(at + PAGE, arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate,
+                                                                      _xsave_components(), at + PAGE))
+            b.frame_written = True
+
+    def way_back(self, b):
+        """An address that code we run in b can jump to for the thread to restore its own state (our
+        trampoline after its syscall), or None."""
+        at = self._trampoline_for(b)
+        if at is None:
+            return None
+        self._write_frame(b, at)
+        return at + arch.SYSCALL_INSN_LEN
+
+    def run_code_to_syscall(self, b, regs, nr):
+        """Run target code from regs with real syscalls until the exit of its syscall nr; returns its
+        result. Code that then jumps to way_back() leaves the thread whole should we die meanwhile."""
+        b.regs[:] = regs
+        sig_in = 0
+        entered = False
+        while True:
+            status = self._resume(b, PTRACE_SYSCALL, sig_in)
+            sig_in = 0
+            if status == SYSCALL_STOP:
+                if signed(b.q[_ORIG_RAX]) != nr:
+                    continue
+                if entered:
+                    return signed(b.q[_RAX])
+                entered = True
+                continue
+            sig_in, info = self._other_stop(b, status)
+            if info is not None:
+                raise EngineError("%s at %#x while running injected code" % (
+                    signal.Signals(info.signo).name, b.q[_RIP]))
+
     def _trampoline_for(self, b):
         """Our trampoline's address (made at the first call; checked once per borrow), or None."""
         if self._trampoline is not None and not b.trampoline_checked:
@@ -533,37 +575,87 @@ class PtraceEngine(BaseEngine):
         return self._trampoline
 
     def _make_trampoline(self, b):
+        """One read+exec mapping filled through /proc/PID/mem (one injected call: the stretch in which our
+        death harms the thread stays as short as it can be); where the kernel refuses such writes, a
+        read+write mapping whose code page is then made read+exec."""
+        self._start_time()          # now: nothing but the record between the call and its record
+        janitor.start()
         try:
-            addr = self._step_syscall(b, _NR_MMAP, (0, TRAMPOLINE_SIZE, PROT_READ | PROT_WRITE,
+            mem = os.open("/proc/%d/mem" % self.pid, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            mem = None
+        try:
+            addr = self._step_syscall(b, _NR_MMAP, (0, TRAMPOLINE_SIZE, PROT_READ | (PROT_EXEC if mem is not None
+                                                                                    else PROT_WRITE),
                                                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
         except SeccompBlocked:
-            return                  # its policy forbids mmap (or mprotect below): calls step instead
+            addr = -errno.EPERM     # its policy forbids mmap: calls step instead
+        if not -4096 < addr < 0:
+            self._trampoline_key = janitor.record(self.pid, self._start_time(), "map", addr, TRAMPOLINE_SIZE)
+        # Straight back to the thread's own state, parked in the signal path with single-step disarmed:
+        # the stretch in which our death harms it ends here, not after the writes below.
+        _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
+        b.masked = False
+        self._stop_in_signal_path(b)
         if -4096 < addr < 0:
+            if mem is not None:
+                os.close(mem)
             return
         try:
             code = arch.self_restore_code(addr + PAGE)
-            _core.vm_write(self.pid, addr, code)
-            if self._step_syscall(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
-                raise OSError(errno.EACCES, "mprotect")
-            self._trampoline_key = janitor.record(self.pid, janitor.start_time(self.pid), "map", addr,
-                                                  TRAMPOLINE_SIZE)
+            written = False
+            if mem is not None:
+                try:
+                    written = os.pwrite(mem, code, addr) == len(code)
+                except OSError:
+                    pass
+            if not written:
+                if mem is not None:
+                    raise OSError(errno.EACCES, "writing our trampoline through /proc/%d/mem" % self.pid)
+                _core.vm_write(self.pid, addr, code)
+                if self._step_syscall(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
+                    raise OSError(errno.EACCES, "mprotect")
         except BaseException as e:
             self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+            janitor.unrecord(self._trampoline_key)
+            self._trampoline_key = None
+            if mem is not None:
+                os.close(mem)
             if isinstance(e, (OSError, SeccompBlocked)) and not isinstance(e, TargetGone):
                 return                          # no trampoline: calls step instead
             raise
-        self._trampoline, self._trampoline_code = addr, code
+        self._trampoline, self._trampoline_code, self._trampoline_mem = addr, code, mem
+
+    def _start_time(self):
+        if self._started is None:
+            try:
+                self._started = janitor.start_time(self.pid)
+            except OSError:
+                pass
+        return self._started
+
+    def _write_trampoline(self, addr, data):
+        if self._trampoline_mem is None:
+            _core.vm_write(self.pid, addr, data)
+        elif os.pwrite(self._trampoline_mem, data, addr) != len(data):
+            raise OSError(errno.EFAULT, "short write into our trampoline")
 
     def _forget_trampoline(self):
         janitor.unrecord(self._trampoline_key)
         self._trampoline = self._trampoline_key = None
+        self._close_trampoline_mem()
+
+    def _close_trampoline_mem(self):
+        if self._trampoline_mem is not None:
+            os.close(self._trampoline_mem)
+            self._trampoline_mem = None
 
     def own_mappings(self):
         return [(self._trampoline, self._trampoline + TRAMPOLINE_SIZE)] if self._trampoline is not None else []
 
     def prepare(self):
         """Make the trampoline now (attach does): the one stretch in which our death can still harm the
-        thread, two single-stepped calls, then lies inside attach(), not in an operation."""
+        thread, one single-stepped mmap, then lies inside attach(), not in an operation."""
         b = self.acquire()
         try:
             with _sigguard.deferred():
@@ -593,6 +685,7 @@ class PtraceEngine(BaseEngine):
             self._trampoline = None
             self._trampoline_key = None
             self._trampoline_tried = False
+            self._close_trampoline_mem()
 
     def _step_syscall(self, b, nr, args):
         """_run_syscall without a trampoline: single-step a syscall instruction of the target."""

@@ -98,9 +98,11 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
 }
 
 /*
- * bootstrap(header, stack_top, clone_flags, ctid): runs on a borrowed target
- * thread. The new thread enters pvm_agent_main on its own stack; the borrowed
- * thread stops on int3 with the clone result in rax.
+ * bootstrap(header, stack_top, clone_flags, ctid), r13 = way back or 0: runs
+ * on a borrowed target thread. The new thread enters pvm_agent_main on its own
+ * stack; the borrowed thread jumps to the way back (the caller's trampoline,
+ * which restores it: the caller stops it at clone's exit first) or, without
+ * one, stops on int3 with the clone result in rax.
  */
 __asm__(
     ".pushsection .text.pvm_entry,\"ax\",@progbits\n"
@@ -116,6 +118,10 @@ __asm__(
     "  syscall\n"
     "  test %rax, %rax\n"
     "  jz 1f\n"
+    "  test %r13, %r13\n"
+    "  jz 2f\n"
+    "  jmp *%r13\n"
+    "2:\n"
     "  int3\n"
     "  ud2\n"
     "1:\n"
