@@ -489,13 +489,7 @@ class PtraceEngine(BaseEngine):
                 return refused
         self._write_frame(b, at)
         q = b.q
-        q[:] = memoryview(b.saved_regs).cast("Q")
-        q[_RAX] = nr
-        q[_ORIG_RAX] = _NEG - 1
-        q[_RIP] = at
-        for name, value in zip(arch.SYSCALL_ARGS, args):
-            q[_I[name]] = value % _NEG
-        prepared = bytes(b.regs)
+        prepared = _load_call(b, nr, args, at)
         sig_in = 0
         entered = False
         while True:
@@ -512,13 +506,8 @@ class PtraceEngine(BaseEngine):
                 entered = True
                 continue
             sig_in, info = self._other_stop(b, status)
-            if info is None:
-                continue
-            if info.signo == signal.SIGSYS:
-                raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
-                                         "syscall user dispatch)", args)
-            raise EngineError("%s in the target while running %s at %#x" % (
-                signal.Signals(info.signo).name, name_of(nr), q[_RIP]))
+            if info is not None:
+                raise _call_failed(nr, args, info, q[_RIP])
 
     def _write_frame(self, b, at):
         if not b.frame_written:
@@ -695,13 +684,7 @@ class PtraceEngine(BaseEngine):
             refused = self._seccomp_gate(b, nr, args, insn)
             if refused is not None:
                 return refused
-        q[:] = memoryview(b.saved_regs).cast("Q")
-        q[_RAX] = nr
-        q[_ORIG_RAX] = _NEG - 1
-        q[_RIP] = insn
-        for name, value in zip(arch.SYSCALL_ARGS, args):
-            q[_I[name]] = value % _NEG
-        prepared = bytes(b.regs)
+        prepared = _load_call(b, nr, args, insn)
         sig_in = 0
         while True:
             status = self._resume(b, PTRACE_SINGLESTEP, sig_in)
@@ -713,13 +696,8 @@ class PtraceEngine(BaseEngine):
                 b.regs[:] = prepared
                 continue
             sig_in, info = self._other_stop(b, status)
-            if info is None:
-                continue
-            if info.signo == signal.SIGSYS:
-                raise RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or "
-                                         "syscall user dispatch)", args)
-            raise EngineError("%s in the target while running %s at %#x" % (
-                signal.Signals(info.signo).name, name_of(nr), q[_RIP]))
+            if info is not None:
+                raise _call_failed(nr, args, info, q[_RIP])
 
     def _other_stop(self, b, status):
         """A stop the loop was not waiting for. Returns (signal to re-inject on resume, info):
@@ -840,6 +818,27 @@ class PtraceEngine(BaseEngine):
             self.drop_trampoline()
         finally:
             self.thaw()
+
+
+def _load_call(b, nr, args, at):
+    """b's registers set to enter syscall nr(args) at the syscall instruction `at`; returns them as bytes."""
+    q = b.q
+    q[:] = memoryview(b.saved_regs).cast("Q")
+    q[_RAX] = nr
+    q[_ORIG_RAX] = _NEG - 1
+    q[_RIP] = at
+    for name, value in zip(arch.SYSCALL_ARGS, args):
+        q[_I[name]] = value % _NEG
+    return bytes(b.regs)
+
+
+def _call_failed(nr, args, info, rip):
+    """The error for a signal our injected call raised in the thread."""
+    if info.signo == signal.SIGSYS:
+        return RemoteSyscallError(1, name_of(nr) + " (refused by the target's seccomp or syscall user dispatch)",
+                                  args)
+    return EngineError("%s in the target while running %s at %#x" % (signal.Signals(info.signo).name,
+                                                                      name_of(nr), rip))
 
 
 _components = None
