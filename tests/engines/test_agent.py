@@ -308,3 +308,33 @@ def test_a_target_that_takes_requests_away_gets_an_error_not_a_hang(cc, tmp_path
                     space.syscall("getpid")
         assert time.monotonic() - t0 < 25                # an error in seconds, and detach did not hang
         assert target.finish() == (0, "alive\n")
+
+
+SECOND_TRACER = "import ctypes, sys, time; print(ctypes.CDLL(None).ptrace(0x4206, int(sys.argv[1]), 0, 0), flush=True); " \
+                "sys.stdin.read()"
+
+
+def test_detach_when_another_tracer_took_the_target_says_what_stays(spawn):
+    """The agent leaves by itself (no ptrace needed); what only ptrace could remove stays, and detach says
+    exactly what and where, instead of raising."""
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    space = pvmexec.attach(v.pid, engine="agent")
+    agent = space.backend.agent_tid
+    other = subprocess.Popen([sys.executable, "-c", SECOND_TRACER, str(v.pid)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "0"
+        with pytest.warns(RuntimeWarning) as record:
+            space.detach()
+        after = snapshot(v.pid)
+        assert str(agent) not in after["threads"] and after["fds"] == before["fds"]
+        extra = [line for line in after["maps"].splitlines() if line not in before["maps"].splitlines()]
+        named = " ".join(str(w.message) for w in record)
+        assert extra and all("%#x" % int(line.split("-")[0], 16) in named for line in extra), (extra, named)
+        assert sum(int(l.split()[0].split("-")[1], 16) - int(l.split("-")[0], 16) for l in extra) <= 4096 + 5 * 4096
+    finally:
+        other.stdin.close()
+        other.wait(10)
+    v.send(b"x")
+    assert v.readline().startswith("done 1")

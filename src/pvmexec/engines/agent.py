@@ -318,9 +318,11 @@ class AgentEngine(BaseEngine):
     def _undo(self):
         """Stop the agent thread, unmap the region in the target and here."""
         try:
+            left_itself = False
             if self.agent_tid and self._map is not None:
                 try:
                     self._stop_agent()
+                    left_itself = True      # all of its region but the page it ran its last code on
                 except (OSError, EngineError):
                     # Stopped with the target (or stuck): make it exit without its region, by ptrace.
                     self._force_exit()
@@ -332,11 +334,17 @@ class AgentEngine(BaseEngine):
                                       "continues, and its %d-byte region stays mapped until then"
                                       % (self.pid, self.agent_tid, REGION), RuntimeWarning)
                         self.code_base = self._janitor_key = None
-            if self.code_base is not None and self._region_still_ours():
-                try:
-                    self._main.syscalls([(NR["munmap"], (self.code_base, REGION))])
-                except TargetGone:
-                    pass
+            if self.code_base is not None:
+                addr, size = (self.code_base + SYMS["final"], 4096) if left_itself else (self.code_base, REGION)
+                if self._region_still_ours(addr):
+                    try:
+                        self._main.syscalls([(NR["munmap"], (addr, size))])
+                    except TargetGone:
+                        pass
+                    except OSError as e:        # no longer ours to trace (undumpable, traced by another)
+                        warnings.warn("pvmexec: %d bytes of the agent at %#x stay in process %d (%s); they go "
+                                      "when it execs or exits" % (size, addr, self.pid, e), RuntimeWarning)
+                        self._janitor_key = None        # the janitor's record stays: it may yet succeed
             self.code_base = None
             janitor.unrecord(self._janitor_key)
             self._janitor_key = None
@@ -376,13 +384,14 @@ class AgentEngine(BaseEngine):
             time.sleep(0.005)
         self.agent_tid = None
 
-    def _region_still_ours(self):
-        """After an execve the old region is gone and its addresses may hold the new program's memory."""
+    def _region_still_ours(self, addr):
+        """Whether our memfd is still mapped at addr: after an execve the old region is gone and its
+        addresses may hold the new program's memory."""
         try:
             with open("/proc/%d/maps" % self.pid) as f:
                 for line in f:
                     lo = int(line.split("-", 1)[0], 16)
-                    if lo == self.code_base:
+                    if lo == addr:
                         return "/memfd:pvmexec-agent" in line
         except (FileNotFoundError, ProcessLookupError):
             pass
@@ -390,7 +399,8 @@ class AgentEngine(BaseEngine):
 
     def _stop_agent(self):
         tid_off = HEADER + L["header.agent_tid"]
-        struct.pack_into("<II", self._map, SLOT + L["slot.op"], L["OP_EXIT"], 0)
+        # count 1: leave by unmapping the region but the last page itself (no ptrace needed for that)
+        struct.pack_into("<II", self._map, SLOT + L["slot.op"], L["OP_EXIT"], 1)
         try:
             _core.agent_call(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid)
         except OSError as e:

@@ -14,6 +14,7 @@ import os
 import signal
 import struct
 import time
+import warnings
 
 from .. import _core, _sigguard, janitor, proc
 from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
@@ -656,6 +657,7 @@ class PtraceEngine(BaseEngine):
         """Unmap our trampoline from the target now (the next call makes it again)."""
         if self._trampoline is None:
             return
+        addr_of = self._trampoline
         try:
             b = self.acquire()
             try:
@@ -668,8 +670,13 @@ class PtraceEngine(BaseEngine):
                     janitor.unrecord(key)               # removed; else the janitor's record stays
             finally:
                 self.release()
-        except (OSError, EngineError):      # gone (its memory with it), or not ours to trace now
+        except TargetGone:                  # its memory went with it
             pass
+        except (OSError, EngineError) as e:   # no longer ours to trace: say what stays
+            if self._trampoline_key is not None or self._trampoline is not None:
+                warnings.warn("pvmexec: our %d-byte trampoline at %#x stays in process %d (%s); it goes when "
+                              "the process execs or exits" % (TRAMPOLINE_SIZE, addr_of, self.pid, e),
+                              RuntimeWarning)
         finally:
             self._trampoline = None
             self._trampoline_key = None

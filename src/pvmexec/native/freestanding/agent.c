@@ -48,6 +48,7 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     sys6(__NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&all, 0, 8, 0, 0);
     struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
     uint32_t last = 0;          /* the caller counts from 0 too */
+    int asked = 0;              /* leaving on the caller's request, not at its death */
     st(&h->state, PVM_STATE_SERVING);
     sys6(__NR_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
@@ -82,15 +83,22 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
             }
         }
         chan_respond(slot, seq);
+        if (op == PVM_OP_EXIT && count == 1) {
+            asked = 1;              /* leave as at the caller's death: the caller unmaps the last page */
+            break;
+        }
         if (op == PVM_OP_EXIT) {
             if (h->caller_pidfd >= 0)
                 sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
             sys6(__NR_exit, 0, 0, 0, 0, 0, 0);   /* the caller unmaps the region */
         }
     }
-    /* The caller died: remove ourselves. The last code page cannot unmap itself; it stays. */
-    st(&h->state, PVM_STATE_CALLER_GONE);
-    sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
+    /* The caller died, or asked us to leave so: remove ourselves. The last code page cannot unmap
+     * itself; the caller (or its janitor) unmaps it once we are gone. */
+    if (!asked)
+        st(&h->state, PVM_STATE_CALLER_GONE);
+    if (h->caller_pidfd >= 0)
+        sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
     sys6(__NR_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
     pvm_agent_final(h->code_base + h->code_keep + PVM_PAGE, PVM_REGION_SIZE - h->code_keep - PVM_PAGE,
                     h->code_base, h->code_keep);
