@@ -374,8 +374,13 @@ class Space:
 
     @contextlib.contextmanager
     def scratch(self, size: int) -> Iterator[int]:
-        """Anonymous memory in the target for the duration of the block (unmapped afterwards)."""
+        """Memory in the target for the duration of the block: the engine's own within a borrow (the
+        ptrace engine's trampoline), else an anonymous mapping, unmapped afterwards."""
         self._live()
+        addr = self._engine.borrowed_scratch(size)
+        if addr is not None:            # the ptrace engine's own memory, for this borrow
+            yield addr
+            return
         length = max(4096, (size + 4095) & ~4095)
         with _sigguard.deferred():
             addr = self._check(self._engine.syscall(

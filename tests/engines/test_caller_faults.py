@@ -20,7 +20,7 @@ CLEAN = [
     ("ptrace-syscalls-kill", signal.SIGKILL), ("ptrace-borrowed-kill", signal.SIGKILL),
     ("ptrace-borrowed-syscalls", signal.SIGTERM), ("ptrace-exec", signal.SIGTERM),
     ("ptrace-blocked-read", signal.SIGKILL), ("ptrace-blocked-read", signal.SIGINT),
-    ("ptrace-strings", signal.SIGINT), ("ptrace-strings", signal.SIGTERM),
+    ("ptrace-strings", signal.SIGKILL), ("ptrace-strings", signal.SIGINT), ("ptrace-strings", signal.SIGTERM),
     ("ptrace-lend", signal.SIGINT), ("ptrace-lend", signal.SIGTERM),
     ("ptrace-attach-detach", signal.SIGINT), ("ptrace-attach-detach", signal.SIGTERM),
     ("agent-idle", signal.SIGKILL), ("agent-idle", signal.SIGINT),

@@ -65,6 +65,10 @@ class BaseEngine:
     def own_mappings(self):
         return []
 
+    def borrowed_scratch(self, size):
+        """Target memory of the engine's own for the borrow held now, or None (then a mapping is made)."""
+        return None
+
     def check_thread(self, thread):
         if thread:
             raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.name)

@@ -32,8 +32,10 @@ arch = _current_arch()
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
 _NR_MMAP, _NR_MUNMAP, _NR_MPROTECT = number("mmap"), number("munmap"), number("mprotect")
 PROT_EXEC = 4
-# The trampoline: a code page (self_restore_code) and the frame it restores from (up to ~11.5 KiB).
-TRAMPOLINE_SIZE = 5 * PAGE
+# The trampoline: a code page (self_restore_code), the frame it restores from (up to ~11.5 KiB), and
+# read+write scratch memory for the calls of one borrow (string arguments, buffers).
+TRAMPOLINE_SIZE = 8 * PAGE
+SCRATCH_OFF, SCRATCH_SIZE = 4 * PAGE, 4 * PAGE
 _WALL = 0x40000000                     # waitid: threads too
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
@@ -58,7 +60,8 @@ class Borrowed:
 
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
                  "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
-                 "group_stopped", "stepped", "running", "frame_written", "trampoline_checked", "masked")
+                 "group_stopped", "stepped", "running", "frame_written", "trampoline_checked", "masked",
+                 "scratch_used")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -79,6 +82,7 @@ class Borrowed:
         self.running = bytearray(1)  # set by _core.step while the thread runs, cleared once its stop is ours
         self.frame_written = False   # the trampoline's frame holds this thread's saved state
         self.masked = False          # OP_SIGMASK set (with the first resume, not before)
+        self.scratch_used = 0        # bytes of the trampoline's scratch memory given out in this borrow
         self.trampoline_checked = False
 
     def saved(self, name):
@@ -109,6 +113,7 @@ class PtraceEngine(BaseEngine):
         self._trampoline_tried = False
         self._trampoline_mem = None    # /proc/PID/mem, for writing into it (read+exec), or None
         self._started = None           # the target's start time, for the janitor
+        self._scratch_ok = False       # the trampoline's scratch pages are read+write
 
     # -- waiting -------------------------------------------------------------
 
@@ -605,6 +610,7 @@ class PtraceEngine(BaseEngine):
                 _core.vm_write(self.pid, addr, code)
                 if self._step_syscall(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
                     raise OSError(errno.EACCES, "mprotect")
+            self._scratch_ok = mem is None     # read+write already unless filled through /proc/PID/mem
         except BaseException as e:
             self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
             janitor.unrecord(self._trampoline_key)
@@ -615,6 +621,22 @@ class PtraceEngine(BaseEngine):
                 return                          # no trampoline: calls step instead
             raise
         self._trampoline, self._trampoline_code, self._trampoline_mem = addr, code, mem
+        if not self._scratch_ok:            # through the trampoline: nothing to fear from our death now
+            self._scratch_ok = self._run_syscall(b, _NR_MPROTECT, (addr + SCRATCH_OFF, SCRATCH_SIZE,
+                                                                   PROT_READ | PROT_WRITE)) == 0
+
+    def borrowed_scratch(self, size):
+        """Scratch memory for the borrow held now (our trampoline's, recorded already: nothing to map or
+        unmap), or None: no borrow, no trampoline, or no room left."""
+        b = self._borrowed
+        if b is None or self._trampoline_for(b) is None or not self._scratch_ok:
+            return None
+        size = (size + 63) & ~63
+        if b.scratch_used + size > SCRATCH_SIZE:
+            return None
+        addr = self._trampoline + SCRATCH_OFF + b.scratch_used
+        b.scratch_used += size
+        return addr
 
     def _start_time(self):
         if self._started is None:
