@@ -496,24 +496,32 @@ class PtraceEngine(BaseEngine):
         self._write_frame(b, at)
         q = b.q
         prepared = _load_call(b, nr, args, at)
+        # A stop inside another syscall (resumed from a mode-1 SYSEMU stop, the kernel reports that
+        # call's exit first, before our instruction ran): again.
+        return self._to_syscall_exit(b, lambda q: q[_RIP] == at + arch.SYSCALL_INSN_LEN, prepared,
+                                     lambda info: _call_failed(nr, args, info, q[_RIP]))
+
+    def _to_syscall_exit(self, b, ours, again, failed):
+        """Resume b through syscall stops until the exit of the syscall ours(regs) recognises; returns its
+        result. At a syscall stop it does not recognise, b's registers go back to again (if given);
+        a signal the code raises is failed(info)."""
         sig_in = 0
         entered = False
         while True:
             status = self._resume(b, PTRACE_SYSCALL, sig_in)
             sig_in = 0
             if status == SYSCALL_STOP:
-                if q[_RIP] != at + arch.SYSCALL_INSN_LEN:
-                    # Resumed from a stop inside a syscall (a mode-1 SYSEMU stop), the kernel reports
-                    # that call's exit first, before our instruction ran: again.
-                    b.regs[:] = prepared
+                if not ours(b.q):
+                    if again is not None:
+                        b.regs[:] = again
                     continue
                 if entered:
-                    return signed(q[_RAX])
+                    return signed(b.q[_RAX])
                 entered = True
                 continue
             sig_in, info = self._other_stop(b, status)
             if info is not None:
-                raise _call_failed(nr, args, info, q[_RIP])
+                raise failed(info)
 
     def _write_frame(self, b, at):
         if not b.frame_written:
@@ -535,22 +543,8 @@ class PtraceEngine(BaseEngine):
         """Run target code from regs with real syscalls until the exit of its syscall nr; returns its
         result. Code that then jumps to way_back() leaves the thread whole should we die meanwhile."""
         b.regs[:] = regs
-        sig_in = 0
-        entered = False
-        while True:
-            status = self._resume(b, PTRACE_SYSCALL, sig_in)
-            sig_in = 0
-            if status == SYSCALL_STOP:
-                if signed(b.q[_ORIG_RAX]) != nr:
-                    continue
-                if entered:
-                    return signed(b.q[_RAX])
-                entered = True
-                continue
-            sig_in, info = self._other_stop(b, status)
-            if info is not None:
-                raise EngineError("%s at %#x while running injected code" % (
-                    signal.Signals(info.signo).name, b.q[_RIP]))
+        return self._to_syscall_exit(b, lambda q: signed(q[_ORIG_RAX]) == nr, None, lambda info: EngineError(
+            "%s at %#x while running injected code" % (signal.Signals(info.signo).name, b.q[_RIP])))
 
     def _trampoline_for(self, b):
         """Our trampoline's address (made at the first call; checked once per borrow), or None."""
