@@ -93,7 +93,7 @@ def _clean(records):
     for pid, started, kind, args in records.values():
         by_pid.setdefault((pid, started), []).append((kind, args))
     for (pid, started), things in by_pid.items():
-        for kind, (tid, base, _size) in [t for t in things if t[0] == "agent"]:
+        for _kind, (tid, base, _size) in [t for t in things if t[0] == "agent"]:
             # The agent must have left before its region goes, and before we freeze the process.
             tid = tid or _agent_tid(pid, base)
             deadline = time.monotonic() + AGENT_WAIT

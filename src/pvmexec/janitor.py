@@ -90,6 +90,34 @@ def record(pid, started, kind, *args):
         return key
 
 
+class Records:
+    """Records for one live process: its start time is read once, the first time it is needed."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self._started = None
+
+    def started(self):
+        if self._started is None:
+            try:
+                self._started = start_time(self.pid)
+            except OSError:
+                pass
+        return self._started
+
+    def add(self, kind, *args):
+        """record() for this process; the key, or None."""
+        return record(self.pid, self.started(), kind, *args)
+
+    def add_fd(self, fd):
+        """Record descriptor fd of the process by its device and inode (the janitor closes only that)."""
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
+        except OSError:
+            return None
+        return self.add("fd", fd, st.st_dev, st.st_ino)
+
+
 def unrecord(key):
     if key is None:
         return

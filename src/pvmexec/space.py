@@ -112,7 +112,7 @@ class Space:
         self._lend_remote = None       # target's end (a high fd in the target)
         self._fds = {}                 # descriptors of ours open in the target (lend(), track_fd()) -> janitor key
         self._mappings = {}            # address -> (size, janitor key) of mappings detach() removes
-        self._started = None           # the target's start time, for the janitor's records
+        self._records = janitor.Records(self.pid)   # what we place in a live target, for a SIGKILL of ours
         _sigguard.install()
         _open_spaces.add(self)
 
@@ -266,7 +266,7 @@ class Space:
         (an exit that skips a with block, SIGTERM). untrack_mapping() once the caller unmapped it."""
         _check_range(addr, size)
         self.untrack_mapping(addr)
-        self._mappings[addr] = (size, self._record("map", addr, size))
+        self._mappings[addr] = (size, self._records.add("map", addr, size) if self._records_kept() else None)
 
     def own_mappings(self) -> list[tuple[int, int]]:
         """(start, end) of every mapping of ours in the target now (the engine's, tracked ones): what a
@@ -280,28 +280,16 @@ class Space:
     def track_fd(self, fd: int) -> None:
         """Record a descriptor the caller opened in the target, for detach() to close if the caller has
         not; untrack_fd() once the caller closed it."""
-        try:
-            st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
-        except OSError:
-            key = None
-        else:
-            key = self._record("fd", fd, st.st_dev, st.st_ino)
+        key = self._records.add_fd(fd) if self._records_kept() else None
         self.untrack_fd(fd)
         self._fds[fd] = key
 
     def untrack_fd(self, fd: int) -> None:
         janitor.unrecord(self._fds.pop(fd, None))
 
-    def _record(self, kind, *args):
-        """Tell the janitor what we placed in a live target (spaces of ours die with us)."""
-        if self._owned is not None or self.engine == "stub":
-            return None
-        if self._started is None:
-            try:
-                self._started = janitor.start_time(self.pid)
-            except OSError:
-                return None
-        return janitor.record(self.pid, self._started, kind, *args)
+    def _records_kept(self):
+        """Whether the janitor is told what we place: in live targets, not in spaces of ours (they die with us)."""
+        return self._owned is None and self.engine != "stub"
 
     def __enter__(self) -> Space:
         return self

@@ -86,6 +86,7 @@ class AgentEngine(BaseEngine):
         self._counter = ctypes.addressof(self._seq)
         self.code_base = self.data_base = None
         self.agent_tid = None
+        self._records = janitor.Records(pid)   # what injection places in the target, for a SIGKILL of ours
         self._janitor_key = None       # our record of the region with the janitor (caller-death cleanup)
         self._pidfd_key = None
         self._thread_engine = None
@@ -112,12 +113,12 @@ class AgentEngine(BaseEngine):
             janitor.start()
             scratch = self._ok(t.syscall(NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE,
                                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
-            scratch_key = self._note("map", scratch, 4096)
+            scratch_key = self._records.add("map", scratch, 4096)
             try:
                 _core.vm_write(self.pid, scratch, b"pvmexec-agent\0")
                 fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
                                 "memfd_create")
-                fd_key = self._note_fd(fd_t)
+                fd_key = self._records.add_fd(fd_t)
             finally:
                 t.syscall(NR["munmap"], (scratch, 4096))
                 janitor.unrecord(scratch_key)
@@ -130,7 +131,7 @@ class AgentEngine(BaseEngine):
                 code = self._ok(t.syscall(NR["mmap"], (0, REGION, PROT_READ | PROT_EXEC, MAP_SHARED, fd_t, 0)),
                                 "mmap")
                 # The janitor reads the agent's tid from the region's header (CLONE_CHILD_SETTID).
-                self._janitor_key = self._note("agent", 0, code, REGION)
+                self._janitor_key = self._records.add("agent", 0, code, REGION)
                 self.code_base = code
                 self._ok(t.syscall(NR["mmap"], (code + HEADER, REGION - HEADER, PROT_READ | PROT_WRITE,
                                                 MAP_SHARED | MAP_FIXED, fd_t, HEADER)), "mmap")
@@ -189,29 +190,16 @@ class AgentEngine(BaseEngine):
             raise EngineError("the agent thread %d did not start" % self.agent_tid)
         self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
 
-    def _note(self, kind, *args):
-        try:
-            return janitor.record(self.pid, janitor.start_time(self.pid), kind, *args)
-        except OSError:
-            return None
-
-    def _note_fd(self, fd):
-        try:
-            st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
-        except OSError:
-            return None
-        return self._note("fd", fd, st.st_dev, st.st_ino)
-
     def _caller_pidfd(self, t, high_fd):
         """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
         p = t.syscall(NR["pidfd_open"], (os.getpid(), 0))
         if p < 0:
             return -1
-        key = self._note_fd(p)
+        key = self._records.add_fd(p)
         try:
             high = t.syscall(NR["fcntl"], (p, F_DUPFD_CLOEXEC, high_fd))
             if high >= 0:
-                self._pidfd_key = self._note_fd(high)     # the agent closes it as it leaves
+                self._pidfd_key = self._records.add_fd(high)     # the agent closes it as it leaves
             return high
         finally:
             t.syscall(NR["close"], (p,))

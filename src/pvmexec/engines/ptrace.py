@@ -112,7 +112,7 @@ class PtraceEngine(BaseEngine):
         self._trampoline_key = None    # its record with the janitor
         self._trampoline_tried = False
         self._trampoline_mem = None    # /proc/PID/mem, for writing into it (read+exec), or None
-        self._started = None           # the target's start time, for the janitor
+        self._records = janitor.Records(pid)   # what we place in the target, for a SIGKILL of ours
         self._scratch_ok = False       # the trampoline's scratch pages are read+write
 
     # -- waiting -------------------------------------------------------------
@@ -567,7 +567,7 @@ class PtraceEngine(BaseEngine):
         """One read+exec mapping filled through /proc/PID/mem (one injected call: the stretch in which our
         death harms the thread stays as short as it can be); where the kernel refuses such writes, a
         read+write mapping whose code page is then made read+exec."""
-        self._start_time()          # now: nothing but the record between the call and its record
+        self._records.started()     # now: nothing but the record between the call and its record
         janitor.start()
         try:
             mem = os.open("/proc/%d/mem" % self.pid, os.O_RDWR | os.O_CLOEXEC)
@@ -580,7 +580,7 @@ class PtraceEngine(BaseEngine):
         except SeccompBlocked:
             addr = -errno.EPERM     # its policy forbids mmap: calls step instead
         if not -4096 < addr < 0:
-            self._trampoline_key = janitor.record(self.pid, self._start_time(), "map", addr, TRAMPOLINE_SIZE)
+            self._trampoline_key = self._records.add("map", addr, TRAMPOLINE_SIZE)
         # Straight back to the thread's own state, parked in the signal path with single-step disarmed:
         # the stretch in which our death harms it ends here, not after the writes below.
         _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
@@ -631,14 +631,6 @@ class PtraceEngine(BaseEngine):
         addr = self._trampoline + SCRATCH_OFF + b.scratch_used
         b.scratch_used += size
         return addr
-
-    def _start_time(self):
-        if self._started is None:
-            try:
-                self._started = janitor.start_time(self.pid)
-            except OSError:
-                pass
-        return self._started
 
     def _write_trampoline(self, addr, data):
         if self._trampoline_mem is None:
