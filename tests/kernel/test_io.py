@@ -24,3 +24,16 @@ def test_whole_reads_and_writes(bigio, tmp_path, size, path):
     assert got.returncode == 0 and got.stderr.endswith(b"ok %d\n" % size), got.stderr[-300:]
     assert len(got.stdout) == size
     assert os.path.getsize(out / "f") == (size + 1 if size else 0)
+
+
+@pytest.mark.parametrize("bs", ["64K", "1M", "3M"])
+@pytest.mark.parametrize("path", ["fast", "python"])
+def test_dd_from_a_device_gets_whole_blocks(tmp_path, bs, path):
+    """dd counts blocks: a read of /dev/zero cut short would silently write less than asked."""
+    out = tmp_path / "out"
+    out.mkdir()
+    options = ["--writable", str(out)] + (["--trace", "-o", str(tmp_path / "trace")] if path == "python" else [])
+    argv = ["dd", "if=/dev/zero", "of=%s" % (out / "f"), "bs=" + bs, "count=3", "status=none"]
+    got = sandboxed(argv, *options)
+    assert got.returncode == 0, got.stderr[-300:]
+    assert os.path.getsize(out / "f") == 3 * int(bs[:-1]) * (1024 if bs.endswith("K") else 1 << 20)

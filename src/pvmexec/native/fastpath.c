@@ -99,14 +99,35 @@ fast_answer(struct fast_path *fp, struct pvm_stop *stop)
             r[R_RAX] = (uint64_t)w;
             return 1;
         }
-        ssize_t got = read(host, tmp, n);
-        if (got < 0)
-            return 0;
-        local.iov_len = remote.iov_len = (size_t)got;
-        if (got && process_vm_writev(fp->stub_pid, &local, 1, &remote, 1, 0) != got)
-            r[R_RAX] = (uint64_t)-EFAULT;
-        else
-            r[R_RAX] = (uint64_t)got;
+        /* A device or pipe that keeps data ready (/dev/zero, a full pipe) fills all of count, as
+         * Linux does: dd counts blocks, and a short one would be lost data. */
+        uint64_t want = count < (uint64_t)MAX_RW_COUNT ? count : (uint64_t)MAX_RW_COUNT, done = 0;
+        for (;;) {
+            n = want - done < sizeof tmp ? (size_t)(want - done) : sizeof tmp;
+            ssize_t got = read(host, tmp, n);
+            if (got < 0) {
+                if (!done)
+                    return 0;
+                break;
+            }
+            local.iov_base = tmp;
+            local.iov_len = remote.iov_len = (size_t)got;
+            remote.iov_base = (void *)(uintptr_t)(buf + done);
+            if (got && process_vm_writev(fp->stub_pid, &local, 1, &remote, 1, 0) != got) {
+                if (!done) {
+                    r[R_RAX] = (uint64_t)-EFAULT;
+                    return 1;
+                }
+                break;
+            }
+            done += (uint64_t)got;
+            if ((size_t)got < n || done == want)
+                break;
+            struct pollfd more = {host, POLLIN, 0};
+            if (poll(&more, 1, 0) != 1 || !(more.revents & POLLIN))
+                break;
+        }
+        r[R_RAX] = done;
         return 1;
     }
     }

@@ -38,6 +38,12 @@ def _read(self, p, f, n):
     return _host(os.read, f.host_fd, n)
 
 
+def _ready(host_fd):
+    poller = select.poll()
+    poller.register(host_fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _write(self, p, call, fd, data, *extra):
     f = p.fds.get(fd)
     if _may_block(f):
@@ -143,9 +149,19 @@ class IoCalls:
         f = p.fds.get(fd)
         if _regular(f):
             return _read_file(p, f, _capped([(buf, count)])[0])
+        count = min(count, MAX_RW_COUNT)
         data = _read(self, p, f, min(count, IO_MAX))
         p.write(buf, data)
-        return len(data)
+        done = len(data)
+        # A device or pipe that keeps data ready (/dev/zero, a full pipe) fills all of count, as Linux does.
+        while done < count and len(data) == IO_MAX and _ready(f.host_fd):
+            try:
+                data = _host(os.read, f.host_fd, min(count - done, IO_MAX))
+                p.write(buf + done, data)
+            except Errno:
+                break
+            done += len(data)
+        return done
 
     def sys_write(self, p, fd, buf, count):
         if _whole_writes(p.fds.get(fd)):
