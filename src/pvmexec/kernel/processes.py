@@ -13,7 +13,7 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
 from ..arch import current as _current_arch
 from .errors import Errno
 from .syscalls.timer import end_timers
-from .task import Process, close_wake, kill_space
+from .task import Process, close_wake, kill_space, usage_of
 from .threads import wait_for_threads
 
 ARCH = _current_arch()
@@ -144,6 +144,7 @@ class ProcessMachinery:
         p.fds.close_all()
         end_timers(p)
         if p.space is not None:
+            p.usage = usage_of(p.space.pid)
             p.space.detach()
         with self._cond:
             p.status = status

@@ -22,7 +22,7 @@ ARG_MAX = 2 << 20                   # argv + envp bytes, as Linux bounds execve
 
 PER_THREAD = frozenset(("tid", "ctx", "thread_index", "sigmask", "saved_sigmask", "altstack", "clear_child_tid",
                         "robust_list", "thread", "wake_r", "wake_w", "pending", "leader", "internal_error",
-                        "is_thread", "fast_ids"))
+                        "is_thread", "fast_ids", "affinity"))
 
 
 def _drain(p):
@@ -50,11 +50,50 @@ def wake(p):
         pass
 
 
+class Usage:
+    """What struct rusage reports: CPU times in µs, peak memory in KiB, faults and context switches."""
+
+    FIELDS = ("utime", "stime", "maxrss", "minflt", "majflt", "nvcsw", "nivcsw")
+
+    def __init__(self, **kw):
+        for name in self.FIELDS:
+            setattr(self, name, kw.get(name, 0))
+
+    def add(self, other):
+        """Children's figures add up, except the peak, which is the largest (as Linux does)."""
+        for name in self.FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, max(mine, theirs) if name == "maxrss" else mine + theirs)
+
+    def pack(self):
+        return struct.pack("<qqqq14q", self.utime // 10 ** 6, self.utime % 10 ** 6, self.stime // 10 ** 6,
+                           self.stime % 10 ** 6, self.maxrss, 0, 0, 0, self.minflt, self.majflt, 0, 0, 0, 0, 0,
+                           0, self.nvcsw, self.nivcsw)
+
+
+def usage_of(host_pid):
+    """The stub process's own figures from the host's /proc (zeros once it is gone)."""
+    try:
+        with open("/proc/%d/stat" % host_pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/%d/status" % host_pid) as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, IndexError, ValueError):
+        return Usage()
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def num(key):
+        v = status.get(key, "0").split()
+        return int(v[0]) if v and v[0].isdigit() else 0
+    return Usage(utime=int(fields[11]) * 10 ** 6 // hz, stime=int(fields[12]) * 10 ** 6 // hz,
+                 maxrss=num("VmHWM"), minflt=int(fields[7]), majflt=int(fields[9]),
+                 nvcsw=num("voluntary_ctxt_switches"), nivcsw=num("nonvoluntary_ctxt_switches"))
+
+
 class Thread:
     """A non-leader thread: its own registers and signal state; the rest is its process's."""
 
     def __init__(self, leader, tid, index):
-        import os
         d = self.__dict__
         d["leader"], d["tid"], d["thread_index"] = leader, tid, index
         d["is_thread"] = True
@@ -63,6 +102,7 @@ class Thread:
         d["clear_child_tid"], d["robust_list"] = 0, (0, 0)
         d["pending"], d["thread"], d["ctx"], d["internal_error"] = {}, None, None, None
         d["wake_r"], d["wake_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        d["affinity"] = leader.affinity
         d["fast_ids"] = leader.fast_ids[:]
         d["fast_ids"][2] = tid
 
@@ -123,6 +163,10 @@ class Process:
         self.futexes = {}                   # address -> [waiter]
         self.futex_lock = threading.Lock()
         self.group_status = None            # set by exit_group or a fatal signal in any thread
+        self.usage = None                   # its own figures, kept when it ends
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.affinity = None                # sched_setaffinity's mask, once set
+        self.children_usage = Usage()       # of the children waited for, and theirs
         # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
         # and a flag that sends every stop here (a signal is due).
         self.fast_ids = array("q", [pid, 1, pid, os.getuid(), os.geteuid(), os.getgid(), os.getegid()])

@@ -1,16 +1,21 @@
 """Handlers: the filesystem through the policy (open*, close*, stat family, access, readlink, getdents64,
 cwd, mkdir/unlink/rename/symlink, chmod, utimensat, truncate, sync, flock, xattrs, umask)."""
 import errno
+import fcntl
 import os
 import stat
 import struct
 import time
 
 from ... import _core
-from ...abi import AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_NOFOLLOW, O_LARGEFILE
+from ...abi import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_SYMLINK_NOFOLLOW, MFD_ALLOW_SEALING,
+                    MFD_CLOEXEC, O_LARGEFILE)
 from ..errors import Errno
 from ..files import OpenFile
 from .io import _host
+
+
+_MFD_FLAGS = MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x4 | 0x8 | 0x10 | (0x3F << 26)   # HUGETLB, NOEXEC_SEAL, EXEC, sizes
 
 
 _UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
@@ -282,8 +287,9 @@ class FsCalls:
 
     def sys_utimensat(self, p, dirfd, path, times, flags):
         if path is None:
-            pfd = os.dup(p.fds.get(dirfd).host_fd)
-            self._writable_fd(pfd)
+            host = p.fds.get(dirfd).host_fd
+            self._writable_fd(host)                     # before the dup: a refusal leaves nothing open
+            pfd = os.dup(host)
         else:
             pfd = _checked_path_fd(self, p, dirfd, path, flags & AT_SYMLINK_NOFOLLOW)
         try:
@@ -333,8 +339,133 @@ class FsCalls:
         return 0
 
     def sys_flock(self, p, fd, op):
-        p.fds.get(fd)
+        """A lock on the open file description, as Linux's: it excludes other guest processes and the
+        host's holders alike (the kernel holds one host description per guest one)."""
+        f = p.fds.get(fd)
+        op &= 0xFFFFFFFF
+        kind = op & ~fcntl.LOCK_NB
+        if kind not in (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_UN):
+            raise Errno(errno.EINVAL)
+        while True:
+            try:
+                fcntl.flock(f.host_fd, kind | (fcntl.LOCK_NB if kind != fcntl.LOCK_UN else 0))
+                return 0
+            except BlockingIOError:
+                if op & fcntl.LOCK_NB:
+                    raise Errno(errno.EWOULDBLOCK) from None
+            except OSError as e:
+                raise Errno(e.errno or errno.EIO) from None
+            self._sleep(p, 0.005)                       # a signal ends the wait (EINTR, or restarted)
+
+    def sys_linkat(self, p, olddirfd, oldpath, newdirfd, newpath, flags):
+        """Both names must be writable: a new name below a writable path would make the file writable."""
+        if flags & ~(AT_SYMLINK_FOLLOW | AT_EMPTY_PATH):
+            raise Errno(errno.EINVAL)
+        lookup = (flags & AT_EMPTY_PATH) | (0 if flags & AT_SYMLINK_FOLLOW else AT_SYMLINK_NOFOLLOW)
+        src = _checked_path_fd(self, p, olddirfd, oldpath, lookup)
+        try:
+            if stat.S_ISDIR(os.fstat(src).st_mode):
+                raise Errno(errno.EPERM)
+            _in_parent(self, p, newdirfd, newpath, lambda name, dir_fd: os.link(
+                "/proc/self/fd/%d" % src, name, dst_dir_fd=dir_fd, follow_symlinks=True))
+        finally:
+            os.close(src)
         return 0
+
+    def sys_link(self, p, oldpath, newpath):
+        return self.sys_linkat(p, AT_FDCWD, oldpath, AT_FDCWD, newpath, 0)
+
+    def sys_mknodat(self, p, dirfd, path, mode, dev):
+        """FIFOs, sockets and regular files; devices are refused as for an unprivileged caller."""
+        kind = mode & 0o170000
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise Errno(errno.EPERM)
+        if kind not in (0, stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise Errno(errno.EINVAL)
+        perm = mode & 0o7777 & ~p.umask
+        _in_parent(self, p, dirfd, path, lambda name, dir_fd: os.mknod(name, (kind or stat.S_IFREG) | perm,
+                                                                       dir_fd=dir_fd))
+        return 0
+
+    def sys_mknod(self, p, path, mode, dev):
+        return self.sys_mknodat(p, AT_FDCWD, path, mode, dev)
+
+    def _chown(self, p, pfd, user, group):
+        """Where writes are allowed, ownership changes as an unprivileged caller's may: the owner stays, the
+        group becomes one of the caller's (never a file handed to another user, or a set-id root binary)."""
+        user, group = user & 0xFFFFFFFF, group & 0xFFFFFFFF
+        st = _host(os.stat, "/proc/self/fd/%d" % pfd)
+        if user != 0xFFFFFFFF and user != st.st_uid:
+            raise Errno(errno.EPERM)
+        if group != 0xFFFFFFFF and group != st.st_gid and (
+                st.st_uid != os.geteuid() or group not in (os.getegid(), *os.getgroups())):
+            raise Errno(errno.EPERM)
+        _host(os.chown, "/proc/self/fd/%d" % pfd, -1, -1 if group == 0xFFFFFFFF else group)
+        return 0
+
+    def sys_fchownat(self, p, dirfd, path, user, group, flags):
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+            raise Errno(errno.EINVAL)
+        pfd = _checked_path_fd(self, p, dirfd, path, flags)
+        try:
+            return self._chown(p, pfd, user, group)
+        finally:
+            os.close(pfd)
+
+    def sys_chown(self, p, path, user, group):
+        return self.sys_fchownat(p, AT_FDCWD, path, user, group, 0)
+
+    def sys_lchown(self, p, path, user, group):
+        return self.sys_fchownat(p, AT_FDCWD, path, user, group, AT_SYMLINK_NOFOLLOW)
+
+    def sys_fchown(self, p, fd, user, group):
+        f = p.fds.get(fd)
+        self._writable_fd(f.host_fd)
+        return self._chown(p, f.host_fd, user, group)
+
+    def sys_fallocate(self, p, fd, mode, offset, length):
+        f = p.fds.get(fd)
+        if mode & 0xFFFFFFFF:
+            raise Errno(errno.EOPNOTSUPP)               # only the plain allocation is offered
+        if offset >= 1 << 63 or length >= 1 << 63 or not length:
+            raise Errno(errno.EINVAL)
+        if f.flags & 3 == os.O_RDONLY:
+            raise Errno(errno.EBADF)
+        _host(os.posix_fallocate, f.host_fd, offset, length)
+        return 0
+
+    def sys_copy_file_range(self, p, fd_in, off_in, fd_out, off_out, length, flags):
+        fi, fo = p.fds.get(fd_in), p.fds.get(fd_out)
+        if flags:
+            raise Errno(errno.EINVAL)
+        pos_in = p.read_u64s(off_in, 1)[0] if off_in else None
+        pos_out = p.read_u64s(off_out, 1)[0] if off_out else None
+        if any(v is not None and v >= 1 << 63 for v in (pos_in, pos_out)):
+            raise Errno(errno.EINVAL)
+        n = _host(os.copy_file_range, fi.host_fd, fo.host_fd, min(length, 0x7FFFF000), pos_in, pos_out)
+        if off_in:
+            p.write(off_in, struct.pack("<Q", pos_in + n))
+        if off_out:
+            p.write(off_out, struct.pack("<Q", pos_out + n))
+        return n
+
+    def sys_syncfs(self, p, fd):
+        p.fds.get(fd)
+        os.sync()
+        return 0
+
+    def sys_memfd_create(self, p, name, flags):
+        if name is None:
+            raise Errno(errno.EFAULT)
+        if flags & ~_MFD_FLAGS or len(name.encode("utf-8", "surrogateescape")) > 249:
+            raise Errno(errno.EINVAL)
+        host = _host(os.memfd_create, name, (flags & ~MFD_CLOEXEC) | MFD_CLOEXEC)
+        try:
+            return p.fds.install(OpenFile(host, "/memfd:%s (deleted)" % name, os.O_RDWR | O_LARGEFILE),
+                                 cloexec=flags & MFD_CLOEXEC)
+        except Errno:
+            os.close(host)
+            raise
 
     def sys_sync(self, p):
         return 0

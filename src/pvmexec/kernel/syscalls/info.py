@@ -7,6 +7,8 @@ import time
 
 from ...abi import PAGE
 from ..errors import Errno, Interrupted
+from ..task import Usage, leader_of, usage_of
+from .process import process_named
 
 
 def _cpu_ns(p):
@@ -63,6 +65,80 @@ class InfoCalls:
             p.write(addr, struct.pack("<I", v))
         return 0
 
+    # Credentials are the host's and never change: a call that would keep them succeeds (GNU make's
+    # posix_spawn resets its ids), one that would change them is refused as for an unprivileged caller.
+    def _same_ids(self, wanted, current):
+        for v in wanted:
+            v &= 0xFFFFFFFF
+            if v != 0xFFFFFFFF and v not in current:
+                raise Errno(errno.EPERM)
+        return 0
+
+    def sys_setuid(self, p, uid):
+        return self._same_ids((uid,), os.getresuid())
+
+    def sys_setgid(self, p, gid):
+        return self._same_ids((gid,), os.getresgid())
+
+    def sys_setreuid(self, p, r, e):
+        return self._same_ids((r, e), os.getresuid())
+
+    def sys_setregid(self, p, r, e):
+        return self._same_ids((r, e), os.getresgid())
+
+    def sys_setresuid(self, p, r, e, s):
+        return self._same_ids((r, e, s), os.getresuid())
+
+    def sys_setresgid(self, p, r, e, s):
+        return self._same_ids((r, e, s), os.getresgid())
+
+    def sys_setfsuid(self, p, uid):
+        return os.geteuid()                             # the old fsuid, which never changes
+
+    def sys_setfsgid(self, p, gid):
+        return os.getegid()
+
+    def sys_setgroups(self, p, size, lst):
+        if size > 65536:
+            raise Errno(errno.EINVAL)
+        wanted = sorted(p.read(lst, 4 * size)[i:i + 4] for i in range(0, 4 * size, 4)) if size else []
+        have = sorted(struct.pack("<I", g) for g in os.getgroups())
+        if sorted(set(wanted)) != sorted(set(have)):
+            raise Errno(errno.EPERM)
+        return 0
+
+    def _priority_target(self, p, which, who):
+        """The guest process getpriority/setpriority name (only PRIO_PROCESS names one; PRIO_PGRP and
+        PRIO_USER with who 0 mean the caller's own group and user, which this process stands for)."""
+        which &= 0xFFFFFFFF
+        who &= 0xFFFFFFFF
+        if which > 2:
+            raise Errno(errno.EINVAL)
+        if who == 0:
+            return leader_of(p)
+        if which == 0:
+            return leader_of(process_named(self, p, who))
+        if which == 1 and who == p.pgid or which == 2 and who == os.getuid():
+            return leader_of(p)
+        raise Errno(errno.ESRCH)
+
+    def sys_getpriority(self, p, which, who):
+        return 20 - self._priority_target(p, which, who).nice      # the kernel's 40..1 form of nice
+
+    def sys_setpriority(self, p, which, who, prio):
+        target = self._priority_target(p, which, who)
+        prio &= 0xFFFFFFFF
+        nice = min(19, max(-20, prio - (1 << 32) if prio >= 1 << 31 else prio))
+        if nice < target.nice and os.geteuid() != 0:
+            raise Errno(errno.EACCES)                   # only a privileged caller raises its priority
+        target.nice = nice
+        if target.space is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, target.space.pid, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+            except OSError:
+                pass                                    # the host keeps it: the guest sees its own value
+        return 0
+
     def sys_getgroups(self, p, size, lst):
         groups = os.getgroups()
         if size == 0:
@@ -96,8 +172,15 @@ class InfoCalls:
         return time.monotonic_ns() * hz // 10 ** 9
 
     def sys_getrusage(self, p, who, buf):
-        ns = _cpu_ns(p)
-        p.write(buf, struct.pack("<qqqq", ns // 10 ** 9, ns % 10 ** 9 // 1000, 0, 0).ljust(144, b"\0"))
+        who = who & 0xFFFFFFFF
+        who = who - (1 << 32) if who >= 1 << 31 else who
+        if who in (0, 1):                               # RUSAGE_SELF, RUSAGE_THREAD (the process's figures)
+            usage = usage_of(p.space.pid) if p.space is not None else Usage()
+        elif who == -1:                                 # RUSAGE_CHILDREN: the children waited for
+            usage = leader_of(p).children_usage
+        else:
+            raise Errno(errno.EINVAL)
+        p.write(buf, usage.pack())
         return 0
 
     def clock_ns(self, p, clk):
@@ -182,14 +265,22 @@ class InfoCalls:
             raise Errno(errno.ESRCH)
         if size < 8 or size % 8:
             raise Errno(errno.EINVAL)
-        bits = 0
-        for cpu in os.sched_getaffinity(0):
-            bits |= 1 << cpu
-        data = bits.to_bytes(max(8, (max(os.sched_getaffinity(0)) // 64 + 1) * 8), "little")
+        bits = p.affinity or sum(1 << cpu for cpu in os.sched_getaffinity(0))
+        data = bits.to_bytes(max(8, (bits.bit_length() + 63) // 64 * 8), "little")
         if len(data) > size:
             raise Errno(errno.EINVAL)
         p.write(mask, data)
         return len(data)
+
+    def sys_sched_setaffinity(self, p, pid, size, mask):
+        if pid not in (0, p.pid, p.tid):
+            process_named(self, p, pid)
+        bits = int.from_bytes(p.read(mask, min(size, 1024)), "little") if size else 0
+        allowed = sum(1 << cpu for cpu in os.sched_getaffinity(0))
+        if not bits & allowed:
+            raise Errno(errno.EINVAL)
+        p.affinity = bits & allowed                     # kept for sched_getaffinity; the host places the stub
+        return 0
 
     def sys_sched_yield(self, p):
         return 0

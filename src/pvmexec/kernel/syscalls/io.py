@@ -5,7 +5,7 @@ import os
 import select
 import struct
 
-from ...abi import O_LARGEFILE
+from ...abi import F_ADD_SEALS, F_GET_SEALS, O_LARGEFILE
 from ..errors import Errno, Interrupted
 from ..files import OpenFile
 
@@ -140,6 +140,39 @@ def _iovec(p, vec, n, limit=IO_MAX):
     if any(words[2 * i + 1] >= 1 << 63 for i in range(n)):
         raise Errno(errno.EINVAL)
     return _capped([(words[2 * i], words[2 * i + 1]) for i in range(n)], limit)
+
+
+_F_OFD_GETLK, _F_OFD_SETLK = 36, 37
+
+
+def _record_lock(self, p, f, cmd, arg):
+    """Record locks as the host's open-file-description locks on the kernel's host descriptor: they exclude
+    other guest processes and host holders alike. Unlike POSIX locks they are per open file, not per
+    process: two opens of one file in one guest process exclude each other too."""
+    raw = bytearray(p.read(arg, 32))
+    kind, whence = struct.unpack_from("<hh", raw)
+    if kind not in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK) or whence not in (0, 1, 2):
+        raise Errno(errno.EINVAL)
+    if kind == fcntl.F_RDLCK and f.flags & 3 == os.O_WRONLY or kind == fcntl.F_WRLCK and f.flags & 3 == os.O_RDONLY:
+        if cmd not in (5, 36):
+            raise Errno(errno.EBADF)
+    struct.pack_into("<i", raw, 24, 0)                           # l_pid: 0 for the host's OFD calls
+    if cmd in (5, 36):
+        out = bytearray(_host(fcntl.fcntl, f.host_fd, _F_OFD_GETLK, bytes(raw)))
+        if struct.unpack_from("<h", out)[0] != fcntl.F_UNLCK:
+            struct.pack_into("<i", out, 24, -1)                  # the holder is not a guest pid we know
+        p.write(arg, bytes(out))
+        return 0
+    while True:
+        try:
+            fcntl.fcntl(f.host_fd, _F_OFD_SETLK, bytes(raw))
+            return 0
+        except (BlockingIOError, PermissionError):
+            if cmd in (6, 37):
+                raise Errno(errno.EAGAIN) from None
+        except OSError as e:
+            raise Errno(e.errno or errno.EIO) from None
+        self._sleep(p, 0.005)                                    # F_SETLKW: a signal ends the wait
 
 
 class IoCalls:
@@ -285,13 +318,10 @@ class IoCalls:
             settable = os.O_APPEND | os.O_NONBLOCK | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
             cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
             return _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, (cur & ~settable) | (arg & settable)) and 0
-        if cmd in (6, 7, 37, 38):                                # F_SETLK(W), F_OFD_SETLK(W): no other process
-            return 0
-        if cmd in (5, 36):                                       # F_GETLK: nothing is locked by anyone else
-            lock = bytearray(p.read(arg, 32))
-            lock[0:2] = struct.pack("<h", fcntl.F_UNLCK)
-            p.write(arg, bytes(lock))
-            return 0
+        if cmd in (5, 6, 7, 36, 37, 38):                         # F_GETLK, F_SETLK(W), F_OFD_*
+            return _record_lock(self, p, f, cmd, arg)
+        if cmd in (F_ADD_SEALS, F_GET_SEALS):
+            return _host(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
         if cmd in (1032, 1031):                                  # F_GETPIPE_SZ, F_SETPIPE_SZ
             return _host(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
         raise Errno(errno.EINVAL)

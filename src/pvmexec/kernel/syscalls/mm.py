@@ -113,3 +113,23 @@ class MmCalls:
             p.brk_mapped = want
         p.brk_cur = addr
         return addr
+
+    # Locking pages in memory changes nothing the guest can see: accepted, as within its limits.
+    def sys_mlock(self, p, addr, length):
+        return 0
+
+    def sys_munlock(self, p, addr, length):
+        return 0
+
+    def sys_mlock2(self, p, addr, length, flags):
+        if flags & ~1:                                  # MLOCK_ONFAULT
+            raise Errno(errno.EINVAL)
+        return 0
+
+    def sys_mlockall(self, p, flags):
+        if not flags & 7 or flags & ~7:                 # MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT
+            raise Errno(errno.EINVAL)
+        return 0
+
+    def sys_munlockall(self, p):
+        return 0

@@ -5,6 +5,7 @@ import struct
 
 from ...abi import AT_EMPTY_PATH, AT_FDCWD, CLONE_VFORK, CLONE_VM, WEXITED, WNOHANG, WNOWAIT
 from ..errors import Errno, Exited, Interrupted, ThreadExit
+from ..task import Usage, leader_of
 from ..threads import other_threads
 
 
@@ -30,6 +31,9 @@ def _wait(self, p, pid, options, reap):
                     if reap:
                         del p.children[c.pid]
                         self._procs.pop(c.pid, None)
+                        total = leader_of(p).children_usage
+                        total.add(c.usage or Usage())
+                        total.add(c.children_usage)
                     return c
             if options & WNOHANG:
                 return None
@@ -38,7 +42,8 @@ def _wait(self, p, pid, options, reap):
             self._cond.wait(0.2)
 
 
-def _proc(self, p, pid):
+def process_named(self, p, pid):
+    """The guest process (or thread) a pid argument names; ESRCH when there is none."""
     if pid == 0 or pid == p.pid:
         return p
     with self._cond:
@@ -72,7 +77,10 @@ class ProcessCalls:
         if wstatus:
             p.write(wstatus, struct.pack("<i", c.status))
         if rusage:
-            p.write(rusage, bytes(144))
+            both = Usage()                              # the child's own and its children's, as Linux
+            both.add(c.usage or Usage())
+            both.add(c.children_usage)
+            p.write(rusage, both.pack())
         return c.pid
 
     def sys_waitid(self, p, idtype, id_, infop, options, rusage):
@@ -87,16 +95,16 @@ class ProcessCalls:
         return 0
 
     def sys_getpgid(self, p, pid):
-        return _proc(self, p, pid).pgid
+        return process_named(self, p, pid).pgid
 
     def sys_getpgrp(self, p):
         return p.pgid
 
     def sys_getsid(self, p, pid):
-        return _proc(self, p, pid).sid
+        return process_named(self, p, pid).sid
 
     def sys_setpgid(self, p, pid, pgid):
-        q = _proc(self, p, pid)
+        q = process_named(self, p, pid)
         if q is not p and q.parent is not p:
             raise Errno(errno.ESRCH)
         if pgid >= 1 << 31:

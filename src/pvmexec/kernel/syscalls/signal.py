@@ -8,7 +8,7 @@ from ...abi import SI_TKILL, SI_USER, UNBLOCKABLE
 from ...arch import current as _current_arch
 from ..errors import Errno
 from ..signals import sender_info
-from .process import _proc
+from .process import process_named
 
 
 ARCH = _current_arch()
@@ -57,7 +57,7 @@ class SignalCalls:
     def sys_tgkill(self, p, tgid, tid, sig):
         if not 0 <= sig <= 64:
             raise Errno(errno.EINVAL)
-        q = _proc(self, p, tid)
+        q = process_named(self, p, tid)
         if tgid not in (q.pid, 0) and tgid & 0xFFFFFFFF != q.pid:
             raise Errno(errno.ESRCH)
         if sig:

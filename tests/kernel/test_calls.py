@@ -1,0 +1,194 @@
+"""Calls every-day programs make (links, FIFOs, ownership, locks, priorities, resource usage, memfds,
+credentials), each compared with what Linux answers natively."""
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from helpers import *  # noqa: F401,F403
+
+
+def _script(tmp_path, body):
+    work = tmp_path / "w"
+    work.mkdir(exist_ok=True)
+    os.chmod(work, 0o777)
+    path = tmp_path / "s.py"
+    path.write_text(textwrap.dedent(body))
+    return work, [PYTHON3, str(path)]
+
+
+def _same(tmp_path, body):
+    """The script's output natively and sandboxed (writable: its own directory), each in a fresh directory."""
+    results = []
+    for boxed in (False, True):
+        work, argv = _script(tmp_path, body)
+        got = sandboxed(argv, "-q", "--writable", str(work), cwd=work) if boxed else native(argv, cwd=work)
+        results.append((got.returncode, got.stdout.decode(), got.stderr.decode()[-2000:]))
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+    assert results[1] == results[0]
+    assert results[0][0] == 0
+    return results[0][1]
+
+
+def test_links_fifos_and_nodes(tmp_path):
+    out = _same(tmp_path, """
+        import errno, os, stat
+        open("a", "w").write("x")
+        os.link("a", "b")
+        print(os.stat("a").st_nlink, open("b").read())
+        os.symlink("a", "s")
+        os.link("s", "hs", follow_symlinks=False)
+        print(os.path.islink("hs"), os.readlink("hs"))
+        os.mkfifo("f")
+        print(stat.S_ISFIFO(os.stat("f").st_mode))
+        os.mknod("n", stat.S_IFREG | 0o600)
+        print(stat.S_ISREG(os.stat("n").st_mode))
+        for make in (lambda: os.link("a", "b"), lambda: os.link(".", "d")):
+            try:
+                make()
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+        if os.fork() == 0:
+            with open("f", "w") as w:
+                w.write("through the fifo")
+            os._exit(0)
+        print(open("f").read())
+        os.wait()
+    """)
+    assert "2 x" in out and "through the fifo" in out
+
+
+def test_a_hard_link_never_makes_a_read_only_file_writable(tmp_path):
+    """A second name below a writable path would let the guest write through it: refused."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "keep").write_text("host data")
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    code = "import os\ntry:\n    os.link(%r, %r)\nexcept OSError as e:\n    print(e.errno)\n" % (
+        str(ro / "keep"), str(rw / "l"))
+    got = sandboxed([PYTHON3, "-c", code], "-q", "--writable", str(rw))
+    assert got.stdout == b"13\n" and not (rw / "l").exists()
+    assert (ro / "keep").read_text() == "host data"
+
+
+def test_ownership_changes_an_unprivileged_caller_may_make(tmp_path):
+    _same(tmp_path, """
+        import os
+        open("f", "w").close()
+        os.chown("f", os.getuid(), os.getgid())
+        os.chown("f", -1, -1)
+        os.lchown("f", -1, os.getgid())
+        fd = os.open("f", os.O_RDONLY)
+        os.fchown(fd, -1, os.getgid())
+        print(os.stat("f").st_uid == os.getuid())
+    """)
+    work, argv = _script(tmp_path, """
+        import os
+        open("f", "w").close()
+        try:
+            os.chown("f", 4242, -1)
+        except OSError as e:
+            print("refused", e.errno)
+    """)
+    got = sandboxed(argv, "-q", "--writable", str(work), cwd=work)
+    assert got.stdout == b"refused 1\n" and os.stat(work / "f").st_uid == os.getuid()
+
+
+def test_flock_and_record_locks_exclude_other_processes(tmp_path):
+    _same(tmp_path, """
+        import fcntl, os, time
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+        r, w = os.pipe()
+        if os.fork() == 0:
+            mine = os.open("lock", os.O_RDWR)
+            for attempt in (lambda: fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                            lambda: fcntl.lockf(mine, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)):
+                try:
+                    attempt()
+                    print("child got a held lock")
+                except OSError as e:
+                    print("child refused", e.errno in (11, 13))
+            os.write(w, b"x")
+            fcntl.flock(mine, fcntl.LOCK_EX)         # waits for the parent to let go
+            print("child locked after the parent")
+            os._exit(0)
+        os.read(r, 1)
+        time.sleep(0.2)
+        print("parent unlocks")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.wait()
+    """)
+
+
+def test_priorities_affinity_credentials_and_memory_locks(tmp_path):
+    _same(tmp_path, """
+        import errno, os, resource
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, before + 3)
+        print(os.getpriority(os.PRIO_PROCESS, 0) - before)
+        print(os.nice(1) - before)
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cpus)})
+        print(os.sched_getaffinity(0) == {min(cpus)})
+        try:
+            os.sched_setaffinity(0, {4000})
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+        os.setresuid(-1, os.geteuid(), -1)
+        os.setuid(os.getuid())
+        os.setgid(os.getgid())
+        os.setgroups(os.getgroups())
+        import mmap
+        m = mmap.mmap(-1, 4096)
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.mlockall(1), libc.munlockall())
+    """)
+
+
+def test_resource_usage_is_the_processes_own(tmp_path):
+    out = _same(tmp_path, """
+        import os, resource, time
+        t = time.process_time()
+        while time.process_time() - t < 0.3:
+            pass
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        print(me.ru_utime + me.ru_stime >= 0.2, me.ru_maxrss > 1000, me.ru_minflt > 0)
+        pid = os.fork()
+        if pid == 0:
+            t = time.process_time()
+            while time.process_time() - t < 0.3:
+                pass
+            b = bytearray(50 << 20)
+            os._exit(0)
+        _, status, usage = os.wait4(pid, 0)
+        print(usage.ru_utime + usage.ru_stime >= 0.2, usage.ru_maxrss > 50000)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(kids.ru_utime + kids.ru_stime >= 0.2, kids.ru_maxrss > 50000)
+    """)
+    assert out == "True True True\nTrue True\nTrue True\n"
+
+
+def test_memfd_copy_file_range_and_fallocate(tmp_path):
+    out = _same(tmp_path, """
+        import fcntl, os
+        fd = os.memfd_create("buf", os.MFD_ALLOW_SEALING)
+        os.write(fd, b"memory file")
+        print(os.pread(fd, 6, 0), os.fstat(fd).st_size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        try:
+            os.write(fd, b"more")
+        except OSError as e:
+            print("sealed", e.errno)
+        src = os.open("src", os.O_RDWR | os.O_CREAT)
+        os.write(src, b"0123456789" * 1000)
+        dst = os.open("dst", os.O_RDWR | os.O_CREAT)
+        print(os.copy_file_range(src, dst, 5000, 10, 0), os.pread(dst, 5, 0))
+        os.posix_fallocate(dst, 0, 1 << 20)
+        print(os.fstat(dst).st_size)
+    """)
+    assert "b'memory' 11" in out and "5000 b'01234'" in out
