@@ -89,7 +89,7 @@ def test_a_failing_handler_kills_the_process_not_the_kernel(busybox, tmp_path, c
 
 def test_no_path_reaches_the_hosts_proc_or_sys(busybox, tmp_path):
     """Whatever path a guest uses — a symlink it makes, one it finds on the host, .. — it never reaches
-    the host's procfs or sysfs: only the general /proc files are there."""
+    the host's procfs or sysfs: /proc by any path is the guest's own (its processes, its descriptors)."""
     w = tmp_path / "w"
     w.mkdir()
     for name, target in (("found-mounts", "/proc/self/mounts"), ("found-environ", "/proc/1/environ"),
@@ -98,10 +98,17 @@ def test_no_path_reaches_the_hosts_proc_or_sys(busybox, tmp_path):
     script = ("cd %s; ln -s /proc p; ln -s /sys s; ln -s ../../../../../../proc up; "
               "for f in p/1/environ p/self/mounts p/1/fd/0 p/99999/environ s/kernel/hostname up/1/status "
               "found-mounts found-environ found-fd/0 found-sys/hostname found-dev-fd/0 /proc/self/status "
-              "/proc/1/cmdline; do cat $f >/dev/null 2>&1 && echo READ $f; done; "
-              "ls p s up found-fd found-sys /proc 2>/dev/null | head -5; "
-              "cat p/cpuinfo | head -1" % w)
-    got = sandboxed([busybox, "sh", "-c", script], "--writable", str(w))
+              "/proc/1/cmdline /proc/self/mem p/self/mem; do cat $f >/dev/null 2>&1 && echo READ $f; done; "
+              "ls s found-sys 2>/dev/null; echo PIDS $(ls p up /proc | grep '^[0-9]'); "
+              "cat found-mounts p/self/mounts up/self/mountinfo; cat p/cpuinfo | head -1" % w)
+    got = sandboxed([busybox, "sh", "-c", script], "--writable", str(w), input=b"")
     assert got.returncode == 0, got.stderr
-    assert got.stdout.splitlines() == [b"processor\t: 0"], got.stdout     # only the general file, by any path
-    assert b"READ" not in got.stdout and str(os.getpid()).encode() not in got.stdout
+    lines = got.stdout.decode().splitlines()
+    assert [l for l in lines if l.startswith("READ")] == [
+        "READ p/self/mounts", "READ found-mounts", "READ found-fd/0", "READ found-dev-fd/0", "READ /proc/self/status"]
+    pids = next(l for l in lines if l.startswith("PIDS")).split()[1:]
+    assert pids and all(int(pid) < 100 for pid in pids), pids              # the guest's pids, not the host's
+    assert str(os.getpid()) not in pids
+    mounts = [l for l in lines if not l.startswith(("READ", "PIDS"))]
+    assert any(l.startswith("proc /proc proc") for l in mounts) and mounts[-1] == "processor\t: 0"
+    assert not any(word in l for l in mounts for word in ("sysfs", "cgroup", "devpts", "/sys"))

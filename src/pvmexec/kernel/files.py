@@ -41,6 +41,14 @@ def timeout_ms(p, addr, per_second):
     return sec * 1000 + (frac * 1000 + per_second - 1) // per_second
 
 
+class ThroughPseudoFs(Errno):
+    """ENOENT for a path the host resolved into one of its pseudo-filesystems: the guest's own /proc
+    may be what it names (procfs.walk finds out)."""
+
+    def __init__(self):
+        super().__init__(errno.ENOENT)
+
+
 class Policy:
     """What the guest may reach of the host's files.
 
@@ -143,11 +151,25 @@ class Policy:
                 guest == v or guest.startswith(v + "/") for v in PROC_VISIBLE):
             return fd
         os.close(fd)
-        raise Errno(errno.ENOENT)
+        raise ThroughPseudoFs()
+
+    def on_pseudo_fs(self, fd):
+        try:
+            return struct.unpack_from("<q", _core.fstatfs_raw(fd))[0] & 0xFFFFFFFF in PSEUDO_FS
+        except OSError:
+            return True
+
+    def raw_path_fd(self, guest_abs):
+        """O_PATH|O_NOFOLLOW for one step of procfs.walk (OSError as the host says; the walk checks)."""
+        return _core.openat2(self.root_fd, self._rel(guest_abs), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
     def _error(self, guest_abs, err):
-        """The errno for a path that failed: ENOENT when its deepest reachable directory is in a host
-        pseudo-filesystem (EACCES or ENOTDIR there would tell the guest what the host has)."""
+        """The error for a path that failed: ThroughPseudoFs when its deepest reachable directory is in a host
+        pseudo-filesystem (EACCES or ENOTDIR there would tell the guest what the host has), or a magic link
+        stopped it."""
+        if err == errno.ELOOP:
+            return ThroughPseudoFs()
         head = guest_abs
         while head not in ("", "/"):
             head = posixpath.dirname(head.rstrip("/"))
@@ -157,13 +179,10 @@ class Policy:
             except OSError:
                 continue
             try:
-                ftype = struct.unpack_from("<q", _core.fstatfs_raw(fd))[0] & 0xFFFFFFFF
-            except OSError:
-                return errno.ENOENT
+                return ThroughPseudoFs() if self.on_pseudo_fs(fd) else Errno(err)
             finally:
                 os.close(fd)
-            return errno.ENOENT if ftype in PSEUDO_FS else err
-        return err
+        return Errno(err)
 
     def guest_path(self, host):
         """The guest's name for a host path below the root, or None."""
@@ -180,7 +199,7 @@ class Policy:
         try:
             fd = _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
         except OSError as e:
-            raise Errno(self._error(guest_abs, e.errno)) from None
+            raise self._error(guest_abs, e.errno) from None
         return self.reached(fd)
 
     def open(self, guest_abs, flags, mode):
@@ -200,7 +219,7 @@ class Policy:
         try:
             existing = self.path_fd(guest_abs, follow=not flags & os.O_NOFOLLOW)
         except Errno as e:
-            if e.errno != errno.ENOENT or not flags & os.O_CREAT:
+            if e.errno != errno.ENOENT or not flags & os.O_CREAT or isinstance(e, ThroughPseudoFs):
                 raise
             existing = None
         if existing is not None:
@@ -239,13 +258,14 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
         self.path = path                # the guest path it was opened by (for *at calls and /proc/self/fd)
         self.flags = flags
         self.dir_entries = None
+        self.list_dir = None            # a directory the kernel makes up (/proc): its entries, made when read
         self.dir_pos = 0
         self.refs = 0
         try:                            # read/write need nothing from the kernel: the C fast path may do them
@@ -275,6 +295,9 @@ PSEUDO_FS = frozenset((PROC_SUPER_MAGIC, 0x62656572, 0x1CD1, 0x64626720, 0x74726
                        0x65735543, 0x6E736673, 0x19800202))
 # proc sysfs devpts debugfs tracefs securityfs cgroup2 cgroup bpf pstore configfs efivarfs selinuxfs
 # binfmt_misc fusectl nsfs mqueue
+PSEUDO_FS_NAMES = frozenset(("proc", "sysfs", "devpts", "debugfs", "tracefs", "securityfs", "cgroup2", "cgroup", "bpf",
+                             "pstore", "configfs", "efivarfs", "selinuxfs", "binfmt_misc", "fusectl", "nsfs", "mqueue",
+                             "autofs", "hugetlbfs", "rpc_pipefs"))
 
 # Descriptor tables are changed by several guest threads and processes at once (and open file
 # descriptions are shared between processes after fork): one lock for all of them.

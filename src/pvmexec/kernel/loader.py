@@ -123,7 +123,8 @@ HOST_AUXV = _host_auxv()
 
 
 def build_stack(space, argv, envp, execfn, main, interp_bias, vdso, ids):
-    """Map the stack and write argc, argv, envp and auxv as the kernel lays them out; returns rsp."""
+    """Map the stack and write argc, argv, envp and auxv as the kernel lays them out; returns rsp and
+    where the strings of argv and envp lie (start, end of argv, end of envp), as /proc/PID/cmdline reads them."""
     top = space.syscall("mmap", 0, STACK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) + STACK_SIZE
     info = bytearray()
     offsets = []
@@ -156,4 +157,5 @@ def build_stack(space, argv, envp, execfn, main, interp_bias, vdso, ids):
     words = [len(argv)] + argv_p + [0] + envp_p + [0] + [w for pair in auxv for w in pair]
     sp = (start - 8 * len(words)) & ~15
     space.write(sp, struct.pack("<%dQ" % len(words), *words))
-    return sp
+    ends = [addr[len(argv)] if envp else addr[-3], addr[-3]]  # end of argv's strings, of envp's
+    return sp, (start, ends[0], ends[1])

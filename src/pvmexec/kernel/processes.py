@@ -68,6 +68,7 @@ class ProcessMachinery:
             parent.children[pid] = child
             self._procs[pid] = child
         child.cwd, child.umask, child.exe, child.comm = parent.cwd, parent.umask, parent.exe, parent.comm
+        child.arg_area, child.nice, child.file_maps = parent.arg_area, parent.nice, list(parent.file_maps)
         child.sigactions = dict(parent.sigactions)
         child.sigmask = parent.sigmask
         child.altstack = parent.altstack

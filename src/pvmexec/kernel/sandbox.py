@@ -32,6 +32,7 @@ from . import loader
 from .errors import Errno, Exited, Interrupted, ThreadExit
 from .files import OpenFile, Policy
 from .processes import ProcessMachinery
+from .procfs import GuestPaths, Proc
 from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
                        ThreadCalls, TimerCalls)
@@ -42,7 +43,7 @@ from .trace import Tracer
 
 
 class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls,
-              TimerCalls, SignalDelivery, ProcessMachinery, ThreadMachinery):
+              TimerCalls, SignalDelivery, ProcessMachinery, ThreadMachinery, GuestPaths):
     """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
     file to write one strace-like line per syscall to; `vdso=False` hides the vDSO, so that time
     calls reach the kernel (and can be faked); `hostname` replaces the host's in uname()."""
@@ -61,6 +62,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self._cond = threading.Condition()
         self._procs = {}
         self._procs_by_tid = {}
+        self.proc = Proc(self)
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
             h = getattr(self, "sys_" + name, None)
@@ -91,7 +93,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         try:
             for guest_fd, host_fd in ((0, stdin), (1, stdout), (2, stderr)):
                 if host_fd is not None:
-                    p.fds.install(OpenFile(os.dup(host_fd), "/dev/fd/%d" % guest_fd, os.O_RDWR), at=guest_fd)
+                    mine = os.dup(host_fd)
+                    p.fds.install(OpenFile(mine, self._inherited_name(mine, guest_fd), os.O_RDWR), at=guest_fd)
             path = self._which(p, argv[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
             self._execve(p, path, list(argv), envp)
             status = self._process_ended(p, self._loop(p))
@@ -325,7 +328,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             q = Process.__new__(Process)
             q.space = space
             ids = (os.getuid(), os.geteuid(), os.getgid(), os.getegid())
-            sp = loader.build_stack(space, argv, envp, argv[0] if not path else path, main, interp_bias, vdso, ids)
+            sp, arg_area = loader.build_stack(space, argv, envp, argv[0] if not path else path, main, interp_bias,
+                                              vdso, ids)
             entry = interp.bias + interp.entry if interp else main.bias + main.entry
         except BaseException:
             space.detach()
@@ -337,6 +341,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.space, p.ctx, p.protected = space, ctx, protected
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
+        p.arg_area = arg_area
+        p.file_maps = []
         p.comm = posixpath.basename(path).encode()[:15]
         p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
         p.altstack = (0, 2, 0)
@@ -388,6 +394,17 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             out = "/" + out.lstrip("/")
         return out + ("/" if path.endswith("/") and out != "/" else "")
 
+    def _inherited_name(self, host_fd, guest_fd):
+        """What /proc/PID/fd shows for a descriptor the guest got from the host: pipe:[N] and the like as
+        they are, a file by its guest path."""
+        try:
+            host = os.readlink("/proc/self/fd/%d" % host_fd)
+        except OSError:
+            return "/dev/fd/%d" % guest_fd
+        if not host.startswith("/"):
+            return host
+        return self.policy.guest_path(host) or "/dev/fd/%d" % guest_fd
+
     def _guest_path_of(self, host_fd):
         return self._guest_path(os.readlink("/proc/self/fd/%d" % host_fd))
 
@@ -395,7 +412,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         """An O_PATH host fd for a path argument of an *at call (AT_EMPTY_PATH: the descriptor itself)."""
         if path == "" and flags & AT_EMPTY_PATH:
             return os.dup(p.fds.get(dirfd).host_fd)
-        return self.policy.path_fd(self._abs(p, dirfd, path), follow=not flags & AT_SYMLINK_NOFOLLOW)
+        return self._guest_path_fd(p, self._abs(p, dirfd, path), follow=not flags & AT_SYMLINK_NOFOLLOW)
 
     def _writable_fd(self, fd):
         if not self.policy._may_write(os.readlink("/proc/self/fd/%d" % fd)):

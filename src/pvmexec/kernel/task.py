@@ -136,6 +136,8 @@ class Process:
         self.sigmask = 0
         self.altstack = (0, 2, 0)           # SS_DISABLE
         self.exe = None
+        self.arg_area = None                # (start, end of argv, end of envp) strings in its memory
+        self.file_maps = []                 # (start, end, guest path, offset, st_dev, st_ino) of file mappings
         self.comm = b""
         self.clear_child_tid = 0
         self.robust_list = (0, 0)

@@ -12,6 +12,7 @@ from ...abi import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT
                     MFD_CLOEXEC, O_LARGEFILE)
 from ..errors import Errno
 from ..files import OpenFile
+from ..procfs import under_proc
 from .io import _host
 
 
@@ -49,13 +50,14 @@ class FsCalls:
         flags &= 0xFFFFFFFF
         guest = self._abs(p, dirfd, path)
         if guest in _ALWAYS_OPEN:
-            host = _host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC)
+            f = OpenFile(_host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
         else:
-            host = self.policy.open(guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
+            f = self._open_guest(p, guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
+        f.flags = flags | O_LARGEFILE
         try:
-            return p.fds.install(OpenFile(host, guest.rstrip("/") or "/", flags | O_LARGEFILE), cloexec=flags & os.O_CLOEXEC)
+            return p.fds.install(f, cloexec=flags & os.O_CLOEXEC)
         except Errno:
-            os.close(host)
+            f.release()
             raise
 
     def sys_open(self, p, path, flags, mode):
@@ -146,22 +148,13 @@ class FsCalls:
     def sys_readlinkat(self, p, dirfd, path, buf, size):
         if size & 0xFFFFFFFF == 0 or size >= 1 << 31:
             raise Errno(errno.EINVAL)
-        guest = self._abs(p, dirfd, path) if path else None
-        if guest in ("/proc/self/exe", "/proc/%d/exe" % p.pid):
-            target = p.exe
-        elif guest and guest.startswith("/proc/self/fd/"):
-            try:
-                target = p.fds.get(int(guest[14:])).path
-            except ValueError:
-                raise Errno(errno.ENOENT) from None
-        else:
-            pfd = self._path_fd(p, dirfd, path, AT_SYMLINK_NOFOLLOW)
-            try:
-                if not stat.S_ISLNK(os.fstat(pfd).st_mode):
-                    raise Errno(errno.EINVAL)           # as Linux says of a file that is no symlink
-                target = _host(os.readlink, "", dir_fd=pfd)
-            finally:
-                os.close(pfd)
+        pfd = self._path_fd(p, dirfd, path, AT_SYMLINK_NOFOLLOW)
+        try:
+            if not stat.S_ISLNK(os.fstat(pfd).st_mode):
+                raise Errno(errno.EINVAL)               # as Linux says of a file that is no symlink
+            target = _host(os.readlink, "", dir_fd=pfd)
+        finally:
+            os.close(pfd)
         data = target.encode("utf-8", "surrogateescape")[:size]
         p.write(buf, data)
         return len(data)
@@ -171,6 +164,11 @@ class FsCalls:
 
     def sys_getdents64(self, p, fd, dirp, count):
         f = p.fds.get(fd)
+        if f.dir_entries is None and f.list_dir is not None:
+            try:
+                f.dir_entries = f.list_dir()
+            except Errno:
+                f.dir_entries = []                      # the process it listed is gone
         if f.dir_entries is None:
             if not f.is_dir():
                 raise Errno(errno.ENOTDIR)
@@ -206,18 +204,14 @@ class FsCalls:
         return len(data)
 
     def sys_chdir(self, p, path):
-        pfd = self.policy.path_fd(self._abs(p, AT_FDCWD, path), directory=True)
-        try:
-            p.cwd = self._guest_path_of(pfd)
-        finally:
-            os.close(pfd)
+        p.cwd = self._guest_dir(p, self._abs(p, AT_FDCWD, path))
         return 0
 
     def sys_fchdir(self, p, fd):
         f = p.fds.get(fd)
         if not f.is_dir():
             raise Errno(errno.ENOTDIR)
-        p.cwd = self._guest_path_of(f.host_fd)
+        p.cwd = f.path if under_proc(f.path) else self._guest_path_of(f.host_fd)
         return 0
 
     def sys_mkdirat(self, p, dirfd, path, mode):

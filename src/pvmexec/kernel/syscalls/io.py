@@ -257,6 +257,8 @@ class IoCalls:
         pos = _host(os.lseek, f.host_fd, offset, whence)
         if f.dir_entries is not None and pos == 0:
             f.dir_pos = 0
+            if f.list_dir is not None:
+                f.dir_entries = None                    # rewinddir on /proc reads it anew
         return pos
 
     def sys_dup(self, p, fd):

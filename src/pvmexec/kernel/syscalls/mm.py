@@ -18,6 +18,18 @@ def _untouchable(p, start, length):
         raise Errno(errno.EINVAL)
 
 
+def _forget_files(p, lo, hi):
+    """Pages [lo, hi) no longer come from the files recorded for /proc/PID/maps."""
+    kept = []
+    for start, end, path, off, dev, ino in p.file_maps:
+        if start < lo:
+            kept.append((start, min(end, lo), path, off, dev, ino))
+        if end > hi:
+            at = max(start, hi)
+            kept.append((at, end, path, off + at - start, dev, ino))
+    p.file_maps = kept
+
+
 def _mode2(p, name, *args):
     ret = p.space.syscall_raw(name, *args)
     if -4096 < ret < 0:
@@ -36,7 +48,9 @@ class MmCalls:
         if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
             _untouchable(p, addr, length)
         if flags & MAP_ANONYMOUS:
-            return _mode2(p, "mmap", addr, length, prot, flags, -1, 0)
+            at = _mode2(p, "mmap", addr, length, prot, flags, -1, 0)
+            _forget_files(p, at, at + page_up(length))
+            return at
         f = p.fds.get(fd)
         st = os.fstat(f.host_fd)
         if (st.st_mode & 0o170000) != 0o100000:
@@ -62,11 +76,15 @@ class MmCalls:
         except BaseException:
             p.space.syscall_raw("munmap", at, length)
             raise
+        _forget_files(p, at, at + page_up(length))
+        p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino))
         return at
 
     def sys_munmap(self, p, addr, length):
         _untouchable(p, addr, length)
-        return _mode2(p, "munmap", addr, length)
+        ret = _mode2(p, "munmap", addr, length)
+        _forget_files(p, addr, addr + page_up(length))
+        return ret
 
     def sys_mprotect(self, p, addr, length, prot):
         _untouchable(p, addr, length)
