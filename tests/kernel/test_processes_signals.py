@@ -213,3 +213,15 @@ def test_timeout_of_coreutils_ends_its_command(tmp_path):
     t0 = time.monotonic()
     got = sandboxed(["timeout", "1", "sleep", "10"])
     assert got.returncode == 124 and time.monotonic() - t0 < 8           # it hung before: no alarm() timers
+
+
+def test_a_daemon_outlives_the_parent_that_forked_it(tmp_path):
+    """`(cmd &)`: the background process's parent exits at once; the process goes on (its stub used to
+    die with the guest thread that forked it)."""
+    script = "mkfifo ff; (echo through-fifo > ff &); cat ff; ( (sleep 0.3; echo late > f) & ); sleep 1; cat f"
+    for where in ("native", "boxed"):
+        work = tmp_path / where
+        work.mkdir()
+        run = native(["bash", "-c", script], cwd=work) if where == "native" else \
+            sandboxed(["bash", "-c", script], "-q", "--writable", str(work), cwd=work)
+        assert (run.returncode, run.stdout) == (0, b"through-fifo\nlate\n"), run.stderr

@@ -90,6 +90,11 @@ class Elf:
         self.bias, self.end = bias, bias + hi
         return bias
 
+    def file_ranges(self):
+        """(start, end, file offset) of the loaded segments' file pages, as /proc/PID/maps names them."""
+        return [(self.bias + page_down(vaddr), self.bias + page_up(vaddr + filesz), page_down(off))
+                for _t, _flags, off, vaddr, _pa, filesz, _memsz, _al in self.loads if filesz]
+
     def phdr_address(self):
         for p in self.phdrs:
             if p[0] == PT_PHDR:

@@ -42,6 +42,38 @@ from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
 from .trace import Tracer
 
 
+class Spawner:
+    """One long-lived thread that runs what must outlive the guest thread asking for it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs = None
+
+    def call(self, fn):
+        import queue
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._jobs,), name="pvmexec-spawner", daemon=True).start()
+        done = threading.Event()
+        box = []
+        self._jobs.put((fn, box, done))
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    @staticmethod
+    def _serve(jobs):
+        while True:
+            fn, box, done = jobs.get()
+            try:
+                box.append(fn())
+            except BaseException as e:                  # handed to the caller, who raises it
+                box.append(e)
+            done.set()
+
+
 class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCalls, ThreadCalls, InfoCalls,
               TimerCalls, SignalDelivery, ProcessMachinery, ThreadMachinery, GuestPaths):
     """The kernel. `policy` says which host files the guest reaches (files.Policy); `trace` is a
@@ -63,6 +95,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self._procs = {}
         self._procs_by_tid = {}
         self.proc = Proc(self)
+        self._spawner = Spawner()
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
             h = getattr(self, "sys_" + name, None)
@@ -134,7 +167,9 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
 
     def _new_space(self):
         if self.engine == "stub":
-            return Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True)
+            # A stub dies with the thread that made it (PR_SET_PDEATHSIG): made by the guest thread that
+            # forked, a daemon's stub would die with its parent (`(cmd &)`); made here, with the kernel.
+            return self._spawner.call(lambda: Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True))
         from ..engines.stub import plain_process
         proc = plain_process(fixed_layout=True)
         try:
@@ -342,7 +377,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
         p.arg_area = arg_area
-        p.file_maps = []
+        p.file_maps = self._image_maps(p, path, main) + (self._image_maps(p, self._abs(p, AT_FDCWD, main.interp), interp)
+                                                        if interp else [])
         p.comm = posixpath.basename(path).encode()[:15]
         p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
         p.altstack = (0, 2, 0)
@@ -393,6 +429,18 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         if out.startswith("//"):
             out = "/" + out.lstrip("/")
         return out + ("/" if path.endswith("/") and out != "/" else "")
+
+    def _image_maps(self, p, path, elf):
+        """An executable's loaded segments as file mappings of it (for /proc/PID/maps)."""
+        try:
+            fd = self.policy.path_fd(path)
+        except Errno:
+            return []
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return [(lo, hi, path, off, st.st_dev, st.st_ino) for lo, hi, off in elf.file_ranges()]
 
     def _inherited_name(self, host_fd, guest_fd):
         """What /proc/PID/fd shows for a descriptor the guest got from the host: pipe:[N] and the like as
