@@ -258,7 +258,7 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir", "socket")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
@@ -266,6 +266,7 @@ class OpenFile:
         self.flags = flags
         self.dir_entries = None
         self.list_dir = None            # a directory the kernel makes up (/proc): its entries, made when read
+        self.socket = None              # a socket's family, type and guest names (syscalls.net)
         self.dir_pos = 0
         self.refs = 0
         try:                            # read/write need nothing from the kernel: the C fast path may do them

@@ -19,7 +19,6 @@ import os
 import posixpath
 import resource
 import stat
-import struct
 import tempfile
 
 from .errors import Errno

@@ -1,0 +1,136 @@
+"""Sockets: unix sockets between guest processes (paths, abstract names, descriptors passed), the host's
+own sockets out of reach, inet sockets only with --network (servers and clients inside, a server outside)."""
+import os
+import socket
+import subprocess
+import textwrap
+import threading
+
+from helpers import *  # noqa: F401,F403
+
+UNIX = r"""
+import array, os, socket
+s = socket.socket(socket.AF_UNIX); s.bind("sk"); s.listen()
+c = socket.socket(socket.AF_UNIX); c.connect("sk")
+a, addr = s.accept()
+print(s.getsockname(), c.getpeername(), a.getsockname(), repr(addr))
+c.send(b"u"); print(a.recv(1))
+r, w = os.pipe()
+socket.send_fds(c, [b"fd"], [w])
+msg, fds, flags, _ = socket.recv_fds(a, 10, 2)
+os.write(fds[0], b"through a passed descriptor"); print(msg, os.read(r, 100))
+for kind in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+    x, y = socket.socketpair(socket.AF_UNIX, kind)
+    x.send(b"one"); x.send(b"two"); print(y.recv(10), y.recv(10))
+d1 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); d1.bind("\0pvmexec-test-name")
+d2 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); d2.sendto(b"dgram", "\0pvmexec-test-name")
+print(d1.recvfrom(10), d1.getsockname())
+pid = os.fork()
+if pid == 0:
+    k = socket.socket(socket.AF_UNIX); k.connect("sk"); k.sendall(b"from the child" * 5000); os._exit(0)
+b, _ = s.accept()
+data = b""
+while True:
+    chunk = b.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(len(data)); os.waitpid(pid, 0)
+m, n = socket.socketpair()
+m.sendmsg([b"a", b"b"], [], 0); print(n.recvmsg(10)[0])
+for bad in (lambda: socket.socket(socket.AF_UNIX).connect("nowhere"),
+            lambda: socket.socket(socket.AF_UNIX).bind("sk")):
+    try:
+        bad()
+    except OSError as e:
+        print(e.errno)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR), s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE))
+"""
+
+
+def _work(tmp_path, name):
+    d = tmp_path / name
+    d.mkdir()
+    return d
+
+
+def test_unix_sockets_between_guest_processes_match_native(tmp_path):
+    script = tmp_path / "unix.py"
+    script.write_text(UNIX)
+    want = native([PYTHON3, str(script)], cwd=_work(tmp_path, "n"))
+    work = _work(tmp_path, "b")
+    got = sandboxed([PYTHON3, str(script)], "-q", "--writable", str(work), cwd=work)
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr[-2000:]
+    assert want.returncode == 0 and b"through a passed descriptor" in got.stdout
+
+
+def test_the_hosts_unix_sockets_and_abstract_names_are_out_of_reach(tmp_path):
+    host = socket.socket(socket.AF_UNIX)
+    host.bind(str(tmp_path / "host.sock"))
+    host.listen()
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0pvmexec-host-abstract")
+    abstract.listen()
+    code = textwrap.dedent("""
+        import socket
+        for where in (%r, "\\0pvmexec-host-abstract"):
+            try:
+                socket.socket(socket.AF_UNIX).connect(where)
+                print("reached")
+            except OSError as e:
+                print(e.errno)
+        try:
+            socket.socket(socket.AF_UNIX).bind(%r)
+        except OSError as e:
+            print(e.errno)
+        try:
+            socket.socket(socket.AF_INET)
+        except OSError as e:
+            print(e.errno)
+    """ % (str(tmp_path / "host.sock"), str(tmp_path / "not-writable.sock")))
+    try:
+        got = sandboxed([PYTHON3, "-c", code], "-q")
+        host.setblocking(False)
+        abstract.setblocking(False)
+        for s in (host, abstract):
+            try:
+                s.accept()
+                raise AssertionError("the guest reached a host socket")
+            except BlockingIOError:
+                pass
+    finally:
+        host.close()
+        abstract.close()
+    assert got.stdout.split() == [b"111", b"111", b"13", b"13"], got.stderr
+    assert not (tmp_path / "not-writable.sock").exists()
+
+
+def test_network_servers_and_clients_inside_and_a_server_outside(tmp_path):
+    outside = socket.socket()
+    outside.bind(("127.0.0.1", 0))
+    outside.listen()
+    port = outside.getsockname()[1]
+
+    def answer():
+        conn, _ = outside.accept()
+        conn.sendall(b"hello from outside\n")
+        conn.close()
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    script = textwrap.dedent("""
+        python3 -m http.server 0 --bind 127.0.0.1 > log 2>&1 &
+        for i in $(seq 100); do grep -q Serving log 2>/dev/null && break; sleep 0.1; done
+        port=$(sed -n 's/.*port \\([0-9]*\\).*/\\1/p' log | head -1)
+        curl -s http://127.0.0.1:$port/ | grep -c '<html'
+        python3 -c 'import socket; u=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.bind(("::1",0)); v=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); v.sendto(b"udp", u.getsockname()); print(u.recvfrom(10)[0])'
+        python3 -c 'import socket; print(socket.create_connection(("127.0.0.1", %d)).makefile().readline().strip())'
+        kill %%1
+    """ % port)
+    work = _work(tmp_path, "w")
+    try:
+        got = sandboxed(["bash", "-c", script], "-q", "--network", "--writable", str(work), cwd=work)
+    finally:
+        t.join(10)
+        outside.close()
+    assert got.stdout.decode().splitlines() == ["1", "b'udp'", "hello from outside"], got.stderr[-2000:]
