@@ -309,10 +309,15 @@ class FsCalls:
         return 0
 
     def sys_ftruncate(self, p, fd, length):
-        _host(os.ftruncate, p.fds.get(fd).host_fd, length)
+        f = p.fds.get(fd)
+        if length >= 1 << 63:
+            raise Errno(errno.EINVAL)
+        _host(os.ftruncate, f.host_fd, length)
         return 0
 
     def sys_truncate(self, p, path, length):
+        if length >= 1 << 63:
+            raise Errno(errno.EINVAL)
         fd = self.policy.open(self._abs(p, AT_FDCWD, path), os.O_WRONLY, 0)
         try:
             _host(os.ftruncate, fd, length)

@@ -18,10 +18,14 @@ _IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36}             # TCSETS, TCSETSW, 
 
 
 def _host(call, *args, **kw):
+    """A host call for the guest: its OSError as the guest's errno; an argument out of the host call's
+    range (a length past 2**63, a NUL in a name) as EINVAL, as Linux answers such values."""
     try:
         return call(*args, **kw)
     except OSError as e:
         raise Errno(e.errno or errno.EIO) from None
+    except (OverflowError, ValueError):
+        raise Errno(errno.EINVAL) from None
 
 
 def _may_block(f):
