@@ -409,7 +409,8 @@ class Proc:
 
 def walk(kernel, p, guest, follow):
     """Where a guest path leads when its symlinks are followed one by one inside the root: ('proc', rel,
-    follow) for the guest's /proc, ('path', canonical guest path) for the host's tree."""
+    follow) for the guest's /proc, ('path', canonical guest path) for the host's tree, ('empty', path) for
+    the root of a host pseudo-filesystem (/sys, /dev/pts: an empty directory to the guest)."""
     policy = kernel.policy
     parts = [c for c in guest.split("/") if c]
     done = []
@@ -431,6 +432,8 @@ def walk(kernel, p, guest, follow):
         try:
             st = os.fstat(fd)
             if policy.on_pseudo_fs(fd):
+                if not parts and stat.S_ISDIR(st.st_mode):
+                    return ("empty", here)          # /sys, /dev/pts...: there, but nothing of the host's inside
                 raise Errno(errno.ENOENT)             # nothing of the host's pseudo-filesystems, not even its links
             if stat.S_ISLNK(st.st_mode) and (parts or follow):
                 links += 1
@@ -475,6 +478,8 @@ class GuestPaths:
             where = walk(self, p, guest, follow)
             if where[0] == "path":
                 return None
+            if where[0] == "empty":
+                return _empty_dir(where[1])
             rel, follow = where[1], where[2]
         for _ in range(MAX_LINKS):
             node = self.proc.lookup(p, rel)
@@ -488,6 +493,8 @@ class GuestPaths:
                 where = walk(self, p, target, follow)
                 if where[0] == "path":
                     return where
+                if where[0] == "empty":
+                    return _empty_dir(where[1])
                 target = "/proc/" + where[1]
             rel = target[len("/proc"):]
         raise Errno(errno.ELOOP)
@@ -547,7 +554,7 @@ class GuestPaths:
             path = node.path
 
             def entries():                              # as of the read: ls lists its own descriptor
-                again = self.proc.lookup(p, path[len("/proc"):])
+                again = self.proc.lookup(p, path[len("/proc"):]) if under_proc(path) or path == "/proc" else node
                 return [(name, _inode(path, name), dtype) for name, dtype in getattr(again, "entries", ())]
             f.list_dir = entries
         return f
@@ -568,6 +575,12 @@ class GuestPaths:
 
 
 O_PATH_FLAG = os.O_PATH
+
+
+def _empty_dir(path):
+    node = Dir([(".", 4), ("..", 4)])
+    node.path = path
+    return node
 
 
 def _inode(path, name):
