@@ -16,6 +16,7 @@ from ..procfs import under_proc
 from .io import _host
 
 
+_OPEN_FLAGS = 0o37777777                         # VALID_OPEN_FLAGS: O_ACCMODE up to __O_TMPFILE
 _MFD_FLAGS = MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x4 | 0x8 | 0x10 | (0x3F << 26)   # HUGETLB, NOEXEC_SEAL, EXEC, sizes
 
 
@@ -47,7 +48,7 @@ class FsCalls:
     """Mixed into Sandbox: `self` is the kernel."""
 
     def sys_openat(self, p, dirfd, path, flags, mode):
-        flags &= 0xFFFFFFFF
+        flags &= _OPEN_FLAGS                            # Linux's open ignores bits it does not know
         guest = self._abs(p, dirfd, path)
         if guest in _ALWAYS_OPEN:
             f = OpenFile(_host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
