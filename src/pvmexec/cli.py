@@ -139,6 +139,7 @@ def cmd_run(args):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        policy.close()                     # its private directories (/dev/shm) go
     if box.unsupported:                    # once per run, as gVisor logs them: the calls that got ENOSYS
         import logging
         from .syscalls import name_of as _name

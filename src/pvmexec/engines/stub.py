@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -71,6 +72,7 @@ class StubEngine(BaseEngine):
         self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
         fd = os.memfd_create("pvmexec-stub-region", os.MFD_CLOEXEC)
         exe = os.memfd_create("pvmexec-stub", 0)
+        self._lend, stub_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             os.ftruncate(fd, L["STUB_REGION_SIZE"])
             self._map = mmap.mmap(fd, L["STUB_REGION_SIZE"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -86,7 +88,8 @@ class StubEngine(BaseEngine):
             self.service = _Thread(0, self._base)
             os.write(exe, _core.STUB_ELF)
             os.set_inheritable(fd, True)
-            self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd)], pass_fds=(fd, exe),
+            self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd), str(stub_end.fileno())],
+                                         pass_fds=(fd, exe, stub_end.fileno()),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
                                          preexec_fn=_no_randomize if fixed_layout else None)
@@ -100,6 +103,7 @@ class StubEngine(BaseEngine):
         finally:
             os.close(fd)
             os.close(exe)
+            stub_end.close()
         self.gadget = struct.unpack_from("<Q", self._map, L["stub_header.gadget"])[0]
         # The first trap's FPU state (the stub never touched the FPU): the clean state for this CPU.
         stop_off = L["STUB_BLOCK_OFF"] + L["STUB_STOP_OFF"]
@@ -166,6 +170,37 @@ class StubEngine(BaseEngine):
                 name_of(nr), ", ".join(name_of(n) for n in sorted(STUB_ALLOWED))), args)
         _spare_window(nr, args)
         return self._call(_core.agent_syscall, nr, *args, thread=None)
+
+    def map_file(self, host_fd, addr, length, prot, flags, offset):
+        """mmap(2) in the stub of the caller's descriptor host_fd (a file mapping the guest asked for): the
+        descriptor goes over the stub's lending socket, is mapped and closed at once. Returns mmap's raw result."""
+        _spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        scratch = L["STUB_LEND_SCRATCH"]
+        remote = struct.unpack_from("<Q", self._map, L["stub_header.region_base"])[0] + scratch
+        with self.service.lock:
+            # msghdr {name 0, iov -> 1 byte, 1 iov, control -> 24 bytes}; the byte and the cmsg follow it.
+            struct.pack_into("<QI4xQQQQi4xQQ", self._map, scratch, 0, 0, remote + 56, 1, remote + 80, 24, 0,
+                             remote + 72, 1)
+            self._map[scratch + 72:scratch + 104] = bytes(32)
+            socket.send_fds(self._lend, [b"\0"], [host_fd])
+            got = self._raw(_NR_RECVMSG, (L["STUB_LEND_FD"], remote, 0x40000000, 0, 0, 0))   # MSG_CMSG_CLOEXEC
+            length_, level, kind, fd = struct.unpack_from("<QiiI", self._map, scratch + 80)
+            # The guest can write this page: what it says is checked before use.
+            if got != 1 or (length_, level, kind) != (20, socket.SOL_SOCKET, socket.SCM_RIGHTS) or \
+                    not 0 <= fd < 1024 or fd == L["STUB_LEND_FD"]:
+                raise EngineError("the stub did not receive a descriptor to map (%d)" % got)
+            try:
+                return self._raw(_NR_MMAP, (addr, length, prot, flags, fd, offset))
+            finally:
+                self._raw(_NR_CLOSE, (fd, 0, 0, 0, 0, 0))
+
+    def _raw(self, nr, args):
+        """One mode-2 call on the service channel, whose lock the caller holds."""
+        try:
+            return _core.agent_syscall(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0,
+                                       nr, *args)
+        except BaseException as e:
+            raise self._failed(e) from None
 
     def syscalls(self, calls):
         for nr, args in calls:
@@ -316,6 +351,9 @@ class StubEngine(BaseEngine):
 
     def close(self):
         self.kill()
+        if getattr(self, "_lend", None) is not None:
+            self._lend.close()
+            self._lend = None
         if self._mem >= 0:
             os.close(self._mem)
             self._mem = -1
@@ -355,6 +393,7 @@ STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
 _WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])
 _MAP_FIXED, _MREMAP_FIXED = MAP_FIXED, MREMAP_FIXED
 _NR_MMAP, _NR_MPROTECT, _NR_MUNMAP, _NR_MREMAP = (number(n) for n in ("mmap", "mprotect", "munmap", "mremap"))
+_NR_RECVMSG, _NR_CLOSE = number("recvmsg"), number("close")
 
 
 def _spare_window(nr, args):

@@ -12,8 +12,10 @@ from typing import Any, Sequence
 import errno
 import os
 import posixpath
+import shutil
 import stat
 import struct
+import tempfile
 import threading
 from array import array
 
@@ -23,6 +25,9 @@ from .errors import Errno
 
 
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+# Directories that are the sandbox's own, empty at the start and removed at the end (as gVisor's tmpfs
+# mounts), unless the policy's writable paths share the host's.
+PRIVATE = ("/dev/shm",)
 # /proc describes the host, not the guest: only these general files are shown.
 PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",
                 "/proc/version", "/proc/filesystems", "/proc/sys")
@@ -107,6 +112,10 @@ class Policy:
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
+        for host, fd in getattr(self, "_private", {}).values():
+            os.close(fd)
+            shutil.rmtree(host, ignore_errors=True)
+        self._private = {}
 
     __del__ = close
 
@@ -117,6 +126,28 @@ class Policy:
         rel = guest_abs.lstrip("/")
         return (rel or ".").encode("utf-8", "surrogateescape")
 
+    def _private_dir(self, guest_abs):
+        """The guest directory of PRIVATE that guest_abs lies in, unless the policy shares the host's."""
+        for g in PRIVATE:
+            if (guest_abs == g or guest_abs.startswith(g + "/")) and not any(
+                    w == "/" or g == w or g.startswith(w + "/") for w in self.writable):
+                return g
+        return None
+
+    def _base(self, guest_abs):
+        """(directory descriptor, relative path) that openat2 resolves guest_abs from: the root, or a
+        private directory of the sandbox's own (its /dev/shm)."""
+        g = self._private_dir(guest_abs)
+        if g is None:
+            return self.root_fd, self._rel(guest_abs)
+        if not hasattr(self, "_private"):
+            self._private = {}
+        if g not in self._private:
+            made = tempfile.mkdtemp(prefix="pvmexec-shm-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+            os.chmod(made, 0o1777)
+            self._private[g] = (made, os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        return self._private[g][1], self._rel(guest_abs[len(g):] or "/")
+
     def _visible(self, guest_abs):
         if guest_abs == "/proc" or guest_abs.startswith("/proc/"):
             if guest_abs != "/proc" and not any(guest_abs == p or guest_abs.startswith(p + "/") for p in PROC_VISIBLE):
@@ -126,6 +157,9 @@ class Policy:
         return os.readlink("/proc/self/fd/%d" % fd)
 
     def _may_write(self, host_path):
+        for host, _fd in getattr(self, "_private", {}).values():
+            if host_path == host or host_path.startswith(host + "/"):
+                return True
         for w in self.writable:
             prefix = os.path.join(self.root, w.lstrip("/")).rstrip("/")
             if host_path == prefix or host_path.startswith(prefix + "/"):
@@ -161,7 +195,7 @@ class Policy:
 
     def raw_path_fd(self, guest_abs):
         """O_PATH|O_NOFOLLOW for one step of procfs.walk (OSError as the host says; the walk checks)."""
-        return _core.openat2(self.root_fd, self._rel(guest_abs), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+        return _core.openat2(*self._base(guest_abs), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
                              RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
 
     def _error(self, guest_abs, err):
@@ -174,7 +208,7 @@ class Policy:
         while head not in ("", "/"):
             head = posixpath.dirname(head.rstrip("/"))
             try:
-                fd = _core.openat2(self.root_fd, self._rel(head or "/"), os.O_PATH | os.O_CLOEXEC, 0,
+                fd = _core.openat2(*self._base(head or "/"), os.O_PATH | os.O_CLOEXEC, 0,
                                    RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
             except OSError:
                 continue
@@ -186,6 +220,9 @@ class Policy:
 
     def guest_path(self, host):
         """The guest's name for a host path below the root, or None."""
+        for g, (made, _fd) in getattr(self, "_private", {}).items():
+            if host == made or host.startswith(made + "/"):
+                return g + host[len(made):]
         if self.root == "/":
             return host
         if host == self.root or host.startswith(self.root + "/"):
@@ -197,7 +234,7 @@ class Policy:
         self._visible(guest_abs)
         flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW) | (os.O_DIRECTORY if directory else 0)
         try:
-            fd = _core.openat2(self.root_fd, self._rel(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            fd = _core.openat2(*self._base(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
         except OSError as e:
             raise self._error(guest_abs, e.errno) from None
         return self.reached(fd)

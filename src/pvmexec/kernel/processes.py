@@ -8,10 +8,11 @@ import signal
 import struct
 import threading
 
-from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
+from ..abi import (MAP_FIXED_NOREPLACE, MAP_SHARED, CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
 from .errors import Errno
+from .syscalls.mm import drop_shared, map_file
 from .syscalls.timer import end_timers
 from .task import Process, close_wake, kill_space, usage_of
 from .threads import wait_for_threads
@@ -69,6 +70,7 @@ class ProcessMachinery:
             self._procs[pid] = child
         child.cwd, child.umask, child.exe, child.comm = parent.cwd, parent.umask, parent.exe, parent.comm
         child.arg_area, child.nice, child.file_maps = parent.arg_area, parent.nice, list(parent.file_maps)
+        child.shared_files = {key: os.dup(fd) for key, fd in parent.shared_files.items()}
         child.sigactions = dict(parent.sigactions)
         child.sigmask = parent.sigmask
         child.altstack = parent.altstack
@@ -85,6 +87,7 @@ class ProcessMachinery:
             if child.parent is not None:
                 child.parent.children.pop(child.pid, None)
         child.fds.close_all()
+        drop_shared(child)
         if child.space is not None:
             child.space.detach()
         close_wake(child)
@@ -100,6 +103,8 @@ class ProcessMachinery:
             if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
                 continue
             perms = fields[1]
+            if perms[3] == "s" and self._share_with_child(child, fields, lo, hi):
+                continue
             prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
             at = dst.syscall_raw("mmap", lo, hi - lo, 3, 0x22 | 0x100000, -1, 0)
             if at != lo:
@@ -118,6 +123,17 @@ class ProcessMachinery:
         # Patched syscall sites in the copied code jump through the window: give the child the same table.
         if src.engine == dst.engine == "stub":
             dst.backend.copy_patches_from(src.backend)
+
+    def _share_with_child(self, child, fields, lo, hi):
+        """A shared mapping the child maps too (the same pages, not a copy); False if its file is unknown."""
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        fd = child.shared_files.get((os.makedev(major, minor), int(fields[4])))
+        if fd is None:
+            return False
+        perms = fields[1]
+        prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+        map_file(child, fd, lo, hi - lo, prot, MAP_SHARED | MAP_FIXED_NOREPLACE, int(fields[2], 16))
+        return True
 
     def _start(self, child):
         t = threading.Thread(target=self._run_process, args=(child,), name="guest-%d" % child.pid, daemon=True)
@@ -144,6 +160,7 @@ class ProcessMachinery:
         p.threads.pop(p.pid, None)
         p.fds.close_all()
         end_timers(p)
+        drop_shared(p)
         if p.space is not None:
             p.usage = usage_of(p.space.pid)
             p.space.detach()

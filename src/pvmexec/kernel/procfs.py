@@ -345,7 +345,7 @@ class Proc:
                     any(lo < e and hi > s for s, e in q.protected) or lo >= 1 << 47):
                 continue
             offset, dev, ino = fields[2], fields[3], fields[4]
-            for start, end, path, off, st_dev, st_ino in getattr(q, "file_maps", ()):
+            for start, end, path, off, st_dev, st_ino, _shared in q.file_maps:
                 if start <= lo and hi <= end:
                     offset = "%08x" % (off + lo - start)
                     dev = "%02x:%02x" % (os.major(st_dev), os.minor(st_dev))

@@ -36,10 +36,19 @@ from .procfs import GuestPaths, Proc
 from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
                        ThreadCalls, TimerCalls)
+from .syscalls.mm import drop_shared
 from .syscalls.timer import end_timers
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
 from .trace import Tracer
+
+
+class SharedFutexes:
+    """Futex waiters on shared mappings, keyed by (st_dev, st_ino, offset): every guest process's."""
+
+    def __init__(self):
+        self.futexes = {}
+        self.futex_lock = threading.Lock()
 
 
 class Spawner:
@@ -95,6 +104,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self._procs = {}
         self._procs_by_tid = {}
         self.proc = Proc(self)
+        self.shared_futexes = SharedFutexes()
         self._spawner = Spawner()
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
@@ -377,6 +387,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
         p.arg_area = arg_area
+        drop_shared(p)
         p.file_maps = self._image_maps(p, path, main) + (self._image_maps(p, self._abs(p, AT_FDCWD, main.interp), interp)
                                                         if interp else [])
         p.comm = posixpath.basename(path).encode()[:15]
@@ -440,7 +451,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return [(lo, hi, path, off, st.st_dev, st.st_ino) for lo, hi, off in elf.file_ranges()]
+        return [(lo, hi, path, off, st.st_dev, st.st_ino, False) for lo, hi, off in elf.file_ranges()]
 
     def _inherited_name(self, host_fd, guest_fd):
         """What /proc/PID/fd shows for a descriptor the guest got from the host: pipe:[N] and the like as

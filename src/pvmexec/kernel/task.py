@@ -137,7 +137,8 @@ class Process:
         self.altstack = (0, 2, 0)           # SS_DISABLE
         self.exe = None
         self.arg_area = None                # (start, end of argv, end of envp) strings in its memory
-        self.file_maps = []                 # (start, end, guest path, offset, st_dev, st_ino) of file mappings
+        self.file_maps = []                 # (start, end, guest path, offset, st_dev, st_ino, shared) of file mappings
+        self.shared_files = {}              # (st_dev, st_ino) -> host fd of what its shared mappings map
         self.comm = b""
         self.clear_child_tid = 0
         self.robust_list = (0, 0)

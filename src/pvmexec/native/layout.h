@@ -188,9 +188,14 @@ struct pvm_patch_site {
  * mmap mprotect munmap rt_sigprocmask rt_sigreturn mremap madvise mincore getpid
  * exit getppid sigaltstack gettid futex exit_group, and clone with exactly
  * PVM_STUB_CLONE_FLAGS (a thread in the same space). None reaches outside the
- * stub's own address space (the stub has no file descriptors, so mmap cannot
- * map a file).
+ * stub's own address space. The stub's one descriptor is PVM_STUB_LEND_FD, a
+ * socket the caller sends it files to map on: recvmsg only on it, close only
+ * of what it received (PVM_STUB_LENDING, for mode 2 only); mmap maps nothing
+ * else.
  */
+#define PVM_STUB_LEND_FD 3
+#define PVM_STUB_LENDING __NR_recvmsg, __NR_close
+#define PVM_STUB_LEND_SCRATCH 2048          /* in the region's first page: the lending msghdr and cmsg */
 #define PVM_STUB_ALLOWED __NR_mmap, __NR_mprotect, __NR_munmap, __NR_rt_sigprocmask, __NR_rt_sigreturn, \
     __NR_mremap, __NR_madvise, __NR_mincore, __NR_getpid, __NR_exit, __NR_getppid, __NR_sigaltstack, __NR_gettid, \
     __NR_futex, __NR_exit_group
@@ -205,7 +210,7 @@ struct pvm_stop {
     uint64_t regs[27];          /* struct user_regs_struct order */
 };
 
-_Static_assert(sizeof(struct pvm_stub_header) <= PVM_PAGE, "stub header fits");
+_Static_assert(sizeof(struct pvm_stub_header) <= PVM_STUB_LEND_SCRATCH, "stub header fits before the lending scratch");
 _Static_assert(sizeof(struct pvm_stop) <= PVM_PAGE, "stop fits");
 _Static_assert(__builtin_offsetof(struct pvm_stop, siginfo) == 16, "stop.siginfo");
 _Static_assert(__builtin_offsetof(struct pvm_stop, regs) == 144, "stop.regs");
@@ -283,6 +288,9 @@ _Static_assert(__builtin_offsetof(struct pvm_slot, calls) == 192, "calls offset"
     VAL("STUB_FP_OFF", PVM_STUB_FP_OFF) \
     VAL("STUB_FP_MAX", PVM_STUB_FP_MAX) \
     VAL("STUB_MAX_THREADS", PVM_STUB_MAX_THREADS) \
+    VAL("STUB_LEND_FD", PVM_STUB_LEND_FD) \
+    VAL("STUB_LEND_SCRATCH", PVM_STUB_LEND_SCRATCH) \
+    OFF("stub_header.region_base", struct pvm_stub_header, region_base) \
     VAL("STUB_BLOCK_SIZE", PVM_STUB_BLOCK_SIZE) \
     OFF("stop.fp_size", struct pvm_stop, fp_size) \
     OFF("stop.ready", struct pvm_stop, ready) \

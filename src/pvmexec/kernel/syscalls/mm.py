@@ -1,6 +1,7 @@
 """Handlers: memory (mmap, munmap, mprotect, mremap, madvise, mincore, brk); the stub's own mappings are untouchable."""
 import errno
 import os
+import stat
 
 from ...abi import (MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE,
                     MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
@@ -18,16 +19,94 @@ def _untouchable(p, start, length):
         raise Errno(errno.EINVAL)
 
 
+def shared_key(p, addr):
+    """(st_dev, st_ino, offset in the file) for an address in a shared mapping, else None: what futexes of
+    different processes on the same shared page have in common."""
+    for start, end, _path, off, dev, ino, shared in p.file_maps:
+        if shared and start <= addr < end:
+            return dev, ino, off + addr - start
+    return None
+
+
 def _forget_files(p, lo, hi):
     """Pages [lo, hi) no longer come from the files recorded for /proc/PID/maps."""
     kept = []
-    for start, end, path, off, dev, ino in p.file_maps:
+    for start, end, path, off, dev, ino, shared in p.file_maps:
         if start < lo:
-            kept.append((start, min(end, lo), path, off, dev, ino))
+            kept.append((start, min(end, lo), path, off, dev, ino, shared))
         if end > hi:
             at = max(start, hi)
-            kept.append((at, end, path, off + at - start, dev, ino))
+            kept.append((at, end, path, off + at - start, dev, ino, shared))
     p.file_maps = kept
+
+
+def map_file(p, host_fd, addr, length, prot, flags, off):
+    """A shared mapping of the kernel's host descriptor in the guest's space (the descriptor is lent for the
+    one call: the guest never holds it)."""
+    backend = p.space.backend
+    if hasattr(backend, "map_file"):
+        ret = backend.map_file(host_fd, addr, length, prot, flags, off)
+    else:
+        with p.space.lend(host_fd) as remote:
+            ret = p.space.syscall_raw("mmap", addr, length, prot, flags, remote, off)
+    if -4096 < ret < 0:
+        raise Errno(-ret)
+    return ret
+
+
+def _map_shared_memory(p, addr, length, prot, flags):
+    """MAP_SHARED|MAP_ANONYMOUS: memory of a memfd the kernel holds, so that a fork maps the same pages."""
+    memfd = os.memfd_create("pvmexec-shared", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, page_up(length))
+        at = map_file(p, memfd, addr, length, prot, (flags & ~MAP_ANONYMOUS & ~0x3) | MAP_SHARED, 0)
+        st = os.fstat(memfd)
+        _forget_files(p, at, at + page_up(length))
+        p.file_maps.append((at, at + page_up(length), "/dev/zero (deleted)", 0, st.st_dev, st.st_ino, True))
+        keep_shared(p, memfd, st)
+    finally:
+        os.close(memfd)
+    return at
+
+
+def keep_shared(p, host_fd, st):
+    """Remember the file behind a shared mapping, so that fork can map it again in the child; files no
+    mapping uses any more are let go (at most a few dozen are kept)."""
+    key = (st.st_dev, st.st_ino)
+    if key not in p.shared_files:
+        if len(p.shared_files) >= 32:
+            in_use = shared_in_maps(p)
+            for k in [k for k in p.shared_files if k not in in_use]:
+                os.close(p.shared_files.pop(k))
+        p.shared_files[key] = os.dup(host_fd)
+
+
+def shared_in_maps(p):
+    """{(st_dev, st_ino): [(lo, hi, prot, offset)]} of the guest's shared mappings, from the stub's maps."""
+    found = {}
+    try:
+        with open("/proc/%d/maps" % p.space.pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5 or fields[1][3] != "s":
+            continue
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if any(lo < e and hi > s for s, e in p.protected):
+            continue
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        perms = fields[1]
+        prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+        found.setdefault((os.makedev(major, minor), int(fields[4])), []).append((lo, hi, prot, int(fields[2], 16)))
+    return found
+
+
+def drop_shared(p):
+    for fd in p.shared_files.values():
+        os.close(fd)
+    p.shared_files = {}
 
 
 def _mode2(p, name, *args):
@@ -47,18 +126,27 @@ class MmCalls:
             raise Errno(errno.EINVAL)
         if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
             _untouchable(p, addr, length)
-        if flags & MAP_ANONYMOUS:
+        shared = flags & 0x3 in (MAP_SHARED, MAP_SHARED_VALIDATE)
+        if flags & MAP_ANONYMOUS and not shared:
             at = _mode2(p, "mmap", addr, length, prot, flags, -1, 0)
             _forget_files(p, at, at + page_up(length))
             return at
+        if flags & MAP_ANONYMOUS:
+            return _map_shared_memory(p, addr, length, prot, flags)
         f = p.fds.get(fd)
         st = os.fstat(f.host_fd)
-        if (st.st_mode & 0o170000) != 0o100000:
+        if stat.S_ISCHR(st.st_mode) and f.path == "/dev/zero" and shared:
+            return _map_shared_memory(p, addr, length, prot, flags & ~MAP_ANONYMOUS)
+        if not stat.S_ISREG(st.st_mode):
             raise Errno(errno.ENODEV)
-        if flags & 0x3 in (MAP_SHARED, MAP_SHARED_VALIDATE) and prot & PROT_WRITE:
-            raise Errno(errno.ENODEV)               # writes could not reach the file: refuse rather than lie
-        if f.flags & 3 == os.O_WRONLY:
+        if f.flags & 3 == os.O_WRONLY or shared and prot & PROT_WRITE and f.flags & 3 != os.O_RDWR:
             raise Errno(errno.EACCES)
+        if shared:
+            at = map_file(p, f.host_fd, addr, length, prot, flags, off)
+            _forget_files(p, at, at + page_up(length))
+            p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino, True))
+            keep_shared(p, f.host_fd, st)
+            return at
         # A private copy of the file's pages (a read-only shared mapping looks the same to its reader).
         flags = (flags & ~0x3 & ~0x800) | MAP_PRIVATE | MAP_ANONYMOUS     # also drop MAP_DENYWRITE
         at = _mode2(p, "mmap", addr, length, prot | PROT_WRITE, flags, -1, 0)
@@ -77,7 +165,7 @@ class MmCalls:
             p.space.syscall_raw("munmap", at, length)
             raise
         _forget_files(p, at, at + page_up(length))
-        p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino))
+        p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino, False))
         return at
 
     def sys_munmap(self, p, addr, length):
@@ -150,4 +238,15 @@ class MmCalls:
         return 0
 
     def sys_munlockall(self, p):
+        return 0
+
+    def sys_msync(self, p, addr, length, flags):
+        if addr % PAGE or flags & ~7 or flags & 5 == 5:           # MS_ASYNC|MS_SYNC together: EINVAL
+            raise Errno(errno.EINVAL)
+        if flags & 4:                                              # MS_SYNC: the shared files reach the disk
+            for fd in p.shared_files.values():
+                try:
+                    os.fdatasync(fd)
+                except OSError:
+                    pass
         return 0

@@ -2,11 +2,12 @@
 import errno
 import struct
 
-from ...abi import (FUTEX_CLOCK_REALTIME, FUTEX_CMP_REQUEUE, FUTEX_REQUEUE, FUTEX_WAIT, FUTEX_WAIT_BITSET, FUTEX_WAKE,
-                    FUTEX_WAKE_BITSET, PAGE)
+from ...abi import (FUTEX_CLOCK_REALTIME, FUTEX_CMP_REQUEUE, FUTEX_PRIVATE_FLAG, FUTEX_REQUEUE, FUTEX_WAIT,
+                    FUTEX_WAIT_BITSET, FUTEX_WAKE, FUTEX_WAKE_BITSET, PAGE)
 from ..errors import Errno, Interrupted
 from ..task import leader_of
 from ..threads import _Waiter, futex_wake
+from .mm import shared_key
 
 
 TASK_SIZE = (1 << 47) - PAGE
@@ -20,10 +21,18 @@ class ThreadCalls:
         cmd = op & 0x7F
         proc = leader_of(p)
         val &= 0xFFFFFFFF
+        # A futex that is not private, on a shared mapping, is the same futex in every process mapping it.
+        shared = None if op & FUTEX_PRIVATE_FLAG else shared_key(proc, uaddr)
+        if shared is not None:
+            if cmd in (FUTEX_REQUEUE, FUTEX_CMP_REQUEUE):
+                raise Errno(errno.ENOSYS)               # not between processes
+            home, key = self.shared_futexes, shared
+        else:
+            home, key = proc, uaddr
         if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
             if cmd == FUTEX_WAKE_BITSET and val3 & 0xFFFFFFFF == 0:
                 raise Errno(errno.EINVAL)
-            return futex_wake(proc, uaddr, val, val3 & 0xFFFFFFFF if cmd == FUTEX_WAKE_BITSET else 0xFFFFFFFF)
+            return futex_wake(home, key, val, val3 & 0xFFFFFFFF if cmd == FUTEX_WAKE_BITSET else 0xFFFFFFFF)
         if cmd in (FUTEX_REQUEUE, FUTEX_CMP_REQUEUE):
             with proc.futex_lock:
                 if cmd == FUTEX_CMP_REQUEUE and struct.unpack("<I", p.read(uaddr, 4))[0] != val3 & 0xFFFFFFFF:
@@ -57,10 +66,10 @@ class ThreadCalls:
                 else:
                     deadline = time.monotonic_ns() + sec * 10 ** 9 + nsec
             w = _Waiter(bitset)
-            with proc.futex_lock:
+            with home.futex_lock:
                 if struct.unpack("<I", p.read(uaddr, 4))[0] != val:
                     raise Errno(errno.EAGAIN)
-                proc.futexes.setdefault(uaddr, []).append(w)
+                home.futexes.setdefault(key, []).append(w)
             try:
                 while not w.event.is_set():
                     left = None if deadline is None else (deadline - time.monotonic_ns()) / 1e9
@@ -70,12 +79,12 @@ class ThreadCalls:
                     if not w.event.is_set() and (self._signal_ready(p) or proc.group_status is not None):
                         raise Interrupted()
             finally:
-                with proc.futex_lock:
-                    queue = proc.futexes.get(uaddr)
+                with home.futex_lock:
+                    queue = home.futexes.get(key)
                     if queue and w in queue:
                         queue.remove(w)
                         if not queue:
-                            proc.futexes.pop(uaddr, None)
+                            home.futexes.pop(key, None)
             return 0
         raise Errno(errno.ENOSYS)
 

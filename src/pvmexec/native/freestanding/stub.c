@@ -246,7 +246,7 @@ static void canon_xstate(uint8_t *fp, uint32_t size)
 }
 static uint32_t mxcsr_mask;
 static char *window;                 /* the patching window, through the region (writable) */
-static const uint32_t allowed[] = {PVM_STUB_ALLOWED};
+static const uint32_t allowed[] = {PVM_STUB_ALLOWED, PVM_STUB_LENDING};
 
 
 static void copy(void *d, const void *s, uint64_t n)
@@ -557,7 +557,7 @@ static void install_filter(uint64_t ip)
     static const uint32_t set[] = {PVM_STUB_ALLOWED};
     enum { N = sizeof set / sizeof set[0] };
     const uint32_t tramp = (uint32_t)(PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF);
-    struct sock_filter_ f[32 + N];
+    struct sock_filter_ f[48 + N];
     int i = 0;
     f[i++] = (struct sock_filter_){LD, 0, 0, 4};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, 0xC000003EU};
@@ -580,6 +580,24 @@ static void install_filter(uint64_t ip)
     f[i++] = (struct sock_filter_){LD, 0, 0, 12};
     f[i++] = (struct sock_filter_){JEQ, 1, 0, (uint32_t)(ip >> 32)};
     f[i++] = (struct sock_filter_){RET, 0, 0, TRAP};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 0};
+    /* recvmsg: only on the lending socket. */
+    f[i++] = (struct sock_filter_){JEQ, 0, 6, __NR_recvmsg};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 20};
+    f[i++] = (struct sock_filter_){JEQ, 0, 2, 0};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 16};
+    f[i++] = (struct sock_filter_){JEQ, 1, 0, PVM_STUB_LEND_FD};
+    f[i++] = (struct sock_filter_){RET, 0, 0, KILL};
+    f[i++] = (struct sock_filter_){RET, 0, 0, ALLOW};
+    /* close: what it received (not the lending socket). */
+    f[i++] = (struct sock_filter_){JEQ, 0, 7, __NR_close};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 20};
+    f[i++] = (struct sock_filter_){JEQ, 0, 4, 0};
+    f[i++] = (struct sock_filter_){LD, 0, 0, 16};
+    f[i++] = (struct sock_filter_){JEQ, 2, 0, PVM_STUB_LEND_FD};
+    f[i++] = (struct sock_filter_){JGE, 1, 0, 1024};
+    f[i++] = (struct sock_filter_){RET, 0, 0, ALLOW};
+    f[i++] = (struct sock_filter_){RET, 0, 0, KILL};
     f[i++] = (struct sock_filter_){LD, 0, 0, 0};
     f[i++] = (struct sock_filter_){JEQ, 0, 4, 56};                   /* clone: only a thread of this space */
     f[i++] = (struct sock_filter_){LD, 0, 0, 16};
@@ -688,7 +706,15 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     if (header->magic != PVM_STUB_MAGIC)
         sys6(__NR_exit_group, 5, 0, 0, 0, 0, 0);
     setup_window(fd);
-    sys6(__NR_close_range, 0, ~0U, 0, 0, 0, 0);             /* no descriptors at all from here on */
+    if (argc > 2) {                         /* the lending socket, at its fixed number */
+        long lend = parse_int(argv[2]);
+        if (lend != PVM_STUB_LEND_FD && sys6(__NR_dup3, lend, PVM_STUB_LEND_FD, 0, 0, 0, 0) != PVM_STUB_LEND_FD)
+            sys6(__NR_exit_group, 11, 0, 0, 0, 0, 0);
+        sys6(__NR_close_range, 0, PVM_STUB_LEND_FD - 1, 0, 0, 0, 0);
+        sys6(__NR_close_range, PVM_STUB_LEND_FD + 1, ~0U, 0, 0, 0, 0);
+    } else {
+        sys6(__NR_close_range, 0, ~0U, 0, 0, 0, 0);         /* no descriptors at all from here on */
+    }
     sys6(__NR_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
     static const char comm[16] = "pvmexec-stub";
     sys6(__NR_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
