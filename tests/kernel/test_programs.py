@@ -138,3 +138,32 @@ def test_mincore_reports_which_pages_are_in_memory(tree):
             "print(libc.mincore(p, 4096, ctypes.c_void_p(0x050f0000)), ctypes.get_errno())\n")  # the stub's window
     got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
     assert got.stdout == b"0 [1, 0, 1]\n-1 14\n-1 14\n"
+
+
+def test_pseudo_terminals_of_the_guests_own(tmp_path):
+    """openpty/forkpty work on ptys the guest makes; a /dev/pts number of the host's stays out of reach."""
+    import pty as host_pty
+    master, slave = host_pty.openpty()                 # a host terminal the guest must not reach
+    number = os.ttyname(slave)
+    try:
+        code = textwrap.dedent("""
+            import os, pty, sys
+            pid, fd = pty.fork()
+            if pid == 0:
+                print("child", os.isatty(0), os.ttyname(0).startswith("/dev/pts/"))
+                os._exit(3)
+            print(os.read(fd, 100).replace(b"\\r", b""), os.waitpid(pid, 0)[1] >> 8)
+            m, s = os.openpty()
+            os.write(m, b"typed\\n")
+            print(os.read(s, 10), os.path.basename(os.ttyname(s)) in os.listdir("/dev/pts"))
+            try:
+                os.open(sys.argv[1], os.O_RDWR)
+                print("reached the host's terminal")
+            except OSError as e:
+                print(e.errno)
+        """)
+        got = sandboxed([PYTHON3, "-c", code, number], "-q")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert got.stdout.decode().splitlines() == ["b'child True True\\n' 3", "b'typed\\n' True", "2"], got.stderr

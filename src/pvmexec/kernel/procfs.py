@@ -432,6 +432,8 @@ def walk(kernel, p, guest, follow):
         try:
             st = os.fstat(fd)
             if policy.on_pseudo_fs(fd):
+                if here == "/dev/pts" and len(parts) == 1 and kernel._guest_pty(here + "/" + parts[0]) is not None:
+                    return ("path", here + "/" + parts[0])          # a pty a guest made
                 if not parts and stat.S_ISDIR(st.st_mode):
                     return ("empty", here)          # /sys, /dev/pts...: there, but nothing of the host's inside
                 raise Errno(errno.ENOENT)             # nothing of the host's pseudo-filesystems, not even its links
@@ -450,6 +452,13 @@ def walk(kernel, p, guest, follow):
             os.close(fd)
         done.append(name)
     return ("path", "/" + "/".join(done))
+
+
+def reopen_path(fd, flags):
+    try:
+        return os.open("/proc/self/fd/%d" % fd, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC)
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
 
 
 def reopen(kernel, f, flags):
@@ -476,10 +485,12 @@ class GuestPaths:
             rel = guest[len("/proc"):]
         else:
             where = walk(self, p, guest, follow)
-            if where[0] == "path":
+            if where[0] == "path" and self._guest_pty(where[1]) is None:
                 return None
             if where[0] == "empty":
-                return _empty_dir(where[1])
+                return _empty_dir(where[1], self.ptys if where[1] == "/dev/pts" else ())
+            if where[0] == "path":
+                return where
             rel, follow = where[1], where[2]
         for _ in range(MAX_LINKS):
             node = self.proc.lookup(p, rel)
@@ -500,7 +511,10 @@ class GuestPaths:
         raise Errno(errno.ELOOP)
 
     def _lookup(self, p, guest, follow, call):
-        """call(guest path) on the host's tree, or the /proc node the path names instead."""
+        """call(guest path) on the host's tree, or the /proc node the path names instead (a pty a guest
+        made, on the host's devpts, comes back as an O_PATH descriptor of it)."""
+        if self._guest_pty(guest) is not None:
+            return _pty_path_fd(self._guest_pty(guest))
         if not under_proc(guest):
             try:
                 return call(guest)
@@ -511,6 +525,8 @@ class GuestPaths:
         else:
             node = self._proc_node(p, guest, follow)
         if isinstance(node, tuple):
+            if self._guest_pty(node[1]) is not None:
+                return _pty_path_fd(self._guest_pty(node[1]))
             return call(node[1])
         return node
 
@@ -529,6 +545,11 @@ class GuestPaths:
         """The OpenFile open(2) of a guest path makes (the policy checked on the host's tree)."""
         follow = not flags & os.O_NOFOLLOW
         node = self._lookup(p, guest, follow, lambda g: (self.policy.open(g, flags, mode), g))
+        if isinstance(node, int):                       # a guest's pty, reached by another name
+            try:
+                return OpenFile(reopen_path(node, flags | os.O_NOCTTY), os.readlink("/proc/self/fd/%d" % node), flags)
+            finally:
+                os.close(node)
         if isinstance(node, tuple):
             return OpenFile(node[0], node[1].rstrip("/") or "/", flags)
         if isinstance(node, FdLink):
@@ -577,8 +598,15 @@ class GuestPaths:
 O_PATH_FLAG = os.O_PATH
 
 
-def _empty_dir(path):
-    node = Dir([(".", 4), ("..", 4)])
+def _pty_path_fd(n):
+    try:
+        return os.open("/dev/pts/%d" % n, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise Errno(e.errno or errno.ENOENT) from None
+
+
+def _empty_dir(path, ptys=()):
+    node = Dir([(".", 4), ("..", 4)] + [(str(n), 2) for n in sorted(ptys)])
     node.path = path
     return node
 

@@ -105,6 +105,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self._procs_by_tid = {}
         self.proc = Proc(self)
         self.shared_futexes = SharedFutexes()
+        self.ptys = set()                       # /dev/pts numbers of the ptys guests made
+        self.tty_pgrp = {}                      # a terminal's st_rdev -> its foreground process group
         self._spawner = Spawner()
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():

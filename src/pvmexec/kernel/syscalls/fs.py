@@ -16,6 +16,7 @@ from ..procfs import under_proc
 from .io import _host
 
 
+_TIOCGPTN = 0x80045430
 _OPEN_FLAGS = 0o37777777                         # VALID_OPEN_FLAGS: O_ACCMODE up to __O_TMPFILE
 _MFD_FLAGS = MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x4 | 0x8 | 0x10 | (0x3F << 26)   # HUGETLB, NOEXEC_SEAL, EXEC, sizes
 
@@ -52,6 +53,12 @@ class FsCalls:
         guest = self._abs(p, dirfd, path)
         if guest in _ALWAYS_OPEN:
             f = OpenFile(_host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
+        elif guest in ("/dev/ptmx", "/dev/pts/ptmx"):
+            f = self._new_pty(flags)
+        elif self._guest_pty(guest) is not None:
+            n = self._guest_pty(guest)
+            f = OpenFile(_host(os.open, "/dev/pts/%d" % n, (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY),
+                         guest, flags)
         else:
             f = self._open_guest(p, guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
         f.flags = flags | O_LARGEFILE
@@ -60,6 +67,26 @@ class FsCalls:
         except Errno:
             f.release()
             raise
+
+    def _new_pty(self, flags):
+        """A pseudo-terminal master: the host's, held by the kernel; its slave is reachable as /dev/pts/N
+        (only the ptys guests made are: the host's terminals stay out of reach)."""
+        host = _host(os.open, "/dev/ptmx", (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            n = struct.unpack("<I", fcntl.ioctl(host, _TIOCGPTN, bytes(4)))[0]
+        except OSError as e:
+            os.close(host)
+            raise Errno(e.errno or errno.EIO) from None
+        self.ptys.add(n)
+        f = OpenFile(host, "/dev/ptmx", flags)
+        f.on_release = lambda: self.ptys.discard(n)     # the number may go to a host terminal next
+        return f
+
+    def _guest_pty(self, guest):
+        """N for /dev/pts/N when a guest made that pty, else None."""
+        if guest.startswith("/dev/pts/") and guest[9:].isdigit() and int(guest[9:]) in self.ptys:
+            return int(guest[9:])
+        return None
 
     def sys_open(self, p, path, flags, mode):
         return self.sys_openat(p, AT_FDCWD, path, flags, mode)

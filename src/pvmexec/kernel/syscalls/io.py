@@ -13,8 +13,11 @@ from ..files import OpenFile
 IO_MAX = 1 << 20                      # bytes moved per step (pipes and terminals: per call)
 MAX_RW_COUNT = 0x7FFFF000             # what Linux moves in one read or write at most
 PIPE_BUF = 4096
-_IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4}              # TCGETS, TIOCGWINSZ, FIONREAD
-_IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36}             # TCSETS, TCSETSW, TCSETSF
+_IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4, 0x80045430: 4, 0x80045432: 4}   # TCGETS, TIOCGWINSZ, FIONREAD,
+                                                                                 # TIOCGPTN, TIOCGPKT
+_IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36, 0x5414: 8, 0x40045431: 4,       # TCSETS(W/F), TIOCSWINSZ,
+             0x5420: 4, 0x5409: 0, 0x540B: 0, 0x540A: 0}                         # TIOCSPTLCK, TIOCPKT, TCSBRK,
+                                                                                 # TCFLSH, TCXONC (by value)
 
 
 def _host(call, *args, **kw):
@@ -343,16 +346,42 @@ class IoCalls:
             p.write(arg, out)
             return 0
         if cmd in _IOCTL_IN:
-            _host(fcntl.ioctl, f.host_fd, cmd, p.read(arg, _IOCTL_IN[cmd]))
+            size = _IOCTL_IN[cmd]
+            _host(fcntl.ioctl, f.host_fd, cmd, p.read(arg, size) if size else arg & 0xFFFFFFFF)
+            return 0
+        if cmd == 0x5441:                                        # TIOCGPTPEER: the slave of a guest's pty
+            slave = _host(fcntl.ioctl, f.host_fd, cmd, (arg & 0xFFFFFFFF) | os.O_NOCTTY | os.O_CLOEXEC)
+            n = struct.unpack("<I", _host(fcntl.ioctl, f.host_fd, 0x80045430, bytes(4)))[0]
+            try:
+                return p.fds.install(OpenFile(slave, "/dev/pts/%d" % n, arg & 0xFFFFFFFF), cloexec=arg & os.O_CLOEXEC)
+            except Errno:
+                os.close(slave)
+                raise
+        if cmd in (0x540E, 0x5422):                              # TIOCSCTTY, TIOCNOTTY: the kernel keeps no
+            if not os.isatty(f.host_fd):                         # controlling terminals; accepted
+                raise Errno(errno.ENOTTY)
+            return 0
+        if cmd == 0x5429:                                        # TIOCGSID
+            if not os.isatty(f.host_fd):
+                raise Errno(errno.ENOTTY)
+            p.write(arg, struct.pack("<i", p.sid))
+            return 0
+        if cmd == 0x5410:                                        # TIOCSPGRP: the terminal's foreground group
+            if not os.isatty(f.host_fd):
+                raise Errno(errno.ENOTTY)
+            (pgrp,) = struct.unpack("<i", p.read(arg, 4))
+            if pgrp <= 0:
+                raise Errno(errno.EINVAL)
+            self.tty_pgrp[os.fstat(f.host_fd).st_rdev] = pgrp
             return 0
         if cmd == 0x5421:                                        # FIONBIO
             on = struct.unpack("<i", p.read(arg, 4))[0]
             cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
             _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, cur | os.O_NONBLOCK if on else cur & ~os.O_NONBLOCK)
             return 0
-        if cmd == 0x540F:                                        # TIOCGPGRP: the guest is its own group
+        if cmd == 0x540F:                                        # TIOCGPGRP: what TIOCSPGRP set, else the caller's
             if not os.isatty(f.host_fd):
                 raise Errno(errno.ENOTTY)
-            p.write(arg, struct.pack("<i", p.pid))
+            p.write(arg, struct.pack("<i", self.tty_pgrp.get(os.fstat(f.host_fd).st_rdev, p.pgid)))
             return 0
         raise Errno(errno.ENOTTY)
