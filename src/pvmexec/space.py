@@ -175,7 +175,8 @@ class Space:
         that trapped once is rewritten to enter the stub without a signal (as
         gVisor's systrap does); its stops are the same. The guest sees the
         rewritten bytes if it reads its code, and the space holds a 64 KiB window
-        at 0x050f0000. Space.patching says whether it is on, and why not.
+        at 0x050f0000 (without patching, that range is left free). Space.patching
+        says whether it is on, and why not.
 
         fixed_layout: start the stub without address-space randomisation, so that
         every such space has its own pages and the vDSO at the same addresses

@@ -65,3 +65,14 @@ def test_a_subclass_handler_is_registered_without_any_other_step():
         assert box._handlers[nr][0].__func__ is WithGetpriority.sys_getpriority
     finally:
         box.policy.close()
+
+
+def test_the_support_table_in_the_docs_is_the_handlers():
+    """docs/syscalls.md is generated (tools/gen_support_table.py): it must say what the code does."""
+    import os
+    from pvmexec.kernel.syscalls import support_markdown, support_table
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "syscalls.md")
+    with open(path) as f:
+        assert f.read() == support_markdown(), "run tools/gen_support_table.py"
+    levels = {name: level for _nr, name, level, _note in support_table()}
+    assert levels["read"] == "supported" and levels["mount"] == "not provided" and levels["fcntl"] == "partial"

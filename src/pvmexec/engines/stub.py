@@ -88,7 +88,9 @@ class StubEngine(BaseEngine):
             self.service = _Thread(0, self._base)
             os.write(exe, _core.STUB_ELF)
             os.set_inheritable(fd, True)
-            self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd), str(stub_end.fileno())],
+            # Without patching, no window: the range stays free for a program that loads there (node).
+            self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd), str(stub_end.fileno())] +
+                                         ([] if patch else ["nowindow"]),
                                          pass_fds=(fd, exe, stub_end.fileno()),
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
@@ -168,13 +170,13 @@ class StubEngine(BaseEngine):
         if nr not in STUB_ALLOWED:
             raise RemoteSyscallError(1, "%s (a stub space allows only %s)" % (
                 name_of(nr), ", ".join(name_of(n) for n in sorted(STUB_ALLOWED))), args)
-        _spare_window(nr, args)
+        self._spare_window(nr, args)
         return self._call(_core.agent_syscall, nr, *args, thread=None)
 
     def map_file(self, host_fd, addr, length, prot, flags, offset):
         """mmap(2) in the stub of the caller's descriptor host_fd (a file mapping the guest asked for): the
         descriptor goes over the stub's lending socket, is mapped and closed at once. Returns mmap's raw result."""
-        _spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
         scratch = L["STUB_LEND_SCRATCH"]
         remote = struct.unpack_from("<Q", self._map, L["stub_header.region_base"])[0] + scratch
         with self.service.lock:
@@ -194,6 +196,10 @@ class StubEngine(BaseEngine):
             finally:
                 self._raw(_NR_CLOSE, (fd, 0, 0, 0, 0, 0))
 
+    def _spare_window(self, nr, args):
+        if struct.unpack_from("<Q", self._map, L["stub_header.window"])[0]:
+            _spare_window(nr, args)
+
     def _raw(self, nr, args):
         """One mode-2 call on the service channel, whose lock the caller holds."""
         try:
@@ -206,7 +212,7 @@ class StubEngine(BaseEngine):
         for nr, args in calls:
             if nr not in STUB_ALLOWED:
                 raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
-            _spare_window(nr, args)
+            self._spare_window(nr, args)
         return self._call(_core.agent_batch, calls, thread=None)
 
     def _take(self, thread):

@@ -90,6 +90,10 @@ class Elf:
         self.bias, self.end = bias, bias + hi
         return bias
 
+    def span(self):
+        """(lowest, highest) address of the loaded segments, page-aligned, before any load bias."""
+        return (page_down(min(p[3] for p in self.loads)), page_up(max(p[3] + p[6] for p in self.loads)))
+
     def file_ranges(self):
         """(start, end, file offset) of the loaded segments' file pages, as /proc/PID/maps names them."""
         return [(self.bias + page_down(vaddr), self.bias + page_up(vaddr + filesz), page_down(off))

@@ -36,7 +36,7 @@ class ProcessMachinery:
             raise Errno(errno.EINVAL)                   # sharing these between processes is not provided
         child = self._new_process(parent=p)
         try:
-            child.space = self._new_space()
+            child.space = self._new_space(p.patch_window)
             child.protected = p.protected
             self._copy_memory(p, child)
         except BaseException:

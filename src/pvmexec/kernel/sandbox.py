@@ -177,11 +177,13 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         with self._cond:
             self._procs.clear()
 
-    def _new_space(self):
+    def _new_space(self, patch=True):
+        """A space for a guest process; patch=False: no patching window either (its program loads there)."""
         if self.engine == "stub":
             # A stub dies with the thread that made it (PR_SET_PDEATHSIG): made by the guest thread that
             # forked, a daemon's stub would die with its parent (`(cmd &)`); made here, with the kernel.
-            return self._spawner.call(lambda: Space.create(patch_syscalls=self.patch_syscalls, fixed_layout=True))
+            patch = patch and self.patch_syscalls
+            return self._spawner.call(lambda: Space.create(patch_syscalls=patch, fixed_layout=True))
         from ..engines.stub import plain_process
         proc = plain_process(fixed_layout=True)
         try:
@@ -362,7 +364,11 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         interp = loader.Elf(self._read_file(self._abs(p, AT_FDCWD, main.interp))) if main.interp else None
         if interp is not None and interp.interp:
             raise Errno(errno.ELIBBAD)
-        space = self._new_space()
+        # A non-PIE program whose segments cover the stub's patching window runs unpatched, without it.
+        window = (_core.LAYOUT["STUB_WINDOW_ADDR"], _core.LAYOUT["STUB_WINDOW_ADDR"] + _core.LAYOUT["STUB_WINDOW_SIZE"])
+        patch = not any(elf is not None and elf.type == loader.ET_EXEC and elf.span()[0] < window[1] and
+                        elf.span()[1] > window[0] for elf in (main, interp))
+        space = self._new_space(patch)
         try:
             protected = self._stub_mappings(space)
 
@@ -386,6 +392,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         ctx.fpstate = space.initial_fpstate()
         old = p.space
         p.space, p.ctx, p.protected = space, ctx, protected
+        p.patch_window = patch
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
         p.arg_area = arg_area

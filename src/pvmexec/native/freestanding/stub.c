@@ -638,7 +638,7 @@ static uint32_t xsave_size_for(uint64_t mask)
  * fill in every trampoline. Patching stays off (header->window 0) unless
  * this works and XSAVE saves what a signal frame holds (checked at the first trap).
  */
-static void setup_window(long fd)
+static void setup_window(long fd, int map_it)
 {
     uint32_t a, b, c, d;
     cpuid(1, 0, &a, &b, &c, &d);
@@ -660,6 +660,8 @@ static void setup_window(long fd)
         pvm_fast_fp[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_FP_OFF);
         pvm_fast_tid[k] = ~0U;
     }
+    if (!map_it)
+        return;
     long at = sys6(__NR_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */, MAP_SHARED | MAP_FIXED_NOREPLACE,
                  fd, PVM_STUB_WINDOW_OFF);
     if (at != (long)PVM_STUB_WINDOW_ADDR) {
@@ -705,7 +707,7 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     header = (struct pvm_stub_header *)region;
     if (header->magic != PVM_STUB_MAGIC)
         sys6(__NR_exit_group, 5, 0, 0, 0, 0, 0);
-    setup_window(fd);
+    setup_window(fd, !(argc > 3 && argv[3][0] == 'n'));     /* "nowindow": no patching, the range stays free */
     if (argc > 2) {                         /* the lending socket, at its fixed number */
         long lend = parse_int(argv[2]);
         if (lend != PVM_STUB_LEND_FD && sys6(__NR_dup3, lend, PVM_STUB_LEND_FD, 0, 0, 0, 0) != PVM_STUB_LEND_FD)
