@@ -192,3 +192,31 @@ def test_memfd_copy_file_range_and_fallocate(tmp_path):
         print(os.fstat(dst).st_size)
     """)
     assert "b'memory' 11" in out and "5000 b'01234'" in out
+
+
+def test_timerfd_inotify_and_pending_signals(tmp_path):
+    _same(tmp_path, """
+        import ctypes, os, select, signal, struct, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.timerfd_create(1, 0)
+        libc.timerfd_settime(fd, 0, struct.pack("<qqqq", 0, 0, 0, 50_000_000), None)
+        start = time.monotonic()
+        print("expired", struct.unpack("<Q", os.read(fd, 8))[0], time.monotonic() - start > 0.04)
+        print(libc.timerfd_settime(os.open(".", os.O_RDONLY), 0, bytes(32), None), ctypes.get_errno())
+        ino = libc.inotify_init1(os.O_NONBLOCK)
+        libc.inotify_add_watch(ino, b".", 0x100 | 0x200)          # IN_CREATE | IN_DELETE
+        open("new", "w").close()
+        os.unlink("new")
+        select.select([ino], [], [], 5)
+        data, events = os.read(ino, 4096), []
+        while data:
+            _wd, mask, _cookie, n = struct.unpack_from("<iIII", data)
+            events.append((hex(mask), data[16:16 + n].rstrip(b"\\0")))
+            data = data[16 + n:]
+        print(events)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGTERM])
+        os.kill(os.getpid(), signal.SIGTERM)                      # blocked: pending, not fatal yet
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(sorted(signal.sigpending()))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
+    """.replace("signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])", "os._exit(0)"))

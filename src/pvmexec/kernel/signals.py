@@ -80,8 +80,9 @@ class SignalDelivery:
         handler = _disposition(q, sig)[0]
         if sig != signal.SIGKILL and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
             return
-        if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP:
-            q.fatal = sig                               # nothing the guest can do: end it now
+        if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP and not q.sigmask & _bit(sig):
+            q.fatal = sig                               # nothing the guest can do: end it now (a blocked one
+                                                        # waits, pending, as Linux keeps it)
             kill_space(q.space)
         q.pending.setdefault(sig, info)
         q.fast_flag[0] = 1

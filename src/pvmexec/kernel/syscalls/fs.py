@@ -13,6 +13,7 @@ from ...abi import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT
 from ..errors import Errno
 from ..files import OpenFile
 from ..procfs import under_proc
+from . import hostfd
 from .io import _host
 
 
@@ -526,3 +527,35 @@ class FsCalls:
     def sys_flistxattr(self, p, fd, lst, size):
         p.fds.get(fd)
         return 0
+
+    # inotify instances are the host's: a watch is added on the file the guest's path reaches (through the
+    # policy), and events name entries relative to it, never a host path.
+    def sys_inotify_init1(self, p, flags):
+        if flags & ~(os.O_NONBLOCK | os.O_CLOEXEC):
+            raise Errno(errno.EINVAL)
+        host = _host(hostfd.inotify_init1, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+        try:
+            return p.fds.install(OpenFile(host, "anon_inode:inotify", os.O_RDONLY), cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(host)
+            raise
+
+    def sys_inotify_init(self, p):
+        return self.sys_inotify_init1(p, 0)
+
+    def sys_inotify_add_watch(self, p, fd, path, mask):
+        f = p.fds.get(fd)
+        if f.path != "anon_inode:inotify":
+            raise Errno(errno.EINVAL)
+        mask &= 0xFFFFFFFF
+        pfd = self._path_fd(p, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW if mask & 0x02000000 else 0)   # IN_DONT_FOLLOW
+        try:
+            return _host(hostfd.inotify_add_watch, f.host_fd, "/proc/self/fd/%d" % pfd, mask & ~0x02000000)
+        finally:
+            os.close(pfd)
+
+    def sys_inotify_rm_watch(self, p, fd, wd):
+        f = p.fds.get(fd)
+        if f.path != "anon_inode:inotify":
+            raise Errno(errno.EINVAL)
+        return _host(hostfd.inotify_rm_watch, f.host_fd, wd & 0xFFFFFFFF)

@@ -8,6 +8,7 @@ from ...abi import SI_TKILL, SI_USER, UNBLOCKABLE
 from ...arch import current as _current_arch
 from ..errors import Errno
 from ..signals import sender_info
+from ..task import leader_of
 from .process import process_named
 
 
@@ -88,6 +89,15 @@ class SignalCalls:
             p.write(oact, struct.pack("<QQQQ", *old))
         if new is not None:
             p.sigactions[signo] = new
+        return 0
+
+    def sys_rt_sigpending(self, p, set_, size):
+        if size > 8:
+            raise Errno(errno.EINVAL)
+        bits = 0
+        for sig in list(p.pending) + list(leader_of(p).pending):
+            bits |= 1 << (sig - 1)
+        p.write(set_, struct.pack("<Q", bits)[:size])
         return 0
 
     def sys_rt_sigprocmask(self, p, how, set_, oset, size):

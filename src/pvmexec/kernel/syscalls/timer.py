@@ -6,12 +6,16 @@ the timer's id and value for POSIX timers) and wakes it if it waits in the kerne
 timers survive execve, POSIX timers do not; a forked child has none; all end with the process.
 """
 import errno
+import os
 import signal
 import struct
 import threading
 import time
 
 from ..errors import Errno
+from ..files import OpenFile
+from . import hostfd
+from .io import _host as _hostcall
 from ..task import leader_of
 
 SI_KERNEL, SI_TIMER = 0x80, -2
@@ -219,4 +223,36 @@ class TimerCalls:
         t = self._posix_timer(p, timerid)
         t.close()
         del leader_of(p).timers[timerid & 0xFFFFFFFF]
+        return 0
+
+    # timerfds are the host's, held by the kernel: reads, polls and expirations are the host kernel's own.
+    def sys_timerfd_create(self, p, clock, flags):
+        if flags & ~(os.O_NONBLOCK | os.O_CLOEXEC) or clock not in (0, 1, 7, 8, 9):
+            raise Errno(errno.EINVAL)
+        if clock in (8, 9):                             # the ALARM clocks need CAP_WAKE_ALARM
+            raise Errno(errno.EPERM)
+        host = _hostcall(hostfd.timerfd_create, clock, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+        try:
+            return p.fds.install(OpenFile(host, "anon_inode:[timerfd]", os.O_RDWR), cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(host)
+            raise
+
+    def _timerfd(self, p, fd):
+        f = p.fds.get(fd)
+        if f.path != "anon_inode:[timerfd]":
+            raise Errno(errno.EINVAL)
+        return f
+
+    def sys_timerfd_settime(self, p, fd, flags, new, old):
+        f = self._timerfd(p, fd)
+        if flags & ~3:                                  # TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET
+            raise Errno(errno.EINVAL)
+        previous = _hostcall(hostfd.timerfd_settime, f.host_fd, flags, p.read(new, 32))
+        if old:
+            p.write(old, previous)
+        return 0
+
+    def sys_timerfd_gettime(self, p, fd, cur):
+        p.write(cur, _hostcall(hostfd.timerfd_gettime, self._timerfd(p, fd).host_fd))
         return 0

@@ -1,0 +1,42 @@
+"""Host kernel objects the kernel holds for a guest (timerfds, inotify instances): the libc calls Python's
+os module lacks, each raising OSError like os does."""
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _checked(ret):
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def timerfd_create(clock, flags):
+    return _checked(_libc.timerfd_create(ctypes.c_int(clock), ctypes.c_int(flags)))
+
+
+def timerfd_settime(fd, flags, new):
+    """new: struct itimerspec (32 bytes); returns the old one."""
+    old = ctypes.create_string_buffer(32)
+    _checked(_libc.timerfd_settime(ctypes.c_int(fd), ctypes.c_int(flags), ctypes.c_char_p(new), old))
+    return old.raw
+
+
+def timerfd_gettime(fd):
+    cur = ctypes.create_string_buffer(32)
+    _checked(_libc.timerfd_gettime(ctypes.c_int(fd), cur))
+    return cur.raw
+
+
+def inotify_init1(flags):
+    return _checked(_libc.inotify_init1(ctypes.c_int(flags)))
+
+
+def inotify_add_watch(fd, path, mask):
+    return _checked(_libc.inotify_add_watch(ctypes.c_int(fd), path.encode(), ctypes.c_uint32(mask)))
+
+
+def inotify_rm_watch(fd, wd):
+    return _checked(_libc.inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd)))
