@@ -220,3 +220,25 @@ def test_timerfd_inotify_and_pending_signals(tmp_path):
         print(sorted(signal.sigpending()))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
     """.replace("signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])", "os._exit(0)"))
+
+
+def test_signalfd_reads_blocked_signals_and_polls_readable(tmp_path):
+    out = _same(tmp_path, """
+        import ctypes, os, select, signal, struct
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1, signal.SIGCHLD])
+        fd = libc.signalfd(-1, struct.pack("<Q", (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGCHLD - 1))), 0)
+        print(select.select([fd], [], [], 0)[0] == [])
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(select.select([fd], [], [], 1)[0] == [fd])
+        info = os.read(fd, 128)
+        print(struct.unpack_from("<I", info)[0] == signal.SIGUSR1, struct.unpack_from("<I", info, 12)[0] == os.getpid())
+        print(select.select([fd], [], [], 0)[0] == [])
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        signo, _e, _code, sender = struct.unpack_from("<IiiI", os.read(fd, 128))
+        print(signo == signal.SIGCHLD, sender == pid)
+        os.waitpid(pid, 0)
+    """)
+    assert out == "True\nTrue\nTrue True\nTrue\nTrue True\n"

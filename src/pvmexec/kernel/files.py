@@ -295,7 +295,8 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir", "socket", "on_release")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir", "socket", "on_release", "signalfd",
+                 "__weakref__")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
@@ -305,6 +306,7 @@ class OpenFile:
         self.list_dir = None            # a directory the kernel makes up (/proc): its entries, made when read
         self.socket = None              # a socket's family, type and guest names (syscalls.net)
         self.on_release = None          # called when it is released (a pty master gives its number back)
+        self.signalfd = None            # a signalfd's mask of signals
         self.dir_pos = 0
         self.refs = 0
         try:                            # read/write need nothing from the kernel: the C fast path may do them

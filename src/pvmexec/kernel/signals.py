@@ -10,7 +10,7 @@ from ..abi import SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SIG_DFL, SIG
 from ..arch import current as _current_arch
 from ..syscalls import number
 from .errors import Errno, Exited, Interrupted
-from .task import _drain, kill_space, wake
+from .task import _drain, kill_space, leader_of, wake
 
 
 ARCH = _current_arch()
@@ -78,14 +78,17 @@ class SignalDelivery:
     def _queue(self, q, sig, info, wake_it):
         """Make sig pending on q (ignored signals are dropped, as Linux drops them)."""
         handler = _disposition(q, sig)[0]
-        if sig != signal.SIGKILL and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
+        blocked = q.sigmask & _bit(sig)                 # never ignored: its handler may change before it is unblocked
+        if sig != signal.SIGKILL and not blocked and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
             return
-        if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP and not q.sigmask & _bit(sig):
+        if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP and not blocked:
             q.fatal = sig                               # nothing the guest can do: end it now (a blocked one
                                                         # waits, pending, as Linux keeps it)
             kill_space(q.space)
         q.pending.setdefault(sig, info)
         q.fast_flag[0] = 1
+        if leader_of(q).signalfds:
+            self._signalfd_ready(leader_of(q))
         if wake_it:
             wake(q)
 
@@ -98,6 +101,8 @@ class SignalDelivery:
             if p.sigmask & _bit(sig) and sig not in (signal.SIGKILL, signal.SIGSTOP):
                 continue
             info = p.pending.pop(sig)
+            if leader_of(p).signalfds:
+                self._signalfd_ready(leader_of(p))
             self._deliver(p, sig, info)
             return True
         return False

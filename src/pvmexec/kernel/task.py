@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import threading
+import weakref
 from array import array
 
 from ..abi import PATH_MAX
@@ -139,6 +140,7 @@ class Process:
         self.arg_area = None                # (start, end of argv, end of envp) strings in its memory
         self.file_maps = []                 # (start, end, guest path, offset, st_dev, st_ino, shared) of file mappings
         self.patch_window = True            # its stub space has the patching window (same for a fork)
+        self.signalfds = weakref.WeakSet()  # its signalfds' OpenFiles (set readable while a signal is pending)
         self.shared_files = {}              # (st_dev, st_ino) -> host fd of what its shared mappings map
         self.comm = b""
         self.clear_child_tid = 0

@@ -187,6 +187,8 @@ class IoCalls:
 
     def sys_read(self, p, fd, buf, count):
         f = p.fds.get(fd)
+        if f.signalfd is not None:
+            return self.read_signalfd(p, f, buf, count)
         if _regular(f):
             return _read_file(p, f, _capped([(buf, count)])[0])
         count = min(count, MAX_RW_COUNT)

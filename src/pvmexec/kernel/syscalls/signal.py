@@ -7,6 +7,7 @@ import struct
 from ...abi import SI_TKILL, SI_USER, UNBLOCKABLE
 from ...arch import current as _current_arch
 from ..errors import Errno
+from ..files import OpenFile
 from ..signals import sender_info
 from ..task import leader_of
 from .process import process_named
@@ -36,6 +37,18 @@ def _valid_signal(signo):
 def _stack_t(raw):
     sp, flags, size = struct.unpack("<Qi4xQ", raw)
     return sp, flags, size
+
+
+_SIGNALFD = "anon_inode:[signalfd]"
+
+
+def _signalfd_info(si):
+    """struct signalfd_siginfo (128 bytes) from a kernel siginfo: signo, errno, code, pid, uid, then for
+    SIGCHLD the status and for queued signals the value."""
+    signo, err, code = struct.unpack_from("<iii", si)
+    pid, uid, value = struct.unpack_from("<IIq", si, 16)
+    return struct.pack("<IiiIIiIIIIiiQ", signo, err, code, pid, uid, 0, 0, 0, 0, 0, value & 0xFFFFFFFF,
+                       value & 0xFFFFFFFF, value & (2 ** 64 - 1)).ljust(128, b"\0")
 
 
 class SignalCalls:
@@ -90,6 +103,71 @@ class SignalCalls:
         if new is not None:
             p.sigactions[signo] = new
         return 0
+
+    def sys_signalfd4(self, p, fd, mask, size, flags):
+        """A descriptor that reads the caller's pending signals of mask (signalfd_siginfo each) instead of
+        their delivery; it polls readable while one is pending (a host eventfd the kernel sets and clears)."""
+        if size != 8 or flags & ~(os.O_NONBLOCK | os.O_CLOEXEC):
+            raise Errno(errno.EINVAL)
+        bits = struct.unpack("<Q", p.read(mask, 8))[0] & ~UNBLOCKABLE
+        owner = leader_of(p)
+        if fd != -1:
+            f = p.fds.get(fd)
+            if f.path != _SIGNALFD:
+                raise Errno(errno.EINVAL)
+            f.signalfd = bits
+            self._signalfd_ready(owner)
+            return fd
+        host = os.eventfd(0, os.O_CLOEXEC | os.O_NONBLOCK)
+        f = OpenFile(host, _SIGNALFD, os.O_RDONLY | (flags & os.O_NONBLOCK))
+        f.signalfd = bits
+        try:
+            fd = p.fds.install(f, cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            os.close(host)
+            raise
+        owner.signalfds.add(f)
+        self._signalfd_ready(owner)
+        return fd
+
+    def sys_signalfd(self, p, fd, mask, size):
+        return self.sys_signalfd4(p, fd, mask, size, 0)
+
+    def read_signalfd(self, p, f, buf, count):
+        """read(2) of a signalfd: as many pending signals of its mask as fit, dequeued; waits for one."""
+        if count < 128:
+            raise Errno(errno.EINVAL)
+        while True:
+            out = bytearray()
+            for q in (p, leader_of(p)):
+                for sig in sorted(q.pending):
+                    if len(out) + 128 > count:
+                        break
+                    if f.signalfd & (1 << (sig - 1)):
+                        out += _signalfd_info(q.pending.pop(sig))
+            self._signalfd_ready(leader_of(p))
+            if out:
+                p.write(buf, bytes(out))
+                return len(out)
+            if f.flags & os.O_NONBLOCK:
+                raise Errno(errno.EAGAIN)
+            self._wait_readable(p, f.host_fd)           # a signal it does not read ends the wait
+
+    def _signalfd_ready(self, owner):
+        """Set each signalfd of the process readable exactly while one of its signals is pending."""
+        pending = 0
+        for q in [owner] + [t for t in owner.threads.values() if t is not owner]:
+            for sig in q.pending:
+                pending |= 1 << (sig - 1)
+        for f in list(owner.signalfds):
+            ready = bool(pending & f.signalfd)
+            try:
+                if ready:
+                    os.eventfd_write(f.host_fd, 1)
+                else:
+                    os.eventfd_read(f.host_fd)
+            except (BlockingIOError, OSError):
+                pass
 
     def sys_rt_sigpending(self, p, set_, size):
         if size > 8:
