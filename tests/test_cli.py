@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -265,3 +266,75 @@ def test_a_missing_compiler_is_one_line_naming_what_to_install(tmp_path):
                          text=True, timeout=60)
     assert got.returncode != 0 and got.stderr.strip().splitlines() == [
         "pvmexec: building needs /nonexistent/cc (on Debian: apt-get install gcc binutils)"]
+
+
+def _on_a_terminal(argv):
+    """argv (a pvmexec run) as the foreground job of a pseudo-terminal of its own: (proc, master, until)."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pvmexec", "run", "-q", "--"] + argv, stdin=slave, stdout=slave,
+                            stderr=slave, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0), env=dict(os.environ, PS1="$ "))
+    os.close(slave)
+
+    def until(text, seconds=20):
+        seen, deadline = b"", time.monotonic() + seconds
+        while text not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        return seen
+    return proc, master, until
+
+
+def test_job_control_in_an_interactive_shell():
+    """Ctrl-Z stops the shell's foreground job (the shell says so), jobs lists it, fg brings it back."""
+    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
+    try:
+        assert b"$ " in until(b"$ ")
+        os.write(master, b"sleep 30; echo slept\n")
+        time.sleep(1)
+        os.write(master, b"\x1a")                                  # Ctrl-Z
+        assert re.search(rb"\[1\]\+ +Stopped +sleep 30", until(b"Stopped")), "no stop"
+        os.write(master, b"jobs; echo listed$((1+1))\n")           # the echo of what is typed is not the answer
+        assert re.search(rb"\[1\]\+ +Stopped", until(b"listed2"))
+        os.write(master, b"kill %1; wait; echo gone$((2+2))\n")
+        assert b"gone4" in until(b"gone4")
+        os.write(master, b"exit 3\n")
+        assert proc.wait(20) == 3
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_z_stops_pvmexec_run_and_the_shell_can_continue_it():
+    """Ctrl-Z on `pvmexec run PROGRAM` stops the program and pvmexec with it (the shell that ran it sees a
+    stopped job); SIGCONT resumes both; the program's output and status are then its own."""
+    proc, master, until = _on_a_terminal(["/bin/bash", "-c", "sleep 1.5; echo finished; exit 4"])
+    try:
+        time.sleep(0.7)
+        os.write(master, b"\x1a")
+        stopped = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not stopped:
+            pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+            stopped = pid == proc.pid and os.WIFSTOPPED(status)
+            time.sleep(0.05)
+        assert stopped
+        time.sleep(2)                                              # stopped: the sleep does not end meanwhile
+        assert b"finished" not in until(b"finished", 0.5)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert b"finished" in until(b"finished")
+        assert proc.wait(20) == 4
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -120,7 +120,9 @@ def cmd_run(args):
         trace = Tracer(out, calls=calls, summary=args.summary, strsize=args.strsize, show_paths=args.paths)
     box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
     # The terminal's signals (Ctrl-C, Ctrl-\, a hang-up, a kill of this process) go to the program.
-    forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+    forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT,
+                 signal.SIGWINCH)
+    box.stop_with_first = sys.stdin.isatty()   # Ctrl-Z that stops the program stops pvmexec for the shell
     previous = {sig: signal.signal(sig, lambda sig, frame: box.host_signal(sig)) for sig in forwarded}
     try:
         status = box.run(args.program)

@@ -225,3 +225,27 @@ def test_a_daemon_outlives_the_parent_that_forked_it(tmp_path):
         run = native(["bash", "-c", script], cwd=work) if where == "native" else \
             sandboxed(["bash", "-c", script], "-q", "--writable", str(work), cwd=work)
         assert (run.returncode, run.stdout) == (0, b"through-fifo\nlate\n"), run.stderr
+
+
+def test_stop_continue_and_wait_for_them(tmp_path):
+    """SIGSTOP/SIGTSTP stop a process, SIGCONT resumes it, and the parent hears of both through wait."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        _, st = os.waitpid(pid, os.WUNTRACED)
+        print("stopped", os.WIFSTOPPED(st), os.WSTOPSIG(st), open("/proc/%d/stat" % pid).read().split()[2])
+        os.kill(pid, signal.SIGCONT)
+        _, st = os.waitpid(pid, os.WCONTINUED)
+        print("continued", os.WIFCONTINUED(st))
+        os.kill(pid, signal.SIGTSTP)
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED)
+        print("waitid", info.si_code == os.CLD_STOPPED, info.si_status)
+        os.kill(pid, signal.SIGKILL)
+        _, st = os.waitpid(pid, 0)
+        print("killed", os.WTERMSIG(st))
+    """)
+    same_as_native([PYTHON3, "-c", code], cwd=tmp_path)

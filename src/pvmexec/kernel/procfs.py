@@ -269,6 +269,8 @@ class Proc:
     def _state(p, q):
         if q.status is not None:
             return "Z", "zombie"
+        if leader_of(q).stopped:
+            return "T", "stopped"
         return ("R", "running") if leader_of(q) is leader_of(p) else ("S", "sleeping")
 
     def _stat(self, p, q, t):

@@ -154,11 +154,16 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         return status
 
     def host_signal(self, sig: int) -> None:
-        """A signal from outside (the terminal's Ctrl-C, a kill of `pvmexec run`): for every guest
-        process in the first one's session, as a terminal sends it to its foreground group."""
+        """A signal from outside (the terminal's Ctrl-C or Ctrl-Z, a kill of `pvmexec run`): for the guest
+        processes of the terminal's foreground group (as a guest shell set it), else of the first one's session."""
+        try:
+            foreground = self.tty_pgrp.get(os.fstat(0).st_rdev) if os.isatty(0) else None
+        except OSError:
+            foreground = None
         with self._cond:
             first = min(self._procs.values(), key=lambda q: q.pid, default=None)
-            targets = [q for q in self._procs.values() if q.status is None and first and q.sid == first.sid]
+            targets = [q for q in self._procs.values() if q.status is None and first and q.sid == first.sid and
+                       not getattr(q, "is_thread", False) and (foreground is None or q.pgid == foreground)]
         info = sender_info(sig, 0x80, 0, 0)                 # SI_KERNEL
         for q in targets:
             self._queue(q, sig, info, wake_it=True)

@@ -2,11 +2,13 @@
 syscall restart and interruption, and waits a signal can interrupt.
 """
 import errno
+import os
 import select
 import signal
 import struct
 
-from ..abi import SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART, SIG_DFL, SIG_IGN, UNBLOCKABLE
+from ..abi import (CLD_CONTINUED, CLD_STOPPED, SA_NOCLDSTOP, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, SA_RESTART,
+                   SIG_DFL, SIG_IGN, UNBLOCKABLE)
 from ..arch import current as _current_arch
 from ..syscalls import number
 from .errors import Errno, Exited, Interrupted
@@ -27,6 +29,13 @@ _CORE = frozenset((signal.SIGQUIT, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT
 def sender_info(sig, code, pid, uid):
     """A siginfo for a signal sent by a process (kill, tgkill) or the kernel: signo, code, pid, uid."""
     return struct.pack("<iii4xiI", sig, 0, code, pid, uid).ljust(128, b"\0")
+
+
+def _discard(leader, signals):
+    """Drop pending signals from a process and its threads."""
+    for q in [leader] + [t for t in leader.threads.values() if t is not leader]:
+        for sig in signals:
+            q.pending.pop(sig, None)
 
 
 def _bit(sig):
@@ -77,6 +86,10 @@ class SignalDelivery:
 
     def _queue(self, q, sig, info, wake_it):
         """Make sig pending on q (ignored signals are dropped, as Linux drops them)."""
+        if sig == signal.SIGCONT:
+            self._continue(leader_of(q))                # at once, blocked or ignored, as Linux
+        elif sig in _STOP:
+            _discard(leader_of(q), (signal.SIGCONT,))
         handler = _disposition(q, sig)[0]
         blocked = q.sigmask & _bit(sig)                 # never ignored: its handler may change before it is unblocked
         if sig != signal.SIGKILL and not blocked and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
@@ -117,7 +130,10 @@ class SignalDelivery:
         if handler == SIG_IGN:
             return
         if handler == SIG_DFL:
-            if sig in _DEFAULT_IGNORE or sig in _STOP:
+            if sig in _STOP:
+                self._stop(p, sig)
+                return
+            if sig in _DEFAULT_IGNORE:
                 return
             _terminate(sig)
         try:
@@ -128,6 +144,47 @@ class SignalDelivery:
             p.sigactions[sig] = (SIG_DFL, 0, 0, 0)
         p.sigmask |= mask | (0 if flags & SA_NODEFER else _bit(sig))
         p.sigmask &= ~UNBLOCKABLE
+
+    # -- job control ---------------------------------------------------------------------------
+
+    stop_with_first = False     # pvmexec run on a terminal: when the first process stops, pvmexec stops too
+
+    def _stop(self, p, sig):
+        """A stop signal's default action: the process stops until SIGCONT or SIGKILL, and its parent
+        hears of it (SIGCHLD with CLD_STOPPED unless SA_NOCLDSTOP; wait with WUNTRACED)."""
+        leader = leader_of(p)
+        with self._cond:
+            leader.stopped = sig
+            leader.wait_event = (CLD_STOPPED, sig)
+            self._tell_parent(leader, CLD_STOPPED, sig)
+            self._cond.notify_all()
+            first = min(self._procs, default=None) == leader.pid
+        if first and self.stop_with_first:
+            os.kill(os.getpid(), signal.SIGSTOP)       # the shell that ran pvmexec sees the job stop
+        while True:
+            with self._cond:
+                if not leader.stopped or p.fatal or leader.fatal or leader.group_status is not None:
+                    return
+                self._cond.wait(0.1)
+
+    def _continue(self, leader):
+        """SIGCONT: stop signals pending are dropped, a stopped process goes on, its parent hears of it."""
+        with self._cond:
+            _discard(leader, _STOP)
+            if leader.stopped:
+                leader.stopped = 0
+                leader.wait_event = (CLD_CONTINUED, signal.SIGCONT)
+                self._tell_parent(leader, CLD_CONTINUED, signal.SIGCONT)
+                self._cond.notify_all()
+
+    def _tell_parent(self, leader, code, status):
+        parent = leader.parent
+        if parent is None or parent.status is not None:
+            return
+        if _disposition(parent, signal.SIGCHLD)[1] & SA_NOCLDSTOP:
+            return
+        info = struct.pack("<iii4xiIi", signal.SIGCHLD, 0, code, leader.pid, os.getuid(), status).ljust(128, b"\0")
+        self._queue(parent, signal.SIGCHLD, info, wake_it=True)
 
     def _push_frame(self, p, sig, info, handler, flags, restorer):
         old_mask = p.sigmask if p.saved_sigmask is None else p.saved_sigmask

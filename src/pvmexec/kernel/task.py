@@ -139,6 +139,8 @@ class Process:
         self.exe = None
         self.arg_area = None                # (start, end of argv, end of envp) strings in its memory
         self.file_maps = []                 # (start, end, guest path, offset, st_dev, st_ino, shared) of file mappings
+        self.stopped = 0                    # the stop signal it is stopped by (job control), 0 if running
+        self.wait_event = None              # (CLD_STOPPED, sig) or (CLD_CONTINUED, SIGCONT) not yet waited for
         self.patch_window = True            # its stub space has the patching window (same for a fork)
         self.signalfds = weakref.WeakSet()  # its signalfds' OpenFiles (set readable while a signal is pending)
         self.shared_files = {}              # (st_dev, st_ino) -> host fd of what its shared mappings map

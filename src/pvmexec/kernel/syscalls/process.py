@@ -1,9 +1,11 @@
 """Handlers: process life (fork, vfork, clone, wait4, waitid, exit, execve) and process groups and sessions."""
 import errno
+import os
 import signal
 import struct
 
-from ...abi import AT_EMPTY_PATH, AT_FDCWD, CLONE_VFORK, CLONE_VM, WEXITED, WNOHANG, WNOWAIT
+from ...abi import (AT_EMPTY_PATH, AT_FDCWD, CLD_CONTINUED, CLD_STOPPED, CLONE_VFORK, CLONE_VM, WCONTINUED, WEXITED,
+                    WNOHANG, WNOWAIT, WUNTRACED)
 from ..errors import Errno, Exited, Interrupted, ThreadExit
 from ..task import Usage, leader_of
 from ..threads import other_threads
@@ -20,21 +22,29 @@ def _matches(p, c, pid):
     return c.pgid == (p.pgid if pid == 0 else -pid)
 
 
-def _wait(self, p, pid, options, reap):
+def _wait(self, p, pid, options, reap, exits=True):
+    """(child, wait status) of the first matching child that ended (if exits), stopped (WUNTRACED) or
+    continued (WCONTINUED) and was not yet waited for; None under WNOHANG when none has."""
     with self._cond:
         while True:
             candidates = [c for c in p.children.values() if _matches(p, c, pid)]
             if not candidates:
                 raise Errno(errno.ECHILD)
             for c in candidates:
-                if c.status is not None:
+                if c.status is not None and exits:
                     if reap:
                         del p.children[c.pid]
                         self._procs.pop(c.pid, None)
                         total = leader_of(p).children_usage
                         total.add(c.usage or Usage())
                         total.add(c.children_usage)
-                    return c
+                    return c, c.status
+                event = c.wait_event
+                if event and (event[0] == CLD_STOPPED and options & WUNTRACED or
+                              event[0] == CLD_CONTINUED and options & WCONTINUED):
+                    if not options & WNOWAIT:
+                        c.wait_event = None
+                    return c, (event[1] << 8 | 0x7F) if event[0] == CLD_STOPPED else 0xFFFF
             if options & WNOHANG:
                 return None
             if self._signal_ready(p):
@@ -71,11 +81,14 @@ class ProcessCalls:
     def sys_wait4(self, p, pid, wstatus, options, rusage):
         pid &= 0xFFFFFFFF
         pid = pid - (1 << 32) if pid >= 1 << 31 else pid
-        c = _wait(self, p, pid, options, reap=True)
-        if c is None:
+        if options & ~(WNOHANG | WUNTRACED | WCONTINUED | 0xE0000000) & 0xFFFFFFFF:
+            raise Errno(errno.EINVAL)
+        got = _wait(self, p, pid, options, reap=True)
+        if got is None:
             return 0
+        c, status = got
         if wstatus:
-            p.write(wstatus, struct.pack("<i", c.status))
+            p.write(wstatus, struct.pack("<i", status))
         if rusage:
             both = Usage()                              # the child's own and its children's, as Linux
             both.add(c.usage or Usage())
@@ -84,14 +97,21 @@ class ProcessCalls:
         return c.pid
 
     def sys_waitid(self, p, idtype, id_, infop, options, rusage):
-        if not options & WEXITED:
+        if not options & (WEXITED | WUNTRACED | WCONTINUED):
             raise Errno(errno.EINVAL)
         pid = -1 if idtype == 0 else id_ if idtype == 1 else -id_ if idtype == 2 else None
         if pid is None:
             raise Errno(errno.EINVAL)
-        c = _wait(self, p, pid, options, reap=not options & WNOWAIT)
+        got = _wait(self, p, pid, options, reap=not options & WNOWAIT, exits=bool(options & WEXITED))
         if infop:
-            p.write(infop, self._child_info(c) if c else bytes(128))
+            if got is None:
+                p.write(infop, bytes(128))
+            elif got[0].status is not None and got[1] == got[0].status:
+                p.write(infop, self._child_info(got[0]))
+            else:
+                code, sig = (CLD_CONTINUED, signal.SIGCONT) if got[1] == 0xFFFF else (CLD_STOPPED, got[1] >> 8)
+                p.write(infop, struct.pack("<iii4xiIi", SIGCHLD, 0, code, got[0].pid, os.getuid(), sig)
+                        .ljust(128, b"\0"))
         return 0
 
     def sys_getpgid(self, p, pid):
