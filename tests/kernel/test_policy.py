@@ -85,3 +85,33 @@ def test_nothing_is_left_behind(busybox, tmp_path):
     assert _children() == children_before
 
 
+
+
+def test_renames_across_the_writable_boundary_are_refused(tmp_path):
+    """A file moved out of a read-only directory would become writable; one moved out of the writable
+    directory would put guest data where the policy says nothing changes: both are EACCES."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "keep").write_text("host data")
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    (rw / "mine").write_text("guest data")
+    code = textwrap.dedent("""
+        import ctypes, os, sys
+        ro, rw = sys.argv[1:3]
+        libc = ctypes.CDLL(None, use_errno=True)
+        for old, new in ((ro + "/keep", rw + "/keep"), (rw + "/mine", ro + "/mine")):
+            try:
+                os.rename(old, new)
+                print("moved")
+            except OSError as e:
+                print(e.errno)
+        open(rw + "/a", "w").write("a")
+        open(rw + "/b", "w").write("b")
+        print(libc.renameat2(-100, (rw + "/a").encode(), -100, (rw + "/b").encode(), 1), ctypes.get_errno())
+        print(libc.renameat2(-100, (rw + "/a").encode(), -100, (rw + "/b").encode(), 2), open(rw + "/a").read())
+    """)
+    got = sandboxed([PYTHON3, "-c", code, str(ro), str(rw)], "-q", "--writable", str(rw))
+    assert got.stdout.decode().split() == ["13", "13", "-1", "17", "0", "b"], got.stderr
+    assert sorted(os.listdir(ro)) == ["keep"] and (ro / "keep").read_text() == "host data"
+    assert (rw / "mine").read_text() == "guest data"

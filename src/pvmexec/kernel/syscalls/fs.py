@@ -263,13 +263,17 @@ class FsCalls:
         return self.sys_unlinkat(p, AT_FDCWD, path, AT_REMOVEDIR)
 
     def sys_renameat2(self, p, olddirfd, old, newdirfd, new, flags):
-        if flags:
+        """Both directories must be writable: a file moved in from outside would become writable."""
+        if flags & ~3:                                  # RENAME_NOREPLACE, RENAME_EXCHANGE (not WHITEOUT)
             raise Errno(errno.EINVAL)
         po, no = self.policy.parent_for_write(self._abs(p, olddirfd, old))
         try:
             pn, nn = self.policy.parent_for_write(self._abs(p, newdirfd, new))
             try:
-                _host(os.rename, no, nn, src_dir_fd=po, dst_dir_fd=pn)
+                if flags:
+                    _host(hostfd.renameat2, po, no, pn, nn, flags)
+                else:
+                    _host(os.rename, no, nn, src_dir_fd=po, dst_dir_fd=pn)
             finally:
                 os.close(pn)
         finally:

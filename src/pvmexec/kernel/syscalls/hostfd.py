@@ -1,5 +1,4 @@
-"""Host kernel objects the kernel holds for a guest (timerfds, inotify instances): the libc calls Python's
-os module lacks, each raising OSError like os does."""
+"""Host calls Python's os module lacks (timerfds, inotify, renameat2), each raising OSError as os does."""
 import ctypes
 import os
 
@@ -40,3 +39,8 @@ def inotify_add_watch(fd, path, mask):
 
 def inotify_rm_watch(fd, wd):
     return _checked(_libc.inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd)))
+
+
+def renameat2(olddir, old, newdir, new, flags):
+    return _checked(_libc.renameat2(ctypes.c_int(olddir), old.encode("utf-8", "surrogateescape"), ctypes.c_int(newdir),
+                                    new.encode("utf-8", "surrogateescape"), ctypes.c_uint(flags)))
