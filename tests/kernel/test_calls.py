@@ -246,3 +246,32 @@ def test_signalfd_reads_blocked_signals_and_polls_readable(tmp_path):
         os.waitpid(pid, 0)
     """)
     assert out == "True\nTrue\nTrue True\nTrue\nTrue True\n"
+
+
+def test_pidfds_and_splice(tmp_path):
+    out = _same(tmp_path, """
+        import os, select, signal, time
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        fd = os.pidfd_open(pid)
+        print(select.select([fd], [], [], 0)[0] == [])
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        print(select.select([fd], [], [], 10)[0] == [fd])
+        info = os.waitid(os.P_PIDFD, fd, os.WEXITED)
+        print(info.si_pid == pid, info.si_code == os.CLD_KILLED, info.si_status)
+        try:
+            os.read(fd, 8)
+        except OSError as e:
+            print("read", e.errno)
+        with open("src", "wb") as f:
+            f.write(b"spliced " * 10000)
+        src = os.open("src", os.O_RDONLY)
+        r, w = os.pipe()
+        print(os.splice(src, w, 80, offset_src=8), os.read(r, 80)[:16])
+        os.write(w, b"from the pipe")
+        dst = os.open("dst", os.O_WRONLY | os.O_CREAT)
+        print(os.splice(r, dst, 13), open("dst").read())
+    """)
+    assert "True True 15" in out and "from the pipe" in out

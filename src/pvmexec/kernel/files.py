@@ -296,7 +296,7 @@ class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
     __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir", "socket", "on_release", "signalfd",
-                 "__weakref__")
+                 "pidfd", "__weakref__")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd
@@ -307,6 +307,7 @@ class OpenFile:
         self.socket = None              # a socket's family, type and guest names (syscalls.net)
         self.on_release = None          # called when it is released (a pty master gives its number back)
         self.signalfd = None            # a signalfd's mask of signals
+        self.pidfd = None               # the guest Process a pidfd names
         self.dir_pos = 0
         self.refs = 0
         try:                            # read/write need nothing from the kernel: the C fast path may do them

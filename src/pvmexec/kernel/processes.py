@@ -166,6 +166,11 @@ class ProcessMachinery:
             p.space.detach()
         with self._cond:
             p.status = status
+            for f in list(p.pidfds):
+                try:
+                    os.eventfd_write(f.host_fd, 1)
+                except OSError:
+                    pass
             for c in p.children.values():
                 c.parent = None
                 c.ppid = c.fast_ids[1] = 1

@@ -142,6 +142,7 @@ class Process:
         self.stopped = 0                    # the stop signal it is stopped by (job control), 0 if running
         self.wait_event = None              # (CLD_STOPPED, sig) or (CLD_CONTINUED, SIGCONT) not yet waited for
         self.patch_window = True            # its stub space has the patching window (same for a fork)
+        self.pidfds = weakref.WeakSet()     # pidfds naming it: set readable when it ends
         self.signalfds = weakref.WeakSet()  # its signalfds' OpenFiles (set readable while a signal is pending)
         self.shared_files = {}              # (st_dev, st_ino) -> host fd of what its shared mappings map
         self.comm = b""

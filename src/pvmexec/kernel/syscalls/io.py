@@ -189,6 +189,8 @@ class IoCalls:
         f = p.fds.get(fd)
         if f.signalfd is not None:
             return self.read_signalfd(p, f, buf, count)
+        if f.pidfd is not None:
+            raise Errno(errno.EINVAL)
         if _regular(f):
             return _read_file(p, f, _capped([(buf, count)])[0])
         count = min(count, MAX_RW_COUNT)
@@ -258,6 +260,43 @@ class IoCalls:
         else:
             data = _host(os.read, fi.host_fd, count)
         return _write(self, p, os.write, fo and out_fd, data) if data else 0
+
+    def sys_splice(self, p, fd_in, off_in, fd_out, off_out, length, flags):
+        """Between the guest's own descriptors (one a pipe), by the host's splice on the kernel's descriptors;
+        a wait for data or room gives way to signals."""
+        fi, fo = p.fds.get(fd_in), p.fds.get(fd_out)
+        if flags & ~0xF:
+            raise Errno(errno.EINVAL)
+        pos_in = p.read_u64s(off_in, 1)[0] if off_in else None
+        pos_out = p.read_u64s(off_out, 1)[0] if off_out else None
+        if any(v is not None and v >= 1 << 63 for v in (pos_in, pos_out)):
+            raise Errno(errno.EINVAL)
+        wait = not flags & 2 and (_may_block(fi) or _may_block(fo))
+        while True:
+            try:
+                n = os.splice(fi.host_fd, fo.host_fd, min(length, MAX_RW_COUNT), pos_in, pos_out, flags | 2)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise Errno(errno.EAGAIN) from None
+            except BrokenPipeError:
+                self._raise_sigpipe(p)
+                raise Errno(errno.EPIPE) from None
+            except (OSError, OverflowError, ValueError) as e:
+                raise Errno(getattr(e, "errno", None) or errno.EINVAL) from None
+            poller = select.poll()                          # whichever end is not ready yet
+            poller.register(fi.host_fd, select.POLLIN)
+            poller.register(fo.host_fd, select.POLLOUT)
+            ready = dict(poller.poll(0))
+            if ready.get(fi.host_fd, 0) & select.POLLIN:
+                self._wait_readable(p, fo.host_fd, select.POLLOUT)
+            else:
+                self._wait_readable(p, fi.host_fd)
+        if off_in:
+            p.write(off_in, struct.pack("<Q", pos_in + n))
+        if off_out:
+            p.write(off_out, struct.pack("<Q", pos_out + n))
+        return n
 
     def sys_lseek(self, p, fd, offset, whence):
         f = p.fds.get(fd)

@@ -1,6 +1,7 @@
 """Handlers: memory (mmap, munmap, mprotect, mremap, madvise, mincore, brk); the stub's own mappings are untouchable."""
 import errno
 import os
+import resource
 import stat
 
 from ...abi import (MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE,
@@ -220,9 +221,20 @@ class MmCalls:
         p.brk_cur = addr
         return addr
 
-    # Locking pages in memory changes nothing the guest can see: accepted, as within its limits.
-    def sys_mlock(self, p, addr, length):
+    # Locking pages in memory changes nothing the guest can see: accepted within RLIMIT_MEMLOCK (without
+    # CAP_IPC_LOCK, more than the limit is ENOMEM and a zero limit EPERM, as Linux says), nothing locked.
+    def _lock_within_limit(self, p, size):
+        if os.geteuid() == 0:
+            return 0
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] if 8 not in p.rlimits else p.rlimits[8][0]
+        if limit == 0:
+            raise Errno(errno.EPERM)
+        if limit != resource.RLIM_INFINITY and size > limit:
+            raise Errno(errno.ENOMEM)
         return 0
+
+    def sys_mlock(self, p, addr, length):
+        return self._lock_within_limit(p, page_up(length))
 
     def sys_munlock(self, p, addr, length):
         return 0
@@ -230,12 +242,19 @@ class MmCalls:
     def sys_mlock2(self, p, addr, length, flags):
         if flags & ~1:                                  # MLOCK_ONFAULT
             raise Errno(errno.EINVAL)
-        return 0
+        return self._lock_within_limit(p, page_up(length))
 
     def sys_mlockall(self, p, flags):
         if not flags & 7 or flags & ~7:                 # MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT
             raise Errno(errno.EINVAL)
-        return 0
+        if flags & 1:                                   # MCL_CURRENT: all it has mapped now
+            try:
+                with open("/proc/%d/status" % p.space.pid) as f:
+                    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            except (OSError, StopIteration, ValueError):
+                size = 0
+            return self._lock_within_limit(p, size)
+        return self._lock_within_limit(p, 0)
 
     def sys_munlockall(self, p):
         return 0

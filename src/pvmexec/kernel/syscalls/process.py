@@ -99,6 +99,11 @@ class ProcessCalls:
     def sys_waitid(self, p, idtype, id_, infop, options, rusage):
         if not options & (WEXITED | WUNTRACED | WCONTINUED):
             raise Errno(errno.EINVAL)
+        if idtype == 3:                                 # P_PIDFD
+            f = p.fds.get(id_ & 0xFFFFFFFF)
+            if f.pidfd is None:
+                raise Errno(errno.EINVAL)
+            idtype, id_ = 1, f.pidfd.pid
         pid = -1 if idtype == 0 else id_ if idtype == 1 else -id_ if idtype == 2 else None
         if pid is None:
             raise Errno(errno.EINVAL)

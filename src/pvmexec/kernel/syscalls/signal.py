@@ -68,6 +68,41 @@ class SignalCalls:
                 self._queue(q, sig, info, wake_it=q is not p)
         return 0
 
+    def sys_pidfd_open(self, p, pid, flags):
+        """A descriptor for a guest process that polls readable once it has ended (a host eventfd the
+        kernel sets when it does)."""
+        if flags & ~os.O_NONBLOCK or pid & 0xFFFFFFFF in (0, 0xFFFFFFFF):
+            raise Errno(errno.EINVAL)
+        q = process_named(self, p, pid & 0xFFFFFFFF)
+        if getattr(q, "is_thread", False):
+            raise Errno(errno.EINVAL)               # pidfds name processes, not threads
+        host = os.eventfd(0, os.O_CLOEXEC | os.O_NONBLOCK)
+        f = OpenFile(host, "anon_inode:[pidfd]", os.O_RDWR | (flags & os.O_NONBLOCK))
+        f.pidfd = q
+        try:
+            fd = p.fds.install(f, cloexec=True)     # as Linux: a pidfd is close-on-exec
+        except Errno:
+            os.close(host)
+            raise
+        with self._cond:
+            q.pidfds.add(f)
+            if q.status is not None:
+                os.eventfd_write(host, 1)
+        return fd
+
+    def sys_pidfd_send_signal(self, p, pidfd, sig, info, flags):
+        f = p.fds.get(pidfd)
+        if f.pidfd is None:
+            raise Errno(errno.EBADF)
+        if flags or info or not 0 <= sig <= 64:
+            raise Errno(errno.EINVAL)               # a siginfo of the caller's own is not taken
+        q = f.pidfd
+        if q.status is not None:
+            raise Errno(errno.ESRCH)
+        if sig:
+            self._queue(q, sig, sender_info(sig, SI_USER, p.pid, os.getuid()), wake_it=q is not p)
+        return 0
+
     def sys_tgkill(self, p, tgid, tid, sig):
         if not 0 <= sig <= 64:
             raise Errno(errno.EINVAL)
