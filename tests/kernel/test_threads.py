@@ -21,3 +21,25 @@ def test_pthreads_mutexes_condvars_joins_and_tls(threads_prog):
 def test_exit_from_a_thread_ends_the_process(threads_prog):
     got = same_as_native([threads_prog, "exit-from-thread"])
     assert got.returncode == 7
+
+
+def test_execve_from_a_process_with_other_threads(tmp_path):
+    """The other threads end (running, sleeping, blocked in a futex) and the new image runs under the same
+    pid; a failed exec leaves them all running. (The pid itself differs from a native run's.)"""
+    code = ("import threading, os, time\n"
+            "def spin():\n"
+            "    while True:\n"
+            "        time.sleep(0.01)\n"
+            "for _ in range(3):\n"
+            "    threading.Thread(target=spin, daemon=True).start()\n"
+            "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+            "try:\n"
+            "    os.execv('/nonexistent', ['x'])\n"
+            "except OSError as e:\n"
+            "    print('failed', e.errno, threading.active_count(), flush=True)\n"
+            "os.execv('/bin/sh', ['sh', '-c', 'echo exec from a threaded process $$'])\n")
+    want = native([PYTHON3, "-c", code], cwd=tmp_path)
+    got = sandboxed([PYTHON3, "-c", code], "-q", cwd=tmp_path)
+    assert got.returncode == want.returncode == 0, got.stderr
+    assert got.stdout.decode().split()[:-1] == want.stdout.decode().split()[:-1] == [
+        "failed", "2", "5", "exec", "from", "a", "threaded", "process"]

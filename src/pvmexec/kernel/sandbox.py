@@ -250,8 +250,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                 except TargetGone:
                     if p.fatal:
                         continue
-                    if p.group_status is not None:
-                        return ThreadExit()                 # another thread ended the process
+                    if p.group_status is not None or p.exec_exit:
+                        return ThreadExit()                 # another thread ended the process, or exec'd
                     raise
                 ctx = p.ctx = stop.ctx
                 if stop.reason != "syscall":
@@ -410,6 +410,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.clear_child_tid = 0
         p.robust_list = (0, 0)
         p.fds.close_on_exec()
+        p.free_thread_indices = []                          # the old space's stub threads went with it
         end_timers(p, exec_only=True)                       # POSIX timers end with the image
         p.pending = {s: i for s, i in p.pending.items()}
         if old is not None:

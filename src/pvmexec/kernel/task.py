@@ -23,7 +23,7 @@ ARG_MAX = 2 << 20                   # argv + envp bytes, as Linux bounds execve
 
 PER_THREAD = frozenset(("tid", "ctx", "thread_index", "sigmask", "saved_sigmask", "altstack", "clear_child_tid",
                         "robust_list", "thread", "wake_r", "wake_w", "pending", "leader", "internal_error",
-                        "is_thread", "fast_ids", "affinity"))
+                        "is_thread", "fast_ids", "affinity", "exec_exit"))
 
 
 def _drain(p):
@@ -104,6 +104,7 @@ class Thread:
         d["pending"], d["thread"], d["ctx"], d["internal_error"] = {}, None, None, None
         d["wake_r"], d["wake_w"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         d["affinity"] = leader.affinity
+        d["exec_exit"] = False                       # set when an execve in its process ends it
         d["fast_ids"] = leader.fast_ids[:]
         d["fast_ids"][2] = tid
 
@@ -175,6 +176,7 @@ class Process:
         self.usage = None                   # its own figures, kept when it ends
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.affinity = None                # sched_setaffinity's mask, once set
+        self.exec_exit = False
         self.children_usage = Usage()       # of the children waited for, and theirs
         # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
         # and a flag that sends every stop here (a signal is due).

@@ -98,6 +98,18 @@ class ThreadMachinery:
         th.start()
         return tid
 
+    def _end_other_threads(self, leader):
+        """execve from a process with other threads: they end (their space goes, the new image has none),
+        the process and its pid go on."""
+        with leader.thread_lock:
+            others = [t for tid, t in leader.threads.items() if tid != leader.pid]
+        for t in others:
+            t.exec_exit = True
+        kill_space(leader.space)                        # the old image: the exec replaces it anyway
+        for t in others:
+            wake(t)
+        wait_for_threads(leader)
+
     def _run_thread(self, t):
         proc = t.leader
         try:

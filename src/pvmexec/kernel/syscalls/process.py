@@ -163,13 +163,16 @@ class ProcessCalls:
     def sys_execveat(self, p, dirfd, path, argv, envp, flags):
         if flags & ~(AT_EMPTY_PATH | 0x100):
             raise Errno(errno.EINVAL)
-        if other_threads(p):
-            raise Errno(errno.ENOSYS)                   # exec from a multi-threaded process is not provided yet
+        if other_threads(p) and getattr(p, "is_thread", False):
+            raise Errno(errno.ENOSYS)                   # exec from a thread that is not the leader: not yet
         if path == "" and flags & AT_EMPTY_PATH:
             guest = p.fds.get(dirfd).path
         else:
             guest = self._abs(p, dirfd, path)
         args = p.read_str_array(argv)
         env = p.read_str_array(envp)
+        if other_threads(p):
+            self._read_file(guest)                      # what can fail first fails before the threads go
+            self._end_other_threads(p)
         self._execve(p, guest, args or [guest], env)
         return None
