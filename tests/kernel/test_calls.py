@@ -275,3 +275,17 @@ def test_pidfds_and_splice(tmp_path):
         print(os.splice(r, dst, 13), open("dst").read())
     """)
     assert "True True 15" in out and "from the pipe" in out
+
+
+def test_tee_and_vmsplice_between_pipes(tmp_path):
+    _same(tmp_path, """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        r1, w1 = os.pipe()
+        r2, w2 = os.pipe()
+        os.write(w1, b"duplicated")
+        print(libc.tee(r1, w2, 100, 0), os.read(r2, 100), os.read(r1, 100))
+        buf = ctypes.create_string_buffer(b"from memory")
+        iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 11)
+        print(libc.vmsplice(w1, iov, 1, 0), os.read(r1, 100))
+    """)

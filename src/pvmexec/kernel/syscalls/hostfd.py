@@ -1,4 +1,4 @@
-"""Host calls Python's os module lacks (timerfds, inotify, renameat2), each raising OSError as os does."""
+"""Host calls Python's os module lacks (timerfds, inotify, renameat2, tee), each raising OSError as os does."""
 import ctypes
 import os
 
@@ -44,3 +44,7 @@ def inotify_rm_watch(fd, wd):
 def renameat2(olddir, old, newdir, new, flags):
     return _checked(_libc.renameat2(ctypes.c_int(olddir), old.encode("utf-8", "surrogateescape"), ctypes.c_int(newdir),
                                     new.encode("utf-8", "surrogateescape"), ctypes.c_uint(flags)))
+
+
+def tee(fd_in, fd_out, length, flags):
+    return _checked(_libc.tee(ctypes.c_int(fd_in), ctypes.c_int(fd_out), ctypes.c_size_t(length), ctypes.c_uint(flags)))

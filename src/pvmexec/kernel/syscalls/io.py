@@ -8,6 +8,7 @@ import struct
 from ...abi import F_ADD_SEALS, F_GET_SEALS, O_LARGEFILE
 from ..errors import Errno, Interrupted
 from ..files import OpenFile
+from . import hostfd
 
 
 IO_MAX = 1 << 20                      # bytes moved per step (pipes and terminals: per call)
@@ -297,6 +298,35 @@ class IoCalls:
         if off_out:
             p.write(off_out, struct.pack("<Q", pos_out + n))
         return n
+
+    def sys_tee(self, p, fd_in, fd_out, length, flags):
+        """Duplicate pipe data between the guest's own pipes (the host's tee on the kernel's descriptors)."""
+        fi, fo = p.fds.get(fd_in), p.fds.get(fd_out)
+        if flags & ~0xF:
+            raise Errno(errno.EINVAL)
+        while True:
+            try:
+                return hostfd.tee(fi.host_fd, fo.host_fd, min(length, MAX_RW_COUNT), flags | 2)
+            except BlockingIOError:
+                if flags & 2 or not (_may_block(fi) or _may_block(fo)):
+                    raise Errno(errno.EAGAIN) from None
+            except OSError as e:
+                raise Errno(e.errno or errno.EINVAL) from None
+            poller = select.poll()
+            poller.register(fi.host_fd, select.POLLIN)
+            if dict(poller.poll(0)).get(fi.host_fd, 0) & select.POLLIN:
+                self._wait_readable(p, fo.host_fd, select.POLLOUT)
+            else:
+                self._wait_readable(p, fi.host_fd)
+
+    def sys_vmsplice(self, p, fd, vec, n, flags):
+        """Guest memory into a pipe (or out of one): copied, as vmsplice without SPLICE_F_GIFT may do."""
+        f = p.fds.get(fd)
+        if flags & ~0xF:
+            raise Errno(errno.EINVAL)
+        if f.flags & 3 == os.O_RDONLY:
+            return self.sys_readv(p, fd, vec, n)
+        return self.sys_writev(p, fd, vec, n)
 
     def sys_lseek(self, p, fd, offset, whence):
         f = p.fds.get(fd)
