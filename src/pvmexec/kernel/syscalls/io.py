@@ -132,6 +132,16 @@ def _write_all(self, p, fd, segments, pos=None):
     return done
 
 
+def scatter(p, segments, data):
+    """data into the guest's (address, length) segments, in order, as far as it goes."""
+    done = 0
+    for base, length in segments:
+        if done >= len(data):
+            break
+        p.write(base, data[done:done + length])
+        done += length
+
+
 def _capped(segments, limit=MAX_RW_COUNT):
     out, total = [], 0
     for base, length in segments:
@@ -237,12 +247,7 @@ class IoCalls:
             return _read_file(p, f, _iovec(p, vec, n, MAX_RW_COUNT)[0])
         iov, total = _iovec(p, vec, n)
         data = _read(self, p, f, total)
-        done = 0
-        for base, length in iov:
-            if done >= len(data):
-                break
-            p.write(base, data[done:done + length])
-            done += length
+        scatter(p, iov, data)
         return len(data)
 
     def sys_writev(self, p, fd, vec, n):

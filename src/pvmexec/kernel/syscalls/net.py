@@ -19,6 +19,7 @@ import struct
 from ...abi import AT_FDCWD
 from ..errors import Errno, Interrupted
 from ..files import OpenFile
+from .io import scatter
 
 _PAIR_END = "socket:[unix]"
 _AF_UNIX, _AF_INET, _AF_INET6 = socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
@@ -389,12 +390,7 @@ class NetCalls:
         segments = _iovecs(p, iov, iovlen)
         total = min(sum(n for _, n in segments), _MAX_IO)
         data, anc, mflags, source = self._recv(p, f, total, min(controllen, 4096), flags & ~0x40000000)
-        at = 0
-        for base, n in segments:
-            if at >= len(data):
-                break
-            p.write(base, data[at:at + n])
-            at += n
+        scatter(p, segments, data)
         out, truncated = self._control_in(p, anc, controllen, flags & 0x40000000)
         if control and out:
             p.write(control, out)
@@ -406,32 +402,12 @@ class NetCalls:
         return len(data)
 
     def sys_sendmmsg(self, p, fd, vec, vlen, flags):
-        done = 0
-        for i in range(min(vlen, 1024)):
-            try:
-                n = self.sys_sendmsg(p, fd, vec + 64 * i, flags)
-            except (Errno, Interrupted):
-                if done:
-                    break
-                raise
-            p.write(vec + 64 * i + 56, struct.pack("<I", n))
-            done += 1
-        return done
+        return _each_message(p, vec, vlen, lambda at, done: self.sys_sendmsg(p, fd, at, flags))
 
     def sys_recvmmsg(self, p, fd, vec, vlen, flags, timeout):
-        done = 0
-        for i in range(min(vlen, 1024)):
-            try:
-                n = self.sys_recvmsg(p, fd, vec + 64 * i, flags | (_MSG_DONTWAIT if done else 0))
-            except (Errno, Interrupted):
-                if done:
-                    break
-                raise
-            p.write(vec + 64 * i + 56, struct.pack("<I", n))
-            done += 1
-            if flags & 0x10000:                          # MSG_WAITFORONE
-                flags |= _MSG_DONTWAIT
-        return done
+        # After the first message, the rest only if they are there (MSG_WAITFORONE: the same at once).
+        return _each_message(p, vec, vlen, lambda at, done: self.sys_recvmsg(
+            p, fd, at, flags | (_MSG_DONTWAIT if done else 0)))
 
     def _control_out(self, p, control, length):
         """The guest's control messages as the host's: its descriptors become the kernel's host ones."""
@@ -526,6 +502,22 @@ class NetCalls:
         p.write(value, data[:room])
         p.write(lenp, struct.pack("<i", min(len(data), room)))
         return 0
+
+
+def _each_message(p, vec, vlen, call):
+    """sendmmsg/recvmmsg: call(address of the mmsghdr, messages done) for each, its length stored in it;
+    an error after the first message ends the batch, with what was done."""
+    done = 0
+    for i in range(min(vlen, 1024)):
+        try:
+            n = call(vec + 64 * i, done)
+        except (Errno, Interrupted):
+            if done:
+                break
+            raise
+        p.write(vec + 64 * i + 56, struct.pack("<I", n))
+        done += 1
+    return done
 
 
 def _fstat(f):
