@@ -313,3 +313,29 @@ def test_ctrl_z_stops_pvmexec_run_and_the_shell_can_continue_it():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_background_job_that_reads_the_terminal_is_stopped():
+    """`cat &` in an interactive shell: the read of the terminal stops it (SIGTTIN), the shell keeps its
+    input; fg gives the terminal to cat, which then reads and echoes what is typed."""
+    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
+    try:
+        assert b"$ " in until(b"$ ")
+        os.write(master, b"cat &\n")
+        time.sleep(1)
+        os.write(master, b"echo still$((1+1))\n")
+        seen = until(b"Stopped")
+        assert b"still2" in seen and re.search(rb"\[1\]\+ +Stopped +cat", seen + until(b"$ ", 2)), seen
+        os.write(master, b"fg\n")
+        time.sleep(0.5)
+        os.write(master, b"typed to cat\n")
+        assert until(b"typed to cat\r\ntyped to cat").count(b"typed to cat") == 2
+        os.write(master, b"\x04")
+        until(b"$ ", 3)
+        os.write(master, b"exit 6\n")
+        assert proc.wait(20) == 6
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -313,7 +313,8 @@ class OpenFile:
         try:                            # read/write need nothing from the kernel: the C fast path may do them
             mode = os.fstat(host_fd).st_mode
             self.regular = stat.S_ISREG(mode)
-            self.plain = self.regular or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+            # A terminal is read in Python: who reads it (foreground or not) matters there.
+            self.plain = self.regular or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) and not os.isatty(host_fd)
         except OSError:
             self.plain = self.regular = False
 

@@ -178,6 +178,24 @@ class SignalDelivery:
                 self._tell_parent(leader, CLD_CONTINUED, signal.SIGCONT)
                 self._cond.notify_all()
 
+    def _terminal_access(self, p, f, sig):
+        """A process outside its terminal's foreground group reads it (SIGTTIN): its group is sent the
+        signal and the read waits for it (stopped, then restarted); EIO if the signal is blocked or ignored."""
+        try:
+            foreground = self.tty_pgrp.get(os.fstat(f.host_fd).st_rdev)
+        except OSError:
+            return
+        if foreground is None or p.pgid == foreground:
+            return
+        if p.sigmask & _bit(sig) or _disposition(p, sig)[0] == SIG_IGN:
+            raise Errno(errno.EIO)
+        with self._cond:
+            group = [q for q in self._procs.values() if q.pgid == p.pgid and q.status is None and
+                     not getattr(q, "is_thread", False)]
+        for q in group:
+            self._queue(q, sig, sender_info(sig, 0x80, 0, 0), wake_it=q is not leader_of(p))
+        raise Interrupted()
+
     def _tell_parent(self, leader, code, status):
         parent = leader.parent
         if parent is None or parent.status is not None:
@@ -200,7 +218,9 @@ class SignalDelivery:
         """A blocking call gave way to a signal: restart it after the handler if SA_RESTART, else EINTR.
         Waits for signals, sleeps and polls are never restarted (signal(7))."""
         sig = next((s for s in sorted(p.pending) if not p.sigmask & _bit(s)), None)
-        if sig is not None and nr not in _NEVER_RESTARTED and _disposition(p, sig)[1] & SA_RESTART:
+        # No handler runs for a signal left to its default action (a stop, say): the call goes on afterwards.
+        if sig is not None and nr not in _NEVER_RESTARTED and (_disposition(p, sig)[1] & SA_RESTART or
+                                                                _disposition(p, sig)[0] in (SIG_DFL, SIG_IGN)):
             ARCH.restart_syscall(p.ctx, nr)
             return None
         return -errno.EINTR

@@ -3,6 +3,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import struct
 
 from ...abi import F_ADD_SEALS, F_GET_SEALS, O_LARGEFILE
@@ -41,6 +42,8 @@ def _may_block(f):
 
 
 def _read(self, p, f, n):
+    if self.tty_pgrp and not f.regular and not f.plain and os.isatty(f.host_fd):
+        self._terminal_access(p, f, signal.SIGTTIN)
     if _may_block(f):
         self._wait_readable(p, f.host_fd)         # a signal may cut the wait short (Interrupted)
     return _host(os.read, f.host_fd, n)
