@@ -1,9 +1,11 @@
 """The janitor process (see janitor.py): reads the caller's records until the caller is gone, then removes
 what is still recorded."""
 import os
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 
 from . import _core, janitor
@@ -88,9 +90,33 @@ def _agent_tid(pid, base):
     return struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
 
 
+PRIVATE_DIR_PREFIX = "pvmexec-shm-"
+
+
+def _remove_private_dir(dev, ino):
+    """A sandbox's private directory (kernel.files.PRIVATE), found by its device and inode where it is made."""
+    for parent in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            names = [n for n in os.listdir(parent) if n.startswith(PRIVATE_DIR_PREFIX)]
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                shutil.rmtree(path, ignore_errors=True)
+                return
+
+
 def _clean(records):
     by_pid = {}
     for pid, started, kind, args in records.values():
+        if kind == "privatedir":                # the caller's own, not in a target
+            _remove_private_dir(*args)
+            continue
         by_pid.setdefault((pid, started), []).append((kind, args))
     for (pid, started), things in by_pid.items():
         for _kind, (tid, base, _size) in [t for t in things if t[0] == "agent"]:

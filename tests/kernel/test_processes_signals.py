@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import pytest
 from pvmexec.kernel import Errno, Sandbox
 
@@ -249,3 +250,29 @@ def test_stop_continue_and_wait_for_them(tmp_path):
         print("killed", os.WTERMSIG(st))
     """)
     same_as_native([PYTHON3, "-c", code], cwd=tmp_path)
+
+
+def test_the_runs_own_dev_shm_goes_even_when_pvmexec_is_killed(tmp_path):
+    """/dev/shm is the run's own directory: removed at the end, and by the janitor after a SIGKILL."""
+    def ours():
+        return {n for n in os.listdir("/dev/shm") if n.startswith("pvmexec-shm-")} if os.path.isdir("/dev/shm") \
+            else set()
+    before = ours()
+    got = sandboxed(["bash", "-c", "echo x > /dev/shm/f && cat /dev/shm/f && ls /dev/shm"], "-q")
+    assert got.stdout == b"x\nf\n" and ours() == before
+    proc = subprocess.Popen([PY, "-m", "pvmexec", "run", "-q", "--", "bash", "-c",
+                             "echo x > /dev/shm/f; echo made; sleep 60"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"made\n"
+        assert len(ours() - before) == 1
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while ours() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ours() == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

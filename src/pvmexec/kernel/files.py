@@ -19,7 +19,7 @@ import tempfile
 import threading
 from array import array
 
-from .. import _core
+from .. import _core, _sigguard, janitor
 from ..abi import O_ACCMODE, RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
 from .errors import Errno
 
@@ -112,9 +112,10 @@ class Policy:
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
-        for host, fd in getattr(self, "_private", {}).values():
+        for g, (host, fd) in getattr(self, "_private", {}).items():
             os.close(fd)
             shutil.rmtree(host, ignore_errors=True)
+            janitor.unrecord(self._private_records.pop(g, None))
         self._private = {}
 
     __del__ = close
@@ -141,10 +142,14 @@ class Policy:
         if g is None:
             return self.root_fd, self._rel(guest_abs)
         if not hasattr(self, "_private"):
-            self._private = {}
+            self._private, self._private_records = {}, {}
         if g not in self._private:
-            made = tempfile.mkdtemp(prefix="pvmexec-shm-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-            os.chmod(made, 0o1777)
+            with _sigguard.deferred():               # made and recorded at once: a SIGKILL leaves nothing
+                made = tempfile.mkdtemp(prefix="pvmexec-shm-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK)
+                                        else None)
+                os.chmod(made, 0o1777)
+                st = os.stat(made)
+                self._private_records[g] = janitor.Records(os.getpid()).add("privatedir", st.st_dev, st.st_ino)
             self._private[g] = (made, os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         return self._private[g][1], self._rel(guest_abs[len(g):] or "/")
 
