@@ -300,8 +300,8 @@ class Policy:
 class OpenFile:
     """An open file description (shared by dup'ed descriptors): a host descriptor the kernel holds."""
 
-    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir", "socket", "on_release", "signalfd",
-                 "pidfd", "__weakref__")
+    __slots__ = ("host_fd", "path", "flags", "dir_entries", "dir_pos", "refs", "plain", "regular", "list_dir",
+                 "socket", "on_release", "signalfd", "pidfd", "__weakref__")
 
     def __init__(self, host_fd, path, flags):
         self.host_fd = host_fd

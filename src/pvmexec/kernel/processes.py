@@ -8,7 +8,8 @@ import signal
 import struct
 import threading
 
-from ..abi import (MAP_FIXED_NOREPLACE, MAP_SHARED, CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
+from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
+                   MAP_FIXED_NOREPLACE, MAP_SHARED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
 from .errors import Errno

@@ -402,8 +402,9 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         p.exe = path
         p.arg_area = arg_area
         drop_shared(p)
-        p.file_maps = self._image_maps(p, path, main) + (self._image_maps(p, self._abs(p, AT_FDCWD, main.interp), interp)
-                                                        if interp else [])
+        p.file_maps = self._image_maps(p, path, main)
+        if interp:
+            p.file_maps += self._image_maps(p, self._abs(p, AT_FDCWD, main.interp), interp)
         p.comm = posixpath.basename(path).encode()[:15]
         p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
         p.altstack = (0, 2, 0)

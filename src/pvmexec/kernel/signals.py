@@ -92,7 +92,8 @@ class SignalDelivery:
             _discard(leader_of(q), (signal.SIGCONT,))
         handler = _disposition(q, sig)[0]
         blocked = q.sigmask & _bit(sig)                 # never ignored: its handler may change before it is unblocked
-        if sig != signal.SIGKILL and not blocked and (handler == SIG_IGN or handler == SIG_DFL and sig in _DEFAULT_IGNORE):
+        if sig != signal.SIGKILL and not blocked and (handler == SIG_IGN or
+                                                      handler == SIG_DFL and sig in _DEFAULT_IGNORE):
             return
         if sig == signal.SIGKILL or handler == SIG_DFL and sig not in _STOP and not blocked:
             q.fatal = sig                               # nothing the guest can do: end it now (a blocked one

@@ -99,7 +99,8 @@ def shared_in_maps(p):
             continue
         major, minor = (int(x, 16) for x in fields[3].split(":"))
         perms = fields[1]
-        prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+        prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
+            (4 if perms[2] == "x" else 0)
         found.setdefault((os.makedev(major, minor), int(fields[4])), []).append((lo, hi, prot, int(fields[2], 16)))
     return found
 
