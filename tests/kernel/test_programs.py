@@ -152,7 +152,10 @@ def test_pseudo_terminals_of_the_guests_own(tmp_path):
             if pid == 0:
                 print("child", os.isatty(0), os.ttyname(0).startswith("/dev/pts/"))
                 os._exit(3)
-            print(os.read(fd, 100).replace(b"\\r", b""), os.waitpid(pid, 0)[1] >> 8)
+            out = b""
+            while not out.endswith(b"\\n"):             # the child's line, however the terminal hands it over
+                out += os.read(fd, 100)
+            print(out.replace(b"\\r", b""), os.waitpid(pid, 0)[1] >> 8)
             m, s = os.openpty()
             os.write(m, b"typed\\n")
             print(os.read(s, 10), os.path.basename(os.ttyname(s)) in os.listdir("/dev/pts"))
