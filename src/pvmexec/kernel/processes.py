@@ -22,6 +22,7 @@ ARCH = _current_arch()
 
 
 SIGCHLD = signal.SIGCHLD
+_ZEROS = bytes(1 << 20)                 # a fork's chunk of zeros: nothing to write to the child
 
 
 class ProcessMachinery:
@@ -114,7 +115,7 @@ class ProcessMachinery:
             while addr < hi:
                 n = min(hi - addr, 1 << 20)
                 data = src.read(addr, n)
-                if data.count(0) != n:
+                if data != (_ZEROS if n == len(_ZEROS) else bytes(n)):     # a memcmp: far cheaper than a count
                     dst.write(addr, data)
                 addr += n
             if prot != 3:

@@ -25,7 +25,7 @@ import time
 from .. import _core
 from ..abi import ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, SIG_IGN, page_up
 from ..arch import current as _current_arch
-from ..errors import TargetGone
+from ..errors import PvmexecError, TargetGone
 from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
@@ -52,13 +52,16 @@ class SharedFutexes:
 
 
 class Spawner:
-    """One long-lived thread that runs what must outlive the guest thread asking for it."""
+    """One long-lived thread that runs what must outlive the guest thread asking for it (a stub dies with
+    the thread that made it), and makes the next stub space ahead while the guest runs."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._jobs = None
+        self._spares = {}                       # kind -> (box, done) of a space being made ahead
+        self.ending = False                     # the run is ending: nothing more is made ahead
 
-    def call(self, fn):
+    def _post(self, fn):
         import queue
         with self._lock:
             if self._jobs is None:
@@ -67,10 +70,43 @@ class Spawner:
         done = threading.Event()
         box = []
         self._jobs.put((fn, box, done))
+        return box, done
+
+    @staticmethod
+    def _result(box, done):
         done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
+
+    def call(self, fn):
+        return self._result(*self._post(fn))
+
+    def space(self, kind, make, ahead):
+        """make() run here, or the space made ahead for this kind; ahead: make the next one now (a process
+        that forks or execs is likely to do it again)."""
+        with self._lock:
+            spare = self._spares.pop(kind, None)
+            if ahead and not self.ending:
+                self._spares[kind] = self._post(make)
+        if spare is not None:
+            try:
+                space = self._result(*spare)
+                os.kill(space.pid, 0)
+                return space
+            except (OSError, PvmexecError):
+                pass                            # it did not start, or died meanwhile: make one now
+        return self.call(make)
+
+    def drop_spares(self):
+        """The run is over: the spaces made ahead go (none outlives a run)."""
+        with self._lock:
+            spares, self._spares = list(self._spares.values()), {}
+        for box, done in spares:
+            try:
+                self._result(box, done).detach()
+            except (OSError, PvmexecError):
+                pass
 
     @staticmethod
     def _serve(jobs):
@@ -108,6 +144,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self.ptys = set()                       # /dev/pts numbers of the ptys guests made
         self.tty_pgrp = {}                      # a terminal's st_rdev -> its foreground process group
         self._spawner = Spawner()
+        self._first_pid = None
         self._handlers = {}
         for nr, (name, kinds) in TABLE.items():
             h = getattr(self, "sys_" + name, None)
@@ -133,6 +170,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             p = Process(self._next_pid)
             self._next_pid += 1
             self._procs[p.pid] = p
+            self._first_pid = p.pid
         p.cwd = self._initial_cwd(cwd)
         p.thread = threading.current_thread()
         try:
@@ -169,7 +207,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             self._queue(q, sig, info, wake_it=True)
 
     def _end_all(self):
-        """Kill every guest process still running and wait for its caller thread."""
+        """Kill every guest process still running and wait for its caller thread; no space made ahead stays."""
+        self._spawner.ending = True
         with self._cond:
             left = [q for q in self._procs.values() if q.status is None]
         for q in left:
@@ -179,16 +218,18 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         for q in left:
             if q.thread is not None and q.thread is not threading.current_thread():
                 q.thread.join(10)
+        self._spawner.drop_spares()
+        self._spawner.ending = False
         with self._cond:
             self._procs.clear()
 
-    def _new_space(self, patch=True):
+    def _new_space(self, patch=True, ahead=True):
         """A space for a guest process; patch=False: no patching window either (its program loads there)."""
         if self.engine == "stub":
             # A stub dies with the thread that made it (PR_SET_PDEATHSIG): made by the guest thread that
-            # forked, a daemon's stub would die with its parent (`(cmd &)`); made here, with the kernel.
+            # forked, a daemon's stub would die with its parent (`(cmd &)`); made there, with the kernel.
             patch = patch and self.patch_syscalls
-            return self._spawner.call(lambda: Space.create(patch_syscalls=patch, fixed_layout=True))
+            return self._spawner.space(patch, lambda: Space.create(patch_syscalls=patch, fixed_layout=True), ahead)
         from ..engines.stub import plain_process
         proc = plain_process(fixed_layout=True)
         try:
@@ -373,7 +414,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         window = (_core.LAYOUT["STUB_WINDOW_ADDR"], _core.LAYOUT["STUB_WINDOW_ADDR"] + _core.LAYOUT["STUB_WINDOW_SIZE"])
         patch = not any(elf is not None and elf.type == loader.ET_EXEC and elf.span()[0] < window[1] and
                         elf.span()[1] > window[0] for elf in (main, interp))
-        space = self._new_space(patch)
+        space = self._new_space(patch, ahead=p.pid != self._first_pid)
         try:
             protected = self._stub_mappings(space)
 
