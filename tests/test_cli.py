@@ -339,3 +339,24 @@ def test_a_background_job_that_reads_the_terminal_is_stopped():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_background_job_that_writes_to_a_tostop_terminal_is_stopped():
+    """With `stty tostop`, a background job's write to the terminal stops it (SIGTTOU); fg lets it write."""
+    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
+    try:
+        assert b"$ " in until(b"$ ")
+        os.write(master, b"stty tostop; (sleep 0.3; echo from$((5+5))bg) &\n")
+        time.sleep(1.2)
+        os.write(master, b"echo mark$((3+3))\n")
+        seen = until(b"Stopped")
+        assert b"mark6" in seen and b"from10bg" not in seen, seen
+        os.write(master, b"fg\n")
+        assert b"from10bg" in until(b"from10bg")
+        os.write(master, b"stty -tostop; exit 7\n")
+        assert proc.wait(20) == 7
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -180,8 +180,9 @@ class SignalDelivery:
                 self._cond.notify_all()
 
     def _terminal_access(self, p, f, sig):
-        """A process outside its terminal's foreground group reads it (SIGTTIN): its group is sent the
-        signal and the read waits for it (stopped, then restarted); EIO if the signal is blocked or ignored."""
+        """A process outside its terminal's foreground group reads it (SIGTTIN), or writes it with TOSTOP set
+        (SIGTTOU): its group is sent the signal and the call waits for it (stopped, then restarted). A read
+        with SIGTTIN blocked or ignored is EIO; a write with SIGTTOU blocked or ignored goes ahead."""
         try:
             foreground = self.tty_pgrp.get(os.fstat(f.host_fd).st_rdev)
         except OSError:
@@ -189,6 +190,8 @@ class SignalDelivery:
         if foreground is None or p.pgid == foreground:
             return
         if p.sigmask & _bit(sig) or _disposition(p, sig)[0] == SIG_IGN:
+            if sig == signal.SIGTTOU:
+                return                                  # a write goes ahead then, as Linux lets it
             raise Errno(errno.EIO)
         with self._cond:
             group = [q for q in self._procs.values() if q.pgid == p.pgid and q.status is None and

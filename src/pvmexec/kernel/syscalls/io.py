@@ -5,6 +5,7 @@ import os
 import select
 import signal
 import struct
+import termios
 
 from ...abi import F_ADD_SEALS, F_GET_SEALS, O_LARGEFILE
 from ..errors import Errno, Interrupted
@@ -49,6 +50,13 @@ def _read(self, p, f, n):
     return _host(os.read, f.host_fd, n)
 
 
+def _tostop(host_fd):
+    try:
+        return bool(termios.tcgetattr(host_fd)[3] & termios.TOSTOP)
+    except termios.error:
+        return False
+
+
 def _ready(host_fd):
     poller = select.poll()
     poller.register(host_fd, select.POLLIN)
@@ -57,6 +65,8 @@ def _ready(host_fd):
 
 def _write(self, p, call, fd, data, *extra):
     f = p.fds.get(fd)
+    if self.tty_pgrp and not f.regular and not f.plain and os.isatty(f.host_fd) and _tostop(f.host_fd):
+        self._terminal_access(p, f, signal.SIGTTOU)
     if _may_block(f):
         self._wait_readable(p, f.host_fd, select.POLLOUT)
     try:
