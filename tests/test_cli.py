@@ -1,4 +1,5 @@
 """The command line, run as a user would."""
+import contextlib
 import json
 import os
 import re
@@ -229,22 +230,18 @@ def test_bench_rows_stream_as_they_are_measured():
 
 def test_an_interactive_shell_in_a_terminal():
     """pvmexec run of bash on a pseudo-terminal: it prompts, runs what is typed, exits with its status."""
-    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
-    try:
+    with _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"]) as (proc, master, until):
         assert b"$ " in until(b"$ ")
         os.write(master, b"echo hello $((6*7))\n")
         assert b"hello 42" in until(b"hello 42")
         os.write(master, b"exit 5\n")
         assert proc.wait(20) == 5
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
+@contextlib.contextmanager
 def _on_a_terminal(argv):
-    """argv (a pvmexec run) as the foreground job of a pseudo-terminal of its own: (proc, master, until)."""
+    """argv (a pvmexec run) as the foreground job of a pseudo-terminal of its own: yields (proc, master,
+    until); the terminal is closed and the run killed and reaped at the end, whatever happened."""
     import fcntl
     import pty
     import select
@@ -264,13 +261,18 @@ def _on_a_terminal(argv):
                 except OSError:
                     break
         return seen
-    return proc, master, until
+    try:
+        yield proc, master, until
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_job_control_in_an_interactive_shell():
     """Ctrl-Z stops the shell's foreground job (the shell says so), jobs lists it, kill %1 ends it."""
-    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
-    try:
+    with _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"]) as (proc, master, until):
         assert b"$ " in until(b"$ ")
         os.write(master, b"sleep 30; echo slept\n")
         time.sleep(1)
@@ -282,18 +284,12 @@ def test_job_control_in_an_interactive_shell():
         assert b"gone4" in until(b"gone4")
         os.write(master, b"exit 3\n")
         assert proc.wait(20) == 3
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_ctrl_z_stops_pvmexec_run_and_the_shell_can_continue_it():
     """Ctrl-Z on `pvmexec run PROGRAM` stops the program and pvmexec with it (the shell that ran it sees a
     stopped job); SIGCONT resumes both; the program's output and status are then its own."""
-    proc, master, until = _on_a_terminal(["/bin/bash", "-c", "sleep 1.5; echo finished; exit 4"])
-    try:
+    with _on_a_terminal(["/bin/bash", "-c", "sleep 1.5; echo finished; exit 4"]) as (proc, master, until):
         time.sleep(0.7)
         os.write(master, b"\x1a")
         stopped = False
@@ -308,18 +304,12 @@ def test_ctrl_z_stops_pvmexec_run_and_the_shell_can_continue_it():
         os.kill(proc.pid, signal.SIGCONT)
         assert b"finished" in until(b"finished")
         assert proc.wait(20) == 4
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_background_job_that_reads_the_terminal_is_stopped():
     """`cat &` in an interactive shell: the read of the terminal stops it (SIGTTIN), the shell keeps its
     input; fg gives the terminal to cat, which then reads and echoes what is typed."""
-    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
-    try:
+    with _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"]) as (proc, master, until):
         assert b"$ " in until(b"$ ")
         os.write(master, b"cat &\n")
         time.sleep(1)
@@ -334,17 +324,11 @@ def test_a_background_job_that_reads_the_terminal_is_stopped():
         until(b"$ ", 3)
         os.write(master, b"exit 6\n")
         assert proc.wait(20) == 6
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_background_job_that_writes_to_a_tostop_terminal_is_stopped():
     """With `stty tostop`, a background job's write to the terminal stops it (SIGTTOU); fg lets it write."""
-    proc, master, until = _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"])
-    try:
+    with _on_a_terminal(["/bin/bash", "--norc", "--noprofile", "-i"]) as (proc, master, until):
         assert b"$ " in until(b"$ ")
         os.write(master, b"stty tostop; (sleep 0.3; echo from$((5+5))bg) &\n")
         time.sleep(1.2)
@@ -355,8 +339,3 @@ def test_a_background_job_that_writes_to_a_tostop_terminal_is_stopped():
         assert b"from10bg" in until(b"from10bg")
         os.write(master, b"stty -tostop; exit 7\n")
         assert proc.wait(20) == 7
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
