@@ -370,6 +370,16 @@ class FdTable:
             raise Errno(errno.EBADF)
         return entry[0]
 
+    def install_host(self, host_fd, path, flags, cloexec=False):
+        """A new open file of the kernel's host descriptor, at the lowest free number; on failure the host
+        descriptor is closed (nothing is left open)."""
+        try:
+            f = OpenFile(host_fd, path, flags)
+            return self.install(f, cloexec=cloexec)
+        except BaseException:
+            os.close(host_fd)
+            raise
+
     def install(self, f, cloexec=False, lowest=0, at=None):
         """Lowest free number >= lowest (EMFILE past the limit), or exactly `at` (EBADF if out of range)."""
         with _TABLES:

@@ -492,12 +492,8 @@ class FsCalls:
         if flags & ~_MFD_FLAGS or len(name.encode("utf-8", "surrogateescape")) > 249:
             raise Errno(errno.EINVAL)
         host = _host(os.memfd_create, name, (flags & ~MFD_CLOEXEC) | MFD_CLOEXEC)
-        try:
-            return p.fds.install(OpenFile(host, "/memfd:%s (deleted)" % name, os.O_RDWR | O_LARGEFILE),
-                                 cloexec=flags & MFD_CLOEXEC)
-        except Errno:
-            os.close(host)
-            raise
+        return p.fds.install_host(host, "/memfd:%s (deleted)" % name, os.O_RDWR | O_LARGEFILE,
+                                  cloexec=flags & MFD_CLOEXEC)
 
     def sys_sync(self, p):
         return 0
@@ -538,11 +534,7 @@ class FsCalls:
         if flags & ~(os.O_NONBLOCK | os.O_CLOEXEC):
             raise Errno(errno.EINVAL)
         host = _host(hostfd.inotify_init1, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
-        try:
-            return p.fds.install(OpenFile(host, "anon_inode:inotify", os.O_RDONLY), cloexec=flags & os.O_CLOEXEC)
-        except Errno:
-            os.close(host)
-            raise
+        return p.fds.install_host(host, "anon_inode:inotify", os.O_RDONLY, cloexec=flags & os.O_CLOEXEC)
 
     def sys_inotify_init(self, p):
         return self.sys_inotify_init1(p, 0)

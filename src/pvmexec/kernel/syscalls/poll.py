@@ -185,11 +185,7 @@ class PollCalls:
         if flags & ~(os.O_CLOEXEC | os.O_NONBLOCK | 1):
             raise Errno(errno.EINVAL)
         host = os.eventfd(initval & 0xFFFFFFFF, (flags & (os.O_NONBLOCK | 1)) | os.O_CLOEXEC)
-        try:
-            return p.fds.install(OpenFile(host, "anon_inode:[eventfd]", os.O_RDWR), cloexec=flags & os.O_CLOEXEC)
-        except Errno:
-            os.close(host)
-            raise
+        return p.fds.install_host(host, "anon_inode:[eventfd]", os.O_RDWR, cloexec=flags & os.O_CLOEXEC)
 
     def sys_eventfd(self, p, initval):
         return self.sys_eventfd2(p, initval, 0)

@@ -13,7 +13,6 @@ import threading
 import time
 
 from ..errors import Errno
-from ..files import OpenFile
 from . import hostfd
 from .io import _host as _hostcall
 from ..task import leader_of
@@ -232,11 +231,7 @@ class TimerCalls:
         if clock in (8, 9):                             # the ALARM clocks need CAP_WAKE_ALARM
             raise Errno(errno.EPERM)
         host = _hostcall(hostfd.timerfd_create, clock, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
-        try:
-            return p.fds.install(OpenFile(host, "anon_inode:[timerfd]", os.O_RDWR), cloexec=flags & os.O_CLOEXEC)
-        except Errno:
-            os.close(host)
-            raise
+        return p.fds.install_host(host, "anon_inode:[timerfd]", os.O_RDWR, cloexec=flags & os.O_CLOEXEC)
 
     def _timerfd(self, p, fd):
         f = p.fds.get(fd)
