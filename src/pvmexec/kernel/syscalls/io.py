@@ -277,7 +277,7 @@ class IoCalls:
             data = _host(os.pread, fi.host_fd, count, off)
             p.write(offset, struct.pack("<Q", off + len(data)))
         else:
-            data = _host(os.read, fi.host_fd, count)
+            data = _read(self, p, fi, count)            # a pipe's wait gives way to signals (SIGKILL too)
         return _write(self, p, os.write, fo and out_fd, data) if data else 0
 
     def sys_splice(self, p, fd_in, off_in, fd_out, off_out, length, flags):
