@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import signal
 import subprocess
 import sys
@@ -98,7 +99,13 @@ def test_run_trace_is_a_flag_and_never_destroys_a_file(tmp_path):
     assert out.returncode == 125 and "refusing to overwrite" in out.stderr and "Traceback" not in out.stderr
     assert exe.read_bytes() == before
     out = pvmexec("run", "--trace", "-o", str(tmp_path), "/bin/true")       # a directory
-    assert out.returncode == 125 and "not a regular file" in out.stderr
+    assert out.returncode == 125 and "Is a directory" in out.stderr
+    out = pvmexec("run", "--trace", "-o", "/dev/null", "/bin/true")         # a device, as strace -o allows
+    assert out.returncode == 0 and out.stderr == "" and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    link = tmp_path / "link-to-exe"
+    link.symlink_to(exe)
+    out = pvmexec("run", "--trace", "-o", str(link), "/bin/true")           # an executable behind a symlink
+    assert out.returncode == 125 and "refusing to overwrite" in out.stderr and exe.read_bytes() == before
     trace = tmp_path / "trace.txt"
     out = pvmexec("run", "--trace", "-o", str(trace), "/bin/true")
     assert out.returncode == 0 and "+++ exited with 0 +++" in trace.read_text() and out.stderr == ""
@@ -128,7 +135,7 @@ def test_run_cannot_execute_is_126(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["syscall", "0", "getpid"], "must be above 0"),
     (["syscall", "-5", "getpid"], "must be above 0"),
-    (["syscall", "1", "getpid", "i:abc"], "invalid literal"),
+    (["syscall", "1", "getpid", "i:abc"], "i: needs an integer"),
     (["syscall", "1", "frobnicate"], "unknown x86-64 system call"),
     (["bench", "--iterations", "0"], "must be above 0"),
     (["dump", "--pre-dumps", "-1", "1", "/nonexistent/dir"], "must not be negative"),

@@ -1,10 +1,16 @@
 """Command line: pvmexec syscall | run | dump | image | bench."""
 import argparse
+import re
 import sys
 
 from . import __version__
 from .errors import PvmexecError
 from .syscalls import name_of, number
+
+
+def describe(e):
+    """An error as one line for a person: the message without Python's "[Errno N]" prefix."""
+    return re.sub(r"^\[Errno \d+\] ", "", str(e))
 
 
 def parse_arg(text):
@@ -15,7 +21,10 @@ def parse_arg(text):
     if text.startswith("s:"):
         return text[2:]
     if text.startswith("i:"):
-        return int(text[2:], 0)
+        try:
+            return int(text[2:], 0)
+        except ValueError:
+            raise ValueError("argument %r: i: needs an integer (decimal, 0x hex, 0o octal)" % text) from None
     try:
         return int(text, 0)
     except ValueError:
@@ -28,7 +37,7 @@ def cmd_syscall(args):
         nr = number(args.name)
         values = [parse_arg(a) for a in args.args]
     except ValueError as e:
-        print("pvmexec: %s" % e, file=sys.stderr)
+        print("pvmexec syscall: %s" % describe(e), file=sys.stderr)
         return 2
     if len(values) > 6:
         print("pvmexec: a system call takes at most 6 arguments", file=sys.stderr)
@@ -37,10 +46,10 @@ def cmd_syscall(args):
         with attach(args.pid, freeze=args.freeze, engine=args.engine) as space:
             ret = space.syscall_raw(nr, *values)
     except (PvmexecError, OSError) as e:
-        print("pvmexec: %s" % e, file=sys.stderr)
+        print("pvmexec: %s" % describe(e), file=sys.stderr)
         return 1
     except (ValueError, TypeError, OverflowError) as e:          # a pid or argument that cannot be
-        print("pvmexec: %s" % e, file=sys.stderr)
+        print("pvmexec: %s" % describe(e), file=sys.stderr)
         return 2
     from .kernel.trace import format_call
     from .syscalls import TABLE
@@ -52,22 +61,26 @@ def cmd_syscall(args):
 
 
 def open_output(path):
-    """Open a file the user named as output, as strace -o does, but never an executable or anything but
-    a regular file: `--trace -o /bin/echo` must not destroy /bin/echo."""
+    """Open a file the user named as output, as strace -o does: a new or regular file (truncated), or
+    a terminal, pipe or character device such as /dev/stderr (appended to). Never an executable, a
+    directory or a block device: `--trace -o /bin/echo` must not destroy /bin/echo. The checks are on
+    the file opened, before anything is truncated, so a symlink or a rename cannot dodge them."""
     import errno
     import os
     import stat
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o644)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (the trace goes to a new or regular file)")
-        if st.st_mode & 0o111:
-            raise OSError(errno.EPERM, "an executable file; refusing to overwrite it with a trace")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    return os.fdopen(fd, "w")
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_mode & 0o111:
+                raise OSError(errno.EPERM, "an executable file; refusing to overwrite it with a trace")
+            os.ftruncate(fd, 0)
+        elif not (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            raise OSError(errno.EINVAL, "not a regular file, terminal or pipe")
+        return os.fdopen(fd, "w")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def cmd_run(args):
@@ -97,7 +110,7 @@ def cmd_run(args):
             spec["network"] = True
         policy = Policy.from_dict(spec)
     except (OSError, ValueError) as e:
-        print("pvmexec run: policy: %s" % e, file=sys.stderr)
+        print("pvmexec run: policy: %s" % describe(e), file=sys.stderr)
         return 125
     trace = None
     # As with strace, any tracing option traces.
@@ -110,7 +123,7 @@ def cmd_run(args):
                     raise ValueError("-e %s: only trace=SET is understood" % expr)
                 calls = trace_set(expr) if calls is None else calls | trace_set(expr)
         except ValueError as e:
-            print("pvmexec run: %s" % e, file=sys.stderr)
+            print("pvmexec run: %s" % describe(e), file=sys.stderr)
             return 125
         try:
             out = open_output(args.output) if args.output else sys.stderr
@@ -133,7 +146,7 @@ def cmd_run(args):
         print("pvmexec run: %s: %s" % (args.program[0], os.strerror(e.errno)), file=sys.stderr)
         return 127 if e.errno == errno.ENOENT else 126
     except PvmexecError as e:
-        print("pvmexec run: %s" % e, file=sys.stderr)
+        print("pvmexec run: %s" % describe(e), file=sys.stderr)
         return 126
     except OSError as e:
         print("pvmexec run: %s: %s" % (args.program[0], e.strerror), file=sys.stderr)
@@ -191,7 +204,7 @@ def cmd_dump(args):
                          leave_running=not args.kill, progress=progress, transfer=args.transfer,
                          copying=copying if tty else None)
     except (PvmexecError, OSError) as e:
-        print(("\n" if tty else "") + "pvmexec dump: %s" % e, file=sys.stderr)
+        print(("\n" if tty else "") + "pvmexec dump: %s" % describe(e), file=sys.stderr)
         return 1
     if tty:
         print(file=sys.stderr)
@@ -210,7 +223,7 @@ def cmd_image(args):
             return 0
         diffs = dumpmod.verify(args.dir, args.pid)
     except (PvmexecError, OSError) as e:
-        print("pvmexec image: %s" % e, file=sys.stderr)
+        print("pvmexec image: %s" % describe(e), file=sys.stderr)
         return 2
     for addr, what in diffs[:20]:
         print("%#x: %s" % (addr, what))

@@ -275,6 +275,7 @@ class Space:
         return self._engine.own_mappings() + [(a, a + size) for a, (size, _key) in self._mappings.items()]
 
     def untrack_mapping(self, addr: int) -> None:
+        """Forget the tracked mapping at addr (the caller unmapped it): detach() leaves that range alone."""
         _size, key = self._mappings.pop(addr, (0, None))
         janitor.unrecord(key)
 
@@ -286,6 +287,7 @@ class Space:
         self._fds[fd] = key
 
     def untrack_fd(self, fd: int) -> None:
+        """Forget the tracked descriptor fd (the caller closed it): detach() will not close that number."""
         janitor.unrecord(self._fds.pop(fd, None))
 
     def _records_kept(self):

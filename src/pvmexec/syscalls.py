@@ -36,6 +36,7 @@ def number(nr_or_name: int | str) -> int:
 
 
 def name_of(nr: int) -> str:
+    """The system call's name for number nr on this architecture ("syscall_NR" when the table has none)."""
     entry = TABLE.get(nr)
     return entry[0] if entry else "syscall_%d" % nr
 

@@ -68,3 +68,11 @@ def test_strace_options(busybox, tmp_path):
     assert b"3</etc/hostname>" in got.stderr
     got = sandboxed([busybox, "true"], "-e", "trace=frobnicate")
     assert got.returncode == 125 and b"unknown x86-64 system call 'frobnicate'" in got.stderr
+
+
+def test_a_fatal_signal_is_traced_before_the_death_it_causes(busybox):
+    got = sandboxed([busybox, "sh", "-c", "kill -TERM $$"], "-e", "trace=kill")
+    lines = [l.split("] ", 1)[1] for l in got.stderr.decode().splitlines() if l.startswith("[pid")]
+    assert got.returncode == -signal.SIGTERM or got.returncode == 128 + signal.SIGTERM, got
+    assert lines[-2].startswith("--- SIGTERM {si_signo=SIGTERM, si_code=SI_USER"), lines
+    assert lines[-1] == "+++ killed by SIGTERM +++"

@@ -270,7 +270,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             while True:
                 if p.pending or p.fatal:
                     if p.fatal:
-                        raise Exited(killed_status(p.fatal))
+                        self._die_of_fatal(p)
                     try:
                         self._deliver_pending(p)
                     except (Exited, ThreadExit, TargetGone):
@@ -370,7 +370,13 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         info = sender_info(signo, -6, p.pid, os.getuid())   # SI_TKILL
         self._queue(p, signo, info, wake_it=False)
         if p.fatal:
-            raise Exited(killed_status(p.fatal))
+            self._die_of_fatal(p)
+
+    def _die_of_fatal(self, p):
+        info = p.pending.pop(p.fatal, None)
+        if self.tracer and info is not None and p.fatal != signal.SIGKILL:
+            self.tracer.signal(p, info)                 # strace shows the signal, then the death
+        raise Exited(killed_status(p.fatal))
 
     # -- exec ------------------------------------------------------------------------------------
 
