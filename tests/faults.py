@@ -24,7 +24,8 @@ sys.path.insert(0, HERE)
 from conftest import Victim, snapshot  # noqa: E402
 
 PRELUDE = textwrap.dedent("""
-    import os, sys, time, pvmexec
+    import faulthandler, os, signal, sys, time, pvmexec
+    faulthandler.register(signal.SIGUSR2, all_threads=True)    # a hang's report: where every thread is
     from pvmexec.guest import Guest
     pid = int(sys.argv[1])
     def go():
@@ -169,7 +170,12 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
         try:
             caller.wait(10)
         except subprocess.TimeoutExpired:
-            return "hang", "the caller still runs 10 s after %s" % signal.Signals(sig).name
+            caller.send_signal(signal.SIGUSR2)
+            time.sleep(0.5)
+            errors.seek(0)
+            where = [l.strip() for l in errors.read().decode(errors="replace").splitlines() if 'File "' in l]
+            return "hang", "the caller still runs 10 s after %s; it was at: %s" % (
+                signal.Signals(sig).name, " <- ".join(where[:12]))
         deadline = time.monotonic() + 1.0
         while True:
             if v.proc.poll() is not None:

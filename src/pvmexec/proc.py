@@ -23,6 +23,27 @@ def status(pid):
     return dict(line.split(":\t", 1) for line in data.splitlines() if ":\t" in line)
 
 
+def host_tid(pid, ns_tid):
+    """Our name for the thread of process pid that its own pid namespace calls ns_tid (the NSpid line of
+    each task's status: ours first, its innermost last); None if it has none."""
+    try:
+        names = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        raise TargetGone(pid) from None
+    for name in names:
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        for line in data.splitlines():
+            if line.startswith(b"NSpid:"):
+                ids = line.split()[1:]
+                if ids and int(ids[-1]) == ns_tid:
+                    return int(ids[0])
+    return None
+
+
 def thread_exited(pid, tid):
     """Whether thread tid of process pid has exited: no task entry, or state Z or X."""
     try:

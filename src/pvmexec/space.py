@@ -169,7 +169,9 @@ class Space:
         limited to the stub's own memory management (mmap, mprotect, munmap,
         madvise, mremap) and runs on a service thread; new_thread() adds guest
         threads for exec(thread=). The space dies with its caller, precisely with
-        the caller thread that created it (PR_SET_PDEATHSIG).
+        the caller thread that created it (PR_SET_PDEATHSIG). It runs in a user and
+        a pid namespace of its own where the kernel allows (getpid() there is 1):
+        guest code learns no host pid.
 
         patch_syscalls: a guest syscall site of the form `mov $nr, %eax; syscall`
         that trapped once is rewritten to enter the stub without a signal (as

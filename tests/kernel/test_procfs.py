@@ -30,6 +30,21 @@ def test_ps_top_pgrep_see_the_guests_processes(tmp_path):
     assert lines[-2:] == ["2", "2"]
 
 
+def test_system_files_name_no_host_pid(tmp_path):
+    """/proc/loadavg's last pid, /proc/stat's process counts, ns_last_pid and a tpgid are the guest's."""
+    script = ("cat /proc/loadavg; grep -E '^(processes|procs_running) ' /proc/stat; "
+              "cat /proc/sys/kernel/ns_last_pid 2>/dev/null || echo hidden; cut -d' ' -f8 /proc/self/stat; "
+              "grep -c '^cpu' /proc/stat")
+    got = sandboxed(["sh", "-c", script], cwd=tmp_path, input=b"")
+    assert got.returncode == 0, got.stderr
+    lines = got.stdout.decode().splitlines()
+    load = lines[0].split()
+    assert len(load) == 5 and load[3].startswith("1/") and 1 < int(load[4]) < 10, lines
+    assert lines[1] == "processes %d" % int(load[4]) and lines[2] == "procs_running 1"   # grep is the next pid
+    assert lines[3] == "hidden" and lines[4] == "-1"                # no terminal: no foreground group
+    assert int(lines[5]) == os.cpu_count() + 1                      # the host's CPU lines stay
+
+
 def test_status_stat_cmdline_environ_fd_and_maps_describe_the_guest(tmp_path):
     code = r"""
 import os, sys

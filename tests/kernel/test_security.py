@@ -154,3 +154,23 @@ def test_a_guest_fuzzer_never_breaks_the_kernel_or_the_policy(cc, tmp_path, capf
     new = {fd: what for fd, what in after.items() if before.get(fd) != what and not (     # capfd's own files
         what.endswith("(deleted)") and str(tmp_path) not in what)}
     assert new == {}, (seed, new)                   # none left open by the kernel
+
+
+def test_a_guest_learns_no_host_pid_through_the_stub(cc, tmp_path):
+    """The stub's own syscall instruction (getpid, gettid, getppid are allowed there), its region
+    (which the guest can read) and a PI futex naming a tid show only the stub's own pid namespace."""
+    import pvmexec
+    probe = pvmexec.Space.create(fixed_layout=True)
+    try:
+        gadget = probe._engine.gadget
+        region = struct.unpack_from("<Q", probe._engine._map, 16)[0]
+    finally:
+        probe.detach()
+    prog = build(cc, tmp_path, victim_source("pidleak"), "-static")
+    got = sandboxed([prog, hex(gadget), hex(region), str(os.getpid())])
+    lines = dict(l.split(" ", 1) for l in got.stdout.decode().splitlines())
+    assert got.returncode == 0, got
+    assert lines["getpid"] == "1" and lines["getppid"] == "0" and 1 < int(lines["gettid"]) < 64, lines
+    assert lines["header"] == "0 1"
+    assert lines["pi-host"] == str(-errno.ESRCH)                        # our pid names nothing there
+    assert lines["pi-one"] == str(-errno.EAGAIN)                        # while the stub's own tid 1 exists

@@ -16,6 +16,8 @@ import socket
 import struct
 import subprocess
 import threading
+import time
+import warnings
 
 from .. import _core
 from . import BaseEngine
@@ -23,7 +25,8 @@ from .channel import wait_word
 from ..arch import current as _current_arch
 from ..context import SigContext, Stop, StopReason
 from ..errors import EngineError, RemoteSyscallError, TargetGone
-from ..abi import MAP_FIXED, MREMAP_FIXED
+from ..proc import host_tid
+from ..abi import CLONE_NEWPID, CLONE_NEWUSER, MAP_FIXED, MREMAP_FIXED
 from ..syscalls import name_of, number
 
 arch = _current_arch()
@@ -80,22 +83,19 @@ class StubEngine(BaseEngine):
             self._base = ctypes.addressof(self._keep)
             struct.pack_into("<I", self._map, L["stub_header.magic"], L["STUB_MAGIC"])
             struct.pack_into("<I", self._map, L["stub_header.state"], 0)
-            struct.pack_into("<i", self._map, L["stub_header.caller_pid"], os.getpid())
             for i in range(L["STUB_MAX_THREADS"]):
                 slot = L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"]
                 struct.pack_into("<I", self._map, slot + L["slot.spin"], self.spin)
                 struct.pack_into("<I", self._map, slot + L["slot.agent_cpu"], 0xFFFFFFFF)   # not known yet
             self.service = _Thread(0, self._base)
             os.write(exe, _core.STUB_ELF)
-            os.set_inheritable(fd, True)
             # Without patching, no window: the range stays free for a program that loads there (node).
-            self.proc = subprocess.Popen(["/proc/self/fd/%d" % exe, str(fd), str(stub_end.fileno())] +
-                                         ([] if patch else ["nowindow"]),
-                                         pass_fds=(fd, exe, stub_end.fileno()),
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, close_fds=True, process_group=0,
-                                         preexec_fn=_no_randomize if fixed_layout else None)
+            self.proc = start_stub(exe, [str(fd), str(stub_end.fileno())] + ([] if patch else ["nowindow"]),
+                                   (fd, stub_end.fileno()), fixed_layout, self._map)
             self.pid = self.proc.pid
+            self.isolated = self.proc.isolated
+            # The caller's tgkill as the stub's handler sees it: from outside its pid namespace, pid 0.
+            self.preempt_pid = 0 if self.isolated else os.getpid()
             self.pidfd = os.pidfd_open(self.pid)
             self._wait_ready()
             self.new_thread()
@@ -159,6 +159,10 @@ class StubEngine(BaseEngine):
         tid = self._call(spawn, thread=None)
         if tid <= 0:
             raise EngineError("the stub could not start thread %d: %s" % (index, os.strerror(-tid) if tid else "?"))
+        if self.isolated:                    # the stub names it in its own pid namespace; tgkill needs ours
+            tid = host_tid(self.pid, tid)
+            if tid is None:
+                raise EngineError("stub thread %d is not in process %d" % (index, self.pid))
         t = _Thread(block, self._base, tid)
         ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
         if not wait_word(self._map, self._base, ready, 1, 5, lambda: self.proc.poll() is not None):
@@ -374,25 +378,79 @@ class StubEngine(BaseEngine):
 
 def plain_process(fixed_layout=False):
     """A process of ours with nothing in it but the stub program, sleeping: for the ptrace engine to
-    run guest code in (the kernel's comparison engine). Returns the Popen; it dies with its caller."""
+    run guest code in (the kernel's comparison engine). Returns a StubProcess; it dies with its caller."""
     exe = os.memfd_create("pvmexec-stub", 0)
     try:
         os.write(exe, _core.STUB_ELF)
-        return subprocess.Popen(["/proc/self/fd/%d" % exe, "plain"], pass_fds=(exe,), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                                process_group=0, preexec_fn=_no_randomize if fixed_layout else None)
+        return start_stub(exe, ["plain"], (), fixed_layout)
     finally:
         os.close(exe)
 
 
-_libc_personality = ctypes.CDLL(None, use_errno=True).personality
-_ADDR_NO_RANDOMIZE = 0x0040000
+class StubProcess:
+    """A stub process we started (our child), with Popen's pid, poll(), wait() and kill(): subprocess
+    cannot put a child in new namespaces. isolated: in pid and user namespaces of its own."""
+
+    def __init__(self, pid, isolated):
+        self.pid, self.isolated, self.returncode = pid, isolated, None
+        self._lock = threading.Lock()
+
+    def poll(self):
+        if self.returncode is None:
+            with self._lock:
+                if self.returncode is None:
+                    try:
+                        pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    except ChildProcessError:           # reaped elsewhere: gone all the same
+                        self.returncode = -signal.SIGKILL
+                    else:
+                        if pid:
+                            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("pvmexec-stub", timeout)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
-def _no_randomize():
-    """In the stub's child before exec: the same layout in every stub (stub, stack, vDSO), so that a
-    forked guest's copied memory finds everything where it was."""
-    _libc_personality(_libc_personality(0xFFFFFFFF) | _ADDR_NO_RANDOMIZE)
+_namespaces_refused = None      # why the kernel will not give stubs namespaces of their own, once it said so
+
+
+def start_stub(exe, args, keep, fixed_layout, region=None):
+    """Start the stub program (memfd exe) with args, keeping the descriptors keep, in a user and a pid
+    namespace of its own where the kernel allows: whatever a guest makes the stub's own syscall
+    instruction do (getpid, gettid, a PI futex naming a tid), it sees only the stub's namespace, never
+    a host pid. region: the stub's header, told the pid its parent has there (0 across namespaces)."""
+    global _namespaces_refused
+    argv = [b"pvmexec-stub"] + [a.encode() for a in args]
+    if _namespaces_refused is None:
+        if region is not None:
+            struct.pack_into("<i", region, L["stub_header.caller_pid"], 0)
+        try:
+            return StubProcess(_core.spawn_stub(exe, argv, keep, CLONE_NEWUSER | CLONE_NEWPID, fixed_layout), True)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSPC, errno.EUSERS):
+                raise
+            reason = "the kernel refused a user and pid namespace for the stub (%s)" % e.strerror
+            if e.errno not in (errno.ENOSPC, errno.EUSERS):      # a limit reached may pass; a refusal stays
+                _namespaces_refused = reason
+            warnings.warn("pvmexec: %s: a guest can learn host pids" % reason, RuntimeWarning, stacklevel=3)
+    if region is not None:
+        struct.pack_into("<i", region, L["stub_header.caller_pid"], os.getpid())
+    return StubProcess(_core.spawn_stub(exe, argv, keep, 0, fixed_layout), False)
 
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)

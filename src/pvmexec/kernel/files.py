@@ -29,8 +29,15 @@ _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # mounts), unless the policy's writable paths share the host's.
 PRIVATE = ("/dev/shm",)
 # /proc describes the host, not the guest: only these general files are shown.
-PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/uptime", "/proc/loadavg",
-                "/proc/version", "/proc/filesystems", "/proc/sys")
+PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/uptime", "/proc/version", "/proc/filesystems",
+                "/proc/sys")
+# Below those, what names host pids (the last pid given out, the pid ctrl-alt-del signals): never shown.
+PROC_HIDDEN = ("/proc/sys/kernel/ns_last_pid", "/proc/sys/kernel/cad_pid")
+
+
+def proc_visible(guest):
+    """Whether a guest path below /proc is one of the host's general files, shown as it is."""
+    return any(guest == v or guest.startswith(v + "/") for v in PROC_VISIBLE) and guest not in PROC_HIDDEN
 
 
 
@@ -155,7 +162,7 @@ class Policy:
 
     def _visible(self, guest_abs):
         if guest_abs == "/proc" or guest_abs.startswith("/proc/"):
-            if guest_abs != "/proc" and not any(guest_abs == p or guest_abs.startswith(p + "/") for p in PROC_VISIBLE):
+            if guest_abs != "/proc" and not proc_visible(guest_abs):
                 raise Errno(errno.ENOENT)
 
     def _host_path(self, fd):
@@ -186,8 +193,7 @@ class Policy:
             os.close(fd)
             raise Errno(errno.ENOENT) from None
         guest = self.guest_path(host)
-        if ftype == PROC_SUPER_MAGIC and guest is not None and any(
-                guest == v or guest.startswith(v + "/") for v in PROC_VISIBLE):
+        if ftype == PROC_SUPER_MAGIC and guest is not None and proc_visible(guest):
             return fd
         os.close(fd)
         raise ThroughPseudoFs()

@@ -22,7 +22,7 @@ import stat
 import tempfile
 
 from .errors import Errno
-from .files import PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs
+from .files import PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, proc_visible
 from .task import leader_of
 
 MAX_LINKS = 40                                  # symlinks followed in one lookup, as Linux's MAXSYMLINKS
@@ -31,6 +31,7 @@ _PID_ENTRIES = ("cgroup", "cmdline", "comm", "cwd", "environ", "exe", "fd", "fdi
 _DIRS = ("fd", "fdinfo", "task")
 _LINKS = ("cwd", "exe", "root")
 _GENERAL = tuple(v[len("/proc/"):] for v in PROC_VISIBLE)
+_SYSTEM = ("loadavg", "stat")                   # the host's, with the guest's processes in place of the host's
 _LIMITS = (("Max cpu time", "seconds"), ("Max file size", "bytes"), ("Max data size", "bytes"),
            ("Max stack size", "bytes"), ("Max core file size", "bytes"), ("Max resident set", "bytes"),
            ("Max processes", "processes"), ("Max open files", "files"), ("Max locked memory", "bytes"),
@@ -43,7 +44,7 @@ def under_proc(guest):
     """Whether the guest path is the guest's /proc (not one of the host's general files shown as they are)."""
     if guest != "/proc" and not guest.startswith("/proc/"):
         return False
-    return not any(guest == v or guest.startswith(v + "/") for v in PROC_VISIBLE)
+    return not proc_visible(guest)
 
 
 class Dir:
@@ -114,6 +115,18 @@ def stand_in(node):
     return fd
 
 
+def _read_host(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _own_status():
+    return _read_host("/proc/self/status")
+
+
 class Proc:
     """The guest's /proc for one kernel (its processes are the kernel's)."""
 
@@ -162,7 +175,7 @@ class Proc:
 
     def _root(self, p):
         entries = [(".", 4), ("..", 4), ("self", 10), ("thread-self", 10), ("mounts", 10)]
-        entries += [(g.split("/")[0], 4 if g == "sys" else 8) for g in _GENERAL]
+        entries += [(g.split("/")[0], 4 if g == "sys" else 8) for g in _GENERAL + _SYSTEM]
         entries += [(str(pid), 4) for pid in sorted(self._pids())]
         return Dir(entries)
 
@@ -192,6 +205,8 @@ class Proc:
             return Link(target) if len(where) == 1 else self._at(p, target.split("/") + where[1:])
         if head == "mounts" and len(where) == 1:
             return Link("self/mounts")
+        if head in _SYSTEM and len(where) == 1:
+            return File(getattr(self, "_system_" + head)())
         if head in {g.split("/")[0] for g in _GENERAL}:
             raise Errno(errno.ENOENT)           # the host's own, opened by the policy (never walked here)
         q = self._process(head)
@@ -233,6 +248,29 @@ class Proc:
                 raise Errno(errno.ENOENT)
             return Link(q.exe)
         return File(getattr(self, "_" + name)(p, q, thread))
+
+    # -- system files ----------------------------------------------------------------------------
+
+    def _guest_tasks(self):
+        with self.kernel._cond:
+            procs = [q for q in self.kernel._procs.values() if not getattr(q, "is_thread", False)]
+            return sum(len(q.threads) or 1 for q in procs), self.kernel._next_pid - 1
+
+    def _system_loadavg(self):
+        """The host's load, the guest's tasks: running/total and the last pid given out."""
+        tasks, last = self._guest_tasks()
+        loads = " ".join(_read_host("/proc/loadavg").split()[:3]) or "0.00 0.00 0.00"
+        return "%s 1/%d %d\n" % (loads, tasks, last)
+
+    def _system_stat(self):
+        """The host's CPU and interrupt figures; processes, procs_running and procs_blocked the guest's."""
+        tasks, last = self._guest_tasks()
+        own = {"processes": last - 1, "procs_running": 1, "procs_blocked": 0}
+        lines = []
+        for line in _read_host("/proc/stat").splitlines():
+            key = line.split(" ", 1)[0]
+            lines.append("%s %d" % (key, own[key]) if key in own else line)
+        return "\n".join(lines) + "\n"
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -278,6 +316,8 @@ class Proc:
         fields = host.rsplit(")", 1)[1].split() if ")" in host else ["S"] + ["0"] * 49
         fields[0] = self._state(p, q)[0]
         fields[1:5] = [str(q.ppid), str(q.pgid), str(q.sid), fields[4]]
+        tty = int(fields[4]) if fields[4].isdigit() else 0      # tpgid: the guest's, never the host's group
+        fields[5] = str(self.kernel.tty_pgrp.get(tty, q.pgid)) if tty else "-1"
         fields[16] = str(q.nice)
         fields[17] = str(len(q.threads))
         return "%d (%s) %s\n" % (t.tid, q.comm.decode("utf-8", "replace"), " ".join(fields))
@@ -309,11 +349,13 @@ class Proc:
         lines += ["Threads:\t%d" % len(q.threads), "SigQ:\t0/%d" % resource.getrlimit(11)[0],
                   "SigPnd:\t%016x" % pending, "ShdPnd:\t%016x" % 0, "SigBlk:\t%016x" % t.sigmask,
                   "SigIgn:\t%016x" % ignored, "SigCgt:\t%016x" % caught]
+        # The capabilities a native run would have (ours): the stub, in a user namespace of its own, has none.
+        ours = dict(line.split(":", 1) for line in _own_status().splitlines() if line.startswith("Cap"))
         for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Cpus_allowed",
                     "Cpus_allowed_list", "Mems_allowed", "Mems_allowed_list", "voluntary_ctxt_switches",
                     "nonvoluntary_ctxt_switches"):
-            if key in host:
-                lines.append("%s:%s" % (key, host[key]))
+            if key in ours or key in host:
+                lines.append("%s:%s" % (key, ours.get(key, host.get(key))))
         return "\n".join(lines) + "\n"
 
     def _limits(self, p, q, t):

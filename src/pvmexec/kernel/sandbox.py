@@ -296,7 +296,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                     raise
                 ctx = p.ctx = stop.ctx
                 if stop.reason != "syscall":
-                    if stop.signo == _PREEMPT and stop.siginfo.pid == _SELF:
+                    if stop.signo == _PREEMPT and stop.siginfo.pid == getattr(p.space.backend, "preempt_pid", _SELF):
                         continue                            # stopped for a signal: delivered at the top
                     self._deliver(p, stop.signo, stop.siginfo.raw, sync=True)
                     continue

@@ -1,7 +1,7 @@
 /*
  * Declarations shared by the C files of pvmexec._core (one extension, split
  * by concern as psutil splits its own): ptrace.c, memory.c, channel.c,
- * fastpath.c, hostfs.c, bench.c, errors.c, and module.c with the method table.
+ * fastpath.c, hostfs.c, spawn.c, bench.c, errors.c, and module.c with the method table.
  * Thin wrappers only: every failure raises OSError naming the failing call;
  * policy and error mapping live in Python.
  */
@@ -162,5 +162,6 @@ PyObject *py_futex_wait(PyObject *self, PyObject *args);
 PyObject *py_vm_read(PyObject *self, PyObject *args);
 PyObject *py_vm_write(PyObject *self, PyObject *args);
 PyObject *py_pidfd_getfd(PyObject *self, PyObject *args);
+PyObject *py_spawn_stub(PyObject *self, PyObject *args);
 
 #endif

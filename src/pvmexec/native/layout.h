@@ -170,8 +170,8 @@ struct pvm_slot {
 struct pvm_stub_header {
     uint32_t magic;
     uint32_t state;
-    int32_t caller_pid;
-    uint32_t stub_pid;
+    int32_t caller_pid;         /* the stub's getppid() while its caller lives: 0 from its own pid namespace */
+    uint32_t stub_pid;          /* its getpid(): 1 in its own pid namespace */
     uint64_t region_base;       /* where the stub mapped the region */
     uint64_t gadget;            /* the stub's one syscall instruction */
     uint64_t window;            /* PVM_STUB_WINDOW_ADDR if mapped (patching possible), else 0 */

@@ -46,6 +46,7 @@ static PyMethodDef methods[] = {
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
     {"vm_read_ranges", py_vm_read_ranges, METH_VARARGS, "vm_read_ranges(pid, (start, len) u64 pairs) -> bytes of the whole ranges read"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
+    {"spawn_stub", py_spawn_stub, METH_VARARGS, "spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid"},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd) -> fd"},
     {NULL, NULL, 0, NULL},
 };

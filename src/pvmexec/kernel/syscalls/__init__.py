@@ -31,7 +31,8 @@ CALLS = (FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, ProcessCal
          TimerCalls)
 
 SUPPORT = {
-    "mmap": "partial: MAP_SHARED mappings of files that are written are refused (ENODEV), not shared",
+    "mmap": "partial: regular files, /dev/zero and anonymous memory; other devices ENODEV",
+    "get_mempolicy": "partial: one memory node, the default policy",
     "ioctl": "partial: FIOCLEX/FIONCLEX, terminal queries (TCGETS, TIOCGWINSZ, ...) and FIONREAD on host "
              "descriptors; others ENOTTY",
     "fcntl": "partial: F_DUPFD*, F_GETFD/F_SETFD, F_GETFL/F_SETFL, F_GETPIPE_SZ, seals; record locks are "

@@ -190,6 +190,21 @@ class MmCalls:
         _untouchable(p, addr, length)
         return _mode2(p, "madvise", addr, length, advice & 0xFFFFFFFF)
 
+    def sys_get_mempolicy(self, p, policy, nmask, maxnode, addr, flags):
+        """One memory node and the default policy everywhere (numactl, top and libnuma ask)."""
+        flags &= 0xFFFFFFFF
+        node, addr_given, allowed = 1, 2, 4                 # MPOL_F_NODE, MPOL_F_ADDR, MPOL_F_MEMS_ALLOWED
+        if flags & ~7 or flags & allowed and flags & (node | addr_given) or addr and not flags & addr_given:
+            raise Errno(errno.EINVAL)
+        if nmask:
+            if not 1 <= maxnode <= 1 << 16:
+                raise Errno(errno.EINVAL)
+            words = (maxnode + 63) // 64
+            p.write(nmask, (1 if flags & allowed else 0).to_bytes(8, "little") + bytes(8 * (words - 1)))
+        if policy:
+            p.write(policy, bytes(4))                       # MPOL_DEFAULT, or node 0 with MPOL_F_NODE
+        return 0
+
     def sys_mincore(self, p, addr, length, vec):
         """Run in the guest's space: the kernel writes a byte per page into vec, never into the stub's pages."""
         if length:

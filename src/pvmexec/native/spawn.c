@@ -1,0 +1,94 @@
+/*
+ * Starting stub processes: a fork-like clone, optionally into new user and
+ * pid namespaces (so that nothing a guest does in the stub names a host pid),
+ * then execveat of the stub program. Between clone and exec the child runs
+ * only async-signal-safe calls: this process has other threads.
+ */
+#include "core.h"
+#include <sys/personality.h>
+#include <sys/prctl.h>
+
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
+#ifndef __NR_pidfd_open
+#define __NR_pidfd_open 434
+#endif
+
+#define SPAWN_MAX_ARGS 8
+#define SPAWN_MAX_KEEP 8
+
+static void __attribute__((noreturn))
+child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_randomize)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)        /* nothing ignored or caught carries over, as subprocess does */
+        if (sig != SIGKILL && sig != SIGSTOP)
+            sigaction(sig, &dfl, NULL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* Die with the thread that made us; had it died already, the death signal was never armed. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        _exit(126);
+    struct pollfd gone = {parent, POLLIN, 0};
+    if (poll(&gone, 1, 0) != 0)
+        _exit(126);
+    close(parent);
+    setpgid(0, 0);                              /* out of the terminal's foreground group */
+    if (no_randomize)
+        personality((unsigned long)personality(0xffffffff) | ADDR_NO_RANDOMIZE);
+    for (int i = 0; i < nkeep; i++)
+        if (fcntl(keep[i], F_SETFD, 0) < 0)
+            _exit(126);
+    char *envp[] = {NULL};
+    syscall(__NR_execveat, exe, "", argv, envp, AT_EMPTY_PATH);
+    _exit(127);
+}
+
+/* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid */
+PyObject *
+py_spawn_stub(PyObject *self, PyObject *args)
+{
+    int exe, no_randomize;
+    PyObject *argv_obj, *keep_obj;
+    unsigned long flags;
+    if (!PyArg_ParseTuple(args, "iO!O!kp", &exe, &PyList_Type, &argv_obj, &PyTuple_Type, &keep_obj, &flags,
+                          &no_randomize))
+        return NULL;
+    Py_ssize_t nargs = PyList_GET_SIZE(argv_obj), nkeep = PyTuple_GET_SIZE(keep_obj);
+    if (nargs < 1 || nargs > SPAWN_MAX_ARGS || nkeep > SPAWN_MAX_KEEP) {
+        PyErr_SetString(PyExc_ValueError, "spawn_stub: 1-8 arguments and at most 8 descriptors");
+        return NULL;
+    }
+    if (flags & (CLONE_VM | CLONE_THREAD | CLONE_SIGHAND | CLONE_FILES | 0xff)) {
+        PyErr_SetString(PyExc_ValueError, "spawn_stub: only namespace flags");
+        return NULL;
+    }
+    char *argv[SPAWN_MAX_ARGS + 1];
+    int keep[SPAWN_MAX_KEEP];
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if (!(argv[i] = PyBytes_AsString(PyList_GET_ITEM(argv_obj, i))))
+            return NULL;
+    argv[nargs] = NULL;
+    for (Py_ssize_t i = 0; i < nkeep; i++) {
+        keep[i] = (int)PyLong_AsLong(PyTuple_GET_ITEM(keep_obj, i));
+        if (keep[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    int parent = (int)syscall(__NR_pidfd_open, (pid_t)syscall(SYS_gettid), PIDFD_THREAD);
+    if (parent < 0)
+        return raise_host("pidfd_open");
+    long pid = syscall(SYS_clone, flags | SIGCHLD, 0, NULL, NULL, 0);
+    if (pid == 0)
+        child(exe, argv, keep, (int)nkeep, parent, no_randomize);
+    int saved = errno;
+    close(parent);
+    if (pid < 0) {
+        errno = saved;
+        return raise_host("clone");
+    }
+    return PyLong_FromLong(pid);
+}
