@@ -134,3 +134,64 @@ def test_network_servers_and_clients_inside_and_a_server_outside(tmp_path):
         t.join(10)
         outside.close()
     assert got.stdout.decode().splitlines() == ["1", "b'udp'", "hello from outside"], got.stderr[-2000:]
+
+
+WAITS = r"""
+import os, signal, socket, time
+class Alarm(Exception):
+    pass
+def alarm(*_):
+    raise Alarm()
+signal.signal(signal.SIGALRM, alarm)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("s")
+srv.listen(0)
+queued = []
+while True:                                   # fill the backlog
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.setblocking(False)
+    try:
+        c.connect("s")
+    except BlockingIOError:
+        break
+    queued.append(c)
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+try:
+    c.connect("s")                            # waits for room: the alarm ends it
+    print("connected")
+except Alarm:
+    print("connect ended by a signal")
+while queued:                                 # empty the backlog again
+    srv.accept()[0].close()
+    queued.pop().close()
+kids = []
+for _ in range(2):                            # preforking: two processes accept on one socket
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        conn, _ = srv.accept()
+        conn.sendall(b"served")
+        os._exit(0)
+    kids.append(pid)
+time.sleep(0.2)
+x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+x.connect("s")
+print(x.recv(16).decode())
+time.sleep(0.2)
+for pid in kids:                              # the one still in accept must die of SIGTERM
+    os.kill(pid, signal.SIGTERM)
+print(sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids))
+"""
+
+
+def test_waits_in_connect_and_accept_end_with_a_signal(tmp_path):
+    """A connect to a full backlog and an accept that another process won are ended by signals, as
+    Linux's: neither waits in the host where a signal cannot reach it."""
+    script = tmp_path / "waits.py"
+    script.write_text(WAITS)
+    want = native([PYTHON3, str(script)], cwd=_work(tmp_path, "n"))
+    work = _work(tmp_path, "b")
+    got = sandboxed([PYTHON3, str(script)], "-q", "--writable", str(work), cwd=work)
+    assert want.stdout == b"connect ended by a signal\nserved\n[-15, 0]\n", want
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr[-2000:]

@@ -143,6 +143,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self.shared_futexes = SharedFutexes()
         self.ptys = set()                       # /dev/pts numbers of the ptys guests made
         self.tty_pgrp = {}                      # a terminal's st_rdev -> its foreground process group
+        self.unix_bound = {}                    # socket files guests bound, (st_dev, st_ino) -> the name bound
+        self.accept_locks = {}                  # a listening socket's (st_dev, st_ino) -> whose turn to accept
         self._spawner = Spawner()
         self._first_pid = None
         self._handlers = {}

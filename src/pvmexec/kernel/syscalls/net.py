@@ -15,6 +15,7 @@ import select
 import socket
 import stat
 import struct
+import threading
 
 from ...abi import AT_FDCWD
 from ..errors import Errno, Interrupted
@@ -140,18 +141,12 @@ class NetCalls:
         fd = self._guest_path_fd(p, guest)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) not in self._bound_sockets():
+            if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) not in self.unix_bound:
                 raise Errno(errno.ECONNREFUSED)     # the host's own sockets are never reached
         except BaseException:
             os.close(fd)
             raise
-        return "/proc/self/fd/%d" % fd, self._bound_sockets()[(st.st_dev, st.st_ino)], fd
-
-    def _bound_sockets(self):
-        """The socket files guests of this kernel bound, by (st_dev, st_ino): the only ones they reach."""
-        if not hasattr(self, "_unix_bound"):
-            self._unix_bound = {}                   # -> the name it was bound by (getpeername's answer)
-        return self._unix_bound
+        return "/proc/self/fd/%d" % fd, self.unix_bound[(st.st_dev, st.st_ino)], fd
 
     def sys_bind(self, p, fd, addr, addrlen):
         f = self._socket_of(p, fd & 0xFFFFFFFF)
@@ -181,7 +176,7 @@ class NetCalls:
             finally:
                 os.close(parent)
             f.socket.name = raw[:2 + len(path.split(b"\0", 1)[0]) + 1]     # as the guest spelled it
-            self._bound_sockets()[(st.st_dev, st.st_ino)] = f.socket.name
+            self.unix_bound[(st.st_dev, st.st_ino)] = f.socket.name
             return 0
         finally:
             _release(s)
@@ -206,8 +201,10 @@ class NetCalls:
         s = _sock(f)
         try:
             blocking = os.get_blocking(f.host_fd)
-            if not blocking or family == _AF_UNIX:
+            if not blocking:
                 _host_call(s.connect, target)
+            elif family == _AF_UNIX:
+                self._unix_connect(p, f, s, target)
             else:
                 # A blocking connect waits in steps a signal can end (the host's would not give way).
                 os.set_blocking(f.host_fd, False)
@@ -227,23 +224,49 @@ class NetCalls:
         f.socket.peer = guest
         return 0
 
+    def _unix_connect(self, p, f, s, target):
+        """A blocking AF_UNIX connect: the host's would wait for room in a full backlog where no signal
+        can end it, so it is tried without blocking and again after a pause a signal ends (EINTR)."""
+        pause = 0.001
+        while True:
+            os.set_blocking(f.host_fd, False)
+            try:
+                s.connect(target)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise Errno(e.errno or errno.EINVAL) from None
+            finally:
+                os.set_blocking(f.host_fd, True)
+            self._sleep(p, pause)
+            pause = min(pause * 2, 0.05)
+
     def sys_accept4(self, p, fd, addr, addrlen, flags):
         f = self._socket_of(p, fd & 0xFFFFFFFF)
         if flags & ~(_SOCK_NONBLOCK | _SOCK_CLOEXEC):
             raise Errno(errno.EINVAL)
         s = _sock(f)
+        st = os.fstat(f.host_fd)
+        with self._cond:
+            lock = self.accept_locks.setdefault((st.st_dev, st.st_ino), threading.Lock())
         try:
             while True:
                 if os.get_blocking(f.host_fd):
                     self._wait_readable(p, f.host_fd)
-                try:
-                    conn, _ = s.accept()
-                    break
-                except BlockingIOError:
-                    if not os.get_blocking(f.host_fd):
-                        raise Errno(errno.EAGAIN) from None
-                except OSError as e:
-                    raise Errno(e.errno or errno.EINVAL) from None
+                # Guests sharing the listening socket (a preforking server) take turns: the one that finds
+                # a connection still there takes it, the others wait again; none blocks in the host's accept.
+                with lock:
+                    if os.get_blocking(f.host_fd) and not _readable_now(f.host_fd):
+                        continue
+                    try:
+                        conn, _ = s.accept()
+                        break
+                    except BlockingIOError:
+                        if not os.get_blocking(f.host_fd):
+                            raise Errno(errno.EAGAIN) from None
+                    except OSError as e:
+                        raise Errno(e.errno or errno.EINVAL) from None
         finally:
             _release(s)
         conn.setblocking(True)
@@ -525,6 +548,12 @@ def _fstat(f):
         return os.fstat(f.host_fd)
     except OSError:
         raise Errno(errno.EBADF) from None
+
+
+def _readable_now(fd):
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _host_call(call, *args):

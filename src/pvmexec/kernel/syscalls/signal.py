@@ -18,10 +18,16 @@ _SIGKILL, _SIGSTOP = signal.SIGKILL, signal.SIGSTOP
 
 
 def _targets(self, p, pid):
+    """The processes kill(pid) names: zombies too (not yet reaped, they take the signal and drop it)."""
     with self._cond:
-        live = [q for q in self._procs.values() if q.status is None]
+        live = list(self._procs.values())
     if pid > 0:
-        return [q for q in live if q.pid == pid]
+        named = [q for q in live if q.pid == pid]
+        if not named:                       # a thread's tid names its process, as Linux's kill takes it
+            with self._cond:
+                t = self._procs_by_tid.get(pid)
+            named = [leader_of(t)] if t is not None else []
+        return named
     if pid == 0:
         return [q for q in live if q.pgid == p.pgid]
     if pid == -1:
@@ -65,7 +71,8 @@ class SignalCalls:
         if sig:
             info = sender_info(sig, SI_USER, p.pid, os.getuid())
             for q in targets:
-                self._queue(q, sig, info, wake_it=q is not p)
+                if q.status is None:
+                    self._queue(q, sig, info, wake_it=q is not p)
         return 0
 
     def sys_pidfd_open(self, p, pid, flags):
