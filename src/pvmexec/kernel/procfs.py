@@ -364,7 +364,7 @@ class Proc:
             soft, hard = q.rlimits.get(res) or resource.getrlimit(res)
             show = ["unlimited" if v in (resource.RLIM_INFINITY, 2 ** 64 - 1) else str(v) for v in (soft, hard)]
             out.append("%-25s %-20s %-20s %-10s" % (title, show[0], show[1], unit))
-        return "\n".join(line.rstrip() if not line.endswith(" ") else line for line in out) + "\n"
+        return "\n".join(out) + "\n"
 
     def _fdinfo(self, f, cloexec):
         try:
@@ -512,11 +512,7 @@ def reopen(kernel, f, flags):
     if writing and f.regular and not kernel.policy._may_write(kernel.policy._host_path(f.host_fd)):
         if flags & os.O_TRUNC or f.flags & 3 == os.O_RDONLY or flags & 3 == os.O_RDWR and f.flags & 3 != os.O_RDWR:
             raise Errno(errno.EACCES)
-    try:
-        return os.open("/proc/self/fd/%d" % f.host_fd, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) |
-                       os.O_CLOEXEC)
-    except OSError as e:
-        raise Errno(e.errno or errno.EIO) from None
+    return reopen_path(f.host_fd, flags)
 
 
 class GuestPaths:
@@ -598,7 +594,7 @@ class GuestPaths:
             return OpenFile(node[0], node[1].rstrip("/") or "/", flags)
         if isinstance(node, FdLink):
             return OpenFile(reopen(self, node.f, flags), node.f.path, flags)
-        if flags & O_PATH_FLAG:
+        if flags & os.O_PATH:
             return OpenFile(stand_in(node), node.path, flags)
         if isinstance(node, Link):
             raise Errno(errno.ELOOP)                        # O_NOFOLLOW on a link
@@ -638,8 +634,6 @@ class GuestPaths:
             raise Errno(errno.ENOTDIR)
         return node.path
 
-
-O_PATH_FLAG = os.O_PATH
 
 
 def _pty_path_fd(n):
