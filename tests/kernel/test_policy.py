@@ -115,3 +115,37 @@ def test_renames_across_the_writable_boundary_are_refused(tmp_path):
     assert got.stdout.decode().split() == ["13", "13", "-1", "17", "0", "b"], got.stderr
     assert sorted(os.listdir(ro)) == ["keep"] and (ro / "keep").read_text() == "host data"
     assert (rw / "mine").read_text() == "guest data"
+
+
+def test_tmp_is_the_runs_own_over_the_hosts_read_only(tmp_path):
+    """The guest writes temporary files to a /tmp of its own (tac, sort, mktemp need one), removed at the
+    end; the host's /tmp shows through read-only where the guest made no such name, and symlinks in the
+    guest's /tmp resolve as in any directory."""
+    import tempfile
+    host_tmp = tempfile.gettempdir()
+
+    def ours():
+        return {n for n in os.listdir(host_tmp) if n.startswith("pvmexec-tmp-")}
+    before = ours()
+    (tmp_path / "host.txt").write_text("the host's\n")
+    (tmp_path / "w").mkdir()
+    link = tmp_path / "w" / "to-guest-tmp"
+    script = textwrap.dedent("""
+        seq 3 | tac | tr '\\n' ' '; echo
+        t=$(mktemp) && echo private > "$t" && cat "$t"
+        cat %(host)s
+        echo changed > %(host)s 2>/dev/null || echo "host file read-only"
+        mkdir -p /tmp/d/e && ln -s /etc/hostname /tmp/d/abs && ln -s e /tmp/d/rel && ln -s /tmp/d /tmp/dl
+        cmp -s /tmp/d/abs /etc/hostname && echo "absolute link: the root's file"
+        touch /tmp/dl/rel/made && ls /tmp/d/e
+        cd /tmp/dl && pwd && pwd -P
+        ln -s /tmp/d %(link)s && ls %(link)s/e
+        ls /tmp | grep -c pytest-of || true
+    """ % {"host": tmp_path / "host.txt", "link": link})
+    got = sandboxed(["bash", "-c", script], "-q", "--writable", str(tmp_path / "w"))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.decode().splitlines() == [
+        "3 2 1 ", "private", "the host's", "host file read-only", "absolute link: the root's file", "made",
+        "/tmp/dl", "/tmp/d", "made", "0"]
+    assert (tmp_path / "host.txt").read_text() == "the host's\n"
+    assert not os.path.exists(os.path.join(host_tmp, "d")) and ours() == before

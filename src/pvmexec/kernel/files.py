@@ -27,7 +27,10 @@ from .errors import Errno
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # Directories that are the sandbox's own, empty at the start and removed at the end (as gVisor's tmpfs
 # mounts), unless the policy's writable paths share the host's.
-PRIVATE = ("/dev/shm",)
+PRIVATE = ("/dev/shm", "/tmp")
+# Of those, the ones the host's shows through (read-only) where the guest made nothing of the name: a
+# program or file in the host's /tmp is still found, while what the guest creates is its own.
+LAYERED = ("/tmp",)
 # /proc describes the host, not the guest: only these general files are shown.
 PROC_VISIBLE = ("/proc/cpuinfo", "/proc/meminfo", "/proc/uptime", "/proc/version", "/proc/filesystems",
                 "/proc/sys")
@@ -143,22 +146,40 @@ class Policy:
         return None
 
     def _base(self, guest_abs):
-        """(directory descriptor, relative path) that openat2 resolves guest_abs from: the root, or a
-        private directory of the sandbox's own (its /dev/shm)."""
+        """(directory descriptor, relative path, extra RESOLVE_ flags) that openat2 resolves guest_abs
+        from: the root, or a private directory of the sandbox's own (its /dev/shm, its /tmp). In a private
+        directory symlinks are not followed by the host (inside it, RESOLVE_IN_ROOT would take an absolute
+        target to mean the directory): ELOOP there sends the lookup to procfs.walk, which follows them as
+        the guest's kernel does."""
         g = self._private_dir(guest_abs)
         if g is None:
-            return self.root_fd, self._rel(guest_abs)
+            return self.root_fd, self._rel(guest_abs), 0
+        fd = self._private_fd(g)
+        rel = guest_abs[len(g):].lstrip("/")
+        if g in LAYERED and rel:
+            try:                                     # a name the guest never made there: the host's, read-only
+                os.stat(rel.split("/", 1)[0], dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return self.root_fd, self._rel(guest_abs), 0
+            except OSError:
+                pass
+        return fd, self._rel(rel or "/"), RESOLVE_NO_SYMLINKS
+
+    def _private_fd(self, g):
         if not hasattr(self, "_private"):
             self._private, self._private_records = {}, {}
         if g not in self._private:
             with _sigguard.deferred():               # made and recorded at once: a SIGKILL leaves nothing
-                made = tempfile.mkdtemp(prefix="pvmexec-shm-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK)
-                                        else None)
+                if g == "/dev/shm" and os.access("/dev/shm", os.W_OK):
+                    where = "/dev/shm"
+                else:
+                    where = None                     # the host's temporary directory
+                made = tempfile.mkdtemp(prefix="pvmexec-%s-" % posixpath.basename(g), dir=where)
                 os.chmod(made, 0o1777)
                 st = os.stat(made)
                 self._private_records[g] = janitor.Records(os.getpid()).add("privatedir", st.st_dev, st.st_ino)
             self._private[g] = (made, os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        return self._private[g][1], self._rel(guest_abs[len(g):] or "/")
+        return self._private[g][1]
 
     def _visible(self, guest_abs):
         if guest_abs == "/proc" or guest_abs.startswith("/proc/"):
@@ -198,6 +219,34 @@ class Policy:
         os.close(fd)
         raise ThroughPseudoFs()
 
+    _links_to_layered = False           # a guest made a symlink that may point into a layered directory
+
+    def note_symlink(self, target):
+        """A guest makes a symlink to target: once one may lead into a layered directory, lookups the host
+        fails are followed link by link too (the host took such a link to its own side)."""
+        if any(posixpath.basename(g) in target for g in LAYERED):
+            self._links_to_layered = True
+
+    @property
+    def _layered_in_use(self):
+        return any(g in getattr(self, "_private", ()) for g in LAYERED)
+
+    def _shadowed(self, host):
+        """Whether a host path reached lies below the host's side of a layered directory, under a name the
+        guest has made its own there (a symlink from elsewhere resolved by the host took it to the host's)."""
+        for g in LAYERED:
+            if g not in self._private:
+                continue
+            lower = os.path.join(self.root, g.lstrip("/"))
+            if host.startswith(lower + "/") and not host.startswith(self._private[g][0] + "/"):
+                name = host[len(lower) + 1:].split("/", 1)[0]
+                try:
+                    os.stat(name, dir_fd=self._private[g][1], follow_symlinks=False)
+                    return True
+                except OSError:
+                    return False
+        return False
+
     def on_pseudo_fs(self, fd):
         try:
             return struct.unpack_from("<q", _core.fstatfs_raw(fd))[0] & 0xFFFFFFFF in PSEUDO_FS
@@ -206,8 +255,9 @@ class Policy:
 
     def raw_path_fd(self, guest_abs):
         """O_PATH|O_NOFOLLOW for one step of procfs.walk (OSError as the host says; the walk checks)."""
-        return _core.openat2(*self._base(guest_abs), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
-                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        dirfd, rel, extra = self._base(guest_abs)
+        return _core.openat2(dirfd, rel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | extra)
 
     def _error(self, guest_abs, err):
         """The error for a path that failed: ThroughPseudoFs when its deepest reachable directory is in a host
@@ -219,8 +269,8 @@ class Policy:
         while head not in ("", "/"):
             head = posixpath.dirname(head.rstrip("/"))
             try:
-                fd = _core.openat2(*self._base(head or "/"), os.O_PATH | os.O_CLOEXEC, 0,
-                                   RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                dirfd, rel, extra = self._base(head or "/")
+                fd = _core.openat2(dirfd, rel, os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | extra)
             except OSError:
                 continue
             try:
@@ -240,15 +290,64 @@ class Policy:
             return host[len(self.root):] or "/"
         return None
 
-    def path_fd(self, guest_abs, follow=True, directory=False):
+    def path_fd(self, guest_abs, follow=True, directory=False, _walked=False):
         """An O_PATH descriptor for a guest path (the caller closes it)."""
         self._visible(guest_abs)
         flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW) | (os.O_DIRECTORY if directory else 0)
+        dirfd, rel, extra = self._base(guest_abs)
         try:
-            fd = _core.openat2(*self._base(guest_abs), flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            fd = _core.openat2(dirfd, rel, flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | extra)
         except OSError as e:
+            if not _walked and (e.errno == errno.ELOOP and extra or        # a symlink in a private directory
+                                e.errno in (errno.ENOENT, errno.ENOTDIR) and self._links_to_layered):
+                walked = self._followed(guest_abs, follow)   # (a guest's link from elsewhere into its own /tmp)
+                if walked != posixpath.normpath(guest_abs) or e.errno == errno.ELOOP:
+                    return self.path_fd(walked, follow, directory, True)
             raise self._error(guest_abs, e.errno) from None
+        if self._layered_in_use and not _walked and self._shadowed(self._host_path(fd)):
+            os.close(fd)            # the host's symlinks took it to the host's side, where the guest has its own
+            return self.path_fd(self._followed(guest_abs, follow), follow, directory, True)
         return self.reached(fd)
+
+    def _followed(self, guest_abs, follow):
+        """guest_abs with its symlinks followed one by one inside the root, as the guest's kernel does
+        (the last left as it is unless follow, or if it does not exist yet)."""
+        parts, done, links = [c for c in guest_abs.split("/") if c], [], 0
+        follow = follow or guest_abs.endswith("/")
+        while parts:
+            name = parts.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                done = done[:-1]
+                continue
+            here = "/" + "/".join(done + [name])
+            if here == "/proc" and parts and not proc_visible(here + "/" + "/".join(parts)):
+                raise ThroughPseudoFs()                 # the guest's own /proc: procfs.walk takes it there
+            try:
+                fd = self.raw_path_fd(here)
+            except OSError as e:
+                if e.errno == errno.ENOENT and not parts:
+                    done.append(name)                   # a name about to be made
+                    break
+                raise Errno(e.errno) from None
+            try:
+                if stat.S_ISLNK(os.fstat(fd).st_mode) and (parts or follow):
+                    links += 1
+                    if links > 40:                      # MAXSYMLINKS
+                        raise Errno(errno.ELOOP)
+                    target = os.readlink("", dir_fd=fd)
+                    parts = [c for c in target.split("/") if c] + parts
+                    if target.startswith("/"):
+                        done = []
+                    continue
+            finally:
+                os.close(fd)
+            done.append(name)
+        path = "/" + "/".join(done)
+        if path == "/proc" or path.startswith("/proc/") and not proc_visible(path):
+            raise ThroughPseudoFs()                     # the guest's own /proc: procfs.walk takes it there
+        return path
 
     def open(self, guest_abs, flags, mode):
         """A host descriptor for open(2) of a guest path, the policy checked before anything changes."""
@@ -277,7 +376,7 @@ class Policy:
                 if not self._may_write(self._host_path(existing)):
                     raise Errno(errno.EACCES)
                 try:                                   # reopen the very inode that was checked
-                    return os.open("/proc/self/fd/%d" % existing, flags & ~(os.O_CREAT | os.O_EXCL), mode)
+                    return os.open("/proc/self/fd/%d" % existing, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), mode)
                 except OSError as e:
                     raise Errno(e.errno) from None
             finally:

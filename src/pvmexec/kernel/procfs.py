@@ -456,6 +456,7 @@ def walk(kernel, p, guest, follow):
     follow) for the guest's /proc, ('path', canonical guest path) for the host's tree, ('empty', path) for
     the root of a host pseudo-filesystem (/sys, /dev/pts: an empty directory to the guest)."""
     policy = kernel.policy
+    follow = follow or guest.endswith("/")          # "link/" names what the link points to
     parts = [c for c in guest.split("/") if c]
     done = []
     links = 0
@@ -526,7 +527,9 @@ class GuestPaths:
         else:
             where = walk(self, p, guest, follow)
             if where[0] == "path" and self._guest_pty(where[1]) is None:
-                return None
+                # Followed to a path of the host's tree without symlinks: that one (a link in a private
+                # directory), unless it is the very path that failed.
+                return None if where[1] == posixpath.normpath(guest) else where
             if where[0] == "empty":
                 return _empty_dir(where[1], self.ptys if where[1] == "/dev/pts" else ())
             if where[0] == "path":

@@ -293,6 +293,9 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                 except TargetGone:
                     if p.fatal:
                         continue
+                    if not p.is_thread and p.exec_handoff is not None:
+                        self._take_exec(p)                  # another thread exec'd: the new image runs here
+                        continue
                     if p.group_status is not None or p.exec_exit:
                         return ThreadExit()                 # another thread ended the process, or exec'd
                     raise
@@ -335,6 +338,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                     if isinstance(e, ThreadExit):
                         return e
                     raise
+                except TargetGone:
+                    raise                                   # its stub was killed (the run ends, SIGKILL): not a bug
                 except Exception as e:                      # a bug of ours: the process dies, not the kernel
                     self._internal_error(p, nr, e)
                     raise Exited(signal.SIGKILL) from e

@@ -107,7 +107,7 @@ class SignalDelivery:
             wake(q)
 
     def _signal_ready(self, p):
-        return p.fatal or p.group_status is not None or p.exec_exit or any(not p.sigmask & _bit(s)
+        return p.fatal or p.group_status is not None or p.exec_exit or p.exec_handoff is not None or any(not p.sigmask & _bit(s)
                                                                             for s in p.pending)
 
     def _deliver_pending(self, p):

@@ -177,6 +177,7 @@ class Process:
         self.nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.affinity = None                # sched_setaffinity's mask, once set
         self.exec_exit = False
+        self.exec_handoff = None            # (path, argv, envp, mask) of an execve another thread made
         self.children_usage = Usage()       # of the children waited for, and theirs
         # For the C fast path: answers to getpid, getppid, gettid, getuid, geteuid, getgid, getegid,
         # and a flag that sends every stop here (a signal is due).

@@ -2,12 +2,13 @@
 thread of its own; thread exit, the end of a thread group, futex wait queues.
 """
 import errno
+import signal
 import struct
 import threading
 
 from ..abi import CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_VM
 from ..arch import current as _current_arch
-from .errors import Errno, ThreadExit
+from .errors import Errno, Exited, ThreadExit
 from .task import Thread, close_wake, kill_space, leader_of, wake
 
 ARCH = _current_arch()
@@ -109,6 +110,35 @@ class ThreadMachinery:
         for t in others:
             wake(t)
         wait_for_threads(leader)
+
+    def _hand_exec_to_leader(self, t, guest, argv, envp):
+        """execve from a thread other than the leader: as in Linux the process keeps its pid and the
+        new image runs with the calling thread's mask; here the leader's loop runs it (take_exec), every
+        other thread, this one included, ends. ENOSYS if the leader itself has already exited."""
+        leader = t.leader
+        with leader.thread_lock:
+            if leader.pid not in leader.threads or leader.exec_handoff is not None:
+                raise Errno(errno.ENOSYS)
+            others = [x for x in leader.threads.values() if x is not leader]
+        for x in others:
+            x.exec_exit = True
+        leader.exec_handoff = (guest, argv, envp, t.sigmask)
+        kill_space(leader.space)                        # the old image goes; the leader's loop notices
+        for x in others:
+            wake(x)
+        wake(leader)
+        raise ThreadExit()
+
+    def _take_exec(self, p):
+        """In the leader: the exec another thread handed over, once every other thread has gone."""
+        guest, argv, envp, mask = p.exec_handoff
+        wait_for_threads(p)
+        p.exec_handoff = None
+        p.sigmask = mask
+        try:
+            self._execve(p, guest, argv, envp)
+        except Errno:
+            raise Exited(signal.SIGKILL) from None      # past the point of no return: the old image is gone
 
     def _run_thread(self, t):
         proc = t.leader

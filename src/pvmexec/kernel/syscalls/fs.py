@@ -289,6 +289,7 @@ class FsCalls:
     def sys_symlinkat(self, p, target, newdirfd, linkpath):
         if target is None:
             raise Errno(errno.EFAULT)
+        self.policy.note_symlink(target)
         _in_parent(self, p, newdirfd, linkpath, lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd))
         return 0
 

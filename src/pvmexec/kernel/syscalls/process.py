@@ -163,8 +163,6 @@ class ProcessCalls:
     def sys_execveat(self, p, dirfd, path, argv, envp, flags):
         if flags & ~(AT_EMPTY_PATH | 0x100):
             raise Errno(errno.EINVAL)
-        if other_threads(p) and getattr(p, "is_thread", False):
-            raise Errno(errno.ENOSYS)                   # exec from a thread that is not the leader: not yet
         if path == "" and flags & AT_EMPTY_PATH:
             guest = p.fds.get(dirfd).path
         else:
@@ -173,6 +171,8 @@ class ProcessCalls:
         env = p.read_str_array(envp)
         if other_threads(p):
             self._read_file(guest)                      # what can fail first fails before the threads go
+            if getattr(p, "is_thread", False):
+                self._hand_exec_to_leader(p, guest, args or [guest], env)
             self._end_other_threads(p)
         self._execve(p, guest, args or [guest], env)
         return None
