@@ -90,14 +90,13 @@ def _agent_tid(pid, base):
     return struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
 
 
-PRIVATE_DIR_PREFIX = "pvmexec-shm-"
 
 
 def _remove_private_dir(dev, ino):
     """A sandbox's private directory (kernel.files.PRIVATE), found by its device and inode where it is made."""
     for parent in ("/dev/shm", tempfile.gettempdir()):
         try:
-            names = [n for n in os.listdir(parent) if n.startswith(PRIVATE_DIR_PREFIX)]
+            names = [n for n in os.listdir(parent) if n.startswith(janitor.PRIVATE_DIR_PREFIX)]
         except OSError:
             continue
         for name in names:

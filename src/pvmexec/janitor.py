@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 
+PRIVATE_DIR_PREFIX = "pvmexec-private-"      # a sandbox's own /dev/shm or /tmp lies in a directory named so
+
 _lock = threading.Lock()
 _pipe = None            # our writing end, or False once starting failed
 _keys = itertools.count(1)

@@ -125,7 +125,7 @@ def test_tmp_is_the_runs_own_over_the_hosts_read_only(tmp_path):
     host_tmp = tempfile.gettempdir()
 
     def ours():
-        return {n for n in os.listdir(host_tmp) if n.startswith("pvmexec-tmp-")}
+        return {n for n in os.listdir(host_tmp) if n.startswith("pvmexec-private-")}
     before = ours()
     (tmp_path / "host.txt").write_text("the host's\n")
     (tmp_path / "w").mkdir()

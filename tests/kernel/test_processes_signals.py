@@ -255,7 +255,7 @@ def test_stop_continue_and_wait_for_them(tmp_path):
 def test_the_runs_own_dev_shm_goes_even_when_pvmexec_is_killed(tmp_path):
     """/dev/shm is the run's own directory: removed at the end, and by the janitor after a SIGKILL."""
     def ours():
-        return {n for n in os.listdir("/dev/shm") if n.startswith("pvmexec-shm-")} if os.path.isdir("/dev/shm") \
+        return {n for n in os.listdir("/dev/shm") if n.startswith("pvmexec-private-")} if os.path.isdir("/dev/shm") \
             else set()
     before = ours()
     got = sandboxed(["bash", "-c", "echo x > /dev/shm/f && cat /dev/shm/f && ls /dev/shm"], "-q")

@@ -124,7 +124,7 @@ class Policy:
             self.root_fd = -1
         for g, (host, fd) in getattr(self, "_private", {}).items():
             os.close(fd)
-            shutil.rmtree(host, ignore_errors=True)
+            shutil.rmtree(os.path.dirname(host), ignore_errors=True)
             janitor.unrecord(self._private_records.pop(g, None))
         self._private = {}
 
@@ -156,7 +156,7 @@ class Policy:
             return self.root_fd, self._rel(guest_abs), 0
         fd = self._private_fd(g)
         rel = guest_abs[len(g):].lstrip("/")
-        if g in LAYERED and rel:
+        if g in LAYERED and rel and not rel.startswith(janitor.PRIVATE_DIR_PREFIX):    # (never another run's own)
             try:                                     # a name the guest never made there: the host's, read-only
                 os.stat(rel.split("/", 1)[0], dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -174,10 +174,13 @@ class Policy:
                     where = "/dev/shm"
                 else:
                     where = None                     # the host's temporary directory
-                made = tempfile.mkdtemp(prefix="pvmexec-%s-" % posixpath.basename(g), dir=where)
-                os.chmod(made, 0o1777)
-                st = os.stat(made)
+                # The guest's directory (mode 1777, as its /tmp would be) inside one only we may enter.
+                outer = tempfile.mkdtemp(prefix=janitor.PRIVATE_DIR_PREFIX, dir=where)
+                st = os.stat(outer)
                 self._private_records[g] = janitor.Records(os.getpid()).add("privatedir", st.st_dev, st.st_ino)
+                made = os.path.join(outer, posixpath.basename(g))
+                os.mkdir(made)
+                os.chmod(made, 0o1777)
             self._private[g] = (made, os.open(made, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         return self._private[g][1]
 
