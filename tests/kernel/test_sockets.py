@@ -195,3 +195,46 @@ def test_waits_in_connect_and_accept_end_with_a_signal(tmp_path):
     got = sandboxed([PYTHON3, str(script)], "-q", "--writable", str(work), cwd=work)
     assert want.stdout == b"connect ended by a signal\nserved\n[-15, 0]\n", want
     assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr[-2000:]
+
+
+CREDS = r"""
+import os, socket, struct, sys
+path = "srv"
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)     # before anything is sent: accepted ones inherit it
+srv.listen()
+me = os.getpid()
+pid = os.fork()
+if pid == 0:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    peer = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    c.sendmsg([b"hi"])
+    c.send(("the client's SO_PEERCRED is the listener: %s\n" % (peer == me)).encode())
+    c.recv(1)
+    os._exit(0)
+conn, _ = srv.accept()
+peer = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+print("the server's SO_PEERCRED is the client:", peer == (pid, os.getuid(), os.getgid()))
+msg, anc, _, _ = conn.recvmsg(2, socket.CMSG_SPACE(12))
+got = [struct.unpack("3i", data[:12]) for level, kind, data in anc if kind == socket.SCM_CREDENTIALS]
+print("SCM_CREDENTIALS name the sender:", got == [(pid, os.getuid(), os.getgid())])
+print(conn.recv(100).decode().strip())
+conn.send(b"x")
+os.waitpid(pid, 0)
+a, b = socket.socketpair()
+print("a pair's peer is its maker:", struct.unpack("3i", a.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0] == me)
+"""
+
+
+def test_peer_credentials_name_guest_processes(tmp_path):
+    """SO_PEERCRED and SCM_CREDENTIALS give the peer's guest pid (who connected, who listened, who
+    sent), never the host's and never the caller's own."""
+    script = tmp_path / "creds.py"
+    script.write_text(CREDS)
+    want = native([PYTHON3, str(script)], cwd=_work(tmp_path, "n"))
+    work = _work(tmp_path, "b")
+    got = sandboxed([PYTHON3, str(script)], "-q", "--writable", str(work), cwd=work)
+    assert want.stdout.count(b"True") == 4 and b"False" not in want.stdout, want
+    assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr[-2000:]

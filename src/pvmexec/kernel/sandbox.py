@@ -145,6 +145,9 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         self.tty_pgrp = {}                      # a terminal's st_rdev -> its foreground process group
         self.unix_bound = {}                    # socket files guests bound, (st_dev, st_ino) -> the name bound
         self.accept_locks = {}                  # a listening socket's (st_dev, st_ino) -> whose turn to accept
+        self.socket_creds = {}                  # a guest unix socket's inode -> the pid its peer's SO_PEERCRED shows
+        self.socket_senders = {}                # a guest unix socket's inode -> the last guest pid that sent on it
+        self.unix_listening = {}                # what a unix socket is bound to (socket.bound) -> who listened
         self._spawner = Spawner()
         self._first_pid = None
         self._handlers = {}

@@ -56,8 +56,8 @@ SUPPORT = {
               "never SOCK_RAW; other families EAFNOSUPPORT",
     "setsockopt": "partial: the common SOL_SOCKET, IPPROTO_TCP, IPPROTO_IP and IPPROTO_IPV6 options; "
                   "others ENOPROTOOPT",
-    "getsockopt": "partial: the options setsockopt takes; SO_PEERCRED reports the caller's own pid",
-    "recvmsg": "partial: SCM_CREDENTIALS report pid 0 (the sender's host pid is the kernel's)",
+    "getsockopt": "partial: the options setsockopt takes, and SO_PEERCRED (the peer's guest pid)",
+    "recvmsg": "partial: SCM_CREDENTIALS name the last guest process that sent on the peer socket",
     "getsockname": "partial: sockets inherited from the host EOPNOTSUPP",
     "getpeername": "partial: sockets inherited from the host EOPNOTSUPP",
     "clone3": "refused: ENOSYS, libc falls back to clone",

@@ -28,6 +28,7 @@ _TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET)
 _SOCK_NONBLOCK, _SOCK_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 _MSG_DONTWAIT, _MSG_NOSIGNAL, _MSG_CTRUNC = 0x40, 0x4000, 0x8
 _SCM_RIGHTS, _SCM_CREDENTIALS = 1, 2
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _UDIAG_SHOW_PEER, _UNIX_DIAG_PEER = 4, 20, 4, 2
 _MAX_IO = 1 << 20
 # Options passed to the host socket as they are: (level, name) -> the largest value the guest may give.
 _OPTIONS = {(1, n): 256 for n in (2, 3, 4, 5, 6, 7, 8, 9, 13, 15, 16, 17, 18, 19, 20, 21, 29, 30, 38, 39, 47)}
@@ -45,6 +46,10 @@ class _Socket:
         self.family, self.kind = family, kind
         self.name = None                # the guest's sockaddr for getsockname (bytes), once bound
         self.peer = None                # the guest's sockaddr of the peer, once connected
+        self.peer_ino = None            # the host inode of the connected peer socket (sock_diag), once asked
+        self.bound = None               # what connect names it by: the socket file's (st_dev, st_ino), or
+                                        # the host's abstract name
+        self.server_pid = None          # connected: the pid that listened on what it connected to
 
 
 def _sock(f):
@@ -70,8 +75,12 @@ class NetCalls:
     def _new_socket(self, p, host, family, kind, flags, path=None):
         if flags & _SOCK_NONBLOCK:
             os.set_blocking(host, False)
-        f = OpenFile(host, path or "socket:[%d]" % os.fstat(host).st_ino, os.O_RDWR)
+        ino = os.fstat(host).st_ino
+        f = OpenFile(host, path or "socket:[%d]" % ino, os.O_RDWR)
         f.socket = _Socket(family, kind)
+        if family == _AF_UNIX:
+            self.socket_creds[ino] = p.pid          # what SO_PEERCRED shows of it to its peer (its maker's)
+            f.on_release = lambda: (self.socket_creds.pop(ino, None), self.socket_senders.pop(ino, None))
         try:
             return p.fds.install(f, cloexec=flags & _SOCK_CLOEXEC)
         except Errno:
@@ -165,7 +174,8 @@ class NetCalls:
                 _host_call(s.bind, "")                  # autobind: an abstract name of the host's choosing
                 return 0
             if path[0] == 0:
-                _host_call(s.bind, self._abstract(path[1:]))
+                f.socket.bound = self._abstract(path[1:])
+                _host_call(s.bind, f.socket.bound)
                 f.socket.name = raw
                 return 0
             guest = path.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -177,6 +187,7 @@ class NetCalls:
                 os.close(parent)
             f.socket.name = raw[:2 + len(path.split(b"\0", 1)[0]) + 1]     # as the guest spelled it
             self.unix_bound[(st.st_dev, st.st_ino)] = f.socket.name
+            f.socket.bound = (st.st_dev, st.st_ino)
             return 0
         finally:
             _release(s)
@@ -188,7 +199,26 @@ class NetCalls:
             _host_call(s.listen, min(backlog & 0x7FFFFFFF, 4096))
         finally:
             _release(s)
+        self._record_creds(p, f)                    # a client's SO_PEERCRED: who listened, as Linux
         return 0
+
+    def _record_creds(self, p, f):
+        if f.socket.family == _AF_UNIX:
+            self.socket_creds[os.fstat(f.host_fd).st_ino] = p.pid
+            if f.socket.bound is not None:
+                self.unix_listening[f.socket.bound] = p.pid
+
+    def _peer_pid(self, f, sent=False):
+        """The guest pid the connected peer of a unix socket stands for: SO_PEERCRED's (who connected,
+        or listened), or with sent the last process that sent on it (SCM_CREDENTIALS'); 0 if unknown."""
+        if f.socket is None or f.socket.family != _AF_UNIX:
+            return 0
+        if f.socket.server_pid is not None and not (sent and self.socket_senders):
+            return f.socket.server_pid
+        if f.socket.peer_ino is None:
+            f.socket.peer_ino = unix_peer_inode(os.fstat(f.host_fd).st_ino) or 0
+        ino = f.socket.peer_ino
+        return (self.socket_senders.get(ino) if sent else None) or self.socket_creds.get(ino, 0)
 
     def sys_connect(self, p, fd, addr, addrlen):
         f = self._socket_of(p, fd & 0xFFFFFFFF)
@@ -198,6 +228,7 @@ class NetCalls:
             raise Errno(errno.EAFNOSUPPORT)
         target, guest, keep = (_inet_addr(raw, family), raw, None) if family != _AF_UNIX else \
             self._unix_target(p, raw)
+        server = target if keep is None else (lambda st: (st.st_dev, st.st_ino))(os.fstat(keep))
         s = _sock(f)
         try:
             blocking = os.get_blocking(f.host_fd)
@@ -222,6 +253,9 @@ class NetCalls:
             if keep is not None:
                 os.close(keep)
         f.socket.peer = guest
+        self._record_creds(p, f)                    # the server's SO_PEERCRED: who connected
+        if family == _AF_UNIX:
+            f.socket.server_pid = self.unix_listening.get(server)
         return 0
 
     def _unix_connect(self, p, f, s, target):
@@ -272,6 +306,9 @@ class NetCalls:
         conn.setblocking(True)
         new = self._new_socket(p, conn.detach(), f.socket.family, f.socket.kind, flags)
         p.fds.get(new).socket.name = f.socket.name
+        if f.socket.family == _AF_UNIX:           # the client's SO_PEERCRED: the listener's, as Linux
+            self.socket_creds[os.fstat(p.fds.get(new).host_fd).st_ino] = self.socket_creds.get(
+                os.fstat(f.host_fd).st_ino, p.pid)
         peer = _unnamed(f.socket.family)
         if addr:
             self._put_addr(p, addr, addrlen, peer)
@@ -339,6 +376,8 @@ class NetCalls:
         return self._send(p, f, data, anc, flags, _inet_addr(raw, family))
 
     def _send(self, p, f, data, anc, flags, address):
+        if f.socket is not None and f.socket.family == _AF_UNIX:
+            self.socket_senders[os.fstat(f.host_fd).st_ino] = p.pid    # whom SCM_CREDENTIALS names
         s = _sock(f)
         try:
             wait = os.get_blocking(f.host_fd) and not flags & _MSG_DONTWAIT
@@ -414,7 +453,7 @@ class NetCalls:
         total = min(sum(n for _, n in segments), _MAX_IO)
         data, anc, mflags, source = self._recv(p, f, total, min(controllen, 4096), flags & ~0x40000000)
         scatter(p, segments, data)
-        out, truncated = self._control_in(p, anc, controllen, flags & 0x40000000)
+        out, truncated = self._control_in(p, anc, controllen, flags & 0x40000000, f)
         if control and out:
             p.write(control, out)
         if name and namelen:
@@ -451,7 +490,7 @@ class NetCalls:
             at += (clen + 7) & ~7
         return anc
 
-    def _control_in(self, p, anc, room, cloexec):
+    def _control_in(self, p, anc, room, cloexec, f):
         """The host's control messages as the guest's: received descriptors become the receiver's own
         (those that do not fit are closed, as Linux does)."""
         out, truncated = bytearray(), False
@@ -474,7 +513,7 @@ class NetCalls:
                 body = struct.pack("<%di" % len(mine), *mine)
             elif level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS:
                 _pid, uid, gid = struct.unpack("<iII", body[:12])
-                body = struct.pack("<iII", 0, uid, gid)  # the sender's host pid is the kernel's: not shown
+                body = struct.pack("<iII", self._peer_pid(f, sent=True), uid, gid)   # never the host's pid
             if not fits:
                 truncated = True
                 continue
@@ -521,7 +560,7 @@ class NetCalls:
         finally:
             _release(s)
         if level == socket.SOL_SOCKET and name == socket.SO_PEERCRED and len(data) >= 4:
-            data = struct.pack("<i", p.pid) + data[4:]      # the peer is a guest; its host pid is the kernel's
+            data = struct.pack("<i", self._peer_pid(f)) + data[4:]     # a guest's pid, never the host's
         p.write(value, data[:room])
         p.write(lenp, struct.pack("<i", min(len(data), room)))
         return 0
@@ -548,6 +587,33 @@ def _fstat(f):
         return os.fstat(f.host_fd)
     except OSError:
         raise Errno(errno.EBADF) from None
+
+
+def unix_peer_inode(ino):
+    """The inode of the unix socket connected to socket inode ino (sock_diag's UNIX_DIAG_PEER), or None."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    try:
+        req = struct.pack("<BBHIIIII", _AF_UNIX, 0, 0, 0xFFFFFFFF, ino, _UDIAG_SHOW_PEER, 0xFFFFFFFF, 0xFFFFFFFF)
+        nl.send(struct.pack("<IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, 1, 1, 0) + req)   # NLM_F_REQUEST
+        data = nl.recv(65536)
+    except OSError:
+        return None
+    finally:
+        nl.close()
+    if len(data) < 32 or struct.unpack_from("<H", data, 4)[0] != _SOCK_DIAG_BY_FAMILY:
+        return None                                 # NLMSG_ERROR: no such socket
+    end, at = min(struct.unpack_from("<I", data)[0], len(data)), 32      # nlmsghdr, unix_diag_msg
+    while at + 8 <= end:
+        length, kind = struct.unpack_from("<HH", data, at)
+        if length < 4:
+            break
+        if kind == _UNIX_DIAG_PEER:
+            return struct.unpack_from("<I", data, at + 4)[0]
+        at += (length + 3) & ~3
+    return None
 
 
 def _readable_now(fd):
