@@ -242,4 +242,15 @@ COMMANDS = [
     'curl -s file:///etc/hostname | wc -l',
     'file -b /etc/passwd',
     "bc -l <<< 's(0)'",
+    # /tmp: the run's own (these clean up after themselves natively)
+    'seq 3 | tac',
+    'seq 100000 | sort -S 64k -n | tail -1',
+    't=$(mktemp) && echo private > "$t" && cat "$t" && rm "$t"',
+    'd=$(mktemp -d) && ln -s /etc/hostname "$d/l" && cmp -s "$d/l" /etc/hostname && echo same; rm -r "$d"',
+    'd=$(mktemp -d) && python3 -m venv --without-pip "$d/v" && "$d/v/bin/python" -c "import sys; print(sys.prefix != sys.base_prefix)"; rm -r "$d"',
+    "python3 -c 'from multiprocessing import shared_memory as s; a = s.SharedMemory(create=True, size=16); "
+    "a.buf[0] = 7; b = s.SharedMemory(a.name); print(b.buf[0]); b.close(); a.close(); a.unlink()'",
+    "perl -MFile::Temp=tempfile -e '($fh, $n) = tempfile(UNLINK => 1); print $fh \"p\"; close $fh; open $r, \"<\", $n; print <$r>, \"\\n\"'",
+    # a thread that execs (Go programs and some JVMs do)
+    "python3 -c 'import os, threading, time; threading.Thread(target=os.execv, args=(\"/bin/echo\", [\"echo\", \"exec from a thread\"])).start(); time.sleep(10)'",
 ]

@@ -24,6 +24,7 @@ from ..abi import O_ACCMODE, RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICL
 from .errors import Errno
 
 
+MAX_LINKS = 40                                  # symlinks followed in one lookup, as Linux's MAXSYMLINKS
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # Directories that are the sandbox's own, empty at the start and removed at the end (as gVisor's tmpfs
 # mounts), unless the policy's writable paths share the host's.
@@ -313,10 +314,19 @@ class Policy:
         return self.reached(fd)
 
     def _followed(self, guest_abs, follow):
-        """guest_abs with its symlinks followed one by one inside the root, as the guest's kernel does
-        (the last left as it is unless follow, or if it does not exist yet)."""
+        """guest_abs with its symlinks followed one by one inside the root, as the guest's kernel does."""
+        def no_proc(here, parts, fd, st):
+            if here == "/proc" and parts and not proc_visible(here + "/" + "/".join(parts)):
+                raise ThroughPseudoFs()                 # the guest's own /proc: procfs.walk takes it there
+        return self.resolve(guest_abs, follow, no_proc)[1]
+
+    def resolve(self, guest_abs, follow, stop=None):
+        """Follow a guest path's symlinks component by component inside the root (each step one openat2
+        with O_NOFOLLOW): ("path", the canonical guest path), its last component left as it is unless
+        follow, or if it does not exist yet. stop(here, rest, fd, st), called at each component reached,
+        may end the walk with a result of its own (procfs: its /proc, the host's pseudo-filesystems)."""
         parts, done, links = [c for c in guest_abs.split("/") if c], [], 0
-        follow = follow or guest_abs.endswith("/")
+        follow = follow or guest_abs.endswith("/")      # "link/" names what the link points to
         while parts:
             name = parts.pop(0)
             if name == ".":
@@ -325,32 +335,34 @@ class Policy:
                 done = done[:-1]
                 continue
             here = "/" + "/".join(done + [name])
-            if here == "/proc" and parts and not proc_visible(here + "/" + "/".join(parts)):
-                raise ThroughPseudoFs()                 # the guest's own /proc: procfs.walk takes it there
             try:
                 fd = self.raw_path_fd(here)
             except OSError as e:
                 if e.errno == errno.ENOENT and not parts:
                     done.append(name)                   # a name about to be made
                     break
-                raise Errno(e.errno) from None
+                raise Errno(e.errno if e.errno != errno.ELOOP else errno.ENOENT) from None
             try:
-                if stat.S_ISLNK(os.fstat(fd).st_mode) and (parts or follow):
+                st = os.fstat(fd)
+                if stop is not None:
+                    result = stop(here, parts, fd, st)
+                    if result is not None:
+                        return result
+                if stat.S_ISLNK(st.st_mode) and (parts or follow):
                     links += 1
-                    if links > 40:                      # MAXSYMLINKS
+                    if links > MAX_LINKS:
                         raise Errno(errno.ELOOP)
                     target = os.readlink("", dir_fd=fd)
                     parts = [c for c in target.split("/") if c] + parts
                     if target.startswith("/"):
                         done = []
                     continue
+                if parts and not stat.S_ISDIR(st.st_mode):
+                    raise Errno(errno.ENOTDIR)
             finally:
                 os.close(fd)
             done.append(name)
-        path = "/" + "/".join(done)
-        if path == "/proc" or path.startswith("/proc/") and not proc_visible(path):
-            raise ThroughPseudoFs()                     # the guest's own /proc: procfs.walk takes it there
-        return path
+        return ("path", "/" + "/".join(done))
 
     def open(self, guest_abs, flags, mode):
         """A host descriptor for open(2) of a guest path, the policy checked before anything changes."""

@@ -22,10 +22,9 @@ import stat
 import tempfile
 
 from .errors import Errno
-from .files import PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, proc_visible
+from .files import MAX_LINKS, PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, proc_visible
 from .task import leader_of
 
-MAX_LINKS = 40                                  # symlinks followed in one lookup, as Linux's MAXSYMLINKS
 _PID_ENTRIES = ("cgroup", "cmdline", "comm", "cwd", "environ", "exe", "fd", "fdinfo", "limits", "maps",
                 "mountinfo", "mounts", "oom_score_adj", "root", "smaps", "stat", "statm", "status", "task")
 _DIRS = ("fd", "fdinfo", "task")
@@ -455,48 +454,18 @@ def walk(kernel, p, guest, follow):
     """Where a guest path leads when its symlinks are followed one by one inside the root: ('proc', rel,
     follow) for the guest's /proc, ('path', canonical guest path) for the host's tree, ('empty', path) for
     the root of a host pseudo-filesystem (/sys, /dev/pts: an empty directory to the guest)."""
-    policy = kernel.policy
-    follow = follow or guest.endswith("/")          # "link/" names what the link points to
-    parts = [c for c in guest.split("/") if c]
-    done = []
-    links = 0
-    while parts:
-        name = parts.pop(0)
-        if name == ".":
-            continue
-        if name == "..":
-            done = done[:-1]
-            continue
-        here = "/" + "/".join(done + [name])
+    def stop(here, parts, fd, st):
         if under_proc(here) or here == "/proc":
-            return ("proc", "/".join([name] + parts)[len("proc"):].lstrip("/"), follow)
-        try:
-            fd = policy.raw_path_fd(here)
-        except OSError as e:
-            raise Errno(e.errno if e.errno != errno.ELOOP else errno.ENOENT) from None
-        try:
-            st = os.fstat(fd)
-            if policy.on_pseudo_fs(fd):
-                if here == "/dev/pts" and len(parts) == 1 and kernel._guest_pty(here + "/" + parts[0]) is not None:
-                    return ("path", here + "/" + parts[0])          # a pty a guest made
-                if not parts and stat.S_ISDIR(st.st_mode):
-                    return ("empty", here)          # /sys, /dev/pts...: there, but nothing of the host's inside
-                raise Errno(errno.ENOENT)             # nothing of the host's pseudo-filesystems, not even its links
-            if stat.S_ISLNK(st.st_mode) and (parts or follow):
-                links += 1
-                if links > MAX_LINKS:
-                    raise Errno(errno.ELOOP)
-                target = os.readlink("", dir_fd=fd)
-                parts = [c for c in target.split("/") if c] + parts
-                if target.startswith("/"):
-                    done = []
-                continue
-            if parts and not stat.S_ISDIR(st.st_mode):
-                raise Errno(errno.ENOTDIR)
-        finally:
-            os.close(fd)
-        done.append(name)
-    return ("path", "/" + "/".join(done))
+            return ("proc", "/".join([here[len("/proc"):].lstrip("/")] + parts).strip("/"), follow)
+        if kernel.policy.on_pseudo_fs(fd):
+            if here == "/dev/pts" and len(parts) == 1 and kernel._guest_pty(here + "/" + parts[0]) is not None:
+                return ("path", here + "/" + parts[0])          # a pty a guest made
+            if not parts and stat.S_ISDIR(st.st_mode):
+                return ("empty", here)          # /sys, /dev/pts...: there, but nothing of the host's inside
+            raise Errno(errno.ENOENT)             # nothing of the host's pseudo-filesystems, not even its links
+        return None
+    follow = follow or guest.endswith("/")
+    return kernel.policy.resolve(guest, follow, stop)
 
 
 def reopen_path(fd, flags):
