@@ -8,6 +8,7 @@ import struct
 import textwrap
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -343,3 +344,84 @@ def test_detach_when_another_tracer_took_the_target_says_what_stays(spawn):
         other.wait(10)
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+CHANGING_TARGET = textwrap.dedent("""
+    import ctypes, sys, time
+    print("ready", flush=True)
+    sys.stdin.readline()
+    if sys.argv[1] == "undumpable":
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)          # PR_SET_DUMPABLE 0
+    print("changed", flush=True)
+    time.sleep(60)
+""")
+
+
+CHANGED_CALLER = textwrap.dedent("""
+    import sys, warnings, pvmexec
+    warnings.simplefilter("always")
+    space = pvmexec.attach(int(sys.argv[1]), engine="agent")
+    assert space.syscall("getpid") == int(sys.argv[1])
+    print("attached", flush=True)
+    sys.stdin.readline()
+    space.detach()
+    print("detached", flush=True)
+""")
+
+
+@pytest.mark.parametrize("change", ["undumpable", "stopped"])
+def test_detach_from_a_target_that_changed_under_the_agent(change):
+    """A target that turns undumpable or is stopped while the agent is in it: detach never raises, says
+    what stays, and once the target runs and the caller has gone (the janitor), nothing of ours is left."""
+    p = subprocess.Popen([sys.executable, "-c", CHANGING_TARGET, change], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    caller = None
+    try:
+        assert p.stdout.readline() == "ready\n"
+        before = snapshot(p.pid)
+        caller = subprocess.Popen([sys.executable, "-c", CHANGED_CALLER, str(p.pid)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert caller.stdout.readline() == "attached\n"
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "changed\n"
+        if change == "stopped":
+            os.kill(p.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 5
+            while proc.status(p.pid)["State"][0] != "T" and time.monotonic() < deadline:
+                time.sleep(0.01)
+        out, err = caller.communicate("\n", timeout=30)
+        assert out == "detached\n" and "Traceback" not in err, err
+        if change == "stopped":
+            assert "leaves when it continues" in err, err
+            os.kill(p.pid, signal.SIGCONT)
+        # What stays is only what a warning names (unprivileged, an undumpable target is not ours to
+        # clean any more); as root nothing stays.
+        named = {int(a, 16) for a in re.findall(r"at (0x[0-9a-f]+) stay", err)}
+        assert not named or os.getuid() != 0, err
+        deadline = time.monotonic() + 3
+        while True:
+            try:
+                after = snapshot(p.pid)
+            except PermissionError:             # unprivileged, an undumpable target's maps and fds are closed
+                assert change == "undumpable" and named, err
+                if sorted(os.listdir("/proc/%d/task" % p.pid)) == before["threads"]:     # the agent left
+                    break
+                assert time.monotonic() < deadline, (change, err)
+                time.sleep(0.02)
+                continue
+            extra = [l for l in after["maps"].splitlines() if l not in before["maps"].splitlines()]
+            if {k: v for k, v in after.items() if k not in ("maps", "fds")} == \
+                    {k: v for k, v in before.items() if k not in ("maps", "fds")} and \
+                    all(int(l.split("-")[0], 16) in named for l in extra) and \
+                    (after["fds"] == before["fds"] or named):
+                break
+            assert time.monotonic() < deadline, (change, err, extra, after["fds"], before["fds"])
+            time.sleep(0.02)
+    finally:
+        for q in (caller, p):
+            if q is not None:
+                q.kill()
+                q.wait(10)
+        p.stdin.close()
+        p.stdout.close()

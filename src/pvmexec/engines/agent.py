@@ -324,7 +324,13 @@ class AgentEngine(BaseEngine):
                         self.code_base = self._janitor_key = None
             if self.code_base is not None:
                 addr, size = (self.code_base + SYMS["final"], 4096) if left_itself else (self.code_base, REGION)
-                if self._region_still_ours(addr):
+                ours = self._region_still_ours(addr)
+                if ours is None:
+                    warnings.warn("pvmexec: %d bytes of the agent at %#x stay in process %d (it is no longer "
+                                  "dumpable: neither its maps nor its memory are ours to touch); they go when it "
+                                  "execs or exits" % (size, addr, self.pid), RuntimeWarning)
+                    self._janitor_key = None            # the janitor's record stays: it may yet succeed
+                elif ours:
                     try:
                         self._main.syscalls([(NR["munmap"], (addr, size))])
                     except TargetGone:
@@ -383,6 +389,8 @@ class AgentEngine(BaseEngine):
                         return "/memfd:pvmexec-agent" in line
         except (FileNotFoundError, ProcessLookupError):
             pass
+        except PermissionError:
+            return None                         # not ours to look at any more (it turned undumpable)
         return False
 
     def _stop_agent(self):
