@@ -319,7 +319,8 @@ class AgentEngine(BaseEngine):
                         # memory (the kernel clears its tid word there on exit). Leave the region.
                         # The janitor removes the region once the thread has left, after we exit.
                         warnings.warn("pvmexec: process %d is stopped; the agent thread %d leaves when it "
-                                      "continues, and its %d-byte region stays mapped until then"
+                                      "continues, and its %d-byte region stays mapped until this process "
+                                      "exits (the janitor removes it then)"
                                       % (self.pid, self.agent_tid, REGION), RuntimeWarning)
                         self.code_base = self._janitor_key = None
             if self.code_base is not None:
