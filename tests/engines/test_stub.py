@@ -1,6 +1,7 @@
 """Stub spaces: guest code at full speed in an address space of our own, and no way out of it."""
 import errno
 import os
+import sys
 import signal
 import struct
 import textwrap
@@ -347,3 +348,21 @@ def test_mode2_cannot_unmap_or_replace_the_patching_window(space):
     with open("/proc/%d/maps" % space.pid) as f:
         assert any(line.startswith("050f0000-05100000 r-xs") for line in f)
     assert space.syscall("munmap", window + 0x10000, 4096) == 0     # next to it is fine
+
+
+def test_a_stub_process_is_returned_only_once_it_runs_the_stub_program():
+    """Before its exec a new child is a copy of the caller (its maps, its memory): never hand that out."""
+    from pvmexec.engines.stub import plain_process
+    ours = os.path.realpath(sys.executable)
+    for _ in range(20):
+        p = plain_process(fixed_layout=True)
+        try:
+            with open("/proc/%d/maps" % p.pid) as f:
+                maps = f.read()
+            assert "/memfd:pvmexec-stub" in maps and ours not in maps
+            if p.isolated:                              # pid 1 of a namespace of its own
+                with open("/proc/%d/status" % p.pid) as f:
+                    assert "NSpid:\t%d\t1\n" % p.pid in f.read()
+        finally:
+            p.kill()
+            p.wait(10)

@@ -120,16 +120,20 @@ class Policy:
         return cls(d.get("root", "/"), d.get("writable", ()), d.get("network", False))
 
     def close(self) -> None:
-        if self.root_fd >= 0:
+        if getattr(self, "root_fd", -1) >= 0:     # (a half-built policy has none)
             os.close(self.root_fd)
             self.root_fd = -1
+        self.drop_private()
+
+    __del__ = close
+
+    def drop_private(self) -> None:
+        """Remove the private directories (a run's /tmp and /dev/shm): the next run gets new ones."""
         for g, (host, fd) in getattr(self, "_private", {}).items():
             os.close(fd)
             shutil.rmtree(os.path.dirname(host), ignore_errors=True)
             janitor.unrecord(self._private_records.pop(g, None))
         self._private = {}
-
-    __del__ = close
 
     # -- guest paths ---------------------------------------------------------------------------
 
@@ -155,8 +159,11 @@ class Policy:
         g = self._private_dir(guest_abs)
         if g is None:
             return self.root_fd, self._rel(guest_abs), 0
-        fd = self._private_fd(g)
         rel = guest_abs[len(g):].lstrip("/")
+        if g in LAYERED and rel and g not in getattr(self, "_private", ()) and \
+                not rel.startswith(janitor.PRIVATE_DIR_PREFIX):
+            return self.root_fd, self._rel(guest_abs), 0     # the guest made nothing there yet: the host's
+        fd = self._private_fd(g)
         if g in LAYERED and rel and not rel.startswith(janitor.PRIVATE_DIR_PREFIX):    # (never another run's own)
             try:                                     # a name the guest never made there: the host's, read-only
                 os.stat(rel.split("/", 1)[0], dir_fd=fd, follow_symlinks=False)

@@ -189,9 +189,11 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         except BaseException:
             self._finish(p, signal.SIGKILL)
             self._end_all()
+            self.policy.drop_private()
             raise
         self._finish(p, status)
         self._end_all()
+        self.policy.drop_private()              # the run's own /tmp and /dev/shm go with it
         if self.tracer:
             self.tracer.close()
         return status

@@ -1,8 +1,9 @@
 /*
  * Starting stub processes: a fork-like clone, optionally into new user and
  * pid namespaces (so that nothing a guest does in the stub names a host pid),
- * then execveat of the stub program. Between clone and exec the child runs
- * only async-signal-safe calls: this process has other threads.
+ * then execveat of the stub program, waited for (a close-on-exec pipe says
+ * it happened, or why not). Between clone and exec the child runs only
+ * async-signal-safe calls: this process has other threads.
  */
 #include "core.h"
 #include <sys/personality.h>
@@ -19,7 +20,14 @@
 #define SPAWN_MAX_KEEP 8
 
 static void __attribute__((noreturn))
-child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_randomize)
+fail(int report, int err)
+{
+    (void)!write(report, &err, sizeof err);
+    _exit(127);
+}
+
+static void __attribute__((noreturn))
+child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_randomize, int report)
 {
     sigset_t none;
     sigemptyset(&none);
@@ -32,20 +40,20 @@ child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_rando
     sigprocmask(SIG_SETMASK, &none, NULL);
     /* Die with the thread that made us; had it died already, the death signal was never armed. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
-        _exit(126);
+        fail(report, errno);
     struct pollfd gone = {parent, POLLIN, 0};
     if (poll(&gone, 1, 0) != 0)
-        _exit(126);
+        fail(report, ESRCH);
     close(parent);
     setpgid(0, 0);                              /* out of the terminal's foreground group */
     if (no_randomize)
         personality((unsigned long)personality(0xffffffff) | ADDR_NO_RANDOMIZE);
     for (int i = 0; i < nkeep; i++)
         if (fcntl(keep[i], F_SETFD, 0) < 0)
-            _exit(126);
+            fail(report, errno);
     char *envp[] = {NULL};
     syscall(__NR_execveat, exe, "", argv, envp, AT_EMPTY_PATH);
-    _exit(127);
+    fail(report, errno);
 }
 
 /* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid */
@@ -81,14 +89,38 @@ py_spawn_stub(PyObject *self, PyObject *args)
     int parent = (int)syscall(__NR_pidfd_open, (pid_t)syscall(SYS_gettid), PIDFD_THREAD);
     if (parent < 0)
         return raise_host("pidfd_open");
+    int report[2];                              /* close-on-exec: EOF once the exec has happened */
+    if (pipe2(report, O_CLOEXEC) < 0) {
+        close(parent);
+        return raise_host("pipe2");
+    }
     long pid = syscall(SYS_clone, flags | SIGCHLD, 0, NULL, NULL, 0);
     if (pid == 0)
-        child(exe, argv, keep, (int)nkeep, parent, no_randomize);
+        child(exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]);
     int saved = errno;
     close(parent);
+    close(report[1]);
     if (pid < 0) {
+        close(report[0]);
         errno = saved;
         return raise_host("clone");
+    }
+    /* Only an exec'd stub is returned: before its exec the child is a copy of this process (its
+     * maps, its memory), nothing to attach to or read. */
+    int err = 0;
+    ssize_t got;
+    Py_BEGIN_ALLOW_THREADS
+    do
+        got = read(report[0], &err, sizeof err);
+    while (got < 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    close(report[0]);
+    if (got != 0) {
+        int status;
+        while (waitpid((pid_t)pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        errno = got == (ssize_t)sizeof err ? err : EIO;
+        return raise_host("execveat");
     }
     return PyLong_FromLong(pid);
 }
