@@ -240,7 +240,8 @@ class Policy:
 
     @property
     def _layered_in_use(self):
-        return any(g in getattr(self, "_private", ()) for g in LAYERED)
+        private = getattr(self, "_private", None)       # (every lookup asks: cheap while there is none)
+        return bool(private) and any(g in private for g in LAYERED)
 
     def _shadowed(self, host):
         """Whether a host path reached lies below the host's side of a layered directory, under a name the

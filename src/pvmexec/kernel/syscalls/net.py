@@ -50,6 +50,7 @@ class _Socket:
         self.bound = None               # what connect names it by: the socket file's (st_dev, st_ino), or
                                         # the host's abstract name
         self.server_pid = None          # connected: the pid that listened on what it connected to
+        self.ino = None                 # its host inode, once known (the credential tables' key)
 
 
 def _sock(f):
@@ -78,6 +79,7 @@ class NetCalls:
         ino = os.fstat(host).st_ino
         f = OpenFile(host, path or "socket:[%d]" % ino, os.O_RDWR)
         f.socket = _Socket(family, kind)
+        f.socket.ino = ino
         if family == _AF_UNIX:
             self.socket_creds[ino] = p.pid          # what SO_PEERCRED shows of it to its peer (its maker's)
             f.on_release = lambda: (self.socket_creds.pop(ino, None), self.socket_senders.pop(ino, None))
@@ -377,7 +379,7 @@ class NetCalls:
 
     def _send(self, p, f, data, anc, flags, address):
         if f.socket is not None and f.socket.family == _AF_UNIX:
-            self.socket_senders[os.fstat(f.host_fd).st_ino] = p.pid    # whom SCM_CREDENTIALS names
+            self.socket_senders[f.socket.ino or os.fstat(f.host_fd).st_ino] = p.pid   # whom SCM_CREDENTIALS names
         s = _sock(f)
         try:
             wait = os.get_blocking(f.host_fd) and not flags & _MSG_DONTWAIT
