@@ -154,24 +154,31 @@ class Policy:
         """(directory descriptor, relative path, extra RESOLVE_ flags) that openat2 resolves guest_abs
         from: the root, or a private directory of the sandbox's own (its /dev/shm, its /tmp). In a private
         directory symlinks are not followed by the host (inside it, RESOLVE_IN_ROOT would take an absolute
-        target to mean the directory): ELOOP there sends the lookup to procfs.walk, which follows them as
+        target to mean the directory): ELOOP there sends the lookup to resolve(), which follows them as
         the guest's kernel does."""
         g = self._private_dir(guest_abs)
         if g is None:
             return self.root_fd, self._rel(guest_abs), 0
         rel = guest_abs[len(g):].lstrip("/")
-        if g in LAYERED and rel and g not in getattr(self, "_private", ()) and \
-                not rel.startswith(janitor.PRIVATE_DIR_PREFIX):
-            return self.root_fd, self._rel(guest_abs), 0     # the guest made nothing there yet: the host's
-        fd = self._private_fd(g)
-        if g in LAYERED and rel and not rel.startswith(janitor.PRIVATE_DIR_PREFIX):    # (never another run's own)
-            try:                                     # a name the guest never made there: the host's, read-only
-                os.stat(rel.split("/", 1)[0], dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return self.root_fd, self._rel(guest_abs), 0
-            except OSError:
-                pass
-        return fd, self._rel(rel or "/"), RESOLVE_NO_SYMLINKS
+        # A name the guest never made in a layered directory is the host's, read-only (but never another
+        # run's private directory).
+        if g in LAYERED and rel and not rel.startswith(janitor.PRIVATE_DIR_PREFIX) and \
+                not self._made_by_guest(g, rel.split("/", 1)[0]):
+            return self.root_fd, self._rel(guest_abs), 0
+        return self._private_fd(g), self._rel(rel or "/"), RESOLVE_NO_SYMLINKS
+
+    def _made_by_guest(self, g, name):
+        """Whether the guest has name in its own side of the layered directory g."""
+        private = getattr(self, "_private", {}).get(g)
+        if private is None:
+            return False                             # not even made yet
+        try:
+            os.stat(name, dir_fd=private[1], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass
+        return True
 
     def _private_fd(self, g):
         if not hasattr(self, "_private"):
@@ -251,12 +258,7 @@ class Policy:
                 continue
             lower = os.path.join(self.root, g.lstrip("/"))
             if host.startswith(lower + "/") and not host.startswith(self._private[g][0] + "/"):
-                name = host[len(lower) + 1:].split("/", 1)[0]
-                try:
-                    os.stat(name, dir_fd=self._private[g][1], follow_symlinks=False)
-                    return True
-                except OSError:
-                    return False
+                return self._made_by_guest(g, host[len(lower) + 1:].split("/", 1)[0])
         return False
 
     def on_pseudo_fs(self, fd):

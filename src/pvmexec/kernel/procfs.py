@@ -122,10 +122,6 @@ def _read_host(path):
         return ""
 
 
-def _own_status():
-    return _read_host("/proc/self/status")
-
-
 class Proc:
     """The guest's /proc for one kernel (its processes are the kernel's)."""
 
@@ -275,11 +271,7 @@ class Proc:
 
     @staticmethod
     def _host(q, name):
-        try:
-            with open("/proc/%d/%s" % (q.space.pid, name)) as f:
-                return f.read()
-        except (OSError, AttributeError):
-            return ""
+        return _read_host("/proc/%d/%s" % (q.space.pid, name)) if q.space is not None else ""
 
     def _cmdline(self, p, q, t):
         return self._args(q, 0)
@@ -349,7 +341,7 @@ class Proc:
                   "SigPnd:\t%016x" % pending, "ShdPnd:\t%016x" % 0, "SigBlk:\t%016x" % t.sigmask,
                   "SigIgn:\t%016x" % ignored, "SigCgt:\t%016x" % caught]
         # The capabilities a native run would have (ours): the stub, in a user namespace of its own, has none.
-        ours = dict(line.split(":", 1) for line in _own_status().splitlines() if line.startswith("Cap"))
+        ours = dict(line.split(":", 1) for line in _read_host("/proc/self/status").splitlines() if line.startswith("Cap"))
         for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Cpus_allowed",
                     "Cpus_allowed_list", "Mems_allowed", "Mems_allowed_list", "voluntary_ctxt_switches",
                     "nonvoluntary_ctxt_switches"):

@@ -99,9 +99,9 @@ class ThreadMachinery:
         th.start()
         return tid
 
-    def _end_other_threads(self, leader):
+    def _end_other_threads(self, leader, wait=True):
         """execve from a process with other threads: they end (their space goes, the new image has none),
-        the process and its pid go on."""
+        the process and its pid go on; wait: until they have."""
         with leader.thread_lock:
             others = [t for tid, t in leader.threads.items() if tid != leader.pid]
         for t in others:
@@ -109,7 +109,8 @@ class ThreadMachinery:
         kill_space(leader.space)                        # the old image: the exec replaces it anyway
         for t in others:
             wake(t)
-        wait_for_threads(leader)
+        if wait:
+            wait_for_threads(leader)
 
     def _hand_exec_to_leader(self, t, guest, argv, envp):
         """execve from a thread other than the leader: as in Linux the process keeps its pid and the
@@ -119,13 +120,8 @@ class ThreadMachinery:
         with leader.thread_lock:
             if leader.pid not in leader.threads or leader.exec_handoff is not None:
                 raise Errno(errno.ENOSYS)
-            others = [x for x in leader.threads.values() if x is not leader]
-        for x in others:
-            x.exec_exit = True
-        leader.exec_handoff = (guest, argv, envp, t.sigmask)
-        kill_space(leader.space)                        # the old image goes; the leader's loop notices
-        for x in others:
-            wake(x)
+            leader.exec_handoff = (guest, argv, envp, t.sigmask)
+        self._end_other_threads(leader, wait=False)     # this one too; the leader's loop sees its space go
         wake(leader)
         raise ThreadExit()
 

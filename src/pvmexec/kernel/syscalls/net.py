@@ -206,7 +206,7 @@ class NetCalls:
 
     def _record_creds(self, p, f):
         if f.socket.family == _AF_UNIX:
-            self.socket_creds[os.fstat(f.host_fd).st_ino] = p.pid
+            self.socket_creds[_ino(f)] = p.pid
             if f.socket.bound is not None:
                 self.unix_listening[f.socket.bound] = p.pid
 
@@ -218,7 +218,7 @@ class NetCalls:
         if f.socket.server_pid is not None and not (sent and self.socket_senders):
             return f.socket.server_pid
         if f.socket.peer_ino is None:
-            f.socket.peer_ino = unix_peer_inode(os.fstat(f.host_fd).st_ino) or 0
+            f.socket.peer_ino = unix_peer_inode(_ino(f)) or 0
         ino = f.socket.peer_ino
         return (self.socket_senders.get(ino) if sent else None) or self.socket_creds.get(ino, 0)
 
@@ -230,7 +230,11 @@ class NetCalls:
             raise Errno(errno.EAFNOSUPPORT)
         target, guest, keep = (_inet_addr(raw, family), raw, None) if family != _AF_UNIX else \
             self._unix_target(p, raw)
-        server = target if keep is None else (lambda st: (st.st_dev, st.st_ino))(os.fstat(keep))
+        if keep is None:
+            server = target                     # an abstract name (or an inet address)
+        else:
+            st = os.fstat(keep)
+            server = (st.st_dev, st.st_ino)     # the socket file it names
         s = _sock(f)
         try:
             blocking = os.get_blocking(f.host_fd)
@@ -309,8 +313,7 @@ class NetCalls:
         new = self._new_socket(p, conn.detach(), f.socket.family, f.socket.kind, flags)
         p.fds.get(new).socket.name = f.socket.name
         if f.socket.family == _AF_UNIX:           # the client's SO_PEERCRED: the listener's, as Linux
-            self.socket_creds[os.fstat(p.fds.get(new).host_fd).st_ino] = self.socket_creds.get(
-                os.fstat(f.host_fd).st_ino, p.pid)
+            self.socket_creds[_ino(p.fds.get(new))] = self.socket_creds.get(_ino(f), p.pid)
         peer = _unnamed(f.socket.family)
         if addr:
             self._put_addr(p, addr, addrlen, peer)
@@ -379,7 +382,7 @@ class NetCalls:
 
     def _send(self, p, f, data, anc, flags, address):
         if f.socket is not None and f.socket.family == _AF_UNIX:
-            self.socket_senders[f.socket.ino or os.fstat(f.host_fd).st_ino] = p.pid   # whom SCM_CREDENTIALS names
+            self.socket_senders[_ino(f)] = p.pid    # whom SCM_CREDENTIALS names
         s = _sock(f)
         try:
             wait = os.get_blocking(f.host_fd) and not flags & _MSG_DONTWAIT
@@ -589,6 +592,13 @@ def _fstat(f):
         return os.fstat(f.host_fd)
     except OSError:
         raise Errno(errno.EBADF) from None
+
+
+def _ino(f):
+    """A guest socket's host inode (kept since it was made; a socket passed in is asked once)."""
+    if f.socket.ino is None:
+        f.socket.ino = os.fstat(f.host_fd).st_ino
+    return f.socket.ino
 
 
 def unix_peer_inode(ino):
