@@ -59,6 +59,65 @@ def test_links_fifos_and_nodes(tmp_path):
     assert "2 x" in out and "through the fifo" in out
 
 
+def test_a_fifo_open_waits_for_its_other_end_and_a_signal_or_kill_ends_the_wait(tmp_path):
+    """open(2) of a FIFO blocks until the other end opens (either end first, and the crossing protocol
+    that needs a waiting reader to count as one); a signal ends the wait (EINTR) and SIGKILL ends the
+    process: the host's blocking open could be ended by neither (the fuzzer hung on it)."""
+    out = _same(tmp_path, """
+        import errno, os, signal, time
+        os.mkfifo("a"); os.mkfifo("b")
+        for first in ("reader", "writer"):
+            pid = os.fork()
+            if pid == 0:
+                if first == "writer":
+                    time.sleep(0.2)
+                print(first, open("a").read(), flush=True)
+                os._exit(0)
+            if first == "reader":
+                time.sleep(0.2)
+            with open("a", "w") as w:
+                w.write("met")
+            os.waitpid(pid, 0)
+        pid = os.fork()
+        if pid == 0:                                    # the other side of: a for reading, then b for writing
+            w = os.open("a", os.O_WRONLY); r = os.open("b", os.O_RDONLY)
+            os.write(w, b"ping"); print("child got", os.read(r, 10).decode(), flush=True)
+            os._exit(0)
+        r = os.open("a", os.O_RDONLY); w = os.open("b", os.O_WRONLY)
+        print("parent got", os.read(r, 10).decode(), flush=True); os.write(w, b"pong")
+        os.waitpid(pid, 0); os.close(r); os.close(w)
+        def interrupt(*_):
+            raise InterruptedError
+        signal.signal(signal.SIGALRM, interrupt)
+        for how in (os.O_WRONLY, os.O_RDONLY):
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            try:
+                os.open("b", how)
+            except InterruptedError:
+                print("interrupted")
+        try:
+            os.open("b", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+        fd = os.open("b", os.O_RDONLY | os.O_NONBLOCK)
+        print(os.get_blocking(fd)); os.close(fd)
+        for call in (lambda: os.truncate("b", 0), lambda: os.execv("./b", ["b"])):
+            try:
+                call()
+            except OSError as e:
+                print(errno.errorcode[e.errno])
+        pid = os.fork()
+        if pid == 0:
+            os.open("b", os.O_WRONLY)
+            os._exit(1)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        print(os.waitpid(pid, 0)[1] == signal.SIGKILL)
+    """)
+    assert out.split("\n") == ["reader met", "writer met", "parent got ping", "child got pong", "interrupted",
+                               "interrupted", "ENXIO", "False", "EINVAL", "EACCES", "True", ""], out
+
+
 def test_a_hard_link_never_makes_a_read_only_file_writable(tmp_path):
     """A second name below a writable path would let the guest write through it: refused."""
     ro = tmp_path / "ro"

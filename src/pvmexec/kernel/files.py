@@ -57,6 +57,49 @@ def timeout_ms(p, addr, per_second):
     return sec * 1000 + (frac * 1000 + per_second - 1) // per_second
 
 
+def _host_open(path, flags, mode=0):
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
+
+
+def open_reached(path, flags, mode, wait):
+    """os.open of /proc/self/fd/N (an O_PATH descriptor the policy checked). A FIFO's open would block
+    in the host until its other end opens, where no guest signal could end it: it is made without
+    blocking and waited for through wait(pause), which raises to end the wait (a signal, a death).
+    Without wait, it never blocks (ENXIO for a write end without a reader)."""
+    if wait is None and not flags & os.O_PATH and flags & O_ACCMODE != os.O_RDWR and _is_fifo(path):
+        flags |= os.O_NONBLOCK
+    if flags & (os.O_NONBLOCK | os.O_PATH) or flags & O_ACCMODE == os.O_RDWR or not _is_fifo(path):
+        return _host_open(path, flags, mode)
+    pause, fd = 0.001, None
+    try:
+        while True:
+            if fd is None:                      # a reader's end counts while it waits, as Linux's does
+                try:
+                    fd = _host_open(path, flags | os.O_NONBLOCK, mode)
+                except Errno as e:
+                    if e.errno != errno.ENXIO:  # (a write end while there is no reader)
+                        raise
+            if fd is not None and (flags & O_ACCMODE == os.O_WRONLY or _core.fifo_has_writer(fd)):
+                os.set_blocking(fd, True)
+                fd, opened = None, fd
+                return opened
+            wait(pause)
+            pause = min(pause * 2, 0.02)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _is_fifo(path):
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
+
+
 class ThroughPseudoFs(Errno):
     """ENOENT for a path the host resolved into one of its pseudo-filesystems: the guest's own /proc
     may be what it names (procfs.walk finds out)."""
@@ -374,8 +417,9 @@ class Policy:
             done.append(name)
         return ("path", "/" + "/".join(done))
 
-    def open(self, guest_abs, flags, mode):
-        """A host descriptor for open(2) of a guest path, the policy checked before anything changes."""
+    def open(self, guest_abs, flags, mode, wait=None):
+        """A host descriptor for open(2) of a guest path, the policy checked before anything changes. A
+        FIFO's open waits through wait (see open_reached)."""
         flags |= os.O_CLOEXEC
         if not flags & _WRITING and flags & O_ACCMODE == os.O_RDONLY:
             self._visible(guest_abs)
@@ -383,9 +427,7 @@ class Policy:
             # answer for a file of its own (EACCES for another process's) would tell it exists.
             where = self.path_fd(guest_abs, follow=not flags & os.O_NOFOLLOW)
             try:
-                return os.open("/proc/self/fd/%d" % where, flags & ~os.O_NOFOLLOW)
-            except OSError as e:
-                raise Errno(e.errno) from None
+                return open_reached("/proc/self/fd/%d" % where, flags & ~os.O_NOFOLLOW, 0, wait)
             finally:
                 os.close(where)
         try:
@@ -400,10 +442,8 @@ class Policy:
                     raise Errno(errno.EEXIST)
                 if not self._may_write(self._host_path(existing)):
                     raise Errno(errno.EACCES)
-                try:                                   # reopen the very inode that was checked
-                    return os.open("/proc/self/fd/%d" % existing, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), mode)
-                except OSError as e:
-                    raise Errno(e.errno) from None
+                return open_reached("/proc/self/fd/%d" % existing,       # the very inode that was checked
+                                    flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), mode, wait)
             finally:
                 os.close(existing)
         parent, name = self.parent_for_write(guest_abs)

@@ -22,7 +22,7 @@ import stat
 import tempfile
 
 from .errors import Errno
-from .files import MAX_LINKS, PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, proc_visible
+from .files import MAX_LINKS, PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, open_reached, proc_visible
 from .task import leader_of
 
 _PID_ENTRIES = ("cgroup", "cmdline", "comm", "cwd", "environ", "exe", "fd", "fdinfo", "limits", "maps",
@@ -460,21 +460,19 @@ def walk(kernel, p, guest, follow):
     return kernel.policy.resolve(guest, follow, stop)
 
 
-def reopen_path(fd, flags):
-    try:
-        return os.open("/proc/self/fd/%d" % fd, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC)
-    except OSError as e:
-        raise Errno(e.errno or errno.EIO) from None
+def reopen_path(fd, flags, wait):
+    return open_reached("/proc/self/fd/%d" % fd, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)) | os.O_CLOEXEC,
+                        0, wait)
 
 
-def reopen(kernel, f, flags):
+def reopen(kernel, f, flags, wait):
     """open(2) through /proc/PID/fd/N: a new open of the guest's own file (a pipe's other reader, a file
     anew), never more than that descriptor could do to a file outside the writable paths."""
     writing = flags & 3 != os.O_RDONLY or flags & os.O_TRUNC
     if writing and f.regular and not kernel.policy._may_write(kernel.policy._host_path(f.host_fd)):
         if flags & os.O_TRUNC or f.flags & 3 == os.O_RDONLY or flags & 3 == os.O_RDWR and f.flags & 3 != os.O_RDWR:
             raise Errno(errno.EACCES)
-    return reopen_path(f.host_fd, flags)
+    return reopen_path(f.host_fd, flags, wait)
 
 
 class GuestPaths:
@@ -548,16 +546,19 @@ class GuestPaths:
     def _open_guest(self, p, guest, flags, mode):
         """The OpenFile open(2) of a guest path makes (the policy checked on the host's tree)."""
         follow = not flags & os.O_NOFOLLOW
-        node = self._lookup(p, guest, follow, lambda g: (self.policy.open(g, flags, mode), g))
+
+        def wait(pause):
+            self._sleep(p, pause)
+        node = self._lookup(p, guest, follow, lambda g: (self.policy.open(g, flags, mode, wait), g))
         if isinstance(node, int):                       # a guest's pty, reached by another name
             try:
-                return OpenFile(reopen_path(node, flags | os.O_NOCTTY), os.readlink("/proc/self/fd/%d" % node), flags)
+                return OpenFile(reopen_path(node, flags | os.O_NOCTTY, wait), os.readlink("/proc/self/fd/%d" % node), flags)
             finally:
                 os.close(node)
         if isinstance(node, tuple):
             return OpenFile(node[0], node[1].rstrip("/") or "/", flags)
         if isinstance(node, FdLink):
-            return OpenFile(reopen(self, node.f, flags), node.f.path, flags)
+            return OpenFile(reopen(self, node.f, flags, wait), node.f.path, flags)
         if flags & os.O_PATH:
             return OpenFile(stand_in(node), node.path, flags)
         if isinstance(node, Link):

@@ -61,3 +61,25 @@ py_fstatfs_raw(PyObject *self, PyObject *args)
         return raise_host("fstatfs");
     return PyBytes_FromStringAndSize((const char *)&sf, sizeof sf);
 }
+
+/* Whether a FIFO's read end (opened O_NONBLOCK) has a writer. tee() of an empty pipe answers 0 when
+ * it has none and EAGAIN when it has one; with data in it, it copies without consuming. */
+PyObject *
+py_fifo_has_writer(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    int scratch[2];
+    if (pipe2(scratch, O_CLOEXEC | O_NONBLOCK) < 0)
+        return raise_host("pipe2");
+    ssize_t n = tee(fd, scratch[1], 1, SPLICE_F_NONBLOCK);
+    int err = errno;
+    close(scratch[0]);
+    close(scratch[1]);
+    if (n < 0 && err != EAGAIN) {
+        errno = err;
+        return raise_host("tee");
+    }
+    return PyBool_FromLong(n != 0);
+}

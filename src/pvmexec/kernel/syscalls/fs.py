@@ -352,7 +352,10 @@ class FsCalls:
     def sys_truncate(self, p, path, length):
         if length >= 1 << 63:
             raise Errno(errno.EINVAL)
-        fd = self.policy.open(self._abs(p, AT_FDCWD, path), os.O_WRONLY, 0)
+        try:
+            fd = self.policy.open(self._abs(p, AT_FDCWD, path), os.O_WRONLY, 0)
+        except Errno as e:
+            raise Errno(errno.EINVAL) if e.errno == errno.ENXIO else e      # a FIFO without a reader
         try:
             _host(os.ftruncate, fd, length)
         finally:
