@@ -118,6 +118,71 @@ def test_a_fifo_open_waits_for_its_other_end_and_a_signal_or_kill_ends_the_wait(
                                "interrupted", "ENXIO", "False", "EINVAL", "EACCES", "True", ""], out
 
 
+def test_fork_gives_the_child_the_parents_memory_as_it_is(tmp_path):
+    """A file's private mapping (pages written and pages not), anonymous memory touched here and there
+    and never touched, and memory made read-only: the child sees each as the parent left it, and what
+    either writes afterwards is its own; the file never changes."""
+    out = _same(tmp_path, """
+        import mmap, os, hashlib
+        data = bytes(range(256)) * 256                   # 64 KiB
+        open("f", "wb").write(data)
+        fd = os.open("f", os.O_RDONLY)
+        m = mmap.mmap(fd, len(data), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        m[4096:4100] = b"pare"
+        m[40000:40004] = b"ntal"
+        a = mmap.mmap(-1, 64 << 20, mmap.MAP_PRIVATE)    # anonymous, mostly never touched
+        for off in range(0, 64 << 20, 5 << 20):
+            a[off:off + 5] = b"%05d" % (off >> 20)
+        ro = mmap.mmap(-1, 8192, mmap.MAP_PRIVATE)
+        ro[100:103] = b"ro!"
+        import ctypes
+        libc = ctypes.CDLL(None)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(ro))
+        libc.mprotect(ctypes.c_void_p(addr), 8192, 1)
+        def view():
+            return (bytes(m[4096:4100]), bytes(m[40000:40004]), hashlib.sha1(m[:]).hexdigest()[:12],
+                    [bytes(a[off:off + 5]) for off in range(0, 64 << 20, 5 << 20)][:3],
+                    hashlib.sha1(a[:]).hexdigest()[:12], ctypes.string_at(addr + 100, 3))
+        print("before", view(), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            print("child ", view(), flush=True)
+            m[0:4] = b"kid!"; a[1:3] = b"zz"
+            print("child wrote", bytes(m[0:4]), bytes(a[0:5]), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("after ", view())
+        print(open("f", "rb").read() == data)
+    """)
+    lines = out.splitlines()
+    assert lines[0][len("before"):] == lines[1][len("child "):] == lines[3][len("after "):], lines
+    assert "b'pare'" in lines[0] and "b'ro!'" in lines[0] and lines[2] == "child wrote b'kid!' b'0zz00'"
+    assert lines[4] == "True"
+
+
+def test_execve_leaves_nothing_of_the_old_image(tmp_path):
+    """The old program's mappings (anonymous, of a file, shared) are gone after execve, in a space the
+    kernel may now reuse: the new program can map exactly where they were, and its maps list none."""
+    out = _same(tmp_path, """
+        import ctypes, mmap, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        AT = (0x200000000, 0x210000000, 0x220000000)
+        if len(sys.argv) == 1:
+            open("f", "wb").write(b"x" * 8192)
+            fd = os.open("f", os.O_RDONLY)
+            for addr, flags, fd_ in ((AT[0], 0x22, -1), (AT[1], 0x02, fd), (AT[2], 0x21, -1)):
+                got = libc.mmap(addr, 8192, 3, flags | 0x100000, fd_, 0)
+                assert got == addr, (hex(addr), got)
+                ctypes.memset(addr, 0x41, 16) if flags != 0x02 else None
+            os.execv(sys.executable, [sys.executable, sys.argv[0], "again"])
+        print([l for l in open("/proc/self/maps") if l.startswith(("200000000", "210000000", "220000000"))])
+        print([libc.mmap(addr, 8192, 3, 0x22 | 0x100000, -1, 0) == addr for addr in AT])
+    """)
+    assert out == "[]\n[True, True, True]\n", out
+
+
 def test_a_hard_link_never_makes_a_read_only_file_writable(tmp_path):
     """A second name below a writable path would let the guest write through it: refused."""
     ro = tmp_path / "ro"

@@ -20,6 +20,9 @@ int main(void) {
     for (int i = 0; i < 8191; i++) path[i] = 'a';
     path[8191] = 0;
     show("long-path", syscall(SYS_openat, AT_FDCWD, path, 0));
+    show("socket-huge-protocol", syscall(SYS_socket, 1, 1, 0xdeadbeefcafeL));
+    int sv[2];
+    show("socketpair-bad-protocol", syscall(SYS_socketpair, 1, 1, 7, sv));
     puts("still running");
     return 0;
 }

@@ -5,20 +5,16 @@ that creates it); a written page loses its protection without any fault
 reaching us, and PAGEMAP_SCAN with PM_SCAN_WP_MATCHING on /proc/PID/pagemap
 reports the pages written since the last scan and protects them again, atomically.
 """
-import ctypes
-import fcntl
 import os
 import struct
 
-from ..abi import (PAGEMAP_SCAN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, UFFD_FEATURE_WP_ASYNC,
-                   UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
+from ..abi import (UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
                    UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER)
 from ..errors import PvmexecError, TargetGone
+from ..proc import PagemapScan
 from .image import DumpError
 
 
-_SCAN_ARG = struct.Struct("<12Q")
-_REGIONS = 4096
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 
 
@@ -52,35 +48,14 @@ def read_maps(pid, skip=()):
     return [m for m in maps if m.path not in _SPECIAL and not any(m.start < e and m.end > s for s, e in skip)]
 
 
-class Scanner:
-    """PAGEMAP_SCAN on /proc/PID/pagemap, from the caller."""
+class Scanner(PagemapScan):
+    """PAGEMAP_SCAN on the target's pagemap; its failures are the dump's."""
 
-    def __init__(self, pid):
-        self.fd = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY | os.O_CLOEXEC)
-        self.vec = (ctypes.c_uint64 * (3 * _REGIONS))()
-
-    def regions(self, start, end, anyof, wp=False):
-        """[(start, end)] of pages in [start, end) with any of the categories in `anyof`; with wp,
-        they are write-protected again in the same step."""
-        out = []
-        while start < end:
-            arg = bytearray(_SCAN_ARG.pack(_SCAN_ARG.size, (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) if wp else 0,
-                                           start, end, 0, ctypes.addressof(self.vec), _REGIONS, 0, 0,
-                                           0, anyof, anyof))
-            try:
-                n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg)
-            except OSError as e:
-                raise DumpError(e.errno, "PAGEMAP_SCAN on the target's pagemap: %s" % e.strerror) from None
-            walk_end = _SCAN_ARG.unpack(arg)[4]
-            for i in range(n):
-                out.append((self.vec[3 * i], self.vec[3 * i + 1]))
-            if walk_end <= start:
-                break
-            start = walk_end
-        return out
-
-    def close(self):
-        os.close(self.fd)
+    def regions(self, start, end, anyof, without=0, wp=False):
+        try:
+            return super().regions(start, end, anyof, without, wp)
+        except OSError as e:
+            raise DumpError(e.errno, "PAGEMAP_SCAN on the target's pagemap: %s" % e.strerror) from None
 
 
 class Tracker:

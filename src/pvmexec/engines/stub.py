@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import signal
+import select
 import socket
 import struct
 import subprocess
@@ -349,6 +350,12 @@ class StubEngine(BaseEngine):
         self._map[off:off + size] = src._map[off:off + size]
         self._sites, self._npatched = dict(src._sites), src._npatched
 
+    def forget_patches(self):
+        """The code that was patched is gone (execve emptied the space): its sites start anew."""
+        off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
+        self._map[off:off + L["STUB_PATCH_MAX"] * L["patch_site.size"]] = bytes(L["STUB_PATCH_MAX"] * L["patch_site.size"])
+        self._sites, self._npatched = {}, 0
+
     def initial_fpstate(self):
         if self._init_fp is None:
             raise EngineError("the stub reported no FPU state at start-up")
@@ -382,9 +389,36 @@ def plain_process(fixed_layout=False):
     exe = os.memfd_create("pvmexec-stub", 0)
     try:
         os.write(exe, _core.STUB_ELF)
-        return start_stub(exe, ["plain"], (), fixed_layout)
+        proc = start_stub(exe, ["plain"], (), fixed_layout)
     finally:
         os.close(exe)
+    try:
+        _wait_until_paused(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc
+
+
+def _wait_until_paused(proc, timeout=10):
+    """Until the plain stub sleeps in pause(): before, it may still be closing every descriptor, and
+    one lent to it meanwhile would go too (mmap of a lent file then failed with EBADF)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while True:
+        try:
+            with open("/proc/%d/syscall" % proc.pid, "rb") as f:
+                if f.read().split(b" ", 1)[0] == b"%d" % _NR_PAUSE:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise EngineError("the plain stub exited during start-up (status %d)" % proc.returncode)
+        if time.monotonic() > deadline:
+            raise EngineError("the plain stub did not start")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
 
 
 class StubProcess:
@@ -409,13 +443,29 @@ class StubProcess:
         return self.returncode
 
     def wait(self, timeout=None):
+        """Its exit status, once it ends: its pidfd says when (a pause between polls cost a stub's
+        every exec and exit a millisecond or two)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0005
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired("pvmexec-stub", timeout)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        if self.poll() is not None:
+            return self.returncode
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:                                 # gone meanwhile, or no pidfds: poll below
+            pidfd = -1
+        try:
+            pause = 0.0005
+            while self.poll() is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired("pvmexec-stub", timeout)
+                if pidfd >= 0:
+                    select.select([pidfd], [], [], left)
+                else:
+                    time.sleep(pause if left is None else min(pause, left))
+                    pause = min(pause * 2, 0.05)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
         return self.returncode
 
     def kill(self):
@@ -457,7 +507,7 @@ STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
 _WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])
 _MAP_FIXED, _MREMAP_FIXED = MAP_FIXED, MREMAP_FIXED
 _NR_MMAP, _NR_MPROTECT, _NR_MUNMAP, _NR_MREMAP = (number(n) for n in ("mmap", "mprotect", "munmap", "mremap"))
-_NR_RECVMSG, _NR_CLOSE = number("recvmsg"), number("close")
+_NR_RECVMSG, _NR_CLOSE, _NR_PAUSE = number("recvmsg"), number("close"), number("pause")
 
 
 def _spare_window(nr, args):

@@ -65,13 +65,13 @@ def _host_open(path, flags, mode=0):
 
 
 def open_reached(path, flags, mode, wait):
-    """os.open of /proc/self/fd/N (an O_PATH descriptor the policy checked). A FIFO's open would block
+    """os.open of /proc/self/fd/N (an O_PATH descriptor the policy checked). A named FIFO's open would block
     in the host until its other end opens, where no guest signal could end it: it is made without
     blocking and waited for through wait(pause), which raises to end the wait (a signal, a death).
     Without wait, it never blocks (ENXIO for a write end without a reader)."""
-    if wait is None and not flags & os.O_PATH and flags & O_ACCMODE != os.O_RDWR and _is_fifo(path):
+    if wait is None and not flags & os.O_PATH and flags & O_ACCMODE != os.O_RDWR and _is_named_fifo(path):
         flags |= os.O_NONBLOCK
-    if flags & (os.O_NONBLOCK | os.O_PATH) or flags & O_ACCMODE == os.O_RDWR or not _is_fifo(path):
+    if flags & (os.O_NONBLOCK | os.O_PATH) or flags & O_ACCMODE == os.O_RDWR or not _is_named_fifo(path):
         return _host_open(path, flags, mode)
     pause, fd = 0.001, None
     try:
@@ -93,9 +93,10 @@ def open_reached(path, flags, mode, wait):
             os.close(fd)
 
 
-def _is_fifo(path):
+def _is_named_fifo(path):
+    """A FIFO in a filesystem: its open waits for the other end (a pipe's, through /proc/PID/fd, does not)."""
     try:
-        return stat.S_ISFIFO(os.stat(path).st_mode)
+        return stat.S_ISFIFO(os.stat(path).st_mode) and not os.readlink(path).startswith("pipe:")
     except OSError as e:
         raise Errno(e.errno or errno.EIO) from None
 

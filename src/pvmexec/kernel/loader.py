@@ -28,7 +28,9 @@ _PHDR = struct.Struct("<IIQQQQQQ")
 class Elf:
     """A parsed ELF64 x86-64 program; anything else is ENOEXEC (the guest's execve fails, nothing crashes)."""
 
-    def __init__(self, data):
+    def __init__(self, data, size=None):
+        """data: the file, or its start (with size, the file's size) when load() maps the file itself."""
+        size = len(data) if size is None else size
         if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
             raise Errno(errno.ENOEXEC)
         (ident, self.type, machine, _v, self.entry, phoff, _sh, _fl, _ehsize, phentsize, phnum,
@@ -43,7 +45,7 @@ class Elf:
         if not self.loads:
             raise Errno(errno.ENOEXEC)
         for p_type, _f, off, vaddr, _pa, filesz, memsz, _al in self.loads:
-            if filesz > memsz or off + filesz > len(data) or vaddr + memsz >= 1 << 47 or (off - vaddr) % PAGE:
+            if filesz > memsz or off + filesz > size or vaddr + memsz >= 1 << 47 or (off - vaddr) % PAGE:
                 raise Errno(errno.ENOEXEC)
         interp = [p for p in self.phdrs if p[0] == PT_INTERP]
         self.interp = None
@@ -54,8 +56,10 @@ class Elf:
                 raise Errno(errno.ENOEXEC)
             self.interp = raw.decode("utf-8", "surrogateescape")
 
-    def load(self, space, protected):
-        """Map and fill the segments; returns the load bias. `protected(start, end)` rejects clashes."""
+    def load(self, space, protected, map_file=None):
+        """Map and fill the segments; returns the load bias. `protected(start, end)` rejects clashes.
+        map_file(addr, length, offset) maps the file's pages privately at addr (read-write; copied only
+        where written); without it, they are copied from data."""
         lo = page_down(min(p[3] for p in self.loads))
         hi = page_up(max(p[3] + p[6] for p in self.loads))
         if self.type == ET_EXEC:
@@ -72,7 +76,13 @@ class Elf:
             bias = addr - lo
         prot = {}
         for _t, flags, off, vaddr, _pa, filesz, memsz, _al in self.loads:
-            if filesz:
+            if filesz and map_file is not None:
+                first = page_down(vaddr)
+                map_file(bias + first, page_up(vaddr + filesz) - first, off - (vaddr - first))
+                if memsz > filesz and (vaddr + filesz) % PAGE:          # the .bss on the file's last page
+                    tail = page_up(vaddr + filesz) - (vaddr + filesz)
+                    space.write(bias + vaddr + filesz, bytes(tail))
+            elif filesz:
                 space.write(bias + vaddr, self.data[off:off + filesz])
             p = (PROT_READ if flags & PF_R else 0) | (PROT_WRITE if flags & PF_W else 0) | (PROT_EXEC if flags & PF_X else 0)
             for page in range(page_down(vaddr), page_up(vaddr + memsz), PAGE):

@@ -9,11 +9,13 @@ import struct
 import threading
 
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS,
-                   MAP_FIXED_NOREPLACE, MAP_SHARED,
+                   MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT,
+                   PAGE_IS_SWAPPED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
+from ..proc import PagemapScan
 from .errors import Errno
-from .syscalls.mm import drop_shared, map_file
+from .syscalls.mm import drop_mapped, map_file
 from .syscalls.timer import end_timers
 from .task import Process, close_wake, kill_space, usage_of
 from .threads import wait_for_threads
@@ -22,6 +24,12 @@ ARCH = _current_arch()
 
 
 SIGCHLD = signal.SIGCHLD
+
+
+def _file_key(fields):
+    """(st_dev, st_ino) of the file a /proc/PID/maps line maps."""
+    major, minor = (int(x, 16) for x in fields[3].split(":"))
+    return os.makedev(major, minor), int(fields[4])
 _ZEROS = bytes(1 << 20)                 # a fork's chunk of zeros: nothing to write to the child
 
 
@@ -72,7 +80,7 @@ class ProcessMachinery:
             self._procs[pid] = child
         child.cwd, child.umask, child.exe, child.comm = parent.cwd, parent.umask, parent.exe, parent.comm
         child.arg_area, child.nice, child.file_maps = parent.arg_area, parent.nice, list(parent.file_maps)
-        child.shared_files = {key: os.dup(fd) for key, fd in parent.shared_files.items()}
+        child.mapped_files = {key: os.dup(fd) for key, fd in parent.mapped_files.items()}
         child.sigactions = dict(parent.sigactions)
         child.sigmask = parent.sigmask
         child.altstack = parent.altstack
@@ -89,47 +97,71 @@ class ProcessMachinery:
             if child.parent is not None:
                 child.parent.children.pop(child.pid, None)
         child.fds.close_all()
-        drop_shared(child)
+        drop_mapped(child)
         if child.space is not None:
             child.space.detach()
         close_wake(child)
 
     def _copy_memory(self, p, child):
-        """The parent's guest mappings, with their contents and protections, into the child's space."""
+        """The parent's guest mappings, with their contents and protections, into the child's space. A
+        file's private mapping maps the file again and gets only the pages the parent changed; anonymous
+        memory only the pages the parent has; shared mappings map the same pages."""
         src, dst = p.space, child.space
         calls = []
         with open("/proc/%d/maps" % src.pid) as f:
             maps = [line.split() for line in f]
-        for fields in maps:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
-                continue
-            perms = fields[1]
-            if perms[3] == "s" and self._share_with_child(child, fields, lo, hi):
-                continue
-            prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
-            at = dst.syscall_raw("mmap", lo, hi - lo, 3, 0x22 | 0x100000, -1, 0)
-            if at != lo:
-                raise Errno(errno.ENOMEM)
-            addr = lo
-            while addr < hi:
-                n = min(hi - addr, 1 << 20)
-                data = src.read(addr, n)
-                if data != (_ZEROS if n == len(_ZEROS) else bytes(n)):     # a memcmp: far cheaper than a count
-                    dst.write(addr, data)
-                addr += n
-            if prot != 3:
-                calls.append(("mprotect", (lo, hi - lo, prot)))
+        try:
+            scan = PagemapScan(src.pid)
+        except OSError:
+            scan = None                                 # (before Linux 6.7: every page is read)
+        try:
+            for fields in maps:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
+                    continue
+                perms = fields[1]
+                if perms[3] == "s" and self._share_with_child(child, fields, lo, hi):
+                    continue
+                prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+                fd = child.mapped_files.get(_file_key(fields)) if fields[4] != "0" else None
+                if fd is not None:
+                    map_file(child, fd, lo, hi - lo, 3, MAP_PRIVATE | MAP_FIXED_NOREPLACE, int(fields[2], 16))
+                else:
+                    at = dst.syscall_raw("mmap", lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)
+                    if at != lo:
+                        raise Errno(errno.ENOMEM)
+                try:
+                    # Pages of the parent's own (written, or anonymous), not the file's and not the zero page.
+                    runs = [(lo, hi)] if scan is None or fd is None and fields[4] != "0" else \
+                        scan.regions(lo, hi, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_FILE | PAGE_IS_PFNZERO)
+                except OSError:
+                    runs = [(lo, hi)]
+                for start, end in runs:
+                    self._copy_pages(src, dst, start, end)
+                if prot != 3:
+                    calls.append(("mprotect", (lo, hi - lo, prot)))
+        finally:
+            if scan is not None:
+                scan.close()
         for i in range(0, len(calls), 64):
             dst.syscalls(calls[i:i + 64])
         # Patched syscall sites in the copied code jump through the window: give the child the same table.
         if src.engine == dst.engine == "stub":
             dst.backend.copy_patches_from(src.backend)
 
+    @staticmethod
+    def _copy_pages(src, dst, lo, hi):
+        addr = lo
+        while addr < hi:
+            n = min(hi - addr, 1 << 20)
+            data = src.read(addr, n)
+            if data != (_ZEROS if n == len(_ZEROS) else bytes(n)):     # a memcmp: far cheaper than a count
+                dst.write(addr, data)
+            addr += n
+
     def _share_with_child(self, child, fields, lo, hi):
         """A shared mapping the child maps too (the same pages, not a copy); False if its file is unknown."""
-        major, minor = (int(x, 16) for x in fields[3].split(":"))
-        fd = child.shared_files.get((os.makedev(major, minor), int(fields[4])))
+        fd = child.mapped_files.get(_file_key(fields))
         if fd is None:
             return False
         perms = fields[1]
@@ -162,7 +194,7 @@ class ProcessMachinery:
         p.threads.pop(p.pid, None)
         p.fds.close_all()
         end_timers(p)
-        drop_shared(p)
+        drop_mapped(p)
         if p.space is not None:
             p.usage = usage_of(p.space.pid)
             p.space.detach()

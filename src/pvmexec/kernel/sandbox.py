@@ -23,7 +23,8 @@ import threading
 import time
 
 from .. import _core
-from ..abi import ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, SIG_IGN, page_up
+from ..abi import (ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_FIXED, MAP_PRIVATE, PROT_READ, PROT_WRITE,
+                   SIG_IGN, page_up)
 from ..arch import current as _current_arch
 from ..errors import PvmexecError, TargetGone
 from ..space import Space
@@ -36,7 +37,7 @@ from .procfs import GuestPaths, Proc
 from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
                        ThreadCalls, TimerCalls)
-from .syscalls.mm import drop_shared
+from .syscalls.mm import drop_mapped, keep_mapped, map_in_space
 from .syscalls.timer import end_timers
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
@@ -392,7 +393,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
 
     # -- exec ------------------------------------------------------------------------------------
 
-    def _read_file(self, guest_abs):
+    def _open_program(self, guest_abs):
+        """(host fd, the file's first bytes, its stat) of a file execve may run (the caller closes fd)."""
         fd = self.policy.open(guest_abs, os.O_RDONLY, 0)
         try:
             if not os.access("/proc/self/fd/%d" % fd, os.X_OK):
@@ -400,20 +402,43 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             st = os.fstat(fd)
             if not (st.st_mode & 0o170000) == 0o100000:
                 raise Errno(errno.EACCES)
-            chunks, off = [], 0
-            while True:
-                chunk = os.pread(fd, 1 << 22, off)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                off += len(chunk)
-            return b"".join(chunks)
-        finally:
+            return fd, os.pread(fd, _PROGRAM_HEAD, 0), st
+        except BaseException:
             os.close(fd)
+            raise
+
+    def _check_program(self, guest_abs):
+        """What execve checks first: the program is there and may be run."""
+        os.close(self._open_program(guest_abs)[0])
+
+    def _program(self, fd, head, st):
+        """The parsed ELF; its headers are read whole where the first bytes do not hold them."""
+        try:
+            return loader.Elf(head, st.st_size)
+        except Errno:
+            if len(head) == st.st_size:
+                raise
+        chunks, off = [], 0
+        while True:
+            chunk = os.pread(fd, 1 << 22, off)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            off += len(chunk)
+        return loader.Elf(b"".join(chunks), off)
 
     def _execve(self, p, path, argv, envp):
         """Replace p's image: everything is built in a new space first, so a failure leaves p as it was."""
-        data = self._read_file(path)
+        opened = []
+        try:
+            self._build_image(p, path, argv, envp, opened)
+        finally:
+            for fd, _st in opened:
+                os.close(fd)
+
+    def _build_image(self, p, path, argv, envp, opened):
+        fd, data, st = self._open_program(path)
+        opened.append((fd, st))
         for _ in range(loader.MAX_SCRIPT_DEPTH):
             script = loader.script_interpreter(data)
             if script is None:
@@ -421,26 +446,42 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             interp, arg = script
             argv = [interp] + ([arg] if arg else []) + [path] + argv[1:]
             path = self._abs(p, AT_FDCWD, interp)
-            data = self._read_file(path)
+            fd, data, st = self._open_program(path)
+            opened.append((fd, st))
         else:
             raise Errno(errno.ELOOP)
-        main = loader.Elf(data)
-        interp = loader.Elf(self._read_file(self._abs(p, AT_FDCWD, main.interp))) if main.interp else None
+        main_fd, main_st = opened[-1]
+        main = self._program(main_fd, data, main_st)
+        interp = interp_fd = interp_st = None
+        if main.interp:
+            interp_fd, head, interp_st = self._open_program(self._abs(p, AT_FDCWD, main.interp))
+            opened.append((interp_fd, interp_st))
+            interp = self._program(interp_fd, head, interp_st)
         if interp is not None and interp.interp:
             raise Errno(errno.ELIBBAD)
         # A non-PIE program whose segments cover the stub's patching window runs unpatched, without it.
         window = (_core.LAYOUT["STUB_WINDOW_ADDR"], _core.LAYOUT["STUB_WINDOW_ADDR"] + _core.LAYOUT["STUB_WINDOW_SIZE"])
         patch = not any(elf is not None and elf.type == loader.ET_EXEC and elf.span()[0] < window[1] and
                         elf.span()[1] > window[0] for elf in (main, interp))
-        space = self._new_space(patch, ahead=p.pid != self._first_pid)
+        reuse = self._space_reusable(p, patch)
+        if reuse:                                       # the point of no return: the old image goes
+            space, protected = p.space, p.protected
+            self._empty_space(p)
+        else:
+            space = self._new_space(patch, ahead=p.pid != self._first_pid)
         try:
-            protected = self._stub_mappings(space)
+            if not reuse:
+                protected = self._stub_mappings(space)
 
             def clash(lo, hi):
                 if any(lo < e and hi > s for s, e in protected):
                     raise Errno(errno.ENOMEM)
-            main.load(space, clash)
-            interp_bias = interp.load(space, clash) if interp else 0
+
+            def mapper(fd):
+                return lambda addr, length, off: map_in_space(space, fd, addr, length, PROT_READ | PROT_WRITE,
+                                                              MAP_PRIVATE | MAP_FIXED, off)
+            main.load(space, clash, mapper(main_fd))
+            interp_bias = interp.load(space, clash, mapper(interp_fd)) if interp else 0
             vdso = self._vdso(space) if self.vdso else 0
             q = Process.__new__(Process)
             q.space = space
@@ -448,34 +489,63 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             sp, arg_area = loader.build_stack(space, argv, envp, argv[0] if not path else path, main, interp_bias,
                                               vdso, ids)
             entry = interp.bias + interp.entry if interp else main.bias + main.entry
-        except BaseException:
+        except BaseException as e:
+            if reuse:                                   # as Linux past that point: the process dies
+                raise Exited(killed_status(signal.SIGSEGV)) from e
             space.detach()
             raise
         from ..context import SigContext
         ctx = SigContext(rip=entry, rsp=sp)
         ctx.fpstate = space.initial_fpstate()
-        old = p.space
+        old = None if reuse else p.space
         p.space, p.ctx, p.protected = space, ctx, protected
         p.patch_window = patch
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path
         p.arg_area = arg_area
-        drop_shared(p)
-        p.file_maps = self._image_maps(p, path, main)
+        drop_mapped(p)
+        p.file_maps = self._image_maps(path, main, main_st)
+        keep_mapped(p, main_fd, main_st)
         if interp:
-            p.file_maps += self._image_maps(p, self._abs(p, AT_FDCWD, main.interp), interp)
+            p.file_maps += self._image_maps(self._abs(p, AT_FDCWD, main.interp), interp, interp_st)
+            keep_mapped(p, interp_fd, interp_st)
         p.comm = posixpath.basename(path).encode()[:15]
         p.sigactions = {s: a for s, a in p.sigactions.items() if a[0] == SIG_IGN}
         p.altstack = (0, 2, 0)
         p.clear_child_tid = 0
         p.robust_list = (0, 0)
         p.fds.close_on_exec()
-        p.free_thread_indices = []                          # the old space's stub threads went with it
+        if not reuse:
+            p.free_thread_indices = []                      # the old space's stub threads went with it
         end_timers(p, exec_only=True)                       # POSIX timers end with the image
         p.pending = {s: i for s, i in p.pending.items()}
         if old is not None:
             old.detach()
         p.vfork_done.set()                                  # a vfork parent may go on
+
+    def _space_reusable(self, p, patch):
+        """Whether execve may empty p's own stub space and load there (no new stub to start): a stub
+        space of one guest thread, its patching window as the new program needs."""
+        space = p.space
+        return (self.engine == "stub" and space is not None and p.patch_window == patch and
+                getattr(space.backend, "threads", None) is not None and len(space.backend.threads) == 1 and
+                not other_threads(p))
+
+    @staticmethod
+    def _empty_space(p):
+        """Unmap every guest mapping of p's space (the stub's own stay) and forget its patched sites."""
+        space = p.space
+        calls = []
+        with open("/proc/%d/maps" % space.pid) as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                if hi <= ARCH.TASK_SIZE_MAX and not any(lo < e and hi > s for s, e in p.protected):
+                    calls.append(("munmap", (lo, hi - lo)))
+        for i in range(0, len(calls), 64):
+            for ret in space.syscalls(calls[i:i + 64]):
+                if ret:
+                    raise Exited(killed_status(signal.SIGSEGV))
+        space.backend.forget_patches()
 
     @staticmethod
     def _stub_mappings(space):
@@ -516,16 +586,9 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
             out = "/" + out.lstrip("/")
         return out + ("/" if path.endswith("/") and out != "/" else "")
 
-    def _image_maps(self, p, path, elf):
+    @staticmethod
+    def _image_maps(path, elf, st):
         """An executable's loaded segments as file mappings of it (for /proc/PID/maps)."""
-        try:
-            fd = self.policy.path_fd(path)
-        except Errno:
-            return []
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
         return [(lo, hi, path, off, st.st_dev, st.st_ino, False) for lo, hi, off in elf.file_ranges()]
 
     def _inherited_name(self, host_fd, guest_fd):
@@ -569,6 +632,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
 
 ARCH = _current_arch()
 _PREEMPT = _core.LAYOUT["STUB_PREEMPT_SIG"]
+_PROGRAM_HEAD = 1 << 14                 # what execve reads of a program: its headers, or a script's #! line
 _SELF = os.getpid()
 _FAST_HANDLERS = ("sys_read", "sys_write", "sys_getpid", "sys_getppid", "sys_gettid", "sys_getuid", "sys_geteuid",
                   "sys_getgid", "sys_getegid")

@@ -145,7 +145,7 @@ class Process:
         self.patch_window = True            # its stub space has the patching window (same for a fork)
         self.pidfds = weakref.WeakSet()     # pidfds naming it: set readable when it ends
         self.signalfds = weakref.WeakSet()  # its signalfds' OpenFiles (set readable while a signal is pending)
-        self.shared_files = {}              # (st_dev, st_ino) -> host fd of what its shared mappings map
+        self.mapped_files = {}              # (st_dev, st_ino) -> host fd of a file its mappings map
         self.comm = b""
         self.clear_child_tid = 0
         self.robust_list = (0, 0)

@@ -4,8 +4,8 @@ import os
 import resource
 import stat
 
-from ...abi import (MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, MAP_SHARED_VALIDATE,
-                    MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
+from ...abi import (MAP_ANONYMOUS, MAP_DENYWRITE, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED,
+                    MAP_SHARED_VALIDATE, MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
 from ...arch import current as _current_arch
 from ..errors import Errno
 
@@ -42,14 +42,18 @@ def _forget_files(p, lo, hi):
 
 
 def map_file(p, host_fd, addr, length, prot, flags, off):
-    """A shared mapping of the kernel's host descriptor in the guest's space (the descriptor is lent for the
-    one call: the guest never holds it)."""
-    backend = p.space.backend
+    """A mapping of the kernel's host descriptor in the guest's space (the descriptor is lent for the one
+    call: the guest never holds it)."""
+    return map_in_space(p.space, host_fd, addr, length, prot, flags, off)
+
+
+def map_in_space(space, host_fd, addr, length, prot, flags, off):
+    backend = space.backend
     if hasattr(backend, "map_file"):
         ret = backend.map_file(host_fd, addr, length, prot, flags, off)
     else:
-        with p.space.lend(host_fd) as remote:
-            ret = p.space.syscall_raw("mmap", addr, length, prot, flags, remote, off)
+        with space.lend(host_fd) as remote:
+            ret = space.syscall_raw("mmap", addr, length, prot, flags, remote, off)
     if -4096 < ret < 0:
         raise Errno(-ret)
     return ret
@@ -64,26 +68,26 @@ def _map_shared_memory(p, addr, length, prot, flags):
         st = os.fstat(memfd)
         _forget_files(p, at, at + page_up(length))
         p.file_maps.append((at, at + page_up(length), "/dev/zero (deleted)", 0, st.st_dev, st.st_ino, True))
-        keep_shared(p, memfd, st)
+        keep_mapped(p, memfd, st)
     finally:
         os.close(memfd)
     return at
 
 
-def keep_shared(p, host_fd, st):
-    """Remember the file behind a shared mapping, so that fork can map it again in the child; files no
-    mapping uses any more are let go (at most a few dozen are kept)."""
+def keep_mapped(p, host_fd, st):
+    """Remember the file behind a mapping, so that fork can map it again in the child; files no mapping
+    uses any more are let go (at most a few dozen are kept)."""
     key = (st.st_dev, st.st_ino)
-    if key not in p.shared_files:
-        if len(p.shared_files) >= 32:
-            in_use = shared_in_maps(p)
-            for k in [k for k in p.shared_files if k not in in_use]:
-                os.close(p.shared_files.pop(k))
-        p.shared_files[key] = os.dup(host_fd)
+    if key not in p.mapped_files:
+        if len(p.mapped_files) >= 32:
+            in_use = files_in_maps(p)
+            for k in [k for k in p.mapped_files if k not in in_use]:
+                os.close(p.mapped_files.pop(k))
+        p.mapped_files[key] = os.dup(host_fd)
 
 
-def shared_in_maps(p):
-    """{(st_dev, st_ino): [(lo, hi, prot, offset)]} of the guest's shared mappings, from the stub's maps."""
+def files_in_maps(p):
+    """{(st_dev, st_ino): [(lo, hi, prot, offset)]} of the guest's file mappings, from the stub's maps."""
     found = {}
     try:
         with open("/proc/%d/maps" % p.space.pid) as f:
@@ -92,7 +96,7 @@ def shared_in_maps(p):
         return found
     for line in lines:
         fields = line.split()
-        if len(fields) < 5 or fields[1][3] != "s":
+        if len(fields) < 6 or fields[4] == "0":
             continue
         lo, hi = (int(x, 16) for x in fields[0].split("-"))
         if any(lo < e and hi > s for s, e in p.protected):
@@ -105,10 +109,10 @@ def shared_in_maps(p):
     return found
 
 
-def drop_shared(p):
-    for fd in p.shared_files.values():
+def drop_mapped(p):
+    for fd in p.mapped_files.values():
         os.close(fd)
-    p.shared_files = {}
+    p.mapped_files = {}
 
 
 def _mode2(p, name, *args):
@@ -147,27 +151,13 @@ class MmCalls:
             at = map_file(p, f.host_fd, addr, length, prot, flags, off)
             _forget_files(p, at, at + page_up(length))
             p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino, True))
-            keep_shared(p, f.host_fd, st)
+            keep_mapped(p, f.host_fd, st)
             return at
-        # A private copy of the file's pages (a read-only shared mapping looks the same to its reader).
-        flags = (flags & ~0x3 & ~0x800) | MAP_PRIVATE | MAP_ANONYMOUS     # also drop MAP_DENYWRITE
-        at = _mode2(p, "mmap", addr, length, prot | PROT_WRITE, flags, -1, 0)
-        try:
-            want = max(0, min(length, st.st_size - off))
-            done = 0
-            while done < want:
-                chunk = os.pread(f.host_fd, min(want - done, 1 << 22), off + done)
-                if not chunk:
-                    break
-                p.write(at + done, chunk)
-                done += len(chunk)
-            if not prot & PROT_WRITE:
-                _mode2(p, "mprotect", at, page_up(length), prot)
-        except BaseException:
-            p.space.syscall_raw("munmap", at, length)
-            raise
+        # The file's own pages, copied only when written to (fork copies just those).
+        at = map_file(p, f.host_fd, addr, length, prot, (flags & ~0x3 & ~MAP_DENYWRITE) | MAP_PRIVATE, off)
         _forget_files(p, at, at + page_up(length))
         p.file_maps.append((at, at + page_up(length), f.path, off, st.st_dev, st.st_ino, False))
+        keep_mapped(p, f.host_fd, st)
         return at
 
     def sys_munmap(self, p, addr, length):
@@ -279,7 +269,8 @@ class MmCalls:
         if addr % PAGE or flags & ~7 or flags & 5 == 5:           # MS_ASYNC|MS_SYNC together: EINVAL
             raise Errno(errno.EINVAL)
         if flags & 4:                                              # MS_SYNC: the shared files reach the disk
-            for fd in p.shared_files.values():
+            shared = {(dev, ino) for _s, _e, _p, _o, dev, ino, is_shared in p.file_maps if is_shared}
+            for fd in [fd for key, fd in p.mapped_files.items() if key in shared]:
                 try:
                     os.fdatasync(fd)
                 except OSError:

@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 
-from ...abi import AT_FDCWD
+from ...abi import AT_FDCWD, int32
 from ..errors import Errno, Interrupted
 from ..files import OpenFile
 from .io import scatter
@@ -104,7 +104,7 @@ class NetCalls:
         else:
             raise Errno(errno.EAFNOSUPPORT if self.policy.network or family == 16 else errno.EACCES)
         try:
-            s = socket.socket(family, kind | socket.SOCK_CLOEXEC, protocol & 0xFFFFFFFF)
+            s = socket.socket(family, kind | socket.SOCK_CLOEXEC, int32(protocol))
         except OSError as e:
             raise Errno(e.errno or errno.EINVAL) from None
         return self._new_socket(p, s.detach(), family, kind, type_)
@@ -114,8 +114,10 @@ class NetCalls:
         if family != _AF_UNIX:
             raise Errno(errno.EAFNOSUPPORT if self.policy.network else errno.EACCES)
         kind = type_ & 0xF
-        if kind not in _TYPES:
+        if type_ & ~(0xF | _SOCK_NONBLOCK | _SOCK_CLOEXEC) & 0xFFFFFFFF or kind not in _TYPES:
             raise Errno(errno.EINVAL)
+        if int32(protocol) not in (0, _AF_UNIX):
+            raise Errno(errno.EPROTONOSUPPORT)
         a, b = socket.socketpair(_AF_UNIX, kind)
         fds = []
         try:

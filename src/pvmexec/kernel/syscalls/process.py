@@ -170,7 +170,7 @@ class ProcessCalls:
         args = p.read_str_array(argv)
         env = p.read_str_array(envp)
         if other_threads(p):
-            self._read_file(guest)                      # what can fail first fails before the threads go
+            self._check_program(guest)                    # what can fail first fails before the threads go
             if getattr(p, "is_thread", False):
                 self._hand_exec_to_leader(p, guest, args or [guest], env)
             self._end_other_threads(p)
