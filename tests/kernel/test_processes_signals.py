@@ -66,6 +66,16 @@ def test_busybox_sh_with_processes_pipes_and_signals(busybox, tree):
     assert b"killed 143" in got.stdout and b"child shell 7" in got.stdout
 
 
+def test_a_child_killed_while_it_forks_or_execs_dies_of_that_signal():
+    # kill right after fork reaches the child in fork's or execve's handler, where the stub it ran on
+    # goes: it must die of SIGTERM (143), never SIGKILL, SIGSEGV or an internal error.
+    script = 'for i in $(seq 40); do /bin/sleep 5 & v=$!; kill $v; wait $v; echo -n "$? "; done'
+    for shell in ("/bin/bash", "/bin/dash"):
+        got = sandboxed([shell, "-c", script], "-q")
+        assert got.returncode == 0 and got.stdout.split() == [b"143"] * 40, (shell, got.stdout)
+        assert b"internal error" not in got.stderr and b"Killed" not in got.stderr, got.stderr
+
+
 def test_fork_wait_and_signal_handlers_in_c(cc, tmp_path):
     prog = build(cc, tmp_path, r"""
         #define _GNU_SOURCE

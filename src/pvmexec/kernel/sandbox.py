@@ -343,10 +343,16 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                         tracer.call(p, nr, decoded, None)
                     if isinstance(e, ThreadExit):
                         return e
+                    if p.fatal:
+                        self._die_of_fatal(p)               # a kill that cut execve short: its signal, not SIGSEGV
                     raise
                 except TargetGone:
+                    if p.fatal:
+                        self._die_of_fatal(p)               # a fatal signal killed its stub during the call
                     raise                                   # its stub was killed (the run ends, SIGKILL): not a bug
                 except Exception as e:                      # a bug of ours: the process dies, not the kernel
+                    if p.fatal:
+                        self._die_of_fatal(p)               # the call failed because the kill took its stub
                     self._internal_error(p, nr, e)
                     raise Exited(signal.SIGKILL) from e
                 if tracer:
@@ -358,7 +364,7 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
                 tracer.exited(p, e.status)
             return e.status
         except TargetGone:
-            return signal.SIGKILL                           # the stub was killed from outside
+            return killed_status(p.fatal) if p.fatal else signal.SIGKILL   # else killed from outside
 
     def _internal_error(self, p, nr, e):
         import sys
