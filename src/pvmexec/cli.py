@@ -1,6 +1,7 @@
 """Command line: pvmexec syscall | run | dump | image | bench."""
 import argparse
 import re
+import signal
 import sys
 
 from . import __version__
@@ -87,7 +88,6 @@ def cmd_run(args):
     import errno
     import json
     import os
-    import signal
     from .kernel import Errno, Policy, Sandbox
     if args.program[:1] == ["--"]:
         args.program = args.program[1:]
@@ -160,6 +160,12 @@ def cmd_run(args):
         from .syscalls import name_of as _name
         logging.getLogger("pvmexec").warning("calls the sandbox does not provide got ENOSYS: %s" % ", ".join(
             sorted(_name(nr) for nr in box.unsupported)))
+    return _exit_as(status)
+
+
+def _exit_as(status):
+    """Our exit status for a child's wait status: its exit code, or death by its signal."""
+    import os
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         sys.stdout.flush()
@@ -176,6 +182,23 @@ def cmd_run(args):
             pass
         return 128 + sig
     return os.WEXITSTATUS(status)
+
+
+def cmd_restore(args):
+    """The restored process runs as our child; we wait for it and end as it ends (unless --detach)."""
+    from .checkpoint import restore
+    try:
+        restored = restore(args.dir)
+    except (PvmexecError, OSError) as e:
+        print("pvmexec restore: %s" % describe(e), file=sys.stderr)
+        return 1
+    if args.detach:
+        print("restored process %d (%d threads)" % (restored.pid, len(restored.threads)))
+        return 0
+    # Terminal signals reach it directly (it is in our process group); we only wait.
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)
+    return _exit_as(restored.wait())
 
 
 def cmd_dump(args):
@@ -347,6 +370,16 @@ def build_parser():
     end.add_argument("--leave-running", action="store_true", help="let it go on afterwards (the default)")
     end.add_argument("--kill", action="store_true", help="kill it once dumped")
     d.set_defaults(func=cmd_dump)
+
+    rs = sub.add_parser("restore", parents=[common], help="bring a dumped process back to life from its image",
+                        description="Restore the process dumped in DIR, with its pid and thread ids (they must be "
+                                    "free: dump with --kill, or end the original), memory, registers, signal "
+                                    "handlers, masks and pending signals, timers, limits, working directory and "
+                                    "descriptors (files reopened at their offsets; terminals and stdio pipes "
+                                    "attached to this command's). Waits for it and exits as it does.")
+    rs.add_argument("dir", metavar="DIR")
+    rs.add_argument("--detach", "-d", action="store_true", help="return once it runs instead of waiting for it")
+    rs.set_defaults(func=cmd_restore)
 
     im = sub.add_parser("image", parents=[common], help="show an image, or verify it against a process",
                         description="show DIR: a readable summary. verify DIR PID: compare the image's memory "

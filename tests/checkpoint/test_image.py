@@ -25,7 +25,8 @@ def _manifest(**changes):
              rounds=[dict(round=1, final=True, pages=2, seconds=0.01)], freeze_seconds=0.01,
              freeze_breakdown=dict(stop_threads=0, last_round=0, state=0), total_seconds=0.02, bytes_written=8192,
              bytes_spliced=0, transfer="readv", threads=[], shared_pending=[], auxv="", mm={}, personality=0,
-             cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={})
+             cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={}, exe="/bin/true", comm="true",
+             vdso=[])
     m.update(changes)
     return m
 

@@ -1,12 +1,14 @@
-"""Live checkpoint (CRIU's dump side): pvmexec.checkpoint.dump() writes an image; Image reads it.
+"""Live checkpoint and restore: pvmexec.checkpoint.dump() writes an image, Image reads it, restore()
+brings the process back.
 
 dump.py drives the rounds, tracking.py finds written pages, transfer.py moves
-them, state.py records everything else, image.py is the format.
+them, state.py records everything else, image.py is the format, restorer.py restores.
 """
 from .dump import CONVERGED_BYTES, dump
 from .image import IMAGE_VERSION, MANIFEST_FIELDS, ZERO, DumpError, Image, ImageWriter, verify
+from .restorer import Restored, RestoreError, restore
 from .tracking import Mapping, read_maps
 
 
 __all__ = ["dump", "verify", "Image", "ImageWriter", "DumpError", "IMAGE_VERSION", "MANIFEST_FIELDS", "ZERO",
-           "CONVERGED_BYTES", "Mapping", "read_maps"]
+           "CONVERGED_BYTES", "Mapping", "read_maps", "restore", "Restored", "RestoreError"]

@@ -1,6 +1,6 @@
 """The checkpoint image: its files, its fields and version, the writer and the reader.
 
-Image format (version 1), a directory:
+Image format (version 2), a directory:
   manifest.json   what was dumped (MANIFEST_FIELDS below); "complete": false until the end
   pages.img       page contents, appended round after round (4096 bytes each)
   pages.idx       little-endian (u64 address, u64 offset in pages.img) pairs; the last pair for an
@@ -25,7 +25,7 @@ from ..abi import PAGE
 from ..errors import PvmexecError
 
 
-IMAGE_VERSION = 1
+IMAGE_VERSION = 2
 ZERO = (1 << 64) - 1
 
 # Every manifest field: name -> (where, required, meaning). "optional" fields are absent when the
@@ -48,12 +48,16 @@ MANIFEST_FIELDS = {
                                  "sigaltstack, clear_child_tid, robust_list"),
     "shared_pending": ("process", True, "siginfo of process-wide pending signals (hex)"),
     "auxv": ("process", True, "the auxiliary vector (hex)"),
-    "mm": ("process", True, "start_code ... env_end from /proc/PID/stat"),
+    "mm": ("process", True, "start_code ... env_end from /proc/PID/stat, brk as brk(0) answers"),
+    "exe": ("process", True, "the program, as /proc/PID/exe reads"),
+    "comm": ("process", True, "the process's name (/proc/PID/comm)"),
+    "vdso": ("process", True, "the kernel's mappings ([vdso], [vvar], [vvar_vclock]): start, end, path; "
+                              "sha256 of the vDSO"),
     "personality": ("process", True, "personality(2) flags"),
     "cwd": ("process", True, "working directory"),
     "root": ("process", True, "root directory"),
     "rlimits": ("process", True, "RLIMIT_* name -> [soft, hard]"),
-    "fds": ("process", True, "each descriptor: fd, path, pos, flags"),
+    "fds": ("process", True, "each descriptor: fd, path, pos, flags; mode, dev, ino, size, rdev (its stat)"),
     "sigactions": ("process", True, "signal -> handler, flags, restorer, mask (non-default only)"),
     "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
 }
@@ -265,7 +269,7 @@ class Image:
 
 _TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
           "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
-          "checksums": dict}
+          "checksums": dict, "exe": str, "comm": str, "vdso": list}
 
 
 def _validate(directory, m):

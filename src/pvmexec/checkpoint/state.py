@@ -1,5 +1,6 @@
 """What the image records besides memory, collected while the target is frozen: one collector per
 field group (mappings' flags, each thread, the process). The fields are listed in image.py."""
+import hashlib
 import os
 import resource
 import signal
@@ -62,21 +63,42 @@ def thread_state(tid, asked):
     return t
 
 
-_MM_FIELDS = ("start_code", "end_code", "start_stack", "start_brk", "brk", "arg_start", "arg_end", "env_start",
-              "env_end")
-_MM_INDEX = (23, 24, 25, 44, 45, 46, 47, 48, 49)      # in /proc/PID/stat after the command: field number - 3
+_MM_FIELDS = ("start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk", "arg_start",
+              "arg_end", "env_start", "env_end")
+_MM_INDEX = (23, 24, 25, 42, 43, 44, 45, 46, 47, 48)  # in /proc/PID/stat after the command: field number - 3
 
 
-def memory_layout(pid):
-    """auxv, the mm fields and the personality."""
+def memory_layout(pid, space):
+    """auxv, the mm fields (brk as the process itself answers brk(0): stat does not show it), the
+    personality, the program (/proc/PID/exe) and its name (comm)."""
     with open("/proc/%d/auxv" % pid, "rb") as f:
         auxv = f.read().hex()
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     mm = {n: int(fields[i]) for n, i in zip(_MM_FIELDS, _MM_INDEX) if i < len(fields)}
+    mm["brk"] = space.syscall_raw("brk", 0)
     with open("/proc/%d/personality" % pid) as f:
         personality = int(f.read(), 16)
-    return dict(auxv=auxv, mm=mm, personality=personality)
+    with open("/proc/%d/comm" % pid, "rb") as f:
+        comm = f.read().rstrip(b"\n").decode("utf-8", "surrogateescape")
+    return dict(auxv=auxv, mm=mm, personality=personality, exe=os.readlink("/proc/%d/exe" % pid), comm=comm,
+                vdso=vdso_mappings(pid))
+
+
+def vdso_mappings(pid):
+    """The kernel's own mappings (vDSO and its data pages): where they are, and a hash of the vDSO's
+    code, by which a restore knows whether this kernel's is the same."""
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 5 and parts[5] in ("[vdso]", "[vvar]", "[vvar_vclock]"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                entry = dict(start=lo, end=hi, path=parts[5])
+                if parts[5] == "[vdso]":
+                    entry["sha256"] = hashlib.sha256(_core.vm_read(pid, lo, hi - lo)).hexdigest()
+                out.append(entry)
+    return out
 
 
 def files(pid, our_fds):
@@ -91,7 +113,13 @@ def files(pid, our_fds):
                 info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
         except OSError:
             continue
-        fds.append(dict(fd=fd, path=target, pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8)))
+        entry = dict(fd=fd, path=target, pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8))
+        try:
+            st = os.stat("/proc/%d/fd/%d" % (pid, fd))
+            entry.update(mode=st.st_mode, dev=st.st_dev, ino=st.st_ino, size=st.st_size, rdev=st.st_rdev)
+        except OSError:
+            pass
+        fds.append(entry)
     return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid),
                 rlimits=rlimits(pid), fds=fds)
 
@@ -132,7 +160,7 @@ def process_state(pid, space, engine, our_fds, asked):
     """Everything but memory, while frozen: per thread (asked: thread_only() per tid) and per process."""
     state = dict(threads=[thread_state(tid, asked.get(tid, {})) for tid in sorted(engine.frozen_tids())])
     state["shared_pending"] = [s.hex() for s in _core.peeksiginfo(pid, True, 64)]
-    state.update(memory_layout(pid))
+    state.update(memory_layout(pid, space))
     state.update(files(pid, our_fds))
     state.update(signals_and_timers(space))
     return state

@@ -16,6 +16,15 @@
 #define __NR_pidfd_open 434
 #endif
 
+#ifndef __NR_clone3
+#define __NR_clone3 435
+#endif
+
+/* struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1): this machine's headers may predate it. */
+struct spawn_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size;
+};
+
 #define SPAWN_MAX_ARGS 8
 #define SPAWN_MAX_KEEP 8
 
@@ -56,15 +65,17 @@ child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_rando
     fail(report, errno);
 }
 
-/* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid */
+/* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize, pid=0) -> pid
+ * pid > 0: the child gets that pid (clone3's set_tid: it must be free, and choosing needs
+ * CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN), as a restored process needs its own. */
 PyObject *
 py_spawn_stub(PyObject *self, PyObject *args)
 {
-    int exe, no_randomize;
+    int exe, no_randomize, want_pid = 0;
     PyObject *argv_obj, *keep_obj;
     unsigned long flags;
-    if (!PyArg_ParseTuple(args, "iO!O!kp", &exe, &PyList_Type, &argv_obj, &PyTuple_Type, &keep_obj, &flags,
-                          &no_randomize))
+    if (!PyArg_ParseTuple(args, "iO!O!kp|i", &exe, &PyList_Type, &argv_obj, &PyTuple_Type, &keep_obj, &flags,
+                          &no_randomize, &want_pid))
         return NULL;
     Py_ssize_t nargs = PyList_GET_SIZE(argv_obj), nkeep = PyTuple_GET_SIZE(keep_obj);
     if (nargs < 1 || nargs > SPAWN_MAX_ARGS || nkeep > SPAWN_MAX_KEEP) {
@@ -94,7 +105,15 @@ py_spawn_stub(PyObject *self, PyObject *args)
         close(parent);
         return raise_host("pipe2");
     }
-    long pid = syscall(SYS_clone, flags | SIGCHLD, 0, NULL, NULL, 0);
+    long pid;
+    if (want_pid > 0) {
+        pid_t tids[1] = {want_pid};
+        struct spawn_clone_args ca = {.flags = flags, .exit_signal = SIGCHLD, .set_tid = (uint64_t)(uintptr_t)tids,
+                                      .set_tid_size = 1};
+        pid = syscall(__NR_clone3, &ca, sizeof ca);
+    } else {
+        pid = syscall(SYS_clone, flags | SIGCHLD, 0, NULL, NULL, 0);
+    }
     if (pid == 0)
         child(exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]);
     int saved = errno;
@@ -103,7 +122,7 @@ py_spawn_stub(PyObject *self, PyObject *args)
     if (pid < 0) {
         close(report[0]);
         errno = saved;
-        return raise_host("clone");
+        return raise_host(want_pid > 0 ? "clone3" : "clone");
     }
     /* Only an exec'd stub is returned: before its exec the child is a copy of this process (its
      * maps, its memory), nothing to attach to or read. */

@@ -1,0 +1,616 @@
+"""Restore: a dumped process brought back to life natively, with its pid and tids, memory, threads,
+signal state, timers, limits and descriptors.
+
+How: an empty process of ours (the plain stub, made with the recorded pid through clone3's set_tid)
+is driven by ptrace. Each call it makes is one `syscall` instruction single-stepped at a helper page
+placed where the image has nothing. The stub's own mappings go, the vDSO moves to its recorded
+place, the image's mappings and pages come in, then the process-wide state, then one thread per
+recorded tid (clone3 from the leader), each with its per-thread state. Last, the leader unmaps the
+helper page from a syscall instruction of the restored code, and every thread is let go from a
+signal-delivery stop with its recorded registers, FPU state and mask: the kernel's own signal
+path then restarts an interrupted call (or runs a pending handler) exactly as it would have in the
+original process, so the running code never sees it moved. Everything that can be refused (files
+gone or changed, descriptors of kinds not restorable, pids in use, another kernel's vDSO) is
+checked before the process is made; a failure later kills the half-made process (and so does
+our own death: PTRACE_O_EXITKILL).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import resource
+import signal
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _core
+from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_THREAD, CLONE_VM, MAP_ANONYMOUS,
+                   MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PTRACE_DETACH,
+                   PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, PTRACE_SINGLESTEP)
+from ..arch import current as current_arch
+from ..errors import PvmexecError
+from ..syscalls import number
+from .image import ZERO, DumpError, Image
+
+ARCH = current_arch()
+_R = ARCH.REG_INDEX
+
+PTRACE_O_TRACECLONE, PTRACE_O_EXITKILL = 0x8, 0x100000
+PTRACE_EVENT_CLONE = 3
+CLD_TRAPPED, CLD_EXITED, CLD_KILLED, CLD_DUMPED = 4, 1, 2, 3
+MAP_GROWSDOWN = 0x100
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 15, 35, 14
+AT_FDCWD = -100
+_MADVICE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # VmFlags -> the madvise that sets it
+_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]")               # moved, never mapped or written
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
+HELPER_PAGES = 8                                             # one of code, the rest data for the calls
+
+
+class RestoreError(PvmexecError):
+    """The image cannot be restored here; the message says what and why (nothing was left running)."""
+
+
+@dataclass
+class Restored:
+    """A restored process (our child unless detached): pid, and wait() for its wait status."""
+    pid: int
+    threads: list[int] = field(default_factory=list)
+
+    def wait(self) -> int:
+        return os.waitpid(self.pid, 0)[1]
+
+
+def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2)) -> Restored:
+    """Restore the process whose image is in directory; it runs once this returns.
+
+    stdio: the descriptors of this process that the restored one's terminal or pipe descriptors
+    0-2 are attached to. Raises RestoreError (nothing left running) when it cannot.
+    """
+    try:
+        img = Image(directory)
+        img.check()
+    except DumpError as e:
+        raise RestoreError(e.errno, str(e)) from None
+    plan = _Plan(img, stdio)
+    return _Restorer(plan).run()
+
+
+# -- what is restored, checked before anything is made ------------------------------------------
+
+def _is_int(v, lo=0, hi=1 << 64):
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
+
+
+def _is_hex(v):
+    try:
+        bytes.fromhex(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_fields(m):
+    """Every field a restore reads, of its type: a hostile or damaged manifest is refused by name."""
+    def need(ok, what):
+        if not ok:
+            raise RestoreError(errno.EINVAL, "the image's %s is malformed" % what)
+    for i, t in enumerate(m["threads"]):
+        need(isinstance(t, dict) and _is_int(t.get("tid"), 1, 1 << 22) and _is_hex(t.get("regs")) and
+             _is_int(t.get("sigmask")) and isinstance(t.get("pending"), list) and
+             all(_is_hex(x) and len(x) >= 8 for x in t["pending"]) and (t.get("xstate") is None or _is_hex(t["xstate"])),
+             "thread %d" % i)
+        for key, fields in (("rseq", ("addr", "size", "signature")), ("robust_list", ("head", "len")),
+                            ("sigaltstack", ("sp", "flags", "size"))):
+            need(key not in t or isinstance(t[key], dict) and all(_is_int(t[key].get(k), -(1 << 31)) for k in fields),
+                 "thread %d's %s" % (i, key))
+        need(_is_int(t.get("clear_child_tid", 0)), "thread %d's clear_child_tid" % i)
+    need(all(_is_hex(x) and len(x) >= 8 for x in m["shared_pending"]) if isinstance(m["shared_pending"], list)
+         else False, "shared_pending")
+    for i, f in enumerate(m["fds"]):
+        need(isinstance(f, dict) and _is_int(f.get("fd"), 0, 1 << 20) and isinstance(f.get("path"), str) and
+             _is_int(f.get("pos"), 0, 1 << 63) and _is_int(f.get("flags"), 0, 1 << 32), "descriptor %d" % i)
+    for i, v in enumerate(m["vdso"]):
+        need(isinstance(v, dict) and _is_int(v.get("start")) and _is_int(v.get("end")) and
+             v.get("path") in _SPECIAL, "vdso entry %d" % i)
+    need(isinstance(m["mm"], dict) and all(_is_int(v) for v in m["mm"].values()), "mm")
+    need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
+    need(_is_int(m["personality"], 0, 1 << 32), "personality")
+    need(all(isinstance(m[k], str) for k in ("cwd", "root", "exe", "comm")), "cwd, root, exe or comm")
+    need(all(str(k).isdigit() and 0 < int(k) < 65 and isinstance(a, dict) and
+             all(_is_int(a.get(n)) for n in ("handler", "flags", "restorer", "mask"))
+             for k, a in m["sigactions"].items()), "sigactions")
+    need(isinstance(m["itimers"], dict) and all(isinstance(v, list) and len(v) == 4 and all(_is_int(x, 0, 1 << 62)
+                                                                                           for x in v)
+                                                for v in m["itimers"].values()), "itimers")
+    need(isinstance(m["rlimits"], dict) and all(isinstance(v, list) and len(v) == 2 and
+                                                all(_is_int(x, -1, 1 << 64) for x in v)
+                                                for v in m["rlimits"].values()), "rlimits")
+    for i, mp in enumerate(m["mappings"]):
+        need(isinstance(mp.get("vm_flags", ""), str) and len(mp["perms"]) == 4 and
+             _is_int(mp["offset"], 0, 1 << 63) and mp["start"] % PAGE == 0 and mp["end"] % PAGE == 0,
+             "mapping %d" % i)
+
+
+class _Plan:
+    def __init__(self, img, stdio):
+        m = img.manifest
+        _check_fields(m)
+        self.img, self.m, self.stdio = img, m, stdio
+        self.threads = sorted(m["threads"], key=lambda t: t["tid"] != m["pid"])     # the leader first
+        if not self.threads or self.threads[0]["tid"] != m["pid"]:
+            raise RestoreError(errno.EINVAL, "the image has no thread for its leader (pid %d)" % m["pid"])
+        for t in self.threads:
+            if len(bytes.fromhex(t["regs"])) != ARCH.REGS_SIZE:
+                raise RestoreError(errno.EINVAL, "thread %d's registers are not %s's" % (t["tid"], ARCH.TITLE))
+        self.index = img.page_index()
+        self.mappings = [self._mapping(mp) for mp in m["mappings"]]
+        self._check_vdso()
+        self.fds = [self._fd(f) for f in m["fds"]]
+        for name in ("cwd", "root"):
+            if not os.path.isdir(m[name]):
+                raise RestoreError(errno.ENOENT, "the process's %s %s is not a directory here" % (name, m[name]))
+        if not os.path.exists(m["exe"]):
+            raise RestoreError(errno.ENOENT, "the program %s is gone" % m["exe"])
+        for t in self.threads:
+            if os.path.exists("/proc/%d" % t["tid"]):
+                raise RestoreError(errno.EEXIST, "pid %d is in use (the dumped process still runs? dump it with "
+                                   "--kill, or end it, before restoring)" % t["tid"])
+
+    @staticmethod
+    def _mapping(mp):
+        path, perms, flags = mp["path"], mp["perms"], mp.get("vm_flags", "").split()
+        shared = perms[3:4] == "s"
+        if path in _SPECIAL or path == "[vsyscall]":
+            kind = "special"
+        elif path in ("", "[heap]", "[stack]") or path.startswith("[anon"):
+            kind = "shared-anon" if shared else "anon"
+        elif path.startswith("/dev/zero") or path.startswith("/SYSV"):
+            kind = "shared-anon"
+        elif path.endswith(" (deleted)") or path.startswith("/memfd:"):
+            raise RestoreError(errno.ENOENT, "mapping %#x-%#x is of %s, which no longer exists" % (
+                mp["start"], mp["end"], path))
+        elif path.startswith("/"):
+            if not os.path.isfile(path):
+                raise RestoreError(errno.ENOENT, "mapping %#x-%#x: %s is gone" % (mp["start"], mp["end"], path))
+            kind = "shared-file" if shared else "file"
+        else:
+            raise RestoreError(errno.EINVAL, "mapping %#x-%#x of %r cannot be restored" % (mp["start"], mp["end"], path))
+        prot = (PROT_READ if "r" in perms else 0) | (PROT_WRITE if "w" in perms else 0) | \
+            (PROT_EXEC if "x" in perms else 0)
+        return dict(mp, kind=kind, prot=prot, flags=flags)
+
+    def _check_vdso(self):
+        """The image's vDSO must be this kernel's: its code is not in the image, only its place."""
+        ours = _own_specials()
+        for mp in self.m["vdso"]:
+            name = mp["path"]
+            if name not in ours or ours[name][1] - ours[name][0] != mp["end"] - mp["start"]:
+                raise RestoreError(errno.EINVAL, "the image's %s differs from this kernel's (dumped under "
+                                   "another kernel?)" % name)
+            if name == "[vdso]":
+                lo, hi = ours[name]
+                if hashlib.sha256(_core.vm_read(os.getpid(), lo, hi - lo)).hexdigest() != mp.get("sha256"):
+                    raise RestoreError(errno.EINVAL, "the image's vDSO is not this kernel's (dumped under "
+                                       "another kernel?)")
+        self.mappings += [dict(mp, kind="special", perms="", offset=0, prot=0, flags=[]) for mp in self.m["vdso"]]
+
+    def _fd(self, f):
+        fd, path, mode = f["fd"], f["path"], f.get("mode", 0)
+        what = "fd %d (%s)" % (fd, path)
+        if path.startswith("/dev/pts/") or path.startswith("/dev/tty") or path == "/dev/console":
+            return dict(f, how="stdio", source=self._stdio_for(fd, what, tty=True))
+        if (path.startswith("pipe:") or path.startswith("socket:")) and fd <= 2:
+            return dict(f, how="stdio", source=self._stdio_for(fd, what, tty=False))
+        if not path.startswith("/"):
+            raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise RestoreError(e.errno, "%s: %s" % (what, e.strerror)) from None
+        if stat.S_ISCHR(mode) and path in _DEVICES and st.st_rdev == f.get("rdev", st.st_rdev):
+            return dict(f, how="open")
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            if (st.st_dev, st.st_ino) != (f.get("dev"), f.get("ino")):
+                raise RestoreError(errno.ESTALE, "%s is another file than at the dump" % what)
+            # Appending, or reading a file that grew, goes on as it would have; writing at an offset
+            # into a file that changed, or reading past its end, would not.
+            writes = f["flags"] & os.O_ACCMODE != os.O_RDONLY and not f["flags"] & os.O_APPEND
+            if stat.S_ISREG(mode) and (st.st_size < f["pos"] or writes and st.st_size != f.get("size")):
+                raise RestoreError(errno.ESTALE, "%s changed size since the dump (%s -> %d bytes)" % (
+                    what, f.get("size"), st.st_size))
+            return dict(f, how="open")
+        raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
+
+    def _stdio_for(self, fd, what, tty):
+        """Our descriptor a restored terminal or stdio descriptor is attached to."""
+        if fd <= 2 and (not tty or os.isatty(self.stdio[fd])):
+            return self.stdio[fd]
+        for ours in self.stdio:
+            if tty and os.isatty(ours):
+                return ours
+        if fd <= 2:
+            return self.stdio[fd]
+        raise RestoreError(errno.ENOTTY, "%s: a terminal, and this restore has none to attach it to" % what)
+
+
+def _own_specials():
+    out = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 5 and parts[5] in _SPECIAL:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out[parts[5]] = (lo, hi)
+    return out
+
+
+# -- the restore itself ------------------------------------------------------------------------
+
+class _Restorer:
+    def __init__(self, plan):
+        self.p, self.m = plan, plan.m
+        self.pid = self.m["pid"]
+        self.seized = []
+        self.helper = 0
+        self.mem = None
+
+    def run(self):
+        self._spawn()
+        try:
+            self._build()
+            tids = self._release()
+        except BaseException:
+            self._kill()
+            raise
+        return Restored(self.pid, tids)
+
+    # ---- the empty process
+
+    def _spawn(self):
+        from ..engines.stub import StubProcess, _wait_until_paused
+        exe = os.memfd_create("pvmexec-restore", 0)
+        try:
+            os.write(exe, _core.STUB_ELF)
+            try:
+                pid = _core.spawn_stub(exe, [b"pvmexec-restore", b"plain"], (), 0, False, self.pid)
+            except OSError as e:
+                if e.errno == errno.EPERM:
+                    raise RestoreError(e.errno, "choosing the process's own pid (%d) needs CAP_CHECKPOINT_RESTORE "
+                                       "or root" % self.pid) from None
+                if e.errno == errno.EEXIST:
+                    raise RestoreError(e.errno, "pid %d is in use" % self.pid) from None
+                raise RestoreError(e.errno, "clone3 with pid %d: %s" % (self.pid, e.strerror)) from None
+        finally:
+            os.close(exe)
+        proc = StubProcess(pid, False)
+        self.proc = proc
+        _wait_until_paused(proc)
+        _core.ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL, "ptrace(PTRACE_SEIZE)")
+        self.seized.append(pid)
+        _core.ptrace(PTRACE_INTERRUPT, pid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
+        self._wait_stop(pid)
+        self.insn = {pid: _core.getregs(pid)}
+        self.mem = os.open("/proc/%d/mem" % pid, os.O_RDWR | os.O_CLOEXEC)
+
+    def _wait_stop(self, tid):
+        got = _core.wait(tid, False, False, 10.0)
+        if got is None:
+            raise RestoreError(errno.ETIMEDOUT, "thread %d did not stop" % tid)
+        code, status = got
+        if code != CLD_TRAPPED:
+            raise RestoreError(errno.ESRCH, "the restored process ended during the restore (%d/%d)" % (code, status))
+        return status
+
+    def _kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if self.mem is not None:
+            os.close(self.mem)
+            self.mem = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+    # ---- one syscall in a stopped thread, single-stepped at a syscall instruction
+
+    def call(self, tid, at, name, *args):
+        regs = bytearray(_core.getregs(tid))
+        vals = list(struct.unpack("<%dQ" % len(ARCH.REG_NAMES), regs))
+        vals[_R["rip"]], vals[_R[ARCH.SYSCALL_NR]], vals[_R["orig_rax"]] = at, number(name), (1 << 64) - 1
+        for reg, a in zip(ARCH.SYSCALL_ARGS, args):
+            vals[_R[reg]] = a & 0xFFFFFFFFFFFFFFFF
+        _core.setregs(tid, struct.pack("<%dQ" % len(vals), *vals))
+        _core.ptrace(PTRACE_SINGLESTEP, tid, 0, 0, "ptrace(PTRACE_SINGLESTEP)")
+        while True:
+            status = self._wait_stop(tid)
+            if status & 0xFF == signal.SIGTRAP and status >> 8 == 0:
+                break
+            if status >> 8 in (PTRACE_EVENT_CLONE, PTRACE_EVENT_STOP):    # a thread made; a stray stop
+                _core.ptrace(PTRACE_SINGLESTEP, tid, 0, 0, "ptrace(PTRACE_SINGLESTEP)")
+                continue
+            raise RestoreError(errno.EFAULT, "%s in thread %d stopped with signal %d" % (name, tid, status & 0xFF))
+        ret = struct.unpack_from("<Q", _core.getregs(tid), 8 * _R[ARCH.SYSCALL_RET])[0]
+        return ret - (1 << 64) if ret >= 1 << 63 else ret
+
+    def must(self, tid, at, name, *args):
+        ret = self.call(tid, at, name, *args)
+        if -4096 < ret < 0:
+            raise RestoreError(-ret, "%s in the restored process: %s" % (name, os.strerror(-ret)))
+        return ret
+
+    def at_helper(self, name, *args, tid=None):
+        return self.must(self.pid if tid is None else tid, self.helper, name, *args)
+
+    def put(self, data, offset=0):
+        """Data for a call, in the helper's data pages: returns its address."""
+        addr = self.helper + PAGE + offset
+        if offset + len(data) > (HELPER_PAGES - 1) * PAGE:
+            raise RestoreError(errno.E2BIG, "a call's data does not fit the helper pages")
+        os.pwrite(self.mem, data, addr)
+        return addr
+
+    def put_str(self, s, offset=0):
+        return self.put(os.fsencode(s) + b"\0", offset)
+
+    # ---- memory
+
+    def _build(self):
+        pid = self.pid
+        _core.setsigmask(pid, _ALL_BUT_KILL_STOP)
+        stub_maps = _maps(pid)
+        self.helper = _free_range(HELPER_PAGES * PAGE, [(m["start"], m["end"]) for m in self.p.mappings] +
+                                  [(lo, hi) for lo, hi, _n in stub_maps])
+        start_insn = struct.unpack_from("<Q", self.insn[pid], 8 * _R["rip"])[0] - ARCH.SYSCALL_INSN_LEN
+        self.must(pid, start_insn, "mmap", self.helper, HELPER_PAGES * PAGE, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        os.pwrite(self.mem, ARCH.SYSCALL_INSN, self.helper)
+        self.must(pid, start_insn, "mprotect", self.helper, PAGE, PROT_READ | PROT_EXEC)
+        for lo, hi, name in stub_maps:
+            if name not in _SPECIAL and name != "[vsyscall]":
+                self.at_helper("munmap", lo, hi - lo)
+        self._move_specials()
+        for mp in self.p.mappings:
+            self._map(mp)
+        self._fill()
+        for mp in self.p.mappings:
+            if mp["kind"] in ("anon", "shared-anon") and not mp["prot"] & PROT_WRITE:
+                self.at_helper("mprotect", mp["start"], mp["end"] - mp["start"], mp["prot"])
+        self._process_state()
+        self._descriptors()
+        self._threads()
+
+    def _move_specials(self):
+        """The vDSO and its data pages to their recorded places (first out of the way: they may
+        overlap each other's); those the image lacks are unmapped."""
+        ours = {name: (lo, hi) for lo, hi, name in _maps(self.pid) if name in _SPECIAL}
+        want = {mp["path"]: mp for mp in self.p.mappings if mp["path"] in _SPECIAL}
+        busy = [(m["start"], m["end"]) for m in self.p.mappings] + list(ours.values()) + \
+            [(self.helper, self.helper + HELPER_PAGES * PAGE)]
+        for name, (lo, hi) in ours.items():
+            if name not in want:
+                self.at_helper("munmap", lo, hi - lo)
+                continue
+            tmp = _free_range(hi - lo, busy)
+            busy.append((tmp, tmp + hi - lo))
+            self.at_helper("mremap", lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED, tmp)
+            ours[name] = (tmp, tmp + hi - lo)
+        for name, mp in want.items():
+            lo, hi = ours[name]
+            self.at_helper("mremap", lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED, mp["start"])
+
+    def _map(self, mp):
+        kind, start, length = mp["kind"], mp["start"], mp["end"] - mp["start"]
+        if kind == "special":
+            return
+        if kind in ("anon", "shared-anon"):
+            flags = (MAP_SHARED if kind == "shared-anon" else MAP_PRIVATE) | MAP_ANONYMOUS | MAP_FIXED
+            if "gd" in mp["flags"]:
+                flags |= MAP_GROWSDOWN
+            self.at_helper("mmap", start, length, mp["prot"] | PROT_WRITE, flags, -1, 0)
+        else:
+            shared = kind == "shared-file"
+            mode = os.O_RDWR if shared and mp["prot"] & PROT_WRITE else os.O_RDONLY
+            fd = self.at_helper("openat", AT_FDCWD, self.put_str(mp["path"]), mode | os.O_CLOEXEC, 0)
+            try:
+                self.at_helper("mmap", start, length, mp["prot"], (MAP_SHARED if shared else MAP_PRIVATE) | MAP_FIXED,
+                               fd, mp["offset"])
+            finally:
+                self.at_helper("close", fd)
+        for flag, advice in _MADVICE.items():
+            if flag in mp["flags"]:
+                self.call(self.pid, self.helper, "madvise", start, length, advice)
+
+    def _fill(self):
+        """The image's pages, through /proc/PID/mem (it writes read-only private pages as a debugger
+        does). A shared file mapping's pages are the file's own: never written back into it."""
+        owner = sorted((mp["start"], mp["end"], mp["kind"]) for mp in self.p.mappings)
+        runs = []
+        import bisect
+        starts = [o[0] for o in owner]
+        for addr in sorted(self.p.index):
+            off = self.p.index[addr]
+            i = bisect.bisect_right(starts, addr) - 1
+            if i < 0 or addr >= owner[i][1]:
+                raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
+            kind = owner[i][2]
+            if kind in ("special", "shared-file") or (off == ZERO and kind != "file"):
+                continue
+            if runs and runs[-1][0] + runs[-1][2] * PAGE == addr and (off == ZERO) == (runs[-1][1] == ZERO) and \
+                    (off == ZERO or runs[-1][1] + runs[-1][2] * PAGE == off):
+                runs[-1][2] += 1
+            else:
+                runs.append([addr, off, 1])
+        with open(os.path.join(self.p.img.dir, "pages.img"), "rb") as f:
+            for addr, off, n in runs:
+                data = bytes(n * PAGE) if off == ZERO else os.pread(f.fileno(), n * PAGE, off)
+                if len(data) != n * PAGE:
+                    raise RestoreError(errno.EIO, "pages.img is short at offset %d" % off)
+                done = os.pwrite(self.mem, data, addr)
+                if done != len(data):
+                    raise RestoreError(errno.EIO, "writing %#x: %d of %d bytes" % (addr, done, len(data)))
+
+    # ---- the process
+
+    def _process_state(self):
+        m, h = self.m, self.at_helper
+        mm = m["mm"]
+        auxv = bytes.fromhex(m["auxv"])
+        exe = h("openat", AT_FDCWD, self.put_str(m["exe"]), os.O_RDONLY | os.O_CLOEXEC, 0)
+        fields = [mm.get(n, 0) for n in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+                                         "start_stack", "arg_start", "arg_end", "env_start", "env_end")]
+        auxv_addr = self.put(auxv, 1024)
+        mm_map = struct.pack("<11QQII", *fields, auxv_addr, len(auxv), exe)
+        try:
+            h("prctl", PR_SET_MM, PR_SET_MM_MAP, self.put(mm_map), len(mm_map), 0)
+        finally:
+            h("close", exe)
+        h("personality", m["personality"])
+        for sig, a in m["sigactions"].items():
+            act = struct.pack("<QQQQ", a["handler"], a["flags"], a["restorer"], a["mask"])
+            h("rt_sigaction", int(sig), self.put(act), 0, 8)
+        for name, (soft, hard) in m["rlimits"].items():
+            which = getattr(resource, name, None)
+            if which is not None:
+                try:
+                    resource.prlimit(self.pid, which, (soft, hard))
+                except (PermissionError, ValueError) as e:
+                    raise RestoreError(errno.EPERM, "restoring %s %s: %s" % (name, (soft, hard), e)) from None
+        h("chdir", self.put_str(m["cwd"]))
+        if m["root"] != "/":
+            h("chroot", self.put_str(m["root"]))
+        h("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
+        h("prctl", PR_SET_NAME, self.put_str(m["comm"][:15]), 0, 0, 0)
+        h("setpgid", 0, os.getpgrp())
+
+    def _descriptors(self):
+        h = self.at_helper
+        for f in self.p.fds:
+            fd, flags = f["fd"], f["flags"] & _OPEN_MASK
+            path = "/proc/%d/fd/%d" % (os.getpid(), f["source"]) if f["how"] == "stdio" else f["path"]
+            got = h("openat", AT_FDCWD, self.put_str(path), flags, 0)
+            if got != fd:
+                h("dup3", got, fd, flags & os.O_CLOEXEC)
+                h("close", got)
+            if f["how"] == "open" and f["pos"]:
+                h("lseek", fd, f["pos"], os.SEEK_SET)
+
+    # ---- threads
+
+    def _threads(self):
+        flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+        self.tids = [self.pid]
+        for t in self.p.threads[1:]:
+            tid = t["tid"]
+            tids = self.put(struct.pack("<i", tid), 512)
+            args = struct.pack("<10Q", flags, 0, 0, 0, 0, 0, 0, 0, tids, 1)
+            got = self.call(self.pid, self.helper, "clone3", self.put(args), len(args))
+            if got != tid:
+                raise RestoreError(-got if got < 0 else errno.EINVAL, "thread %d: clone3 gave %s" % (
+                    tid, os.strerror(-got) if got < 0 else got))
+            self.seized.append(tid)
+            self._wait_stop(tid)
+            _core.setsigmask(tid, _ALL_BUT_KILL_STOP)
+            self.tids.append(tid)
+        for t in self.p.threads:
+            self._thread_state(t)
+        for sig_info in self.m["shared_pending"]:
+            info = bytes.fromhex(sig_info)
+            self.at_helper("rt_sigqueueinfo", self.pid, struct.unpack_from("<i", info)[0], self.put(info))
+        for which, name in ((0, "real"), (1, "virtual"), (2, "prof")):
+            value = self.m["itimers"].get(name)
+            if value and any(value):
+                if not any(value[2:]):          # expired, its signal pending: the kernel re-arms it when
+                    value = value[:2] * 2       # that is delivered, and so does this, an interval on
+                self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
+
+    def _thread_state(self, t):
+        tid = t["tid"]
+        h = lambda name, *a: self.at_helper(name, *a, tid=tid)    # noqa: E731
+        rl = t.get("robust_list")
+        if rl and rl["head"]:
+            h("set_robust_list", rl["head"], rl["len"])
+        h("set_tid_address", t.get("clear_child_tid", 0))
+        alt = t.get("sigaltstack")
+        if alt and not alt["flags"] & 2:                            # SS_DISABLE
+            h("sigaltstack", self.put(struct.pack("<Qi4xQ", alt["sp"], alt["flags"] & ~1, alt["size"])), 0)
+        rseq = t.get("rseq")
+        if rseq:
+            h("rseq", rseq["addr"], rseq["size"], 0, rseq["signature"])
+        for hexinfo in t["pending"]:
+            info = bytes.fromhex(hexinfo)
+            h("rt_tgsigqueueinfo", self.pid, tid, struct.unpack_from("<i", info)[0], self.put(info))
+
+    # ---- letting go
+
+    def _release(self):
+        """Unmap the helper from the restored code's own syscall instruction, then let each thread go
+        from the signal-delivery stop that single-step leaves it in, with its recorded state."""
+        from ..engines.ptrace import find_syscall_insn
+        insn = find_syscall_insn(self.pid)
+        for tid in self.tids[1:] + self.tids[:1]:
+            if tid == self.pid:
+                self.must(tid, insn, "munmap", self.helper, HELPER_PAGES * PAGE)
+            else:
+                self.must(tid, insn, "getpid")
+        os.close(self.mem)
+        self.mem = None
+        by_tid = {t["tid"]: t for t in self.p.threads}
+        for tid in self.tids[1:] + self.tids[:1]:
+            t = by_tid[tid]
+            regs = _resumable(bytes.fromhex(t["regs"]))
+            xstate = bytes.fromhex(t["xstate"]) if t.get("xstate") else b""
+            _core.restore(tid, regs, xstate, t["sigmask"], PTRACE_DETACH, 0)
+        return list(self.tids)
+
+
+_NR_RESTART_SYSCALL = number("restart_syscall")
+_ALL_BUT_KILL_STOP = ((1 << 64) - 1) & ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1)))
+
+
+def _resumable(regs):
+    """Registers to let a thread go with from a signal stop. A call the dump interrupted restarts as
+    the kernel restarts it; one whose restart needs the kernel's saved state (nanosleep's remaining
+    time: -ERESTART_RESTARTBLOCK) restarts from its own arguments, which that state is not in the image."""
+    vals = list(struct.unpack("<%dQ" % len(ARCH.REG_NAMES), regs))
+    rax, nr = vals[_R[ARCH.SYSCALL_RET]], vals[_R["orig_rax"]]
+    if nr == _NR_RESTART_SYSCALL and (1 << 64) - rax in ARCH.RESTART_CODES:
+        # Restarting restart_syscall would run this thread's restart function, which is not the
+        # original's (the call and its arguments are gone): the call ends as a signal ends it.
+        vals[_R[ARCH.SYSCALL_RET]], vals[_R["orig_rax"]] = (1 << 64) - errno.EINTR, (1 << 64) - 1
+    elif nr < 1 << 63 and rax == (1 << 64) - ARCH.ERESTART_RESTARTBLOCK:
+        vals[_R[ARCH.SYSCALL_RET]] = (1 << 64) - ARCH.ERESTARTNOINTR
+    return struct.pack("<%dQ" % len(vals), *vals)
+
+
+def _maps(pid):
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi, parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def _free_range(size, busy, low=1 << 32):
+    """A page-aligned range of size bytes meeting none of busy, at or above low."""
+    addr = low
+    for lo, hi in sorted(busy):
+        if hi <= addr:
+            continue
+        if lo >= addr + size:
+            break
+        addr = (hi + PAGE - 1) & ~(PAGE - 1)
+    if addr + size > ARCH.TASK_SIZE_MAX:
+        raise RestoreError(errno.ENOMEM, "no room for the restorer's helper pages")
+    return addr
+

@@ -1,0 +1,242 @@
+"""Restore: a dumped process goes on with its pid, tids, memory, threads, signals, timers and files as
+if it had never stopped; what cannot be restored is refused before anything runs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pvmexec import checkpoint
+from pvmexec.checkpoint import RestoreError, restore
+
+from conftest import compile_victim
+
+ROOT = os.geteuid() == 0
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def restorable(cc, tmp_path_factory):
+    return compile_victim(cc, tmp_path_factory.mktemp("restorable"), "restorable")
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"abcdefghijkl")
+    return str(path)
+
+
+def _start(exe, data):
+    p = subprocess.Popen([exe, data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    line = p.stdout.readline()
+    assert line.startswith(b"ready"), line
+    return p
+
+
+def _undisturbed(exe, data):
+    p = _start(exe, data)
+    out, _ = p.communicate(b"go\n", timeout=30)
+    assert p.returncode == 0
+    return out
+
+
+def _dumped(exe, data, directory):
+    """A victim dumped (one pre-dump) and killed: (its pid, the image's manifest)."""
+    p = _start(exe, data)
+    try:
+        m = checkpoint.dump(p.pid, directory, pre_dumps=1, leave_running=False)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        p.stdin.close()
+        p.stdout.close()
+    return p.pid, m
+
+
+def _maps(pid):
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 5 and parts[5] == "[vsyscall]":
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def _gone(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return not os.path.exists("/proc/%d" % pid)
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE (the unprivileged answer is "
+                    "test_an_unprivileged_restore_is_a_clear_refusal)")
+def test_a_restored_process_goes_on_as_an_undisturbed_run_does(restorable, data_file, tmp_path):
+    want = _undisturbed(restorable, data_file)
+    pid, m = _dumped(restorable, data_file, str(tmp_path / "img"))
+    assert len(m["threads"]) == 4
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2))
+    finally:
+        os.close(stdin_r)
+        os.close(out_w)
+    try:
+        # Its own pid and tids; nothing of the restorer in it: the image's mappings, the image's descriptors.
+        assert restored.pid == pid
+        assert sorted(int(t) for t in os.listdir("/proc/%d/task" % pid)) == sorted(t["tid"] for t in m["threads"])
+        want_maps = sorted([(x["start"], x["end"], x["path"]) for x in m["mappings"]] +
+                           [(x["start"], x["end"], x["path"]) for x in m["vdso"]])
+        assert sorted((lo, hi, path) for lo, hi, _perms, path in _maps(pid)) == want_maps
+        perms = {(x["start"], x["end"]): x["perms"] for x in m["mappings"]}
+        assert all(perms[(lo, hi)] == p for lo, hi, p, path in _maps(pid) if (lo, hi) in perms)
+        assert sorted(int(fd) for fd in os.listdir("/proc/%d/fd" % pid)) == sorted(f["fd"] for f in m["fds"])
+        assert os.readlink("/proc/%d/fd/3" % pid) == data_file
+        with open("/proc/%d/comm" % pid) as f:
+            assert f.read().strip() == m["comm"]
+        leader = next(t for t in m["threads"] if t["tid"] == pid)
+        with open("/proc/%d/status" % pid) as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert int(status["SigBlk"], 16) == leader["sigmask"] and status["SigCgt"]
+        os.write(stdin_w, b"go\n")
+        got = b""
+        while True:
+            chunk = os.read(out_r, 4096)
+            if not chunk:
+                break
+            got += chunk
+        assert got == want
+        assert restored.wait() == 0
+    finally:
+        os.close(stdin_w)
+        os.close(out_r)
+        if not _gone(pid):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def test_restore_refuses_what_it_cannot_restore_before_anything_runs(restorable, data_file, tmp_path):
+    img = str(tmp_path / "img")
+    p = _start(restorable, data_file)
+    try:
+        checkpoint.dump(p.pid, img, pre_dumps=0, leave_running=True)
+        with pytest.raises(RestoreError, match="pid %d is in use" % p.pid):
+            restore(img)
+        p.stdin.write(b"go\n")                              # the original goes on, untouched
+        p.stdin.close()
+        assert b"got go pid same workers ok" in p.stdout.read() and p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+    pid = p.pid
+
+    def refused(edit, message):
+        work = str(tmp_path / "edited")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(img, work)
+        edit(work)
+        with pytest.raises(RestoreError, match=message):
+            restore(work)
+        assert _gone(pid)
+
+    def manifest(edit):
+        def apply(work):
+            path = os.path.join(work, "manifest.json")
+            with open(path) as f:
+                m = json.load(f)
+            edit(m)
+            with open(path, "w") as f:
+                json.dump(m, f)
+        return apply
+
+    def flip(work):
+        with open(os.path.join(work, "pages.img"), "r+b") as f:
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 1]))
+
+    refused(flip, "pages.img does not match its checksum")
+    refused(manifest(lambda m: m.update(version=1)), "image version 1")
+    refused(manifest(lambda m: [v.update(sha256="0" * 64) for v in m["vdso"] if v["path"] == "[vdso]"]),
+            "vDSO is not this kernel's")
+    refused(manifest(lambda m: m["fds"].append(dict(fd=7, path="socket:[1234]", pos=0, flags=2))),
+            r"fd 7 \(socket:\[1234\]\): descriptors of this kind cannot be restored")
+    refused(manifest(lambda m: m.update(cwd=str(tmp_path / "no-such-dir"))), "cwd .* is not a directory")
+    refused(manifest(lambda m: m["threads"][0].update(tid="1")), "the image's thread 0 is malformed")
+    refused(manifest(lambda m: m["sigactions"].update({"99": {}})), "the image's sigactions is malformed")
+    refused(manifest(lambda m: m["itimers"].update(real=[0, 0, "1", 0])), "the image's itimers is malformed")
+    refused(manifest(lambda m: m["mappings"][0].update(start=m["mappings"][0]["start"] + 1)), "mapping 0")
+    with open(data_file + ".new", "wb") as f:               # the same name, another file
+        f.write(b"abcdefghijkl")
+    os.replace(data_file + ".new", data_file)
+    refused(lambda work: None, "fd 3 .* is another file than at the dump")
+    os.unlink(data_file)
+    with open(data_file, "wb") as f:                        # shorter than where the process reads
+        f.write(b"ab")
+    refused(lambda work: None, "fd 3 .* (changed size|is another file)")
+    os.unlink(data_file)
+    refused(lambda work: None, "fd 3 .*: No such file")
+
+
+@pytest.mark.skipif(ROOT, reason="as root the pid can be chosen: the restore test itself")
+def test_an_unprivileged_restore_is_a_clear_refusal(restorable, data_file, tmp_path):
+    pid, _m = _dumped(restorable, data_file, str(tmp_path / "img"))
+    with pytest.raises(RestoreError, match="needs CAP_CHECKPOINT_RESTORE or root"):
+        restore(str(tmp_path / "img"))
+    assert _gone(pid)
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_cli_restores_programs_nobody_here_wrote(tmp_path, busybox):
+    """python3 with a thread, mid-computation and asleep; coreutils sleep in nanosleep; busybox sh
+    waiting on a pipe; each dumped with --kill by the CLI, restored by it, finishing with its
+    undisturbed output and status."""
+    script = ("import hashlib, sys, threading, time\n"
+              "h = hashlib.sha256()\n"
+              "def work():\n"
+              "    for i in range(300000): h.update(b'%d' % i)\n"
+              "t = threading.Thread(target=work); t.start()\n"
+              "print('ready', flush=True)\n"
+              "line = sys.stdin.readline()\n"
+              "t.join(); time.sleep(0.2)\n"
+              "print(line.strip(), h.hexdigest(), time.monotonic() > 0)\n")
+    want = subprocess.run(["python3", "-c", script], input=b"go\n", capture_output=True, timeout=60).stdout
+    for argv, stdin, expected in ((["python3", "-c", script], b"go\n", want.split(b"\n", 1)[1]),
+                                  (["sleep", "0.8"], b"", b""),
+                                  ([busybox, "sh", "-c", "echo ready; read x; echo got $x; exit 3"], b"pipe\n",
+                                   b"got pipe\n")):
+        img = str(tmp_path / os.path.basename(argv[0]))
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            if argv[0] != "sleep":
+                assert p.stdout.readline() == b"ready\n"
+            d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "1", str(p.pid), img],
+                               capture_output=True, timeout=120)
+            assert d.returncode == 0, d.stderr
+            assert p.wait(10) == -9
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
+        r = subprocess.run([PY, "-m", "pvmexec", "restore", img], input=stdin, capture_output=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (3 if argv[0] == busybox else 0, expected, b""), argv
+        assert _gone(p.pid)
+
+
+def test_cli_restore_errors_are_one_line(tmp_path):
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", str(tmp_path / "nothing")], capture_output=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"pvmexec restore: ")
+    assert b"Traceback" not in r.stderr
