@@ -209,8 +209,8 @@ def cmd_dump(args):
 
     def progress(rnd, pages, written):
         # The next round copies about what this one found written: the freeze if it is the last.
-        line = "round %d: %d pages dirtied, %.1f MiB written, a freeze now would copy ~%.1f MiB" % (
-            rnd, pages, written / 2 ** 20, pages * 4096 / 2 ** 20)
+        line = "round %d: %d pages %s, %.1f MiB written, a freeze now would copy ~%.1f MiB" % (
+            rnd, pages, "copied" if rnd == 1 else "dirtied", written / 2 ** 20, pages * 4096 / 2 ** 20)
         print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     started = time.monotonic()
 

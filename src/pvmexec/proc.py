@@ -38,14 +38,19 @@ class PagemapScan:
     def regions(self, start, end, anyof, without=0, wp=False):
         """[(start, end)] of pages in [start, end) with any of the categories in `anyof` and none in
         `without`; with wp, they are write-protected again in the same step. OSError if refused."""
+        return [(s, e) for s, e, _c in self.categorized(start, end, anyof, anyof, without, wp)]
+
+    def categorized(self, start, end, anyof, report, without=0, wp=False):
+        """As regions(), each as (start, end, categories): which of `report` its pages had when scanned
+        (before wp protected them)."""
         out = []
         while start < end:
             arg = bytearray(self._ARG.pack(self._ARG.size, (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) if wp else 0,
                                            start, end, 0, ctypes.addressof(self.vec), self._REGIONS, 0, without,
-                                           without, anyof, anyof))
+                                           without, anyof, report | anyof))
             n = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg)
             walk_end = self._ARG.unpack(arg)[4]
-            out.extend((self.vec[3 * i], self.vec[3 * i + 1]) for i in range(n))
+            out.extend((self.vec[3 * i], self.vec[3 * i + 1], self.vec[3 * i + 2]) for i in range(n))
             if walk_end <= start:
                 break
             start = walk_end

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <time.h>
@@ -68,6 +69,14 @@ int main(int argc, char **argv)
     unsigned char *heap = malloc(n);
     for (size_t k = 0; k < n; k++)
         heap[k] = (unsigned char)(k * 7);
+    /* A private mapping of the file with one page changed (the rest is the file's), and shared
+     * memory with data in part of it (the rest never touched). */
+    char *filemap = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    char *shm = mmap(NULL, 64 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (filemap == MAP_FAILED || shm == MAP_FAILED)
+        return 6;
+    filemap[1] = 'B';
+    strcpy(shm + (1 << 20), "shared");
     pthread_t th[WORKERS];
     for (long i = 0; i < WORKERS; i++)
         pthread_create(&th[i], NULL, worker, (void *)i);
@@ -103,6 +112,7 @@ int main(int argc, char **argv)
         void *r;
         joined += pthread_join(th[i], &r) == 0 && r == (void *)7;
     }
+    printf("mapped %.4s %s %d\n", filemap, shm + (1 << 20), shm[0] + shm[(64 << 20) - 1]);
     printf("got %s pid %s workers %s timer %s usr1 %d usr2-pending %d file %s|%s heap %s joined %d\n",
            strtok(line, "\n"), getpid() == pid && syscall(SYS_gettid) == pid ? "same" : "CHANGED",
            !moving ? "STALLED" : atomic_load(&bad_tid) ? "TID-CHANGED" : atomic_load(&bad_fpu) ? "FPU-LOST" : "ok", ticks > t0 ? "ticking" : "STOPPED", (int)usr1,

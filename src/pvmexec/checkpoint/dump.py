@@ -15,7 +15,7 @@ import signal
 import time
 
 from .. import _core
-from ..abi import PAGE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
+from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
 from ..errors import PvmexecError, TargetGone
 from . import state
 from .image import DumpError, ImageWriter
@@ -78,7 +78,8 @@ class _Dump:
         self.rounds = []
         self.t_start = time.monotonic()
         self.space = self.agent = self.tracker = self.scanner = self.engine = self.splicer = None
-        self.whole = set()             # mappings copied whole every round (untracked)
+        self.whole = set()             # mappings copied (what they hold) every round: untracked
+        self.sources = {}              # key -> (how the image holds it, the file's identity)
 
     def start(self):
         from ..space import attach
@@ -132,7 +133,11 @@ class _Dump:
         freeze_s = time.monotonic() - self.t_freeze
         self.image.flush()
         flags = state.vm_flags(self.pid)
-        mappings = [dict(m.as_dict(), vm_flags=flags.get(m.start, "")) for m in self.maps]
+        mappings = []
+        for m in self.maps:
+            how, ident = self.source(m)
+            mappings.append(dict(m.as_dict(), vm_flags=flags.get(m.start, ""), source=how,
+                                 **({"file": ident} if ident else {})))
         manifest = dict(pid=self.pid, mappings=mappings, rounds=self.rounds, freeze_seconds=freeze_s,
                         total_seconds=time.monotonic() - self.t_start, bytes_written=self.image.bytes_written,
                         transfer=self.transfer, bytes_spliced=self.image.spliced_bytes, **self.state)
@@ -157,15 +162,21 @@ class _Dump:
             if "r" not in m.perms:
                 continue
             new = m.key not in tracker.ranges and m.key not in self.whole
-            if new and not (m.perms[3] == "p" and "w" in m.perms and tracker.register(m)):
+            # Only private anonymous memory is tracked: in a file mapping, write protection leaves
+            # markers on the file's own pages that PAGEMAP_SCAN reports as swapped, so its pages the
+            # process changed could not be told from the file's.
+            if new and not (m.perms[3] == "p" and "w" in m.perms and _anonymous(m) and tracker.register(m)):
                 self.whole.add(m.key)
-            if m.key in self.whole or (new and m.path and not m.path.startswith("[")):
-                # Untracked, or a file mapping's first copy: all of it.
-                for s, e in (splicer.move(image, [m.key]) if splicer is not None and not final else [m.key]):
-                    copy_range(pid, image, s, e, final)
-                pages += (m.end - m.start) // PAGE
-                if m.key in tracker.ranges:
-                    self._scan(m, PAGE_IS_WRITTEN, wp=True, final=final)   # protect what we copied
+            if m.key in self.whole or new:
+                # Untracked, or seen first: what it holds of its own. A tracked one is protected in
+                # the same step (what is written while we copy shows in the next round); its pages
+                # are those held then (protection leaves markers that later scans see as swapped).
+                held = self._held(m, final) if m.key not in tracker.ranges or final else self._protect(m)
+                if held is None:
+                    continue                    # changed under us: the next round takes it as new
+                left = splicer.move(image, held) if splicer is not None and not final else held
+                copy_ranges(pid, image, left, final)
+                pages += sum(e - s for s, e in held) // PAGE
                 continue
             written = self._scan(m, PAGE_IS_WRITTEN, wp=not final, final=final)   # frozen: no need
             if written is None:
@@ -174,23 +185,78 @@ class _Dump:
             copy_ranges(pid, image, left, final)
             pages += sum(e - s for s, e in written) // PAGE
         if final:
-            for m in maps:                       # pages dropped since they were copied read as zeros
-                if m.key in tracker.ranges and not m.path:
-                    present = scanner.regions(m.start, m.end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
-                    for s, e in _gaps(m.start, m.end, present):
-                        image.zero(s, e - s)
+            for m in maps:                       # pages dropped since they were copied: zeros, or the file's
+                if "r" in m.perms:
+                    self._mark_dropped(m)
         self.rounds.append(dict(round=len(self.rounds) + 1, final=final, pages=pages,
                                 seconds=time.monotonic() - t0))
         if self.progress:
             self.progress(len(self.rounds), pages, image.bytes_written)
         return pages, maps
 
-    def _scan(self, m, categories, wp, final):
+    def source(self, m):
+        """How the image holds m: "file" (pages not in it are the mapped file's), "shared-file" (all are
+        the file's: none copied) or "memory" (pages not in it are zeros); and the file's identity."""
+        if m.key not in self.sources:
+            ident = m.file_identity()
+            self.sources[m.key] = ("memory" if ident is None else "shared-file" if m.shared else "file", ident)
+        return self.sources[m.key]
+
+    def _held(self, m, final):
+        """The ranges of m holding data of the process's own, found without touching the others (a
+        page never used is not read into existence); None if m changed under us."""
+        how, _ident = self.source(m)
+        if how == "shared-file":
+            return []
+        if m.shared:
+            data = _shmem_data(self.pid, m)
+            return [m.key] if data is None else data
+        if how == "memory" and not _anonymous(m):
+            return [m.key]                  # a deleted file's or a memfd's: the image holds all of it
+        without = PAGE_IS_PFNZERO | (PAGE_IS_FILE if how == "file" else 0)
+        return self._scan(m, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, wp=False, final=final, without=without)
+
+    def _protect(self, m):
+        """Write-protect a newly tracked mapping; the ranges it held just before, or None if it changed."""
+        try:
+            found = self.scanner.categorized(m.start, m.end, PAGE_IS_WRITTEN,
+                                             PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO, wp=True)
+        except DumpError as e:
+            if e.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
+                raise
+            self.tracker.forget(m.key)
+            return None
+        return [(s, e) for s, e, cats in found
+                if cats & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) and not cats & PAGE_IS_PFNZERO]
+
+    def _mark_dropped(self, m):
+        """Frozen: the pages of m the process no longer holds (dropped, or back to the file's) are
+        marked so in the image, whatever an earlier round copied of them."""
+        how, _ident = self.source(m)
+        if how == "shared-file":
+            return
+        if m.shared:
+            data = _shmem_data(self.pid, m)
+            if data is not None:
+                for s, e in _gaps(m.start, m.end, data):
+                    self.image.zero(s, e - s)
+            return
+        if how == "memory" and not _anonymous(m):
+            return
+        without = PAGE_IS_PFNZERO | (PAGE_IS_FILE if how == "file" else 0)
+        held = self.scanner.regions(m.start, m.end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, without)
+        for s, e in _gaps(m.start, m.end, held):
+            if how == "file":
+                self.image.from_file(s, e - s)
+            else:
+                self.image.zero(s, e - s)
+
+    def _scan(self, m, categories, wp, final, without=0):
         """PAGEMAP_SCAN of mapping m. While the target runs, m may be unmapped or replaced between reading
         the maps and the scan (EPERM, EINVAL, ENOENT): then the round leaves it to the next one, which
         takes it as a new mapping (registered and copied whole), and returns None. Frozen, nothing moves."""
         try:
-            return self.scanner.regions(m.start, m.end, categories, wp=wp)
+            return self.scanner.regions(m.start, m.end, categories, without, wp=wp)
         except DumpError as e:
             if final or e.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
                 raise
@@ -249,3 +315,36 @@ def _gaps(start, end, regions):
         at = max(at, e)
     if at < end:
         yield at, end
+
+
+def _anonymous(m):
+    return not m.path or m.path in ("[heap]", "[stack]") or m.path.startswith("[anon:")
+
+
+def _shmem_data(pid, m):
+    """The ranges of a shared memory mapping that hold pages (SEEK_DATA on the object through
+    /proc/PID/map_files, which needs CAP_SYS_ADMIN; shared memory's swapped pages count as data);
+    None where that is refused: then all of it is read."""
+    try:
+        fd = os.open("/proc/%d/map_files/%x-%x" % (pid, m.start, m.end), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out = []
+    try:
+        lo, hi = m.offset, m.offset + (m.end - m.start)
+        at = lo
+        while at < hi:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break                   # no data after at
+                return None
+            if data >= hi:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+            out.append((m.start + data - lo, m.start + hole - lo))
+            at = hole
+    finally:
+        os.close(fd)
+    return out

@@ -4,7 +4,8 @@ Image format (version 2), a directory:
   manifest.json   what was dumped (MANIFEST_FIELDS below); "complete": false until the end
   pages.img       page contents, appended round after round (4096 bytes each)
   pages.idx       little-endian (u64 address, u64 offset in pages.img) pairs; the last pair for an
-                  address wins; offset 2**64-1 (ZERO) means the page reads as zeros
+                  address wins; offset 2**64-1 (ZERO) means the page reads as zeros, 2**64-2
+                  (FROM_FILE) as the mapped file's
 Checksums (SHA-256) of pages.img and pages.idx are in the manifest. docs/image-format.md
 describes every field; IMAGE_VERSION changes whenever a reader of the old version would
 misread a new image (a field removed, renamed or given another meaning); adding a field that
@@ -27,6 +28,7 @@ from ..errors import PvmexecError
 
 IMAGE_VERSION = 2
 ZERO = (1 << 64) - 1
+FROM_FILE = (1 << 64) - 2       # the page reads as the mapped file's (its copy-on-write copy is gone)
 
 # Every manifest field: name -> (where, required, meaning). "optional" fields are absent when the
 # kernel or the target could not say (and why is in docs/image-format.md).
@@ -36,7 +38,8 @@ MANIFEST_FIELDS = {
     "error": ("image", False, "why the dump failed (incomplete images only)"),
     "checksums": ("image", True, "SHA-256 of pages.img and pages.idx"),
     "pid": ("process", True, "the dumped process"),
-    "mappings": ("process", True, "each mapping: start, end, perms, offset, path, vm_flags"),
+    "mappings": ("process", True, "each mapping: start, end, perms, offset, path, vm_flags, source (memory, file or "
+                                  "shared-file: where pages not in the image are); file (ino, dev, size, mtime_ns)"),
     "rounds": ("dump", True, "each round: round, final, pages, seconds"),
     "freeze_seconds": ("dump", True, "how long the target was frozen"),
     "freeze_breakdown": ("dump", True, "stop_threads, last_round, state (seconds)"),
@@ -121,6 +124,10 @@ class ImageWriter:
     def zero(self, addr, length):
         n = length // PAGE
         self._write_index(_pairs(range(addr, addr + length, PAGE), [ZERO] * n))
+
+    def from_file(self, addr, length):
+        n = length // PAGE
+        self._write_index(_pairs(range(addr, addr + length, PAGE), [FROM_FILE] * n))
 
     def hold(self):
         """Keep what is added in memory until flush(): the frozen round only copies, the disk waits."""
@@ -254,8 +261,8 @@ class Image:
             return "\n".join(lines)
         idx = self.page_index()
         lines.append("  process %d: %d threads, %d mappings, %d pages (%.1f MiB) in the image" % (
-            m["pid"], len(m["threads"]), len(m["mappings"]), sum(1 for v in idx.values() if v != ZERO),
-            sum(1 for v in idx.values() if v != ZERO) * PAGE / 2 ** 20))
+            m["pid"], len(m["threads"]), len(m["mappings"]), sum(1 for v in idx.values() if v < FROM_FILE),
+            sum(1 for v in idx.values() if v < FROM_FILE) * PAGE / 2 ** 20))
         for r in m["rounds"]:
             lines.append("  round %d%s: %d pages in %.3f s" % (r["round"], " (frozen)" if r["final"] else "",
                                                                r["pages"], r["seconds"]))
@@ -296,7 +303,10 @@ def _validate(directory, m):
 
 
 def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, str]]:
-    """Compare the image's memory with process pid's, page by page, through /proc/PID/mem.
+    """Compare the image's memory with process pid's, page by page, through /proc/PID/mem, without
+    reading a page the process does not hold into existence: a page it does not hold must be one the
+    image says is zero (or the file's, for a file mapping); one it holds must equal the image's.
+    A shared file mapping is the file's and is not compared.
 
     Freezes the process meanwhile unless frozen (already stopped by the caller). Returns a list
     of differences (address, what): empty when they match.
@@ -308,33 +318,57 @@ def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, st
         from ..engines.ptrace import PtraceEngine
         engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
         engine.freeze()
-    diffs = []
+    diffs: list[tuple[int, str]] = []
     try:
         idx = img.page_index()
+        from ..proc import PagemapScan
+        scan = PagemapScan(pid)
         mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
-        with open(os.path.join(directory, "pages.img"), "rb") as pages:
-            try:
+        try:
+            with open(os.path.join(directory, "pages.img"), "rb") as pages:
                 for mp in img.manifest["mappings"]:
-                    if "r" not in mp["perms"]:
-                        continue
-                    for addr in range(mp["start"], mp["end"], PAGE):
-                        off = idx.get(addr)
-                        if off is None or off == ZERO:
-                            want = bytes(PAGE)
-                        else:
-                            pages.seek(off)
-                            want = pages.read(PAGE)
-                        try:
-                            got = os.pread(mem, PAGE, addr)
-                        except OSError as e:
-                            if off is not None and off != ZERO:     # e.g. a file mapping past the file's end
-                                diffs.append((addr, "unreadable in the process: %s" % e.strerror))
-                            continue
-                        if got != want:
-                            diffs.append((addr, "differs" if off is not None else "not in the image"))
-            finally:
-                os.close(mem)
+                    if "r" in mp["perms"] and mp.get("source") != "shared-file":
+                        _verify_mapping(mp, idx, pages, mem, scan, pid, diffs)
+        finally:
+            os.close(mem)
+            scan.close()
     finally:
         if engine is not None:
             engine.thaw()
     return diffs
+
+
+def _verify_mapping(mp, idx, pages, mem, scan, pid, diffs):
+    from ..abi import PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
+    from .dump import _shmem_data
+    from .tracking import Mapping
+    start, end, from_file = mp["start"], mp["end"], mp.get("source") == "file"
+    if mp["perms"][3] == "s":
+        m = Mapping("%x-%x %s %x 00:00 0 %s" % (start, end, mp["perms"], mp["offset"], mp["path"]))
+        held = _shmem_data(pid, m)
+        held = [(start, end)] if held is None else held
+    else:
+        held = scan.regions(start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                            PAGE_IS_PFNZERO | (PAGE_IS_FILE if from_file else 0))
+    holds = set()
+    for s, e in held:
+        holds.update(range(s, e, PAGE))
+    for addr in range(start, end, PAGE):
+        off = idx.get(addr)
+        if addr not in holds:
+            if off is not None and off < FROM_FILE and (from_file or _page(pages, off) != bytes(PAGE)):
+                diffs.append((addr, "in the image, not held by the process"))
+            continue
+        want = bytes(PAGE) if off is None or off >= FROM_FILE else _page(pages, off)
+        try:
+            got = os.pread(mem, PAGE, addr)
+        except OSError as e:
+            diffs.append((addr, "unreadable in the process: %s" % e.strerror))
+            continue
+        if got != want or off == FROM_FILE:
+            diffs.append((addr, "differs" if off is not None else "not in the image"))
+
+
+def _page(pages, off):
+    pages.seek(off)
+    return pages.read(PAGE)

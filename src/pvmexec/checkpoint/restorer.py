@@ -33,7 +33,7 @@ from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_TH
 from ..arch import current as current_arch
 from ..errors import PvmexecError
 from ..syscalls import number
-from .image import ZERO, DumpError, Image
+from .image import FROM_FILE, ZERO, DumpError, Image
 
 ARCH = current_arch()
 _R = ARCH.REG_INDEX
@@ -133,8 +133,10 @@ def _check_fields(m):
                                                 for v in m["rlimits"].values()), "rlimits")
     for i, mp in enumerate(m["mappings"]):
         need(isinstance(mp.get("vm_flags", ""), str) and len(mp["perms"]) == 4 and
-             _is_int(mp["offset"], 0, 1 << 63) and mp["start"] % PAGE == 0 and mp["end"] % PAGE == 0,
-             "mapping %d" % i)
+             _is_int(mp["offset"], 0, 1 << 63) and mp["start"] % PAGE == 0 and mp["end"] % PAGE == 0 and
+             mp.get("source") in ("memory", "file", "shared-file") and
+             (mp["source"] == "memory" or isinstance(mp.get("file"), dict) and
+              all(_is_int(mp["file"].get(k)) for k in ("ino", "dev", "size", "mtime_ns"))), "mapping %d" % i)
 
 
 class _Plan:
@@ -164,23 +166,23 @@ class _Plan:
 
     @staticmethod
     def _mapping(mp):
-        path, perms, flags = mp["path"], mp["perms"], mp.get("vm_flags", "").split()
-        shared = perms[3:4] == "s"
-        if path in _SPECIAL or path == "[vsyscall]":
-            kind = "special"
-        elif path in ("", "[heap]", "[stack]") or path.startswith("[anon"):
-            kind = "shared-anon" if shared else "anon"
-        elif path.startswith("/dev/zero") or path.startswith("/SYSV"):
-            kind = "shared-anon"
-        elif path.endswith(" (deleted)") or path.startswith("/memfd:"):
-            raise RestoreError(errno.ENOENT, "mapping %#x-%#x is of %s, which no longer exists" % (
-                mp["start"], mp["end"], path))
-        elif path.startswith("/"):
-            if not os.path.isfile(path):
-                raise RestoreError(errno.ENOENT, "mapping %#x-%#x: %s is gone" % (mp["start"], mp["end"], path))
-            kind = "shared-file" if shared else "file"
+        """How to make mapping mp again: anonymous (the image holds all it held), or the file mapped
+        (the image holds the pages the process changed), which must be the very file of the dump."""
+        path, perms, flags, how = mp["path"], mp["perms"], mp.get("vm_flags", "").split(), mp["source"]
+        where = "mapping %#x-%#x (%s)" % (mp["start"], mp["end"], path or "anonymous")
+        if how == "memory":
+            kind = "shared-anon" if perms[3] == "s" else "anon"
         else:
-            raise RestoreError(errno.EINVAL, "mapping %#x-%#x of %r cannot be restored" % (mp["start"], mp["end"], path))
+            kind = how
+            want = mp["file"]
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise RestoreError(e.errno, "%s: %s" % (where, e.strerror)) from None
+            if (st.st_ino, st.st_dev) != (want["ino"], want["dev"]):
+                raise RestoreError(errno.ESTALE, "%s: %s is another file than at the dump" % (where, path))
+            if (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]):
+                raise RestoreError(errno.ESTALE, "%s: %s changed since the dump" % (where, path))
         prot = (PROT_READ if "r" in perms else 0) | (PROT_WRITE if "w" in perms else 0) | \
             (PROT_EXEC if "x" in perms else 0)
         return dict(mp, kind=kind, prot=prot, flags=flags)
@@ -442,7 +444,7 @@ class _Restorer:
             if i < 0 or addr >= owner[i][1]:
                 raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
             kind = owner[i][2]
-            if kind in ("special", "shared-file") or (off == ZERO and kind != "file"):
+            if kind in ("special", "shared-file") or off == FROM_FILE or (off == ZERO and kind != "file"):
                 continue
             if runs and runs[-1][0] + runs[-1][2] * PAGE == addr and (off == ZERO) == (runs[-1][1] == ZERO) and \
                     (off == ZERO or runs[-1][1] + runs[-1][2] * PAGE == off):

@@ -6,6 +6,7 @@ reaching us, and PAGEMAP_SCAN with PM_SCAN_WP_MATCHING on /proc/PID/pagemap
 reports the pages written since the last scan and protects them again, atomically.
 """
 import os
+import stat
 import struct
 
 from ..abi import (UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
@@ -21,14 +22,32 @@ _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 class Mapping:
     """One line of /proc/PID/maps."""
 
-    __slots__ = ("start", "end", "perms", "offset", "path")
+    __slots__ = ("start", "end", "perms", "offset", "path", "inode")
 
     def __init__(self, line):
         fields = line.split(None, 5)
         self.start, self.end = (int(x, 16) for x in fields[0].split("-"))
         self.perms = fields[1]
         self.offset = int(fields[2], 16)
+        self.inode = int(fields[4])
         self.path = fields[5].rstrip("\n") if len(fields) > 5 else ""
+
+    @property
+    def shared(self):
+        return self.perms[3] == "s"
+
+    def file_identity(self):
+        """The mapped file as it is now (ino, size, mtime) if its path still names the mapped file, else
+        None (deleted, replaced, a memfd or shared memory): then its pages are only in the process."""
+        if not self.path.startswith("/") or self.path.endswith(" (deleted)") or self.path.startswith("/SYSV"):
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        if st.st_ino != self.inode or not stat.S_ISREG(st.st_mode):
+            return None
+        return dict(ino=st.st_ino, dev=st.st_dev, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
     @property
     def key(self):
@@ -51,9 +70,9 @@ def read_maps(pid, skip=()):
 class Scanner(PagemapScan):
     """PAGEMAP_SCAN on the target's pagemap; its failures are the dump's."""
 
-    def regions(self, start, end, anyof, without=0, wp=False):
+    def categorized(self, start, end, anyof, report, without=0, wp=False):
         try:
-            return super().regions(start, end, anyof, without, wp)
+            return super().categorized(start, end, anyof, report, without, wp)
         except OSError as e:
             raise DumpError(e.errno, "PAGEMAP_SCAN on the target's pagemap: %s" % e.strerror) from None
 
