@@ -84,6 +84,15 @@ def test_bench_sandbox_and_dump_json_quick():
     assert report["stop-the-world"]["rounds"] == 1 and report["pre-dump"]["rounds"] >= 2
     assert report["freeze_ratio"] > 0 and 0 < report["pre-dump"]["progress_kept"]
     assert report["placement"]
+    out = pvmexec("bench", "restore", "--json", "--quick", timeout=600)
+    if os.geteuid() != 0:
+        assert out.returncode == 1 and "needs root" in out.stdout
+        return
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for kind in ("stop-the-world", "pre-dumps"):
+        assert report[kind]["goes_on"] and 0 < report[kind]["restore_s"] < report[kind]["downtime_s"]
+    assert report["pre-dumps"]["rounds"] >= 2 and report["downtime_ratio"] > 0
 
 
 def test_run_trace_is_a_flag_and_never_destroys_a_file(tmp_path):

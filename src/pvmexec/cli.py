@@ -195,10 +195,14 @@ def cmd_restore(args):
     if args.detach:
         print("restored process %d (%d threads)" % (restored.pid, len(restored.threads)))
         return 0
-    # Terminal signals reach it directly (it is in our process group); we only wait.
+    # Terminal signals reach it directly (it is in our process group); a kill of this command
+    # (timeout, a supervisor) is passed on, as a shell's exec would have it reach the program.
+    import os
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
         signal.signal(sig, signal.SIG_IGN)
-    return _exit_as(restored.wait())
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, _f: os.kill(restored.pid, s))
+    return _exit_as(restored.wait())            # retried after each handler (PEP 475)
 
 
 def cmd_dump(args):
@@ -396,9 +400,10 @@ def build_parser():
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--iterations", type=positive_int, default=20000, help="round trips per C-level loop")
     b.add_argument("--quick", action="store_true", help="a few hundred round trips (smoke test)")
-    b.add_argument("what", nargs="?", choices=("engines", "sandbox", "dump"), default="engines",
+    b.add_argument("what", nargs="?", choices=("engines", "sandbox", "dump", "restore"), default="engines",
                    help="engines (default): both modes, every engine; sandbox: pvmexec run against native "
-                        "runs, the ptrace engine and strace; dump: live checkpoint against stop-the-world")
+                        "runs, the ptrace engine and strace; dump: live checkpoint against stop-the-world; "
+                        "restore: migration downtime, dump + restore, with and without pre-dumps (root)")
     b.set_defaults(func=cmd_bench)
     c = sub.add_parser("completion", parents=[common], help="print a shell completion script",
                        description="Print the completion script for SHELL (generated from this parser by "

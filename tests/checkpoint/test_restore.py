@@ -3,8 +3,10 @@ if it had never stopped; what cannot be restored is refused before anything runs
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,6 +69,16 @@ def _maps(pid):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             out.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
     return out
+
+
+def _released(pid):
+    """Restored and let go: its own name, no tracer."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            status = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return False
+    return status["Name"].strip() == "sleep" and status["TracerPid"].strip() == "0"
 
 
 def _gone(pid):
@@ -240,3 +252,35 @@ def test_cli_restore_errors_are_one_line(tmp_path):
     r = subprocess.run([PY, "-m", "pvmexec", "restore", str(tmp_path / "nothing")], capture_output=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"pvmexec restore: ")
     assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_kill_of_pvmexec_restore_reaches_the_restored_process(tmp_path):
+    """As for a program a shell exec'd: SIGTERM to the command ends the program, which dies of it."""
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    img = str(tmp_path / "img")
+    try:
+        checkpoint.dump(p.pid, img, pre_dumps=0, leave_running=False)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        p.stdout.close()
+        p.stderr.close()
+    r = subprocess.Popen([PY, "-m", "pvmexec", "restore", img], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not _released(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _released(p.pid)
+        r.send_signal(signal.SIGTERM)
+        out, err = r.communicate(timeout=30)
+        assert r.returncode == -signal.SIGTERM and err == b""
+    finally:
+        if r.poll() is None:
+            r.kill()
+            r.wait(10)
+    deadline = time.monotonic() + 10
+    while os.path.exists("/proc/%d" % p.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists("/proc/%d" % p.pid)

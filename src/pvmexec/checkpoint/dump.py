@@ -19,7 +19,7 @@ from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_
 from ..errors import PvmexecError, TargetGone
 from . import state
 from .image import DumpError, ImageWriter
-from .tracking import Scanner, Tracker, read_maps
+from .tracking import Scanner, Tracker, read_maps, shmem_data
 from .transfer import Splicer, copy_range, copy_ranges
 
 
@@ -209,7 +209,7 @@ class _Dump:
         if how == "shared-file":
             return []
         if m.shared:
-            data = _shmem_data(self.pid, m)
+            data = shmem_data(self.pid, m)
             return [m.key] if data is None else data
         if how == "memory" and not _anonymous(m):
             return [m.key]                  # a deleted file's or a memfd's: the image holds all of it
@@ -236,7 +236,7 @@ class _Dump:
         if how == "shared-file":
             return
         if m.shared:
-            data = _shmem_data(self.pid, m)
+            data = shmem_data(self.pid, m)
             if data is not None:
                 for s, e in _gaps(m.start, m.end, data):
                     self.image.zero(s, e - s)
@@ -319,32 +319,3 @@ def _gaps(start, end, regions):
 
 def _anonymous(m):
     return not m.path or m.path in ("[heap]", "[stack]") or m.path.startswith("[anon:")
-
-
-def _shmem_data(pid, m):
-    """The ranges of a shared memory mapping that hold pages (SEEK_DATA on the object through
-    /proc/PID/map_files, which needs CAP_SYS_ADMIN; shared memory's swapped pages count as data);
-    None where that is refused: then all of it is read."""
-    try:
-        fd = os.open("/proc/%d/map_files/%x-%x" % (pid, m.start, m.end), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    out = []
-    try:
-        lo, hi = m.offset, m.offset + (m.end - m.start)
-        at = lo
-        while at < hi:
-            try:
-                data = os.lseek(fd, at, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break                   # no data after at
-                return None
-            if data >= hi:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
-            out.append((m.start + data - lo, m.start + hole - lo))
-            at = hole
-    finally:
-        os.close(fd)
-    return out

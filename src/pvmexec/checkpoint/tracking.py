@@ -5,6 +5,7 @@ that creates it); a written page loses its protection without any fault
 reaching us, and PAGEMAP_SCAN with PM_SCAN_WP_MATCHING on /proc/PID/pagemap
 reports the pages written since the last scan and protects them again, atomically.
 """
+import errno
 import os
 import stat
 import struct
@@ -128,3 +129,32 @@ class Tracker:
             finally:
                 self.space.untrack_fd(self.uffd)
                 self.uffd = None
+
+
+def shmem_data(pid, m):
+    """The ranges of a shared memory mapping that hold pages (SEEK_DATA on the object through
+    /proc/PID/map_files, which needs CAP_SYS_ADMIN; shared memory's swapped pages count as data);
+    None where that is refused: then all of it is read."""
+    try:
+        fd = os.open("/proc/%d/map_files/%x-%x" % (pid, m.start, m.end), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out = []
+    try:
+        lo, hi = m.offset, m.offset + (m.end - m.start)
+        at = lo
+        while at < hi:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break                   # no data after at
+                return None
+            if data >= hi:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+            out.append((m.start + data - lo, m.start + hole - lo))
+            at = hole
+    finally:
+        os.close(fd)
+    return out

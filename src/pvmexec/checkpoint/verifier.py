@@ -1,0 +1,78 @@
+"""image verify: an image against the process it was dumped from, page by page, without reading a page
+the process does not hold into existence."""
+from __future__ import annotations
+
+import os
+
+from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
+from ..proc import PagemapScan
+from .image import FROM_FILE, Image
+from .tracking import Mapping, shmem_data
+
+
+def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, str]]:
+    """Compare the image's memory with process pid's, page by page, through /proc/PID/mem, without
+    reading a page the process does not hold into existence: a page it does not hold must be one the
+    image says is zero (or the file's, for a file mapping); one it holds must equal the image's.
+    A shared file mapping is the file's and is not compared.
+
+    Freezes the process meanwhile unless frozen (already stopped by the caller). Returns a list
+    of differences (address, what): empty when they match.
+    """
+    img = Image(directory)
+    img.check()
+    engine = None
+    if not frozen:
+        from ..engines.ptrace import PtraceEngine
+        engine = PtraceEngine(pid, pid, reap_leader=False, check_seccomp=False)
+        engine.freeze()
+    diffs: list[tuple[int, str]] = []
+    try:
+        idx = img.page_index()
+        scan = PagemapScan(pid)
+        mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
+        try:
+            with open(os.path.join(directory, "pages.img"), "rb") as pages:
+                for mp in img.manifest["mappings"]:
+                    if "r" in mp["perms"] and mp.get("source") != "shared-file":
+                        _verify_mapping(mp, idx, pages, mem, scan, pid, diffs)
+        finally:
+            os.close(mem)
+            scan.close()
+    finally:
+        if engine is not None:
+            engine.thaw()
+    return diffs
+
+
+def _verify_mapping(mp, idx, pages, mem, scan, pid, diffs):
+    start, end, from_file = mp["start"], mp["end"], mp.get("source") == "file"
+    if mp["perms"][3] == "s":
+        m = Mapping("%x-%x %s %x 00:00 0 %s" % (start, end, mp["perms"], mp["offset"], mp["path"]))
+        held = shmem_data(pid, m)
+        held = [(start, end)] if held is None else held
+    else:
+        held = scan.regions(start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                            PAGE_IS_PFNZERO | (PAGE_IS_FILE if from_file else 0))
+    holds = set()
+    for s, e in held:
+        holds.update(range(s, e, PAGE))
+    for addr in range(start, end, PAGE):
+        off = idx.get(addr)
+        if addr not in holds:
+            if off is not None and off < FROM_FILE and (from_file or _page(pages, off) != bytes(PAGE)):
+                diffs.append((addr, "in the image, not held by the process"))
+            continue
+        want = bytes(PAGE) if off is None or off >= FROM_FILE else _page(pages, off)
+        try:
+            got = os.pread(mem, PAGE, addr)
+        except OSError as e:
+            diffs.append((addr, "unreadable in the process: %s" % e.strerror))
+            continue
+        if got != want or off == FROM_FILE:
+            diffs.append((addr, "differs" if off is not None else "not in the image"))
+
+
+def _page(pages, off):
+    pages.seek(off)
+    return pages.read(PAGE)
