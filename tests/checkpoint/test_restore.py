@@ -71,14 +71,14 @@ def _maps(pid):
     return out
 
 
-def _released(pid):
+def _released(pid, name="sleep"):
     """Restored and let go: its own name, no tracer."""
     try:
         with open("/proc/%d/status" % pid) as f:
             status = dict(line.split(":", 1) for line in f)
     except OSError:
         return False
-    return status["Name"].strip() == "sleep" and status["TracerPid"].strip() == "0"
+    return status["Name"].strip() == name and status["TracerPid"].strip() == "0"
 
 
 def _gone(pid):
@@ -284,3 +284,42 @@ def test_a_kill_of_pvmexec_restore_reaches_the_restored_process(tmp_path):
     while os.path.exists("/proc/%d" % p.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not os.path.exists("/proc/%d" % p.pid)
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_restorer_killed_at_any_moment_leaves_nothing_half_made(restorable, data_file, tmp_path):
+    """SIGKILL of `pvmexec restore` before, during or after the restore: the process is either gone
+    or whole (it answers as an undisturbed run does), never half-made."""
+    want = _undisturbed(restorable, data_file)
+    pid, _m = _dumped(restorable, data_file, str(tmp_path / "img"))
+    outcomes = set()
+    for delay in (0.0, 0.15, 0.3, 0.4, 0.5, 0.7, 1.0, 4.0):
+        r = subprocess.Popen([PY, "-m", "pvmexec", "restore", str(tmp_path / "img")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(delay)
+            r.kill()
+            r.wait(10)
+            deadline = time.monotonic() + 10
+            while os.path.exists("/proc/%d" % pid) and not _released(pid, "restorable") and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not os.path.exists("/proc/%d" % pid):
+                outcomes.add("gone")
+                continue
+            assert _released(pid, "restorable")
+            outcomes.add("whole")
+            r.stdin.write(b"go\n")
+            r.stdin.close()
+            assert r.stdout.read() == want                  # its stdout is the restorer's pipe
+            deadline = time.monotonic() + 10
+            while os.path.exists("/proc/%d" % pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            if os.path.exists("/proc/%d" % pid):
+                os.kill(pid, 9)
+                time.sleep(0.1)
+            for f in (r.stdin, r.stdout):
+                if not f.closed:
+                    f.close()
+    assert outcomes == {"gone", "whole"}                    # the early kills, the late one

@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import time
+import warnings
 
 from .. import _core
 from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN
@@ -278,7 +279,14 @@ class _Dump:
             self._release_frozen()                  # before the agent leaves: it unmaps itself with ptrace
         if self.space is not None:
             try:
-                self.space.detach()
+                if leave_running or engine is None:
+                    self.space.detach()
+                else:
+                    # Killed by us: what the agent cannot take back (its zombie is still ours to
+                    # wait for) goes with the process; no warning about it.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        self.space.detach()
             except TargetGone:
                 if leave_running:
                     raise

@@ -23,6 +23,7 @@ import resource
 import signal
 import stat
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +75,33 @@ def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2)) -> Restored
     """
     try:
         img = Image(directory)
-        img.check()
+        if not img.manifest.get("complete"):
+            img.check()                         # says why it is incomplete
     except DumpError as e:
         raise RestoreError(e.errno, str(e)) from None
+    # The checksums are summed while the process is built (hashing runs without the GIL); it is
+    # let go only if they match, and killed if not: nothing of a damaged image ever runs.
+    checked = _Checksums(img)
     plan = _Plan(img, stdio)
-    return _Restorer(plan).run()
+    return _Restorer(plan, checked).run()
+
+
+class _Checksums(threading.Thread):
+    def __init__(self, img):
+        super().__init__(name="pvmexec-restore-checksums", daemon=True)
+        self.img, self.error = img, None
+        self.start()
+
+    def run(self):
+        try:
+            self.img.check()
+        except (DumpError, OSError) as e:
+            self.error = e
+
+    def verdict(self):
+        self.join()
+        if self.error is not None:
+            raise RestoreError(self.error.errno or errno.EIO, str(self.error))
 
 
 # -- what is restored, checked before anything is made ------------------------------------------
@@ -255,8 +278,8 @@ def _own_specials():
 # -- the restore itself ------------------------------------------------------------------------
 
 class _Restorer:
-    def __init__(self, plan):
-        self.p, self.m = plan, plan.m
+    def __init__(self, plan, checked):
+        self.p, self.m, self.checked = plan, plan.m, checked
         self.pid = self.m["pid"]
         self.seized = []
         self.helper = 0
@@ -266,6 +289,7 @@ class _Restorer:
         self._spawn()
         try:
             self._build()
+            self.checked.verdict()
             tids = self._release()
         except BaseException:
             self._kill()
@@ -317,6 +341,11 @@ class _Restorer:
         if self.mem is not None:
             os.close(self.mem)
             self.mem = None
+        for tid in self.seized[1:]:             # traced threads' deaths are ours to take, before the leader's
+            try:
+                _core.wait(tid, True, False)
+            except OSError:
+                pass
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
@@ -436,21 +465,26 @@ class _Restorer:
         does). A shared file mapping's pages are the file's own: never written back into it."""
         owner = sorted((mp["start"], mp["end"], mp["kind"]) for mp in self.p.mappings)
         runs = []
-        import bisect
-        starts = [o[0] for o in owner]
-        for addr in sorted(self.p.index):
-            off = self.p.index[addr]
-            i = bisect.bisect_right(starts, addr) - 1
-            if i < 0 or addr >= owner[i][1]:
+        i, lo, hi, kind = -1, 0, 0, None
+        index = self.p.index
+        for addr in sorted(index):
+            while addr >= hi:                   # the mapping holding addr (pages and mappings in order)
+                i += 1
+                if i == len(owner):
+                    raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
+                lo, hi, kind = owner[i]
+            if addr < lo:
                 raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
-            kind = owner[i][2]
+            off = index[addr]
             if kind in ("special", "shared-file") or off == FROM_FILE or (off == ZERO and kind != "file"):
                 continue
-            if runs and runs[-1][0] + runs[-1][2] * PAGE == addr and (off == ZERO) == (runs[-1][1] == ZERO) and \
-                    (off == ZERO or runs[-1][1] + runs[-1][2] * PAGE == off):
-                runs[-1][2] += 1
-            else:
-                runs.append([addr, off, 1])
+            if runs:
+                last = runs[-1]
+                if last[0] + last[2] * PAGE == addr and (off == ZERO) == (last[1] == ZERO) and \
+                        (off == ZERO or last[1] + last[2] * PAGE == off):
+                    last[2] += 1
+                    continue
+            runs.append([addr, off, 1])
         with open(os.path.join(self.p.img.dir, "pages.img"), "rb") as f:
             for addr, off, n in runs:
                 data = bytes(n * PAGE) if off == ZERO else os.pread(f.fileno(), n * PAGE, off)
