@@ -193,8 +193,12 @@ def cmd_restore(args):
         print("pvmexec restore: %s" % describe(e), file=sys.stderr)
         return 1
     if args.detach:
-        print("restored process %d (%d threads)" % (restored.pid, len(restored.threads)))
+        print("restored process %d (%d threads%s)" % (restored.pid, len(restored.threads),
+                                                      ", stopped as it was dumped" if restored.stopped else ""))
         return 0
+    if restored.stopped:
+        print("pvmexec restore: process %d is stopped, as it was dumped; kill -CONT %d continues it" % (
+            restored.pid, restored.pid), file=sys.stderr)
     # Terminal signals reach it directly (it is in our process group); a kill of this command
     # (timeout, a supervisor) is passed on, as a shell's exec would have it reach the program.
     import os

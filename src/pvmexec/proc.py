@@ -10,6 +10,17 @@ from .arch import current as current_arch
 from .errors import AccessDenied, AlreadyTraced, TargetGone, UnsupportedTarget
 
 
+def mappings(pid):
+    """[(start, end, perms, path)] of /proc/PID/maps ("" for an anonymous mapping; a path keeps its spaces)."""
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            parts = line.rstrip("\n").split(None, 5)
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16), parts[1], parts[5] if len(parts) > 5 else ""))
+    return out
+
+
 def status(pid):
     """/proc/PID/status as a dict of strings."""
     try:

@@ -227,3 +227,40 @@ def test_a_dump_reads_no_page_the_target_never_used(cc, tmp_path):
         if p.poll() is None:
             p.kill()
         p.wait(10)
+
+
+def test_a_stopped_process_is_dumped_and_stays_stopped(cc, tmp_path):
+    """As gcore and CRIU take one: a process stopped by job control is dumped in one frozen round
+    (it does not run), the image equals its memory, and it is still stopped afterwards; SIGCONT
+    continues it as if nothing happened."""
+    exe = compile_victim(cc, tmp_path, "restorable")
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"abcdefghijkl")
+    p = subprocess.Popen([exe, str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().startswith(b"ready")
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _state(p.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = []
+        m = dumpmod.dump(p.pid, str(tmp_path / "img"), pre_dumps=2,
+                         on_frozen=lambda pid: seen.append(dumpmod.verify(str(tmp_path / "img"), pid, frozen=True)))
+        assert m["stopped"] is True and len(m["rounds"]) == 1 and seen == [[]]
+        assert len(m["threads"]) == 4 and all(t.get("clear_child_tid") for t in m["threads"])
+        time.sleep(0.2)
+        assert _state(p.pid) == "T"                                 # still stopped
+        with open("/proc/%d/status" % p.pid) as f:
+            assert "TracerPid:\t0\n" in f.read()
+        os.kill(p.pid, signal.SIGCONT)
+        out, _ = p.communicate(b"go\n", timeout=30)
+        assert b"got go pid same workers ok" in out and p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def _state(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

@@ -26,7 +26,7 @@ def _manifest(**changes):
              freeze_breakdown=dict(stop_threads=0, last_round=0, state=0), total_seconds=0.02, bytes_written=8192,
              bytes_spliced=0, transfer="readv", threads=[], shared_pending=[], auxv="", mm={}, personality=0,
              cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={}, exe="/bin/true", comm="true",
-             vdso=[])
+             vdso=[], stopped=False)
     m.update(changes)
     return m
 

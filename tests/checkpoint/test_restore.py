@@ -323,3 +323,52 @@ def test_a_restorer_killed_at_any_moment_leaves_nothing_half_made(restorable, da
                 if not f.closed:
                     f.close()
     assert outcomes == {"gone", "whole"}                    # the early kills, the late one
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_process_dumped_stopped_is_restored_stopped(restorable, data_file, tmp_path):
+    want = _undisturbed(restorable, data_file)
+    p = _start(restorable, data_file)
+    try:
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _state(p.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        p.stdin.close()
+        p.stdout.close()
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2))
+    finally:
+        os.close(stdin_r)
+        os.close(out_w)
+    try:
+        assert restored.stopped
+        time.sleep(0.2)
+        assert _state(p.pid) == "T"
+        os.kill(p.pid, signal.SIGCONT)
+        os.write(stdin_w, b"go\n")
+        got = b""
+        while True:
+            chunk = os.read(out_r, 4096)
+            if not chunk:
+                break
+            got += chunk
+        assert got == want and restored.wait() == 0
+    finally:
+        os.close(stdin_w)
+        os.close(out_r)
+        if not _gone(p.pid):
+            os.kill(p.pid, 9)
+            os.waitpid(p.pid, 0)
+
+
+def _state(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

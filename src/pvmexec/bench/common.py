@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine it ran on and building its C programs (bench/programs/)."""
+"""What every benchmark shares: the machine it ran on, building its C programs (bench/programs/), its report."""
+import json
 import os
 import platform
 import shutil
@@ -62,3 +63,13 @@ def compile_c(work_dir, name, *flags):
     exe = os.path.join(work_dir, name)
     subprocess.run([cc, "-O2", *flags, "-o", exe, program_source(name)], check=True)
     return exe
+
+
+def report(args, run, header, line, format_table):
+    """A benchmark's main: one JSON object, or rows streamed as measured and then the summary."""
+    if args.json:
+        print(json.dumps(run(quick=args.quick), indent=2))
+    else:
+        result = run(quick=args.quick, on_row=streamed(header(args.quick), line))
+        print(format_table(result, rows=False))
+    return 0

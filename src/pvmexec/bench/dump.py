@@ -8,7 +8,6 @@ the final frozen round, once with pre-dump pages copied by process_vm_readv
 (into the image), and the target's work rate during the
 pre-dumps against its undisturbed rate.
 """
-import json
 import os
 import shutil
 import struct
@@ -17,7 +16,7 @@ import tempfile
 import time
 
 from .. import _core
-from .common import compile_c, streamed
+from .common import compile_c, report
 
 
 KINDS = ("stop-the-world", "pre-dump", "pre-dump (vmsplice)")
@@ -114,9 +113,4 @@ def format_table(r, rows=True):
 
 
 def main(args):
-    if args.json:
-        print(json.dumps(run(quick=args.quick), indent=2))
-    else:
-        report = run(quick=args.quick, on_row=streamed(_header(args.quick), _line))
-        print(format_table(report, rows=False))
-    return 0
+    return report(args, run, _header, _line, format_table)

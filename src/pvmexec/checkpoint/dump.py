@@ -81,10 +81,21 @@ class _Dump:
         self.space = self.agent = self.tracker = self.scanner = self.engine = self.splicer = None
         self.whole = set()             # mappings copied (what they hold) every round: untracked
         self.sources = {}              # key -> (how the image holds it, the file's identity)
+        self.stopped = False           # stopped by job control when the dump began
 
     def start(self):
         from ..space import attach
         state.rlimits(self.pid)             # what might be refused late is asked first, before any copy
+        if _job_stopped(self.pid):
+            # Stopped by job control, as gcore and CRIU take it: it does not run, so one frozen round
+            # copies everything; calls go through ptrace (an agent thread would stop with it). It
+            # stays stopped afterwards.
+            self.stopped = True
+            self.space = attach(self.pid, engine="ptrace", freeze=True)
+            self.engine = self.space.backend
+            self.scanner = Scanner(self.pid)
+            self.t_freeze, self.frozen_at = time.monotonic(), 0.0
+            return
         self.space = attach(self.pid, engine="agent")
         self.agent = self.space.backend
         self.tracker = Tracker(self.space)
@@ -98,6 +109,8 @@ class _Dump:
             self.splicer = Splicer(self.space)
 
     def pre_dumps(self, count, until_converged):
+        if self.stopped:
+            return
         previous = None
         for _ in range(MAX_ROUNDS if until_converged else count):
             pages, _ = self.one_round(False)
@@ -109,6 +122,8 @@ class _Dump:
             previous = pages
 
     def freeze(self):
+        if self.stopped:
+            return                          # frozen since start()
         from ..engines.ptrace import PtraceEngine
         self.engine = PtraceEngine(self.pid, self.pid, reap_leader=False, check_seccomp=False)
         self.t_freeze = time.monotonic()
@@ -116,16 +131,19 @@ class _Dump:
         self.frozen_at = time.monotonic() - self.t_freeze
 
     def final_round(self):
-        # First what only each thread can say: running a call in it lets the kernel update its rseq
-        # area on the way back, so the memory is copied after that.
+        # First the state: running a call in a thread (what only it can say; and every call of a
+        # stopped target's dump, which has no agent) lets the kernel update its rseq area on the way
+        # back, so the memory is copied after that.
+        t_state = time.monotonic()
         asked = {tid: state.thread_only(self.space, self.engine, tid) for tid in sorted(self.engine.frozen_tids())}
+        ours = {self.tracker and self.tracker.uffd, self.splicer and self.splicer.write_fd} | (
+            self.agent.own_fds() if self.agent else set())
+        self.state = state.process_state(self.pid, self.space, self.engine, ours, asked)
+        state_s = time.monotonic() - t_state
         self.image.hold()
         _, self.maps = self.one_round(True)
-        t_state = time.monotonic()
-        ours = {self.tracker.uffd, self.splicer and self.splicer.write_fd} | self.agent.own_fds()
-        self.state = state.process_state(self.pid, self.space, self.engine, ours, asked)
         self.state["freeze_breakdown"] = dict(stop_threads=self.frozen_at, last_round=self.rounds[-1]["seconds"],
-                                              state=time.monotonic() - t_state)
+                                              state=state_s)
 
     def finish(self, thaw_first):
         """Write the image; thaw_first: nobody needs the target frozen any longer, let it go first."""
@@ -139,7 +157,7 @@ class _Dump:
             how, ident = self.source(m)
             mappings.append(dict(m.as_dict(), vm_flags=flags.get(m.start, ""), source=how,
                                  **({"file": ident} if ident else {})))
-        manifest = dict(pid=self.pid, mappings=mappings, rounds=self.rounds, freeze_seconds=freeze_s,
+        manifest = dict(pid=self.pid, mappings=mappings, rounds=self.rounds, freeze_seconds=freeze_s, stopped=self.stopped,
                         total_seconds=time.monotonic() - self.t_start, bytes_written=self.image.bytes_written,
                         transfer=self.transfer, bytes_spliced=self.image.spliced_bytes, **self.state)
         self.image.finish(manifest)
@@ -147,7 +165,8 @@ class _Dump:
 
     def one_round(self, final):
         """Copy what changed (everything, for mappings seen first); returns (pages, maps)."""
-        pid, image, tracker, scanner, splicer = self.pid, self.image, self.tracker, self.scanner, self.splicer
+        pid, image, scanner, splicer = self.pid, self.image, self.scanner, self.splicer
+        tracker = self.tracker or _NoTracker
         t0 = last_report = time.monotonic()
         pages = 0
         maps = read_maps(pid, self.space.own_mappings() + (self.engine.own_mappings() if self.engine else []))
@@ -323,6 +342,28 @@ def _gaps(start, end, regions):
         at = max(at, e)
     if at < end:
         yield at, end
+
+
+class _NoTracker:
+    """A stopped target's dump tracks nothing: it is copied once, frozen."""
+    ranges = {}
+
+    @staticmethod
+    def register(m):
+        return False
+
+    @staticmethod
+    def forget(key):
+        pass
+
+
+def _job_stopped(pid):
+    """Whether pid is stopped by job control (T), not by a tracer of its own."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 def _anonymous(m):

@@ -42,6 +42,7 @@ MANIFEST_FIELDS = {
                                   "shared-file: where pages not in the image are); file (ino, dev, size, mtime_ns)"),
     "rounds": ("dump", True, "each round: round, final, pages, seconds"),
     "freeze_seconds": ("dump", True, "how long the target was frozen"),
+    "stopped": ("process", True, "stopped by job control when dumped (a restore leaves it stopped)"),
     "freeze_breakdown": ("dump", True, "stop_threads, last_round, state (seconds)"),
     "total_seconds": ("dump", True, "the whole dump"),
     "bytes_written": ("dump", True, "bytes of pages.img"),

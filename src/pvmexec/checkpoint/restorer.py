@@ -33,6 +33,7 @@ from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_TH
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, PTRACE_SINGLESTEP)
 from ..arch import current as current_arch
 from ..errors import PvmexecError
+from ..proc import mappings
 from ..syscalls import number
 from .image import FROM_FILE, ZERO, DumpError, Image
 
@@ -59,9 +60,11 @@ class RestoreError(PvmexecError):
 
 @dataclass
 class Restored:
-    """A restored process (our child unless detached): pid, and wait() for its wait status."""
+    """A restored process (our child unless detached): pid, and wait() for its wait status. stopped:
+    it was dumped stopped (job control) and is stopped again: SIGCONT continues it."""
     pid: int
     threads: list[int] = field(default_factory=list)
+    stopped: bool = False
 
     def wait(self) -> int:
         return os.waitpid(self.pid, 0)[1]
@@ -144,6 +147,7 @@ def _check_fields(m):
     need(isinstance(m["mm"], dict) and all(_is_int(v) for v in m["mm"].values()), "mm")
     need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
     need(_is_int(m["personality"], 0, 1 << 32), "personality")
+    need(isinstance(m.get("stopped"), bool), "stopped")
     need(all(isinstance(m[k], str) for k in ("cwd", "root", "exe", "comm")), "cwd, root, exe or comm")
     need(all(str(k).isdigit() and 0 < int(k) < 65 and isinstance(a, dict) and
              all(_is_int(a.get(n)) for n in ("handler", "flags", "restorer", "mask"))
@@ -265,14 +269,7 @@ class _Plan:
 
 
 def _own_specials():
-    out = {}
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 5 and parts[5] in _SPECIAL:
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                out[parts[5]] = (lo, hi)
-    return out
+    return {path: (lo, hi) for lo, hi, path in _maps(os.getpid()) if path in _SPECIAL}
 
 
 # -- the restore itself ------------------------------------------------------------------------
@@ -294,7 +291,7 @@ class _Restorer:
         except BaseException:
             self._kill()
             raise
-        return Restored(self.pid, tids)
+        return Restored(self.pid, tids, self.m["stopped"])
 
     # ---- the empty process
 
@@ -600,6 +597,8 @@ class _Restorer:
         os.close(self.mem)
         self.mem = None
         by_tid = {t["tid"]: t for t in self.p.threads}
+        if self.m["stopped"]:
+            os.kill(self.pid, signal.SIGSTOP)   # pending before it is let go: it stops as it was dumped
         for tid in self.tids[1:] + self.tids[:1]:
             t = by_tid[tid]
             regs = _resumable(bytes.fromhex(t["regs"]))
@@ -628,13 +627,7 @@ def _resumable(regs):
 
 
 def _maps(pid):
-    out = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            out.append((lo, hi, parts[5] if len(parts) > 5 else ""))
-    return out
+    return [(lo, hi, path) for lo, hi, _perms, path in mappings(pid)]
 
 
 def _free_range(size, busy, low=1 << 32):

@@ -9,6 +9,7 @@ import struct
 from .. import _core
 from ..abi import PR_GET_TID_ADDRESS
 from ..arch import current as current_arch
+from ..proc import mappings
 from ..syscalls import number
 
 
@@ -89,15 +90,12 @@ def vdso_mappings(pid):
     """The kernel's own mappings (vDSO and its data pages): where they are, and a hash of the vDSO's
     code, by which a restore knows whether this kernel's is the same."""
     out = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 5 and parts[5] in ("[vdso]", "[vvar]", "[vvar_vclock]"):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                entry = dict(start=lo, end=hi, path=parts[5])
-                if parts[5] == "[vdso]":
-                    entry["sha256"] = hashlib.sha256(_core.vm_read(pid, lo, hi - lo)).hexdigest()
-                out.append(entry)
+    for lo, hi, _perms, path in mappings(pid):
+        if path in ("[vdso]", "[vvar]", "[vvar_vclock]"):
+            entry = dict(start=lo, end=hi, path=path)
+            if path == "[vdso]":
+                entry["sha256"] = hashlib.sha256(_core.vm_read(pid, lo, hi - lo)).hexdigest()
+            out.append(entry)
     return out
 
 

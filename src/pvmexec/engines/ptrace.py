@@ -875,15 +875,8 @@ def _threads(pid):
 
 def find_syscall_insn(pid):
     """A syscall instruction in the target's vDSO, else in its first executable mapping."""
-    candidates = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            parts = line.split()
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            name = parts[5] if len(parts) > 5 else ""
-            if "x" not in parts[1] or name in ("[vsyscall]",):
-                continue
-            candidates.append((0 if name == "[vdso]" else 1, lo, min(hi, lo + (1 << 20))))
+    candidates = [(0 if name == "[vdso]" else 1, lo, min(hi, lo + (1 << 20)))
+                  for lo, hi, perms, name in proc.mappings(pid) if "x" in perms and name != "[vsyscall]"]
     for _prio, lo, hi in sorted(candidates):
         try:
             data = _core.vm_read(pid, lo, hi - lo)

@@ -27,6 +27,7 @@ from ..abi import (ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MA
                    SIG_IGN, page_up)
 from ..arch import current as _current_arch
 from ..errors import PvmexecError, TargetGone
+from ..proc import mappings
 from ..space import Space
 from ..syscalls import TABLE, name_of
 from . import loader
@@ -541,12 +542,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
     def _empty_space(p):
         """Unmap every guest mapping of p's space (the stub's own stay) and forget its patched sites."""
         space = p.space
-        calls = []
-        with open("/proc/%d/maps" % space.pid) as f:
-            for line in f:
-                lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
-                if hi <= ARCH.TASK_SIZE_MAX and not any(lo < e and hi > s for s, e in p.protected):
-                    calls.append(("munmap", (lo, hi - lo)))
+        calls = [("munmap", (lo, hi - lo)) for lo, hi, _perms, _path in mappings(space.pid)
+                 if hi <= ARCH.TASK_SIZE_MAX and not any(lo < e and hi > s for s, e in p.protected)]
         for i in range(0, len(calls), 64):
             for ret in space.syscalls(calls[i:i + 64]):
                 if ret:
@@ -555,20 +552,11 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
 
     @staticmethod
     def _stub_mappings(space):
-        out = []
-        with open("/proc/%d/maps" % space.pid) as f:
-            for line in f:
-                lo, hi = line.split()[0].split("-")
-                out.append((int(lo, 16), int(hi, 16)))
-        return tuple(out)
+        return tuple((lo, hi) for lo, hi, _perms, _path in mappings(space.pid))
 
     @staticmethod
     def _vdso(space):
-        with open("/proc/%d/maps" % space.pid) as f:
-            for line in f:
-                if line.rstrip().endswith("[vdso]"):
-                    return int(line.split("-")[0], 16)
-        return 0
+        return next((lo for lo, _hi, _perms, path in mappings(space.pid) if path == "[vdso]"), 0)
 
     # -- paths ---------------------------------------------------------------------------------
 
