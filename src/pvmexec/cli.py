@@ -187,8 +187,12 @@ def _exit_as(status):
 def cmd_restore(args):
     """The restored process runs as our child; we wait for it and end as it ends (unless --detach)."""
     from .checkpoint import restore
+    if args.pid_ns and args.detach:
+        print("pvmexec restore: --pid-ns cannot --detach: the namespace's first process is this command's, "
+              "and the namespace ends with it", file=sys.stderr)
+        return 2
     try:
-        restored = restore(args.dir)
+        restored = restore(args.dir, pid_ns=args.pid_ns)
     except (PvmexecError, OSError) as e:
         print("pvmexec restore: %s" % describe(e), file=sys.stderr)
         return 1
@@ -387,6 +391,8 @@ def build_parser():
                                     "attached to this command's). Waits for it and exits as it does.")
     rs.add_argument("dir", metavar="DIR")
     rs.add_argument("--detach", "-d", action="store_true", help="return once it runs instead of waiting for it")
+    rs.add_argument("--pid-ns", action="store_true",
+                    help="in a new pid namespace, where its pid and thread ids are free whatever runs here (root)")
     rs.set_defaults(func=cmd_restore)
 
     im = sub.add_parser("image", parents=[common], help="show an image, or verify it against a process",

@@ -372,3 +372,57 @@ def test_a_process_dumped_stopped_is_restored_stopped(restorable, data_file, tmp
 def _state(pid):
     with open("/proc/%d/stat" % pid) as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not ROOT, reason="a pid namespace and choosing pids in it need root")
+def test_restore_in_a_new_pid_namespace_while_the_original_runs(restorable, data_file, tmp_path):
+    """--pid-ns: the pids are taken here (the original goes on), free in a namespace of its own; it
+    sees its own pid and tids there, finishes as an undisturbed run, and the namespace ends with it."""
+    want = _undisturbed(restorable, data_file)
+    p = _start(restorable, data_file)
+    try:
+        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=True)
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2), pid_ns=True)
+        finally:
+            os.close(stdin_r)
+            os.close(out_w)
+        init = restored.init.pid
+        try:
+            assert restored.pid != p.pid
+            names = {}
+            for tid in os.listdir("/proc/%d/task" % restored.pid):
+                with open("/proc/%d/task/%s/status" % (restored.pid, tid)) as f:
+                    ns = next(line for line in f if line.startswith("NSpid:")).split()[1:]
+                names[int(ns[0])] = int(ns[-1])
+            assert sorted(names.values()) == sorted(t["tid"] for t in m["threads"])
+            os.write(stdin_w, b"go\n")
+            got = b""
+            while True:
+                chunk = os.read(out_r, 4096)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == want and restored.wait() == 0
+            assert not os.path.exists("/proc/%d" % init)        # the namespace ended with it
+        finally:
+            os.close(stdin_w)
+            os.close(out_r)
+            if restored.init is not None:
+                os.kill(restored.pid, 9)
+                restored.wait()
+        p.stdin.write(b"go\n")                                  # the original, untouched, goes on
+        p.stdin.close()
+        assert p.stdout.read() == want and p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_cli_pid_ns_cannot_detach(tmp_path):
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", "--pid-ns", "--detach", str(tmp_path)], capture_output=True,
+                       timeout=60)
+    assert r.returncode == 2 and b"--pid-ns cannot --detach" in r.stderr and r.stderr.count(b"\n") == 1

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _core
+from .. import _core, proc
 from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_THREAD, CLONE_VM, MAP_ANONYMOUS,
                    MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, PTRACE_DETACH,
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, PTRACE_SINGLESTEP)
@@ -65,16 +65,24 @@ class Restored:
     pid: int
     threads: list[int] = field(default_factory=list)
     stopped: bool = False
+    init: Any = None                # with pid_ns: the namespace's first process (ours), ended with it
 
     def wait(self) -> int:
-        return os.waitpid(self.pid, 0)[1]
+        status = os.waitpid(self.pid, 0)[1]
+        if self.init is not None:           # the namespace goes with the process it was made for
+            self.init.kill()
+            self.init.wait(10)
+            self.init = None
+        return status
 
 
-def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2)) -> Restored:
+def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2), pid_ns: bool = False) -> Restored:
     """Restore the process whose image is in directory; it runs once this returns.
 
     stdio: the descriptors of this process that the restored one's terminal or pipe descriptors
-    0-2 are attached to. Raises RestoreError (nothing left running) when it cannot.
+    0-2 are attached to. pid_ns: in a new pid namespace, where its pid and tids are free whatever
+    runs here (Restored.pid is then our name for it; wait() for it ends the namespace). Raises
+    RestoreError (nothing left running) when it cannot.
     """
     try:
         img = Image(directory)
@@ -85,8 +93,8 @@ def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2)) -> Restored
     # The checksums are summed while the process is built (hashing runs without the GIL); it is
     # let go only if they match, and killed if not: nothing of a damaged image ever runs.
     checked = _Checksums(img)
-    plan = _Plan(img, stdio)
-    return _Restorer(plan, checked).run()
+    plan = _Plan(img, stdio, pid_ns)
+    return _Restorer(plan, checked, pid_ns).run()
 
 
 class _Checksums(threading.Thread):
@@ -167,7 +175,7 @@ def _check_fields(m):
 
 
 class _Plan:
-    def __init__(self, img, stdio):
+    def __init__(self, img, stdio, pid_ns=False):
         m = img.manifest
         _check_fields(m)
         self.img, self.m, self.stdio = img, m, stdio
@@ -186,7 +194,7 @@ class _Plan:
                 raise RestoreError(errno.ENOENT, "the process's %s %s is not a directory here" % (name, m[name]))
         if not os.path.exists(m["exe"]):
             raise RestoreError(errno.ENOENT, "the program %s is gone" % m["exe"])
-        for t in self.threads:
+        for t in () if pid_ns else self.threads:
             if os.path.exists("/proc/%d" % t["tid"]):
                 raise RestoreError(errno.EEXIST, "pid %d is in use (the dumped process still runs? dump it with "
                                    "--kill, or end it, before restoring)" % t["tid"])
@@ -275,42 +283,56 @@ def _own_specials():
 # -- the restore itself ------------------------------------------------------------------------
 
 class _Restorer:
-    def __init__(self, plan, checked):
+    def __init__(self, plan, checked, pid_ns=False):
         self.p, self.m, self.checked = plan, plan.m, checked
-        self.pid = self.m["pid"]
+        self.ns_pid = self.m["pid"]             # its own name for itself (and the image's tids)
+        self.pid = None                         # ours, once made (another in a new pid namespace)
+        self.pid_ns, self.init = pid_ns, None
+        self.host = {}                          # its tid -> ours
         self.seized = []
         self.helper = 0
         self.mem = None
 
     def run(self):
-        self._spawn()
         try:
+            self._spawn()
             self._build()
             self.checked.verdict()
             tids = self._release()
         except BaseException:
             self._kill()
             raise
-        return Restored(self.pid, tids, self.m["stopped"])
+        return Restored(self.pid, tids, self.m["stopped"], self.init)
 
     # ---- the empty process
 
     def _spawn(self):
         from ..engines.stub import StubProcess, _wait_until_paused
         exe = os.memfd_create("pvmexec-restore", 0)
+        ns = -1
         try:
             os.write(exe, _core.STUB_ELF)
+            if self.pid_ns:
+                self.init = self._namespace(exe)
+                ns = os.open("/proc/%d/ns/pid" % self.init.pid, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                pid = _core.spawn_stub(exe, [b"pvmexec-restore", b"plain"], (), 0, False, self.pid)
+                pid = _core.spawn_stub(exe, [b"pvmexec-restore", b"plain"], (), 0, False, self.ns_pid, ns)
             except OSError as e:
                 if e.errno == errno.EPERM:
                     raise RestoreError(e.errno, "choosing the process's own pid (%d) needs CAP_CHECKPOINT_RESTORE "
-                                       "or root" % self.pid) from None
+                                       "or root" % self.ns_pid) from None
                 if e.errno == errno.EEXIST:
-                    raise RestoreError(e.errno, "pid %d is in use" % self.pid) from None
-                raise RestoreError(e.errno, "clone3 with pid %d: %s" % (self.pid, e.strerror)) from None
+                    raise RestoreError(e.errno, "pid %d is in use" % self.ns_pid) from None
+                raise RestoreError(e.errno, "clone3 with pid %d: %s" % (self.ns_pid, e.strerror)) from None
+        except BaseException:
+            self._end_init()
+            raise
         finally:
             os.close(exe)
+            if ns >= 0:
+                os.close(ns)
+        self.pid = pid
+        self.host[self.ns_pid] = pid
         proc = StubProcess(pid, False)
         self.proc = proc
         _wait_until_paused(proc)
@@ -320,6 +342,30 @@ class _Restorer:
         self._wait_stop(pid)
         self.insn = {pid: _core.getregs(pid)}
         self.mem = os.open("/proc/%d/mem" % pid, os.O_RDWR | os.O_CLOEXEC)
+
+    def _namespace(self, exe):
+        """A new pid namespace: its first process, pid 1 there, is a plain stub of ours (it dies with
+        this thread; the restored process's pid is free there, whatever runs here)."""
+        from ..abi import CLONE_NEWPID
+        from ..engines.stub import StubProcess, _wait_until_paused
+        try:
+            init = StubProcess(_core.spawn_stub(exe, [b"pvmexec-init", b"plain"], (), CLONE_NEWPID, False), True)
+        except OSError as e:
+            raise RestoreError(e.errno, "a new pid namespace (clone with CLONE_NEWPID): %s%s" % (
+                e.strerror, "; it needs root" if e.errno == errno.EPERM else "")) from None
+        try:
+            _wait_until_paused(init)
+        except BaseException:
+            init.kill()
+            init.wait(10)
+            raise
+        return init
+
+    def _end_init(self):
+        if self.init is not None:
+            self.init.kill()
+            self.init.wait(10)
+            self.init = None
 
     def _wait_stop(self, tid):
         got = _core.wait(tid, False, False, 10.0)
@@ -331,6 +377,9 @@ class _Restorer:
         return status
 
     def _kill(self):
+        if self.pid is None:                    # never made (or not ours to kill)
+            self._end_init()
+            return
         try:
             os.kill(self.pid, signal.SIGKILL)
         except OSError:
@@ -347,6 +396,7 @@ class _Restorer:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+        self._end_init()
 
     # ---- one syscall in a stopped thread, single-stepped at a syscall instruction
 
@@ -522,7 +572,8 @@ class _Restorer:
             h("chroot", self.put_str(m["root"]))
         h("prctl", PR_SET_PDEATHSIG, 0, 0, 0, 0)
         h("prctl", PR_SET_NAME, self.put_str(m["comm"][:15]), 0, 0, 0)
-        h("setpgid", 0, os.getpgrp())
+        if not self.pid_ns:                     # our group has no name in another namespace
+            h("setpgid", 0, os.getpgrp())
 
     def _descriptors(self):
         h = self.at_helper
@@ -542,13 +593,17 @@ class _Restorer:
         flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
         self.tids = [self.pid]
         for t in self.p.threads[1:]:
-            tid = t["tid"]
-            tids = self.put(struct.pack("<i", tid), 512)
+            want = t["tid"]
+            tids = self.put(struct.pack("<i", want), 512)
             args = struct.pack("<10Q", flags, 0, 0, 0, 0, 0, 0, 0, tids, 1)
             got = self.call(self.pid, self.helper, "clone3", self.put(args), len(args))
-            if got != tid:
+            if got != want:
                 raise RestoreError(-got if got < 0 else errno.EINVAL, "thread %d: clone3 gave %s" % (
-                    tid, os.strerror(-got) if got < 0 else got))
+                    want, os.strerror(-got) if got < 0 else got))
+            tid = proc.host_tid(self.pid, want) if self.pid_ns else want
+            if tid is None:
+                raise RestoreError(errno.ESRCH, "thread %d is not to be found" % want)
+            self.host[want] = tid
             self.seized.append(tid)
             self._wait_stop(tid)
             _core.setsigmask(tid, _ALL_BUT_KILL_STOP)
@@ -557,7 +612,7 @@ class _Restorer:
             self._thread_state(t)
         for sig_info in self.m["shared_pending"]:
             info = bytes.fromhex(sig_info)
-            self.at_helper("rt_sigqueueinfo", self.pid, struct.unpack_from("<i", info)[0], self.put(info))
+            self.at_helper("rt_sigqueueinfo", self.ns_pid, struct.unpack_from("<i", info)[0], self.put(info))
         for which, name in ((0, "real"), (1, "virtual"), (2, "prof")):
             value = self.m["itimers"].get(name)
             if value and any(value):
@@ -566,7 +621,7 @@ class _Restorer:
                 self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
 
     def _thread_state(self, t):
-        tid = t["tid"]
+        tid = self.host[t["tid"]]
         h = lambda name, *a: self.at_helper(name, *a, tid=tid)    # noqa: E731
         rl = t.get("robust_list")
         if rl and rl["head"]:
@@ -580,7 +635,7 @@ class _Restorer:
             h("rseq", rseq["addr"], rseq["size"], 0, rseq["signature"])
         for hexinfo in t["pending"]:
             info = bytes.fromhex(hexinfo)
-            h("rt_tgsigqueueinfo", self.pid, tid, struct.unpack_from("<i", info)[0], self.put(info))
+            h("rt_tgsigqueueinfo", self.ns_pid, t["tid"], struct.unpack_from("<i", info)[0], self.put(info))
 
     # ---- letting go
 
@@ -596,7 +651,7 @@ class _Restorer:
                 self.must(tid, insn, "getpid")
         os.close(self.mem)
         self.mem = None
-        by_tid = {t["tid"]: t for t in self.p.threads}
+        by_tid = {self.host[t["tid"]]: t for t in self.p.threads}
         if self.m["stopped"]:
             os.kill(self.pid, signal.SIGSTOP)   # pending before it is let go: it stops as it was dumped
         for tid in self.tids[1:] + self.tids[:1]:

@@ -65,17 +65,19 @@ child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_rando
     fail(report, errno);
 }
 
-/* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize, pid=0) -> pid
+/* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize, pid=0, pidns=-1) -> pid
  * pid > 0: the child gets that pid (clone3's set_tid: it must be free, and choosing needs
- * CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN), as a restored process needs its own. */
+ * CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN), as a restored process needs its own; in the pid
+ * namespace pidns (an fd of /proc/PID/ns/pid) if given, which this thread enters for the clone
+ * only. Returns the child's pid as we see it. */
 PyObject *
 py_spawn_stub(PyObject *self, PyObject *args)
 {
-    int exe, no_randomize, want_pid = 0;
+    int exe, no_randomize, want_pid = 0, pidns = -1;
     PyObject *argv_obj, *keep_obj;
     unsigned long flags;
-    if (!PyArg_ParseTuple(args, "iO!O!kp|i", &exe, &PyList_Type, &argv_obj, &PyTuple_Type, &keep_obj, &flags,
-                          &no_randomize, &want_pid))
+    if (!PyArg_ParseTuple(args, "iO!O!kp|ii", &exe, &PyList_Type, &argv_obj, &PyTuple_Type, &keep_obj, &flags,
+                          &no_randomize, &want_pid, &pidns))
         return NULL;
     Py_ssize_t nargs = PyList_GET_SIZE(argv_obj), nkeep = PyTuple_GET_SIZE(keep_obj);
     if (nargs < 1 || nargs > SPAWN_MAX_ARGS || nkeep > SPAWN_MAX_KEEP) {
@@ -106,6 +108,20 @@ py_spawn_stub(PyObject *self, PyObject *args)
         return raise_host("pipe2");
     }
     long pid;
+    int own_ns = -1;
+    if (pidns >= 0) {                           /* children of this thread go there, for this clone */
+        own_ns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
+        if (own_ns < 0 || setns(pidns, CLONE_NEWPID) < 0) {
+            int saved_ns = errno;
+            if (own_ns >= 0)
+                close(own_ns);
+            close(parent);
+            close(report[0]);
+            close(report[1]);
+            errno = saved_ns;
+            return raise_host(own_ns < 0 ? "open(/proc/self/ns/pid)" : "setns(CLONE_NEWPID)");
+        }
+    }
     if (want_pid > 0) {
         pid_t tids[1] = {want_pid};
         struct spawn_clone_args ca = {.flags = flags, .exit_signal = SIGCHLD, .set_tid = (uint64_t)(uintptr_t)tids,
@@ -117,6 +133,10 @@ py_spawn_stub(PyObject *self, PyObject *args)
     if (pid == 0)
         child(exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]);
     int saved = errno;
+    if (own_ns >= 0) {                          /* back: our own active namespace may always be entered */
+        (void)setns(own_ns, CLONE_NEWPID);
+        close(own_ns);
+    }
     close(parent);
     close(report[1]);
     if (pid < 0) {
