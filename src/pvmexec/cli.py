@@ -1,5 +1,6 @@
 """Command line: pvmexec syscall | run | dump | image | bench."""
 import argparse
+import json
 import re
 import signal
 import sys
@@ -234,15 +235,24 @@ def cmd_dump(args):
         print("\rround %d: %d/%d pages (%d%%), %.0f MiB/s, about %.0f s left   " % (
             rnd, done, expected, 100 * done // max(expected, 1), rate / 2 ** 20, left),
             end="", file=sys.stderr, flush=True)
+    diffs = []
+
+    def verify(pid):
+        diffs.extend(dumpmod.verify(args.dir, pid, frozen=True))
     try:
         m = dumpmod.dump(args.pid, args.dir, pre_dumps=args.pre_dumps, until_converged=args.until_converged,
                          leave_running=not args.kill, progress=progress, transfer=args.transfer,
-                         copying=copying if tty else None)
+                         copying=copying if tty else None, on_frozen=verify if args.verify else None)
     except (PvmexecError, OSError) as e:
         print(("\n" if tty else "") + "pvmexec dump: %s" % describe(e), file=sys.stderr)
         return 1
     if tty:
         print(file=sys.stderr)
+    if diffs:
+        for addr, what in diffs[:20]:
+            print("%#x: %s" % (addr, what), file=sys.stderr)
+        print("pvmexec dump: the image differs from the frozen process in %d pages" % len(diffs), file=sys.stderr)
+        return 1
     print("dumped process %d to %s: %d rounds, %.1f MiB written, frozen %.1f ms, %.2f s in all; %s" % (
         args.pid, os.path.abspath(args.dir), len(m["rounds"]), m["bytes_written"] / 2 ** 20,
         m["freeze_seconds"] * 1e3, m["total_seconds"], "killed" if args.kill else "left running"))
@@ -254,7 +264,8 @@ def cmd_image(args):
     from . import checkpoint as dumpmod
     try:
         if args.action == "show":
-            print(dumpmod.Image(args.dir).summary())
+            img = dumpmod.Image(args.dir)
+            print(json.dumps(img.readable(), indent=2) if args.json else img.summary())
             return 0
         diffs = dumpmod.verify(args.dir, args.pid)
     except (PvmexecError, OSError) as e:
@@ -381,6 +392,8 @@ def build_parser():
     end = d.add_mutually_exclusive_group()
     end.add_argument("--leave-running", action="store_true", help="let it go on afterwards (the default)")
     end.add_argument("--kill", action="store_true", help="kill it once dumped")
+    d.add_argument("--verify", action="store_true",
+                   help="compare the image with the process while it is still frozen (status 1 if they differ)")
     d.set_defaults(func=cmd_dump)
 
     rs = sub.add_parser("restore", parents=[common], help="bring a dumped process back to life from its image",
@@ -401,6 +414,7 @@ def build_parser():
     im.add_argument("action", choices=("show", "verify"))
     im.add_argument("dir", metavar="DIR")
     im.add_argument("pid", type=int, nargs="?", metavar="PID")
+    im.add_argument("--json", action="store_true", help="show: the manifest as JSON, registers by name")
     im.set_defaults(func=cmd_image_or_usage)
 
     b = sub.add_parser("bench", parents=[common], help="measure both process_vm_exec modes (self-contained)",

@@ -159,6 +159,14 @@ def test_cli_dump_show_and_verify(spawn, tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "matches process %d" % v.pid in check.stdout, check
     assert v.state() in "SR"                            # still running, not left stopped
+    shown = json.loads(subprocess.run([sys.executable, "-m", "pvmexec", "image", "show", "--json", img],
+                                      capture_output=True, text=True, timeout=60, check=True).stdout)
+    regs = shown["threads"][0]["regs"]                  # by name, as crit show decodes them
+    assert shown["pid"] == v.pid and int(regs["rip"], 16) and int(regs["rsp"], 16) and "orig_rax" in regs
+    img2 = str(tmp_path / "img2")
+    got = subprocess.run([sys.executable, "-m", "pvmexec", "dump", "--verify", str(v.pid), img2],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and "differs" not in got.stderr and "dumped process" in got.stdout, got
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops a capability of root's: needs root")

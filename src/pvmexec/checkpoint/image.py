@@ -253,6 +253,17 @@ class Image:
             out[addr] = off
         return out
 
+    def readable(self) -> dict[str, Any]:
+        """The manifest, with each thread's registers by name (as crit show decodes an image)."""
+        from ..arch import current
+        arch = current()
+        m = json.loads(json.dumps(self.manifest))
+        for t in m.get("threads", ()):
+            raw = bytes.fromhex(t.get("regs", "")) if isinstance(t.get("regs"), str) else b""
+            if len(raw) == arch.REGS_SIZE:
+                t["regs"] = {n: "%#x" % v for n, v in zip(arch.REG_NAMES, struct.unpack("<%dQ" % len(arch.REG_NAMES), raw))}
+        return m
+
     def summary(self) -> str:
         m = self.manifest
         lines = ["pvmexec image %s (version %d, %s)" % (self.dir, m["version"],
