@@ -272,3 +272,18 @@ def test_a_stopped_process_is_dumped_and_stays_stopped(cc, tmp_path):
 def _state(pid):
     with open("/proc/%d/stat" % pid) as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_mapping_merged_with_one_of_ours_keeps_the_targets_part(spawn):
+    """The kernel merges an anonymous mapping of ours (the agent's scratch) with the target's next to
+    it: the dump leaves out only our range, never the target's pages around it."""
+    from pvmexec.checkpoint.tracking import read_maps
+    v = spawn("sleep")
+    maps = read_maps(v.pid)
+    m = next(x for x in maps if x.path == "[stack]")
+    if m.end - m.start < 3 * 4096:
+        pytest.fail("the victim's stack is too small for this test: %#x-%#x" % (m.start, m.end))
+    ours = (m.start + 4096, m.start + 2 * 4096)
+    parts = [(x.start, x.end) for x in read_maps(v.pid, skip=[ours]) if x.path == "[stack]"]
+    assert parts == [(m.start, ours[0]), (ours[1], m.end)]
+    assert [(x.start, x.end) for x in read_maps(v.pid, skip=[(m.start, m.end)]) if x.path == "[stack]"] == []

@@ -65,7 +65,34 @@ def read_maps(pid, skip=()):
             maps = [Mapping(line) for line in f]
     except FileNotFoundError:
         raise TargetGone(pid) from None
-    return [m for m in maps if m.path not in _SPECIAL and not any(m.start < e and m.end > s for s, e in skip)]
+    out = []
+    for m in maps:
+        if m.path not in _SPECIAL:
+            out.extend(_outside(m, skip))
+    return out
+
+
+def _outside(m, skip):
+    """The parts of m outside the ranges in skip: the kernel may merge a mapping of ours with the
+    target's next to it (same protection, both anonymous), and the target's part must stay."""
+    pieces = [(m.start, m.end)]
+    for s, e in skip:
+        cut = []
+        for lo, hi in pieces:
+            if lo < e and hi > s:
+                cut += [p for p in ((lo, min(hi, s)), (max(lo, e), hi)) if p[0] < p[1]]
+            else:
+                cut.append((lo, hi))
+        pieces = cut
+    if pieces == [(m.start, m.end)]:
+        return [m]
+    out = []
+    for lo, hi in pieces:
+        part = Mapping.__new__(Mapping)
+        part.start, part.end, part.perms, part.path, part.inode = lo, hi, m.perms, m.path, m.inode
+        part.offset = m.offset + (lo - m.start) if m.path else m.offset
+        out.append(part)
+    return out
 
 
 class Scanner(PagemapScan):
