@@ -2,6 +2,7 @@
 
 This module imports nothing from the kernel: every other kernel module may use it.
 """
+import errno
 import os
 
 
@@ -27,3 +28,14 @@ class Errno(Exception):
     def __init__(self, err):
         super().__init__(err, os.strerror(err))
         self.errno = err
+
+
+def host_call(call, *args, **kw):
+    """A host call for the guest: its OSError as the guest's errno; an argument out of the host call's
+    range (a length past 2**63, a NUL in a name) as EINVAL, as Linux answers such values."""
+    try:
+        return call(*args, **kw)
+    except OSError as e:
+        raise Errno(e.errno or errno.EIO) from None
+    except (OverflowError, ValueError):
+        raise Errno(errno.EINVAL) from None

@@ -21,7 +21,7 @@ from array import array
 
 from .. import _core, _sigguard, janitor
 from ..abi import O_ACCMODE, RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS
-from .errors import Errno
+from .errors import Errno, host_call
 
 
 MAX_LINKS = 40                                  # symlinks followed in one lookup, as Linux's MAXSYMLINKS
@@ -57,13 +57,6 @@ def timeout_ms(p, addr, per_second):
     return sec * 1000 + (frac * 1000 + per_second - 1) // per_second
 
 
-def _host_open(path, flags, mode=0):
-    try:
-        return os.open(path, flags, mode)
-    except OSError as e:
-        raise Errno(e.errno or errno.EIO) from None
-
-
 def open_reached(path, flags, mode, wait):
     """os.open of /proc/self/fd/N (an O_PATH descriptor the policy checked). A named FIFO's open would block
     in the host until its other end opens, where no guest signal could end it: it is made without
@@ -72,13 +65,13 @@ def open_reached(path, flags, mode, wait):
     if wait is None and not flags & os.O_PATH and flags & O_ACCMODE != os.O_RDWR and _is_named_fifo(path):
         flags |= os.O_NONBLOCK
     if flags & (os.O_NONBLOCK | os.O_PATH) or flags & O_ACCMODE == os.O_RDWR or not _is_named_fifo(path):
-        return _host_open(path, flags, mode)
+        return host_call(os.open, path, flags, mode)
     pause, fd = 0.001, None
     try:
         while True:
             if fd is None:                      # a reader's end counts while it waits, as Linux's does
                 try:
-                    fd = _host_open(path, flags | os.O_NONBLOCK, mode)
+                    fd = host_call(os.open, path, flags | os.O_NONBLOCK, mode)
                 except Errno as e:
                     if e.errno != errno.ENXIO:  # (a write end while there is no reader)
                         raise

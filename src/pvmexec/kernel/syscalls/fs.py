@@ -10,11 +10,10 @@ import time
 from ... import _core
 from ...abi import (AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_SYMLINK_NOFOLLOW, MFD_ALLOW_SEALING,
                     MFD_CLOEXEC, O_LARGEFILE)
-from ..errors import Errno
+from ..errors import Errno, host_call
 from ..files import OpenFile
 from ..procfs import under_proc
 from . import hostfd
-from .io import _host
 
 
 _TIOCGPTN = 0x80045430
@@ -31,7 +30,7 @@ _DT = ((stat.S_ISDIR, 4), (stat.S_ISREG, 8), (stat.S_ISLNK, 10), (stat.S_ISCHR, 
 def _in_parent(self, p, dirfd, path, call, *args, **kw):
     parent, name = self.policy.parent_for_write(self._abs(p, dirfd, path))
     try:
-        return _host(call, name, *args, dir_fd=parent, **kw)
+        return host_call(call, name, *args, dir_fd=parent, **kw)
     finally:
         os.close(parent)
 
@@ -53,12 +52,12 @@ class FsCalls:
         flags &= _OPEN_FLAGS                            # Linux's open ignores bits it does not know
         guest = self._abs(p, dirfd, path)
         if guest in _ALWAYS_OPEN:
-            f = OpenFile(_host(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
+            f = OpenFile(host_call(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
         elif guest in ("/dev/ptmx", "/dev/pts/ptmx"):
             f = self._new_pty(flags)
         elif self._guest_pty(guest) is not None:
             n = self._guest_pty(guest)
-            f = OpenFile(_host(os.open, "/dev/pts/%d" % n, (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY),
+            f = OpenFile(host_call(os.open, "/dev/pts/%d" % n, (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY),
                          guest, flags)
         else:
             f = self._open_guest(p, guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
@@ -72,7 +71,7 @@ class FsCalls:
     def _new_pty(self, flags):
         """A pseudo-terminal master: the host's, held by the kernel; its slave is reachable as /dev/pts/N
         (only the ptys guests made are: the host's terminals stay out of reach)."""
-        host = _host(os.open, "/dev/ptmx", (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY)
+        host = host_call(os.open, "/dev/ptmx", (flags & ~os.O_CREAT) | os.O_CLOEXEC | os.O_NOCTTY)
         try:
             n = struct.unpack("<I", fcntl.ioctl(host, _TIOCGPTN, bytes(4)))[0]
         except OSError as e:
@@ -111,7 +110,7 @@ class FsCalls:
 
     def sys_fstat(self, p, fd, buf):
         f = p.fds.get(fd)
-        p.write(buf, _host(_core.fstatat_raw, f.host_fd, b"", AT_EMPTY_PATH))
+        p.write(buf, host_call(_core.fstatat_raw, f.host_fd, b"", AT_EMPTY_PATH))
         return 0
 
     def sys_newfstatat(self, p, dirfd, path, buf, flags):
@@ -119,7 +118,7 @@ class FsCalls:
             raise Errno(errno.EINVAL)
         pfd = self._path_fd(p, dirfd, path, flags)
         try:
-            p.write(buf, _host(_core.fstatat_raw, pfd, b"", AT_EMPTY_PATH))
+            p.write(buf, host_call(_core.fstatat_raw, pfd, b"", AT_EMPTY_PATH))
         finally:
             os.close(pfd)
         return 0
@@ -135,19 +134,19 @@ class FsCalls:
             raise Errno(errno.EINVAL)
         pfd = self._path_fd(p, dirfd, path, flags)
         try:
-            p.write(buf, _host(_core.statx_raw, pfd, b"", AT_EMPTY_PATH | (flags & 0x6000), mask & 0xFFFFFFFF))
+            p.write(buf, host_call(_core.statx_raw, pfd, b"", AT_EMPTY_PATH | (flags & 0x6000), mask & 0xFFFFFFFF))
         finally:
             os.close(pfd)
         return 0
 
     def sys_fstatfs(self, p, fd, buf):
-        p.write(buf, _host(_core.fstatfs_raw, p.fds.get(fd).host_fd))
+        p.write(buf, host_call(_core.fstatfs_raw, p.fds.get(fd).host_fd))
         return 0
 
     def sys_statfs(self, p, path, buf):
         pfd = self._path_fd(p, AT_FDCWD, path)
         try:
-            p.write(buf, _host(_core.fstatfs_raw, pfd))
+            p.write(buf, host_call(_core.fstatfs_raw, pfd))
         finally:
             os.close(pfd)
         return 0
@@ -181,7 +180,7 @@ class FsCalls:
         try:
             if not stat.S_ISLNK(os.fstat(pfd).st_mode):
                 raise Errno(errno.EINVAL)               # as Linux says of a file that is no symlink
-            target = _host(os.readlink, "", dir_fd=pfd)
+            target = host_call(os.readlink, "", dir_fd=pfd)
         finally:
             os.close(pfd)
         data = target.encode("utf-8", "surrogateescape")[:size]
@@ -201,7 +200,7 @@ class FsCalls:
         if f.dir_entries is None:
             if not f.is_dir():
                 raise Errno(errno.ENOTDIR)
-            entries = [(".", os.fstat(f.host_fd).st_ino, 4), ("..", _host(os.stat, "..", dir_fd=f.host_fd).st_ino, 4)]
+            entries = [(".", os.fstat(f.host_fd).st_ino, 4), ("..", host_call(os.stat, "..", dir_fd=f.host_fd).st_ino, 4)]
             with os.scandir(f.host_fd) as it:
                 for e in it:
                     try:
@@ -271,9 +270,9 @@ class FsCalls:
             pn, nn = self.policy.parent_for_write(self._abs(p, newdirfd, new))
             try:
                 if flags:
-                    _host(hostfd.renameat2, po, no, pn, nn, flags)
+                    host_call(hostfd.renameat2, po, no, pn, nn, flags)
                 else:
-                    _host(os.rename, no, nn, src_dir_fd=po, dst_dir_fd=pn)
+                    host_call(os.rename, no, nn, src_dir_fd=po, dst_dir_fd=pn)
             finally:
                 os.close(pn)
         finally:
@@ -299,7 +298,7 @@ class FsCalls:
     def sys_fchmodat(self, p, dirfd, path, mode):
         pfd = _checked_path_fd(self, p, dirfd, path)
         try:
-            _host(os.chmod, "/proc/self/fd/%d" % pfd, mode & 0o7777)
+            host_call(os.chmod, "/proc/self/fd/%d" % pfd, mode & 0o7777)
         finally:
             os.close(pfd)
         return 0
@@ -310,7 +309,7 @@ class FsCalls:
     def sys_fchmod(self, p, fd, mode):
         f = p.fds.get(fd)
         self._writable_fd(f.host_fd)
-        _host(os.fchmod, f.host_fd, mode & 0o7777)
+        host_call(os.fchmod, f.host_fd, mode & 0o7777)
         return 0
 
     def sys_utimensat(self, p, dirfd, path, times, flags):
@@ -323,10 +322,10 @@ class FsCalls:
         try:
             target = "/proc/self/fd/%d" % pfd
             if times == 0:
-                _host(os.utime, target)
+                host_call(os.utime, target)
                 return 0
             a_s, a_ns, m_s, m_ns = struct.unpack("<qqqq", p.read(times, 32))
-            st = _host(os.stat, target)
+            st = host_call(os.stat, target)
             now = time.time_ns()
 
             def pick(sec, nsec, old):
@@ -337,7 +336,7 @@ class FsCalls:
                 if not 0 <= nsec < 10 ** 9:
                     raise Errno(errno.EINVAL)
                 return sec * 10 ** 9 + nsec
-            _host(os.utime, target, ns=(pick(a_s, a_ns, st.st_atime_ns), pick(m_s, m_ns, st.st_mtime_ns)))
+            host_call(os.utime, target, ns=(pick(a_s, a_ns, st.st_atime_ns), pick(m_s, m_ns, st.st_mtime_ns)))
         finally:
             os.close(pfd)
         return 0
@@ -346,7 +345,7 @@ class FsCalls:
         f = p.fds.get(fd)
         if length >= 1 << 63:
             raise Errno(errno.EINVAL)
-        _host(os.ftruncate, f.host_fd, length)
+        host_call(os.ftruncate, f.host_fd, length)
         return 0
 
     def sys_truncate(self, p, path, length):
@@ -357,17 +356,17 @@ class FsCalls:
         except Errno as e:
             raise Errno(errno.EINVAL) if e.errno == errno.ENXIO else e      # a FIFO without a reader
         try:
-            _host(os.ftruncate, fd, length)
+            host_call(os.ftruncate, fd, length)
         finally:
             os.close(fd)
         return 0
 
     def sys_fsync(self, p, fd):
-        _host(os.fsync, p.fds.get(fd).host_fd)
+        host_call(os.fsync, p.fds.get(fd).host_fd)
         return 0
 
     def sys_fdatasync(self, p, fd):
-        _host(os.fdatasync, p.fds.get(fd).host_fd)
+        host_call(os.fdatasync, p.fds.get(fd).host_fd)
         return 0
 
     def sys_fadvise64(self, p, fd, offset, length, advice):
@@ -430,13 +429,13 @@ class FsCalls:
         """Where writes are allowed, ownership changes as an unprivileged caller's may: the owner stays, the
         group becomes one of the caller's (never a file handed to another user, or a set-id root binary)."""
         user, group = user & 0xFFFFFFFF, group & 0xFFFFFFFF
-        st = _host(os.stat, "/proc/self/fd/%d" % pfd)
+        st = host_call(os.stat, "/proc/self/fd/%d" % pfd)
         if user != 0xFFFFFFFF and user != st.st_uid:
             raise Errno(errno.EPERM)
         if group != 0xFFFFFFFF and group != st.st_gid and (
                 st.st_uid != os.geteuid() or group not in (os.getegid(), *os.getgroups())):
             raise Errno(errno.EPERM)
-        _host(os.chown, "/proc/self/fd/%d" % pfd, -1, -1 if group == 0xFFFFFFFF else group)
+        host_call(os.chown, "/proc/self/fd/%d" % pfd, -1, -1 if group == 0xFFFFFFFF else group)
         return 0
 
     def sys_fchownat(self, p, dirfd, path, user, group, flags):
@@ -467,7 +466,7 @@ class FsCalls:
             raise Errno(errno.EINVAL)
         if f.flags & 3 == os.O_RDONLY:
             raise Errno(errno.EBADF)
-        _host(os.posix_fallocate, f.host_fd, offset, length)
+        host_call(os.posix_fallocate, f.host_fd, offset, length)
         return 0
 
     def sys_copy_file_range(self, p, fd_in, off_in, fd_out, off_out, length, flags):
@@ -478,7 +477,7 @@ class FsCalls:
         pos_out = p.read_u64s(off_out, 1)[0] if off_out else None
         if any(v is not None and v >= 1 << 63 for v in (pos_in, pos_out)):
             raise Errno(errno.EINVAL)
-        n = _host(os.copy_file_range, fi.host_fd, fo.host_fd, min(length, 0x7FFFF000), pos_in, pos_out)
+        n = host_call(os.copy_file_range, fi.host_fd, fo.host_fd, min(length, 0x7FFFF000), pos_in, pos_out)
         if off_in:
             p.write(off_in, struct.pack("<Q", pos_in + n))
         if off_out:
@@ -495,7 +494,7 @@ class FsCalls:
             raise Errno(errno.EFAULT)
         if flags & ~_MFD_FLAGS or len(name.encode("utf-8", "surrogateescape")) > 249:
             raise Errno(errno.EINVAL)
-        host = _host(os.memfd_create, name, (flags & ~MFD_CLOEXEC) | MFD_CLOEXEC)
+        host = host_call(os.memfd_create, name, (flags & ~MFD_CLOEXEC) | MFD_CLOEXEC)
         return p.fds.install_host(host, "/memfd:%s (deleted)" % name, os.O_RDWR | O_LARGEFILE,
                                   cloexec=flags & MFD_CLOEXEC)
 
@@ -537,7 +536,7 @@ class FsCalls:
     def sys_inotify_init1(self, p, flags):
         if flags & ~(os.O_NONBLOCK | os.O_CLOEXEC):
             raise Errno(errno.EINVAL)
-        host = _host(hostfd.inotify_init1, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+        host = host_call(hostfd.inotify_init1, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
         return p.fds.install_host(host, "anon_inode:inotify", os.O_RDONLY, cloexec=flags & os.O_CLOEXEC)
 
     def sys_inotify_init(self, p):
@@ -550,7 +549,7 @@ class FsCalls:
         mask &= 0xFFFFFFFF
         pfd = self._path_fd(p, AT_FDCWD, path, AT_SYMLINK_NOFOLLOW if mask & 0x02000000 else 0)   # IN_DONT_FOLLOW
         try:
-            return _host(hostfd.inotify_add_watch, f.host_fd, "/proc/self/fd/%d" % pfd, mask & ~0x02000000)
+            return host_call(hostfd.inotify_add_watch, f.host_fd, "/proc/self/fd/%d" % pfd, mask & ~0x02000000)
         finally:
             os.close(pfd)
 
@@ -558,4 +557,4 @@ class FsCalls:
         f = p.fds.get(fd)
         if f.path != "anon_inode:inotify":
             raise Errno(errno.EINVAL)
-        return _host(hostfd.inotify_rm_watch, f.host_fd, wd & 0xFFFFFFFF)
+        return host_call(hostfd.inotify_rm_watch, f.host_fd, wd & 0xFFFFFFFF)

@@ -8,7 +8,7 @@ import struct
 import termios
 
 from ...abi import F_ADD_SEALS, F_GET_SEALS, O_LARGEFILE
-from ..errors import Errno, Interrupted
+from ..errors import Errno, Interrupted, host_call
 from ..files import OpenFile
 from . import hostfd
 
@@ -21,17 +21,6 @@ _IOCTL_OUT = {0x5401: 36, 0x5413: 8, 0x541B: 4, 0x80045430: 4, 0x80045432: 4}   
 _IOCTL_IN = {0x5402: 36, 0x5403: 36, 0x5404: 36, 0x5414: 8, 0x40045431: 4,       # TCSETS(W/F), TIOCSWINSZ,
              0x5420: 4, 0x5409: 0, 0x540B: 0, 0x540A: 0}                         # TIOCSPTLCK, TIOCPKT, TCSBRK,
                                                                                  # TCFLSH, TCXONC (by value)
-
-
-def _host(call, *args, **kw):
-    """A host call for the guest: its OSError as the guest's errno; an argument out of the host call's
-    range (a length past 2**63, a NUL in a name) as EINVAL, as Linux answers such values."""
-    try:
-        return call(*args, **kw)
-    except OSError as e:
-        raise Errno(e.errno or errno.EIO) from None
-    except (OverflowError, ValueError):
-        raise Errno(errno.EINVAL) from None
 
 
 def _may_block(f):
@@ -47,7 +36,7 @@ def _read(self, p, f, n):
         self._terminal_access(p, f, signal.SIGTTIN)
     if _may_block(f):
         self._wait_readable(p, f.host_fd)         # a signal may cut the wait short (Interrupted)
-    return _host(os.read, f.host_fd, n)
+    return host_call(os.read, f.host_fd, n)
 
 
 def _tostop(host_fd):
@@ -93,13 +82,13 @@ def _whole_writes(f):
 def _read_file(p, f, segments, pos=None):
     """Fill (address, length) segments from a regular file, as Linux does: all of them unless the file
     ends; guest memory that ends stops it too, and the offset moves only by what the guest got."""
-    start = _host(os.lseek, f.host_fd, 0, os.SEEK_CUR) if pos is None else pos
+    start = host_call(os.lseek, f.host_fd, 0, os.SEEK_CUR) if pos is None else pos
     done = 0
     try:
         for base, length in segments:
             at = 0
             while at < length:
-                chunk = _host(os.pread, f.host_fd, min(length - at, IO_MAX), start + done)
+                chunk = host_call(os.pread, f.host_fd, min(length - at, IO_MAX), start + done)
                 if not chunk:
                     return done
                 try:
@@ -113,7 +102,7 @@ def _read_file(p, f, segments, pos=None):
         return done
     finally:
         if pos is None and done:
-            _host(os.lseek, f.host_fd, start + done, os.SEEK_SET)
+            host_call(os.lseek, f.host_fd, start + done, os.SEEK_SET)
 
 
 def _write_all(self, p, fd, segments, pos=None):
@@ -189,7 +178,7 @@ def _record_lock(self, p, f, cmd, arg):
             raise Errno(errno.EBADF)
     struct.pack_into("<i", raw, 24, 0)                           # l_pid: 0 for the host's OFD calls
     if cmd in (5, 36):
-        out = bytearray(_host(fcntl.fcntl, f.host_fd, _F_OFD_GETLK, bytes(raw)))
+        out = bytearray(host_call(fcntl.fcntl, f.host_fd, _F_OFD_GETLK, bytes(raw)))
         if struct.unpack_from("<h", out)[0] != fcntl.F_UNLCK:
             struct.pack_into("<i", out, 24, -1)                  # the holder is not a guest pid we know
         p.write(arg, bytes(out))
@@ -224,7 +213,7 @@ class IoCalls:
         # A device or pipe that keeps data ready (/dev/zero, a full pipe) fills all of count, as Linux does.
         while done < count and len(data) == IO_MAX and _ready(f.host_fd):
             try:
-                data = _host(os.read, f.host_fd, min(count - done, IO_MAX))
+                data = host_call(os.read, f.host_fd, min(count - done, IO_MAX))
                 p.write(buf + done, data)
             except Errno:
                 break
@@ -242,7 +231,7 @@ class IoCalls:
             raise Errno(errno.EINVAL)
         if _regular(f):
             return _read_file(p, f, _capped([(buf, count)])[0], pos)
-        data = _host(os.pread, f.host_fd, min(count, IO_MAX), pos)
+        data = host_call(os.pread, f.host_fd, min(count, IO_MAX), pos)
         p.write(buf, data)
         return len(data)
 
@@ -274,7 +263,7 @@ class IoCalls:
         count = min(count, IO_MAX)
         if offset:
             off = p.read_u64s(offset, 1)[0]
-            data = _host(os.pread, fi.host_fd, count, off)
+            data = host_call(os.pread, fi.host_fd, count, off)
             p.write(offset, struct.pack("<Q", off + len(data)))
         else:
             data = _read(self, p, fi, count)            # a pipe's wait gives way to signals (SIGKILL too)
@@ -350,7 +339,7 @@ class IoCalls:
         f = p.fds.get(fd)
         if offset >= 1 << 63:
             offset -= 1 << 64
-        pos = _host(os.lseek, f.host_fd, offset, whence)
+        pos = host_call(os.lseek, f.host_fd, offset, whence)
         if f.dir_entries is not None and pos == 0:
             f.dir_pos = 0
             if f.list_dir is not None:
@@ -411,17 +400,17 @@ class IoCalls:
             p.fds.set_cloexec(fd, arg & 1)
             return 0
         if cmd == 3:                                             # F_GETFL
-            return (_host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL) & ~os.O_CLOEXEC) | O_LARGEFILE
+            return (host_call(fcntl.fcntl, f.host_fd, fcntl.F_GETFL) & ~os.O_CLOEXEC) | O_LARGEFILE
         if cmd == 4:                                             # F_SETFL
             settable = os.O_APPEND | os.O_NONBLOCK | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
-            cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
-            return _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, (cur & ~settable) | (arg & settable)) and 0
+            cur = host_call(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
+            return host_call(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, (cur & ~settable) | (arg & settable)) and 0
         if cmd in (5, 6, 7, 36, 37, 38):                         # F_GETLK, F_SETLK(W), F_OFD_*
             return _record_lock(self, p, f, cmd, arg)
         if cmd in (F_ADD_SEALS, F_GET_SEALS):
-            return _host(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
+            return host_call(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
         if cmd in (1032, 1031):                                  # F_GETPIPE_SZ, F_SETPIPE_SZ
-            return _host(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
+            return host_call(fcntl.fcntl, f.host_fd, cmd, arg & 0xFFFFFFFF)
         raise Errno(errno.EINVAL)
 
     def sys_ioctl(self, p, fd, cmd, arg):
@@ -431,16 +420,16 @@ class IoCalls:
             p.fds.set_cloexec(fd, cmd == 0x5451)
             return 0
         if cmd in _IOCTL_OUT:
-            out = _host(fcntl.ioctl, f.host_fd, cmd, bytes(_IOCTL_OUT[cmd]))
+            out = host_call(fcntl.ioctl, f.host_fd, cmd, bytes(_IOCTL_OUT[cmd]))
             p.write(arg, out)
             return 0
         if cmd in _IOCTL_IN:
             size = _IOCTL_IN[cmd]
-            _host(fcntl.ioctl, f.host_fd, cmd, p.read(arg, size) if size else arg & 0xFFFFFFFF)
+            host_call(fcntl.ioctl, f.host_fd, cmd, p.read(arg, size) if size else arg & 0xFFFFFFFF)
             return 0
         if cmd == 0x5441:                                        # TIOCGPTPEER: the slave of a guest's pty
-            slave = _host(fcntl.ioctl, f.host_fd, cmd, (arg & 0xFFFFFFFF) | os.O_NOCTTY | os.O_CLOEXEC)
-            n = struct.unpack("<I", _host(fcntl.ioctl, f.host_fd, 0x80045430, bytes(4)))[0]
+            slave = host_call(fcntl.ioctl, f.host_fd, cmd, (arg & 0xFFFFFFFF) | os.O_NOCTTY | os.O_CLOEXEC)
+            n = struct.unpack("<I", host_call(fcntl.ioctl, f.host_fd, 0x80045430, bytes(4)))[0]
             try:
                 return p.fds.install(OpenFile(slave, "/dev/pts/%d" % n, arg & 0xFFFFFFFF), cloexec=arg & os.O_CLOEXEC)
             except Errno:
@@ -465,8 +454,8 @@ class IoCalls:
             return 0
         if cmd == 0x5421:                                        # FIONBIO
             on = struct.unpack("<i", p.read(arg, 4))[0]
-            cur = _host(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
-            _host(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, cur | os.O_NONBLOCK if on else cur & ~os.O_NONBLOCK)
+            cur = host_call(fcntl.fcntl, f.host_fd, fcntl.F_GETFL)
+            host_call(fcntl.fcntl, f.host_fd, fcntl.F_SETFL, cur | os.O_NONBLOCK if on else cur & ~os.O_NONBLOCK)
             return 0
         if cmd == 0x540F:                                        # TIOCGPGRP: what TIOCSPGRP set, else the caller's
             if not os.isatty(f.host_fd):

@@ -18,7 +18,7 @@ import struct
 import threading
 
 from ...abi import AT_FDCWD, int32
-from ..errors import Errno, Interrupted
+from ..errors import Errno, Interrupted, host_call
 from ..files import OpenFile
 from .io import scatter
 
@@ -170,22 +170,22 @@ class NetCalls:
             if family != f.socket.family:
                 raise Errno(errno.EINVAL if f.socket.family != _AF_UNIX else errno.EINVAL)
             if family != _AF_UNIX:
-                _host_call(s.bind, _inet_addr(raw, family))
+                host_call(s.bind, _inet_addr(raw, family))
                 f.socket.name = None
                 return 0
             path = raw[2:]
             if not path:
-                _host_call(s.bind, "")                  # autobind: an abstract name of the host's choosing
+                host_call(s.bind, "")                  # autobind: an abstract name of the host's choosing
                 return 0
             if path[0] == 0:
                 f.socket.bound = self._abstract(path[1:])
-                _host_call(s.bind, f.socket.bound)
+                host_call(s.bind, f.socket.bound)
                 f.socket.name = raw
                 return 0
             guest = path.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             parent, name = self.policy.parent_for_write(self._abs(p, AT_FDCWD, guest))
             try:
-                _host_call(s.bind, "/proc/self/fd/%d/%s" % (parent, name))
+                host_call(s.bind, "/proc/self/fd/%d/%s" % (parent, name))
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             finally:
                 os.close(parent)
@@ -200,7 +200,7 @@ class NetCalls:
         f = self._socket_of(p, fd & 0xFFFFFFFF)
         s = _sock(f)
         try:
-            _host_call(s.listen, min(backlog & 0x7FFFFFFF, 4096))
+            host_call(s.listen, min(backlog & 0x7FFFFFFF, 4096))
         finally:
             _release(s)
         self._record_creds(p, f)                    # a client's SO_PEERCRED: who listened, as Linux
@@ -241,7 +241,7 @@ class NetCalls:
         try:
             blocking = os.get_blocking(f.host_fd)
             if not blocking:
-                _host_call(s.connect, target)
+                host_call(s.connect, target)
             elif family == _AF_UNIX:
                 self._unix_connect(p, f, s, target)
             else:
@@ -345,7 +345,7 @@ class NetCalls:
         if info.family != _AF_UNIX:
             s = _sock(f)
             try:
-                raw = _host_call(s.getpeername if peer else s.getsockname)
+                raw = host_call(s.getpeername if peer else s.getsockname)
             finally:
                 _release(s)
             raw = _pack_inet(raw, info.family)
@@ -353,7 +353,7 @@ class NetCalls:
             if peer and info.peer is None and f.path != _PAIR_END:
                 s = _sock(f)
                 try:
-                    _host_call(s.getpeername)       # ENOTCONN when it is not connected
+                    host_call(s.getpeername)       # ENOTCONN when it is not connected
                 finally:
                     _release(s)
             raw = (info.peer if peer else info.name) or _unnamed(_AF_UNIX)
@@ -534,7 +534,7 @@ class NetCalls:
             raise Errno(errno.EINVAL)
         s = _sock(f)
         try:
-            _host_call(s.shutdown, how)
+            host_call(s.shutdown, how)
         finally:
             _release(s)
         return 0
@@ -549,7 +549,7 @@ class NetCalls:
         data = p.read(value, length & 0xFFFFFFFF) if length else b""
         s = _sock(f)
         try:
-            _host_call(s.setsockopt, level, name, data)
+            host_call(s.setsockopt, level, name, data)
         finally:
             _release(s)
         return 0
@@ -563,7 +563,7 @@ class NetCalls:
             raise Errno(errno.EINVAL)
         s = _sock(f)
         try:
-            data = _host_call(s.getsockopt, level, name, max(1, min(room, 256)))
+            data = host_call(s.getsockopt, level, name, max(1, min(room, 256)))
         finally:
             _release(s)
         if level == socket.SOL_SOCKET and name == socket.SO_PEERCRED and len(data) >= 4:
@@ -634,13 +634,6 @@ def _readable_now(fd):
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
-
-
-def _host_call(call, *args):
-    try:
-        return call(*args)
-    except OSError as e:
-        raise Errno(e.errno or errno.EINVAL) from None
 
 
 def _iovecs(p, iov, n):

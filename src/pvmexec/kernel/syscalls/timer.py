@@ -12,9 +12,8 @@ import struct
 import threading
 import time
 
-from ..errors import Errno
+from ..errors import Errno, host_call
 from . import hostfd
-from .io import _host as _hostcall
 from ..task import leader_of
 
 SI_KERNEL, SI_TIMER = 0x80, -2
@@ -230,7 +229,7 @@ class TimerCalls:
             raise Errno(errno.EINVAL)
         if clock in (8, 9):                             # the ALARM clocks need CAP_WAKE_ALARM
             raise Errno(errno.EPERM)
-        host = _hostcall(hostfd.timerfd_create, clock, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
+        host = host_call(hostfd.timerfd_create, clock, os.O_CLOEXEC | (flags & os.O_NONBLOCK))
         return p.fds.install_host(host, "anon_inode:[timerfd]", os.O_RDWR, cloexec=flags & os.O_CLOEXEC)
 
     def _timerfd(self, p, fd):
@@ -243,11 +242,11 @@ class TimerCalls:
         f = self._timerfd(p, fd)
         if flags & ~3:                                  # TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET
             raise Errno(errno.EINVAL)
-        previous = _hostcall(hostfd.timerfd_settime, f.host_fd, flags, p.read(new, 32))
+        previous = host_call(hostfd.timerfd_settime, f.host_fd, flags, p.read(new, 32))
         if old:
             p.write(old, previous)
         return 0
 
     def sys_timerfd_gettime(self, p, fd, cur):
-        p.write(cur, _hostcall(hostfd.timerfd_gettime, self._timerfd(p, fd).host_fd))
+        p.write(cur, host_call(hostfd.timerfd_gettime, self._timerfd(p, fd).host_fd))
         return 0
