@@ -93,8 +93,12 @@ def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2), pid_ns: boo
     # The checksums are summed while the process is built (hashing runs without the GIL); it is
     # let go only if they match, and killed if not: nothing of a damaged image ever runs.
     checked = _Checksums(img)
-    plan = _Plan(img, stdio, pid_ns)
-    return _Restorer(plan, checked, pid_ns).run()
+    try:
+        plan = _Plan(img, stdio, pid_ns)
+        return _Restorer(plan, checked, pid_ns).run()
+    except RestoreError:
+        checked.verdict()                       # a damaged image is what to say first
+        raise
 
 
 class _Checksums(threading.Thread):
