@@ -26,7 +26,8 @@ def _manifest(**changes):
              freeze_breakdown=dict(stop_threads=0, last_round=0, state=0), total_seconds=0.02, bytes_written=8192,
              bytes_spliced=0, transfer="readv", threads=[], shared_pending=[], auxv="", mm={}, personality=0,
              cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={}, exe="/bin/true", comm="true",
-             vdso=[], stopped=False)
+             vdso=[], stopped=False,
+             creds=dict(uid=[0, 0, 0, 0], gid=[0, 0, 0, 0], groups=[], dumpable=1))
     m.update(changes)
     return m
 

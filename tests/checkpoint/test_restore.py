@@ -426,3 +426,86 @@ def test_cli_pid_ns_cannot_detach(tmp_path):
     r = subprocess.run([PY, "-m", "pvmexec", "restore", "--pid-ns", "--detach", str(tmp_path)], capture_output=True,
                        timeout=60)
     assert r.returncode == 2 and b"--pid-ns cannot --detach" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+@pytest.mark.skipif(not ROOT, reason="restoring another user's process needs root")
+def test_a_process_of_another_user_is_restored_with_its_own_ids_not_roots(cc, tmp_path):
+    """Dumped by its own user (uid 65534), restored by root: every thread has the image's uids, gids and
+    groups again, no capability, and its /proc files are its own (dumpable), never root's."""
+    import tempfile
+    shared = tempfile.mkdtemp(prefix="pvmexec-creds-")
+    try:
+        os.chmod(shared, 0o777)
+        exe = compile_victim(cc, shared, "restorable")
+        os.chmod(exe, 0o755)
+        data = os.path.join(shared, "data.txt")
+        with open(data, "wb") as f:
+            f.write(b"abcdefghijkl")
+        os.chmod(data, 0o644)
+
+        def nobody():
+            os.setgroups([65534])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+        want = subprocess.run([exe, data], input=b"go\n", capture_output=True, preexec_fn=nobody,
+                              timeout=60).stdout.split(b"\n", 1)[1]      # what follows "ready"
+        p = subprocess.Popen([exe, data], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             preexec_fn=nobody)
+        img = os.path.join(shared, "img")
+        # A dump as root first, of a child of root's: once uid 65534, the forked dumper may not read
+        # modules it has not imported yet (this Python may live in root's home).
+        warm = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            checkpoint.dump(warm.pid, os.path.join(shared, "warm"), pre_dumps=1, leave_running=False)
+        finally:
+            if warm.poll() is None:
+                warm.kill()
+            warm.wait(10)
+        try:
+            assert p.stdout.readline().startswith(b"ready")
+            child = os.fork()
+            if child == 0:                              # the dump, as that user (root here may lack
+                try:                                    # CAP_SYS_RESOURCE for another user's limits)
+                    nobody()
+                    checkpoint.dump(p.pid, img, pre_dumps=0, leave_running=False)
+                    os._exit(0)
+                except BaseException as e:
+                    os.write(2, ("dump as uid 65534: %r\n" % e).encode())
+                    os._exit(1)
+            assert os.waitpid(child, 0)[1] == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            p.stdin.close()
+            p.stdout.close()
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            restored = restore(img, stdio=(stdin_r, out_w, 2))
+        finally:
+            os.close(stdin_r)
+            os.close(out_w)
+        try:
+            for tid in restored.threads:
+                with open("/proc/%d/task/%d/status" % (restored.pid, tid)) as f:
+                    status = dict(line.rstrip("\n").split(":", 1) for line in f)
+                assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+                assert status["Groups"].split() == ["65534"] and int(status["CapEff"], 16) == 0
+            assert os.stat("/proc/%d" % restored.pid).st_uid == 65534
+            os.write(stdin_w, b"go\n")
+            got = b""
+            while True:
+                chunk = os.read(out_r, 4096)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == want and restored.wait() == 0
+        finally:
+            os.close(stdin_w)
+            os.close(out_r)
+            if not _gone(restored.pid):
+                os.kill(restored.pid, 9)
+                restored.wait()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -64,6 +64,7 @@ MANIFEST_FIELDS = {
     "fds": ("process", True, "each descriptor: fd, path, pos, flags; mode, dev, ino, size, rdev (its stat)"),
     "sigactions": ("process", True, "signal -> handler, flags, restorer, mask (non-default only)"),
     "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
+    "creds": ("process", True, "uid, gid: [real, effective, saved, filesystem]; groups; dumpable (PR_GET_DUMPABLE)"),
 }
 
 
@@ -288,7 +289,7 @@ class Image:
 
 _TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
           "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
-          "checksums": dict, "exe": str, "comm": str, "vdso": list}
+          "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict}
 
 
 def _validate(directory, m):

@@ -45,7 +45,7 @@ PTRACE_EVENT_CLONE = 3
 CLD_TRAPPED, CLD_EXITED, CLD_KILLED, CLD_DUMPED = 4, 1, 2, 3
 MAP_GROWSDOWN = 0x100
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-PR_SET_PDEATHSIG, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 15, 35, 14
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
 AT_FDCWD = -100
 _MADVICE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # VmFlags -> the madvise that sets it
 _SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]")               # moved, never mapped or written
@@ -160,6 +160,11 @@ def _check_fields(m):
     need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
     need(_is_int(m["personality"], 0, 1 << 32), "personality")
     need(isinstance(m.get("stopped"), bool), "stopped")
+    c = m.get("creds")
+    need(isinstance(c, dict) and all(isinstance(c.get(k), list) and len(c[k]) == 4 and
+                                     all(_is_int(x, 0, 1 << 32) for x in c[k]) for k in ("uid", "gid")) and
+         isinstance(c.get("groups"), list) and len(c["groups"]) <= 65536 and
+         all(_is_int(x, 0, 1 << 32) for x in c["groups"]) and _is_int(c.get("dumpable"), 0, 3), "creds")
     need(all(isinstance(m[k], str) for k in ("cwd", "root", "exe", "comm")), "cwd, root, exe or comm")
     need(all(str(k).isdigit() and 0 < int(k) < 65 and isinstance(a, dict) and
              all(_is_int(a.get(n)) for n in ("handler", "flags", "restorer", "mask"))
@@ -614,6 +619,9 @@ class _Restorer:
             self.tids.append(tid)
         for t in self.p.threads:
             self._thread_state(t)
+        for t in self.p.threads:                # last: with them goes the right to do the rest
+            self._credentials(self.host[t["tid"]])
+        self.at_helper("prctl", PR_SET_DUMPABLE, self.m["creds"]["dumpable"], 0, 0, 0)
         for sig_info in self.m["shared_pending"]:
             info = bytes.fromhex(sig_info)
             self.at_helper("rt_sigqueueinfo", self.ns_pid, struct.unpack_from("<i", info)[0], self.put(info))
@@ -623,6 +631,17 @@ class _Restorer:
                 if not any(value[2:]):          # expired, its signal pending: the kernel re-arms it when
                     value = value[:2] * 2       # that is delivered, and so does this, an interval on
                 self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
+
+    def _credentials(self, tid):
+        """The thread's ids as recorded (each thread has its own: the kernel changes only the caller's)."""
+        c = self.m["creds"]
+        h = lambda name, *a: self.at_helper(name, *a, tid=tid)    # noqa: E731
+        groups = c["groups"]
+        h("setgroups", len(groups), self.put(struct.pack("<%dI" % len(groups), *groups), 2048) if groups else 0)
+        h("setresgid", *c["gid"][:3])
+        h("setresuid", *c["uid"][:3])
+        self.call(tid, self.helper, "setfsgid", c["gid"][3])  # answers the old id, never an error
+        self.call(tid, self.helper, "setfsuid", c["uid"][3])
 
     def _thread_state(self, t):
         tid = self.host[t["tid"]]

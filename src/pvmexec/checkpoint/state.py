@@ -154,6 +154,15 @@ def signals_and_timers(space):
     return dict(sigactions=sigactions, itimers=itimers)
 
 
+def credentials(pid, space):
+    """Real, effective, saved and filesystem uids and gids, supplementary groups (/proc/PID/status), and
+    whether the process is dumpable (asked of it: a restore that changes its ids must set it back)."""
+    with open("/proc/%d/status" % pid) as f:
+        fields = dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
+    return dict(uid=[int(x) for x in fields["Uid"].split()], gid=[int(x) for x in fields["Gid"].split()],
+                groups=[int(x) for x in fields["Groups"].split()], dumpable=space.syscall_raw("prctl", 3, 0, 0, 0, 0))
+
+
 def process_state(pid, space, engine, our_fds, asked):
     """Everything but memory, while frozen: per thread (asked: thread_only() per tid) and per process."""
     state = dict(threads=[thread_state(tid, asked.get(tid, {})) for tid in sorted(engine.frozen_tids())])
@@ -161,4 +170,5 @@ def process_state(pid, space, engine, our_fds, asked):
     state.update(memory_layout(pid, space))
     state.update(files(pid, our_fds))
     state.update(signals_and_timers(space))
+    state["creds"] = credentials(pid, space)
     return state
