@@ -85,7 +85,6 @@ class _Dump:
 
     def start(self):
         from ..space import attach
-        state.rlimits(self.pid)             # what might be refused late is asked first, before any copy
         if _job_stopped(self.pid):
             # Stopped by job control, as gcore and CRIU take it: it does not run, so one frozen round
             # copies everything; calls go through ptrace (an agent thread would stop with it). It

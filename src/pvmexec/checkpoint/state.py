@@ -118,23 +118,18 @@ def files(pid, our_fds):
         except OSError:
             pass
         fds.append(entry)
-    return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid),
-                rlimits=rlimits(pid), fds=fds)
+    return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid), fds=fds)
 
 
-def rlimits(pid):
-    """RLIMIT_* name -> [soft, hard]. prlimit(2) of another user's process needs CAP_SYS_RESOURCE, even as
-    root: say so, rather than a bare EPERM."""
-    try:
-        return {name: list(resource.prlimit(pid, getattr(resource, name)))
-                for name in dir(resource) if name.startswith("RLIMIT_")}
-    except ProcessLookupError:
-        from ..errors import TargetGone
-        raise TargetGone(pid) from None
-    except PermissionError:
-        from ..errors import AccessDenied
-        raise AccessDenied(pid, "reading its resource limits (prlimit) needs CAP_SYS_RESOURCE when it runs as "
-                                "another user") from None
+def rlimits(space):
+    """RLIMIT_* name -> [soft, hard] (-1: unlimited), asked of the process itself: prlimit(2) of another
+    user's process from outside needs CAP_SYS_RESOURCE, even as root."""
+    out = {}
+    with space.scratch(16) as mem:
+        for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
+            if space.syscall_raw("prlimit64", 0, getattr(resource, name), 0, mem) == 0:
+                out[name] = [-1 if v == (1 << 64) - 1 else v for v in struct.unpack("<QQ", space.read(mem, 16))]
+    return out
 
 
 def signals_and_timers(space):
@@ -171,4 +166,5 @@ def process_state(pid, space, engine, our_fds, asked):
     state.update(files(pid, our_fds))
     state.update(signals_and_timers(space))
     state["creds"] = credentials(pid, space)
+    state["rlimits"] = rlimits(space)
     return state
