@@ -38,6 +38,16 @@ def _start(exe, data):
     return p
 
 
+def _end(p):
+    """A victim killed (if it still runs), reaped, its pipes closed."""
+    if p.poll() is None:
+        p.kill()
+    p.wait(10)
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None and not f.closed:
+            f.close()
+
+
 def _undisturbed(exe, data):
     p = _start(exe, data)
     out, _ = p.communicate(b"go\n", timeout=30)
@@ -51,11 +61,7 @@ def _dumped(exe, data, directory):
     try:
         m = checkpoint.dump(p.pid, directory, pre_dumps=1, leave_running=False)
     finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        p.stdin.close()
-        p.stdout.close()
+        _end(p)
     return p.pid, m
 
 
@@ -69,6 +75,49 @@ def _maps(pid):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             out.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
     return out
+
+
+class _Restored:
+    """A restore whose stdin and stdout are pipes of ours; go() sends "go" and reads all it says.
+    Leaving the block kills and reaps it (and its namespace) if it is still there."""
+
+    def __init__(self, img, **kw):
+        self.stdin_r, self.stdin_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        try:
+            self.r = restore(img, stdio=(self.stdin_r, self.out_w, 2), **kw)
+        except BaseException:
+            self._close()
+            raise
+        finally:
+            for fd in (self.stdin_r, self.out_w):
+                os.close(fd)
+
+    def go(self):
+        os.write(self.stdin_w, b"go\n")
+        got = b""
+        while True:
+            chunk = os.read(self.out_r, 4096)
+            if not chunk:
+                return got
+            got += chunk
+
+    def _close(self):
+        for fd in (self.stdin_w, self.out_r):
+            os.close(fd)
+
+    def __enter__(self):
+        return self.r
+
+    def __exit__(self, *exc):
+        self._close()
+        if os.path.exists("/proc/%d" % self.r.pid) or self.r.init is not None:
+            try:
+                os.kill(self.r.pid, 9)
+                self.r.wait()
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        return False
 
 
 def _released(pid, name="sleep"):
@@ -95,14 +144,8 @@ def test_a_restored_process_goes_on_as_an_undisturbed_run_does(restorable, data_
     want = _undisturbed(restorable, data_file)
     pid, m = _dumped(restorable, data_file, str(tmp_path / "img"))
     assert len(m["threads"]) == 4
-    stdin_r, stdin_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2))
-    finally:
-        os.close(stdin_r)
-        os.close(out_w)
-    try:
+    run = _Restored(str(tmp_path / "img"))
+    with run as restored:
         # Its own pid and tids; nothing of the restorer in it: the image's mappings, the image's descriptors.
         assert restored.pid == pid
         assert sorted(int(t) for t in os.listdir("/proc/%d/task" % pid)) == sorted(t["tid"] for t in m["threads"])
@@ -119,21 +162,8 @@ def test_a_restored_process_goes_on_as_an_undisturbed_run_does(restorable, data_
         with open("/proc/%d/status" % pid) as f:
             status = dict(line.split(":", 1) for line in f)
         assert int(status["SigBlk"], 16) == leader["sigmask"] and status["SigCgt"]
-        os.write(stdin_w, b"go\n")
-        got = b""
-        while True:
-            chunk = os.read(out_r, 4096)
-            if not chunk:
-                break
-            got += chunk
-        assert got == want
+        assert run.go() == want
         assert restored.wait() == 0
-    finally:
-        os.close(stdin_w)
-        os.close(out_r)
-        if not _gone(pid):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
 
 
 def test_restore_refuses_what_it_cannot_restore_before_anything_runs(restorable, data_file, tmp_path):
@@ -336,37 +366,14 @@ def test_a_process_dumped_stopped_is_restored_stopped(restorable, data_file, tmp
             time.sleep(0.01)
         checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
     finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        p.stdin.close()
-        p.stdout.close()
-    stdin_r, stdin_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2))
-    finally:
-        os.close(stdin_r)
-        os.close(out_w)
-    try:
+        _end(p)
+    run = _Restored(str(tmp_path / "img"))
+    with run as restored:
         assert restored.stopped
         time.sleep(0.2)
         assert _state(p.pid) == "T"
         os.kill(p.pid, signal.SIGCONT)
-        os.write(stdin_w, b"go\n")
-        got = b""
-        while True:
-            chunk = os.read(out_r, 4096)
-            if not chunk:
-                break
-            got += chunk
-        assert got == want and restored.wait() == 0
-    finally:
-        os.close(stdin_w)
-        os.close(out_r)
-        if not _gone(p.pid):
-            os.kill(p.pid, 9)
-            os.waitpid(p.pid, 0)
+        assert run.go() == want and restored.wait() == 0
 
 
 def _state(pid):
@@ -382,15 +389,9 @@ def test_restore_in_a_new_pid_namespace_while_the_original_runs(restorable, data
     p = _start(restorable, data_file)
     try:
         m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=True)
-        stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        try:
-            restored = restore(str(tmp_path / "img"), stdio=(stdin_r, out_w, 2), pid_ns=True)
-        finally:
-            os.close(stdin_r)
-            os.close(out_w)
-        init = restored.init.pid
-        try:
+        run = _Restored(str(tmp_path / "img"), pid_ns=True)
+        with run as restored:
+            init = restored.init.pid
             assert restored.pid != p.pid
             names = {}
             for tid in os.listdir("/proc/%d/task" % restored.pid):
@@ -398,21 +399,8 @@ def test_restore_in_a_new_pid_namespace_while_the_original_runs(restorable, data
                     ns = next(line for line in f if line.startswith("NSpid:")).split()[1:]
                 names[int(ns[0])] = int(ns[-1])
             assert sorted(names.values()) == sorted(t["tid"] for t in m["threads"])
-            os.write(stdin_w, b"go\n")
-            got = b""
-            while True:
-                chunk = os.read(out_r, 4096)
-                if not chunk:
-                    break
-                got += chunk
-            assert got == want and restored.wait() == 0
+            assert run.go() == want and restored.wait() == 0
             assert not os.path.exists("/proc/%d" % init)        # the namespace ended with it
-        finally:
-            os.close(stdin_w)
-            os.close(out_r)
-            if restored.init is not None:
-                os.kill(restored.pid, 9)
-                restored.wait()
         p.stdin.write(b"go\n")                                  # the original, untouched, goes on
         p.stdin.close()
         assert p.stdout.read() == want and p.wait(30) == 0
@@ -456,38 +444,15 @@ def test_a_process_of_another_user_is_restored_with_its_own_ids_not_roots(cc, tm
             assert p.stdout.readline().startswith(b"ready")
             checkpoint.dump(p.pid, img, pre_dumps=0, leave_running=False)
         finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            p.stdin.close()
-            p.stdout.close()
-        stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        try:
-            restored = restore(img, stdio=(stdin_r, out_w, 2))
-        finally:
-            os.close(stdin_r)
-            os.close(out_w)
-        try:
+            _end(p)
+        run = _Restored(img)
+        with run as restored:
             for tid in restored.threads:
                 with open("/proc/%d/task/%d/status" % (restored.pid, tid)) as f:
                     status = dict(line.rstrip("\n").split(":", 1) for line in f)
                 assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
                 assert status["Groups"].split() == ["65534"] and int(status["CapEff"], 16) == 0
             assert os.stat("/proc/%d" % restored.pid).st_uid == 65534
-            os.write(stdin_w, b"go\n")
-            got = b""
-            while True:
-                chunk = os.read(out_r, 4096)
-                if not chunk:
-                    break
-                got += chunk
-            assert got == want and restored.wait() == 0
-        finally:
-            os.close(stdin_w)
-            os.close(out_r)
-            if not _gone(restored.pid):
-                os.kill(restored.pid, 9)
-                restored.wait()
+            assert run.go() == want and restored.wait() == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
