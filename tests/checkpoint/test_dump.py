@@ -294,3 +294,21 @@ def test_a_mapping_merged_with_one_of_ours_keeps_the_targets_part(spawn):
     parts = [(x.start, x.end) for x in read_maps(v.pid, skip=[ours]) if x.path == "[stack]"]
     assert parts == [(m.start, ours[0]), (ours[1], m.end)]
     assert [(x.start, x.end) for x in read_maps(v.pid, skip=[(m.start, m.end)]) if x.path == "[stack]"] == []
+
+
+def test_verify_of_a_manifest_declaring_terabytes_ends(spawn, tmp_path):
+    """A hostile manifest may declare a mapping of 64 TiB: verify looks only at the pages the image has
+    or the process holds, so it ends (and says what differs) instead of walking every declared page."""
+    v = spawn("sleep", env=dict(os.environ, GLIBC_TUNABLES="glibc.pthread.rseq=0"))
+    img = str(tmp_path / "img")
+    dumpmod.dump(v.pid, img, pre_dumps=0)
+    path = os.path.join(img, "manifest.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["mappings"].append(dict(start=1 << 40, end=(1 << 40) + (64 << 40), perms="rw-s", offset=0, path="",
+                              vm_flags="rd wr sh", source="memory"))
+    with open(path, "w") as f:
+        json.dump(m, f)
+    got = subprocess.run([sys.executable, "-m", "pvmexec", "image", "verify", img, str(v.pid)],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and "matches process %d" % v.pid in got.stdout, got

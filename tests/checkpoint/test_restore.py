@@ -456,3 +456,35 @@ def test_a_process_of_another_user_is_restored_with_its_own_ids_not_roots(cc, tm
             assert run.go() == want and restored.wait() == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+PIPES = r"""
+import os, sys
+r, w = os.pipe()
+os.write(w, b"waiting in the pipe " * 1000)         # 20000 bytes nobody has read yet
+r2, w2 = os.pipe2(os.O_NONBLOCK)
+print("ready", flush=True)
+line = sys.stdin.readline()
+got = b""
+while len(got) < 20000:
+    got += os.read(r, 65536)
+os.write(w2, b"x")
+print(line.strip(), len(got), got == b"waiting in the pipe " * 1000, os.read(r2, 10), os.get_blocking(r2),
+      os.get_inheritable(r), flush=True)
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_pipe_whose_ends_are_the_processs_comes_back_with_what_waited_in_it(tmp_path):
+    want = subprocess.run(["python3", "-c", PIPES], input=b"go\n", capture_output=True, timeout=60).stdout
+    p = subprocess.Popen(["python3", "-c", PIPES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    assert sorted(len(v["data"]) // 2 for v in m["pipes"].values())[-1] == 20000
+    run = _Restored(str(tmp_path / "img"))
+    with run as restored:
+        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0

@@ -64,6 +64,8 @@ MANIFEST_FIELDS = {
     "fds": ("process", True, "each descriptor: fd, path, pos, flags; mode, dev, ino, size, rdev (its stat)"),
     "sigactions": ("process", True, "signal -> handler, flags, restorer, mask (non-default only)"),
     "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
+    "pipes": ("process", True, "pipe inode -> size (F_GETPIPE_SZ) and data (hex): what waited in each pipe read "
+                               "through one of its descriptors"),
     "creds": ("process", True, "uid, gid: [real, effective, saved, filesystem]; groups; dumpable (PR_GET_DUMPABLE)"),
 }
 
@@ -289,7 +291,7 @@ class Image:
 
 _TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
           "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
-          "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict}
+          "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict, "pipes": dict}
 
 
 def _validate(directory, m):

@@ -49,6 +49,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4,
 AT_FDCWD = -100
 _MADVICE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # VmFlags -> the madvise that sets it
 _SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]")               # moved, never mapped or written
+_F_DUPFD_CLOEXEC, _F_SETFL, _F_SETPIPE_SZ = 1030, 4, 1031
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
 HELPER_PAGES = 8                                             # one of code, the rest data for the calls
@@ -160,6 +161,9 @@ def _check_fields(m):
     need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
     need(_is_int(m["personality"], 0, 1 << 32), "personality")
     need(isinstance(m.get("stopped"), bool), "stopped")
+    need(isinstance(m.get("pipes"), dict) and all(
+        isinstance(v, dict) and _is_int(v.get("size"), 0, 1 << 31) and _is_hex(v.get("data")) and
+        len(v["data"]) <= 2 * v["size"] for v in m["pipes"].values()), "pipes")
     c = m.get("creds")
     need(isinstance(c, dict) and all(isinstance(c.get(k), list) and len(c[k]) == 4 and
                                      all(_is_int(x, 0, 1 << 32) for x in c[k]) for k in ("uid", "gid")) and
@@ -197,6 +201,11 @@ class _Plan:
         self.index = img.page_index()
         self.mappings = [self._mapping(mp) for mp in m["mappings"]]
         self._check_vdso()
+        ends = {}                               # pipe inode -> the access modes of its ends in the image
+        for f in m["fds"]:
+            if f["path"].startswith("pipe:["):
+                ends.setdefault(f["path"], set()).add(f["flags"] & os.O_ACCMODE)
+        self.whole_pipes = {p for p, modes in ends.items() if os.O_RDONLY in modes and os.O_WRONLY in modes}
         self.fds = [self._fd(f) for f in m["fds"]]
         for name in ("cwd", "root"):
             if not os.path.isdir(m[name]):
@@ -251,6 +260,10 @@ class _Plan:
         what = "fd %d (%s)" % (fd, path)
         if path.startswith("/dev/pts/") or path.startswith("/dev/tty") or path == "/dev/console":
             return dict(f, how="stdio", source=self._stdio_for(fd, what, tty=True))
+        if path in self.whole_pipes:            # both ends are the process's: made again, with its data
+            if f["flags"] & os.O_ACCMODE == os.O_RDWR:
+                raise RestoreError(errno.EOPNOTSUPP, "%s: a pipe opened for reading and writing" % what)
+            return dict(f, how="pipe")
         if (path.startswith("pipe:") or path.startswith("socket:")) and fd <= 2:
             return dict(f, how="stdio", source=self._stdio_for(fd, what, tty=False))
         if not path.startswith("/"):
@@ -587,6 +600,8 @@ class _Restorer:
     def _descriptors(self):
         h = self.at_helper
         for f in self.p.fds:
+            if f["how"] == "pipe":
+                continue                        # after the others: their numbers are then all taken
             fd, flags = f["fd"], f["flags"] & _OPEN_MASK
             path = "/proc/%d/fd/%d" % (os.getpid(), f["source"]) if f["how"] == "stdio" else f["path"]
             got = h("openat", AT_FDCWD, self.put_str(path), flags, 0)
@@ -595,6 +610,39 @@ class _Restorer:
                 h("close", got)
             if f["how"] == "open" and f["pos"]:
                 h("lseek", fd, f["pos"], os.SEEK_SET)
+        self._pipes()
+
+    def _pipes(self):
+        """Each pipe whose ends are all in the image: made, given its size and the data that waited in it,
+        its two ends moved above every recorded number, then duplicated onto each recorded one."""
+        h = self.at_helper
+        pipes = [f for f in self.p.fds if f["how"] == "pipe"]
+        if not pipes:
+            return
+        base = max(f["fd"] for f in self.p.fds) + 1
+        made = {}
+        for path in sorted({f["path"] for f in pipes}):
+            h("pipe2", self.helper + PAGE, os.O_CLOEXEC)
+            r, w = struct.unpack("<ii", os.pread(self.mem, 8, self.helper + PAGE))
+            ends = [h("fcntl", fd, _F_DUPFD_CLOEXEC, base) for fd in (r, w)]
+            for fd in (r, w):
+                h("close", fd)
+            want = self.m["pipes"].get(path[6:-1], {})
+            if want.get("size"):
+                h("fcntl", ends[1], _F_SETPIPE_SZ, want["size"])
+            data = bytes.fromhex(want.get("data", ""))
+            for at in range(0, len(data), 16384):
+                chunk = data[at:at + 16384]
+                if h("write", ends[1], self.put(chunk), len(chunk)) != len(chunk):
+                    raise RestoreError(errno.EIO, "%s: its data did not go back in" % path)
+            made[path] = ends
+        for f in pipes:
+            end = made[f["path"]][0 if f["flags"] & os.O_ACCMODE == os.O_RDONLY else 1]
+            h("dup3", end, f["fd"], f["flags"] & os.O_CLOEXEC)
+            h("fcntl", f["fd"], _F_SETFL, f["flags"] & (os.O_NONBLOCK | os.O_DIRECT))
+        for ends in made.values():
+            for fd in ends:
+                h("close", fd)
 
     # ---- threads
 

@@ -1,5 +1,6 @@
 """What the image records besides memory, collected while the target is frozen: one collector per
 field group (mappings' flags, each thread, the process). The fields are listed in image.py."""
+import fcntl
 import hashlib
 import os
 import resource
@@ -149,6 +150,27 @@ def signals_and_timers(space):
     return dict(sigactions=sigactions, itimers=itimers)
 
 
+_F_GETPIPE_SZ = 1032
+
+
+def pipes(space, fds):
+    """ino -> size and contents (hex) of each pipe a read end of which is among fds, copied out of it
+    (tee through a duplicate of that end: pidfd_getfd) and left there."""
+    out = {}
+    for f in fds:
+        if not f["path"].startswith("pipe:[") or f["flags"] & os.O_ACCMODE == os.O_WRONLY:
+            continue
+        ino = f["path"][6:-1]
+        if ino in out:
+            continue
+        ours = _core.pidfd_getfd(space.pidfd, f["fd"])
+        try:
+            out[ino] = dict(size=fcntl.fcntl(ours, _F_GETPIPE_SZ), data=_core.pipe_peek(ours).hex())
+        finally:
+            os.close(ours)
+    return out
+
+
 def credentials(pid, space):
     """Real, effective, saved and filesystem uids and gids, supplementary groups (/proc/PID/status), and
     whether the process is dumpable (asked of it: a restore that changes its ids must set it back)."""
@@ -166,5 +188,6 @@ def process_state(pid, space, engine, our_fds, asked):
     state.update(files(pid, our_fds))
     state.update(signals_and_timers(space))
     state["creds"] = credentials(pid, space)
+    state["pipes"] = pipes(space, state["fds"])
     state["rlimits"] = rlimits(space)
     return state

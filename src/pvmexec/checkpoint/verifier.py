@@ -2,10 +2,11 @@
 the process does not hold into existence."""
 from __future__ import annotations
 
+import bisect
 import os
 
 from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
-from ..proc import PagemapScan
+from ..proc import PagemapScan, mappings
 from .image import FROM_FILE, Image
 from .tracking import Mapping, shmem_data
 
@@ -29,13 +30,14 @@ def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, st
     diffs: list[tuple[int, str]] = []
     try:
         idx = img.page_index()
+        keys = sorted(idx)
         scan = PagemapScan(pid)
         mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
         try:
             with open(os.path.join(directory, "pages.img"), "rb") as pages:
                 for mp in img.manifest["mappings"]:
                     if "r" in mp["perms"] and mp.get("source") != "shared-file":
-                        _verify_mapping(mp, idx, pages, mem, scan, pid, diffs)
+                        _verify_mapping(mp, idx, keys, pages, mem, scan, pid, diffs)
         finally:
             os.close(mem)
             scan.close()
@@ -45,19 +47,22 @@ def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, st
     return diffs
 
 
-def _verify_mapping(mp, idx, pages, mem, scan, pid, diffs):
+def _verify_mapping(mp, idx, keys, pages, mem, scan, pid, diffs):
+    """Only the pages the image has or the process holds are looked at: work bounded by the two, not by
+    what a manifest declares (a hostile one may declare terabytes)."""
     start, end, from_file = mp["start"], mp["end"], mp.get("source") == "file"
     if mp["perms"][3] == "s":
         m = Mapping("%x-%x %s %x 00:00 0 %s" % (start, end, mp["perms"], mp["offset"], mp["path"]))
         held = shmem_data(pid, m)
-        held = [(start, end)] if held is None else held
+        if held is None:                    # all that the process really maps there
+            held = [(max(start, lo), min(end, hi)) for lo, hi, _perms, _path in mappings(pid) if lo < end and hi > start]
     else:
         held = scan.regions(start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                             PAGE_IS_PFNZERO | (PAGE_IS_FILE if from_file else 0))
     holds = set()
     for s, e in held:
         holds.update(range(s, e, PAGE))
-    for addr in range(start, end, PAGE):
+    for addr in sorted(holds.union(keys[bisect.bisect_left(keys, start):bisect.bisect_left(keys, end)])):
         off = idx.get(addr)
         if addr not in holds:
             if off is not None and off < FROM_FILE and (from_file or _page(pages, off) != bytes(PAGE)):

@@ -155,6 +155,7 @@ PyObject *py_stub_run(PyObject *self, PyObject *args);
 PyObject *py_stub_run_fast(PyObject *self, PyObject *args);
 PyObject *py_openat2(PyObject *self, PyObject *args);
 PyObject *py_fifo_has_writer(PyObject *self, PyObject *args);
+PyObject *py_pipe_peek(PyObject *self, PyObject *args);
 PyObject *py_fstatat_raw(PyObject *self, PyObject *args);
 PyObject *py_statx_raw(PyObject *self, PyObject *args);
 PyObject *py_fstatfs_raw(PyObject *self, PyObject *args);

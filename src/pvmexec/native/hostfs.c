@@ -83,3 +83,48 @@ py_fifo_has_writer(PyObject *self, PyObject *args)
     }
     return PyBool_FromLong(n != 0);
 }
+
+/* pipe_peek(fd) -> bytes: what waits in the pipe whose read end is fd, copied (tee) and left there. */
+PyObject *
+py_pipe_peek(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    int size = fcntl(fd, F_GETPIPE_SZ);
+    if (size < 0)
+        return raise_host("fcntl(F_GETPIPE_SZ)");
+    int scratch[2];
+    if (pipe2(scratch, O_CLOEXEC | O_NONBLOCK) < 0)
+        return raise_host("pipe2");
+    PyObject *out = NULL;
+    if (fcntl(scratch[1], F_SETPIPE_SZ, size) < size) {     /* room for all of it */
+        raise_host("fcntl(F_SETPIPE_SZ)");
+        goto done;
+    }
+    ssize_t n = tee(fd, scratch[1], (size_t)size, SPLICE_F_NONBLOCK);
+    if (n < 0 && errno != EAGAIN) {                         /* EAGAIN: empty */
+        raise_host("tee");
+        goto done;
+    }
+    if (n < 0)
+        n = 0;
+    out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        goto done;
+    for (ssize_t got = 0; got < n;) {
+        ssize_t r = read(scratch[0], PyBytes_AS_STRING(out) + got, (size_t)(n - got));
+        if (r <= 0) {
+            Py_CLEAR(out);
+            if (r == 0)
+                errno = EIO;
+            raise_host("read");
+            goto done;
+        }
+        got += r;
+    }
+done:
+    close(scratch[0]);
+    close(scratch[1]);
+    return out;
+}

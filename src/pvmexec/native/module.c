@@ -39,6 +39,7 @@ static PyMethodDef methods[] = {
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, ms)"},
     {"openat2", py_openat2, METH_VARARGS, "openat2(dirfd, path, flags, mode, resolve) -> fd"},
     {"fifo_has_writer", py_fifo_has_writer, METH_VARARGS, "fifo_has_writer(fd) -> bool: a FIFO read end (O_NONBLOCK) has a writer"},
+    {"pipe_peek", py_pipe_peek, METH_VARARGS, "pipe_peek(fd) -> bytes: what waits in a pipe (read end fd), left in it"},
     {"fstatat_raw", py_fstatat_raw, METH_VARARGS, "fstatat_raw(dirfd, path, flags) -> struct stat bytes"},
     {"statx_raw", py_statx_raw, METH_VARARGS, "statx_raw(dirfd, path, flags, mask) -> struct statx bytes"},
     {"fstatfs_raw", py_fstatfs_raw, METH_VARARGS, "fstatfs_raw(fd) -> struct statfs bytes"},
