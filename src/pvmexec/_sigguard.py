@@ -9,6 +9,8 @@ dump takes its write protection back), and when Terminated reaches the top the
 caller detaches what is still attached and dies of the same signal as before.
 While another thread is in an operation, that waits for the operation's end.
 """
+import _thread
+import functools
 import os
 import signal
 import sys
@@ -65,12 +67,30 @@ def _excepthook(typ, value, tb):
     _previous_hook(typ, value, tb)
 
 
+def _unraisable(u):
+    """Python drops what a __del__ (run by the collector at any allocation) raises: a Ctrl-C or a
+    SIGTERM that lands there is sent again, else the caller would never see it and go on. Sent from
+    another thread, a moment later: sent from here, it would land here again."""
+    if isinstance(u.exc_value, KeyboardInterrupt):
+        again = _thread.interrupt_main
+    elif isinstance(u.exc_value, Terminated):
+        again = functools.partial(os.kill, os.getpid(), u.exc_value.signum)
+    else:
+        _previous_unraisable(u)
+        return
+    threading.Timer(0.001, again).start()
+
+
 _previous_hook = None
+_previous_unraisable = None
 
 
 def install():
-    global _users
+    global _users, _previous_unraisable
     with _lock:
+        if _previous_unraisable is None:
+            _previous_unraisable = sys.unraisablehook
+            sys.unraisablehook = _unraisable
         _users += 1
         if _users > 1 or threading.current_thread() is not threading.main_thread():
             return
