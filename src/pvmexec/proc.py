@@ -21,6 +21,11 @@ def mappings(pid):
     return out
 
 
+def maps_prot(perms):
+    """PROT_* bits of a /proc/PID/maps permission field ("r-xp")."""
+    return (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+
+
 def status(pid):
     """/proc/PID/status as a dict of strings."""
     try:

@@ -20,7 +20,7 @@ from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_
 from ..errors import PvmexecError, TargetGone
 from . import state
 from .image import DumpError, ImageWriter
-from .tracking import Scanner, Tracker, read_maps, shmem_data
+from .tracking import Scanner, Tracker, gaps, held_ranges, read_maps
 from .transfer import Splicer, copy_range, copy_ranges
 
 
@@ -184,7 +184,7 @@ class _Dump:
             # Only private anonymous memory is tracked: in a file mapping, write protection leaves
             # markers on the file's own pages that PAGEMAP_SCAN reports as swapped, so its pages the
             # process changed could not be told from the file's.
-            if new and not (m.perms[3] == "p" and "w" in m.perms and _anonymous(m) and tracker.register(m)):
+            if new and not (m.perms[3] == "p" and "w" in m.perms and m.anonymous and tracker.register(m)):
                 self.whole.add(m.key)
             if m.key in self.whole or new:
                 # Untracked, or seen first: what it holds of its own. A tracked one is protected in
@@ -221,20 +221,6 @@ class _Dump:
             self.sources[m.key] = ("memory" if ident is None else "shared-file" if m.shared else "file", ident)
         return self.sources[m.key]
 
-    def _held(self, m, final):
-        """The ranges of m holding data of the process's own, found without touching the others (a
-        page never used is not read into existence); None if m changed under us."""
-        how, _ident = self.source(m)
-        if how == "shared-file":
-            return []
-        if m.shared:
-            data = shmem_data(self.pid, m)
-            return [m.key] if data is None else data
-        if how == "memory" and not _anonymous(m):
-            return [m.key]                  # a deleted file's or a memfd's: the image holds all of it
-        without = PAGE_IS_PFNZERO | (PAGE_IS_FILE if how == "file" else 0)
-        return self._scan(m, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, wp=False, final=final, without=without)
-
     def _protect(self, m):
         """Write-protect a newly tracked mapping; the ranges it held just before, or None if it changed."""
         try:
@@ -254,28 +240,24 @@ class _Dump:
         how, _ident = self.source(m)
         if how == "shared-file":
             return
-        if m.shared:
-            data = shmem_data(self.pid, m)
-            if data is not None:
-                for s, e in _gaps(m.start, m.end, data):
-                    self.image.zero(s, e - s)
-            return
-        if how == "memory" and not _anonymous(m):
-            return
-        without = PAGE_IS_PFNZERO | (PAGE_IS_FILE if how == "file" else 0)
-        held = self.scanner.regions(m.start, m.end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, without)
-        for s, e in _gaps(m.start, m.end, held):
+        for s, e in gaps(m.start, m.end, held_ranges(self.scanner, self.pid, m, how)):
             if how == "file":
                 self.image.from_file(s, e - s)
             else:
                 self.image.zero(s, e - s)
 
-    def _scan(self, m, categories, wp, final, without=0):
-        """PAGEMAP_SCAN of mapping m. While the target runs, m may be unmapped or replaced between reading
+    def _held(self, m, final):
+        return self._unless_changed(m, final, held_ranges, self.scanner, self.pid, m, self.source(m)[0])
+
+    def _scan(self, m, categories, wp, final):
+        return self._unless_changed(m, final, self.scanner.regions, m.start, m.end, categories, wp=wp)
+
+    def _unless_changed(self, m, final, scan, *args, **kw):
+        """A PAGEMAP_SCAN of mapping m. While the target runs, m may be unmapped or replaced between reading
         the maps and the scan (EPERM, EINVAL, ENOENT): then the round leaves it to the next one, which
         takes it as a new mapping (registered and copied whole), and returns None. Frozen, nothing moves."""
         try:
-            return self.scanner.regions(m.start, m.end, categories, without, wp=wp)
+            return scan(*args, **kw)
         except DumpError as e:
             if final or e.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
                 raise
@@ -333,16 +315,6 @@ class _Dump:
         engine.forget_frozen()
 
 
-def _gaps(start, end, regions):
-    at = start
-    for s, e in sorted(regions):
-        if s > at:
-            yield at, s
-        at = max(at, e)
-    if at < end:
-        yield at, end
-
-
 class _NoTracker:
     """A stopped target's dump tracks nothing: it is copied once, frozen."""
     ranges = {}
@@ -364,6 +336,3 @@ def _job_stopped(pid):
     except (OSError, IndexError):
         return False
 
-
-def _anonymous(m):
-    return not m.path or m.path in ("[heap]", "[stack]") or m.path.startswith("[anon:")

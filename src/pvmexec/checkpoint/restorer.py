@@ -33,7 +33,7 @@ from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_TH
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, PTRACE_SINGLESTEP)
 from ..arch import current as current_arch
 from ..errors import PvmexecError
-from ..proc import mappings
+from ..proc import mappings, maps_prot
 from ..syscalls import number
 from .image import FROM_FILE, ZERO, DumpError, Image
 
@@ -236,9 +236,7 @@ class _Plan:
                 raise RestoreError(errno.ESTALE, "%s: %s is another file than at the dump" % (where, path))
             if (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]):
                 raise RestoreError(errno.ESTALE, "%s: %s changed since the dump" % (where, path))
-        prot = (PROT_READ if "r" in perms else 0) | (PROT_WRITE if "w" in perms else 0) | \
-            (PROT_EXEC if "x" in perms else 0)
-        return dict(mp, kind=kind, prot=prot, flags=flags)
+        return dict(mp, kind=kind, prot=maps_prot(perms), flags=flags)
 
     def _check_vdso(self):
         """The image's vDSO must be this kernel's: its code is not in the image, only its place."""
@@ -355,14 +353,12 @@ class _Restorer:
                 os.close(ns)
         self.pid = pid
         self.host[self.ns_pid] = pid
-        proc = StubProcess(pid, False)
-        self.proc = proc
-        _wait_until_paused(proc)
+        _wait_until_paused(StubProcess(pid, False))
         _core.ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL, "ptrace(PTRACE_SEIZE)")
         self.seized.append(pid)
         _core.ptrace(PTRACE_INTERRUPT, pid, 0, 0, "ptrace(PTRACE_INTERRUPT)")
         self._wait_stop(pid)
-        self.insn = {pid: _core.getregs(pid)}
+        self.start_regs = _core.getregs(pid)
         self.mem = os.open("/proc/%d/mem" % pid, os.O_RDWR | os.O_CLOEXEC)
 
     def _namespace(self, exe):
@@ -469,7 +465,7 @@ class _Restorer:
         stub_maps = _maps(pid)
         self.helper = _free_range(HELPER_PAGES * PAGE, [(m["start"], m["end"]) for m in self.p.mappings] +
                                   [(lo, hi) for lo, hi, _n in stub_maps])
-        start_insn = struct.unpack_from("<Q", self.insn[pid], 8 * _R["rip"])[0] - ARCH.SYSCALL_INSN_LEN
+        start_insn = struct.unpack_from("<Q", self.start_regs, 8 * _R["rip"])[0] - ARCH.SYSCALL_INSN_LEN
         self.must(pid, start_insn, "mmap", self.helper, HELPER_PAGES * PAGE, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
         os.pwrite(self.mem, ARCH.SYSCALL_INSN, self.helper)

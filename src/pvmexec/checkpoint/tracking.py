@@ -10,7 +10,7 @@ import os
 import stat
 import struct
 
-from ..abi import (UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
+from ..abi import (PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
                    UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER)
 from ..errors import PvmexecError, TargetGone
 from ..proc import PagemapScan
@@ -56,6 +56,36 @@ class Mapping:
 
     def as_dict(self):
         return dict(start=self.start, end=self.end, perms=self.perms, offset=self.offset, path=self.path)
+
+    @property
+    def anonymous(self):
+        return not self.path or self.path in ("[heap]", "[stack]") or self.path.startswith("[anon:")
+
+
+def held_ranges(scanner, pid, m, how):
+    """The ranges of mapping m holding data of the process's own, found without touching the others (a
+    page never used is not read into existence). how is the image's source for m ("memory", "file" or
+    "shared-file"). The one rule the dump, its final marking and verify share."""
+    if how == "shared-file":
+        return []                           # all of it is the file's
+    if m.shared:
+        data = shmem_data(pid, m)
+        return [m.key] if data is None else data
+    if how == "memory" and not m.anonymous:
+        return [m.key]                      # a deleted file's or a memfd's: the image holds all of it
+    without = PAGE_IS_PFNZERO | (PAGE_IS_FILE if how == "file" else 0)
+    return scanner.regions(m.start, m.end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, without)
+
+
+def gaps(start, end, regions):
+    """The parts of [start, end) that regions leave out."""
+    at = start
+    for s, e in sorted(regions):
+        if s > at:
+            yield at, s
+        at = max(at, e)
+    if at < end:
+        yield at, end
 
 
 def read_maps(pid, skip=()):

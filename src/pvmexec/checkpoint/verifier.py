@@ -5,10 +5,10 @@ from __future__ import annotations
 import bisect
 import os
 
-from ..abi import PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED
+from ..abi import PAGE
 from ..proc import PagemapScan, mappings
 from .image import FROM_FILE, Image
-from .tracking import Mapping, shmem_data
+from .tracking import Mapping, held_ranges
 
 
 def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, str]]:
@@ -35,9 +35,10 @@ def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, st
         mem = os.open("/proc/%d/mem" % pid, os.O_RDONLY)
         try:
             with open(os.path.join(directory, "pages.img"), "rb") as pages:
+                real = [(lo, hi) for lo, hi, _perms, _path in mappings(pid)]
                 for mp in img.manifest["mappings"]:
                     if "r" in mp["perms"] and mp.get("source") != "shared-file":
-                        _verify_mapping(mp, idx, keys, pages, mem, scan, pid, diffs)
+                        _verify_mapping(mp, idx, keys, pages, mem, scan, pid, real, diffs)
         finally:
             os.close(mem)
             scan.close()
@@ -47,18 +48,13 @@ def verify(directory: str, pid: int, frozen: bool = False) -> list[tuple[int, st
     return diffs
 
 
-def _verify_mapping(mp, idx, keys, pages, mem, scan, pid, diffs):
+def _verify_mapping(mp, idx, keys, pages, mem, scan, pid, real, diffs):
     """Only the pages the image has or the process holds are looked at: work bounded by the two, not by
     what a manifest declares (a hostile one may declare terabytes)."""
     start, end, from_file = mp["start"], mp["end"], mp.get("source") == "file"
-    if mp["perms"][3] == "s":
-        m = Mapping("%x-%x %s %x 00:00 0 %s" % (start, end, mp["perms"], mp["offset"], mp["path"]))
-        held = shmem_data(pid, m)
-        if held is None:                    # all that the process really maps there
-            held = [(max(start, lo), min(end, hi)) for lo, hi, _perms, _path in mappings(pid) if lo < end and hi > start]
-    else:
-        held = scan.regions(start, end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                            PAGE_IS_PFNZERO | (PAGE_IS_FILE if from_file else 0))
+    m = Mapping("%x-%x %s %x 00:00 0 %s" % (start, end, mp["perms"], mp["offset"], mp["path"]))
+    held = [(max(s, lo), min(e, hi)) for s, e in held_ranges(scan, pid, m, mp.get("source", "memory"))
+            for lo, hi in real if lo < e and hi > s]     # what the process really maps there
     holds = set()
     for s, e in held:
         holds.update(range(s, e, PAGE))

@@ -62,10 +62,10 @@ def open_reached(path, flags, mode, wait):
     in the host until its other end opens, where no guest signal could end it: it is made without
     blocking and waited for through wait(pause), which raises to end the wait (a signal, a death).
     Without wait, it never blocks (ENXIO for a write end without a reader)."""
-    if wait is None and not flags & os.O_PATH and flags & O_ACCMODE != os.O_RDWR and _is_named_fifo(path):
-        flags |= os.O_NONBLOCK
     if flags & (os.O_NONBLOCK | os.O_PATH) or flags & O_ACCMODE == os.O_RDWR or not _is_named_fifo(path):
         return host_call(os.open, path, flags, mode)
+    if wait is None:
+        return host_call(os.open, path, flags | os.O_NONBLOCK, mode)
     pause, fd = 0.001, None
     try:
         while True:

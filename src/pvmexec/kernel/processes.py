@@ -13,7 +13,7 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
                    PAGE_IS_SWAPPED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
-from ..proc import PagemapScan
+from ..proc import PagemapScan, maps_prot
 from .errors import Errno
 from .syscalls.mm import drop_mapped, map_file
 from .syscalls.timer import end_timers
@@ -122,7 +122,7 @@ class ProcessMachinery:
                 perms = fields[1]
                 if perms[3] == "s" and self._share_with_child(child, fields, lo, hi):
                     continue
-                prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+                prot = maps_prot(perms)
                 fd = child.mapped_files.get(_file_key(fields)) if fields[4] != "0" else None
                 if fd is not None:
                     map_file(child, fd, lo, hi - lo, 3, MAP_PRIVATE | MAP_FIXED_NOREPLACE, int(fields[2], 16))
@@ -164,9 +164,7 @@ class ProcessMachinery:
         fd = child.mapped_files.get(_file_key(fields))
         if fd is None:
             return False
-        perms = fields[1]
-        prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
-        map_file(child, fd, lo, hi - lo, prot, MAP_SHARED | MAP_FIXED_NOREPLACE, int(fields[2], 16))
+        map_file(child, fd, lo, hi - lo, maps_prot(fields[1]), MAP_SHARED | MAP_FIXED_NOREPLACE, int(fields[2], 16))
         return True
 
     def _start(self, child):

@@ -7,6 +7,7 @@ import stat
 from ...abi import (MAP_ANONYMOUS, MAP_DENYWRITE, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED,
                     MAP_SHARED_VALIDATE, MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
 from ...arch import current as _current_arch
+from ...proc import maps_prot
 from ..errors import Errno
 
 
@@ -102,9 +103,7 @@ def files_in_maps(p):
         if any(lo < e and hi > s for s, e in p.protected):
             continue
         major, minor = (int(x, 16) for x in fields[3].split(":"))
-        perms = fields[1]
-        prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0) | \
-            (4 if perms[2] == "x" else 0)
+        prot = maps_prot(fields[1])
         found.setdefault((os.makedev(major, minor), int(fields[4])), []).append((lo, hi, prot, int(fields[2], 16)))
     return found
 
