@@ -193,7 +193,7 @@ def cmd_restore(args):
               "and the namespace ends with it", file=sys.stderr)
         return 2
     try:
-        restored = restore(args.dir, pid_ns=args.pid_ns)
+        restored = restore(args.dir, pid_ns=args.pid_ns, lazy=args.lazy)
     except (PvmexecError, OSError) as e:
         print("pvmexec restore: %s" % describe(e), file=sys.stderr)
         return 1
@@ -404,6 +404,9 @@ def build_parser():
                                     "attached to this command's). Waits for it and exits as it does.")
     rs.add_argument("dir", metavar="DIR")
     rs.add_argument("--detach", "-d", action="store_true", help="return once it runs instead of waiting for it")
+    rs.add_argument("--lazy", action="store_true",
+                    help="let it run before its memory is read: each page is filled from the image when first "
+                         "touched, the rest in the background (userfaultfd; root)")
     rs.add_argument("--pid-ns", action="store_true",
                     help="in a new pid namespace, where its pid and thread ids are free whatever runs here (root)")
     rs.set_defaults(func=cmd_restore)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from pvmexec import checkpoint as dumpmod
+from pvmexec import janitor
 from pvmexec.errors import TargetGone
 
 from conftest import Running, compile_victim
@@ -91,8 +92,12 @@ def test_image_equals_the_frozen_memory_and_the_target_never_notices(writer, tmp
 
 def test_until_converged_then_kill(writer, tmp_path):
     p = writer(300)
+    janitor.start()                                     # its pipe is this process's for good
+    ours = sorted(os.listdir("/proc/self/fd"))
     m = dumpmod.dump(p.pid, str(tmp_path / "img"), until_converged=True, leave_running=False)
     assert p.wait(10) == -signal.SIGKILL
+    now = sorted(os.listdir("/proc/self/fd"))
+    assert now == ours, [os.readlink("/proc/self/fd/" + f) for f in now if f not in ours]   # nothing of it kept open
     assert 2 <= len(m["rounds"]) <= 17
     img = dumpmod.Image(str(tmp_path / "img"))
     img.check()

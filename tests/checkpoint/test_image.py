@@ -5,6 +5,7 @@ import os
 import pytest
 
 from pvmexec.checkpoint import IMAGE_VERSION, MANIFEST_FIELDS, ZERO, DumpError, Image, ImageWriter
+from pvmexec.checkpoint.image import CHUNK
 
 PAGE = 4096
 
@@ -43,7 +44,7 @@ def test_round_trip_and_the_last_record_wins(tmp_path):
             f.seek(idx[addr])
             assert f.read(PAGE) == want * PAGE
     m = img.manifest
-    assert m["version"] == IMAGE_VERSION and m["complete"] is True and set(m["checksums"]) == {"pages.img", "pages.idx"}
+    assert m["version"] == IMAGE_VERSION and m["complete"] is True and set(m["checksums"]) == {"pages.sums", "pages.idx"}
 
 
 def test_a_flipped_byte_fails_the_check(tmp_path):
@@ -52,6 +53,32 @@ def test_a_flipped_byte_fails_the_check(tmp_path):
         f.seek(5)
         f.write(b"X")
     with pytest.raises(DumpError, match="pages.img does not match its checksum"):
+        Image(str(tmp_path / "img")).check()
+
+
+def test_each_mib_of_pages_is_checked_on_its_own(tmp_path):
+    """pages.sums holds one digest per MiB of pages.img, written across record boundaries; a change in
+    any chunk, a pages.img cut short or a missing pages.sums is found (a lazy restore checks by chunk)."""
+    w = ImageWriter(str(tmp_path / "img"))
+    pages = CHUNK // PAGE
+    w.add(0x100000, b"a" * (PAGE * (pages - 1)))        # chunk 0 ends inside the second record
+    w.add(0x900000, b"b" * (PAGE * 3))
+    w.finish(_manifest())
+    img = Image(str(tmp_path / "img"))
+    img.check()
+    chunks = img.chunk_sums()
+    assert len(chunks) == 2 and len((tmp_path / "img" / "pages.sums").read_bytes()) == 64
+    with open(tmp_path / "img" / "pages.img", "rb") as f:
+        data = f.read()
+    chunks.check(1, data[CHUNK:])
+    with pytest.raises(DumpError, match="chunk 1"):
+        chunks.check(1, data[CHUNK:-1] + b"X")
+    with open(tmp_path / "img" / "pages.img", "r+b") as f:
+        f.truncate(CHUNK)
+    with pytest.raises(DumpError, match="pages.img does not match its checksum"):
+        Image(str(tmp_path / "img")).check()
+    os.remove(tmp_path / "img" / "pages.sums")
+    with pytest.raises(DumpError, match="pages.sums"):
         Image(str(tmp_path / "img")).check()
 
 

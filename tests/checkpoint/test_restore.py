@@ -166,6 +166,70 @@ def test_a_restored_process_goes_on_as_an_undisturbed_run_does(restorable, data_
         assert restored.wait() == 0
 
 
+def _userfaultfds(pid):
+    return [fd for fd in os.listdir("/proc/%d/fd" % pid) if os.readlink("/proc/%d/fd/%s" % (pid, fd)).endswith(
+        "[userfaultfd]")]
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_lazily_restored_process_goes_on_as_an_undisturbed_run_does(restorable, data_file, tmp_path):
+    """It runs before its memory is in (threads, timers, a blocked read into the heap: faults from
+    user and kernel mode); the page server fills it, exits, and nothing of it stays."""
+    want = _undisturbed(restorable, data_file)
+    pid, m = _dumped(restorable, data_file, str(tmp_path / "img"))
+    run = _Restored(str(tmp_path / "img"), lazy=True)
+    with run as restored:
+        server = restored.server
+        assert restored.pid == pid and server is not None and _userfaultfds(pid) == []
+        assert sorted(int(fd) for fd in os.listdir("/proc/%d/fd" % pid)) == sorted(f["fd"] for f in m["fds"])
+        assert run.go() == want
+        assert restored.wait() == 0
+        assert restored.server is None and _gone(server)          # reaped by wait()
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_lazy_restore_follows_what_the_process_does_to_its_memory(cc, tmp_path):
+    """Right after the restore, before the server's background copy gets there, the process drops
+    (madvise DONTNEED), moves (mremap) and unmaps parts of its memory and forks a child that checks
+    its own copy: the dropped part reads as zeros, the moved part has its data at the new place, the
+    child and the rest see exactly the memory of the dump."""
+    exe = compile_victim(cc, tmp_path, "lazy_memory")
+    p = subprocess.Popen([exe, "256"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().startswith(b"ready")
+        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=False)
+    finally:
+        _end(p)
+    run = _Restored(str(tmp_path / "img"), lazy=True)
+    with run as restored:
+        assert run.go() == b"got go kept 0 dropped 0 moved 0 child 0 reader ok\n"
+        assert restored.wait() == 0
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_damaged_page_kills_the_lazily_restored_process_before_it_sees_it(cc, tmp_path):
+    """A byte flipped in a page the server fills: the chunk's digest differs, the process is killed
+    (never given the page) and the command says why."""
+    exe = compile_victim(cc, tmp_path, "lazy_memory")
+    p = subprocess.Popen([exe, "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().startswith(b"ready")
+        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    _addr, off, n = max(checkpoint.Image(str(tmp_path / "img")).runs(), key=lambda r: r[2])   # the 16 MiB
+    with open(tmp_path / "img" / "pages.img", "r+b") as f:
+        f.seek(off + n // 2 * 4096 + 7)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", "--lazy", str(tmp_path / "img")], input=b"go\n",
+                       capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL and r.stdout == b"", r
+    assert b"does not match its checksum" in r.stderr and b"killed it" in r.stderr and r.stderr.count(b"\n") == 1
+    assert _gone(p.pid)
+
+
 def test_restore_refuses_what_it_cannot_restore_before_anything_runs(restorable, data_file, tmp_path):
     img = str(tmp_path / "img")
     p = _start(restorable, data_file)
@@ -240,10 +304,11 @@ def test_an_unprivileged_restore_is_a_clear_refusal(restorable, data_file, tmp_p
 
 
 @pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
-def test_cli_restores_programs_nobody_here_wrote(tmp_path, busybox):
+@pytest.mark.parametrize("how", [[], ["--lazy"]])
+def test_cli_restores_programs_nobody_here_wrote(tmp_path, busybox, how):
     """python3 with a thread, mid-computation and asleep; coreutils sleep in nanosleep; busybox sh
-    waiting on a pipe; each dumped with --kill by the CLI, restored by it, finishing with its
-    undisturbed output and status."""
+    waiting on a pipe; each dumped with --kill by the CLI, restored by it (eagerly, and lazily),
+    finishing with its undisturbed output and status."""
     script = ("import hashlib, sys, threading, time\n"
               "h = hashlib.sha256()\n"
               "def work():\n"
@@ -273,9 +338,36 @@ def test_cli_restores_programs_nobody_here_wrote(tmp_path, busybox):
             p.wait(10)
             for f in (p.stdin, p.stdout, p.stderr):
                 f.close()
-        r = subprocess.run([PY, "-m", "pvmexec", "restore", img], input=stdin, capture_output=True, timeout=60)
+        r = subprocess.run([PY, "-m", "pvmexec", "restore", *how, img], input=stdin, capture_output=True, timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (3 if argv[0] == busybox else 0, expected, b""), argv
         assert _gone(p.pid)
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_file_the_restore_s_stdout_goes_to_keeps_what_it_holds(tmp_path, busybox):
+    """`pvmexec restore DIR >> log` or `> log` after other output: the restored process writes on at
+    the same offset (the same open file, as a shell's children share it), never over what is there."""
+    p = subprocess.Popen([busybox, "sh", "-c", "echo ready; read x; echo got $x"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    log = tmp_path / "log"
+    log.write_bytes(b"before the restore\n")
+    r, w = os.pipe()
+    out = os.open(log, os.O_WRONLY)
+    try:
+        os.lseek(out, 0, os.SEEK_END)
+        restored = restore(str(tmp_path / "img"), stdio=(r, out, 2))
+        os.write(w, b"it\n")
+        assert restored.wait() == 0
+        os.write(out, b"after\n")                      # and ours goes on after its output
+    finally:
+        for fd in (r, w, out):
+            os.close(fd)
+    assert log.read_bytes() == b"before the restore\ngot it\nafter\n"
 
 
 def test_cli_restore_errors_are_one_line(tmp_path):

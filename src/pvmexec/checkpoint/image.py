@@ -1,12 +1,14 @@
 """The checkpoint image: its files, its fields and version, the writer and the reader.
 
-Image format (version 2), a directory:
+Image format (version 3), a directory:
   manifest.json   what was dumped (MANIFEST_FIELDS below); "complete": false until the end
   pages.img       page contents, appended round after round (4096 bytes each)
+  pages.sums      the SHA-256 of each 1 MiB chunk of pages.img, in order (32 bytes each): a lazy
+                  restore checks each chunk it serves pages from before the process sees them
   pages.idx       little-endian (u64 address, u64 offset in pages.img) pairs; the last pair for an
                   address wins; offset 2**64-1 (ZERO) means the page reads as zeros, 2**64-2
                   (FROM_FILE) as the mapped file's
-Checksums (SHA-256) of pages.img and pages.idx are in the manifest. docs/image-format.md
+Checksums (SHA-256) of pages.sums and pages.idx are in the manifest. docs/image-format.md
 describes every field; IMAGE_VERSION changes whenever a reader of the old version would
 misread a new image (a field removed, renamed or given another meaning); adding a field that
 old readers may ignore does not change it.
@@ -26,7 +28,8 @@ from ..abi import PAGE
 from ..errors import PvmexecError
 
 
-IMAGE_VERSION = 2
+IMAGE_VERSION = 3
+CHUNK = 1 << 20                 # pages.img is checksummed in chunks of this size
 ZERO = (1 << 64) - 1
 FROM_FILE = (1 << 64) - 2       # the page reads as the mapped file's (its copy-on-write copy is gone)
 
@@ -36,7 +39,7 @@ MANIFEST_FIELDS = {
     "version": ("image", True, "IMAGE_VERSION of the writer"),
     "complete": ("image", True, "false until the image is whole; with error when a dump failed"),
     "error": ("image", False, "why the dump failed (incomplete images only)"),
-    "checksums": ("image", True, "SHA-256 of pages.img and pages.idx"),
+    "checksums": ("image", True, "SHA-256 of pages.sums (and so of pages.img) and of pages.idx"),
     "pid": ("process", True, "the dumped process"),
     "mappings": ("process", True, "each mapping: start, end, perms, offset, path, vm_flags, source (memory, file or "
                                   "shared-file: where pages not in the image are); file (ino, dev, size, mtime_ns)"),
@@ -85,7 +88,8 @@ class ImageWriter:
         self.dir = directory
         self.files = {"pages.img": open(os.path.join(directory, "pages.img"), "wb", buffering=0),  # splice joins in
                       "pages.idx": open(os.path.join(directory, "pages.idx"), "wb")}
-        self.sums = {name: hashlib.sha256() for name in self.files}                     # as we write
+        self.sums = {"pages.idx": hashlib.sha256()}                                     # as we write
+        self.chunks = ChunkSums()
         self.spliced = False
         self.spliced_bytes = 0
         self.offset = 0
@@ -149,7 +153,10 @@ class ImageWriter:
             self.held.append((name, data))
             return
         self.files[name].write(data)
-        self.sums[name].update(data)
+        if name == "pages.img":
+            self.chunks.update(data)
+        else:
+            self.sums[name].update(data)
 
     def _write_pages(self, data):
         self._write("pages.img", data)
@@ -162,7 +169,14 @@ class ImageWriter:
             f.close()
         sums = {name: h.hexdigest() for name, h in self.sums.items()}
         if self.spliced:                        # the kernel moved those pages: read them back once
-            sums["pages.img"] = _sha256(os.path.join(self.dir, "pages.img"))
+            self.chunks = ChunkSums()
+            with open(os.path.join(self.dir, "pages.img"), "rb") as f:
+                for data in iter(lambda: f.read(CHUNK), b""):
+                    self.chunks.update(data)
+        digests = self.chunks.finish()
+        with open(os.path.join(self.dir, "pages.sums"), "wb") as f:
+            f.write(digests)
+        sums["pages.sums"] = hashlib.sha256(digests).hexdigest()
         manifest.update(version=IMAGE_VERSION, complete=True, checksums=sums)
         self.manifest = manifest
         self._write_manifest()
@@ -186,7 +200,7 @@ class ImageWriter:
                 f.close()
             except OSError:
                 pass
-        for name in ("pages.img", "pages.idx", "manifest.json", "manifest.json.tmp"):
+        for name in ("pages.img", "pages.idx", "pages.sums", "manifest.json", "manifest.json.tmp"):
             try:
                 os.unlink(os.path.join(self.dir, name))
             except FileNotFoundError:
@@ -210,6 +224,58 @@ def _pairs(addrs, offsets):
     out[0::2] = array("Q", addrs)
     out[1::2] = array("Q", offsets)
     return out.tobytes()
+
+
+class ChunkSums:
+    """The SHA-256 of each CHUNK of a stream, as it is written."""
+
+    def __init__(self):
+        self.digests, self.h, self.fill = bytearray(), hashlib.sha256(), 0
+
+    def update(self, data):
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), CHUNK - self.fill)
+            self.h.update(view[:take])
+            self.fill += take
+            view = view[take:]
+            if self.fill == CHUNK:
+                self.digests += self.h.digest()
+                self.h, self.fill = hashlib.sha256(), 0
+
+    def finish(self):
+        if self.fill:
+            self.digests += self.h.digest()
+            self.h, self.fill = hashlib.sha256(), 0
+        return bytes(self.digests)
+
+
+class ChunkCheck:
+    """pages.img's chunk digests: check(i, data) raises DumpError unless chunk i is data."""
+
+    def __init__(self, digests, size):
+        self.digests, self.size = digests, size
+        self.good = bytearray(len(digests) // 32)      # chunks checked already
+
+    def read(self, fd, off, length):
+        """length bytes of pages.img (open as fd) at off, once the chunks they are in are checked."""
+        for i in range(off // CHUNK, (off + length - 1) // CHUNK + 1):
+            if not self.good[i]:
+                self.check(i, os.pread(fd, CHUNK, i * CHUNK))
+                self.good[i] = 1
+        data = os.pread(fd, length, off)
+        if len(data) != length:
+            raise DumpError(errno.EIO, "pages.img is short at offset %d" % off)
+        return data
+
+    def __len__(self):
+        return len(self.digests) // 32
+
+    def check(self, i, data):
+        if len(data) != min(CHUNK, self.size - i * CHUNK) or \
+                hashlib.sha256(data).digest() != self.digests[32 * i:32 * i + 32]:
+            raise DumpError(errno.EINVAL, "pages.img does not match its checksum (chunk %d, at offset %d)" % (
+                i, i * CHUNK))
 
 
 def _sha256(path):
@@ -241,11 +307,35 @@ class Image:
 
     def check(self) -> None:
         """The checksums; a DumpError names what is wrong."""
+        chunks = self.chunk_sums()
+        try:
+            with open(os.path.join(self.dir, "pages.img"), "rb") as f:
+                for i in range(len(chunks)):
+                    chunks.check(i, f.read(CHUNK))
+        except OSError as e:
+            raise DumpError(e.errno or errno.EIO, "the image's pages.img: %s" % e.strerror) from None
+
+    def chunk_sums(self) -> "ChunkCheck":
+        """What checks pages.img chunk by chunk, once pages.idx and pages.sums match the manifest and
+        pages.sums has one digest per chunk of pages.img (a lazy restore checks each chunk as it serves it)."""
         if not self.manifest.get("complete"):
             raise DumpError(errno.EINVAL, "the image is incomplete (%s)" % self.manifest.get("error", "unknown"))
-        for name, want in sorted(self.manifest["checksums"].items()):
-            if _sha256(os.path.join(self.dir, name)) != want:
-                raise DumpError(errno.EINVAL, "%s does not match its checksum" % name)
+        sums = self.manifest["checksums"]
+        try:
+            if _sha256(os.path.join(self.dir, "pages.idx")) != sums["pages.idx"]:
+                raise DumpError(errno.EINVAL, "pages.idx does not match its checksum")
+            with open(os.path.join(self.dir, "pages.sums"), "rb") as f:
+                digests = f.read()
+            size = os.stat(os.path.join(self.dir, "pages.img")).st_size
+        except OSError as e:
+            raise DumpError(e.errno or errno.EIO, "the image's %s: %s" % (os.path.basename(e.filename or "?"),
+                                                                         e.strerror)) from None
+        if hashlib.sha256(digests).hexdigest() != sums["pages.sums"]:
+            raise DumpError(errno.EINVAL, "pages.sums does not match its checksum")
+        if len(digests) != 32 * -(-size // CHUNK):
+            raise DumpError(errno.EINVAL, "pages.img does not match its checksum (%d bytes, %d chunk digests)" % (
+                size, len(digests) // 32))
+        return ChunkCheck(digests, size)
 
     def page_index(self) -> dict[int, int]:
         """address -> offset in pages.img (or ZERO): the last entry wins."""
@@ -255,6 +345,18 @@ class Image:
         for addr, off in struct.iter_unpack("<QQ", raw[:len(raw) // 16 * 16]):
             out[addr] = off
         return out
+
+    def raw_index(self) -> bytes:
+        """pages.idx as it is: (u64 address, u64 offset) pairs."""
+        with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
+            raw = f.read()
+        return raw[:len(raw) // 16 * 16]
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """The index as sorted runs (address, offset or ZERO/FROM_FILE, pages), the last entry winning:
+        a run's pages follow each other in memory and in pages.img, or share the marker."""
+        from .. import _core
+        return list(struct.iter_unpack("<QQQ", _core.index_runs(self.raw_index())))
 
     def readable(self) -> dict[str, Any]:
         """The manifest, with each thread's registers by name (as crit show decodes an image)."""
@@ -303,9 +405,9 @@ def _validate(directory, m):
         if not isinstance(m[name], typ) or isinstance(m[name], bool):
             raise DumpError(errno.EINVAL, "%s: the manifest's %s is not a %s" % (
                 directory, name, getattr(typ, "__name__", "number")))
-    if set(m["checksums"]) != {"pages.img", "pages.idx"} or not all(
+    if set(m["checksums"]) != {"pages.sums", "pages.idx"} or not all(
             isinstance(v, str) and len(v) == 64 for v in m["checksums"].values()):
-        raise DumpError(errno.EINVAL, "%s: the manifest's checksums must be the SHA-256 of pages.img and "
+        raise DumpError(errno.EINVAL, "%s: the manifest's checksums must be the SHA-256 of pages.sums and "
                         "pages.idx" % directory)
     for i, mp in enumerate(m["mappings"]):
         if not (isinstance(mp, dict) and all(isinstance(mp.get(k), int) for k in ("start", "end", "offset"))

@@ -17,6 +17,7 @@ our own death: PTRACE_O_EXITKILL).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import resource
@@ -35,6 +36,7 @@ from ..arch import current as current_arch
 from ..errors import PvmexecError
 from ..proc import mappings, maps_prot
 from ..syscalls import number
+from . import lazy
 from .image import FROM_FILE, ZERO, DumpError, Image
 
 ARCH = current_arch()
@@ -67,9 +69,13 @@ class Restored:
     threads: list[int] = field(default_factory=list)
     stopped: bool = False
     init: Any = None                # with pid_ns: the namespace's first process (ours), ended with it
+    server: int | None = None       # with lazy: the page server (ours), which exits once all is in
 
     def wait(self) -> int:
         status = os.waitpid(self.pid, 0)[1]
+        if self.server is not None:         # it ends when the process does, if not before
+            os.waitpid(self.server, 0)
+            self.server = None
         if self.init is not None:           # the namespace goes with the process it was made for
             self.init.kill()
             self.init.wait(10)
@@ -77,13 +83,17 @@ class Restored:
         return status
 
 
-def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2), pid_ns: bool = False) -> Restored:
+def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2), pid_ns: bool = False,
+            lazy: bool = False) -> Restored:
     """Restore the process whose image is in directory; it runs once this returns.
 
     stdio: the descriptors of this process that the restored one's terminal or pipe descriptors
     0-2 are attached to. pid_ns: in a new pid namespace, where its pid and tids are free whatever
-    runs here (Restored.pid is then our name for it; wait() for it ends the namespace). Raises
-    RestoreError (nothing left running) when it cannot.
+    runs here (Restored.pid is then our name for it; wait() for it ends the namespace). lazy: it
+    runs before its anonymous memory is in; a page server of ours (Restored.server) fills each
+    page on first touch and the rest in the background, every page checked against the image's
+    chunk digests before the process sees it (checkpoint/lazy.py). Raises RestoreError (nothing
+    left running) when it cannot.
     """
     try:
         img = Image(directory)
@@ -93,24 +103,30 @@ def restore(directory: str, stdio: tuple[int, int, int] = (0, 1, 2), pid_ns: boo
         raise RestoreError(e.errno, str(e)) from None
     # The checksums are summed while the process is built (hashing runs without the GIL); it is
     # let go only if they match, and killed if not: nothing of a damaged image ever runs.
-    checked = _Checksums(img)
+    checked = _Checksums(img, lazy)
     try:
         plan = _Plan(img, stdio, pid_ns)
-        return _Restorer(plan, checked, pid_ns).run()
+        return _Restorer(plan, checked, pid_ns, lazy).run()
     except RestoreError:
         checked.verdict()                       # a damaged image is what to say first
         raise
 
 
 class _Checksums(threading.Thread):
-    def __init__(self, img):
+    """The whole image checked; lazily, only pages.idx and the chunk digests (each chunk is checked
+    when a page of it is first used)."""
+
+    def __init__(self, img, lazy=False):
         super().__init__(name="pvmexec-restore-checksums", daemon=True)
-        self.img, self.error = img, None
+        self.img, self.lazy, self.error, self.chunks = img, lazy, None, None
         self.start()
 
     def run(self):
         try:
-            self.img.check()
+            if self.lazy:
+                self.chunks = self.img.chunk_sums()
+            else:
+                self.img.check()
         except (DumpError, OSError) as e:
             self.error = e
 
@@ -198,7 +214,7 @@ class _Plan:
         for t in self.threads:
             if len(bytes.fromhex(t["regs"])) != ARCH.REGS_SIZE:
                 raise RestoreError(errno.EINVAL, "thread %d's registers are not %s's" % (t["tid"], ARCH.TITLE))
-        self.index = img.page_index()
+        self.idx = img.raw_index()
         self.mappings = [self._mapping(mp) for mp in m["mappings"]]
         self._check_vdso()
         ends = {}                               # pipe inode -> the access modes of its ends in the image
@@ -303,8 +319,9 @@ def _own_specials():
 # -- the restore itself ------------------------------------------------------------------------
 
 class _Restorer:
-    def __init__(self, plan, checked, pid_ns=False):
+    def __init__(self, plan, checked, pid_ns=False, lazy=False):
         self.p, self.m, self.checked = plan, plan.m, checked
+        self.lazy, self.uffd, self.server, self.insn = lazy, None, None, None
         self.ns_pid = self.m["pid"]             # its own name for itself (and the image's tids)
         self.pid = None                         # ours, once made (another in a new pid namespace)
         self.pid_ns, self.init = pid_ns, None
@@ -322,7 +339,7 @@ class _Restorer:
         except BaseException:
             self._kill()
             raise
-        return Restored(self.pid, tids, self.m["stopped"], self.init)
+        return Restored(self.pid, tids, self.m["stopped"], self.init, self.server)
 
     # ---- the empty process
 
@@ -405,15 +422,20 @@ class _Restorer:
         if self.mem is not None:
             os.close(self.mem)
             self.mem = None
+        if self.uffd is not None:
+            os.close(self.uffd)
+            self.uffd = None
         for tid in self.seized[1:]:             # traced threads' deaths are ours to take, before the leader's
             try:
                 _core.wait(tid, True, False)
             except OSError:
                 pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        for pid in (self.pid, self.server):
+            try:
+                if pid is not None:
+                    os.waitpid(pid, 0)          # the server ends with the process it serves
+            except ChildProcessError:
+                pass
         self._end_init()
 
     # ---- one syscall in a stopped thread, single-stepped at a syscall instruction
@@ -476,13 +498,26 @@ class _Restorer:
         self._move_specials()
         for mp in self.p.mappings:
             self._map(mp)
+        if self.lazy:
+            self.checked.verdict()              # the chunk digests (and pages.idx) before any page
+        self._plan_pages()
         self._fill()
         for mp in self.p.mappings:
             if mp["kind"] in ("anon", "shared-anon") and not mp["prot"] & PROT_WRITE:
                 self.at_helper("mprotect", mp["start"], mp["end"] - mp["start"], mp["prot"])
         self._process_state()
         self._descriptors()
+        if self.lazy:
+            self._userfaultfd()
         self._threads()
+        from ..engines.ptrace import find_syscall_insn
+        self.insn = find_syscall_insn(self.pid)     # (read before any page waits for the server)
+        if self.lazy:
+            try:
+                lazy.prepare(self.uffd, self.lazy_ranges)
+            except OSError as e:
+                raise RestoreError(e.errno or errno.EIO, "lazy restore: registering the process's memory "
+                                   "with its userfaultfd: %s" % (e.strerror or e)) from None
 
     def _move_specials(self):
         """The vDSO and its data pages to their recorded places (first out of the way: they may
@@ -525,39 +560,67 @@ class _Restorer:
             if flag in mp["flags"]:
                 self.call(self.pid, self.helper, "madvise", start, length, advice)
 
+    def _plan_pages(self):
+        """Which of the image's pages are written now (eager), and which the page server fills (lazy:
+        those of private anonymous mappings, but for each thread's rseq area, which the kernel writes
+        while the process is made). A shared file mapping's pages are the file's own: never written."""
+        how = {"special": 0, "shared-file": 0, "anon": 3 if self.lazy else 1, "shared-anon": 1, "file": 2}
+        maps = sorted((mp["start"], mp["end"], how.get(mp["kind"], 1)) for mp in self.p.mappings)
+        rseq = sorted({a for t in self.p.threads if t.get("rseq")
+                       for a in range(t["rseq"]["addr"] & ~(PAGE - 1), t["rseq"]["addr"] + t["rseq"]["size"], PAGE)})
+        try:
+            now, later = _core.index_plan(self.p.idx, struct.pack("<%dQ" % (3 * len(maps)), *sum(maps, ())),
+                                          struct.pack("<%dQ" % len(rseq), *rseq))
+        except ValueError as e:
+            raise RestoreError(errno.EINVAL, "the image's page index is malformed, or holds a page outside every "
+                               "mapping, at %#x" % int(str(e))) from None
+        self.eager = list(struct.iter_unpack("<QQQ", now))
+        self.lazy_runs = later
+        self.lazy_ranges = sorted((mp["start"], mp["end"]) for mp in self.p.mappings if mp["kind"] == "anon")
+
+    def _userfaultfd(self):
+        """The process's userfaultfd, made in it (it belongs to the mm that makes it, while the process
+        still has our credentials), taken into ours and closed there: never among its descriptors."""
+        ret = self.call(self.pid, self.helper, "userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK)
+        if -4096 < ret < 0:
+            raise RestoreError(-ret, "lazy restore: userfaultfd in the restored process: %s%s" % (
+                os.strerror(-ret), " (serving the kernel's own faults needs CAP_SYS_PTRACE or "
+                "vm.unprivileged_userfaultfd=1)" if -ret == errno.EPERM else ""))
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            self.uffd = _core.pidfd_getfd(pidfd, ret)
+        finally:
+            os.close(pidfd)
+            self.at_helper("close", ret)
+
     def _fill(self):
-        """The image's pages, through /proc/PID/mem (it writes read-only private pages as a debugger
-        does). A shared file mapping's pages are the file's own: never written back into it."""
-        owner = sorted((mp["start"], mp["end"], mp["kind"]) for mp in self.p.mappings)
-        runs = []
-        i, lo, hi, kind = -1, 0, 0, None
-        index = self.p.index
-        for addr in sorted(index):
-            while addr >= hi:                   # the mapping holding addr (pages and mappings in order)
-                i += 1
-                if i == len(owner):
-                    raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
-                lo, hi, kind = owner[i]
-            if addr < lo:
-                raise RestoreError(errno.EINVAL, "the image holds page %#x outside every mapping" % addr)
-            off = index[addr]
-            if kind in ("special", "shared-file") or off == FROM_FILE or (off == ZERO and kind != "file"):
-                continue
-            if runs:
-                last = runs[-1]
-                if last[0] + last[2] * PAGE == addr and (off == ZERO) == (last[1] == ZERO) and \
-                        (off == ZERO or last[1] + last[2] * PAGE == off):
-                    last[2] += 1
-                    continue
-            runs.append([addr, off, 1])
+        """The pages written now, through /proc/PID/mem (it writes read-only private pages as a debugger
+        does): each stretch of memory in one write of up to 16 MiB, whatever rounds its pages are from."""
+        limit = 4096
+        pieces = [(addr + k * PAGE, off if off == ZERO else off + k * PAGE, min(limit, n - k))
+                  for addr, off, n in self.eager for k in range(0, n, limit)]
         with open(os.path.join(self.p.img.dir, "pages.img"), "rb") as f:
-            for addr, off, n in runs:
-                data = bytes(n * PAGE) if off == ZERO else os.pread(f.fileno(), n * PAGE, off)
-                if len(data) != n * PAGE:
-                    raise RestoreError(errno.EIO, "pages.img is short at offset %d" % off)
-                done = os.pwrite(self.mem, data, addr)
-                if done != len(data):
-                    raise RestoreError(errno.EIO, "writing %#x: %d of %d bytes" % (addr, done, len(data)))
+            i = 0
+            while i < len(pieces):
+                at, total, j = pieces[i][0], 0, i
+                while j < len(pieces) and j - i < 1024 and pieces[j][0] == at + total * PAGE and \
+                        total + pieces[j][2] <= limit:                  # (IOV_MAX buffers at most)
+                    total += pieces[j][2]
+                    j += 1
+                done = os.pwritev(self.mem, [self._pages(f.fileno(), off, n) for _a, off, n in pieces[i:j]], at)
+                if done != total * PAGE:
+                    raise RestoreError(errno.EIO, "writing %#x: %d of %d bytes" % (at, done, total * PAGE))
+                i = j
+
+    def _pages(self, fd, off, n):
+        try:
+            data = bytes(n * PAGE) if off == ZERO else self.checked.chunks.read(fd, off, n * PAGE) if self.lazy else \
+                os.pread(fd, n * PAGE, off)
+        except DumpError as e:
+            raise RestoreError(e.errno, str(e)) from None
+        if len(data) != n * PAGE:
+            raise RestoreError(errno.EIO, "pages.img is short at offset %d" % off)
+        return data
 
     # ---- the process
 
@@ -599,14 +662,40 @@ class _Restorer:
             if f["how"] == "pipe":
                 continue                        # after the others: their numbers are then all taken
             fd, flags = f["fd"], f["flags"] & _OPEN_MASK
-            path = "/proc/%d/fd/%d" % (os.getpid(), f["source"]) if f["how"] == "stdio" else f["path"]
-            got = h("openat", AT_FDCWD, self.put_str(path), flags, 0)
+            got = self._ours(f["source"]) if f["how"] == "stdio" else \
+                h("openat", AT_FDCWD, self.put_str(f["path"]), flags, 0)
             if got != fd:
                 h("dup3", got, fd, flags & os.O_CLOEXEC)
                 h("close", got)
+            elif f["how"] == "stdio":           # pidfd_getfd's is close-on-exec
+                h("fcntl", fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC if flags & os.O_CLOEXEC else 0)
             if f["how"] == "open" and f["pos"]:
                 h("lseek", fd, f["pos"], os.SEEK_SET)
         self._pipes()
+
+    def _ours(self, ours):
+        """Our descriptor ours, in the process: the same open file (pidfd_getfd in it; a file our
+        stdout is redirected to keeps one offset, as a shell's children share it). In a new pid
+        namespace, where we have no pid to name, it is opened again through /proc at our offset and
+        with our flags."""
+        h = self.at_helper
+        if not self.pid_ns:
+            pidfd = self.call(self.pid, self.helper, "pidfd_open", os.getpid(), 0)
+            if pidfd >= 0:
+                try:
+                    got = self.call(self.pid, self.helper, "pidfd_getfd", pidfd, ours, 0)
+                finally:
+                    h("close", pidfd)
+                if got >= 0:
+                    return got
+        got = h("openat", AT_FDCWD, self.put_str("/proc/%d/fd/%d" % (os.getpid(), ours)),
+                fcntl.fcntl(ours, fcntl.F_GETFL) & _OPEN_MASK | os.O_CLOEXEC, 0)
+        try:
+            at = os.lseek(ours, 0, os.SEEK_CUR)
+        except OSError:
+            return got                          # a pipe or a terminal: no offset
+        h("lseek", got, at, os.SEEK_SET)
+        return got
 
     def _pipes(self):
         """Each pipe whose ends are all in the image: made, given its size and the data that waited in it,
@@ -709,8 +798,7 @@ class _Restorer:
     def _release(self):
         """Unmap the helper from the restored code's own syscall instruction, then let each thread go
         from the signal-delivery stop that single-step leaves it in, with its recorded state."""
-        from ..engines.ptrace import find_syscall_insn
-        insn = find_syscall_insn(self.pid)
+        insn = self.insn
         for tid in self.tids[1:] + self.tids[:1]:
             if tid == self.pid:
                 self.must(tid, insn, "munmap", self.helper, HELPER_PAGES * PAGE)
@@ -721,6 +809,11 @@ class _Restorer:
         by_tid = {self.host[t["tid"]]: t for t in self.p.threads}
         if self.m["stopped"]:
             os.kill(self.pid, signal.SIGSTOP)   # pending before it is let go: it stops as it was dumped
+        if self.lazy:                           # the server takes the only descriptor of the userfaultfd
+            self.server = lazy.start(self.uffd, os.path.join(self.p.img.dir, "pages.img"), self.checked.chunks,
+                                     self.lazy_runs, self.pid)
+            os.close(self.uffd)
+            self.uffd = None
         for tid in self.tids[1:] + self.tids[:1]:
             t = by_tid[tid]
             regs = _resumable(bytes.fromhex(t["regs"]))

@@ -447,8 +447,10 @@ class PtraceEngine(BaseEngine):
         return list(self._frozen)
 
     def forget_frozen(self):
-        """The frozen threads are dead (killed while held): nothing left to detach."""
+        """The frozen threads are dead (killed while held): nothing left to detach, and our trampoline
+        went with the process's memory."""
         self._frozen.clear()
+        self._forget_trampoline()
 
     def syscall_in(self, tid, nr, args):
         """Mode 2 in one given (frozen or borrowable) thread, for calls only that thread can answer."""

@@ -1,7 +1,7 @@
 /*
  * Declarations shared by the C files of pvmexec._core (one extension, split
  * by concern as psutil splits its own): ptrace.c, memory.c, channel.c,
- * fastpath.c, hostfs.c, spawn.c, bench.c, errors.c, and module.c with the method table.
+ * fastpath.c, hostfs.c, spawn.c, imageindex.c, bench.c, errors.c, and module.c with the method table.
  * Thin wrappers only: every failure raises OSError naming the failing call;
  * policy and error mapping live in Python.
  */
@@ -165,5 +165,7 @@ PyObject *py_vm_read(PyObject *self, PyObject *args);
 PyObject *py_vm_write(PyObject *self, PyObject *args);
 PyObject *py_pidfd_getfd(PyObject *self, PyObject *args);
 PyObject *py_spawn_stub(PyObject *self, PyObject *args);
+PyObject *py_index_runs(PyObject *self, PyObject *args);
+PyObject *py_index_plan(PyObject *self, PyObject *args);
 
 #endif

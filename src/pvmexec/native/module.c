@@ -49,6 +49,8 @@ static PyMethodDef methods[] = {
     {"vm_read_ranges", py_vm_read_ranges, METH_VARARGS, "vm_read_ranges(pid, (start, len) u64 pairs) -> bytes of the whole ranges read"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
     {"spawn_stub", py_spawn_stub, METH_VARARGS, "spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid"},
+    {"index_runs", py_index_runs, METH_VARARGS, "index_runs(pages.idx bytes) -> u64 (address, offset, pages) runs, the last pair winning"},
+    {"index_plan", py_index_plan, METH_VARARGS, "index_plan(pages.idx bytes, maps (start, end, how), cut pages) -> (now, later) runs"},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd) -> fd"},
     {NULL, NULL, 0, NULL},
 };
