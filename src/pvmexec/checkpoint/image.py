@@ -69,6 +69,9 @@ MANIFEST_FIELDS = {
     "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
     "pipes": ("process", True, "pipe inode -> size (F_GETPIPE_SZ) and data (hex): what waited in each pipe read "
                                "through one of its descriptors"),
+    "sockets": ("process", True, "socket inode -> family; for a Unix one type, name (hex when abstract), peer "
+                                 "(inode), queued (bytes waiting), data (hex: a stream's waiting bytes, left "
+                                 "there), fds_in_flight"),
     "creds": ("process", True, "uid, gid: [real, effective, saved, filesystem]; groups; dumpable (PR_GET_DUMPABLE)"),
 }
 
@@ -393,7 +396,8 @@ class Image:
 
 _TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
           "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
-          "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict, "pipes": dict}
+          "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict, "pipes": dict,
+          "sockets": dict}
 
 
 def _validate(directory, m):

@@ -22,6 +22,7 @@ import hashlib
 import os
 import resource
 import signal
+import socket
 import stat
 import struct
 import threading
@@ -180,6 +181,11 @@ def _check_fields(m):
     need(isinstance(m.get("pipes"), dict) and all(
         isinstance(v, dict) and _is_int(v.get("size"), 0, 1 << 31) and _is_hex(v.get("data")) and
         len(v["data"]) <= 2 * v["size"] for v in m["pipes"].values()), "pipes")
+    need(isinstance(m.get("sockets"), dict) and all(
+        isinstance(v, dict) and _is_int(v.get("family"), 0, 1 << 16) and (v["family"] != socket.AF_UNIX or (
+            _is_int(v.get("type"), 0, 16) and isinstance(v.get("name"), str) and _is_hex(v.get("data")) and
+            _is_int(v.get("queued"), 0, 1 << 32) and isinstance(v.get("fds_in_flight"), bool) and
+            (v.get("peer") is None or isinstance(v["peer"], str)))) for v in m["sockets"].values()), "sockets")
     c = m.get("creds")
     need(isinstance(c, dict) and all(isinstance(c.get(k), list) and len(c[k]) == 4 and
                                      all(_is_int(x, 0, 1 << 32) for x in c[k]) for k in ("uid", "gid")) and
@@ -222,6 +228,8 @@ class _Plan:
             if f["path"].startswith("pipe:["):
                 ends.setdefault(f["path"], set()).add(f["flags"] & os.O_ACCMODE)
         self.whole_pipes = {p for p, modes in ends.items() if os.O_RDONLY in modes and os.O_WRONLY in modes}
+        held = {f["path"][8:-1] for f in m["fds"] if f["path"].startswith("socket:[")}
+        self.pairs = {ino for ino in held if m["sockets"].get(ino, {}).get("peer") in held}
         self.fds = [self._fd(f) for f in m["fds"]]
         for name in ("cwd", "root"):
             if not os.path.isdir(m[name]):
@@ -278,8 +286,17 @@ class _Plan:
             if f["flags"] & os.O_ACCMODE == os.O_RDWR:
                 raise RestoreError(errno.EOPNOTSUPP, "%s: a pipe opened for reading and writing" % what)
             return dict(f, how="pipe")
+        if path.startswith("socket:[") and path[8:-1] in self.pairs:
+            return self._pair_end(f, what, self.m["sockets"][path[8:-1]])
         if (path.startswith("pipe:") or path.startswith("socket:")) and fd <= 2:
             return dict(f, how="stdio", source=self._stdio_for(fd, what, tty=False))
+        if path.startswith("socket:["):
+            sock = self.m["sockets"].get(path[8:-1])
+            raise RestoreError(errno.EOPNOTSUPP, "%s: %s cannot be restored" % (what, (
+                "a socket the image does not describe" if sock is None else
+                "a socket of address family %s" % sock["family"] if sock["family"] != socket.AF_UNIX else
+                "a Unix socket whose peer is not the process's" if sock.get("peer") else
+                "a Unix socket without a peer (listening, bound or not connected)")))
         if not path.startswith("/"):
             raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
         try:
@@ -299,6 +316,19 @@ class _Plan:
                     what, f.get("size"), st.st_size))
             return dict(f, how="open")
         raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
+
+    @staticmethod
+    def _pair_end(f, what, sock):
+        if sock["type"] not in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET) or sock["name"]:
+            raise RestoreError(errno.EOPNOTSUPP, "%s: a Unix socket pair of type %d named %r cannot be restored" % (
+                what, sock["type"], sock["name"]))
+        if sock["fds_in_flight"]:
+            raise RestoreError(errno.EOPNOTSUPP, "%s: a Unix socket with descriptors in flight cannot be "
+                               "restored" % what)
+        if sock["queued"] and sock["type"] != socket.SOCK_STREAM:
+            raise RestoreError(errno.EOPNOTSUPP, "%s: a Unix datagram socket with messages waiting (%d bytes) "
+                               "cannot be restored" % (what, sock["queued"]))
+        return dict(f, how="socketpair")
 
     def _stdio_for(self, fd, what, tty):
         """Our descriptor a restored terminal or stdio descriptor is attached to."""
@@ -659,7 +689,7 @@ class _Restorer:
     def _descriptors(self):
         h = self.at_helper
         for f in self.p.fds:
-            if f["how"] == "pipe":
+            if f["how"] in ("pipe", "socketpair"):
                 continue                        # after the others: their numbers are then all taken
             fd, flags = f["fd"], f["flags"] & _OPEN_MASK
             got = self._ours(f["source"]) if f["how"] == "stdio" else \
@@ -672,6 +702,7 @@ class _Restorer:
             if f["how"] == "open" and f["pos"]:
                 h("lseek", fd, f["pos"], os.SEEK_SET)
         self._pipes()
+        self._socketpairs()
 
     def _ours(self, ours):
         """Our descriptor ours, in the process: the same open file (pidfd_getfd in it; a file our
@@ -696,6 +727,37 @@ class _Restorer:
             return got                          # a pipe or a terminal: no offset
         h("lseek", got, at, os.SEEK_SET)
         return got
+
+    def _socketpairs(self):
+        """Each socket pair whose ends are both in the image: made (socketpair in the process), what
+        waited in each end sent again from the other, both moved above every recorded number and then
+        duplicated onto each recorded one."""
+        h = self.at_helper
+        ends = [f for f in self.p.fds if f["how"] == "socketpair"]
+        base = max([f["fd"] for f in self.p.fds] + [2]) + 1
+        made = {}
+        for ino in sorted({f["path"][8:-1] for f in ends}, key=int):
+            if ino in made:
+                continue
+            sock = self.m["sockets"][ino]
+            peer = sock["peer"]
+            h("socketpair", socket.AF_UNIX, sock["type"] | socket.SOCK_CLOEXEC, 0, self.helper + PAGE)
+            pair = struct.unpack("<ii", os.pread(self.mem, 8, self.helper + PAGE))
+            moved = [h("fcntl", fd, _F_DUPFD_CLOEXEC, base) for fd in pair]
+            for fd in pair:
+                h("close", fd)
+            made[ino], made[peer] = moved
+            for waits_in, sender in ((ino, made[peer]), (peer, made[ino])):
+                data = bytes.fromhex(self.m["sockets"][waits_in]["data"])
+                for at in range(0, len(data), 16384):
+                    chunk = data[at:at + 16384]
+                    if h("sendto", sender, self.put(chunk), len(chunk), socket.MSG_DONTWAIT, 0, 0) != len(chunk):
+                        raise RestoreError(errno.EIO, "socket:[%s]: what waited in it did not go back in" % waits_in)
+        for f in ends:
+            h("dup3", made[f["path"][8:-1]], f["fd"], f["flags"] & os.O_CLOEXEC)
+            h("fcntl", f["fd"], _F_SETFL, f["flags"] & os.O_NONBLOCK)
+        for fd in set(made.values()):
+            h("close", fd)
 
     def _pipes(self):
         """Each pipe whose ends are all in the image: made, given its size and the data that waited in it,

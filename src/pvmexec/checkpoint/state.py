@@ -5,6 +5,7 @@ import hashlib
 import os
 import resource
 import signal
+import socket
 import struct
 
 from .. import _core
@@ -171,6 +172,65 @@ def pipes(space, fds):
     return out
 
 
+def sockets(space, fds):
+    """ino -> what a restore needs of each socket among fds: family; for a Unix socket also type, name,
+    peer (its inode, as sock_diag tells), and what waits to be read in it — a stream's bytes (hex),
+    peeked through a duplicate (pidfd_getfd) and left there; how many bytes of messages wait in a
+    datagram or seqpacket one; whether descriptors are in flight."""
+    out = {}
+    for f in fds:
+        if not f["path"].startswith("socket:[") or f["path"][8:-1] in out:
+            continue
+        ino = f["path"][8:-1]
+        ours = _core.pidfd_getfd(space.pidfd, f["fd"])
+        s = socket.socket(fileno=ours)
+        try:
+            if s.family != socket.AF_UNIX:
+                out[ino] = dict(family=int(s.family))
+                continue
+            name = s.getsockname()
+            peer, queued = _unix_diag(int(ino))
+            info = dict(family=int(s.family), type=int(s.type), name=name if isinstance(name, str) else name.hex(),
+                        peer=peer, queued=queued, data="", fds_in_flight=False)
+            if queued and s.type == socket.SOCK_STREAM:
+                data, anc, _flags, _addr = s.recvmsg(queued, socket.CMSG_SPACE(253 * 4),
+                                                     socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                for level, kind, payload in anc:
+                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                        info["fds_in_flight"] = True
+                        for fd in struct.unpack("<%di" % (len(payload) // 4), payload[:len(payload) // 4 * 4]):
+                            os.close(fd)        # the peek gave us copies of them
+                info["data"] = data.hex()
+            out[ino] = info
+        finally:
+            s.detach()
+            os.close(ours)
+    return out
+
+
+def _unix_diag(ino):
+    """(peer inode or None, bytes waiting to be read) of Unix socket ino: one NETLINK_SOCK_DIAG request."""
+    udiag_show = 0x4 | 0x10                     # UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN
+    req = struct.pack("<BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, udiag_show, 0xFFFFFFFF, 0xFFFFFFFF)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 4) as nl:    # NETLINK_SOCK_DIAG
+        nl.sendto(struct.pack("<IHHII", 16 + len(req), 20, 1, 1, 0) + req, (0, 0))   # SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST
+        raw = nl.recv(8192)
+    length, kind = struct.unpack_from("<IH", raw)
+    if kind != 20 or length < 32:               # NLMSG_ERROR: not found (gone meanwhile)
+        return None, 0
+    peer, queued, at = None, 0, 32
+    while at + 4 <= length:
+        alen, atype = struct.unpack_from("<HH", raw, at)
+        if alen < 4:
+            break
+        if atype == 2:                          # UNIX_DIAG_PEER
+            peer = struct.unpack_from("<I", raw, at + 4)[0] or None
+        elif atype == 4:                        # UNIX_DIAG_RQLEN: rqueue, wqueue
+            queued = struct.unpack_from("<I", raw, at + 4)[0]
+        at += (alen + 3) & ~3
+    return (str(peer) if peer else None), queued
+
+
 def credentials(pid, space):
     """Real, effective, saved and filesystem uids and gids, supplementary groups (/proc/PID/status), and
     whether the process is dumpable (asked of it: a restore that changes its ids must set it back)."""
@@ -189,5 +249,6 @@ def process_state(pid, space, engine, our_fds, asked):
     state.update(signals_and_timers(space))
     state["creds"] = credentials(pid, space)
     state["pipes"] = pipes(space, state["fds"])
+    state["sockets"] = sockets(space, state["fds"])
     state["rlimits"] = rlimits(space)
     return state
