@@ -641,3 +641,46 @@ def test_socket_pairs_whose_ends_are_the_processs_come_back_with_what_waited_in_
     with pytest.raises(RestoreError, match=r"fd \d+ \(socket:\[%s\]\): a Unix socket whose peer is not the "
                        r"process's" % ino):
         restore(str(tmp_path / "img"))
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid and changing capabilities need root")
+@pytest.mark.parametrize("privileges", [
+    ["--bounding-set", "-all,+net_bind_service,+kill", "--inh-caps", "-all", "--no-new-privs"],
+    ["--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps", "-all,+net_bind_service",
+     "--ambient-caps", "+net_bind_service"],
+])
+def test_a_process_with_fewer_capabilities_is_restored_with_exactly_those(tmp_path, busybox, privileges):
+    """A root shell that dropped all but two capabilities (and set no_new_privs), and a nobody shell
+    with one ambient capability: restored, each has the capability sets it had, never root's."""
+    script = "echo ready; read x; grep -E '^(Cap|NoNewPrivs|Uid)' /proc/self/status"
+    argv = ["setpriv", *privileges, "--", busybox, "sh", "-c", script]
+    want = subprocess.run(argv, input=b"x\n", capture_output=True, timeout=60).stdout
+    assert b"CapEff:\t0000000000000400" in want or b"CapBnd:\t0000000000000420" in want
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", str(tmp_path / "img")], input=b"x\n", capture_output=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, want.split(b"\n", 1)[1], b"")
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_a_process_under_seccomp_is_refused_not_restored_without_its_filter(tmp_path):
+    """Its filters cannot be made again: the image says it had one, the restore refuses (the dump
+    records the mode; dumping a filtered process needs the ptrace engine, which dump does not use)."""
+    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    assert m["creds"]["seccomp"] == 0
+    path = tmp_path / "img" / "manifest.json"
+    edited = json.loads(path.read_text())
+    edited["creds"]["seccomp"] = 2
+    path.write_text(json.dumps(edited))
+    with pytest.raises(RestoreError, match="runs under seccomp .mode 2.: its filters cannot be made again"):
+        restore(str(tmp_path / "img"))
+    assert _gone(p.pid)

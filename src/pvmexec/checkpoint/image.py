@@ -72,7 +72,8 @@ MANIFEST_FIELDS = {
     "sockets": ("process", True, "socket inode -> family; for a Unix one type, name (hex when abstract), peer "
                                  "(inode), queued (bytes waiting), data (hex: a stream's waiting bytes, left "
                                  "there), fds_in_flight"),
-    "creds": ("process", True, "uid, gid: [real, effective, saved, filesystem]; groups; dumpable (PR_GET_DUMPABLE)"),
+    "creds": ("process", True, "uid, gid: [real, effective, saved, filesystem]; groups; dumpable (PR_GET_DUMPABLE); "
+                               "caps (inh, prm, eff, bnd, amb); no_new_privs; seccomp (its mode); securebits"),
 }
 
 

@@ -39,6 +39,7 @@ from ..proc import mappings, maps_prot
 from ..syscalls import number
 from . import lazy
 from .image import FROM_FILE, ZERO, DumpError, Image
+from .state import status_caps
 
 ARCH = current_arch()
 _R = ARCH.REG_INDEX
@@ -54,6 +55,10 @@ _MADVICE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # VmFlags -> the
 _SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]")               # moved, never mapped or written
 _F_DUPFD_CLOEXEC, _F_SETFL, _F_SETPIPE_SZ = 1030, 4, 1031
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_PR_CAPBSET_DROP, _PR_SET_KEEPCAPS, _PR_SET_SECUREBITS, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 24, 8, 28, 38, 47
+_PR_CAP_AMBIENT_RAISE = 2
+_SECBIT_KEEP_CAPS, _SECBIT_KEEP_CAPS_LOCKED = 1 << 4, 1 << 5
+_CAP_VERSION_3 = 0x20080522
 _OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
 HELPER_PAGES = 8                                             # one of code, the rest data for the calls
 
@@ -190,7 +195,10 @@ def _check_fields(m):
     need(isinstance(c, dict) and all(isinstance(c.get(k), list) and len(c[k]) == 4 and
                                      all(_is_int(x, 0, 1 << 32) for x in c[k]) for k in ("uid", "gid")) and
          isinstance(c.get("groups"), list) and len(c["groups"]) <= 65536 and
-         all(_is_int(x, 0, 1 << 32) for x in c["groups"]) and _is_int(c.get("dumpable"), 0, 3), "creds")
+         all(_is_int(x, 0, 1 << 32) for x in c["groups"]) and _is_int(c.get("dumpable"), 0, 3) and
+         isinstance(c.get("caps"), dict) and set(c["caps"]) == {"inh", "prm", "eff", "bnd", "amb"} and
+         all(_is_int(v) for v in c["caps"].values()) and _is_int(c.get("no_new_privs"), 0, 2) and
+         _is_int(c.get("seccomp"), 0, 3) and _is_int(c.get("securebits"), 0, 1 << 32), "creds")
     need(all(isinstance(m[k], str) for k in ("cwd", "root", "exe", "comm")), "cwd, root, exe or comm")
     need(all(str(k).isdigit() and 0 < int(k) < 65 and isinstance(a, dict) and
              all(_is_int(a.get(n)) for n in ("handler", "flags", "restorer", "mask"))
@@ -213,6 +221,7 @@ class _Plan:
     def __init__(self, img, stdio, pid_ns=False):
         m = img.manifest
         _check_fields(m)
+        self._check_privileges(m["creds"])
         self.img, self.m, self.stdio = img, m, stdio
         self.threads = sorted(m["threads"], key=lambda t: t["tid"] != m["pid"])     # the leader first
         if not self.threads or self.threads[0]["tid"] != m["pid"]:
@@ -316,6 +325,19 @@ class _Plan:
                     what, f.get("size"), st.st_size))
             return dict(f, how="open")
         raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
+
+    @staticmethod
+    def _check_privileges(c):
+        """Never more than it had, never more than we have: a process under a seccomp filter is refused
+        (it would run without it), and so is one with capabilities this restorer lacks."""
+        if c["seccomp"]:
+            raise RestoreError(errno.EOPNOTSUPP, "the process runs under seccomp (mode %d): its filters cannot be "
+                               "made again, and it would run without them" % c["seccomp"])
+        with open("/proc/self/status") as f:
+            ours = status_caps(dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line))
+        more = (c["caps"]["bnd"] & ~ours["bnd"]) | ((c["caps"]["prm"] | c["caps"]["amb"]) & ~ours["prm"])
+        if more:
+            raise RestoreError(errno.EPERM, "the process has capabilities this restore has not (%#x)" % more)
 
     @staticmethod
     def _pair_end(f, what, sock):
@@ -828,15 +850,37 @@ class _Restorer:
                 self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
 
     def _credentials(self, tid):
-        """The thread's ids as recorded (each thread has its own: the kernel changes only the caller's)."""
-        c = self.m["creds"]
+        """The thread's ids and capabilities as recorded (each thread has its own: the kernel changes
+        only the caller's). While it still has ours: the bounding set cut down, the secure bits, and
+        capabilities kept across the change of ids; then its own sets, ambient ones, no_new_privs."""
+        c, caps = self.m["creds"], self.m["creds"]["caps"]
         h = lambda name, *a: self.at_helper(name, *a, tid=tid)    # noqa: E731
+        with open("/proc/self/status") as f:             # the restored process's now: ours
+            ours = status_caps(dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line))
+        last = max(ours["bnd"].bit_length(), caps["amb"].bit_length())
+        for cap in range(last):
+            if ours["bnd"] >> cap & 1 and not caps["bnd"] >> cap & 1:
+                h("prctl", _PR_CAPBSET_DROP, cap, 0, 0, 0)
+        bits = c["securebits"]
+        locked = bits & _SECBIT_KEEP_CAPS_LOCKED
+        keep = any(c["uid"][:3]) and caps["prm"] and not locked and not bits & _SECBIT_KEEP_CAPS
+        if bits or keep:                        # (keep: its capabilities outlive leaving uid 0)
+            h("prctl", _PR_SET_SECUREBITS, bits | (_SECBIT_KEEP_CAPS if keep else 0), 0, 0, 0)
         groups = c["groups"]
         h("setgroups", len(groups), self.put(struct.pack("<%dI" % len(groups), *groups), 2048) if groups else 0)
         h("setresgid", *c["gid"][:3])
         h("setresuid", *c["uid"][:3])
         self.call(tid, self.helper, "setfsgid", c["gid"][3])  # answers the old id, never an error
         self.call(tid, self.helper, "setfsuid", c["uid"][3])
+        sets = [caps[k] >> shift & 0xFFFFFFFF for shift in (0, 32) for k in ("eff", "prm", "inh")]
+        h("capset", self.put(struct.pack("<Ii", _CAP_VERSION_3, 0), 3072), self.put(struct.pack("<6I", *sets), 3088))
+        for cap in range(last):
+            if caps["amb"] >> cap & 1:
+                h("prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        if keep:
+            h("prctl", _PR_SET_KEEPCAPS, 0, 0, 0, 0)
+        if c["no_new_privs"]:
+            h("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
     def _thread_state(self, t):
         tid = self.host[t["tid"]]

@@ -237,7 +237,16 @@ def credentials(pid, space):
     with open("/proc/%d/status" % pid) as f:
         fields = dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
     return dict(uid=[int(x) for x in fields["Uid"].split()], gid=[int(x) for x in fields["Gid"].split()],
-                groups=[int(x) for x in fields["Groups"].split()], dumpable=space.syscall_raw("prctl", 3, 0, 0, 0, 0))
+                groups=[int(x) for x in fields["Groups"].split()], dumpable=space.syscall_raw("prctl", 3, 0, 0, 0, 0),
+                caps=status_caps(fields), no_new_privs=int(fields.get("NoNewPrivs", "0")),
+                seccomp=int(fields.get("Seccomp", "0")),
+                securebits=space.syscall_raw("prctl", 27, 0, 0, 0, 0))      # PR_GET_SECUREBITS
+
+
+def status_caps(fields):
+    """The capability sets of a /proc/PID/status: inheritable, permitted, effective, bounding, ambient."""
+    return {k: int(fields.get("Cap" + n, "0").strip(), 16) for k, n in
+            (("inh", "Inh"), ("prm", "Prm"), ("eff", "Eff"), ("bnd", "Bnd"), ("amb", "Amb"))}
 
 
 def process_state(pid, space, engine, our_fds, asked):
