@@ -409,14 +409,16 @@ def test_a_kill_of_pvmexec_restore_reaches_the_restored_process(tmp_path):
 
 
 @pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
-def test_a_restorer_killed_at_any_moment_leaves_nothing_half_made(restorable, data_file, tmp_path):
+@pytest.mark.parametrize("how", [[], ["--lazy"]])
+def test_a_restorer_killed_at_any_moment_leaves_nothing_half_made(restorable, data_file, tmp_path, how):
     """SIGKILL of `pvmexec restore` before, during or after the restore: the process is either gone
-    or whole (it answers as an undisturbed run does), never half-made."""
+    or whole (it answers as an undisturbed run does), never half-made; lazily, the page server
+    (not killed) finishes its work."""
     want = _undisturbed(restorable, data_file)
     pid, _m = _dumped(restorable, data_file, str(tmp_path / "img"))
     outcomes = set()
     for delay in (0.0, 0.15, 0.3, 0.4, 0.5, 0.7, 1.0, 4.0):
-        r = subprocess.Popen([PY, "-m", "pvmexec", "restore", str(tmp_path / "img")], stdin=subprocess.PIPE,
+        r = subprocess.Popen([PY, "-m", "pvmexec", "restore", *how, str(tmp_path / "img")], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             time.sleep(delay)
@@ -474,14 +476,15 @@ def _state(pid):
 
 
 @pytest.mark.skipif(not ROOT, reason="a pid namespace and choosing pids in it need root")
-def test_restore_in_a_new_pid_namespace_while_the_original_runs(restorable, data_file, tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_restore_in_a_new_pid_namespace_while_the_original_runs(restorable, data_file, tmp_path, lazy):
     """--pid-ns: the pids are taken here (the original goes on), free in a namespace of its own; it
     sees its own pid and tids there, finishes as an undisturbed run, and the namespace ends with it."""
     want = _undisturbed(restorable, data_file)
     p = _start(restorable, data_file)
     try:
         m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=True)
-        run = _Restored(str(tmp_path / "img"), pid_ns=True)
+        run = _Restored(str(tmp_path / "img"), pid_ns=True, lazy=lazy)
         with run as restored:
             init = restored.init.pid
             assert restored.pid != p.pid
