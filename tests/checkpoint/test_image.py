@@ -28,7 +28,7 @@ def _manifest(**changes):
              bytes_spliced=0, transfer="readv", threads=[], shared_pending=[], auxv="", mm={}, personality=0,
              cwd="/", root="/", rlimits={}, fds=[], sigactions={}, itimers={}, exe="/bin/true", comm="true",
              vdso=[], stopped=False,
-             creds=dict(uid=[0, 0, 0, 0], gid=[0, 0, 0, 0], groups=[], dumpable=1), pipes={}, sockets={})
+             creds=dict(uid=[0, 0, 0, 0], gid=[0, 0, 0, 0], groups=[], dumpable=1), pipes={}, sockets={}, posix_timers=[])
     m.update(changes)
     return m
 

@@ -687,3 +687,110 @@ def test_a_process_under_seccomp_is_refused_not_restored_without_its_filter(tmp_
     with pytest.raises(RestoreError, match="runs under seccomp .mode 2.: its filters cannot be made again"):
         restore(str(tmp_path / "img"))
     assert _gone(p.pid)
+
+
+EVENTS = r"""
+import asyncio, ctypes, os, signal, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+
+async def main():
+    loop = asyncio.get_running_loop()                       # an epoll, and a socket pair to wake it
+    r, w = os.pipe()
+    got = loop.create_future()
+    loop.add_reader(r, lambda: got.done() or got.set_result(os.read(r, 100)))
+    efd = os.eventfd(3, os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+    tfd = libc.timerfd_create(1, os.O_NONBLOCK)             # CLOCK_MONOTONIC, every 20 ms
+    libc.timerfd_settime(tfd, 0, ctypes.c_char_p(struct.pack("<qqqq", 0, 20000000, 0, 20000000)), None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    sfd = libc.signalfd(-1, ctypes.c_char_p(struct.pack("<Q", 1 << (signal.SIGUSR1 - 1))), os.O_NONBLOCK)
+    line = loop.create_future()
+    loop.add_reader(0, lambda: line.done() or line.set_result(os.read(0, 100)))
+    print("ready", flush=True)
+    said = await line                                       # dumped and restored while waiting here
+    loop.call_soon_threadsafe(os.write, w, b"woken")
+    woke = await asyncio.wait_for(got, 5)
+    counts = []
+    for _ in range(4):
+        try:
+            counts.append(os.eventfd_read(efd))
+        except BlockingIOError:
+            counts.append("empty")
+    time.sleep(0.05)
+    ticks = struct.unpack("<Q", os.read(tfd, 8))[0]
+    os.kill(os.getpid(), signal.SIGUSR1)
+    signo = struct.unpack_from("<I", os.read(sfd, 128))[0]
+    await asyncio.sleep(0.01)
+    print(said.strip().decode(), woke.decode(), counts, ticks >= 1, signo == signal.SIGUSR1, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_asyncio_program_with_eventfd_timerfd_and_signalfd_goes_on(tmp_path, lazy):
+    """Python's asyncio waits in epoll (with a socket pair to wake it and a pipe it watches), beside an
+    eventfd (semaphore, count 3), a running timerfd and a signalfd: all made again, it goes on."""
+    want = subprocess.run(["python3", "-c", EVENTS], input=b"go\n", capture_output=True, timeout=60).stdout
+    assert want.endswith(b"go woken [1, 1, 1, 'empty'] True True\n"), want
+    p = subprocess.Popen(["python3", "-c", EVENTS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=False)
+    finally:
+        _end(p)
+    kinds = sorted(f["path"] for f in m["fds"] if f["path"].startswith("anon_inode:"))
+    assert kinds == ["anon_inode:[eventfd]", "anon_inode:[eventpoll]", "anon_inode:[signalfd]",
+                     "anon_inode:[timerfd]"], kinds
+    run = _Restored(str(tmp_path / "img"), lazy=lazy)
+    with run as restored:
+        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0
+
+
+TIMERS = r"""
+import ctypes, signal, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+ticks = []
+signal.signal(signal.SIGUSR1, lambda s, f: ticks.append(s))
+
+def create(signo):
+    sigev = struct.pack("<QiiI", 7, signo, 0, 0).ljust(64, b"\0")   # SIGEV_SIGNAL
+    tid = ctypes.c_int(-1)
+    assert libc.timer_create(1, ctypes.c_char_p(sigev), ctypes.byref(tid)) == 0
+    return tid.value
+
+ids = [create(signal.SIGUSR1) for _ in range(3)]
+libc.timer_delete(ids[0])                                         # ids 1 and 2 are left: not 0, 1
+libc.timer_settime(ids[1], 0, ctypes.c_char_p(struct.pack("<qqqq", 0, 20000000, 0, 20000000)), None)
+libc.timer_settime(ids[2], 0, ctypes.c_char_p(struct.pack("<qqqq", 0, 0, 3600, 0)), None)   # in an hour
+print("ready", flush=True)
+line = sys.stdin.readline()
+before = len(ticks)
+time.sleep(0.2)
+left = ctypes.create_string_buffer(32)
+libc.timer_gettime(ids[2], left)
+hour = struct.unpack("<qqqq", left.raw)[2]
+print(line.strip(), ids[1:], len(ticks) > before, 3000 < hour <= 3600, libc.timer_delete(ids[1]),
+      libc.timer_delete(ids[2]), libc.timer_delete(ids[0]), flush=True)
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
+def test_posix_timers_come_back_with_their_ids_and_times(tmp_path):
+    """timer_create timers (ids 1 and 2, 0 deleted): one fires every 20 ms and goes on firing, one is
+    an hour away and still is; both can be deleted by their ids (ruby's timer thread deletes its own
+    at exit, and crashed when the restore lost it)."""
+    want = subprocess.run(["python3", "-c", TIMERS], input=b"go\n", capture_output=True, timeout=60).stdout
+    assert want.endswith(b"go [1, 2] True True 0 0 -1\n"), want
+    p = subprocess.Popen(["python3", "-c", TIMERS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
+    finally:
+        _end(p)
+    assert sorted(t["id"] for t in m["posix_timers"]) == [1, 2]
+    run = _Restored(str(tmp_path / "img"))
+    with run as restored:
+        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0

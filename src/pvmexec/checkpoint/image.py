@@ -67,6 +67,8 @@ MANIFEST_FIELDS = {
     "fds": ("process", True, "each descriptor: fd, path, pos, flags; mode, dev, ino, size, rdev (its stat)"),
     "sigactions": ("process", True, "signal -> handler, flags, restorer, mask (non-default only)"),
     "itimers": ("process", True, "real, virtual, prof: [interval s, us, value s, us]"),
+    "posix_timers": ("process", True, "each timer_create timer: id, clockid, signo, sigval, notify (sigev_notify), "
+                                      "tid (its thread, for SIGEV_THREAD_ID), interval and value ([s, ns])"),
     "pipes": ("process", True, "pipe inode -> size (F_GETPIPE_SZ) and data (hex): what waited in each pipe read "
                                "through one of its descriptors"),
     "sockets": ("process", True, "socket inode -> family; for a Unix one type, name (hex when abstract), peer "
@@ -398,7 +400,7 @@ class Image:
 _TYPES = {"pid": int, "mappings": list, "rounds": list, "threads": list, "fds": list, "sigactions": dict,
           "freeze_seconds": (int, float), "total_seconds": (int, float), "bytes_written": int, "cwd": str,
           "checksums": dict, "exe": str, "comm": str, "vdso": list, "creds": dict, "pipes": dict,
-          "sockets": dict}
+          "sockets": dict, "posix_timers": list}
 
 
 def _validate(directory, m):

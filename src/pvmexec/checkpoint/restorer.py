@@ -57,8 +57,11 @@ _F_DUPFD_CLOEXEC, _F_SETFL, _F_SETPIPE_SZ = 1030, 4, 1031
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _PR_CAPBSET_DROP, _PR_SET_KEEPCAPS, _PR_SET_SECUREBITS, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 24, 8, 28, 38, 47
 _PR_CAP_AMBIENT_RAISE = 2
+_PR_TIMER_CREATE_RESTORE_IDS = 77
 _SECBIT_KEEP_CAPS, _SECBIT_KEEP_CAPS_LOCKED = 1 << 4, 1 << 5
 _CAP_VERSION_3 = 0x20080522
+_ANON_KINDS = ("anon_inode:[eventfd]", "anon_inode:[timerfd]", "anon_inode:[signalfd]", "anon_inode:[eventpoll]")
+_EFD_SEMAPHORE, _EPOLL_CTL_ADD, _TFD_IOC_SET_TICKS = 1, 1, 0x40085400
 _OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
 HELPER_PAGES = 8                                             # one of code, the rest data for the calls
 
@@ -183,6 +186,12 @@ def _check_fields(m):
     need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
     need(_is_int(m["personality"], 0, 1 << 32), "personality")
     need(isinstance(m.get("stopped"), bool), "stopped")
+    need(isinstance(m.get("posix_timers"), list) and len(m["posix_timers"]) <= 1 << 16 and all(
+        isinstance(t, dict) and _is_int(t.get("id"), 0, 1 << 31) and _is_int(t.get("clockid"), 0, 64) and
+        _is_int(t.get("signo"), 0, 65) and _is_int(t.get("sigval")) and _is_int(t.get("notify"), 0, 8) and
+        _is_int(t.get("tid"), 0, 1 << 22) and all(isinstance(t.get(k), list) and len(t[k]) == 2 and
+                                                all(_is_int(x, 0, 1 << 63) for x in t[k]) for k in ("interval", "value"))
+        for t in m["posix_timers"]), "posix_timers")
     need(isinstance(m.get("pipes"), dict) and all(
         isinstance(v, dict) and _is_int(v.get("size"), 0, 1 << 31) and _is_hex(v.get("data")) and
         len(v["data"]) <= 2 * v["size"] for v in m["pipes"].values()), "pipes")
@@ -295,6 +304,8 @@ class _Plan:
             if f["flags"] & os.O_ACCMODE == os.O_RDWR:
                 raise RestoreError(errno.EOPNOTSUPP, "%s: a pipe opened for reading and writing" % what)
             return dict(f, how="pipe")
+        if path in _ANON_KINDS and isinstance(f.get("anon"), dict):
+            return self._anon(f, what)
         if path.startswith("socket:[") and path[8:-1] in self.pairs:
             return self._pair_end(f, what, self.m["sockets"][path[8:-1]])
         if (path.startswith("pipe:") or path.startswith("socket:")) and fd <= 2:
@@ -338,6 +349,32 @@ class _Plan:
         more = (c["caps"]["bnd"] & ~ours["bnd"]) | ((c["caps"]["prm"] | c["caps"]["amb"]) & ~ours["prm"])
         if more:
             raise RestoreError(errno.EPERM, "the process has capabilities this restore has not (%#x)" % more)
+
+    def _anon(self, f, what):
+        """An eventfd, timerfd, signalfd or epoll descriptor, made again from what fdinfo told the dump. An
+        epoll's watched descriptors must be the image's same files (by inode); an epoll in an epoll is refused."""
+        a, kind = f["anon"], f["path"]
+        ok = {"anon_inode:[eventfd]": lambda: _is_int(a.get("count")) and isinstance(a.get("semaphore"), bool),
+              "anon_inode:[timerfd]": lambda: _is_int(a.get("clockid"), 0, 16) and _is_int(a.get("ticks")) and all(
+                  isinstance(a.get(k), list) and len(a[k]) == 2 and all(_is_int(x, 0, 1 << 63) for x in a[k])
+                  for k in ("value", "interval")),
+              "anon_inode:[signalfd]": lambda: _is_int(a.get("sigmask")),
+              "anon_inode:[eventpoll]": lambda: isinstance(a.get("targets"), list) and all(
+                  isinstance(t, dict) and _is_int(t.get("fd"), 0, 1 << 20) and _is_int(t.get("events"), 0, 1 << 32)
+                  and _is_int(t.get("data")) and _is_int(t.get("ino")) for t in a["targets"])}[kind]
+        if not ok():
+            raise RestoreError(errno.EINVAL, "%s: the image's record of it is malformed" % what)
+        if kind == "anon_inode:[eventpoll]":
+            by_fd = {g["fd"]: g for g in self.m["fds"]}
+            for t in a["targets"]:
+                watched = by_fd.get(t["fd"])
+                if watched is None or watched.get("ino") != t["ino"]:
+                    raise RestoreError(errno.EOPNOTSUPP, "%s watches fd %d, which is no longer the file it "
+                                       "watched (closed or replaced)" % (what, t["fd"]))
+                if watched["path"] == kind:
+                    raise RestoreError(errno.EOPNOTSUPP, "%s watches another epoll (fd %d): not provided" % (
+                        what, t["fd"]))
+        return dict(f, how="epoll" if kind == "anon_inode:[eventpoll]" else "anon")
 
     @staticmethod
     def _pair_end(f, what, sock):
@@ -711,7 +748,7 @@ class _Restorer:
     def _descriptors(self):
         h = self.at_helper
         for f in self.p.fds:
-            if f["how"] in ("pipe", "socketpair"):
+            if f["how"] in ("pipe", "socketpair", "anon", "epoll"):
                 continue                        # after the others: their numbers are then all taken
             fd, flags = f["fd"], f["flags"] & _OPEN_MASK
             got = self._ours(f["source"]) if f["how"] == "stdio" else \
@@ -725,6 +762,10 @@ class _Restorer:
                 h("lseek", fd, f["pos"], os.SEEK_SET)
         self._pipes()
         self._socketpairs()
+        for how in ("anon", "epoll"):           # epolls last: what they watch is there
+            for f in self.p.fds:
+                if f["how"] == how:
+                    self._make_anon(f)
 
     def _ours(self, ours):
         """Our descriptor ours, in the process: the same open file (pidfd_getfd in it; a file our
@@ -749,6 +790,34 @@ class _Restorer:
             return got                          # a pipe or a terminal: no offset
         h("lseek", got, at, os.SEEK_SET)
         return got
+
+    def _make_anon(self, f):
+        h, a, fd = self.at_helper, f["anon"], f["fd"]
+        cloexec, nonblock = f["flags"] & os.O_CLOEXEC, f["flags"] & os.O_NONBLOCK
+        kind = f["path"]
+        if kind == "anon_inode:[eventfd]":
+            got = h("eventfd2", 0, cloexec | nonblock | (_EFD_SEMAPHORE if a["semaphore"] else 0))
+            if a["count"]:
+                h("write", got, self.put(struct.pack("<Q", a["count"])), 8)
+        elif kind == "anon_inode:[signalfd]":
+            got = h("signalfd4", -1, self.put(struct.pack("<Q", a["sigmask"])), 8, cloexec | nonblock)
+        elif kind == "anon_inode:[timerfd]":
+            got = h("timerfd_create", a["clockid"], cloexec | nonblock)
+            value, interval = a["value"], a["interval"]
+            if not any(value) and any(interval) and a["ticks"]:
+                value = interval                # expired, re-armed only when read: next in an interval
+            h("timerfd_settime", got, 0, self.put(struct.pack("<4q", *interval, *value)), 0)
+            if a["ticks"] and self.call(self.pid, self.helper, "ioctl", got, _TFD_IOC_SET_TICKS,
+                                        self.put(struct.pack("<Q", a["ticks"]))) < 0:
+                raise RestoreError(errno.EOPNOTSUPP, "fd %d (timerfd): its %d expirations not yet read cannot be "
+                                   "set again (TFD_IOC_SET_TICKS)" % (fd, a["ticks"]))
+        else:
+            got = h("epoll_create1", cloexec)
+            for t in a["targets"]:
+                h("epoll_ctl", got, _EPOLL_CTL_ADD, t["fd"], self.put(struct.pack("<IQ", t["events"], t["data"])))
+        if got != fd:
+            h("dup3", got, fd, cloexec)
+            h("close", got)
 
     def _socketpairs(self):
         """Each socket pair whose ends are both in the image: made (socketpair in the process), what
@@ -836,6 +905,7 @@ class _Restorer:
             self.tids.append(tid)
         for t in self.p.threads:
             self._thread_state(t)
+        self._posix_timers()                    # (a timer may signal one of the threads)
         for t in self.p.threads:                # last: with them goes the right to do the rest
             self._credentials(self.host[t["tid"]])
         self.at_helper("prctl", PR_SET_DUMPABLE, self.m["creds"]["dumpable"], 0, 0, 0)
@@ -848,6 +918,33 @@ class _Restorer:
                 if not any(value[2:]):          # expired, its signal pending: the kernel re-arms it when
                     value = value[:2] * 2       # that is delivered, and so does this, an interval on
                 self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
+
+    def _posix_timers(self):
+        """Each POSIX timer made again with its own id (PR_TIMER_CREATE_RESTORE_IDS: timer_create takes the
+        id it is given), its clock and notification, armed with its interval and remaining time."""
+        timers = sorted(self.m["posix_timers"], key=lambda t: t["id"])
+        if not timers:
+            return
+        h = self.at_helper
+        by_id = self.call(self.pid, self.helper, "prctl", _PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0) == 0
+        if not by_id and [t["id"] for t in timers] != list(range(len(timers))):
+            raise RestoreError(errno.EOPNOTSUPP, "POSIX timers %s: this kernel cannot make a timer with a chosen id "
+                               "(PR_TIMER_CREATE_RESTORE_IDS, Linux 6.17)" % [t["id"] for t in timers])
+        for t in timers:
+            sigev = struct.pack("<QiiI", t["sigval"], t["signo"], t["notify"], t["tid"]).ljust(64, b"\0")
+            at = self.put(sigev)
+            idp = self.put(struct.pack("<i", t["id"]), 128)
+            h("timer_create", t["clockid"], at, idp)
+            got = struct.unpack("<i", os.pread(self.mem, 4, idp))[0]
+            if got != t["id"]:
+                raise RestoreError(errno.EINVAL, "POSIX timer %d came back as %d" % (t["id"], got))
+            value, interval = t["value"], t["interval"]
+            if any(value) or any(interval):
+                if not any(value):
+                    value = interval            # expired with its signal pending: next in an interval
+                h("timer_settime", t["id"], 0, self.put(struct.pack("<4q", *interval, *value), 256), 0)
+        if by_id:
+            h("prctl", _PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
     def _credentials(self, tid):
         """The thread's ids and capabilities as recorded (each thread has its own: the kernel changes

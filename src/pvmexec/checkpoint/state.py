@@ -110,10 +110,15 @@ def files(pid, our_fds):
         try:
             target = os.readlink("/proc/%d/fd/%d" % (pid, fd))
             with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
-                info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+                text = f.read()
         except OSError:
             continue
+        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
         entry = dict(fd=fd, path=target, pos=int(info.get("pos", "0")), flags=int(info.get("flags", "0"), 8))
+        if target.startswith("anon_inode:"):
+            kind = anon_inode(target, info, text)
+            if kind is not None:
+                entry["anon"] = kind
         try:
             st = os.stat("/proc/%d/fd/%d" % (pid, fd))
             entry.update(mode=st.st_mode, dev=st.st_dev, ino=st.st_ino, size=st.st_size, rdev=st.st_rdev)
@@ -121,6 +126,66 @@ def files(pid, our_fds):
             pass
         fds.append(entry)
     return dict(cwd=os.readlink("/proc/%d/cwd" % pid), root=os.readlink("/proc/%d/root" % pid), fds=fds)
+
+
+def anon_inode(target, info, text):
+    """What /proc/PID/fdinfo tells of an eventfd, timerfd, signalfd or epoll descriptor: enough to make
+    it again (None for other kinds)."""
+    if target == "anon_inode:[eventfd]":
+        return dict(count=int(info["eventfd-count"]), semaphore=info.get("eventfd-semaphore", "0").strip() == "1")
+    if target == "anon_inode:[timerfd]":
+        def pair(v):
+            sec, nsec = v.strip().strip("()").split(",")
+            return [int(sec), int(nsec)]
+        return dict(clockid=int(info["clockid"]), ticks=int(info["ticks"]), value=pair(info["it_value"]),
+                    interval=pair(info["it_interval"]))
+    if target == "anon_inode:[signalfd]":
+        return dict(sigmask=int(info["sigmask"], 16))
+    if target == "anon_inode:[eventpoll]":
+        targets = []
+        for line in text.splitlines():
+            if line.startswith("tfd:"):
+                words = line.replace(":", " ").split()
+                got = dict(zip(words[0::2], words[1::2]))
+                targets.append(dict(fd=int(got["tfd"]), events=int(got["events"], 16), data=int(got["data"], 16),
+                                    ino=int(got["ino"], 16)))
+        return dict(targets=targets)
+    return None
+
+
+def posix_timers(pid, space):
+    """Each POSIX timer (timer_create): its id, clock, how it notifies (/proc/PID/timers) and its
+    interval and remaining time (timer_gettime, asked of the process: only it can)."""
+    out, timer = [], None
+    try:
+        with open("/proc/%d/timers" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID":
+            timer = dict(id=int(value))
+            out.append(timer)
+        elif key == "signal" and timer is not None:
+            signo, _, sigval = value.partition("/")
+            timer.update(signo=int(signo), sigval=int(sigval, 16))
+        elif key == "notify" and timer is not None:
+            how, _, who = value.partition("/")
+            kind, _, tid = who.partition(".")
+            timer.update(notify={"signal": 0, "none": 1, "thread": 2}.get(how, 0) | (4 if kind == "tid" else 0),
+                         tid=int(tid or 0))
+        elif key == "ClockID" and timer is not None:
+            timer["clockid"] = int(value)
+    with space.scratch(32) as mem:
+        for t in out:
+            if space.syscall_raw("timer_gettime", t["id"], mem) == 0:
+                interval_s, interval_ns, value_s, value_ns = struct.unpack("<qqqq", space.read(mem, 32))
+                t.update(interval=[interval_s, interval_ns], value=[value_s, value_ns])
+            else:
+                t.update(interval=[0, 0], value=[0, 0])
+    return out
 
 
 def rlimits(space):
@@ -256,6 +321,7 @@ def process_state(pid, space, engine, our_fds, asked):
     state.update(memory_layout(pid, space))
     state.update(files(pid, our_fds))
     state.update(signals_and_timers(space))
+    state["posix_timers"] = posix_timers(pid, space)
     state["creds"] = credentials(pid, space)
     state["pipes"] = pipes(space, state["fds"])
     state["sockets"] = sockets(space, state["fds"])
