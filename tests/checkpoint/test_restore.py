@@ -120,6 +120,24 @@ class _Restored:
         return False
 
 
+def _script_dumped(script, img, pre_dumps=0):
+    """python3 -c script, which says "ready" and waits for a line: what an undisturbed run says after
+    "ready" when given "go", and the manifest of a run dumped (and killed) while it waits."""
+    want = subprocess.run(["python3", "-c", script], input=b"go\n", capture_output=True, timeout=60).stdout
+    assert want.startswith(b"ready\n"), want
+    return want[len(b"ready\n"):], _dumped_when_ready(["python3", "-c", script], img, pre_dumps)
+
+
+def _dumped_when_ready(argv, img, pre_dumps=0):
+    """argv run until it says "ready", dumped there (and killed): the image's manifest."""
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().startswith(b"ready")
+        return checkpoint.dump(p.pid, img, pre_dumps=pre_dumps, leave_running=False)
+    finally:
+        _end(p)
+
+
 def _released(pid, name="sleep"):
     """Restored and let go: its own name, no tracer."""
     try:
@@ -194,12 +212,7 @@ def test_a_lazy_restore_follows_what_the_process_does_to_its_memory(cc, tmp_path
     its own copy: the dropped part reads as zeros, the moved part has its data at the new place, the
     child and the rest see exactly the memory of the dump."""
     exe = compile_victim(cc, tmp_path, "lazy_memory")
-    p = subprocess.Popen([exe, "256"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline().startswith(b"ready")
-        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=False)
-    finally:
-        _end(p)
+    _dumped_when_ready([exe, "256"], str(tmp_path / "img"), pre_dumps=1)
     run = _Restored(str(tmp_path / "img"), lazy=True)
     with run as restored:
         assert run.go() == b"got go kept 0 dropped 0 moved 0 child 0 reader ok\n"
@@ -211,12 +224,7 @@ def test_a_damaged_page_kills_the_lazily_restored_process_before_it_sees_it(cc, 
     """A byte flipped in a page the server fills: the chunk's digest differs, the process is killed
     (never given the page) and the command says why."""
     exe = compile_victim(cc, tmp_path, "lazy_memory")
-    p = subprocess.Popen([exe, "16"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline().startswith(b"ready")
-        checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
-    finally:
-        _end(p)
+    m = _dumped_when_ready([exe, "16"], str(tmp_path / "img"), pre_dumps=0)
     _addr, off, n = max(checkpoint.Image(str(tmp_path / "img")).runs(), key=lambda r: r[2])   # the 16 MiB
     with open(tmp_path / "img" / "pages.img", "r+b") as f:
         f.seek(off + n // 2 * 4096 + 7)
@@ -227,7 +235,7 @@ def test_a_damaged_page_kills_the_lazily_restored_process_before_it_sees_it(cc, 
                        capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGKILL and r.stdout == b"", r
     assert b"does not match its checksum" in r.stderr and b"killed it" in r.stderr and r.stderr.count(b"\n") == 1
-    assert _gone(p.pid)
+    assert _gone(m["pid"])
 
 
 def test_restore_refuses_what_it_cannot_restore_before_anything_runs(restorable, data_file, tmp_path):
@@ -571,18 +579,11 @@ print(line.strip(), len(got), got == b"waiting in the pipe " * 1000, os.read(r2,
 
 @pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
 def test_a_pipe_whose_ends_are_the_processs_comes_back_with_what_waited_in_it(tmp_path):
-    want = subprocess.run(["python3", "-c", PIPES], input=b"go\n", capture_output=True, timeout=60).stdout
-    p = subprocess.Popen(["python3", "-c", PIPES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline() == b"ready\n"
-        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
-    finally:
-        _end(p)
+    want, m = _script_dumped(PIPES, str(tmp_path / "img"))
     assert sorted(len(v["data"]) // 2 for v in m["pipes"].values())[-1] == 20000
     run = _Restored(str(tmp_path / "img"))
     with run as restored:
-        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0
+        assert run.go() == want and restored.wait() == 0
 
 
 SOCKETS = r"""
@@ -621,19 +622,12 @@ print(line.strip(), got == b"to b " * 3000, a.recv(10), answers, d.getblocking()
 def test_socket_pairs_whose_ends_are_the_processs_come_back_with_what_waited_in_them(tmp_path):
     """A stream pair with data waiting both ways, a seqpacket pair a thread is blocked reading; each
     made again with its type, flags and data; a socket whose peer is elsewhere is refused by name."""
-    want = subprocess.run(["python3", "-c", SOCKETS], input=b"go\n", capture_output=True, timeout=60).stdout
-    p = subprocess.Popen(["python3", "-c", SOCKETS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline() == b"ready\n"
-        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
-    finally:
-        _end(p)
+    want, m = _script_dumped(SOCKETS, str(tmp_path / "img"))
     unix = [v for v in m["sockets"].values() if v["family"] == 1]
     assert len(unix) == 4 and sorted(len(v["data"]) // 2 for v in unix) == [0, 0, 4, 15000]
     run = _Restored(str(tmp_path / "img"))
     with run as restored:
-        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0
+        assert run.go() == want and restored.wait() == 0
     # the same socket, its peer outside the image: refused before anything runs, naming the fd
     path = tmp_path / "img" / "manifest.json"
     m = json.loads(path.read_text())
@@ -731,21 +725,14 @@ asyncio.run(main())
 def test_an_asyncio_program_with_eventfd_timerfd_and_signalfd_goes_on(tmp_path, lazy):
     """Python's asyncio waits in epoll (with a socket pair to wake it and a pipe it watches), beside an
     eventfd (semaphore, count 3), a running timerfd and a signalfd: all made again, it goes on."""
-    want = subprocess.run(["python3", "-c", EVENTS], input=b"go\n", capture_output=True, timeout=60).stdout
-    assert want.endswith(b"go woken [1, 1, 1, 'empty'] True True\n"), want
-    p = subprocess.Popen(["python3", "-c", EVENTS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline() == b"ready\n"
-        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=1, leave_running=False)
-    finally:
-        _end(p)
+    want, m = _script_dumped(EVENTS, str(tmp_path / "img"), pre_dumps=1)
+    assert want == b"go woken [1, 1, 1, 'empty'] True True\n", want
     kinds = sorted(f["path"] for f in m["fds"] if f["path"].startswith("anon_inode:"))
     assert kinds == ["anon_inode:[eventfd]", "anon_inode:[eventpoll]", "anon_inode:[signalfd]",
                      "anon_inode:[timerfd]"], kinds
     run = _Restored(str(tmp_path / "img"), lazy=lazy)
     with run as restored:
-        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0
+        assert run.go() == want and restored.wait() == 0
 
 
 TIMERS = r"""
@@ -781,16 +768,9 @@ def test_posix_timers_come_back_with_their_ids_and_times(tmp_path):
     """timer_create timers (ids 1 and 2, 0 deleted): one fires every 20 ms and goes on firing, one is
     an hour away and still is; both can be deleted by their ids (ruby's timer thread deletes its own
     at exit, and crashed when the restore lost it)."""
-    want = subprocess.run(["python3", "-c", TIMERS], input=b"go\n", capture_output=True, timeout=60).stdout
-    assert want.endswith(b"go [1, 2] True True 0 0 -1\n"), want
-    p = subprocess.Popen(["python3", "-c", TIMERS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline() == b"ready\n"
-        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
-    finally:
-        _end(p)
+    want, m = _script_dumped(TIMERS, str(tmp_path / "img"))
+    assert want == b"go [1, 2] True True 0 0 -1\n", want
     assert sorted(t["id"] for t in m["posix_timers"]) == [1, 2]
     run = _Restored(str(tmp_path / "img"))
     with run as restored:
-        assert run.go() == want.split(b"\n", 1)[1] and restored.wait() == 0
+        assert run.go() == want and restored.wait() == 0
