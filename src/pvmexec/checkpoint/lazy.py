@@ -143,8 +143,10 @@ class _Gone(Exception):
 
 
 class PageServer:
-    def __init__(self, uffd, pages_fd, chunks, runs, victim):
-        self.pages_fd, self.chunks, self.victim = pages_fd, chunks, victim
+    """Serves the process's userfaultfd (and those of the children it forks) from pages.img."""
+
+    def __init__(self, uffd, pages_fd, chunks, runs):
+        self.pages_fd, self.chunks = pages_fd, chunks
         self.spaces = [_Space(uffd, runs)]
         self.buf = mmap.mmap(-1, RUN)
         self.buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
@@ -285,8 +287,8 @@ class PageServer:
 
 def start(uffd: int, pages_path: str, chunks, runs: bytes, victim: int) -> int:
     """Fork the page server; returns its pid. It holds the only descriptor of the userfaultfd: the
-    caller closes its own. It ignores the terminal's signals (it exits once all is in, in about
-    a second per GiB); if it finds a damaged chunk or fails, it kills the process it serves (which
+    caller closes its own. It ignores every signal a terminal or a job-control shell sends (it exits
+    once all is in, in about a second per GiB); if it finds a damaged chunk or fails, it kills the process it serves (which
     would otherwise see zeros) and says why."""
     pages_fd = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -299,14 +301,15 @@ def start(uffd: int, pages_path: str, chunks, runs: bytes, victim: int) -> int:
         return pid
     status = 1
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTSTP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTSTP,
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         # The descriptors it inherited are closed on a thread of their own: closing a pipe waits for
         # its lock, which a thread of the process may hold while it waits for a page (read(2) into memory
         # not yet in): only the server can end that wait.
         threading.Thread(target=_close_all_but, args=({uffd, pages_fd, 2},), daemon=True).start()
         _name(b"pvmexec-pages")
-        PageServer(uffd, pages_fd, chunks, runs, victim).run()
+        PageServer(uffd, pages_fd, chunks, runs).run()
         status = 0
     except BaseException as e:                  # noqa: B036 - the process must not see zeros
         _kill_tree(victim)
