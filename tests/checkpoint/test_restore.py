@@ -664,23 +664,43 @@ def test_a_process_with_fewer_capabilities_is_restored_with_exactly_those(tmp_pa
     assert (r.returncode, r.stdout, r.stderr) == (0, want.split(b"\n", 1)[1], b"")
 
 
-@pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
-def test_a_process_under_seccomp_is_refused_not_restored_without_its_filter(tmp_path):
-    """Its filters cannot be made again: the image says it had one, the restore refuses (the dump
-    records the mode; dumping a filtered process needs the ptrace engine, which dump does not use)."""
-    p = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        m = checkpoint.dump(p.pid, str(tmp_path / "img"), pre_dumps=0, leave_running=False)
-    finally:
-        _end(p)
-    assert m["creds"]["seccomp"] == 0
+SECCOMP = r"""
+import ctypes, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+prog = struct.pack("<HBBI", 0x20, 0, 0, 0)               # ld [nr]
+prog += struct.pack("<HBBI", 0x15, 0, 1, 110)            # jeq getppid
+prog += struct.pack("<HBBI", 0x06, 0, 0, 0x00050001)     # ret ERRNO(EPERM): its effect can be seen
+prog += struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000)     # ret ALLOW
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("<HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+libc.prctl(38, 1, 0, 0, 0)                               # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0
+print("ready", flush=True)
+line = sys.stdin.readline()
+ppid = libc.syscall(110)
+print(line.strip(), ppid, ctypes.get_errno(), open("/proc/self/status").read().split("Seccomp:")[1].split()[0],
+      flush=True)
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="choosing a pid and reading seccomp filters need root")
+def test_a_process_under_seccomp_comes_back_under_its_filter_never_without(tmp_path):
+    """A filter that fails getppid with EPERM: the dump (stop-the-world, through ptrace: an agent's calls
+    could not be checked) records it, the restore installs it last; getppid still fails. Filters the
+    dump could not read are refused, never dropped."""
+    want, m = _script_dumped(SECCOMP, str(tmp_path / "img"), pre_dumps=2)
+    assert want == b"go -1 1 2\n", want
+    assert len(m["rounds"]) == 1 and m["threads"][0]["seccomp"]["mode"] == 2
+    run = _Restored(str(tmp_path / "img"))
+    with run as restored:
+        assert run.go() == want and restored.wait() == 0
     path = tmp_path / "img" / "manifest.json"
     edited = json.loads(path.read_text())
-    edited["creds"]["seccomp"] = 2
+    edited["threads"][0]["seccomp"]["filters"] = None
     path.write_text(json.dumps(edited))
-    with pytest.raises(RestoreError, match="runs under seccomp .mode 2.: its filters cannot be made again"):
+    with pytest.raises(RestoreError, match="its filters could not be read at the dump"):
         restore(str(tmp_path / "img"))
-    assert _gone(p.pid)
+    assert _gone(m["pid"])
 
 
 EVENTS = r"""

@@ -82,14 +82,17 @@ class _Dump:
         self.whole = set()             # mappings copied (what they hold) every round: untracked
         self.sources = {}              # key -> (how the image holds it, the file's identity)
         self.stopped = False           # stopped by job control when the dump began
+        self.ptrace_only = False       # stopped, or under seccomp: no agent, one frozen round
 
     def start(self):
         from ..space import attach
-        if _job_stopped(self.pid):
+        self.stopped = _job_stopped(self.pid)
+        if self.stopped or _under_seccomp(self.pid):
             # Stopped by job control, as gcore and CRIU take it: it does not run, so one frozen round
             # copies everything; calls go through ptrace (an agent thread would stop with it). It
-            # stays stopped afterwards.
-            self.stopped = True
+            # stays stopped afterwards. Under seccomp the same (stop-the-world, then it runs on): the
+            # ptrace engine checks each call against its filters, an agent could not.
+            self.ptrace_only = True
             self.space = attach(self.pid, engine="ptrace", freeze=True)
             self.engine = self.space.backend
             self.scanner = Scanner(self.pid)
@@ -108,7 +111,7 @@ class _Dump:
             self.splicer = Splicer(self.space)
 
     def pre_dumps(self, count, until_converged):
-        if self.stopped:
+        if self.ptrace_only:
             return
         previous = None
         for _ in range(MAX_ROUNDS if until_converged else count):
@@ -121,7 +124,7 @@ class _Dump:
             previous = pages
 
     def freeze(self):
-        if self.stopped:
+        if self.ptrace_only:
             return                          # frozen since start()
         from ..engines.ptrace import PtraceEngine
         self.engine = PtraceEngine(self.pid, self.pid, reap_leader=False, check_seccomp=False)
@@ -326,6 +329,14 @@ class _NoTracker:
     @staticmethod
     def forget(key):
         pass
+
+
+def _under_seccomp(pid):
+    from ..engines.target_filters import thread_mode
+    try:
+        return any(thread_mode(pid, int(tid))[0] for tid in os.listdir("/proc/%d/task" % pid))
+    except OSError:
+        return False
 
 
 def _job_stopped(pid):

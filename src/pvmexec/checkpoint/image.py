@@ -51,7 +51,7 @@ MANIFEST_FIELDS = {
     "bytes_written": ("dump", True, "bytes of pages.img"),
     "bytes_spliced": ("dump", True, "of which moved by splice"),
     "transfer": ("dump", True, "readv or vmsplice"),
-    "threads": ("process", True, "each thread: tid, regs, sigmask, pending; optional xstate, rseq, "
+    "threads": ("process", True, "each thread: tid, regs, sigmask, pending, seccomp (mode, filters); optional xstate, rseq, "
                                  "sigaltstack, clear_child_tid, robust_list"),
     "shared_pending": ("process", True, "siginfo of process-wide pending signals (hex)"),
     "auxv": ("process", True, "the auxiliary vector (hex)"),

@@ -36,7 +36,7 @@ from ..abi import (CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM, CLONE_TH
 from ..arch import current as current_arch
 from ..errors import PvmexecError
 from ..proc import mappings, maps_prot
-from ..syscalls import number
+from ..syscalls import name_of, number
 from . import lazy
 from .image import FROM_FILE, ZERO, DumpError, Image
 from .state import status_caps
@@ -231,6 +231,7 @@ class _Plan:
         m = img.manifest
         _check_fields(m)
         self._check_privileges(m["creds"])
+        self._check_seccomp(m)
         self.img, self.m, self.stdio = img, m, stdio
         self.threads = sorted(m["threads"], key=lambda t: t["tid"] != m["pid"])     # the leader first
         if not self.threads or self.threads[0]["tid"] != m["pid"]:
@@ -338,12 +339,39 @@ class _Plan:
         raise RestoreError(errno.EOPNOTSUPP, "%s: descriptors of this kind cannot be restored" % what)
 
     @staticmethod
+    def _check_seccomp(m):
+        """A thread under seccomp must come back under the same filters, never without them: refused
+        when they could not be read at the dump, in strict mode (nothing of ours could run after it),
+        or passing calls to a supervisor (whose listener is not the process's)."""
+        from ..engines.target_filters import RET_ACTION_FULL, RET_USER_NOTIF
+        if m["creds"]["seccomp"] and any("seccomp" not in t for t in m["threads"]):
+            raise RestoreError(errno.EINVAL, "the process ran under seccomp, and the image lacks its filters")
+        for t in m["threads"]:
+            sc = t.get("seccomp", {"mode": 0})
+            what = "thread %d runs under seccomp" % t["tid"]
+            if not (isinstance(sc, dict) and sc.get("mode") in (0, 1, 2)):
+                raise RestoreError(errno.EINVAL, "thread %d: the image's seccomp record is malformed" % t["tid"])
+            if sc["mode"] == 1:
+                raise RestoreError(errno.EOPNOTSUPP, "%s in strict mode: not provided" % what)
+            if sc["mode"] == 2:
+                filters = sc.get("filters")
+                if filters is None:
+                    raise RestoreError(errno.EOPNOTSUPP, "%s: its filters could not be read at the dump (reading them "
+                                       "needs CAP_SYS_ADMIN), and it must not run without them" % what)
+                if not (isinstance(filters, list) and filters and all(
+                        _is_hex(f) and 0 < len(f) <= 2 * 8 * 3000 and len(f) % 16 == 0 for f in filters)):
+                    raise RestoreError(errno.EINVAL, "thread %d: the image's seccomp filters are malformed" % t["tid"])
+                for f in filters:
+                    raw = bytes.fromhex(f)
+                    if any(code & 0x07 == 0x06 and k & RET_ACTION_FULL == RET_USER_NOTIF
+                           for code, _jt, _jf, k in struct.iter_unpack("<HBBI", raw)):
+                        raise RestoreError(errno.EOPNOTSUPP, "%s with a filter that passes calls to a supervisor "
+                                           "(user notification): not provided" % what)
+
+    @staticmethod
     def _check_privileges(c):
-        """Never more than it had, never more than we have: a process under a seccomp filter is refused
-        (it would run without it), and so is one with capabilities this restorer lacks."""
-        if c["seccomp"]:
-            raise RestoreError(errno.EOPNOTSUPP, "the process runs under seccomp (mode %d): its filters cannot be "
-                               "made again, and it would run without them" % c["seccomp"])
+        """Never more than it had, never more than we have: a process with capabilities this restorer
+        lacks is refused."""
         with open("/proc/self/status") as f:
             ours = status_caps(dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line))
         more = (c["caps"]["bnd"] & ~ours["bnd"]) | ((c["caps"]["prm"] | c["caps"]["amb"]) & ~ours["prm"])
@@ -919,6 +947,36 @@ class _Restorer:
                     value = value[:2] * 2       # that is delivered, and so does this, an interval on
                 self.at_helper("setitimer", which, self.put(struct.pack("<4q", *value)), 0)
 
+    def _seccomp_filters(self):
+        """Each thread's seccomp filters, installed in it oldest first, the very last thing before it
+        is let go (they apply to our calls too). Each call that is still to come — every install after
+        the first, and the one call each thread makes from its own code on its way out — is checked
+        first against the filters it will meet (target_filters' BPF interpreter): a filter that would
+        refuse one is refused before anything is installed."""
+        from ..engines import target_filters as tf
+        nr_seccomp, nr_munmap, nr_getpid = number("seccomp"), number("munmap"), number("getpid")
+        plans = []
+        for t in self.p.threads:
+            filters = [bytes.fromhex(f) for f in t["seccomp"].get("filters") or ()][::-1]    # oldest first
+            if not filters:
+                continue
+            tid = self.host[t["tid"]]
+            progs = [[struct.unpack_from("<HBBI", f, i) for i in range(0, len(f), 8)] for f in filters]
+            last = (nr_munmap, (self.helper, HELPER_PAGES * PAGE)) if tid == self.pid else (nr_getpid, ())
+            calls = [(progs[:k], nr_seccomp, self.helper, (1, 0, self.helper + PAGE)) for k in range(1, len(progs))]
+            calls.append((progs, last[0], self.insn, last[1]))
+            for active, nr, at, args in calls:
+                ret = tf.verdict(active, nr, ARCH.AUDIT_ARCH, at + ARCH.SYSCALL_INSN_LEN, args)
+                if ret & tf.RET_ACTION_FULL not in (tf.RET_ALLOW, tf.RET_LOG):
+                    raise RestoreError(errno.EOPNOTSUPP, "thread %d's seccomp filters would %s the restorer's %s: "
+                                       "it cannot be let go under them" % (t["tid"], tf.describe(ret), name_of(nr)))
+            plans.append((tid, filters))
+        for tid, filters in plans:
+            for f in filters:
+                fprog = self.put(struct.pack("<HxxxxxxQ", len(f) // 8, self.helper + PAGE + 64))
+                self.put(f, 64)
+                self.at_helper("seccomp", 1, 0, fprog, tid=tid)       # SECCOMP_SET_MODE_FILTER
+
     def _posix_timers(self):
         """Each POSIX timer made again with its own id (PR_TIMER_CREATE_RESTORE_IDS: timer_create takes the
         id it is given), its clock and notification, armed with its interval and remaining time."""
@@ -1002,6 +1060,7 @@ class _Restorer:
         """Unmap the helper from the restored code's own syscall instruction, then let each thread go
         from the signal-delivery stop that single-step leaves it in, with its recorded state."""
         insn = self.insn
+        self._seccomp_filters()
         for tid in self.tids[1:] + self.tids[:1]:
             if tid == self.pid:
                 self.must(tid, insn, "munmap", self.helper, HELPER_PAGES * PAGE)

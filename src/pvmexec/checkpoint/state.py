@@ -1,5 +1,6 @@
 """What the image records besides memory, collected while the target is frozen: one collector per
 field group (mappings' flags, each thread, the process). The fields are listed in image.py."""
+import errno
 import fcntl
 import hashlib
 import os
@@ -62,8 +63,28 @@ def thread_state(tid, asked):
     rseq = _core.rseq_config(tid)
     if rseq:
         t["rseq"] = dict(zip(("addr", "size", "signature"), rseq))
+    t["seccomp"] = seccomp(tid)
     t.update(asked)
     return t
+
+
+def seccomp(tid):
+    """The thread's seccomp mode, and in filter mode its filters (raw BPF, hex; the most recent first,
+    as PTRACE_SECCOMP_GET_FILTER numbers them), or None where they cannot be read (CAP_SYS_ADMIN)."""
+    from ..engines.target_filters import thread_mode
+    mode, _count = thread_mode(tid, tid)
+    out = dict(mode=mode)
+    if mode == 2:
+        filters = []
+        for index in range(4096):
+            try:
+                filters.append(_core.seccomp_filter(tid, index).hex())
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    filters = None
+                break
+        out["filters"] = filters
+    return out
 
 
 _MM_FIELDS = ("start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk", "arg_start",
