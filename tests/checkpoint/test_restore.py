@@ -139,13 +139,16 @@ def _dumped_when_ready(argv, img, pre_dumps=0):
 
 
 def _released(pid, name="sleep"):
-    """Restored and let go: its own name, no tracer."""
+    """Restored and let go: its own name, no tracer, and not dying (a restorer killed while it still
+    traced the process leaves it untraced for a moment with PTRACE_O_EXITKILL's SIGKILL pending)."""
     try:
         with open("/proc/%d/status" % pid) as f:
             status = dict(line.split(":", 1) for line in f)
     except OSError:
         return False
-    return status["Name"].strip() == name and status["TracerPid"].strip() == "0"
+    dying = (int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)) & (1 << (signal.SIGKILL - 1)) or \
+        status["State"].split()[0] in ("Z", "X")
+    return status["Name"].strip() == name and status["TracerPid"].strip() == "0" and not dying
 
 
 def _gone(pid):

@@ -230,7 +230,8 @@ class _Plan:
     def __init__(self, img, stdio, pid_ns=False):
         m = img.manifest
         _check_fields(m)
-        self._check_privileges(m["creds"])
+        self.our_caps = status_caps(proc.status(os.getpid()))    # (the restored process starts with them)
+        self._check_privileges(m["creds"], self.our_caps)
         self._check_seccomp(m)
         self.img, self.m, self.stdio = img, m, stdio
         self.threads = sorted(m["threads"], key=lambda t: t["tid"] != m["pid"])     # the leader first
@@ -369,11 +370,9 @@ class _Plan:
                                            "(user notification): not provided" % what)
 
     @staticmethod
-    def _check_privileges(c):
+    def _check_privileges(c, ours):
         """Never more than it had, never more than we have: a process with capabilities this restorer
         lacks is refused."""
-        with open("/proc/self/status") as f:
-            ours = status_caps(dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line))
         more = (c["caps"]["bnd"] & ~ours["bnd"]) | ((c["caps"]["prm"] | c["caps"]["amb"]) & ~ours["prm"])
         if more:
             raise RestoreError(errno.EPERM, "the process has capabilities this restore has not (%#x)" % more)
@@ -1010,8 +1009,7 @@ class _Restorer:
         capabilities kept across the change of ids; then its own sets, ambient ones, no_new_privs."""
         c, caps = self.m["creds"], self.m["creds"]["caps"]
         h = lambda name, *a: self.at_helper(name, *a, tid=tid)    # noqa: E731
-        with open("/proc/self/status") as f:             # the restored process's now: ours
-            ours = status_caps(dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line))
+        ours = self.p.our_caps                          # the restored process's now
         last = max(ours["bnd"].bit_length(), caps["amb"].bit_length())
         for cap in range(last):
             if ours["bnd"] >> cap & 1 and not caps["bnd"] >> cap & 1:

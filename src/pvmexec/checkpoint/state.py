@@ -12,7 +12,7 @@ import struct
 from .. import _core
 from ..abi import PR_GET_TID_ADDRESS
 from ..arch import current as current_arch
-from ..proc import mappings
+from ..proc import mappings, status
 from ..syscalls import number
 
 
@@ -320,8 +320,7 @@ def _unix_diag(ino):
 def credentials(pid, space):
     """Real, effective, saved and filesystem uids and gids, supplementary groups (/proc/PID/status), and
     whether the process is dumpable (asked of it: a restore that changes its ids must set it back)."""
-    with open("/proc/%d/status" % pid) as f:
-        fields = dict(line.rstrip("\n").split(":", 1) for line in f if ":" in line)
+    fields = status(pid)
     return dict(uid=[int(x) for x in fields["Uid"].split()], gid=[int(x) for x in fields["Gid"].split()],
                 groups=[int(x) for x in fields["Groups"].split()], dumpable=space.syscall_raw("prctl", 3, 0, 0, 0, 0),
                 caps=status_caps(fields), no_new_privs=int(fields.get("NoNewPrivs", "0")),
