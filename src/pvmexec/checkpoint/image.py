@@ -345,12 +345,7 @@ class Image:
 
     def page_index(self) -> dict[int, int]:
         """address -> offset in pages.img (or ZERO): the last entry wins."""
-        out = {}
-        with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
-            raw = f.read()
-        for addr, off in struct.iter_unpack("<QQ", raw[:len(raw) // 16 * 16]):
-            out[addr] = off
-        return out
+        return dict(struct.iter_unpack("<QQ", self.raw_index()))
 
     def raw_index(self) -> bytes:
         """pages.idx as it is: (u64 address, u64 offset) pairs."""
