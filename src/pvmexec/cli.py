@@ -85,16 +85,10 @@ def open_output(path):
         raise
 
 
-def cmd_run(args):
-    import errno
+def _sandbox(args, command):
+    """(Sandbox, Policy) from the run options, or an exit status (125) after saying what was wrong."""
     import json
-    import os
-    from .kernel import Errno, Policy, Sandbox
-    if args.program[:1] == ["--"]:
-        args.program = args.program[1:]
-    if not args.program:
-        print("pvmexec run: no program given (pvmexec run [OPTIONS] -- PROGRAM [ARGS...])", file=sys.stderr)
-        return 125
+    from .kernel import Policy, Sandbox
     try:
         if args.policy:
             with open(args.policy) as f:
@@ -111,7 +105,7 @@ def cmd_run(args):
             spec["network"] = True
         policy = Policy.from_dict(spec)
     except (OSError, ValueError) as e:
-        print("pvmexec run: policy: %s" % describe(e), file=sys.stderr)
+        print("pvmexec %s: policy: %s" % (command, describe(e)), file=sys.stderr)
         return 125
     trace = None
     # As with strace, any tracing option traces.
@@ -124,22 +118,55 @@ def cmd_run(args):
                     raise ValueError("-e %s: only trace=SET is understood" % expr)
                 calls = trace_set(expr) if calls is None else calls | trace_set(expr)
         except ValueError as e:
-            print("pvmexec run: %s" % describe(e), file=sys.stderr)
+            policy.close()
+            print("pvmexec %s: %s" % (command, describe(e)), file=sys.stderr)
             return 125
         try:
             out = open_output(args.output) if args.output else sys.stderr
         except OSError as e:
-            print("pvmexec run: -o %s: %s" % (args.output, e.strerror), file=sys.stderr)
+            policy.close()
+            print("pvmexec %s: -o %s: %s" % (command, args.output, e.strerror), file=sys.stderr)
             return 125
         trace = Tracer(out, calls=calls, summary=args.summary, strsize=args.strsize, show_paths=args.paths)
-    box = Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso)
-    # The terminal's signals (Ctrl-C, Ctrl-\, a hang-up, a kill of this process) go to the program.
+    return Sandbox(policy=policy, trace=trace, vdso=not args.no_vdso), policy
+
+
+def _in_sandbox(box, policy, run):
+    """run() with the terminal's signals (Ctrl-C, Ctrl-\\, a hang-up, a kill of this process) passed to
+    the guest; afterwards the calls it made that the sandbox does not provide are named, once."""
     forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT,
                  signal.SIGWINCH)
     box.stop_with_first = sys.stdin.isatty()   # Ctrl-Z that stops the program stops pvmexec for the shell
     previous = {sig: signal.signal(sig, lambda sig, frame: box.host_signal(sig)) for sig in forwarded}
     try:
-        status = box.run(args.program)
+        status = run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        policy.close()                     # its private directories (/dev/shm) go
+    if box.unsupported:                    # once per run, as gVisor logs them: the calls that got ENOSYS
+        import logging
+        from .syscalls import name_of as _name
+        logging.getLogger("pvmexec").warning("calls the sandbox does not provide got ENOSYS: %s" % ", ".join(
+            sorted(_name(nr) for nr in box.unsupported)))
+    return _exit_as(status)
+
+
+def cmd_run(args):
+    import errno
+    import os
+    from .kernel import Errno
+    if args.program[:1] == ["--"]:
+        args.program = args.program[1:]
+    if not args.program:
+        print("pvmexec run: no program given (pvmexec run [OPTIONS] -- PROGRAM [ARGS...])", file=sys.stderr)
+        return 125
+    made = _sandbox(args, "run")
+    if isinstance(made, int):
+        return made
+    box, policy = made
+    try:
+        return _in_sandbox(box, policy, lambda: box.run(args.program))
     except FileNotFoundError as e:
         print("pvmexec run: %s" % e.strerror, file=sys.stderr)
         return 127
@@ -152,16 +179,6 @@ def cmd_run(args):
     except OSError as e:
         print("pvmexec run: %s: %s" % (args.program[0], e.strerror), file=sys.stderr)
         return 126
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        policy.close()                     # its private directories (/dev/shm) go
-    if box.unsupported:                    # once per run, as gVisor logs them: the calls that got ENOSYS
-        import logging
-        from .syscalls import name_of as _name
-        logging.getLogger("pvmexec").warning("calls the sandbox does not provide got ENOSYS: %s" % ", ".join(
-            sorted(_name(nr) for nr in box.unsupported)))
-    return _exit_as(status)
 
 
 def _exit_as(status):
@@ -188,6 +205,11 @@ def _exit_as(status):
 def cmd_restore(args):
     """The restored process runs as our child; we wait for it and end as it ends (unless --detach)."""
     from .checkpoint import restore
+    if args.sandbox:
+        return _restore_in_sandbox(args)
+    if _sandbox_options(args):
+        print("pvmexec restore: %s is an option of --sandbox" % _sandbox_options(args)[0], file=sys.stderr)
+        return 2
     if args.pid_ns and args.detach:
         print("pvmexec restore: --pid-ns cannot --detach: the namespace's first process is this command's, "
               "and the namespace ends with it", file=sys.stderr)
@@ -317,6 +339,56 @@ def _usage_status(parser, status):
     parser.error = error
 
 
+def _sandbox_options(args):
+    """The run options given (those that mean something only with --sandbox)."""
+    given = [("--trace", args.trace), ("-o", args.output), ("-e", args.expr), ("-c", args.summary),
+             ("-y", args.paths), ("-s", args.strsize != 32), ("--policy", args.policy), ("--root", args.root),
+             ("--writable", args.writable), ("--network", args.network), ("--no-vdso", args.no_vdso)]
+    return [name for name, value in given if value]
+
+
+def _restore_in_sandbox(args):
+    from .checkpoint import restore_in_sandbox
+    for flag, name in ((args.detach, "--detach"), (args.pid_ns, "--pid-ns"), (args.lazy, "--lazy")):
+        if flag:
+            print("pvmexec restore: --sandbox cannot %s: the process runs in this command's kernel, its pids are "
+                  "the kernel's, and its memory is written before it goes on" % name, file=sys.stderr)
+            return 2
+    made = _sandbox(args, "restore")
+    if isinstance(made, int):
+        return made
+    box, policy = made
+    try:
+        return _in_sandbox(box, policy, lambda: restore_in_sandbox(args.dir, box))
+    except (PvmexecError, OSError) as e:
+        print("pvmexec restore: %s" % describe(e), file=sys.stderr)
+        return 1
+
+
+def _run_options(parser):
+    """The sandbox's options, for run and restore --sandbox."""
+    parser.add_argument("--trace", action="store_true",
+                        help="print one strace-like line per syscall (to stderr, or to the file of -o)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write the trace to FILE (a new file, or an existing file that is not executable)")
+    parser.add_argument("-e", dest="expr", action="append", default=[], metavar="trace=SET",
+                        help="trace only SET: names and classes, comma-separated (trace=openat,%%process; "
+                             "classes %%file %%process %%network %%signal %%memory %%desc; !SET for all but SET)")
+    parser.add_argument("-c", dest="summary", action="store_true",
+                        help="count time, calls and errors per syscall and print a summary at exit, instead of lines")
+    parser.add_argument("-s", dest="strsize", type=positive_int, default=32, metavar="N",
+                        help="show at most N bytes of buffers and strings (default 32)")
+    parser.add_argument("-y", dest="paths", action="store_true", help="print paths beside descriptors")
+    parser.add_argument("--policy", metavar="FILE",
+                        help='JSON: {"root": DIR, "writable": [PATH, ...], "network": false}')
+    parser.add_argument("--root", metavar="DIR", help="host directory the program sees as / (default /)")
+    parser.add_argument("--writable", action="append", metavar="PATH", default=[],
+                        help="a guest path below which the program may write (repeatable)")
+    parser.add_argument("--network", action="store_true", help="allow sockets (denied by default)")
+    parser.add_argument("--no-vdso", action="store_true",
+                        help="hide the vDSO, so that time calls reach the kernel")
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: given before or after the command, a subcommand's default must not undo it
@@ -351,26 +423,7 @@ def build_parser():
                                    "reaches host files only through the policy: everything under ROOT "
                                    "read-only, and writable paths below it. stdin, stdout, stderr and the "
                                    "exit status are the program's.")
-    r.add_argument("--trace", action="store_true",
-                   help="print one strace-like line per syscall (to stderr, or to the file of -o)")
-    r.add_argument("-o", "--output", metavar="FILE",
-                   help="write the trace to FILE (a new file, or an existing file that is not executable)")
-    r.add_argument("-e", dest="expr", action="append", default=[], metavar="trace=SET",
-                   help="trace only SET: names and classes, comma-separated (trace=openat,%%process; "
-                        "classes %%file %%process %%network %%signal %%memory %%desc; !SET for all but SET)")
-    r.add_argument("-c", dest="summary", action="store_true",
-                   help="count time, calls and errors per syscall and print a summary at exit, instead of lines")
-    r.add_argument("-s", dest="strsize", type=positive_int, default=32, metavar="N",
-                   help="show at most N bytes of buffers and strings (default 32)")
-    r.add_argument("-y", dest="paths", action="store_true", help="print paths beside descriptors")
-    r.add_argument("--policy", metavar="FILE",
-                   help='JSON: {"root": DIR, "writable": [PATH, ...], "network": false}')
-    r.add_argument("--root", metavar="DIR", help="host directory the program sees as / (default /)")
-    r.add_argument("--writable", action="append", metavar="PATH", default=[],
-                   help="a guest path below which the program may write (repeatable)")
-    r.add_argument("--network", action="store_true", help="allow sockets (denied by default)")
-    r.add_argument("--no-vdso", action="store_true",
-                   help="hide the vDSO, so that time calls reach the kernel")
+    _run_options(r)
     r.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS...]")
     r.set_defaults(func=cmd_run)
     _usage_status(r, 125)                  # pvmexec's own failure, as env, timeout and docker run say it
@@ -401,7 +454,8 @@ def build_parser():
                                     "free: dump with --kill, or end the original), memory, registers, signal "
                                     "handlers, masks and pending signals, timers, limits, working directory and "
                                     "descriptors (files reopened at their offsets; terminals and stdio pipes "
-                                    "attached to this command's). Waits for it and exits as it does.")
+                                    "attached to this command's). Waits for it and exits as it does. With "
+                                    "--sandbox it goes on inside pvmexec run's kernel instead.")
     rs.add_argument("dir", metavar="DIR")
     rs.add_argument("--detach", "-d", action="store_true", help="return once it runs instead of waiting for it")
     rs.add_argument("--lazy", action="store_true",
@@ -409,6 +463,10 @@ def build_parser():
                          "touched, the rest in the background (userfaultfd; root)")
     rs.add_argument("--pid-ns", action="store_true",
                     help="in a new pid namespace, where its pid and thread ids are free whatever runs here (root)")
+    rs.add_argument("--sandbox", action="store_true",
+                    help="go on inside the sandbox, under pvmexec run's kernel, its policy and tracing (the run "
+                         "options below): its pid and thread ids are the kernel's, its descriptors held by it")
+    _run_options(rs.add_argument_group("with --sandbox, as for pvmexec run"))
     rs.set_defaults(func=cmd_restore)
 
     im = sub.add_parser("image", parents=[common], help="show an image, or verify it against a process",

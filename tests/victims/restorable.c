@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <time.h>
@@ -49,6 +50,7 @@ int main(int argc, char **argv)
     if (argc < 2)
         return 2;
     setvbuf(stdout, NULL, _IONBF, 0);
+    umask(027);
     signal(SIGALRM, on_alarm);
     struct sigaction sa = {0};
     sa.sa_handler = on_usr1;
@@ -113,9 +115,9 @@ int main(int argc, char **argv)
         joined += pthread_join(th[i], &r) == 0 && r == (void *)7;
     }
     printf("mapped %.4s %s %d\n", filemap, shm + (1 << 20), shm[0] + shm[(64 << 20) - 1]);
-    printf("got %s pid %s workers %s timer %s usr1 %d usr2-pending %d file %s|%s heap %s joined %d\n",
+    printf("got %s pid %s workers %s timer %s usr1 %d usr2-pending %d file %s|%s heap %s joined %d umask %03o\n",
            strtok(line, "\n"), getpid() == pid && syscall(SYS_gettid) == pid ? "same" : "CHANGED",
            !moving ? "STALLED" : atomic_load(&bad_tid) ? "TID-CHANGED" : atomic_load(&bad_fpu) ? "FPU-LOST" : "ok", ticks > t0 ? "ticking" : "STOPPED", (int)usr1,
-           sigismember(&pending, SIGUSR2), head, next, sum ? "CHANGED" : "same", joined);
+           sigismember(&pending, SIGUSR2), head, next, sum ? "CHANGED" : "same", joined, (unsigned)umask(0));
     return 0;
 }

@@ -40,6 +40,7 @@ INTERFACE = {
     "pop_signal_frame": "rt_sigreturn: restore registers, mask and alternate stack from a frame",
     "self_restore_code": "code that runs one syscall, then rt_sigreturns through the frame at an address",
     "self_restore_frame": "the frame that code takes a stopped thread back to its saved state with",
+    "sigframe_xstate": "a ptrace FPU/xstate image as a signal frame's fpstate (what SigContext.fpstate holds)",
     "syscall_args": "the six arguments of the syscall a context stopped at",
     "set_syscall_result": "store a syscall's result in a context",
     "restart_syscall": "make a context enter a syscall again when it resumes",

@@ -161,7 +161,7 @@ def self_restore_code(frame):
             struct.pack("<I", _NR_RT_SIGRETURN) + SYSCALL_INSN + b"\x0f\x0b")
 
 
-def _sigframe_xstate(xstate, components):
+def sigframe_xstate(xstate, components):
     """The ptrace xstate image (XCR0 in bytes 464-471) as a signal frame's fpstate (the kernel's
     software-reserved header instead, trailing magic); components: [(i, size, offset)] from CPUID."""
     xcr0, = struct.unpack_from("<Q", xstate, 464)
@@ -190,7 +190,7 @@ def self_restore_frame(regs, mask, xstate, components, frame):
     stack = struct.pack("<QiiQ", 0, _SS_INVALID, 0, 0)
     ucontext = struct.pack("<QQ", _UC_FLAGS, 0) + stack + sigcontext + struct.pack("<Q", mask)
     head = (bytes(8) + ucontext).ljust(448, b"\0")
-    return head + _sigframe_xstate(xstate, components)
+    return head + sigframe_xstate(xstate, components)
 
 
 # -- a guest's syscall as the application kernel sees it --------------------------------------------

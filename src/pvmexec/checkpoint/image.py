@@ -61,6 +61,7 @@ MANIFEST_FIELDS = {
     "vdso": ("process", True, "the kernel's mappings ([vdso], [vvar], [vvar_vclock]): start, end, path; "
                               "sha256 of the vDSO"),
     "personality": ("process", True, "personality(2) flags"),
+    "umask": ("process", False, "the file mode creation mask (/proc/PID/status, since Linux 4.7)"),
     "cwd": ("process", True, "working directory"),
     "root": ("process", True, "root directory"),
     "rlimits": ("process", True, "RLIMIT_* name -> [soft, hard]"),

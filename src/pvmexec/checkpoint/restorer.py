@@ -37,6 +37,8 @@ from ..arch import current as current_arch
 from ..errors import PvmexecError
 from ..proc import mappings, maps_prot
 from ..syscalls import name_of, number
+from ..vdso import SPECIAL as _SPECIAL
+from ..vdso import free_range, move_specials
 from . import lazy
 from .image import FROM_FILE, ZERO, DumpError, Image
 from .state import status_caps
@@ -48,11 +50,9 @@ PTRACE_O_TRACECLONE, PTRACE_O_EXITKILL = 0x8, 0x100000
 PTRACE_EVENT_CLONE = 3
 CLD_TRAPPED, CLD_EXITED, CLD_KILLED, CLD_DUMPED = 4, 1, 2, 3
 MAP_GROWSDOWN = 0x100
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME, PR_SET_MM, PR_SET_MM_MAP = 1, 4, 15, 35, 14
 AT_FDCWD = -100
 _MADVICE = {"hg": 14, "nh": 15, "dd": 16, "dc": 10, "wf": 18}   # VmFlags -> the madvise that sets it
-_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]")               # moved, never mapped or written
 _F_DUPFD_CLOEXEC, _F_SETFL, _F_SETPIPE_SZ = 1030, 4, 1031
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 _PR_CAPBSET_DROP, _PR_SET_KEEPCAPS, _PR_SET_SECUREBITS, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 24, 8, 28, 38, 47
@@ -185,6 +185,7 @@ def _check_fields(m):
     need(isinstance(m["mm"], dict) and all(_is_int(v) for v in m["mm"].values()), "mm")
     need(_is_hex(m["auxv"]) and len(m["auxv"]) <= 2 * 1024, "auxv")
     need(_is_int(m["personality"], 0, 1 << 32), "personality")
+    need(_is_int(m.get("umask", 0), 0, 0o1000), "umask")
     need(isinstance(m.get("stopped"), bool), "stopped")
     need(isinstance(m.get("posix_timers"), list) and len(m["posix_timers"]) <= 1 << 16 and all(
         isinstance(t, dict) and _is_int(t.get("id"), 0, 1 << 31) and _is_int(t.get("clockid"), 0, 64) and
@@ -636,23 +637,8 @@ class _Restorer:
                                    "with its userfaultfd: %s" % (e.strerror or e)) from None
 
     def _move_specials(self):
-        """The vDSO and its data pages to their recorded places (first out of the way: they may
-        overlap each other's); those the image lacks are unmapped."""
         ours = {name: (lo, hi) for lo, hi, name in _maps(self.pid) if name in _SPECIAL}
-        want = {mp["path"]: mp for mp in self.p.mappings if mp["path"] in _SPECIAL}
-        busy = [(m["start"], m["end"]) for m in self.p.mappings] + list(ours.values()) + \
-            [(self.helper, self.helper + HELPER_PAGES * PAGE)]
-        for name, (lo, hi) in ours.items():
-            if name not in want:
-                self.at_helper("munmap", lo, hi - lo)
-                continue
-            tmp = _free_range(hi - lo, busy)
-            busy.append((tmp, tmp + hi - lo))
-            self.at_helper("mremap", lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED, tmp)
-            ours[name] = (tmp, tmp + hi - lo)
-        for name, mp in want.items():
-            lo, hi = ours[name]
-            self.at_helper("mremap", lo, hi - lo, hi - lo, MREMAP_MAYMOVE | MREMAP_FIXED, mp["start"])
+        move_specials(self.at_helper, ours, self.p.mappings, [(self.helper, self.helper + HELPER_PAGES * PAGE)])
 
     def _map(self, mp):
         kind, start, length = mp["kind"], mp["start"], mp["end"] - mp["start"]
@@ -754,6 +740,8 @@ class _Restorer:
         finally:
             h("close", exe)
         h("personality", m["personality"])
+        if "umask" in m:
+            h("umask", m["umask"])
         for sig, a in m["sigactions"].items():
             act = struct.pack("<QQQQ", a["handler"], a["flags"], a["restorer"], a["mask"])
             h("rt_sigaction", int(sig), self.put(act), 0, 8)
@@ -1105,16 +1093,9 @@ def _maps(pid):
     return [(lo, hi, path) for lo, hi, _perms, path in mappings(pid)]
 
 
-def _free_range(size, busy, low=1 << 32):
-    """A page-aligned range of size bytes meeting none of busy, at or above low."""
-    addr = low
-    for lo, hi in sorted(busy):
-        if hi <= addr:
-            continue
-        if lo >= addr + size:
-            break
-        addr = (hi + PAGE - 1) & ~(PAGE - 1)
-    if addr + size > ARCH.TASK_SIZE_MAX:
+def _free_range(size, busy):
+    """A page-aligned range of size bytes meeting none of busy."""
+    addr = free_range(size, busy)
+    if addr is None:
         raise RestoreError(errno.ENOMEM, "no room for the restorer's helper pages")
     return addr
-

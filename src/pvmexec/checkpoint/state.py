@@ -94,7 +94,7 @@ _MM_INDEX = (23, 24, 25, 42, 43, 44, 45, 46, 47, 48)  # in /proc/PID/stat after 
 
 def memory_layout(pid, space):
     """auxv, the mm fields (brk as the process itself answers brk(0): stat does not show it), the
-    personality, the program (/proc/PID/exe) and its name (comm)."""
+    personality, the program (/proc/PID/exe), its name (comm) and its umask."""
     with open("/proc/%d/auxv" % pid, "rb") as f:
         auxv = f.read().hex()
     with open("/proc/%d/stat" % pid) as f:
@@ -105,8 +105,9 @@ def memory_layout(pid, space):
         personality = int(f.read(), 16)
     with open("/proc/%d/comm" % pid, "rb") as f:
         comm = f.read().rstrip(b"\n").decode("utf-8", "surrogateescape")
+    umask = status(pid).get("Umask", "").strip()
     return dict(auxv=auxv, mm=mm, personality=personality, exe=os.readlink("/proc/%d/exe" % pid), comm=comm,
-                vdso=vdso_mappings(pid))
+                vdso=vdso_mappings(pid), **({"umask": int(umask, 8)} if umask else {}))
 
 
 def vdso_mappings(pid):

@@ -13,7 +13,8 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
                    PAGE_IS_SWAPPED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
 from ..arch import current as _current_arch
-from ..proc import PagemapScan, maps_prot
+from ..proc import PagemapScan, mappings, maps_prot
+from ..vdso import SPECIAL, move_specials
 from .errors import Errno
 from .syscalls.mm import drop_mapped, map_file
 from .syscalls.timer import end_timers
@@ -48,6 +49,8 @@ class ProcessMachinery:
         try:
             child.space = self._new_space(p.patch_window)
             child.protected = p.protected
+            if p.specials is not None:
+                self._place_specials(child, p.specials)
             self._copy_memory(p, child)
         except BaseException:
             self._discard(child)
@@ -90,6 +93,18 @@ class ProcessMachinery:
         for fd, (f, cloexec) in parent.fds.fds.items():
             child.fds.install(f, cloexec=cloexec, at=fd)
         return child
+
+    @staticmethod
+    def _place_specials(child, where):
+        """The child's vDSO and its data pages where its parent's are (a restore moved them)."""
+        def call(name, *args):
+            ret = child.space.syscall_raw(name, *args)
+            if -4096 < ret < 0:
+                raise Errno(-ret)
+        ours = {name: (lo, hi) for lo, hi, _perms, name in mappings(child.space.pid) if name in SPECIAL}
+        move_specials(call, ours, [dict(path=name, start=lo, end=hi) for name, (lo, hi) in where.items()],
+                      child.protected)
+        child.specials = dict(where)
 
     def _discard(self, child):
         with self._cond:

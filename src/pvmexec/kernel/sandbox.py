@@ -173,20 +173,33 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         """
         env = dict(os.environ) if env is None else dict(env)
         envp = ["%s=%s" % kv for kv in env.items()]
-        with self._cond:
-            p = Process(self._next_pid)
-            self._next_pid += 1
-            self._procs[p.pid] = p
-            self._first_pid = p.pid
+        p = self._first_process()
         p.cwd = self._initial_cwd(cwd)
-        p.thread = threading.current_thread()
-        try:
+
+        def build():
             for guest_fd, host_fd in ((0, stdin), (1, stdout), (2, stderr)):
                 if host_fd is not None:
                     mine = os.dup(host_fd)
                     p.fds.install(OpenFile(mine, self._inherited_name(mine, guest_fd), os.O_RDWR), at=guest_fd)
             path = self._which(p, argv[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
             self._execve(p, path, list(argv), envp)
+        return self._run_first(p, build)
+
+    def _first_process(self, pid=None):
+        """The run's first process (with its own pid, or the next), run by the calling thread."""
+        with self._cond:
+            pid = self._next_pid if pid is None else pid
+            self._next_pid = max(self._next_pid, pid + 1)
+            p = Process(pid)
+            self._procs[p.pid] = p
+            self._first_pid = p.pid
+        p.thread = threading.current_thread()
+        return p
+
+    def _run_first(self, p, build):
+        """build() makes p's image; then it runs to its end, and with it every guest process goes."""
+        try:
+            build()
             status = self._process_ended(p, self._loop(p))
         except BaseException:
             self._finish(p, signal.SIGKILL)
@@ -506,6 +519,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         ctx.fpstate = space.initial_fpstate()
         old = None if reuse else p.space
         p.space, p.ctx, p.protected = space, ctx, protected
+        if not reuse:
+            p.specials = None                               # a new space's vDSO is where the stub's layout has it
         p.patch_window = patch
         p.brk_start = p.brk_cur = p.brk_mapped = page_up(main.end)
         p.exe = path

@@ -151,6 +151,7 @@ class Process:
         self.robust_list = (0, 0)
         self.rlimits = {}
         self.protected = ()                 # the stub's own mappings: the guest may not touch them
+        self.specials = None                # where a restore moved the vDSO and its data: name -> (lo, hi)
         self.parent = None
         self.children = {}
         self.pgid = self.sid = pid

@@ -94,10 +94,14 @@ class ThreadMachinery:
             proc.threads[tid] = t
         with self._cond:
             self._procs_by_tid[tid] = t
-        th = threading.Thread(target=self._run_thread, args=(t,), name="guest-%d-%d" % (proc.pid, tid), daemon=True)
+        self._start_thread(t)
+        return tid
+
+    def _start_thread(self, t):
+        th = threading.Thread(target=self._run_thread, args=(t,), name="guest-%d-%d" % (t.leader.pid, t.tid),
+                              daemon=True)
         t.thread = th
         th.start()
-        return tid
 
     def _end_other_threads(self, leader, wait=True):
         """execve from a process with other threads: they end (their space goes, the new image has none),

@@ -74,6 +74,15 @@ class NetCalls:
         return f
 
     def _new_socket(self, p, host, family, kind, flags, path=None):
+        f = self.socket_file(p, host, family, kind, flags, path)
+        try:
+            return p.fds.install(f, cloexec=flags & _SOCK_CLOEXEC)
+        except Errno:
+            f.release()
+            raise
+
+    def socket_file(self, p, host, family, kind, flags, path=None):
+        """The OpenFile of p's new socket, the host's descriptor host (the kernel holds it)."""
         if flags & _SOCK_NONBLOCK:
             os.set_blocking(host, False)
         ino = os.fstat(host).st_ino
@@ -83,11 +92,7 @@ class NetCalls:
         if family == _AF_UNIX:
             self.socket_creds[ino] = p.pid          # what SO_PEERCRED shows of it to its peer (its maker's)
             f.on_release = lambda: (self.socket_creds.pop(ino, None), self.socket_senders.pop(ino, None))
-        try:
-            return p.fds.install(f, cloexec=flags & _SOCK_CLOEXEC)
-        except Errno:
-            f.release()
-            raise
+        return f
 
     def sys_socket(self, p, family, type_, protocol):
         family, kind = family & 0xFFFFFFFF, type_ & 0xF

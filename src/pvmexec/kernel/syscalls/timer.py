@@ -179,16 +179,20 @@ class TimerCalls:
             raise Errno(errno.EINVAL)
         if notify == SIGEV_THREAD_ID and thread not in proc.threads:
             raise Errno(errno.EINVAL)
+        p.write(timerid, struct.pack("<i", tid))
+        self.add_posix_timer(proc, tid, clock, value, signo, notify, thread)
+        return 0
 
+    def add_posix_timer(self, proc, tid, clock, value, signo, notify, thread):
+        """Timer tid of proc, disarmed: it sends signo (with value) to the process or to thread."""
         def fire(t, proc=proc, tid=tid, value=value, signo=signo, notify=notify, thread=thread):
             if notify == SIGEV_NONE:
                 return
             target = proc.threads.get(thread, proc) if notify == SIGEV_THREAD_ID else proc
             info = struct.pack("<iii4xiiQ", signo, 0, SI_TIMER, tid, t.overrun, value).ljust(128, b"\0")
             self._timer_signal(target, signo, info)
-        p.write(timerid, struct.pack("<i", tid))
-        proc.timers[tid] = _Timer(fire, _CLOCKS[clock])
-        return 0
+        proc.timers[tid] = t = _Timer(fire, _CLOCKS[clock])
+        return t
 
     def _posix_timer(self, p, timerid):
         t = leader_of(p).timers.get(timerid & 0xFFFFFFFF)

@@ -1,0 +1,231 @@
+"""Restore into the sandbox: a process dumped running natively goes on under pvmexec's kernel, with its
+pids, memory, threads, signals, timers and files, now under the sandbox's policy and tracing; what the
+sandbox does not provide is refused before anything runs. None of it needs privileges."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pvmexec import checkpoint
+from pvmexec.checkpoint import RestoreError, restore_in_sandbox
+from pvmexec.kernel import Policy, Sandbox
+
+from conftest import compile_victim
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def restorable(cc, tmp_path_factory):
+    return compile_victim(cc, tmp_path_factory.mktemp("restorable"), "restorable")
+
+
+def _children():
+    """Our live child processes (a stub space left behind would be one)."""
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open("/proc/self/task/%s/children" % tid) as f:
+            out.update(int(x) for x in f.read().split())
+    return {pid for pid in out if _state(pid) not in ("Z", None)}
+
+
+def _state(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _dumped_when_ready(argv, img, stdin=subprocess.PIPE):
+    """argv run until it says "ready", dumped there by the CLI (`dump --kill`): its manifest."""
+    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().startswith(b"ready")
+        d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "1", str(p.pid), img],
+                           capture_output=True, timeout=120)
+        assert d.returncode == 0, d.stderr
+        assert p.wait(10) == -9
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()
+    with open(os.path.join(img, "manifest.json")) as f:
+        return json.load(f)
+
+
+def _in_sandbox(img, stdin_data, **kw):
+    """restore_in_sandbox with stdin holding stdin_data and stdout a pipe: (wait status, what it wrote)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        os.write(in_w, stdin_data)
+        os.close(in_w)
+        in_w = -1
+        status = restore_in_sandbox(img, Sandbox(**kw), (in_r, out_w, 2))
+        os.close(out_w)
+        out_w = -1
+        got = b""
+        while True:
+            chunk = os.read(out_r, 65536)
+            if not chunk:
+                return status, got
+            got += chunk
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_a_process_restored_into_the_sandbox_goes_on_as_an_undisturbed_run_does(restorable, tmp_path):
+    """The self-checking victim (four threads asleep and computing, a handler, an interval timer, a
+    blocked pending signal, a file read part-way, shared and heap memory, its main thread blocked in
+    read): in the sandbox it sees its own pid and tids, FPU values and pending signal, and ends as an
+    undisturbed run does; the trace shows every recorded thread's calls by its own tid."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"abcdefghijkl")
+    native = subprocess.run([restorable, str(data)], input=b"go\n", capture_output=True, timeout=60)
+    assert native.returncode == 0
+    want = native.stdout.split(b"\n", 1)[1]
+    img = str(tmp_path / "img")
+    m = _dumped_when_ready([restorable, str(data)], img)
+    assert len(m["threads"]) == 4
+    before = _children()
+    trace = tmp_path / "trace"
+    status, got = _in_sandbox(img, b"go\n", trace=str(trace))
+    assert (status, got) == (0, want) and b"umask 027" in got
+    shown = trace.read_text()
+    assert {int(x) for x in re.findall(r"^\[pid (\d+)\]", shown, re.M)} == {t["tid"] for t in m["threads"]}
+    assert re.search(r"^\[pid %d\] read\(0, \"go\\n\"" % m["pid"], shown, re.M), shown[-2000:]
+    assert "SIGALRM" in shown                               # its timer goes on ticking, delivered by the kernel
+    assert _children() <= before                            # no stub space stays
+
+
+def test_cli_restores_programs_nobody_here_wrote_into_the_sandbox(tmp_path, busybox):
+    """python3 with a thread mid-computation, which then imports more and forks; busybox sh waiting on a
+    pipe, which then runs a subshell and a program; coreutils sleep in nanosleep. Each dumped with --kill
+    by the CLI, restored by `pvmexec restore --sandbox`, finishing with its undisturbed output and status."""
+    script = ("import hashlib, os, sys, threading, time\n"
+              "h = hashlib.sha256()\n"
+              "def work():\n"
+              "    for i in range(300000): h.update(b'%d' % i)\n"
+              "t = threading.Thread(target=work); t.start()\n"
+              "print('ready', flush=True)\n"
+              "line = sys.stdin.readline()\n"
+              "t.join(); time.sleep(0.1)\n"
+              "import json, sqlite3\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    print('child', time.time() > 1e9, flush=True); os._exit(4)\n"
+              "print(line.strip(), h.hexdigest(), os.waitpid(pid, 0)[1] >> 8,\n"
+              "      sqlite3.connect(':memory:').execute('select 6*7').fetchone(), json.dumps([1]))\n")
+    shell = "echo ready; read x; (echo sub $x); %s -c 'print(2 + 2)'; echo got $x; exit 3" % sys.executable
+    cases = ((["python3", "-c", script], b"go\n", None, 0),
+             ([busybox, "sh", "-c", shell], b"pipe\n", b"sub pipe\n4\ngot pipe\n", 3),
+             (["sleep", "0.5"], b"", b"", 0))
+    for argv, stdin, expected, code in cases:
+        if expected is None:
+            native = subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
+            expected = native.stdout.split(b"\n", 1)[1]
+        img = str(tmp_path / os.path.basename(argv[0]))
+        if argv[0] == "sleep":                      # it says nothing: dumped while it sleeps
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "0", str(p.pid), img],
+                                   capture_output=True, timeout=120)
+                assert d.returncode == 0, d.stderr
+            finally:
+                p.kill()
+                p.wait(10)
+        else:
+            _dumped_when_ready(argv, img)
+        trace = str(tmp_path / (os.path.basename(argv[0]) + ".trace"))
+        r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", "--trace", "-o", trace, img], input=stdin,
+                           capture_output=True, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (code, expected, b""), argv
+        with open(trace) as f:
+            assert "+++ exited with %d +++" % code in f.read(), argv
+
+
+def test_a_process_restored_into_the_sandbox_writes_only_where_the_policy_lets_it(tmp_path):
+    """A process holding a log open for appending: refused by a policy that does not let it write there
+    (nothing left running), restored with --writable, and then it appends; a file it opens afresh
+    outside the writable paths stays as it was on the host."""
+    out = tmp_path / "out"
+    out.mkdir()
+    log, other = out / "log", tmp_path / "other"
+    log.write_bytes(b"before\n")
+    other.write_bytes(b"host's\n")
+    script = ("import sys\n"
+              "log = open(sys.argv[1], 'a', buffering=1)\n"
+              "print('ready', flush=True)\n"
+              "line = sys.stdin.readline().strip()\n"
+              "log.write('after %s\\n' % line)\n"
+              "try:\n"
+              "    open(sys.argv[2], 'w').write('guest\\n'); print('wrote')\n"
+              "except OSError as e:\n"
+              "    print('refused', e.errno)\n")
+    img = str(tmp_path / "img")
+    _dumped_when_ready(["python3", "-c", script, str(log), str(other)], img)
+    before = _children()
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", img], input=b"go\n", capture_output=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stdout == b"" and r.stderr.count(b"\n") == 1, r.stderr
+    assert re.match(rb"pvmexec restore: fd 3 \(%s\): the sandbox's policy gives no writing of it" %
+                    re.escape(str(log).encode()), r.stderr), r.stderr
+    assert _children() <= before and log.read_bytes() == b"before\n"
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", "--writable", str(out), img], input=b"go\n",
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert log.read_bytes() == b"before\nafter go\n"
+    assert other.read_bytes() == b"host's\n"                # the guest's writes outside --writable stay its own
+
+
+def test_restore_into_the_sandbox_refuses_what_it_does_not_provide(tmp_path):
+    """Descriptors the sandbox cannot take over, a mapping where the stub has its own, files outside the
+    sandbox's root: each a clear error naming it, raised before anything runs, nothing left behind."""
+    eventfd = ("import os, sys\nfd = os.eventfd(3)\nprint('ready', fd, flush=True)\nsys.stdin.readline()\n")
+    img = str(tmp_path / "eventfd")
+    m = _dumped_when_ready(["python3", "-c", eventfd], img)
+    fd = next(f["fd"] for f in m["fds"] if f["path"] == "anon_inode:[eventfd]")
+    before = _children()
+    with pytest.raises(RestoreError, match=r"fd %d \(anon_inode:\[eventfd\]\): not provided" % fd):
+        restore_in_sandbox(img)
+    assert _children() <= before
+    clash = ("import ctypes, mmap, sys\n"
+             "libc = ctypes.CDLL(None, use_errno=True)\n"
+             "libc.mmap.restype = ctypes.c_void_p\n"
+             "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+             " ctypes.c_long]\n"
+             "at = libc.mmap(0x7ffff7f00000, 4096, 3, 0x22 | 0x100000, -1, 0)\n"
+             "assert at == 0x7ffff7f00000, at\n"
+             "print('ready', flush=True)\nsys.stdin.readline()\n")
+    img = str(tmp_path / "clash")
+    _dumped_when_ready(["python3", "-c", clash], img)
+    with pytest.raises(RestoreError, match="mapping 0x7ffff7f00000-0x7ffff7f01000 .* lies where the sandbox's "
+                       "stub has its own"):
+        restore_in_sandbox(img)
+    assert _children() <= before
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(RestoreError, match="outside the sandbox's root"):
+        restore_in_sandbox(img, Sandbox(policy=Policy(root=str(root))))
+    assert _children() <= before
+
+
+def test_cli_restore_sandbox_usage_errors(tmp_path):
+    for argv, message in ((["--sandbox", "--lazy"], b"--sandbox cannot --lazy"),
+                          (["--sandbox", "--detach"], b"--sandbox cannot --detach"),
+                          (["--trace"], b"--trace is an option of --sandbox")):
+        r = subprocess.run([PY, "-m", "pvmexec", "restore", *argv, str(tmp_path)], capture_output=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(b"pvmexec restore: " + message), r.stderr
+        assert r.stderr.count(b"\n") == 1
+    r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", str(tmp_path / "nothing")], capture_output=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith(b"pvmexec restore: ") and r.stderr.count(b"\n") == 1
