@@ -14,6 +14,7 @@ from pvmexec.checkpoint import RestoreError, restore_in_sandbox
 from pvmexec.kernel import Policy, Sandbox
 
 from conftest import compile_victim
+from test_restore import EVENTS, TIMERS
 
 PY = sys.executable
 
@@ -187,15 +188,34 @@ def test_a_process_restored_into_the_sandbox_writes_only_where_the_policy_lets_i
     assert other.read_bytes() == b"host's\n"                # the guest's writes outside --writable stay its own
 
 
+@pytest.mark.parametrize("script", ["EVENTS", "TIMERS"])
+def test_asyncio_and_posix_timers_go_on_in_the_sandbox(tmp_path, script):
+    """asyncio in epoll (a socket pair to wake it, a pipe it watches) beside an eventfd, a running timerfd
+    and a signalfd, all held by the kernel now; POSIX timers with their ids, one firing every 20 ms and
+    one an hour away: each goes on in the sandbox as it would have natively."""
+    code = {"EVENTS": EVENTS, "TIMERS": TIMERS}[script]
+    native = subprocess.run(["python3", "-c", code], input=b"go\n", capture_output=True, timeout=60)
+    want = native.stdout.split(b"\n", 1)[1]
+    img = str(tmp_path / "img")
+    m = _dumped_when_ready(["python3", "-c", code], img)
+    if script == "EVENTS":
+        assert len([f for f in m["fds"] if f["path"].startswith("anon_inode:")]) == 4
+    else:
+        assert sorted(t["id"] for t in m["posix_timers"]) == [1, 2]
+    assert _in_sandbox(img, b"go\n") == (0, want)
+
+
 def test_restore_into_the_sandbox_refuses_what_it_does_not_provide(tmp_path):
-    """Descriptors the sandbox cannot take over, a mapping where the stub has its own, files outside the
+    """A descriptor the sandbox cannot take over, a mapping where the stub has its own, files outside the
     sandbox's root: each a clear error naming it, raised before anything runs, nothing left behind."""
-    eventfd = ("import os, sys\nfd = os.eventfd(3)\nprint('ready', fd, flush=True)\nsys.stdin.readline()\n")
-    img = str(tmp_path / "eventfd")
-    m = _dumped_when_ready(["python3", "-c", eventfd], img)
-    fd = next(f["fd"] for f in m["fds"] if f["path"] == "anon_inode:[eventfd]")
+    inotify = ("import ctypes, sys\nfd = ctypes.CDLL(None).inotify_init1(0)\nprint('ready', fd, flush=True)\n"
+               "sys.stdin.readline()\n")
+    img = str(tmp_path / "inotify")
+    m = _dumped_when_ready(["python3", "-c", inotify], img)
+    fd = next(f["fd"] for f in m["fds"] if f["path"] == "anon_inode:inotify")
     before = _children()
-    with pytest.raises(RestoreError, match=r"fd %d \(anon_inode:\[eventfd\]\): not provided" % fd):
+    with pytest.raises(RestoreError, match=r"fd %d \(anon_inode:inotify\): descriptors of this kind cannot be "
+                       "restored" % fd):
         restore_in_sandbox(img)
     assert _children() <= before
     clash = ("import ctypes, mmap, sys\n"

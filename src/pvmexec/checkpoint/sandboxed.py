@@ -39,6 +39,7 @@ ARCH = current_arch()
 _R = ARCH.REG_INDEX
 _NR_RESTART_SYSCALL = number("restart_syscall")
 _F_SETPIPE_SZ = 1031
+_TFD_IOC_SET_TICKS = 0x40085400
 _ITIMERS = {"real": 0, "virtual": 1, "prof": 2}
 _HOW = {"special": 0, "shared-file": 0, "anon": 1, "shared-anon": 1, "file": 2}   # pages written: none, all, copies
 
@@ -98,10 +99,6 @@ def _check_for_sandbox(plan, box):
                            "the sandbox (restore it natively)")
     if m["root"] != "/":
         raise RestoreError(errno.EOPNOTSUPP, "the process's root is %s (chroot): not provided in the sandbox" % m["root"])
-    for f in plan.fds:
-        if f["how"] in ("anon", "epoll"):
-            raise RestoreError(errno.EOPNOTSUPP, "fd %d (%s): not provided in a restore into the sandbox" % (
-                f["fd"], f["path"]))
     for name in ("cwd", "exe"):
         if box.policy.guest_path(m[name]) is None:
             raise RestoreError(errno.EACCES, "the process's %s %s is outside the sandbox's root" % (name, m[name]))
@@ -174,6 +171,8 @@ class _Builder:
         self._timers()
         for hexinfo in m["shared_pending"]:
             self._pend(p, hexinfo)
+        if p.signalfds:
+            box._signalfd_ready(p)              # readable if what it reads is pending
         if m["stopped"]:
             box._queue(p, signal.SIGSTOP, struct.pack("<iii", signal.SIGSTOP, 0, 0x80).ljust(128, b"\0"), False)
 
@@ -329,7 +328,8 @@ class _Builder:
         from ..kernel.files import OpenFile
         box, p = self.box, self.p
         made = {}                               # a pipe end or socket the image holds -> its OpenFile
-        for f in sorted(self.plan.fds, key=lambda f: f["fd"]):
+        # Epolls last: the descriptors they watch are there by then.
+        for f in sorted(self.plan.fds, key=lambda f: (f["how"] == "epoll", f["fd"])):
             fd, how, flags = f["fd"], f["how"], f["flags"]
             what = "fd %d (%s)" % (fd, f["path"])
             if how == "stdio":
@@ -339,9 +339,62 @@ class _Builder:
                 of = self._reopen(f, what)
             elif how == "pipe":
                 of = self._pipe_end(f, made)
-            else:
+            elif how == "socketpair":
                 of = self._pair_end(f, made)
+            elif how == "epoll":
+                of = self._epoll(f)
+            else:
+                of = self._anon(f, what)
             p.fds.install(of, cloexec=flags & os.O_CLOEXEC, at=fd)
+
+    def _anon(self, f, what):
+        """An eventfd, timerfd or signalfd, as the kernel's handlers make them (host eventfds and timerfds;
+        a signalfd is the kernel's own, over the guest's pending signals)."""
+        from ..kernel.files import OpenFile
+        from ..kernel.syscalls import hostfd
+        from ..kernel.syscalls.signal import _SIGNALFD
+        a, kind, nonblock = f["anon"], f["path"], f["flags"] & os.O_NONBLOCK
+        if kind == "anon_inode:[eventfd]":
+            host = os.eventfd(0, os.O_CLOEXEC | nonblock | (os.EFD_SEMAPHORE if a["semaphore"] else 0))
+            if a["count"]:
+                os.eventfd_write(host, a["count"])
+            return OpenFile(host, kind, os.O_RDWR)
+        if kind == "anon_inode:[signalfd]":
+            of = OpenFile(os.eventfd(0, os.O_CLOEXEC | os.O_NONBLOCK), _SIGNALFD, os.O_RDONLY | nonblock)
+            of.signalfd = a["sigmask"]
+            self.p.signalfds.add(of)
+            return of
+        if a["clockid"] not in (0, 1, 7):
+            raise RestoreError(errno.EOPNOTSUPP, "%s: a timerfd on clock %d is not provided in the sandbox" % (
+                what, a["clockid"]))
+        host = hostfd.timerfd_create(a["clockid"], os.O_CLOEXEC | nonblock)
+        of = OpenFile(host, kind, os.O_RDWR)
+        value, interval = a["value"], a["interval"]
+        if not any(value) and any(interval) and a["ticks"]:
+            value = interval                    # expired, re-armed only when read: next in an interval
+        hostfd.timerfd_settime(host, 0, struct.pack("<4q", *interval, *value))
+        if a["ticks"]:
+            try:
+                fcntl.ioctl(host, _TFD_IOC_SET_TICKS, struct.pack("<Q", a["ticks"]))
+            except OSError:
+                of.release()
+                raise RestoreError(errno.EOPNOTSUPP, "%s: its %d expirations not yet read cannot be set again "
+                                   "(TFD_IOC_SET_TICKS)" % (what, a["ticks"])) from None
+        return of
+
+    def _epoll(self, f):
+        """An epoll watching the image's descriptors (now the kernel's host ones) with their events and data."""
+        from ..kernel.syscalls.poll import _Epoll
+        e = _Epoll(f["flags"] & os.O_CLOEXEC)
+        try:
+            for t in f["anon"]["targets"]:
+                host = self.p.fds.get(t["fd"]).host_fd
+                e.epoll.register(host, t["events"])
+                e.data[host] = t["data"]
+        except BaseException:
+            e.release()
+            raise
+        return e
 
     def _reopen(self, f, what):
         from ..kernel.errors import Errno
