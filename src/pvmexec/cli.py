@@ -358,8 +358,14 @@ def _restore_in_sandbox(args):
     if isinstance(made, int):
         return made
     box, policy = made
+
+    def run():
+        import os
+        return restore_in_sandbox(args.dir, box, on_stopped=lambda: print(
+            "pvmexec restore: the process is stopped, as it was dumped; kill -CONT %d continues it" % os.getpid(),
+            file=sys.stderr))
     try:
-        return _in_sandbox(box, policy, lambda: restore_in_sandbox(args.dir, box))
+        return _in_sandbox(box, policy, run)
     except (PvmexecError, OSError) as e:
         print("pvmexec restore: %s" % describe(e), file=sys.stderr)
         return 1

@@ -4,8 +4,12 @@ sandbox does not provide is refused before anything runs. None of it needs privi
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -249,3 +253,48 @@ def test_cli_restore_sandbox_usage_errors(tmp_path):
     r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", str(tmp_path / "nothing")], capture_output=True,
                        timeout=60)
     assert r.returncode == 1 and r.stderr.startswith(b"pvmexec restore: ") and r.stderr.count(b"\n") == 1
+
+
+def test_a_process_dumped_stopped_stays_stopped_in_the_sandbox_until_continued(tmp_path):
+    """Stopped by job control when dumped: stopped again in the sandbox (its input waiting unread) until a
+    SIGCONT reaches the kernel (`kill -CONT` of `pvmexec restore`), then it goes on."""
+    script = "import sys\nprint('ready', flush=True)\nprint(sys.stdin.readline().strip(), 'read', flush=True)\n"
+    p = subprocess.Popen(["python3", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    img = str(tmp_path / "img")
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _state(p.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        m = checkpoint.dump(p.pid, img, pre_dumps=0, leave_running=False)
+        assert m["stopped"] is True
+    finally:
+        p.kill()
+        p.wait(10)
+        p.stdin.close()
+        p.stdout.close()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(in_w, b"go\n")
+    box, made, got = Sandbox(), threading.Event(), []
+    t = threading.Thread(target=lambda: got.append(restore_in_sandbox(img, box, (in_r, out_w, 2), on_stopped=made.set)))
+    t.start()
+    try:
+        assert made.wait(30)
+        time.sleep(0.3)
+        assert select.select([out_r], [], [], 0)[0] == []          # stopped: nothing read, nothing said
+        box.host_signal(signal.SIGCONT)
+        t.join(30)
+        assert got == [0]
+        os.close(out_w)
+        out_w = -1
+        assert os.read(out_r, 100) == b"go read\n"
+    finally:
+        if t.is_alive():
+            box.host_signal(signal.SIGKILL)
+            t.join(30)
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)

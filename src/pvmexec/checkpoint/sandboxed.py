@@ -44,11 +44,13 @@ _ITIMERS = {"real": 0, "virtual": 1, "prof": 2}
 _HOW = {"special": 0, "shared-file": 0, "anon": 1, "shared-anon": 1, "file": 2}   # pages written: none, all, copies
 
 
-def restore_in_sandbox(directory: str, sandbox=None, stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+def restore_in_sandbox(directory: str, sandbox=None, stdio: tuple[int, int, int] = (0, 1, 2),
+                       on_stopped=None) -> int:
     """Go on with the process dumped in directory under sandbox's kernel (a new Sandbox() if None);
     returns its wait status once it ends, as Sandbox.run() does. stdio: our descriptors its terminal
-    or stdio descriptors 0-2 are attached to. Raises RestoreError (nothing left running) when it
-    cannot be restored there."""
+    or stdio descriptors 0-2 are attached to. A process dumped stopped (job control) is stopped
+    again, and on_stopped() is called once it is made: a SIGCONT through sandbox.host_signal()
+    continues it. Raises RestoreError (nothing left running) when it cannot be restored there."""
     if sandbox is None:
         from ..kernel.sandbox import Sandbox
         sandbox = Sandbox()
@@ -82,6 +84,8 @@ def restore_in_sandbox(directory: str, sandbox=None, stdio: tuple[int, int, int]
         for t in p.threads.values():
             if t is not p:
                 box._start_thread(t)
+        if plan.m["stopped"] and on_stopped is not None:
+            on_stopped()
     return box._run_first(p, build)
 
 
