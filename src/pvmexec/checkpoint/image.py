@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from array import array
 
 from ..abi import PAGE
@@ -285,20 +286,14 @@ class ChunkCheck:
                 i, i * CHUNK))
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Image:
     """A checkpoint image read back: its manifest (validated), checksums, page index and summary."""
 
     def __init__(self, directory: str) -> None:
         self.dir = directory
         self.manifest: dict[str, Any]
+        self._index = None                      # pages.idx, read once (a restore checks and plans with it)
+        self._index_lock = threading.Lock()
         try:
             with open(os.path.join(directory, "manifest.json")) as f:
                 self.manifest = json.load(f)
@@ -329,7 +324,7 @@ class Image:
             raise DumpError(errno.EINVAL, "the image is incomplete (%s)" % self.manifest.get("error", "unknown"))
         sums = self.manifest["checksums"]
         try:
-            if _sha256(os.path.join(self.dir, "pages.idx")) != sums["pages.idx"]:
+            if hashlib.sha256(self._index_bytes()).hexdigest() != sums["pages.idx"]:
                 raise DumpError(errno.EINVAL, "pages.idx does not match its checksum")
             with open(os.path.join(self.dir, "pages.sums"), "rb") as f:
                 digests = f.read()
@@ -350,9 +345,16 @@ class Image:
 
     def raw_index(self) -> bytes:
         """pages.idx as it is: (u64 address, u64 offset) pairs."""
-        with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
-            raw = f.read()
+        raw = self._index_bytes()
         return raw[:len(raw) // 16 * 16]
+
+    def _index_bytes(self):
+        """The very bytes of pages.idx that its checksum was checked on, and that are then used."""
+        with self._index_lock:
+            if self._index is None:
+                with open(os.path.join(self.dir, "pages.idx"), "rb") as f:
+                    self._index = f.read()
+            return self._index
 
     def runs(self) -> list[tuple[int, int, int]]:
         """The index as sorted runs (address, offset or ZERO/FROM_FILE, pages), the last entry winning:

@@ -836,66 +836,68 @@ class _Restorer:
 
     def _socketpairs(self):
         """Each socket pair whose ends are both in the image: made (socketpair in the process), what
-        waited in each end sent again from the other, both moved above every recorded number and then
-        duplicated onto each recorded one."""
-        h = self.at_helper
+        waited in each end sent again from the other."""
         ends = [f for f in self.p.fds if f["how"] == "socketpair"]
-        base = max([f["fd"] for f in self.p.fds] + [2]) + 1
         made = {}
         for ino in sorted({f["path"][8:-1] for f in ends}, key=int):
             if ino in made:
                 continue
             sock = self.m["sockets"][ino]
             peer = sock["peer"]
-            h("socketpair", socket.AF_UNIX, sock["type"] | socket.SOCK_CLOEXEC, 0, self.helper + PAGE)
-            pair = struct.unpack("<ii", os.pread(self.mem, 8, self.helper + PAGE))
-            moved = [h("fcntl", fd, _F_DUPFD_CLOEXEC, base) for fd in pair]
-            for fd in pair:
-                h("close", fd)
-            made[ino], made[peer] = moved
+            made[ino], made[peer] = self._pair_above("socketpair", socket.AF_UNIX, sock["type"] | socket.SOCK_CLOEXEC, 0)
             for waits_in, sender in ((ino, made[peer]), (peer, made[ino])):
-                data = bytes.fromhex(self.m["sockets"][waits_in]["data"])
-                for at in range(0, len(data), 16384):
-                    chunk = data[at:at + 16384]
-                    if h("sendto", sender, self.put(chunk), len(chunk), socket.MSG_DONTWAIT, 0, 0) != len(chunk):
-                        raise RestoreError(errno.EIO, "socket:[%s]: what waited in it did not go back in" % waits_in)
-        for f in ends:
-            h("dup3", made[f["path"][8:-1]], f["fd"], f["flags"] & os.O_CLOEXEC)
-            h("fcntl", f["fd"], _F_SETFL, f["flags"] & os.O_NONBLOCK)
-        for fd in set(made.values()):
-            h("close", fd)
+                self._send_in(sender, bytes.fromhex(self.m["sockets"][waits_in]["data"]), "socket:[%s]" % waits_in)
+        self._dup_onto([(made[f["path"][8:-1]], f, os.O_NONBLOCK) for f in ends], made.values())
 
     def _pipes(self):
-        """Each pipe whose ends are all in the image: made, given its size and the data that waited in it,
-        its two ends moved above every recorded number, then duplicated onto each recorded one."""
-        h = self.at_helper
+        """Each pipe whose ends are all in the image: made, given its size and the data that waited in it."""
         pipes = [f for f in self.p.fds if f["how"] == "pipe"]
-        if not pipes:
-            return
-        base = max(f["fd"] for f in self.p.fds) + 1
         made = {}
         for path in sorted({f["path"] for f in pipes}):
-            h("pipe2", self.helper + PAGE, os.O_CLOEXEC)
-            r, w = struct.unpack("<ii", os.pread(self.mem, 8, self.helper + PAGE))
-            ends = [h("fcntl", fd, _F_DUPFD_CLOEXEC, base) for fd in (r, w)]
-            for fd in (r, w):
-                h("close", fd)
+            made[path] = ends = self._pair_above("pipe2", os.O_CLOEXEC)
             want = self.m["pipes"].get(path[6:-1], {})
             if want.get("size"):
-                h("fcntl", ends[1], _F_SETPIPE_SZ, want["size"])
-            data = bytes.fromhex(want.get("data", ""))
-            for at in range(0, len(data), 16384):
-                chunk = data[at:at + 16384]
-                if h("write", ends[1], self.put(chunk), len(chunk)) != len(chunk):
-                    raise RestoreError(errno.EIO, "%s: its data did not go back in" % path)
-            made[path] = ends
-        for f in pipes:
-            end = made[f["path"]][0 if f["flags"] & os.O_ACCMODE == os.O_RDONLY else 1]
+                self.at_helper("fcntl", ends[1], _F_SETPIPE_SZ, want["size"])
+            self._send_in(ends[1], bytes.fromhex(want.get("data", "")), path)
+        self._dup_onto([(made[f["path"]][0 if f["flags"] & os.O_ACCMODE == os.O_RDONLY else 1], f,
+                         os.O_NONBLOCK | os.O_DIRECT) for f in pipes], [fd for ends in made.values() for fd in ends])
+
+    def _pair_above(self, name, *args):
+        """A pipe2 or socketpair made in the process (the pair's address is the call's last argument
+        but the flags), both ends moved above every recorded descriptor number (so that none of them
+        lands on one to be restored)."""
+        base = max([f["fd"] for f in self.p.fds] + [2]) + 1
+        h = self.at_helper
+        if name == "pipe2":
+            h(name, self.helper + PAGE, *args)
+        else:
+            h(name, *args, self.helper + PAGE)
+        pair = struct.unpack("<ii", os.pread(self.mem, 8, self.helper + PAGE))
+        moved = [h("fcntl", fd, _F_DUPFD_CLOEXEC, base) for fd in pair]
+        for fd in pair:
+            h("close", fd)
+        return moved
+
+    def _send_in(self, fd, data, what):
+        """data written into the pipe or socket end fd (what names it)."""
+        sock = what.startswith("socket")
+        for at in range(0, len(data), 16384):
+            chunk = data[at:at + 16384]
+            addr = self.put(chunk)
+            got = self.at_helper("sendto", fd, addr, len(chunk), socket.MSG_DONTWAIT, 0, 0) if sock else \
+                self.at_helper("write", fd, addr, len(chunk))
+            if got != len(chunk):
+                raise RestoreError(errno.EIO, "%s: what waited in it did not go back in" % what)
+
+    def _dup_onto(self, placed, made):
+        """Each (end, recorded fd, status flags it keeps) duplicated onto its recorded number with its
+        flags; then the ends made go."""
+        h = self.at_helper
+        for end, f, keep in placed:
             h("dup3", end, f["fd"], f["flags"] & os.O_CLOEXEC)
-            h("fcntl", f["fd"], _F_SETFL, f["flags"] & (os.O_NONBLOCK | os.O_DIRECT))
-        for ends in made.values():
-            for fd in ends:
-                h("close", fd)
+            h("fcntl", f["fd"], _F_SETFL, f["flags"] & keep)
+        for fd in set(made):
+            h("close", fd)
 
     # ---- threads
 
