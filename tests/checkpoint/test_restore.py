@@ -314,44 +314,52 @@ def test_an_unprivileged_restore_is_a_clear_refusal(restorable, data_file, tmp_p
     assert _gone(pid)
 
 
+# python3 hashing in a thread; the main thread says "ready" and reads a line (dumped there).
+HASHING = ("import hashlib, os, sys, threading, time\n"
+           "h = hashlib.sha256()\n"
+           "def work():\n"
+           "    for i in range(300000): h.update(b'%d' % i)\n"
+           "t = threading.Thread(target=work); t.start()\n"
+           "print('ready', flush=True)\n"
+           "line = sys.stdin.readline()\n")
+
+
 @pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")
 @pytest.mark.parametrize("how", [[], ["--lazy"]])
 def test_cli_restores_programs_nobody_here_wrote(tmp_path, busybox, how):
     """python3 with a thread, mid-computation and asleep; coreutils sleep in nanosleep; busybox sh
     waiting on a pipe; each dumped with --kill by the CLI, restored by it (eagerly, and lazily),
     finishing with its undisturbed output and status."""
-    script = ("import hashlib, sys, threading, time\n"
-              "h = hashlib.sha256()\n"
-              "def work():\n"
-              "    for i in range(300000): h.update(b'%d' % i)\n"
-              "t = threading.Thread(target=work); t.start()\n"
-              "print('ready', flush=True)\n"
-              "line = sys.stdin.readline()\n"
-              "t.join(); time.sleep(0.2)\n"
-              "print(line.strip(), h.hexdigest(), time.monotonic() > 0)\n")
+    script = HASHING + "t.join(); time.sleep(0.2)\nprint(line.strip(), h.hexdigest(), time.monotonic() > 0)\n"
     want = subprocess.run(["python3", "-c", script], input=b"go\n", capture_output=True, timeout=60).stdout
     for argv, stdin, expected in ((["python3", "-c", script], b"go\n", want.split(b"\n", 1)[1]),
                                   (["sleep", "0.8"], b"", b""),
                                   ([busybox, "sh", "-c", "echo ready; read x; echo got $x; exit 3"], b"pipe\n",
                                    b"got pipe\n")):
         img = str(tmp_path / os.path.basename(argv[0]))
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            if argv[0] != "sleep":
-                assert p.stdout.readline() == b"ready\n"
-            d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "1", str(p.pid), img],
-                               capture_output=True, timeout=120)
-            assert d.returncode == 0, d.stderr
-            assert p.wait(10) == -9
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout, p.stderr):
-                f.close()
+        pid = cli_dumped(argv, img, ready=argv[0] != "sleep")
         r = subprocess.run([PY, "-m", "pvmexec", "restore", *how, img], input=stdin, capture_output=True, timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (3 if argv[0] == busybox else 0, expected, b""), argv
-        assert _gone(p.pid)
+        assert _gone(pid)
+
+
+def cli_dumped(argv, img, ready=True):
+    """argv run (until it says "ready", if ready) and dumped there by the CLI with --kill: its pid."""
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if ready:
+            assert p.stdout.readline().startswith(b"ready")
+        d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "1", str(p.pid), img],
+                           capture_output=True, timeout=120)
+        assert d.returncode == 0, d.stderr
+        assert p.wait(10) == -9
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+    return p.pid
 
 
 @pytest.mark.skipif(not ROOT, reason="choosing a pid needs CAP_CHECKPOINT_RESTORE")

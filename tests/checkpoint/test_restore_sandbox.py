@@ -18,7 +18,7 @@ from pvmexec.checkpoint import RestoreError, restore_in_sandbox
 from pvmexec.kernel import Policy, Sandbox
 
 from conftest import compile_victim
-from test_restore import EVENTS, TIMERS
+from test_restore import EVENTS, HASHING, TIMERS, cli_dumped
 
 PY = sys.executable
 
@@ -45,22 +45,9 @@ def _state(pid):
         return None
 
 
-def _dumped_when_ready(argv, img, stdin=subprocess.PIPE):
+def _dumped_when_ready(argv, img, ready=True):
     """argv run until it says "ready", dumped there by the CLI (`dump --kill`): its manifest."""
-    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert p.stdout.readline().startswith(b"ready")
-        d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "1", str(p.pid), img],
-                           capture_output=True, timeout=120)
-        assert d.returncode == 0, d.stderr
-        assert p.wait(10) == -9
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        for f in (p.stdin, p.stdout):
-            if f is not None:
-                f.close()
+    cli_dumped(argv, img, ready)
     with open(os.path.join(img, "manifest.json")) as f:
         return json.load(f)
 
@@ -116,14 +103,7 @@ def test_cli_restores_programs_nobody_here_wrote_into_the_sandbox(tmp_path, busy
     """python3 with a thread mid-computation, which then imports more and forks; busybox sh waiting on a
     pipe, which then runs a subshell and a program; coreutils sleep in nanosleep. Each dumped with --kill
     by the CLI, restored by `pvmexec restore --sandbox`, finishing with its undisturbed output and status."""
-    script = ("import hashlib, os, sys, threading, time\n"
-              "h = hashlib.sha256()\n"
-              "def work():\n"
-              "    for i in range(300000): h.update(b'%d' % i)\n"
-              "t = threading.Thread(target=work); t.start()\n"
-              "print('ready', flush=True)\n"
-              "line = sys.stdin.readline()\n"
-              "t.join(); time.sleep(0.1)\n"
+    script = (HASHING + "t.join(); time.sleep(0.1)\n"
               "import json, sqlite3\n"
               "pid = os.fork()\n"
               "if pid == 0:\n"
@@ -139,17 +119,7 @@ def test_cli_restores_programs_nobody_here_wrote_into_the_sandbox(tmp_path, busy
             native = subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
             expected = native.stdout.split(b"\n", 1)[1]
         img = str(tmp_path / os.path.basename(argv[0]))
-        if argv[0] == "sleep":                      # it says nothing: dumped while it sleeps
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                d = subprocess.run([PY, "-m", "pvmexec", "dump", "--kill", "--pre-dumps", "0", str(p.pid), img],
-                                   capture_output=True, timeout=120)
-                assert d.returncode == 0, d.stderr
-            finally:
-                p.kill()
-                p.wait(10)
-        else:
-            _dumped_when_ready(argv, img)
+        _dumped_when_ready(argv, img, ready=argv[0] != "sleep")     # (sleep says nothing: dumped asleep)
         trace = str(tmp_path / (os.path.basename(argv[0]) + ".trace"))
         r = subprocess.run([PY, "-m", "pvmexec", "restore", "--sandbox", "--trace", "-o", trace, img], input=stdin,
                            capture_output=True, timeout=120)
