@@ -225,6 +225,15 @@ conn.send(b"x")
 os.waitpid(pid, 0)
 a, b = socket.socketpair()
 print("a pair's peer is its maker:", struct.unpack("3i", a.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0] == me)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+for how in ("send", "write"):                   # sendto without an address, and write(2): whoever sent it
+    pid = os.fork()
+    if pid == 0:
+        a.send(b"c") if how == "send" else os.write(a.fileno(), b"c")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    msg, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(12))
+    print("SCM_CREDENTIALS name a child that used %s:" % how, struct.unpack("3i", anc[0][2][:12])[0] == pid)
 """
 
 
@@ -236,5 +245,5 @@ def test_peer_credentials_name_guest_processes(tmp_path):
     want = native([PYTHON3, str(script)], cwd=_work(tmp_path, "n"))
     work = _work(tmp_path, "b")
     got = sandboxed([PYTHON3, str(script)], "-q", "--writable", str(work), cwd=work)
-    assert want.stdout.count(b"True") == 4 and b"False" not in want.stdout, want
+    assert want.stdout.count(b"True") == 6 and b"False" not in want.stdout, want
     assert (got.returncode, got.stdout) == (want.returncode, want.stdout), got.stderr[-2000:]

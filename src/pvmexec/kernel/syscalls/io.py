@@ -54,6 +54,8 @@ def _ready(host_fd):
 
 def _write(self, p, call, fd, data, *extra):
     f = p.fds.get(fd)
+    if f.socket is not None:
+        self._note_sender(p, f)                 # whom SCM_CREDENTIALS names for what write() sends
     if self.tty_pgrp and not f.regular and not f.plain and os.isatty(f.host_fd) and _tostop(f.host_fd):
         self._terminal_access(p, f, signal.SIGTTOU)
     if _may_block(f):

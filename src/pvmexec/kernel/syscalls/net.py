@@ -387,9 +387,12 @@ class NetCalls:
                     os.close(keep)
         return self._send(p, f, data, anc, flags, _inet_addr(raw, family))
 
-    def _send(self, p, f, data, anc, flags, address):
+    def _note_sender(self, p, f):
         if f.socket is not None and f.socket.family == _AF_UNIX:
             self.socket_senders[_ino(f)] = p.pid    # whom SCM_CREDENTIALS names
+
+    def _send(self, p, f, data, anc, flags, address):
+        self._note_sender(p, f)
         s = _sock(f)
         try:
             wait = os.get_blocking(f.host_fd) and not flags & _MSG_DONTWAIT
