@@ -248,6 +248,55 @@ def test_flock_and_record_locks_exclude_other_processes(tmp_path):
     """)
 
 
+def test_record_locks_are_the_processs_as_posix_says(tmp_path):
+    """POSIX record locks belong to the process: two opens of a file in one process share them (a second
+    lock through the other descriptor is granted, not refused by the first), any close of the file by the
+    process drops them (a child then gets the lock), a forked child holds none of its parent's; OFD locks
+    stay per open file."""
+    _same(tmp_path, """
+        import fcntl, os, struct
+        a = os.open("lock", os.O_RDWR | os.O_CREAT)
+        b = os.open("lock", os.O_RDWR)
+        fcntl.lockf(a, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+        fcntl.lockf(b, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 5)
+        print("one process, two opens: both granted")
+        def child_tries():
+            pid = os.fork()
+            if pid == 0:
+                c = os.open("lock", os.O_RDWR)
+                try:
+                    fcntl.lockf(c, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+                    os._exit(0)
+                except OSError:
+                    os._exit(1)
+            return os.waitpid(pid, 0)[1] >> 8
+        print("a child while both are held:", child_tries())
+        got = fcntl.fcntl(a, fcntl.F_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
+        print("F_GETLK of its own lock:", struct.unpack("hhqqi4x", got)[0] == fcntl.F_UNLCK)
+        os.close(b)
+        print("after closing the other open:", child_tries())
+        fcntl.lockf(a, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+        held = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0)
+        if os.fork() == 0:
+            try:
+                fcntl.fcntl(a, fcntl.F_SETLK, held)      # the inherited descriptor: the child's own locks
+                print("a forked child holds none of its parent's: refused")
+            except OSError as e:
+                print("a forked child holds none of its parent's:", e.errno in (11, 13))
+            os._exit(0)
+        os.wait()
+        fcntl.lockf(a, fcntl.LOCK_UN, 10, 0)            # (a process's POSIX locks exclude its OFD locks)
+        d = os.open("lock", os.O_RDWR)
+        e = os.open("lock", os.O_RDWR)
+        fcntl.fcntl(d, 37, held)                         # F_OFD_SETLK: per open file
+        try:
+            fcntl.fcntl(e, 37, held)
+            print("OFD locks of two opens: both")
+        except OSError as err:
+            print("OFD locks of two opens: the second refused", err.errno)
+    """)
+
+
 def test_priorities_affinity_credentials_and_memory_locks(tmp_path):
     _same(tmp_path, """
         import errno, os, resource

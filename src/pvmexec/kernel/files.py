@@ -527,6 +527,35 @@ class FdTable:
         self.fds = {}
         self.limit = limit
         self.fast = array("i", [-1]) * self.FAST_SLOTS     # guest fd -> host fd for the C fast path, see install
+        self.lock_handles = {}          # (st_dev, st_ino) -> the host fd this process's POSIX locks on it go through
+
+    def lock_handle(self, f):
+        """The one open file description of f's (regular) file that carries this process's POSIX record
+        locks: the host's open-file-description locks on it are then the process's own, as POSIX locks
+        are (two opens of a file in one process share them, another process's conflict, any close of the
+        file by the process drops them). It is the kernel's, never the guest's."""
+        st = os.fstat(f.host_fd)
+        key = (st.st_dev, st.st_ino)
+        with _TABLES:
+            handle = self.lock_handles.get(key)
+            if handle is None:
+                where = "/proc/self/fd/%d" % f.host_fd
+                flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+                try:
+                    handle = os.open(where, os.O_RDWR | flags)      # (any lock, whichever descriptor asks)
+                except OSError:
+                    handle = host_call(os.open, where, (f.flags & os.O_ACCMODE) | flags)
+                self.lock_handles[key] = handle
+            return handle
+
+    def _drop_locks(self, f):
+        try:
+            st = os.fstat(f.host_fd)
+        except OSError:
+            return
+        handle = self.lock_handles.pop((st.st_dev, st.st_ino), None)
+        if handle is not None:
+            os.close(handle)                    # its locks go with it
 
     def get(self, fd):
         entry = self.fds.get(fd)
@@ -574,6 +603,8 @@ class FdTable:
                 raise Errno(errno.EBADF)
             if 0 <= fd < self.FAST_SLOTS:
                 self.fast[fd] = -1
+            if self.lock_handles and f.regular:     # POSIX: any close of the file drops the process's locks
+                self._drop_locks(f)
             f.refs -= 1
             if f.refs == 0:
                 f.release()

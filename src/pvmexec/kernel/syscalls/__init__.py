@@ -35,8 +35,8 @@ SUPPORT = {
     "get_mempolicy": "partial: one memory node, the default policy",
     "ioctl": "partial: FIOCLEX/FIONCLEX, terminal queries (TCGETS, TIOCGWINSZ, ...) and FIONREAD on host "
              "descriptors; others ENOTTY",
-    "fcntl": "partial: F_DUPFD*, F_GETFD/F_SETFD, F_GETFL/F_SETFL, F_GETPIPE_SZ, seals; record locks are "
-             "the host's per-open-file (OFD) locks, so two opens in one process exclude each other",
+    "fcntl": "partial: F_DUPFD*, F_GETFD/F_SETFD, F_GETFL/F_SETFL, F_GETPIPE_SZ, seals, POSIX and OFD "
+             "record locks (F_GETLK names no holder: l_pid -1); no leases, F_SETOWN or F_NOTIFY",
     "fallocate": "partial: mode 0 only (EOPNOTSUPP for hole punching and the other modes)",
     "sched_setaffinity": "partial: the mask is kept and reported, the host places the guest",
     "setpriority": "partial: kept and reported; the host's priority only ever lowers",

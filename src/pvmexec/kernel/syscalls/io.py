@@ -168,9 +168,9 @@ _F_OFD_GETLK, _F_OFD_SETLK = 36, 37
 
 
 def _record_lock(self, p, f, cmd, arg):
-    """Record locks as the host's open-file-description locks on the kernel's host descriptor: they exclude
-    other guest processes and host holders alike. Unlike POSIX locks they are per open file, not per
-    process: two opens of one file in one guest process exclude each other too."""
+    """Record locks as the host's open-file-description locks: F_OFD_* on the guest's own open file;
+    POSIX ones (F_GETLK, F_SETLK, F_SETLKW) of a regular file on the one open file its process's locks
+    on that file share (FdTable.lock_handle). Both exclude other guest processes and host holders."""
     raw = bytearray(p.read(arg, 32))
     kind, whence = struct.unpack_from("<hh", raw)
     if kind not in (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK) or whence not in (0, 1, 2):
@@ -179,15 +179,16 @@ def _record_lock(self, p, f, cmd, arg):
         if cmd not in (5, 36):
             raise Errno(errno.EBADF)
     struct.pack_into("<i", raw, 24, 0)                           # l_pid: 0 for the host's OFD calls
+    host = p.fds.lock_handle(f) if cmd in (5, 6, 7) and f.regular else f.host_fd
     if cmd in (5, 36):
-        out = bytearray(host_call(fcntl.fcntl, f.host_fd, _F_OFD_GETLK, bytes(raw)))
+        out = bytearray(host_call(fcntl.fcntl, host, _F_OFD_GETLK, bytes(raw)))
         if struct.unpack_from("<h", out)[0] != fcntl.F_UNLCK:
             struct.pack_into("<i", out, 24, -1)                  # the holder is not a guest pid we know
         p.write(arg, bytes(out))
         return 0
     while True:
         try:
-            fcntl.fcntl(f.host_fd, _F_OFD_SETLK, bytes(raw))
+            fcntl.fcntl(host, _F_OFD_SETLK, bytes(raw))
             return 0
         except (BlockingIOError, PermissionError):
             if cmd in (6, 37):
