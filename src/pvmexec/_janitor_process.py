@@ -63,7 +63,7 @@ class _StillInside(Exception):
 def _running_in(space, things):
     """Whether a (frozen) thread's instruction pointer is inside one of the recorded mappings."""
     ranges = [(args[-2], args[-2] + args[-1]) for kind, args in things if kind in ("map", "agent")]
-    rip = arch.REG_INDEX["rip"]
+    rip = arch.REG_INDEX[arch.PC]
     for tid in space.backend.frozen_tids():
         try:
             at = struct.unpack_from("<Q", _core.getregs(tid), 8 * rip)[0]

@@ -13,9 +13,7 @@ _arch = _current_arch()
 
 _new = object.__new__
 
-_SIGCONTEXT_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp",
-                    "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags", "cs", "gs", "fs", "ss",
-                    "fs_base", "gs_base", "ds", "es")
+_SIGCONTEXT_REGS = _arch.CONTEXT_REGS
 
 
 class SigContext:
@@ -63,7 +61,7 @@ class SigContext:
         for k, v in _arch.CONTEXT_DEFAULTS.items():
             setattr(self, k, v)
         for k, v in regs.items():
-            if k not in _arch.REG_INDEX or k == "orig_rax":
+            if k not in _arch.REG_INDEX or k == _arch.SYSCALL_ORIG_NR:
                 raise TypeError("SigContext has no register %r" % k)
             setattr(self, k, v)
 
@@ -88,8 +86,7 @@ class SigContext:
 
     def __repr__(self) -> str:
         d = self.as_dict()
-        regs = " ".join("%s=%#x" % (k, d[k]) for k in ("rip", "rsp", "rax", "rdi", "rsi", "rdx",
-                                                         "r10", "r8", "r9", "rcx", "rbx", "rbp"))
+        regs = " ".join("%s=%#x" % (k, d[k]) for k in _arch.CONTEXT_SHOWN)
         return "<SigContext %s eflags=%#x fs_base=%#x%s>" % (
             regs, d["eflags"], d["fs_base"], " fpstate=%dB" % len(self.fpstate) if self.fpstate else "")
 
@@ -264,4 +261,4 @@ class Stop:
         return self._fields[0] if self._info is None else self._info.signo
 
     def __repr__(self):
-        return "<Stop %s %r at rip=%#x>" % (self.reason, self.siginfo, self.ctx.rip)
+        return "<Stop %s %r at %s=%#x>" % (self.reason, self.siginfo, _arch.PC, getattr(self.ctx, _arch.PC))

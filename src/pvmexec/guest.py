@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from .space import Space
 from . import _core
+from .arch import current as _current_arch
 from .context import SigContext
 from .errors import TargetGone
 from .syscalls import number
 
 SYMBOLS = dict(_core.GUEST_SYMBOLS)
+_ARCH = _current_arch()
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 PAGE = 4096
@@ -49,8 +51,8 @@ class Guest:
 
     def context(self, symbol: str, **regs: int) -> SigContext:
         """A fresh SigContext entering `symbol` on the guest stack."""
-        regs.setdefault("rip", self.address(symbol))
-        regs.setdefault("rsp", self.stack_top)
+        regs.setdefault(_ARCH.PC, self.address(symbol))
+        regs.setdefault(_ARCH.SP, self.stack_top)
         return SigContext(**regs)
 
     def close(self) -> None:

@@ -18,7 +18,9 @@ REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
 REG_INDEX = {n: i for i, n in enumerate(REG_NAMES)}
 REGS_SIZE = 8 * len(REG_NAMES)
 
+PC, SP = "rip", "rsp"               # the instruction and stack pointers
 SYSCALL_NR = "rax"
+SYSCALL_ORIG_NR = "orig_rax"        # the call a thread stopped in (-1 outside one), as ptrace shows it
 SYSCALL_ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 SYSCALL_RET = "rax"
 SYSCALL_INSN = b"\x0f\x05"
@@ -30,6 +32,11 @@ USER_DS = 0x2B
 TASK_SIZE_MAX = (1 << 47) - 4096
 # A new SigContext: user selectors, interrupts enabled (IF) and the always-one bit.
 CONTEXT_DEFAULTS = {"cs": USER_CS, "ss": USER_DS, "eflags": 0x202}
+# The registers a SigContext names (struct sigcontext's and the TLS bases), and those its repr shows.
+CONTEXT_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp",
+                "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags", "cs", "gs", "fs", "ss",
+                "fs_base", "gs_base", "ds", "es")
+CONTEXT_SHOWN = ("rip", "rsp", "rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rcx", "rbx", "rbp")
 
 # -ERESTART* values a thread stopped inside a syscall may show in rax.
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
@@ -191,6 +198,28 @@ def self_restore_frame(regs, mask, xstate, components, frame):
     ucontext = struct.pack("<QQ", _UC_FLAGS, 0) + stack + sigcontext + struct.pack("<Q", mask)
     head = (bytes(8) + ucontext).ljust(448, b"\0")
     return head + sigframe_xstate(xstate, components)
+
+
+# -- syscall sites the stub patches (`mov $nr, %eax; syscall` becomes a jump through a slot) --------
+
+PATCH_SITE_LEN = 8                        # bytes read before a site's return address
+_PREFIXES = frozenset(range(0x40, 0x50)) | {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3}
+
+
+def patchable_site(before, nr):
+    """Whether the PATCH_SITE_LEN bytes before a syscall's return address are `mov $nr, %eax; syscall`
+    (the mov not the tail of a longer instruction), which the stub may replace."""
+    return len(before) == 8 and before[1] == 0xB8 and before[6:] == SYSCALL_INSN and before[0] not in _PREFIXES \
+        and int.from_bytes(before[2:6], "little") == nr
+
+
+def jump_through(slot):
+    """(code, where): `jmp *slot` ends at a patched site's return address and starts `where` bytes before
+    it; code is the part to write. The slots lie at 0x050fXXXX, so the jump's last two bytes are the
+    syscall instruction's own (0f 05) and stay as they are: only the mov's five bytes change."""
+    if slot >> 16 != 0x050F:
+        raise ValueError("patch slot %#x is not at 0x050fXXXX" % slot)
+    return b"\xff\x24\x25" + slot.to_bytes(4, "little")[:2], 7
 
 
 # -- a guest's syscall as the application kernel sees it --------------------------------------------

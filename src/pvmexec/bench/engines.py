@@ -19,7 +19,8 @@ from ..syscalls import number
 from .common import Rows, machine, streamed
 
 NR_GETPPID, NR_READ = number("getppid"), number("read")
-_R = _current_arch().REG_INDEX
+ARCH = _current_arch()
+_R = ARCH.REG_INDEX
 
 
 TEST_SYSCALL, TEST_SYSCALL_RET, TEST_MARKER = 123, 456, 789
@@ -78,7 +79,7 @@ def _c_loop(space, kind, ctx, n, a0, a1):
     engine = space.backend
     regs = bytearray(ctx._buf)
     q = memoryview(regs).cast("Q")
-    q[_R["orig_rax"]] = (1 << 64) - 1          # not in a syscall
+    q[_R[ARCH.SYSCALL_ORIG_NR]] = (1 << 64) - 1    # not in a syscall
     done, ns, _code, _status = _core.loop(engine.tid, kind, regs, n, a0, a1, engine.reaps(engine.tid))
     if done != n:
         raise RuntimeError("benchmark loop stopped early after %d of %d round trips" % (done, n))
@@ -147,7 +148,7 @@ def run(iterations=20000, quick=False, on_row=None):
                 b = space.backend.borrowed_thread()
                 regs = bytearray(b.saved_regs)
                 q = memoryview(regs).cast("Q")
-                q[_R["rax"]], q[_R["rip"]] = NR_GETPPID, space.backend.syscall_insn(b)
+                q[_R[ARCH.SYSCALL_NR]], q[_R[ARCH.PC]] = NR_GETPPID, space.backend.syscall_insn(b)
                 add("syscall", "c", _c_loop(space, 2, _RawCtx(regs), n_c, 0, 0))
                 add("syscall", "python", _python_calls(space, n_py), held=True)
             add("syscall", "python", _python_calls(space, n_py // 4), held=False,

@@ -560,7 +560,7 @@ class _Restorer:
     def call(self, tid, at, name, *args):
         regs = bytearray(_core.getregs(tid))
         vals = list(struct.unpack("<%dQ" % len(ARCH.REG_NAMES), regs))
-        vals[_R["rip"]], vals[_R[ARCH.SYSCALL_NR]], vals[_R["orig_rax"]] = at, number(name), (1 << 64) - 1
+        vals[_R[ARCH.PC]], vals[_R[ARCH.SYSCALL_NR]], vals[_R[ARCH.SYSCALL_ORIG_NR]] = at, number(name), (1 << 64) - 1
         for reg, a in zip(ARCH.SYSCALL_ARGS, args):
             vals[_R[reg]] = a & 0xFFFFFFFFFFFFFFFF
         _core.setregs(tid, struct.pack("<%dQ" % len(vals), *vals))
@@ -604,7 +604,7 @@ class _Restorer:
         stub_maps = _maps(pid)
         self.helper = _free_range(HELPER_PAGES * PAGE, [(m["start"], m["end"]) for m in self.p.mappings] +
                                   [(lo, hi) for lo, hi, _n in stub_maps])
-        start_insn = struct.unpack_from("<Q", self.start_regs, 8 * _R["rip"])[0] - ARCH.SYSCALL_INSN_LEN
+        start_insn = struct.unpack_from("<Q", self.start_regs, 8 * _R[ARCH.PC])[0] - ARCH.SYSCALL_INSN_LEN
         self.must(pid, start_insn, "mmap", self.helper, HELPER_PAGES * PAGE, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
         os.pwrite(self.mem, ARCH.SYSCALL_INSN, self.helper)
@@ -1081,11 +1081,11 @@ def _resumable(regs):
     the kernel restarts it; one whose restart needs the kernel's saved state (nanosleep's remaining
     time: -ERESTART_RESTARTBLOCK) restarts from its own arguments, which that state is not in the image."""
     vals = list(struct.unpack("<%dQ" % len(ARCH.REG_NAMES), regs))
-    rax, nr = vals[_R[ARCH.SYSCALL_RET]], vals[_R["orig_rax"]]
+    rax, nr = vals[_R[ARCH.SYSCALL_RET]], vals[_R[ARCH.SYSCALL_ORIG_NR]]
     if nr == _NR_RESTART_SYSCALL and (1 << 64) - rax in ARCH.RESTART_CODES:
         # Restarting restart_syscall would run this thread's restart function, which is not the
         # original's (the call and its arguments are gone): the call ends as a signal ends it.
-        vals[_R[ARCH.SYSCALL_RET]], vals[_R["orig_rax"]] = (1 << 64) - errno.EINTR, (1 << 64) - 1
+        vals[_R[ARCH.SYSCALL_RET]], vals[_R[ARCH.SYSCALL_ORIG_NR]] = (1 << 64) - errno.EINTR, (1 << 64) - 1
     elif nr < 1 << 63 and rax == (1 << 64) - ARCH.ERESTART_RESTARTBLOCK:
         vals[_R[ARCH.SYSCALL_RET]] = (1 << 64) - ARCH.ERESTARTNOINTR
     return struct.pack("<%dQ" % len(vals), *vals)

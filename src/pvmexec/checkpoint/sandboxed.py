@@ -113,14 +113,14 @@ def _resumable(regs):
     instruction before rip, its own arguments), as the kernel's restart does; restart_syscall, whose
     state is not in the image, ends as a signal ends it."""
     vals = list(struct.unpack("<%dQ" % len(ARCH.REG_NAMES), regs))
-    rax, nr = vals[_R[ARCH.SYSCALL_RET]], vals[_R["orig_rax"]]
+    rax, nr = vals[_R[ARCH.SYSCALL_RET]], vals[_R[ARCH.SYSCALL_ORIG_NR]]
     if nr < 1 << 63 and (1 << 64) - rax in ARCH.RESTART_CODES:
         if nr == _NR_RESTART_SYSCALL:
             vals[_R[ARCH.SYSCALL_RET]] = (1 << 64) - errno.EINTR
         else:
-            vals[_R["rip"]] -= ARCH.SYSCALL_INSN_LEN
+            vals[_R[ARCH.PC]] -= ARCH.SYSCALL_INSN_LEN
             vals[_R[ARCH.SYSCALL_RET]] = nr
-    vals[_R["orig_rax"]] = (1 << 64) - 1
+    vals[_R[ARCH.SYSCALL_ORIG_NR]] = (1 << 64) - 1
     return struct.pack("<%dQ" % len(vals), *vals)
 
 

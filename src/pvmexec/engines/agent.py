@@ -166,12 +166,12 @@ class AgentEngine(BaseEngine):
             regs = bytearray(b.saved_regs)
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            q[idx["rip"]] = code + SYMS["bootstrap"]
+            q[idx[arch.PC]] = code + SYMS["bootstrap"]
             q[idx["rdi"]] = code + HEADER
             q[idx["rsi"]] = code + L["STACK_OFF"] + L["STACK_SIZE"] - 64
             q[idx["rdx"]] = CLONE_FLAGS
             q[idx["rcx"]] = code + HEADER + L["header.agent_tid"]
-            q[idx["orig_rax"]] = (1 << 64) - 1
+            q[idx[arch.SYSCALL_ORIG_NR]] = (1 << 64) - 1
             back = t.way_back(b)
             if back is not None:
                 # After clone the thread jumps to our trampoline's way back: should we die while it
@@ -256,9 +256,9 @@ class AgentEngine(BaseEngine):
             regs = bytearray(_core.getregs(self.agent_tid))
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            if q[idx["orig_rax"]] != (1 << 64) - 1 and (1 << 64) - q[idx["rax"]] in arch.RESTART_CODES:
-                q[idx["rax"]] = (1 << 64) - errno.EINTR       # and no restart
-                q[idx["orig_rax"]] = (1 << 64) - 1
+            if q[idx[arch.SYSCALL_ORIG_NR]] != (1 << 64) - 1 and (1 << 64) - q[idx[arch.SYSCALL_RET]] in arch.RESTART_CODES:
+                q[idx[arch.SYSCALL_RET]] = (1 << 64) - errno.EINTR       # and no restart
+                q[idx[arch.SYSCALL_ORIG_NR]] = (1 << 64) - 1
                 _core.setregs(self.agent_tid, regs)
         finally:
             t._try_detach(self.agent_tid)
@@ -365,10 +365,10 @@ class AgentEngine(BaseEngine):
             regs = bytearray(_core.getregs(tid))
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            q[idx["rip"]] = find_syscall_insn(self.pid)
-            q[idx["rax"]] = NR["exit"]                    # this thread only
+            q[idx[arch.PC]] = find_syscall_insn(self.pid)
+            q[idx[arch.SYSCALL_NR]] = NR["exit"]          # this thread only
             q[idx["rdi"]] = 0
-            q[idx["orig_rax"]] = (1 << 64) - 1            # no syscall restart on the way out
+            q[idx[arch.SYSCALL_ORIG_NR]] = (1 << 64) - 1            # no syscall restart on the way out
             _core.setregs(tid, regs)
         finally:
             t._try_detach(tid)

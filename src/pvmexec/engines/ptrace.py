@@ -47,7 +47,7 @@ _SYNC_BITS = sum(1 << (s - 1) for s in arch.SYNC_SIGNALS)
 OP_SIGMASK = _ALL & ~_SYNC_BITS & ~(1 << (signal.SIGKILL - 1)) & ~(1 << (signal.SIGSTOP - 1))
 
 _I = arch.REG_INDEX
-_RAX, _ORIG_RAX, _RIP = _I["rax"], _I["orig_rax"], _I["rip"]
+_RAX, _ORIG_RAX, _RIP = _I[arch.SYSCALL_RET], _I[arch.SYSCALL_ORIG_NR], _I[arch.PC]
 _NEG = 1 << 64
 
 
@@ -325,7 +325,7 @@ class PtraceEngine(BaseEngine):
             return
         gone = False
         try:
-            if b.at_syscall_stop and signed(b.saved("orig_rax")) != -1:
+            if b.at_syscall_stop and signed(b.saved(arch.SYSCALL_ORIG_NR)) != -1:
                 # Restore from a stop inside the signal path, where the kernel
                 # applies its syscall-restart logic to the saved registers.
                 self._stop_in_signal_path(b)
@@ -470,8 +470,8 @@ class PtraceEngine(BaseEngine):
         return b.insn
 
     def _find_insn(self, b):
-        if signed(b.saved("orig_rax")) != -1:
-            at = b.saved("rip") - arch.SYSCALL_INSN_LEN
+        if signed(b.saved(arch.SYSCALL_ORIG_NR)) != -1:
+            at = b.saved(arch.PC) - arch.SYSCALL_INSN_LEN
             try:
                 if _core.vm_read(self.pid, at, 2) == arch.SYSCALL_INSN:
                     return at

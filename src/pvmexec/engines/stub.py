@@ -31,7 +31,7 @@ from ..abi import CLONE_NEWPID, CLONE_NEWUSER, MAP_FIXED, MREMAP_FIXED
 from ..syscalls import name_of, number
 
 arch = _current_arch()
-_RIP = arch.REG_INDEX["rip"]
+_RIP = arch.REG_INDEX[arch.PC]
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run
@@ -320,18 +320,18 @@ class StubEngine(BaseEngine):
         if self._npatched >= L["STUB_PATCH_MAX"]:
             return
         try:
-            before = os.pread(self._mem, 8, ret - 8)
+            before = os.pread(self._mem, arch.PATCH_SITE_LEN, ret - arch.PATCH_SITE_LEN)
         except OSError:
             return
-        if len(before) != 8 or before[1] != 0xB8 or before[6:] != b"\x0f\x05" or before[0] in _PREFIXES \
-                or int.from_bytes(before[2:6], "little") != nr:
+        if not arch.patchable_site(before, nr):
             return
         index = self._npatched
         site = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"] + index * L["patch_site.size"]
         struct.pack_into("<Qq", self._map, site, ret, nr)
         slot = L["STUB_WINDOW_ADDR"] + L["STUB_SLOTS_OFF"] + 8 * index
         try:
-            os.pwrite(self._mem, b"\xff\x24\x25" + slot.to_bytes(4, "little")[:2], ret - 7)   # jmp *slot
+            code, back = arch.jump_through(slot)
+            os.pwrite(self._mem, code, ret - back)
         except OSError:
             return
         self._npatched += 1
@@ -527,4 +527,3 @@ def _spare_window(nr, args):
                 name_of(nr), *_WINDOW), args)
 # A byte before `mov $nr, %eax` that could be its prefix (REX, operand/address size, segment, lock/rep):
 # then it is another instruction, or may be; such sites stay unpatched.
-_PREFIXES = frozenset(range(0x40, 0x50)) | {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3}
