@@ -352,6 +352,8 @@ CHANGING_TARGET = textwrap.dedent("""
     sys.stdin.readline()
     if sys.argv[1] == "undumpable":
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)          # PR_SET_DUMPABLE 0
+    elif sys.argv[1] == "traceme":
+        assert ctypes.CDLL(None).ptrace(0, 0, 0, 0) == 0    # PTRACE_TRACEME: its parent traces it
     print("changed", flush=True)
     time.sleep(60)
 """)
@@ -369,10 +371,13 @@ CHANGED_CALLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("change", ["undumpable", "stopped"])
+@pytest.mark.parametrize("change", ["undumpable", "stopped", "traceme"])
 def test_detach_from_a_target_that_changed_under_the_agent(change):
-    """A target that turns undumpable or is stopped while the agent is in it: detach never raises, says
-    what stays, and once the target runs and the caller has gone (the janitor), nothing of ours is left."""
+    """A target that turns undumpable, is stopped, or has its parent trace it (PTRACE_TRACEME) while the
+    agent is in it: detach never raises and says what stays; once the target runs and the caller has
+    gone (the janitor), nothing of ours is left but what was named. Traced by another, only the page
+    the agent ran its last instructions on can stay (the agent unmaps the rest, ptrace's trampoline
+    too)."""
     p = subprocess.Popen([sys.executable, "-c", CHANGING_TARGET, change], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     caller = None
@@ -385,6 +390,8 @@ def test_detach_from_a_target_that_changed_under_the_agent(change):
         p.stdin.write("go\n")
         p.stdin.flush()
         assert p.stdout.readline() == "changed\n"
+        if change == "traceme":
+            before["sig"]["TracerPid"] = str(os.getpid())     # its own doing: the test is its tracer now
         if change == "stopped":
             os.kill(p.pid, signal.SIGSTOP)
             deadline = time.monotonic() + 5
@@ -398,7 +405,10 @@ def test_detach_from_a_target_that_changed_under_the_agent(change):
         # What stays is only what a warning names (unprivileged, an undumpable target is not ours to
         # clean any more); as root nothing stays.
         named = {int(a, 16) for a in re.findall(r"at (0x[0-9a-f]+) stay", err)}
-        assert not named or os.getuid() != 0, err
+        if change == "traceme":
+            assert len(named) == 1 and "4096 bytes of the agent" in err and "trampoline" not in err, err
+        else:
+            assert not named or os.getuid() != 0, err
         deadline = time.monotonic() + 3
         while True:
             try:

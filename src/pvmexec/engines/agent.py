@@ -14,7 +14,7 @@ import struct
 import time
 import warnings
 
-from .. import _core, janitor
+from .. import _core, janitor, proc
 from ..abi import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
                    F_SEAL_SHRINK, F_SEAL_WRITE, MFD_ALLOW_SEALING)
 from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
@@ -308,6 +308,8 @@ class AgentEngine(BaseEngine):
         try:
             left_itself = False
             if self.agent_tid and self._map is not None:
+                if self._ptrace_refused():
+                    self._unmap_trampoline_here()       # ptrace could not, after the agent has gone
                 try:
                     self._stop_agent()
                     left_itself = True      # all of its region but the page it ran its last code on
@@ -351,6 +353,26 @@ class AgentEngine(BaseEngine):
             if self._map is not None:
                 self._map.close()
                 self._map = None
+
+    def _ptrace_refused(self):
+        """Whether ptrace no longer reaches the target: traced by another (PTRACE_TRACEME, a debugger),
+        or turned undumpable (for an unprivileged caller)."""
+        try:
+            tracer = int(proc.status(self.pid).get("TracerPid", "0").split()[0])
+        except (OSError, ValueError, IndexError, TargetGone):
+            return False
+        return bool(tracer) or os.geteuid() != 0 and not os.access("/proc/%d/mem" % self.pid, os.R_OK)
+
+    def _unmap_trampoline_here(self):
+        """The ptrace engine's trampoline unmapped by the agent (a call of its own, no ptrace)."""
+        span = self._main.trampoline_range()
+        if span is None:
+            return
+        try:
+            if self.syscall(NR["munmap"], span) == 0:
+                self._main.trampoline_unmapped()
+        except (OSError, EngineError):
+            pass                                # then it stays, and drop_trampoline says so
 
     def _force_exit(self):
         """Point the agent thread at exit(0) through the vDSO's syscall instruction, with ptrace."""

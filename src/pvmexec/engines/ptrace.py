@@ -640,6 +640,15 @@ class PtraceEngine(BaseEngine):
         elif os.pwrite(self._trampoline_mem, data, addr) != len(data):
             raise OSError(errno.EFAULT, "short write into our trampoline")
 
+    def trampoline_range(self):
+        """(address, size) of our trampoline in the target, or None."""
+        return None if self._trampoline is None else (self._trampoline, TRAMPOLINE_SIZE)
+
+    def trampoline_unmapped(self):
+        """Our trampoline was unmapped another way (by the agent, when ptrace no longer reaches the target)."""
+        self._forget_trampoline()
+        self._trampoline_tried = False
+
     def _forget_trampoline(self):
         janitor.unrecord(self._trampoline_key)
         self._trampoline = self._trampoline_key = None
