@@ -13,6 +13,8 @@ restore restarts it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import errno
 import fcntl
 import os
@@ -35,6 +37,9 @@ from ..vdso import SPECIAL as _SPECIAL
 from ..vdso import move_specials
 from .restorer import _MADVICE, _OPEN_MASK, MAP_GROWSDOWN, RestoreError, _Checksums, _Plan
 
+if TYPE_CHECKING:
+    from ..kernel.sandbox import Sandbox
+
 ARCH = current_arch()
 _R = ARCH.REG_INDEX
 _NR_RESTART_SYSCALL = number("restart_syscall")
@@ -44,8 +49,8 @@ _ITIMERS = {"real": 0, "virtual": 1, "prof": 2}
 _HOW = {"special": 0, "shared-file": 0, "anon": 1, "shared-anon": 1, "file": 2}   # pages written: none, all, copies
 
 
-def restore_in_sandbox(directory: str, sandbox=None, stdio: tuple[int, int, int] = (0, 1, 2),
-                       on_stopped=None) -> int:
+def restore_in_sandbox(directory: str, sandbox: Sandbox | None = None, stdio: tuple[int, int, int] = (0, 1, 2),
+                       on_stopped: Callable[[], None] | None = None) -> int:
     """Go on with the process dumped in directory under sandbox's kernel (a new Sandbox() if None);
     returns its wait status once it ends, as Sandbox.run() does. stdio: our descriptors its terminal
     or stdio descriptors 0-2 are attached to. A process dumped stopped (job control) is stopped
@@ -73,14 +78,16 @@ def restore_in_sandbox(directory: str, sandbox=None, stdio: tuple[int, int, int]
         box._next_pid = max([box._next_pid] + [t["tid"] + 1 for t in plan.threads])
 
     def build():
+        from ..kernel.errors import Errno
         try:
             _Builder(box, p, plan).build()
             checked.verdict()               # nothing of a damaged image runs
-        except (OSError, PvmexecError) as e:
+        except (OSError, PvmexecError, Errno) as e:
             if isinstance(e, RestoreError):
                 raise
-            raise RestoreError(e.errno or errno.EIO, "restoring into the sandbox: %s" % (
-                e.strerror if isinstance(e, OSError) and e.strerror else e)) from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else \
+                os.strerror(e.errno) if isinstance(e, Errno) else str(e)
+            raise RestoreError(getattr(e, "errno", None) or errno.EIO, "restoring into the sandbox: %s" % why) from None
         for t in p.threads.values():
             if t is not p:
                 box._start_thread(t)
