@@ -16,13 +16,14 @@ from .errors import (AccessDenied, AlreadyTraced, EngineError, InvalidContext, P
 from .abi import ALL_SIGNALS
 from .space import Space, attach
 from .syscalls import name_of as syscall_name, number as syscall_number
-from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec
+from .vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec, process_vm_exec_release
 
 __version__ = "0.1.0"
 _logging.getLogger("pvmexec").addHandler(_logging.NullHandler())     # the application decides what to show
 
 __all__ = [
-    "attach", "Space", "process_vm_exec", "PROCESS_VM_EXEC_SYSCALL", "SigContext", "SigInfo",
+    "attach", "Space", "process_vm_exec", "process_vm_exec_release", "PROCESS_VM_EXEC_SYSCALL", "SigContext",
+    "SigInfo",
     "Stop", "StopReason", "ALL_SIGNALS", "PvmexecError", "TargetGone", "AccessDenied", "AlreadyTraced",
     "UnsupportedTarget", "InvalidContext", "RemoteSyscallError", "SeccompBlocked", "EngineError", "TargetStopped", "TargetMisbehaved",
     "syscall_number", "syscall_name",

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from typing import Iterable
+import atexit
 import contextlib
 import errno
 import os
+import select
 import struct
+import threading
 
 from .abi import ALL_SIGNALS, s64
 from .arch import current as _current_arch
 from .context import SigContext, SigInfo
-from .space import attach
+from .errors import TargetGone
+from .space import Space, attach
 from .syscalls import arg_kinds, name_of, number
 
 _ARCH = _current_arch()
@@ -28,7 +32,7 @@ def _mask_to_set(sigmask):
 
 def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo | None = None,
                     sigmask: int | Iterable[int] | None = None, sizemask: int = _SIGSET_SIZE, *,
-                    engine: str = "ptrace") -> int:
+                    engine: str = "auto") -> int:
     """Run ctx in the address space of pid (flags=0) or one syscall there (PROCESS_VM_EXEC_SYSCALL).
 
     flags=0: runs until the first syscall or signal; ctx is updated in place;
@@ -39,8 +43,14 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     PROCESS_VM_EXEC_SYSCALL: runs the syscall in ctx (rax; rdi, rsi, rdx, r10,
     r8, r9) with the caller's descriptors against the target's memory; the
     result goes to ctx.rax. Returns 0; errors raise OSError (EINVAL for bad
-    flags or sizemask, ESRCH as TargetGone, ...). Each call attaches and
-    detaches; engine="ptrace" (default) adds nothing to the target for that.
+    flags or sizemask, ESRCH as TargetGone, ...).
+
+    The first call for a process attaches (attach(pid, engine=engine): "auto"
+    injects the agent, whose syscalls cost microseconds, or falls back to
+    ptrace) and later calls reuse that attachment, as a kernel's syscall would
+    need none: it is released by process_vm_exec_release(pid), at interpreter
+    exit, or when the process is found ended (its pidfd, so a recycled pid is
+    never taken for it), or another engine is asked for.
     """
     if flags & ~PROCESS_VM_EXEC_SYSCALL:
         raise OSError(errno.EINVAL, "process_vm_exec: unknown flags %#x" % flags)
@@ -51,18 +61,87 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     if siginfo is not None and not isinstance(siginfo, SigInfo):
         raise TypeError("siginfo must be a SigInfo or None")
     mask = _mask_to_set(sigmask)
-    with attach(pid, engine=engine) as space:
-        if flags & PROCESS_VM_EXEC_SYSCALL:
-            nr = getattr(ctx, _ARCH.SYSCALL_NR)
-            _ARCH.set_syscall_result(ctx, syscall_with_callers_fds(space, nr, _ARCH.syscall_args(ctx)))
-            return 0
-        stop = space.exec(ctx, sigmask=mask)
+    space, lock = _attachment(pid, engine)
+    try:
+        with lock:
+            if flags & PROCESS_VM_EXEC_SYSCALL:
+                nr = getattr(ctx, _ARCH.SYSCALL_NR)
+                _ARCH.set_syscall_result(ctx, syscall_with_callers_fds(space, nr, _ARCH.syscall_args(ctx)))
+                return 0
+            stop = space.exec(ctx, sigmask=mask)
+    except TargetGone:
+        process_vm_exec_release(pid)
+        raise
     ctx._buf[:] = stop.ctx._buf
     if ctx.fpstate is not None:
         ctx.fpstate = stop.ctx.fpstate
     if siginfo is not None and (stop.reason == "syscall" or stop.siginfo.signo in mask):
         siginfo._fill(stop.siginfo)
     return 0
+
+
+class _Held:
+    __slots__ = ("space", "engine", "lock")
+
+    def __init__(self, space, engine):
+        self.space, self.engine, self.lock = space, engine, threading.Lock()
+
+
+_held: dict[int, _Held] = {}                # pid -> the attachment process_vm_exec keeps for it
+_held_lock = threading.Lock()
+_held_by = os.getpid()                      # a forked child holds none of its parent's
+
+
+def _attachment(pid, engine):
+    global _held_by
+    with _held_lock:
+        if _held_by != os.getpid():
+            _held.clear()                   # the parent's, not ours to use or release
+            _held_by = os.getpid()
+        h = _held.get(pid)
+        if h is not None and (h.engine != engine or _ended(h.space)):
+            del _held[pid]
+            _detach(h)
+            h = None
+        if h is None:
+            for other in [q for q, held in _held.items() if _ended(held.space)]:
+                _detach(_held.pop(other))       # (what a process that ended held goes with it)
+            if not _held:
+                atexit.register(process_vm_exec_release)
+            h = _held[pid] = _Held(attach(pid, engine=engine), engine)
+        return h.space, h.lock
+
+
+def _ended(space: Space) -> bool:
+    """Whether the process the attachment is for has ended (then its pid may name another one)."""
+    p = select.poll()
+    p.register(space.pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _detach(h):
+    with h.lock:
+        try:
+            h.space.detach()
+        except (OSError, TargetGone):
+            pass
+
+
+def process_vm_exec_release(pid: int | None = None) -> None:
+    """Release the attachment process_vm_exec keeps for pid (every one if None): the target is left as
+    it was before the first call."""
+    with _held_lock:
+        if _held_by != os.getpid():
+            return
+        if pid is None:
+            gone = list(_held.values())
+            _held.clear()
+        else:
+            gone = [_held.pop(pid)] if pid in _held else []
+    for h in gone:
+        _detach(h)
+    if not _held:
+        atexit.unregister(process_vm_exec_release)
 
 
 # Syscalls that create descriptors: under the proposal's semantics they land in the caller's table.
