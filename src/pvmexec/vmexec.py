@@ -15,7 +15,7 @@ from .arch import current as _current_arch
 from .context import SigContext, SigInfo
 from .errors import TargetGone
 from .space import Space, attach
-from .syscalls import arg_kinds, name_of, number
+from .syscalls import TABLE, arg_kinds, name_of, number
 
 _ARCH = _current_arch()
 PROCESS_VM_EXEC_SYSCALL = 0x1
@@ -99,7 +99,9 @@ def _attachment(pid, engine):
             _held.clear()                   # the parent's, not ours to use or release
             _held_by = os.getpid()
         h = _held.get(pid)
-        if h is not None and (h.engine != engine or _ended(h.space)):
+        # (The agent's own calls see its process end, through its pidfd; ptrace names pids, so its
+        # attachment is checked first: a pid another process now has is never traced for it.)
+        if h is not None and (h.engine != engine or h.space.engine != "agent" and _ended(h.space)):
             del _held[pid]
             _detach(h)
             h = None
@@ -157,6 +159,8 @@ CALLER_TABLE_ONLY = frozenset(number(n) for n in ("close", "dup", "dup2", "dup3"
 
 def syscall_with_callers_fds(space, nr, args):
     """Mode 2 as the proposal defines it: the caller's descriptors, the target's memory."""
+    if nr not in _DESCRIPTOR_CALLS:
+        return space.syscall_raw(nr, *args)     # nothing of the caller's table in it: as it is
     if nr in CALLER_TABLE_ONLY:
         # Pure descriptor-table calls touch no target memory: they act on the caller's table.
         return _local_fd_call(nr, args)
@@ -180,6 +184,11 @@ def syscall_with_callers_fds(space, nr, args):
         mine = [_move_to_caller(space, fd) for fd in pair]
         space.write(where, struct.pack("<ii", *mine))
     return ret
+
+
+# Calls that take, make or change descriptors (the rest run as they are).
+_DESCRIPTOR_CALLS = FD_RESULT | set(FD_PAIR_RESULT) | CALLER_TABLE_ONLY | frozenset(
+    nr for nr, (_name, kinds) in TABLE.items() if any(kind == "fd" for _a, kind in kinds or ()))
 
 
 def _move_to_caller(space, remote_fd):
