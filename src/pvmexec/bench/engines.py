@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 from .. import _core
+from ..context import SigContext
 from ..guest import Guest
 from ..space import attach
 from ..arch import current as _current_arch
@@ -154,6 +156,8 @@ def run(iterations=20000, quick=False, on_row=None):
             add("syscall", "python", _python_calls(space, n_py // 4), held=False,
                 note="attach/detach around every call")
             add("syscall-batch", "python", _python_batches(space, max(2, n_py // 64)), batch=64)
+        add("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "ptrace", max(10, n_py // 4)),
+            placement=same + "; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) in a loop (one attachment kept)")
 
         cpus = sorted(old_affinity)
         other = cpus[1] if len(cpus) > 1 else cpu
@@ -186,6 +190,11 @@ def run(iterations=20000, quick=False, on_row=None):
                                 us_per_op=0.0, cpu_percent=round(100 * (t_cpu1 - t_cpu0) / idle_s, 3),
                                 seconds=idle_s, placement="agent attached, no requests"))
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")              # (a fallback to ptrace would not be this row)
+            add_agent("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "agent", n_py * 4),
+                      placement="unpinned agent thread; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) in a loop "
+                                "(one attachment kept)")
         # Mode 1 in a stub space of our own, no ptrace: syscall sites patched after their first trap
         # (engine "stub"), and every syscall a seccomp trap and a signal (engine "stub-trap").
         from ..space import Space
@@ -246,6 +255,21 @@ def _python_calls(space, n):
     for _ in range(n):
         space.syscall_raw(NR_GETPPID)
     return _per_op(time.perf_counter() - t0, n)
+
+
+def _vm_exec_calls(pid, engine, n):
+    """µs per getppid through the proposal's interface, called in a loop as its selftests do."""
+    from ..vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec, process_vm_exec_release
+    ctx = SigContext(rax=NR_GETPPID)
+    try:
+        process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL, engine=engine)    # attaches
+        t0 = time.perf_counter()
+        for _ in range(n):
+            ctx.rax = NR_GETPPID
+            process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL, engine=engine)
+        return _per_op(time.perf_counter() - t0, n)
+    finally:
+        process_vm_exec_release(pid)
 
 
 def _python_batches(space, rounds):
@@ -352,6 +376,8 @@ def _ratios(results):
          find("syscall", "agent", "c")),
         ("mode 2 single call, Python API (ptrace thread held)", find("syscall", "ptrace", "python", held=True),
          find("syscall", "agent", "python")),
+        ("process_vm_exec(SYSCALL) in a loop, Python", find("vm_exec-sysc", "ptrace", "python"),
+         find("vm_exec-sysc", "agent", "python")),
         ("mode 2 per syscall, batches of 64, Python API", find("syscall-batch", "ptrace", "python"),
          find("syscall-batch", "agent", "python")),
         ("mode 2 per syscall: ptrace single vs agent batch of 64, C loops", find("syscall", "ptrace", "c"),
