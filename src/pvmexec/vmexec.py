@@ -45,12 +45,13 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     result goes to ctx.rax. Returns 0; errors raise OSError (EINVAL for bad
     flags or sizemask, ESRCH as TargetGone, ...).
 
-    The first call for a process attaches (attach(pid, engine=engine): "auto"
-    injects the agent, whose syscalls cost microseconds, or falls back to
-    ptrace) and later calls reuse that attachment, as a kernel's syscall would
-    need none: it is released by process_vm_exec_release(pid), at interpreter
-    exit, or when the process is found ended (its pidfd, so a recycled pid is
-    never taken for it), or another engine is asked for.
+    The first call for a process attaches (attach(pid, engine=...)) and later
+    calls reuse that attachment, as a kernel's syscall would need none: it is
+    released by process_vm_exec_release(pid), at interpreter exit, or when the
+    process is found ended (its pidfd, so a recycled pid is never taken for
+    it). engine="auto" takes the fastest for each mode: the agent for syscalls
+    (microseconds; ptrace where it cannot be injected), ptrace for mode 1 (the
+    agent's thread would run the context under ptrace too, with more hops).
     """
     if flags & ~PROCESS_VM_EXEC_SYSCALL:
         raise OSError(errno.EINVAL, "process_vm_exec: unknown flags %#x" % flags)
@@ -61,6 +62,8 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     if siginfo is not None and not isinstance(siginfo, SigInfo):
         raise TypeError("siginfo must be a SigInfo or None")
     mask = _mask_to_set(sigmask)
+    if engine == "auto" and not flags & PROCESS_VM_EXEC_SYSCALL:
+        engine = "ptrace"
     space, lock = _attachment(pid, engine)
     try:
         with lock:
@@ -81,13 +84,13 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
 
 
 class _Held:
-    __slots__ = ("space", "engine", "lock")
+    __slots__ = ("space", "lock")
 
-    def __init__(self, space, engine):
-        self.space, self.engine, self.lock = space, engine, threading.Lock()
+    def __init__(self, space):
+        self.space, self.lock = space, threading.Lock()
 
 
-_held: dict[int, _Held] = {}                # pid -> the attachment process_vm_exec keeps for it
+_held: dict[tuple[int, str], _Held] = {}    # (pid, engine asked) -> the attachment process_vm_exec keeps
 _held_lock = threading.Lock()
 _held_by = os.getpid()                      # a forked child holds none of its parent's
 
@@ -98,11 +101,11 @@ def _attachment(pid, engine):
         if _held_by != os.getpid():
             _held.clear()                   # the parent's, not ours to use or release
             _held_by = os.getpid()
-        h = _held.get(pid)
+        h = _held.get((pid, engine))
         # (The agent's own calls see its process end, through its pidfd; ptrace names pids, so its
         # attachment is checked first: a pid another process now has is never traced for it.)
-        if h is not None and (h.engine != engine or h.space.engine != "agent" and _ended(h.space)):
-            del _held[pid]
+        if h is not None and h.space.engine != "agent" and _ended(h.space):
+            del _held[(pid, engine)]
             _detach(h)
             h = None
         if h is None:
@@ -110,7 +113,7 @@ def _attachment(pid, engine):
                 _detach(_held.pop(other))       # (what a process that ended held goes with it)
             if not _held:
                 atexit.register(process_vm_exec_release)
-            h = _held[pid] = _Held(attach(pid, engine=engine), engine)
+            h = _held[(pid, engine)] = _Held(attach(pid, engine=engine))
         return h.space, h.lock
 
 
@@ -135,11 +138,7 @@ def process_vm_exec_release(pid: int | None = None) -> None:
     with _held_lock:
         if _held_by != os.getpid():
             return
-        if pid is None:
-            gone = list(_held.values())
-            _held.clear()
-        else:
-            gone = [_held.pop(pid)] if pid in _held else []
+        gone = [_held.pop(key) for key in [k for k in _held if pid is None or k[0] == pid]]
     for h in gone:
         _detach(h)
     if not _held:
