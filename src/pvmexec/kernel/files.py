@@ -527,24 +527,21 @@ class FdTable:
         self.fds = {}
         self.limit = limit
         self.fast = array("i", [-1]) * self.FAST_SLOTS     # guest fd -> host fd for the C fast path, see install
-        self.lock_handles = {}          # (st_dev, st_ino) -> the host fd this process's POSIX locks on it go through
+        self.lock_handles = {}          # (st_dev, st_ino, access mode) -> the host fd POSIX locks go through
 
     def lock_handle(self, f):
-        """The one open file description of f's (regular) file that carries this process's POSIX record
+        """The open file description of f's (regular) file that carries this process's POSIX record
         locks: the host's open-file-description locks on it are then the process's own, as POSIX locks
         are (two opens of a file in one process share them, another process's conflict, any close of the
-        file by the process drops them). It is the kernel's, never the guest's."""
+        file by the process drops them). It is the kernel's, never the guest's, and opened with the
+        access f has, never more (so opens of one file with different access modes lock apart)."""
         st = os.fstat(f.host_fd)
-        key = (st.st_dev, st.st_ino)
+        key = (st.st_dev, st.st_ino, f.flags & os.O_ACCMODE)
         with _TABLES:
             handle = self.lock_handles.get(key)
             if handle is None:
-                where = "/proc/self/fd/%d" % f.host_fd
-                flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-                try:
-                    handle = os.open(where, os.O_RDWR | flags)      # (any lock, whichever descriptor asks)
-                except OSError:
-                    handle = host_call(os.open, where, (f.flags & os.O_ACCMODE) | flags)
+                handle = host_call(os.open, "/proc/self/fd/%d" % f.host_fd,
+                                   key[2] | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
                 self.lock_handles[key] = handle
             return handle
 
@@ -553,9 +550,8 @@ class FdTable:
             st = os.fstat(f.host_fd)
         except OSError:
             return
-        handle = self.lock_handles.pop((st.st_dev, st.st_ino), None)
-        if handle is not None:
-            os.close(handle)                    # its locks go with it
+        for key in [k for k in self.lock_handles if k[:2] == (st.st_dev, st.st_ino)]:
+            os.close(self.lock_handles.pop(key))        # its locks go with it
 
     def get(self, fd):
         entry = self.fds.get(fd)

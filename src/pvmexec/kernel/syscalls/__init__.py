@@ -36,7 +36,8 @@ SUPPORT = {
     "ioctl": "partial: FIOCLEX/FIONCLEX, terminal queries (TCGETS, TIOCGWINSZ, ...) and FIONREAD on host "
              "descriptors; others ENOTTY",
     "fcntl": "partial: F_DUPFD*, F_GETFD/F_SETFD, F_GETFL/F_SETFL, F_GETPIPE_SZ, seals, POSIX and OFD "
-             "record locks (F_GETLK names no holder: l_pid -1); no leases, F_SETOWN or F_NOTIFY",
+             "record locks (F_GETLK names no holder: l_pid -1; a process's opens of one file with different "
+             "access modes hold POSIX locks apart); no leases, F_SETOWN or F_NOTIFY",
     "fallocate": "partial: mode 0 only (EOPNOTSUPP for hole punching and the other modes)",
     "sched_setaffinity": "partial: the mask is kept and reported, the host places the guest",
     "setpriority": "partial: kept and reported; the host's priority only ever lowers",
