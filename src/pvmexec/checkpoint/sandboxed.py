@@ -409,13 +409,10 @@ class _Builder:
 
     def _reopen(self, f, what):
         from ..kernel.errors import Errno
-        from ..kernel.files import OpenFile
         flags = f["flags"] & _OPEN_MASK & ~(os.O_CLOEXEC | O_LARGEFILE)
-        from ..kernel.syscalls.fs import _ALWAYS_OPEN
         guest = self._guest(f["path"], what)
         try:
-            of = OpenFile(os.open(guest, flags | os.O_CLOEXEC), guest, flags) if guest in _ALWAYS_OPEN else \
-                self.box._open_guest(self.p, guest, flags, 0)
+            of = self.box.open_file(self.p, guest, flags, 0)
         except Errno as e:
             raise RestoreError(e.errno, "%s: the sandbox's policy gives no %s of it (%s)" % (
                 what, "writing" if flags & os.O_ACCMODE else "reading", os.strerror(e.errno))) from None
@@ -430,7 +427,6 @@ class _Builder:
                 raise RestoreError(errno.EOPNOTSUPP, "%s: a directory read part-way: not provided in the sandbox" % what)
         elif f["pos"] and of.regular:
             os.lseek(of.host_fd, f["pos"], os.SEEK_SET)
-        of.flags = flags | O_LARGEFILE
         return of
 
     def _pipe_end(self, f, made):

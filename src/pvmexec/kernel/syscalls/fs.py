@@ -50,7 +50,15 @@ class FsCalls:
 
     def sys_openat(self, p, dirfd, path, flags, mode):
         flags &= _OPEN_FLAGS                            # Linux's open ignores bits it does not know
-        guest = self._abs(p, dirfd, path)
+        f = self.open_file(p, self._abs(p, dirfd, path), flags, mode)
+        try:
+            return p.fds.install(f, cloexec=flags & os.O_CLOEXEC)
+        except Errno:
+            f.release()
+            raise
+
+    def open_file(self, p, guest, flags, mode):
+        """The OpenFile that open(2) of an absolute guest path makes, not yet installed."""
         if guest in _ALWAYS_OPEN:
             f = OpenFile(host_call(os.open, guest, (flags & ~os.O_CREAT) | os.O_CLOEXEC), guest, flags)
         elif guest in ("/dev/ptmx", "/dev/pts/ptmx"):
@@ -62,11 +70,7 @@ class FsCalls:
         else:
             f = self._open_guest(p, guest, flags & ~O_LARGEFILE, mode & ~p.umask & 0o7777)
         f.flags = flags | O_LARGEFILE
-        try:
-            return p.fds.install(f, cloexec=flags & os.O_CLOEXEC)
-        except Errno:
-            f.release()
-            raise
+        return f
 
     def _new_pty(self, flags):
         """A pseudo-terminal master: the host's, held by the kernel; its slave is reachable as /dev/pts/N
