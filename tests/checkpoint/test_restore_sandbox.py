@@ -5,6 +5,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,11 +188,25 @@ def test_restore_into_the_sandbox_refuses_what_it_does_not_provide(tmp_path):
     img = str(tmp_path / "inotify")
     m = _dumped_when_ready(["python3", "-c", inotify], img)
     fd = next(f["fd"] for f in m["fds"] if f["path"] == "anon_inode:inotify")
-    before = _children()
+    before, ours = _children(), sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(RestoreError, match=r"fd %d \(anon_inode:inotify\): descriptors of this kind cannot be "
                        "restored" % fd):
         restore_in_sandbox(img)
     assert _children() <= before
+    # Refused midway (its descriptor limit below a descriptor it holds): nothing of it stays, in the
+    # kernel either (no host descriptor of the half-made process is left open here).
+    edited = str(tmp_path / "limited")
+    shutil.copytree(img, edited)
+    with open(os.path.join(edited, "manifest.json")) as f:
+        m = json.load(f)
+    m["fds"] = [f for f in m["fds"] if f["path"] != "anon_inode:inotify"]
+    for name in ("RLIMIT_NOFILE", "RLIMIT_OFILE"):     # (one limit, two names)
+        m["rlimits"][name] = [2, m["rlimits"][name][1]]
+    with open(os.path.join(edited, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(RestoreError, match="restoring into the sandbox: Bad file descriptor"):
+        restore_in_sandbox(edited)
+    assert _children() <= before and sorted(os.listdir("/proc/self/fd")) == ours
     clash = ("import ctypes, mmap, sys\n"
              "libc = ctypes.CDLL(None, use_errno=True)\n"
              "libc.mmap.restype = ctypes.c_void_p\n"

@@ -59,6 +59,10 @@ def restore_in_sandbox(directory: str, sandbox: Sandbox | None = None, stdio: tu
     if sandbox is None:
         from ..kernel.sandbox import Sandbox
         sandbox = Sandbox()
+        try:
+            return restore_in_sandbox(directory, sandbox, stdio, on_stopped)
+        finally:
+            sandbox.policy.close()              # (ours: its root descriptor goes)
     try:
         img = Image(directory)
         if not img.manifest.get("complete"):
@@ -336,9 +340,18 @@ class _Builder:
     # ---- descriptors
 
     def _descriptors(self):
+        made = {}                               # a pipe end or socket the image holds -> its OpenFile
+        try:
+            self._install_all(made)
+        except BaseException:
+            for of in made.values():
+                if not of.refs:
+                    of.release()                # made but not yet installed (installed ones go with p)
+            raise
+
+    def _install_all(self, made):
         from ..kernel.files import OpenFile
         box, p = self.box, self.p
-        made = {}                               # a pipe end or socket the image holds -> its OpenFile
         # Epolls last: the descriptors they watch are there by then.
         for f in sorted(self.plan.fds, key=lambda f: (f["how"] == "epoll", f["fd"])):
             fd, how, flags = f["fd"], f["how"], f["flags"]
@@ -356,7 +369,12 @@ class _Builder:
                 of = self._epoll(f)
             else:
                 of = self._anon(f, what)
-            p.fds.install(of, cloexec=flags & os.O_CLOEXEC, at=fd)
+            try:
+                p.fds.install(of, cloexec=flags & os.O_CLOEXEC, at=fd)
+            except BaseException:
+                if not of.refs and not any(of is m for m in made.values()):
+                    of.release()                # (made ones: _descriptors; installed ones go with p)
+                raise
 
     def _anon(self, f, what):
         """An eventfd, timerfd or signalfd, as the kernel's handlers make them (host eventfds and timerfds;
