@@ -207,8 +207,9 @@ def cmd_restore(args):
     from .checkpoint import restore
     if args.sandbox:
         return _restore_in_sandbox(args)
-    if _sandbox_options(args):
-        print("pvmexec restore: %s is an option of --sandbox" % _sandbox_options(args)[0], file=sys.stderr)
+    given = _sandbox_options(args)
+    if given:
+        print("pvmexec restore: %s is an option of --sandbox" % given[0], file=sys.stderr)
         return 2
     if args.pid_ns and args.detach:
         print("pvmexec restore: --pid-ns cannot --detach: the namespace's first process is this command's, "

@@ -429,6 +429,19 @@ class _Plan:
         raise RestoreError(errno.ENOTTY, "%s: a terminal, and this restore has none to attach it to" % what)
 
 
+def plan_pages(plan, how, cut=()):
+    """_core.index_plan for the plan's mappings: (runs written now, runs left for later) of the image's
+    pages; how: a mapping's kind -> 0 none, 1 its memory, 2 its file's copies, 3 lazily; cut: pages
+    always written now."""
+    maps = sorted((mp["start"], mp["end"], how.get(mp["kind"], 1)) for mp in plan.mappings)
+    try:
+        return _core.index_plan(plan.idx, struct.pack("<%dQ" % (3 * len(maps)), *sum(maps, ())),
+                                struct.pack("<%dQ" % len(cut), *cut))
+    except ValueError as e:
+        raise RestoreError(errno.EINVAL, "the image's page index is malformed, or holds a page outside every "
+                           "mapping, at %#x" % int(str(e))) from None
+
+
 def _own_specials():
     return {path: (lo, hi) for lo, hi, path in _maps(os.getpid()) if path in _SPECIAL}
 
@@ -667,15 +680,9 @@ class _Restorer:
         those of private anonymous mappings, but for each thread's rseq area, which the kernel writes
         while the process is made). A shared file mapping's pages are the file's own: never written."""
         how = {"special": 0, "shared-file": 0, "anon": 3 if self.lazy else 1, "shared-anon": 1, "file": 2}
-        maps = sorted((mp["start"], mp["end"], how.get(mp["kind"], 1)) for mp in self.p.mappings)
         rseq = sorted({a for t in self.p.threads if t.get("rseq")
                        for a in range(t["rseq"]["addr"] & ~(PAGE - 1), t["rseq"]["addr"] + t["rseq"]["size"], PAGE)})
-        try:
-            now, later = _core.index_plan(self.p.idx, struct.pack("<%dQ" % (3 * len(maps)), *sum(maps, ())),
-                                          struct.pack("<%dQ" % len(rseq), *rseq))
-        except ValueError as e:
-            raise RestoreError(errno.EINVAL, "the image's page index is malformed, or holds a page outside every "
-                               "mapping, at %#x" % int(str(e))) from None
+        now, later = plan_pages(self.p, how, rseq)
         self.eager = list(struct.iter_unpack("<QQQ", now))
         self.lazy_runs = later
         self.lazy_ranges = sorted((mp["start"], mp["end"]) for mp in self.p.mappings if mp["kind"] == "anon")

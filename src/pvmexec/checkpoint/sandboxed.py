@@ -30,12 +30,14 @@ from ..abi import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, 
                    page_up)
 from ..arch import current as current_arch
 from ..context import SigContext
+from ..engines.stub import WINDOW as STUB_WINDOW
 from ..errors import PvmexecError
+from ..proc import mappings
 from ..syscalls import number
 from .image import ZERO, DumpError, Image
 from ..vdso import SPECIAL as _SPECIAL
 from ..vdso import move_specials
-from .restorer import _MADVICE, _OPEN_MASK, MAP_GROWSDOWN, RestoreError, _Checksums, _Plan
+from .restorer import _MADVICE, _OPEN_MASK, MAP_GROWSDOWN, RestoreError, _Checksums, _Plan, plan_pages
 
 if TYPE_CHECKING:
     from ..kernel.sandbox import Sandbox
@@ -142,10 +144,10 @@ class _Builder:
     def build(self):
         from ..kernel.task import Thread
         box, p, m = self.box, self.p, self.m
-        patch = not any(mp["start"] < _WINDOW[1] and mp["end"] > _WINDOW[0] for mp in self.plan.mappings)
+        patch = not any(mp["start"] < STUB_WINDOW[1] and mp["end"] > STUB_WINDOW[0] for mp in self.plan.mappings)
         p.space = space = box._new_space(patch, ahead=False)
         p.patch_window = patch
-        stub = [(lo, hi, name) for lo, hi, _perms, name in _maps(space.pid)]
+        stub = [(lo, hi, name) for lo, hi, _perms, name in mappings(space.pid)]
         for mp in self.plan.mappings:
             if mp["kind"] == "special":
                 continue
@@ -251,12 +253,7 @@ class _Builder:
 
     def _fill(self):
         """The image's pages written into the stub space (every mapping is writable until now)."""
-        maps = sorted((mp["start"], mp["end"], _HOW.get(mp["kind"], 1)) for mp in self.plan.mappings)
-        try:
-            now, _later = _core.index_plan(self.plan.idx, struct.pack("<%dQ" % (3 * len(maps)), *sum(maps, ())), b"")
-        except ValueError as e:
-            raise RestoreError(errno.EINVAL, "the image's page index is malformed, or holds a page outside every "
-                               "mapping, at %#x" % int(str(e))) from None
+        now, _later = plan_pages(self.plan, _HOW)
         space, limit = self.p.space, 4096
         with open(os.path.join(self.plan.img.dir, "pages.img"), "rb") as f:
             for addr, off, n in struct.iter_unpack("<QQQ", now):
@@ -489,9 +486,3 @@ class _Builder:
         return of
 
 
-def _maps(pid):
-    from ..proc import mappings
-    return mappings(pid)
-
-
-_WINDOW = (_core.LAYOUT["STUB_WINDOW_ADDR"], _core.LAYOUT["STUB_WINDOW_ADDR"] + _core.LAYOUT["STUB_WINDOW_SIZE"])

@@ -504,7 +504,7 @@ def start_stub(exe, args, keep, fixed_layout, region=None):
 
 
 STUB_ALLOWED = frozenset(_core.STUB_ALLOWED)
-_WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])
+WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"])   # the patching window
 _MAP_FIXED, _MREMAP_FIXED = MAP_FIXED, MREMAP_FIXED
 _NR_MMAP, _NR_MPROTECT, _NR_MUNMAP, _NR_MREMAP = (number(n) for n in ("mmap", "mprotect", "munmap", "mremap"))
 _NR_RECVMSG, _NR_CLOSE, _NR_PAUSE = number("recvmsg"), number("close"), number("pause")
@@ -522,8 +522,8 @@ def _spare_window(nr, args):
     else:
         return
     for start, length in ranges:
-        if isinstance(start, int) and isinstance(length, int) and start < _WINDOW[1] and start + length > _WINDOW[0]:
+        if isinstance(start, int) and isinstance(length, int) and start < WINDOW[1] and start + length > WINDOW[0]:
             raise RemoteSyscallError(errno.EBUSY, "%s (the range meets the stub's patching window %#x-%#x)" % (
-                name_of(nr), *_WINDOW), args)
+                name_of(nr), *WINDOW), args)
 # A byte before `mov $nr, %eax` that could be its prefix (REX, operand/address size, segment, lock/rep):
 # then it is another instruction, or may be; such sites stay unpatched.

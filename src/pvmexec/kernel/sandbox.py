@@ -26,6 +26,7 @@ from .. import _core
 from ..abi import (ALL_SIGNALS, AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW, MAP_FIXED, MAP_PRIVATE, PROT_READ, PROT_WRITE,
                    SIG_IGN, page_up)
 from ..arch import current as _current_arch
+from ..engines.stub import WINDOW as STUB_WINDOW
 from ..errors import PvmexecError, TargetGone
 from ..proc import mappings
 from ..space import Space
@@ -480,9 +481,8 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         if interp is not None and interp.interp:
             raise Errno(errno.ELIBBAD)
         # A non-PIE program whose segments cover the stub's patching window runs unpatched, without it.
-        window = (_core.LAYOUT["STUB_WINDOW_ADDR"], _core.LAYOUT["STUB_WINDOW_ADDR"] + _core.LAYOUT["STUB_WINDOW_SIZE"])
-        patch = not any(elf is not None and elf.type == loader.ET_EXEC and elf.span()[0] < window[1] and
-                        elf.span()[1] > window[0] for elf in (main, interp))
+        patch = not any(elf is not None and elf.type == loader.ET_EXEC and elf.span()[0] < STUB_WINDOW[1] and
+                        elf.span()[1] > STUB_WINDOW[0] for elf in (main, interp))
         reuse = self._space_reusable(p, patch)
         if reuse:                                       # the point of no return: the old image goes
             space, protected = p.space, p.protected
