@@ -2,10 +2,10 @@
 
     python3 tools/build_blobs.py OUT_DIR [CC]
 
-selftest.c -> guest_blob.h and agent.c -> agent_blob.h: position-independent
-code linked flat at 0 (PC-relative relocations only), with their exported
-pvm_<name>_* offsets; stub.c -> stub_elf.h: a static PIE with no relocations
-at all. setup.py runs this before compiling the extension (as CRIU's compel
+selftest.c -> guest_blob.h, agent.c -> agent_blob.h and stub.c (as the
+helper) -> helper_blob.h: position-independent code linked flat at 0
+(PC-relative relocations only), with their exported pvm_<name>_* offsets;
+stub.c -> stub_elf.h: a static PIE with no relocations at all. setup.py runs this before compiling the extension (as CRIU's compel
 hgen does for its parasites).
 """
 import os
@@ -17,7 +17,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.join(HERE, "..", "src", "pvmexec", "native")
 FREESTANDING = os.path.join(NATIVE, "freestanding")
-BLOBS = (("guest", "selftest"), ("agent", "agent"))
+# (name, source, linker script, extra flags); the helper is the stub's code run inside a live target.
+BLOBS = (("guest", "selftest", "selftest", ()), ("agent", "agent", "agent", ()),
+         ("helper", "stub", "helper", ("-mgeneral-regs-only", "-DPVM_HELPER")))
 
 # Relocations the blob may contain: PC-relative only, so it runs at any address unrelocated.
 ALLOWED_RELOCS = {"R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_PC64", "R_X86_64_NONE"}
@@ -34,19 +36,19 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
-def build_blob(cc, out_dir, name, source):
-    """Compile freestanding/SOURCE.c, link it flat at 0 with SOURCE.lds, emit NAME_blob.h."""
+def build_blob(cc, out_dir, name, source, script, extra):
+    """Compile freestanding/SOURCE.c (with the extra flags), link it flat at 0 with SCRIPT.lds, emit NAME_blob.h."""
     os.makedirs(out_dir, exist_ok=True)
     obj = os.path.join(out_dir, name + ".o")
     elf = os.path.join(out_dir, name + ".elf")
     binf = os.path.join(out_dir, name + ".bin")
-    run([cc, *CFLAGS, "-I", NATIVE, "-c", os.path.join(FREESTANDING, source + ".c"), "-o", obj])
+    run([cc, *CFLAGS, *extra, "-I", NATIVE, "-c", os.path.join(FREESTANDING, source + ".c"), "-o", obj])
     relocs = run(["readelf", "-rW", obj], capture_output=True).stdout
     bad = sorted({m.group(1) for m in re.finditer(r"^\s*[0-9a-f]+\s+[0-9a-f]+\s+(R_\w+)", relocs, re.M)}
                  - ALLOWED_RELOCS)
     if bad:
         sys.exit("%s blob needs relocations %s; it must be position-independent without them" % (name, bad))
-    run(["ld", "-static", "-nostdlib", "--no-dynamic-linker", "-T", os.path.join(FREESTANDING, source + ".lds"),
+    run(["ld", "-static", "-nostdlib", "--no-dynamic-linker", "-T", os.path.join(FREESTANDING, script + ".lds"),
          "-o", elf, obj])
     dyn = run(["readelf", "-rW", elf], capture_output=True).stdout
     if "Relocation section" in dyn:
@@ -109,8 +111,8 @@ def check_tools(cc):
 
 def build_all(out_dir, cc):
     check_tools(cc)
-    for name, source in BLOBS:
-        build_blob(cc, out_dir, name, source)
+    for name, source, script, extra in BLOBS:
+        build_blob(cc, out_dir, name, source, script, extra)
     build_stub(cc, out_dir)
 
 

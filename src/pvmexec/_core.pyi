@@ -4,6 +4,8 @@ from typing import Any
 LAYOUT: dict[str, Any]
 GUEST_SYMBOLS: dict[str, int]
 AGENT_SYMBOLS: dict[str, int]
+HELPER_SYMBOLS: dict[str, int]
+HELPER_BLOB: bytes
 STUB_ALLOWED: tuple[int, ...]
 STUB_ELF: bytes
 AGENT_BLOB: bytes

@@ -46,6 +46,15 @@ def _undo(space, kind, args):
         ours = any(lo < addr + size and hi > addr for lo, hi in space.own_mappings())
         if covered and not ours and not any(path for _lo, _hi, path in inside):
             space.syscall("munmap", addr, size)
+    elif kind == "helpermap":           # the helper's region or window (a memfd of ours)
+        addr, size = args
+        for lo, hi, path in _maps(pid):
+            if addr <= lo and hi <= addr + size and path.startswith("/memfd:pvmexec-helper"):
+                space.syscall("munmap", lo, hi - lo)
+    elif kind == "helper":              # the agent's helper, if the agent died before reaping it
+        from .engines import helper
+        host_pid, ns_pid, started = args
+        helper.reap(lambda nr, a: space.syscall_raw(nr, *a), pid, host_pid, ns_pid, started)
     elif kind == "fd":
         fd, dev, ino = args
         try:
@@ -62,7 +71,7 @@ class _StillInside(Exception):
 
 def _running_in(space, things):
     """Whether a (frozen) thread's instruction pointer is inside one of the recorded mappings."""
-    ranges = [(args[-2], args[-2] + args[-1]) for kind, args in things if kind in ("map", "agent")]
+    ranges = [(args[-2], args[-2] + args[-1]) for kind, args in things if kind in ("map", "agent", "helpermap")]
     rip = arch.REG_INDEX[arch.PC]
     for tid in space.backend.frozen_tids():
         try:

@@ -112,6 +112,8 @@ class Space:
         self._lend_remote = None       # target's end (a high fd in the target)
         self._fds = {}                 # descriptors of ours open in the target (lend(), track_fd()) -> janitor key
         self._mappings = {}            # address -> (size, janitor key) of mappings detach() removes
+        if hasattr(engine, "caller_mappings"):
+            engine.caller_mappings = self._mappings     # (the agent's helper patches syscall sites only there)
         self._records = janitor.Records(self.pid)   # what we place in a live target, for a SIGKILL of ours
         _sigguard.install()
         _open_spaces.add(self)

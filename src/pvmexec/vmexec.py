@@ -49,9 +49,9 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     calls reuse that attachment, as a kernel's syscall would need none: it is
     released by process_vm_exec_release(pid), at interpreter exit, or when the
     process is found ended (its pidfd, so a recycled pid is never taken for
-    it). engine="auto" takes the fastest for each mode: the agent for syscalls
-    (microseconds; ptrace where it cannot be injected), ptrace for mode 1 (the
-    agent's thread would run the context under ptrace too, with more hops).
+    it). engine="auto" takes the agent (ptrace where it cannot be injected):
+    syscalls on its thread, mode 1 in its helper process at stub speed (see
+    attach()).
     """
     if flags & ~PROCESS_VM_EXEC_SYSCALL:
         raise OSError(errno.EINVAL, "process_vm_exec: unknown flags %#x" % flags)
@@ -62,8 +62,6 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     if siginfo is not None and not isinstance(siginfo, SigInfo):
         raise TypeError("siginfo must be a SigInfo or None")
     mask = _mask_to_set(sigmask)
-    if engine == "auto" and not flags & PROCESS_VM_EXEC_SYSCALL:
-        engine = "ptrace"
     space, lock = _attachment(pid, engine)
     try:
         with lock:

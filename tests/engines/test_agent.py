@@ -86,9 +86,28 @@ def test_signals_to_the_target_are_not_taken_by_the_agent(spawn):
     assert line.startswith("done 1 usr1 ") and int(line.split()[3]) >= 1
 
 
-def test_mode1_runs_on_the_agent_thread(spawn):
+def helper_of(space):
+    h = space.backend._helper
+    assert h is not None, "mode 1 did not start the helper (%s)" % space.backend.helper_refused
+    return h
+
+
+def children_of(pid):
+    out = []
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_mode1_runs_in_the_helper_and_the_target_never_stops(spawn):
     v = spawn("threads")
+    before = snapshot(v.pid)
     with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        threads = sorted(os.listdir("/proc/%d/task" % v.pid))
         ctx = g.context("syscall_loop", rdi=789)
         for _ in range(50):
             stop = space.exec(ctx)
@@ -98,9 +117,191 @@ def test_mode1_runs_on_the_agent_thread(spawn):
             assert task_state(v.pid, v.pid) != "t"      # the target's main thread is never stopped
         stop = space.exec(g.context("fault_loop", rdi=g.data, rsi=7))
         assert stop.signo == signal.SIGSEGV and stop.ctx.rax == 1
+        # The guest's stores land in the target's own memory.
+        ctx = stop.ctx
+        ctx.rax, ctx.rcx = g.data, 7          # (the guest reads its store back, and traps unless it is 7)
+        stop = space.exec(ctx)
+        assert stop.signo == signal.SIGSEGV and stop.ctx.rax == 2
         assert v.status()["TracerPid"] == "0"
+        h = helper_of(space)
+        assert sorted(os.listdir("/proc/%d/task" % v.pid)) == threads    # no thread of the target's added
+        with open("/proc/%d/comm" % h.pid) as f:
+            assert f.read().strip() == "pvmexec-helper"
+        st = proc.status(h.pid)
+        assert st["PPid"].strip() == str(v.pid)
+        assert os.listdir("/proc/%d/fd" % h.pid) == []                   # none of the target's descriptors
+        assert int(st["Seccomp"]) == 2
+        # Its own process group: a signal to the target's group (a terminal's ^C) is not its.
+        assert os.getpgid(h.pid) == h.pid and os.getpgid(v.pid) != h.pid
+        helper_pid = h.pid
+    assert not os.path.exists("/proc/%d" % helper_pid)                   # reaped, not a zombie
+    assert snapshot(v.pid) == before
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+def test_live_patching_rewrites_only_the_callers_own_code(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        original = space.read(g.code, g.code_size)
+        ctx = g.context("syscall_loop", rdi=789)
+        for _ in range(50):
+            stop = space.exec(ctx)
+            assert stop.syscall == 123 and stop.ctx.rdi == 789
+            ctx = stop.ctx
+            ctx.rax = 456
+        h = helper_of(space)
+        assert h.patching == "on" and h.patched_sites == 1
+        assert space.read(g.code, g.code_size) != original
+        # Code the caller did not map through this Space (the target's own, as far as we know) runs
+        # and traps the same, and is never rewritten: the target's threads could be running it.
+        addr = space.syscall("mmap", 0, 4096, 7, 0x22, -1, 0)         # RWX, private anonymous, untracked
+        code = b"\xb8\x27\x00\x00\x00\x0f\x05\x0f\x0b"              # mov $39, %eax; syscall; ud2
+        space.write(addr, code)
+        for _ in range(3):
+            stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top))
+            assert stop.syscall == 39
+        assert space.read(addr, len(code)) == code and h.patched_sites == 1
+        space.syscall("munmap", addr, 4096)
+        # A helper that ends takes its patch table with it: the sites it rewrote are put back.
+        h.kill()
+        assert space.read(g.code, g.code_size) == original
+        stop = space.exec(g.context("syscall_loop", rdi=789))            # a new helper, patching anew
+        assert stop.syscall == 123
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
+def test_the_targets_own_waits_never_see_the_helper(spawn):
+    """wait(-1) and SIGCHLD see nothing; a wait with __WALL sees a child that does not end (0 for
+    WNOHANG, where it said ECHILD before) and never reaps it; after detach all is as before."""
+    v = spawn("children")
+    v.send(b"?\n")
+    assert v.readline() == "children wait -1/10 wall -1/10 chld 0"
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        ctx = g.context("syscall_loop", rdi=789)
+        for _ in range(20):
+            stop = space.exec(ctx)
+            ctx = stop.ctx
+            ctx.rax = 456
+        v.send(b"?\n")
+        assert v.readline() == "children wait -1/10 wall 0/0 chld 0"
+        space.backend._helper.kill()            # a helper that ends (killed by anyone) is not the target's
+        v.send(b"?\n")
+        assert v.readline() == "children wait -1/10 wall -1/10 chld 0"
+        stop = space.exec(ctx)                  # a new one
+        assert stop.syscall == 123
+    v.send(b"?\n")
+    assert v.readline() == "children wait -1/10 wall -1/10 chld 0"
+    v.send(b"q\n")
+    assert v.wait() == 0
+
+
+@pytest.mark.parametrize("how", ["exec", "exec-after-idle", "exit"])
+def test_the_helper_goes_when_the_target_execs_or_exits(spawn, how):
+    v = spawn("exec")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        ctx = g.context("syscall_loop", rdi=789)
+        space.exec(ctx)
+        helper = helper_of(space).pid
+        if how == "exec-after-idle":
+            # Unused for a second, it leaves, and the agent reaps it; the next exec() starts another.
+            deadline = time.monotonic() + 5
+            while os.path.exists("/proc/%d" % helper):
+                assert time.monotonic() < deadline, "an unused helper stayed"
+                time.sleep(0.05)
+            assert children_of(v.pid) == []
+            stop = space.exec(ctx)
+            assert stop.syscall == 123
+            assert helper_of(space).pid != helper
+            helper = helper_of(space).pid
+            deadline = time.monotonic() + 5
+            while os.path.exists("/proc/%d" % helper):
+                assert time.monotonic() < deadline, "an unused helper stayed"
+                time.sleep(0.05)
+        if how.startswith("exec"):
+            v.send(b"go\n")
+            assert v.readline() == "ready %d" % v.pid
+        else:
+            v.proc.kill()
+            v.proc.wait(10)
+        deadline = time.monotonic() + 5
+        while os.path.exists("/proc/%d" % helper) and proc.status(helper)["State"][0] not in "ZX":
+            assert time.monotonic() < deadline, "the helper outlived its target's %s" % how
+            time.sleep(0.01)
+        try:
+            space.detach()
+        except pvmexec.TargetGone:
+            pass
+    if how.startswith("exec"):
+        # A helper the execve found is reaped by detach (through ptrace: the agent died with the old
+        # program). Its end is then the one trace the new program can see: the kernel turns the exit
+        # signal of a child whose parent ran execve into SIGCHLD, if the helper dies after the execve.
+        assert children_of(v.pid) == []
+        v.send(b"?\n")
+        line = v.readline()
+        assert line.startswith("children wait -1/10 wall -1/10 chld "), line
+        assert int(line.split()[-1]) <= (0 if how == "exec-after-idle" else 1), line
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % helper):                          # (after exit: init reaps it)
+        assert time.monotonic() < deadline, "helper %d still there" % helper
+        time.sleep(0.01)
+
+
+HELPER_CALLER = textwrap.dedent("""
+    import sys, time, pvmexec
+    from pvmexec.guest import Guest
+    space = pvmexec.attach(int(sys.argv[1]), engine="agent")
+    g = Guest(space)
+    ctx = g.context("fault_loop", rdi=g.data, rsi=5)
+    space.exec(ctx)
+    print(space.backend._helper.pid, flush=True)
+    while True:
+        stop = space.exec(ctx)
+        ctx = stop.ctx
+        ctx.rax, ctx.rcx = g.data, 5
+""")
+
+
+def test_a_helper_the_targets_execve_left_is_reaped_after_the_caller_is_killed(spawn):
+    """The agent died with the old program, the caller by SIGKILL: the janitor reaps the helper."""
+    v = spawn("exec")
+    script = HELPER_CALLER.replace("while True:", "time.sleep(60)\nwhile True:", 1)
+    caller = subprocess.Popen([sys.executable, "-c", script, str(v.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        helper = int(caller.stdout.readline())
+        v.send(b"go\n")
+        assert v.readline() == "ready %d" % v.pid
+        deadline = time.monotonic() + 5
+        while proc.status(helper)["State"][0] not in "ZX":
+            assert time.monotonic() < deadline, "the helper outlived the target's execve"
+            time.sleep(0.01)
+    finally:
+        caller.kill()
+        caller.wait(10)
+        caller.stdout.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % helper):
+        assert time.monotonic() < deadline, "the helper's zombie stayed after the caller died"
+        time.sleep(0.02)
+    v.send(b"?\n")
+    line = v.readline()
+    assert line.startswith("children wait -1/10 wall -1/10 chld "), line
+
+
+def test_the_helper_goes_when_the_caller_is_killed(spawn):
+    v = spawn("children")
+    before = snapshot(v.pid)
+    helper = int(kill_caller_after_first_line(HELPER_CALLER, v.pid))
+    deadline = time.monotonic() + 3
+    while os.path.exists("/proc/%d" % helper) or snapshot(v.pid) != before:
+        assert time.monotonic() < deadline, "3 s after the caller died: helper %s, target %s" % (
+            os.path.exists("/proc/%d" % helper), snapshot(v.pid))
+        time.sleep(0.02)
+    v.send(b"?\n")
+    assert v.readline() == "children wait -1/10 wall -1/10 chld 0"
+    v.send(b"q\n")
+    assert v.wait() == 0
 
 
 def test_proposal_syscall_semantics_on_the_agent(spawn):

@@ -22,18 +22,21 @@ def fsgid(v):
     return int(v.status()["Gid"].split()[3])
 
 
-def test_process_vm_exec_syscall_loop(spawn):
-    """Selftest 1: guest loops syscall(123, marker), aborting unless 456 comes back."""
+@pytest.mark.parametrize("engine", ["ptrace", "agent"])
+def test_process_vm_exec_syscall_loop(spawn, engine):
+    """Selftest 1: guest loops syscall(123, marker), aborting unless 456 comes back. ptrace: on a
+    stopped target (it stays stopped); agent: mode 1 in its helper process, the target running."""
     v = spawn("wait")
-    os.kill(v.pid, signal.SIGSTOP)
-    v.wait_state("T")
+    if engine == "ptrace":
+        os.kill(v.pid, signal.SIGSTOP)
+        v.wait_state("T")
     fsgid_before = fsgid(v)
     with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         before = snapshot(v.pid)
         ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
         info = SigInfo()
         for i in range(300):                # one attachment for all the calls
-            assert process_vm_exec(v.pid, ctx, 0, info, SIGSYS_BIT | SIGSEGV_BIT) == 0
+            assert process_vm_exec(v.pid, ctx, 0, info, SIGSYS_BIT | SIGSEGV_BIT, engine=engine) == 0
             assert info.signo == signal.SIGSYS, info
             assert info.syscall == TEST_SYSCALL and info.arch == 0xC000003E
             assert info.call_addr == ctx.rip           # after the syscall instruction
@@ -43,8 +46,9 @@ def test_process_vm_exec_syscall_loop(spawn):
         assert snapshot(v.pid) == before
     # The trapped setfsgid(789) was emulated, never run: the child's fsgid is untouched.
     assert fsgid(v) == fsgid_before
-    v.wait_state("T")                 # a SIGSTOPped target stays stopped (back in its group stop)
-    os.kill(v.pid, signal.SIGCONT)
+    if engine == "ptrace":
+        v.wait_state("T")                 # a SIGSTOPped target stays stopped (back in its group stop)
+        os.kill(v.pid, signal.SIGCONT)
     v.send(b"x")
     assert v.readline().startswith("done 1 usr1 0")
     assert v.wait() == 0
@@ -63,15 +67,16 @@ def test_process_vm_exec_wrong_answer_is_seen(spawn):
         process_vm_exec_release(v.pid)
 
 
-def test_process_vm_exec_fault(spawn):
+@pytest.mark.parametrize("engine", ["ptrace", "agent"])
+def test_process_vm_exec_fault(spawn, engine):
     """Selftest 2: stores to 1..7 fault; fixed registers make the store land in the child."""
     v = spawn("wait")
     value = 0xAABBCCDDEE
     with pvmexec.attach(v.pid, engine="ptrace") as space, Guest(space) as guest:
         ctx = guest.context("fault_loop", rdi=guest.data, rsi=value)
         info = SigInfo()
-        for i in range(21):
-            process_vm_exec(v.pid, ctx, 0, info, SIGSEGV_BIT)
+        for i in range(210):
+            process_vm_exec(v.pid, ctx, 0, info, SIGSEGV_BIT, engine=engine)
             assert info.signo == signal.SIGSEGV, info
             expected = i % 7 + 1
             assert ctx.rax == expected and info.addr == expected
@@ -79,7 +84,7 @@ def test_process_vm_exec_fault(spawn):
             ctx.rax = guest.data
             ctx.rcx = value
         # The last fixed store landed in the child's memory (the guest clears it only after the check).
-        process_vm_exec(v.pid, ctx, 0, info, SIGSEGV_BIT)
+        process_vm_exec(v.pid, ctx, 0, info, SIGSEGV_BIT, engine=engine)
         assert info.signo == signal.SIGSEGV and ctx.rax == 1
         assert space.read(guest.data, 8) == bytes(8)
         process_vm_exec_release(v.pid)

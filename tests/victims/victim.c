@@ -13,6 +13,10 @@
  *   seccomp   install a filter (getppid: kill, getuid: EPERM, getgid: trap), then as wait
  *   strict    enter seccomp strict mode, read stdin, write "strict ok", exit
  *   fork      on a line of input, fork a child that sleeps 10 s; print "child <pid>"; then as wait
+ *   children  count SIGCHLDs; on each line of input print what waitpid(-1, WNOHANG) and
+ *             waitpid(-1, WNOHANG | __WALL) return ("children wait R/ERRNO wall R/ERRNO chld N");
+ *             exit 0 on "q" or end of input
+ *   exec      on a line of input, execv itself as "children"
  *   wait      wait on stdin, then exit 0 (a quiet target)
  * Every mode first prints "ready <pid>" and flushes.
  */
@@ -29,6 +33,7 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <stddef.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -48,6 +53,8 @@ static void on_usr1(int sig, siginfo_t *si, void *uc)
 }
 
 static void on_usr2(int sig) { (void)sig; usr2_count++; }
+static volatile sig_atomic_t chld_count;
+static void on_chld(int sig) { (void)sig; chld_count++; }
 static void on_bus(int sig) { (void)sig; bus_count++; }
 
 static double now_ms(void)
@@ -192,6 +199,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(mode, "seccomp"))
         install_filter();
+    if (!strcmp(mode, "children"))
+        signal(SIGCHLD, on_chld);
     printf("ready %d\n", getpid());
     if (!strcmp(mode, "strict")) {
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT))
@@ -203,6 +212,29 @@ int main(int argc, char **argv)
         syscall(SYS_exit, 0);
     }
 
+    if (!strcmp(mode, "children")) {
+        for (;;) {
+            ssize_t got;
+            do
+                got = read(0, buf, sizeof buf);
+            while (got < 0 && errno == EINTR);
+            if (got <= 0 || buf[0] == 'q')
+                return 0;
+            int st;
+            int w = waitpid(-1, &st, WNOHANG), we = w < 0 ? errno : 0;
+            int a = waitpid(-1, &st, WNOHANG | __WALL), ae = a < 0 ? errno : 0;
+            printf("children wait %d/%d wall %d/%d chld %d\n", w, we, a, ae, (int)chld_count);
+        }
+    }
+    if (!strcmp(mode, "exec")) {
+        ssize_t got;
+        do
+            got = read(0, buf, sizeof buf);
+        while (got < 0 && errno == EINTR);
+        char *args[] = {argv[0], "children", NULL};
+        execv("/proc/self/exe", args);
+        return 1;
+    }
     if (!strcmp(mode, "regs")) {
         uint64_t bad = spin_regs();
         printf(bad ? "regs changed %lu\n" : "regs ok\n", (unsigned long)bad);

@@ -156,6 +156,8 @@ def run(iterations=20000, quick=False, on_row=None):
             add("syscall", "python", _python_calls(space, n_py // 4), held=False,
                 note="attach/detach around every call")
             add("syscall-batch", "python", _python_batches(space, max(2, n_py // 64)), batch=64)
+            add("vm_exec-mode1", "python", _vm_exec_mode1(target.proc.pid, "ptrace", guest, n_py),
+                placement=same + "; process_vm_exec(flags 0) of the syscall loop, in a loop (one attachment kept)")
         add("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "ptrace", max(10, n_py // 4)),
             placement=same + "; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) in a loop (one attachment kept)")
 
@@ -181,6 +183,21 @@ def run(iterations=20000, quick=False, on_row=None):
             add_agent("syscall", "c", _agent_c_loop(agent, max(100, n_c // 4), 1),
                       placement="caller and agent thread on cpu %d (futex wake-ups, no spinning)" % cpu)
             agent.set_spin(spin)
+            # Mode 1 in the live target: in the agent's helper process, without ptrace.
+            with Guest(space) as guest:
+                stop = space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))     # starts the helper
+                helper = agent.mode1()
+                if helper is agent._thread_engine:
+                    raise RuntimeError("no helper for mode 1: %s" % agent.helper_refused)
+                for tid in os.listdir("/proc/%d/task" % helper.pid):
+                    os.sched_setaffinity(int(tid), {other})
+                add_helper = _adder(results, "helper", "caller on cpu %d, the agent's helper process (in the "
+                                    "target's memory) on cpu %d (both spin before sleeping)" % (cpu, other))
+                add_helper("exec-syscall", "c", _stub_c_loop(helper, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
+                add_helper("exec-syscall", "python", _exec_syscall_python(space, guest, n_py * 4))
+                stop = space.exec(guest.context("fault_loop", rdi=guest.data, rsi=FAULT_VALUE))
+                add_helper("exec-fault", "c", _stub_c_loop(helper, stop, 1, n_c, guest.data, FAULT_VALUE))
+                add_helper("exec-fault", "python", _exec_fault_python(space, guest, n_py * 4))
             # Idle: an attached agent should cost nothing.
             idle_s = 0.5 if quick else 5.0
             t_cpu0 = _thread_cpu_seconds(target.proc.pid, agent.agent_tid)
@@ -195,6 +212,10 @@ def run(iterations=20000, quick=False, on_row=None):
             add_agent("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "agent", n_py * 4),
                       placement="unpinned agent thread; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) in a loop "
                                 "(one attachment kept)")
+            with attach(target.proc.pid, engine="ptrace") as space, Guest(space) as guest:
+                add_agent("vm_exec-mode1", "python", _vm_exec_mode1(target.proc.pid, "agent", guest, n_py * 4),
+                          placement="unpinned helper; process_vm_exec(flags 0) of the syscall loop, in a loop "
+                                    "(one attachment kept)")
         # Mode 1 in a stub space of our own, no ptrace: syscall sites patched after their first trap
         # (engine "stub"), and every syscall a seccomp trap and a signal (engine "stub-trap").
         from ..space import Space
@@ -210,11 +231,11 @@ def run(iterations=20000, quick=False, on_row=None):
                 add_stub = _adder(results, "stub" if patch else "stub-trap", placed)
                 with Guest(stub_space) as guest:
                     stop = stub_space.exec(guest.context("syscall_loop", rdi=TEST_MARKER))
-                    add_stub("exec-syscall", "c", _stub_c_loop(stub_space, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
+                    add_stub("exec-syscall", "c", _stub_c_loop(stub_space.backend, stop, 0, n_c, TEST_SYSCALL, TEST_SYSCALL_RET))
                     add_stub("exec-syscall", "python", _exec_syscall_python(stub_space, guest, n_py * 4))
                     if patch:           # faults always arrive as signals: patching changes nothing there
                         stop = stub_space.exec(guest.context("fault_loop", rdi=guest.data, rsi=FAULT_VALUE))
-                        add_stub("exec-fault", "c", _stub_c_loop(stub_space, stop, 1, n_c, guest.data, FAULT_VALUE))
+                        add_stub("exec-fault", "c", _stub_c_loop(stub_space.backend, stop, 1, n_c, guest.data, FAULT_VALUE))
                         add_stub("exec-fault", "python", _exec_fault_python(stub_space, guest, n_py * 4))
             finally:
                 stub_space.detach()
@@ -272,6 +293,24 @@ def _vm_exec_calls(pid, engine, n):
         process_vm_exec_release(pid)
 
 
+def _vm_exec_mode1(pid, engine, guest, n):
+    """µs per round trip of process_vm_exec(flags 0): the guest's syscall loop, answered each time."""
+    from ..vmexec import process_vm_exec, process_vm_exec_release
+    ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
+    try:
+        process_vm_exec(pid, ctx, 0, engine=engine)         # attaches
+        t0 = time.perf_counter()
+        for _ in range(n):
+            ctx.rax = TEST_SYSCALL_RET
+            process_vm_exec(pid, ctx, 0, engine=engine)
+        t1 = time.perf_counter()
+        if ctx.rdi != TEST_MARKER:
+            raise RuntimeError("process_vm_exec loop: the guest did not stop at its syscall")
+        return _per_op(t1 - t0, n)
+    finally:
+        process_vm_exec_release(pid)
+
+
 def _python_batches(space, rounds):
     """µs per getppid in batches of 64 through Space.syscalls."""
     batch = [(110, ())] * 64
@@ -288,9 +327,9 @@ def _agent_c_loop(agent, rounds, per_round):
     return ns / 1e3 / (rounds * per_round)
 
 
-def _stub_c_loop(space, stop, kind, n, a0, a1):
-    """The stub's C-level loop starts from the stop registers already in its block; answer that stop first."""
-    stub = space.backend
+def _stub_c_loop(stub, stop, kind, n, a0, a1):
+    """The stub's (or helper's) C-level loop starts from the stop registers already in its block; answer that
+    stop first."""
     regs_off = stub.block - stub._base + _core.LAYOUT["STUB_STOP_OFF"] + _core.LAYOUT["stop.regs"]
     ctx = stop.ctx
     if kind == 0:
@@ -372,6 +411,17 @@ def _ratios(results):
         ("mode 1 fault loop, C: ptrace vs the in-process floor", find("exec-fault", "ptrace", "c"),
          find("exec-fault", "floor", "c")),
         ("mode 1 fault loop, Python API", find("exec-fault", "ptrace", "python"), find("exec-fault", "stub", "python")),
+        ("mode 1 syscall loop in a live process, C (helper vs ptrace)", find("exec-syscall", "ptrace", "c"),
+         find("exec-syscall", "helper", "c")),
+        ("mode 1 syscall loop in a live process, Python API", find("exec-syscall", "ptrace", "python"),
+         find("exec-syscall", "helper", "python")),
+        ("mode 1 fault loop in a live process, C", find("exec-fault", "ptrace", "c"), find("exec-fault", "helper", "c")),
+        ("mode 1 fault loop in a live process, Python API", find("exec-fault", "ptrace", "python"),
+         find("exec-fault", "helper", "python")),
+        ("process_vm_exec(flags 0) in a loop, Python", find("vm_exec-mode1", "ptrace", "python"),
+         find("vm_exec-mode1", "agent", "python")),
+        ("process_vm_exec(flags 0) loop (agent) vs ptrace's C loop", find("exec-syscall", "ptrace", "c"),
+         find("vm_exec-mode1", "agent", "python")),
         ("mode 2 single call, C loop (agent on another CPU)", find("syscall", "ptrace", "c"),
          find("syscall", "agent", "c")),
         ("mode 2 single call, Python API (ptrace thread held)", find("syscall", "ptrace", "python", held=True),

@@ -10,19 +10,21 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import struct
 import time
 import warnings
 
 from .. import _core, janitor, proc
-from ..abi import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
-                   F_SEAL_SHRINK, F_SEAL_WRITE, MFD_ALLOW_SEALING)
+from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
+                   F_SEAL_SHRINK, MFD_ALLOW_SEALING)
 from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
                    CLONE_THREAD, CLONE_VM, F_DUPFD_CLOEXEC, MADV_DONTFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE,
                    MAP_SHARED, MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE)
 from . import BaseEngine
-from .channel import channel_error, wait_word
+from .channel import channel_error, region_tampered, wait_word
 from ..errors import EngineError, TargetGone, UnsupportedTarget
+from .helper import SIZE as HELPER_SIZE, HelperEngine, HelperFailed, HelperGone
 from .ptrace import PtraceEngine, find_syscall_insn
 from .target_filters import thread_mode
 from ..arch import current as _current_arch
@@ -47,19 +49,6 @@ NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "clo
 # while the two run on different CPUs (each side records its CPU in the slot); a machine
 # with one CPU never spins.
 SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
-
-
-def _check_region(pid, fd):
-    """Our own look at the region's memfd before we map it: its size fixed by our seals, and whole. The
-    target could have raced us between memfd_create and the seals (or sealed writes away)."""
-    import fcntl
-    seals = fcntl.fcntl(fd, F_GET_SEALS)
-    if seals & (F_SEAL_SHRINK | F_SEAL_GROW) != F_SEAL_SHRINK | F_SEAL_GROW or seals & (F_SEAL_WRITE |
-                                                                                          F_SEAL_FUTURE_WRITE):
-        raise InjectionFailed(pid, "the agent's memory was tampered with while it was made (seals %#x)" % seals)
-    if os.fstat(fd).st_size != REGION:
-        raise InjectionFailed(pid, "the agent's memory was resized while it was made (%d bytes)" %
-                              os.fstat(fd).st_size)
 
 
 class InjectionFailed(UnsupportedTarget):
@@ -90,6 +79,9 @@ class AgentEngine(BaseEngine):
         self._janitor_key = None       # our record of the region with the janitor (caller-death cleanup)
         self._pidfd_key = None
         self._thread_engine = None
+        self._helper = None            # mode 1: the helper process (engines.helper), started at the first exec
+        self.helper_refused = None     # why mode 1 runs on the agent thread through ptrace instead
+        self.caller_mappings = {}      # the Space's tracked mappings (address -> (size, key)): code we may patch
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
         try:
             self._inject(high_fd, idle_ms)
@@ -140,7 +132,9 @@ class AgentEngine(BaseEngine):
                 self._ok(t.syscall(NR["madvise"], (code, REGION, MADV_DONTFORK)), "madvise")
                 fd_c = _core.pidfd_getfd(self.pidfd, fd_t)
                 try:
-                    _check_region(self.pid, fd_c)
+                    why = region_tampered(fd_c, REGION)
+                    if why:
+                        raise InjectionFailed(self.pid, "the agent: " + why)
                     self._map = mmap.mmap(fd_c, REGION, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 finally:
                     os.close(fd_c)
@@ -267,8 +261,52 @@ class AgentEngine(BaseEngine):
         while self._get32(resp) != self._seq.value and time.monotonic() < deadline:
             time.sleep(0.001)
 
+    def helper_op(self, stack, entry, region, size, window):
+        """PVM_OP_SPAWN: the agent clones the helper (stack != 0; returns its pid or -errno), or ends it."""
+        struct.pack_into("<q6Q", self._map, CALLS, 0, stack, entry, region, size, window, 0)
+        struct.pack_into("<II", self._map, SLOT + L["slot.op"], L["OP_SPAWN"], 1)
+        self._post(_core.agent_call)
+        return struct.unpack_from("<q", self._map, CALLS + L["call.ret"])[0]
+
+    def mode1(self):
+        """The engine mode 1 runs on: the helper, started now if need be, or the agent thread by ptrace."""
+        h = self._helper
+        if h is not None and h.helper_pid and h.proc.poll() is None:
+            return h
+        if h is not None:                       # killed (by an interrupted run, or by anyone): a new one
+            h.close()
+            self._helper = None
+        if self.helper_refused is None:
+            try:
+                self._helper = HelperEngine(self)
+                return self._helper
+            except HelperFailed as e:
+                self.helper_refused = e.reason
+                warnings.warn("pvmexec: mode 1 in process %d runs on the agent thread through ptrace (the "
+                              "helper could not be started: %s)" % (self.pid, e.reason), RuntimeWarning,
+                              stacklevel=4)
+        return self._thread_engine
+
     def exec(self, ctx, sigmask, thread=0):
-        return self._thread_engine.exec(ctx, sigmask, thread)
+        h = self._helper                # the hot path: one helper, already running
+        if h is None or thread or not h.helper_pid:
+            if thread != 0:
+                raise ValueError("a live target has one guest thread, 0 (not %r)" % (thread,))
+            h = self.mode1()
+            if h is self._thread_engine:
+                return h.exec(ctx, sigmask, thread)
+        try:
+            return h.exec(ctx, sigmask, thread)
+        except HelperGone:
+            if not h.left_idle():
+                self._helper = None     # killed under the run: the next exec() starts another
+                h.close()
+                raise
+        return self.mode1().exec(ctx, sigmask, thread)      # it left unused as we asked: nothing ran
+
+    def gone(self):
+        """Whether the target has ended (its pidfd says so)."""
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     def region(self):
         """(start, end) of the agent's own region in the target, or None: not the target's memory."""
@@ -276,6 +314,8 @@ class AgentEngine(BaseEngine):
 
     def own_mappings(self):
         ours = [self.region()] if self.code_base else []
+        if self._helper is not None and self._helper.base is not None:
+            ours.append((self._helper.base, self._helper.base + HELPER_SIZE))
         for engine in (self._main, self._thread_engine):
             if engine is not None:
                 ours += engine.own_mappings()
@@ -286,7 +326,7 @@ class AgentEngine(BaseEngine):
         return {struct.unpack_from("<i", self._map, HEADER + L["header.caller_pidfd"])[0]}
 
     def initial_fpstate(self):
-        return self._thread_engine.initial_fpstate()
+        return self.mode1().initial_fpstate()
 
     @property
     def tid(self):
@@ -299,9 +339,14 @@ class AgentEngine(BaseEngine):
 
     def close(self):
         try:
-            self._undo()
+            if self._helper is not None:
+                self._helper.close()
+                self._helper = None
         finally:
-            self._main.close()
+            try:
+                self._undo()
+            finally:
+                self._main.close()
 
     def _undo(self):
         """Stop the agent thread, unmap the region in the target and here."""

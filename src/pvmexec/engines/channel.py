@@ -2,11 +2,27 @@
 word the other side (agent or stub) writes, and what the channel's status codes mean
 (docs/protocol.md)."""
 import errno
+import fcntl
+import os
 import struct
 import time
 
 from .. import _core
+from ..abi import F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SHRINK, F_SEAL_WRITE
 from ..errors import TargetGone, TargetMisbehaved, TargetStopped
+
+
+def region_tampered(fd, size):
+    """Our own look at a region's memfd made in the target, before we map it: why it is not its size fixed
+    by our seals and whole, or None. The target could have raced us between memfd_create and the seals
+    (or sealed writes away)."""
+    seals = fcntl.fcntl(fd, F_GET_SEALS)
+    if seals & (F_SEAL_SHRINK | F_SEAL_GROW) != F_SEAL_SHRINK | F_SEAL_GROW or seals & (F_SEAL_WRITE |
+                                                                                          F_SEAL_FUTURE_WRITE):
+        return "its memory was tampered with while it was made (seals %#x)" % seals
+    if os.fstat(fd).st_size != size:
+        return "its memory was resized while it was made (%d bytes)" % os.fstat(fd).st_size
+    return None
 
 
 def wait_word(mem, base, off, want, seconds, gone=lambda: False):

@@ -62,33 +62,13 @@ class StubEngine(BaseEngine):
     name = "stub"
 
     def __init__(self, spin=None, patch=True, fixed_layout=False):
-        self.proc = None
-        self._map = None
-        self._keep = None
-        self.pidfd = -1
-        self._mem = -1
-        self._sites = {}                # syscall sites seen (address after the syscall) -> patch index or None
-        self._npatched = 0
-        self._patch_lock = threading.Lock()
-        self._patch_busy = False        # _patch holds every guest thread's lock for a moment
-        self.service = None             # block 0: mode 2 and starting threads; never runs guest code
-        self.threads = []               # guest threads: blocks 1, 2, ...
-        self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
+        self._init_state(spin)
         fd = os.memfd_create("pvmexec-stub-region", os.MFD_CLOEXEC)
         exe = os.memfd_create("pvmexec-stub", 0)
         self._lend, stub_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             os.ftruncate(fd, L["STUB_REGION_SIZE"])
-            self._map = mmap.mmap(fd, L["STUB_REGION_SIZE"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self._keep = ctypes.c_char.from_buffer(self._map)
-            self._base = ctypes.addressof(self._keep)
-            struct.pack_into("<I", self._map, L["stub_header.magic"], L["STUB_MAGIC"])
-            struct.pack_into("<I", self._map, L["stub_header.state"], 0)
-            for i in range(L["STUB_MAX_THREADS"]):
-                slot = L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"]
-                struct.pack_into("<I", self._map, slot + L["slot.spin"], self.spin)
-                struct.pack_into("<I", self._map, slot + L["slot.agent_cpu"], 0xFFFFFFFF)   # not known yet
-            self.service = _Thread(0, self._base)
+            self._init_region(mmap.mmap(fd, L["STUB_REGION_SIZE"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             os.write(exe, _core.STUB_ELF)
             # Without patching, no window: the range stays free for a program that loads there (node).
             self.proc = start_stub(exe, [str(fd), str(stub_end.fileno())] + ([] if patch else ["nowindow"]),
@@ -107,14 +87,43 @@ class StubEngine(BaseEngine):
             os.close(fd)
             os.close(exe)
             stub_end.close()
+        self._read_start_state()
+        self.patching = self._start_patching() if patch else "off (patch_syscalls=False)"
+
+    def _init_state(self, spin):
+        self.proc = None
+        self._map = None
+        self._keep = None
+        self.pidfd = -1
+        self._mem = -1
+        self._sites = {}                # syscall sites seen (address after the syscall) -> patch index or None
+        self._npatched = 0
+        self._patch_lock = threading.Lock()
+        self._patch_busy = False        # _patch holds every guest thread's lock for a moment
+        self.service = None             # block 0: mode 2 and starting threads; never runs guest code
+        self.threads = []               # guest threads: blocks 1, 2, ...
+        self.spin = spin if spin is not None else (20000 if os.cpu_count() > 1 else 0)
+
+    def _init_region(self, region):
+        """The region (an mmap, the stub's part at its start) ready for the stub's start."""
+        self._map = region
+        self._keep = ctypes.c_char.from_buffer(self._map)
+        self._base = ctypes.addressof(self._keep)
+        struct.pack_into("<I", self._map, L["stub_header.magic"], L["STUB_MAGIC"])
+        struct.pack_into("<I", self._map, L["stub_header.state"], 0)
+        for i in range(L["STUB_MAX_THREADS"]):
+            slot = L["STUB_BLOCK_OFF"] + i * L["STUB_BLOCK_SIZE"]
+            struct.pack_into("<I", self._map, slot + L["slot.spin"], self.spin)
+            struct.pack_into("<I", self._map, slot + L["slot.agent_cpu"], 0xFFFFFFFF)   # not known yet
+        self.service = _Thread(0, self._base)
+
+    def _read_start_state(self):
         self.gadget = struct.unpack_from("<Q", self._map, L["stub_header.gadget"])[0]
         # The first trap's FPU state (the stub never touched the FPU): the clean state for this CPU.
         stop_off = L["STUB_BLOCK_OFF"] + L["STUB_STOP_OFF"]
         fp_size = struct.unpack_from("<I", self._map, stop_off + L["stop.fp_size"])[0]
-
         fp_off = L["STUB_BLOCK_OFF"] + L["STUB_FP_OFF"]
         self._init_fp = bytes(self._map[fp_off:fp_off + fp_size]) if 512 <= fp_size <= L["STUB_FP_MAX"] else None
-        self.patching = self._start_patching() if patch else "off (patch_syscalls=False)"
 
     def _start_patching(self):
         """'on', or why not: the stub maps the window only if it can, the code is rewritten through /proc/PID/mem."""

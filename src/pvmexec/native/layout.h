@@ -159,7 +159,24 @@ struct pvm_slot {
 #define PVM_STUB_PREEMPT_SIG 23             /* SIGURG */
 
 #define PVM_OP_RUN 3U                       /* stub: resume the guest with stop.regs / fp */
-#define PVM_OP_SPAWN 4U                     /* stub: start the thread of block calls[0].args[0] */
+#define PVM_OP_SPAWN 4U                     /* stub: start the thread of block calls[0].args[0];
+                                               agent: start the helper (calls[0].args: stack, entry,
+                                               region, its size, window or 0), or end it (stack 0) */
+
+/*
+ * The agent's helper for mode 1 on a live target: a process sharing the
+ * target's memory (CLONE_VM) but not its signal handlers, thread group or
+ * descriptors; exit signal 0, so that no wait() of the target without __WCLONE
+ * or __WALL sees it and no SIGCHLD is sent. The agent thread is its parent:
+ * it reaps it before it leaves, and PR_SET_PDEATHSIG ends it with the agent.
+ */
+#define PVM_HELPER_CLONE_FLAGS 0x100        /* CLONE_VM, exit signal 0 */
+/* A helper whose guest thread waited this many idle periods for a request leaves (state HELPER_IDLE):
+ * a target that runs execve while a helper exists gets a SIGCHLD from its end (the kernel's rule for a
+ * child whose parent ran execve), so it exists only while mode 1 is in use. */
+#define PVM_STUB_IDLE_MS 500
+#define PVM_HELPER_IDLE_ROUNDS 2
+#define PVM_HELPER_IDLE 2U
 
 /* The only clone the stub's filter allows: a thread in the same space. */
 #define PVM_STUB_CLONE_FLAGS 0x50f00UL      /* VM FS FILES SIGHAND THREAD SYSVSEM */
@@ -270,6 +287,8 @@ _Static_assert(__builtin_offsetof(struct pvm_slot, calls) == 192, "calls offset"
     OFF("header.code_base", struct pvm_header, code_base) \
     OFF("header.data_base", struct pvm_header, data_base) \
     OFF("header.code_keep", struct pvm_header, code_keep) \
+    VAL("HELPER_CLONE_FLAGS", PVM_HELPER_CLONE_FLAGS) \
+    VAL("HELPER_IDLE", PVM_HELPER_IDLE) \
     OFF("slot.req_seq", struct pvm_slot, req_seq) \
     OFF("slot.spin", struct pvm_slot, spin) \
     OFF("slot.resp_seq", struct pvm_slot, resp_seq) \
@@ -287,6 +306,8 @@ _Static_assert(__builtin_offsetof(struct pvm_slot, calls) == 192, "calls offset"
     VAL("STUB_STOP_OFF", PVM_STUB_STOP_OFF) \
     VAL("STUB_FP_OFF", PVM_STUB_FP_OFF) \
     VAL("STUB_FP_MAX", PVM_STUB_FP_MAX) \
+    VAL("STUB_ALTSTACK_OFF", PVM_STUB_ALTSTACK_OFF) \
+    VAL("STUB_ALTSTACK_SIZE", PVM_STUB_ALTSTACK_SIZE) \
     VAL("STUB_MAX_THREADS", PVM_STUB_MAX_THREADS) \
     VAL("STUB_LEND_FD", PVM_STUB_LEND_FD) \
     VAL("STUB_LEND_SCRATCH", PVM_STUB_LEND_SCRATCH) \

@@ -10,6 +10,7 @@ struct pvm_symbol {
 };
 #include "guest_blob.h"
 #include "agent_blob.h"
+#include "helper_blob.h"
 #include "stub_elf.h"
 
 static PyMethodDef methods[] = {
@@ -158,6 +159,9 @@ core_exec(PyObject *m)
     if (bad || add_steal(m, "LAYOUT", layout) < 0
         || add_steal(m, "GUEST_SYMBOLS", symbol_dict(pvm_guest_symbols)) < 0
         || add_steal(m, "AGENT_SYMBOLS", symbol_dict(pvm_agent_symbols)) < 0
+        || add_steal(m, "HELPER_SYMBOLS", symbol_dict(pvm_helper_symbols)) < 0
+        || add_steal(m, "HELPER_BLOB",
+                        PyBytes_FromStringAndSize((const char *)pvm_helper_blob, PVM_HELPER_BLOB_SIZE)) < 0
         || add_steal(m, "STUB_ALLOWED", tuple_of(sizeof stub_allowed / sizeof stub_allowed[0], allowed_nr)) < 0
         || add_steal(m, "STUB_ELF", PyBytes_FromStringAndSize((const char *)pvm_stub_elf, PVM_STUB_ELF_SIZE)) < 0
         || add_steal(m, "AGENT_BLOB",

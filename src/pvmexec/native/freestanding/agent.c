@@ -39,6 +39,49 @@ static int caller_gone(struct pvm_header *h)
     return sys6(__NR_poll, (long)&p, 1, 0, 0, 0, 0) == 1 && (p.revents & POLLIN);
 }
 
+/* The helper process (child: calls entry(arg, our tgid) on stack); returns its pid or -errno. */
+long pvm_agent_spawn(uint64_t stack, uint64_t entry, uint64_t arg);
+
+struct helper {
+    long pid;                   /* our child, until reaped */
+    uint64_t map, size;         /* its region in the target */
+    uint64_t window;            /* its patching window there, or 0 */
+};
+
+#define P_PID 1
+#define WNOHANG 1
+#define WEXITED 4
+#define WNOWAIT 0x01000000
+#define WCLONE 0x80000000U
+
+/* Whether the helper is still our child, and if so whether it has ended (WNOWAIT: it stays unreaped). */
+static int helper_state(struct helper *hp, int *ended)
+{
+    uint32_t si[32] = {0};
+    long r = sys6(__NR_waitid, P_PID, hp->pid, (long)si, WEXITED | WNOHANG | WNOWAIT | WCLONE, 0, 0);
+    *ended = r == 0 && si[4] == (uint32_t)hp->pid;          /* si_pid */
+    return r == 0;
+}
+
+/* The helper ended, reaped (nothing stays for the target's wait(__WALL) to see) and its region unmapped. */
+static void end_helper(struct helper *hp, int only_if_ended)
+{
+    int ended;
+    if (hp->pid <= 0)
+        return;
+    if (helper_state(hp, &ended)) {         /* else the target's own wait(__WALL) took it: its pid is not ours */
+        if (only_if_ended && !ended)
+            return;
+        if (!ended)
+            sys6(__NR_kill, hp->pid, 9, 0, 0, 0, 0);
+        sys6(__NR_waitid, P_PID, hp->pid, 0, WEXITED | WCLONE, 0, 0);
+    }
+    sys6(__NR_munmap, (long)hp->map, (long)hp->size, 0, 0, 0, 0);
+    if (hp->window)
+        sys6(__NR_munmap, (long)hp->window, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
+    hp->pid = 0;
+}
+
 /* Unmaps [rest, rest + rest_size) then [code_base, code_base + code_keep), then exits. */
 void pvm_agent_final(uint64_t rest, uint64_t rest_size, uint64_t code_base, uint64_t code_keep);
 
@@ -49,6 +92,7 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     struct pvm_slot *slot = (struct pvm_slot *)((char *)h + (PVM_SLOT_OFF - PVM_HEADER_OFF));
     uint32_t last = 0;          /* the caller counts from 0 too */
     int asked = 0;              /* leaving on the caller's request, not at its death */
+    struct helper helper = {0, 0, 0, 0};
     st(&h->state, PVM_STATE_SERVING);
     sys6(__NR_futex, (long)&h->state, FUTEX_WAKE, 1, 0, 0, 0);
     for (;;) {
@@ -63,6 +107,8 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
         if (seq != want) {
             if (timed_out && caller_gone(h))
                 break;
+            if (timed_out)
+                end_helper(&helper, 1);     /* a helper that left when idle: reaped now */
             continue;
         }
         uint32_t expected = last;
@@ -82,6 +128,21 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
                 c->ret = sys6(c->nr, c->args[0], c->args[1], c->args[2], c->args[3], c->args[4], c->args[5]);
             }
         }
+        if (op == PVM_OP_SPAWN) {
+            struct pvm_call *c = &slot->calls[0];
+            if (!c->args[0]) {              /* stack 0: end it */
+                end_helper(&helper, 0);
+                c->ret = 0;
+            } else if (helper.pid) {
+                c->ret = -17;               /* EEXIST: one helper at a time */
+            } else {
+                c->ret = pvm_agent_spawn(c->args[0], c->args[1], c->args[2]);
+                if (c->ret > 0)
+                    helper = (struct helper){c->ret, c->args[2], c->args[3], c->args[4]};
+            }
+        }
+        if (op == PVM_OP_EXIT)
+            end_helper(&helper, 0);
         chan_respond(slot, seq);
         if (op == PVM_OP_EXIT && count == 1) {
             asked = 1;              /* leave as at the caller's death: the caller unmaps the last page */
@@ -95,8 +156,10 @@ __attribute__((noreturn, used)) void pvm_agent_main(struct pvm_header *h)
     }
     /* The caller died, or asked us to leave so: remove ourselves. The last code page cannot unmap
      * itself; the caller (or its janitor) unmaps it once we are gone. */
-    if (!asked)
+    if (!asked) {
+        end_helper(&helper, 0);
         st(&h->state, PVM_STATE_CALLER_GONE);
+    }
     if (h->caller_pidfd >= 0)
         sys6(__NR_close, h->caller_pidfd, 0, 0, 0, 0, 0);
     sys6(__NR_set_tid_address, 0, 0, 0, 0, 0, 0);    /* no clear-on-exit write into unmapped memory */
@@ -138,6 +201,37 @@ __asm__(
     "  call pvm_agent_main\n"
     "  ud2\n"
     ".size pvm_agent_bootstrap, .-pvm_agent_bootstrap\n"
+    ".popsection\n");
+
+__asm__(
+    ".pushsection .text\n"
+    ".globl pvm_agent_spawn\n"
+    ".type pvm_agent_spawn,@function\n"
+    "pvm_agent_spawn:\n"
+    "  push %r12\n push %r13\n push %r14\n"
+    "  mov %rsi, %r12\n"
+    "  mov %rdx, %r13\n"
+    "  mov $" PVM_STR(__NR_getpid) ", %eax\n"
+    "  syscall\n"
+    "  mov %rax, %r14\n"
+    "  mov %rdi, %rsi\n"                 /* the child's stack */
+    "  mov $" PVM_STR(PVM_HELPER_CLONE_FLAGS) ", %edi\n"
+    "  xor %edx, %edx\n"
+    "  xor %r10d, %r10d\n"
+    "  xor %r8d, %r8d\n"
+    "  mov $" PVM_STR(__NR_clone) ", %eax\n"
+    "  syscall\n"
+    "  test %rax, %rax\n"
+    "  jz 1f\n"
+    "  pop %r14\n pop %r13\n pop %r12\n"
+    "  ret\n"
+    "1:\n"
+    "  mov %r13, %rdi\n"
+    "  mov %r14, %rsi\n"
+    "  and $-16, %rsp\n"
+    "  call *%r12\n"
+    "  ud2\n"
+    ".size pvm_agent_spawn, .-pvm_agent_spawn\n"
     ".popsection\n");
 
 /* Unmaps everything after this page, then the code before it, then exits; uses no memory. */

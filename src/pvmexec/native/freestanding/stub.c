@@ -263,13 +263,27 @@ static int is_allowed(uint64_t nr)
 }
 
 /* The next request is exactly served + 1: anything else in req_seq is junk (the guest can write it). */
-static uint32_t wait_request(struct pvm_slot *slot, uint32_t last)
+static uint32_t wait_request(uint64_t self, struct pvm_slot *slot, uint32_t last)
 {
-    const struct timespec_ idle = {0, 500 * 1000 * 1000};
+    const struct timespec_ idle = {0, PVM_STUB_IDLE_MS * 1000 * 1000};
     int timed_out;
-    while (chan_wait(slot, last + 1, &idle, &timed_out) != last + 1)
-        if (timed_out && sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
+#ifdef PVM_HELPER
+    uint32_t rounds = 0;
+#endif
+    (void)self;
+    while (chan_wait(slot, last + 1, &idle, &timed_out) != last + 1) {
+        if (!timed_out)
+            continue;
+        if (sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
             sys6(__NR_exit_group, 0, 0, 0, 0, 0, 0);
+#ifdef PVM_HELPER
+        /* A guest thread nobody ran for a while: leave (the agent reaps us; the caller starts another). */
+        if (self && ++rounds >= PVM_HELPER_IDLE_ROUNDS) {
+            st(&header->state, PVM_HELPER_IDLE);
+            sys6(__NR_exit_group, 0, 0, 0, 0, 0, 0);
+        }
+#endif
+    }
     return last + 1;
 }
 
@@ -335,7 +349,7 @@ static void serve(uint64_t self, struct pvm_slot *slot, struct pvm_stop *stop)
         }
     }
     for (;;) {
-        uint32_t seq = wait_request(slot, served[self]);
+        uint32_t seq = wait_request(self, slot, served[self]);
         served[self] = seq;
         uint32_t op = slot->op;
         if (op == PVM_OP_CALLS) {
@@ -638,7 +652,9 @@ static uint32_t xsave_size_for(uint64_t mask)
  * fill in every trampoline. Patching stays off (header->window 0) unless
  * this works and XSAVE saves what a signal frame holds (checked at the first trap).
  */
-static void setup_window(long fd, int map_it)
+enum { NO_WINDOW, MAP_WINDOW, WINDOW_MAPPED };     /* WINDOW_MAPPED: the helper's caller mapped it for us */
+
+static void setup_window(long fd, int how)
 {
     uint32_t a, b, c, d;
     cpuid(1, 0, &a, &b, &c, &d);
@@ -660,14 +676,16 @@ static void setup_window(long fd, int map_it)
         pvm_fast_fp[k] = (uint64_t)(uintptr_t)(block + PVM_STUB_FP_OFF);
         pvm_fast_tid[k] = ~0U;
     }
-    if (!map_it)
+    if (how == NO_WINDOW)
         return;
-    long at = sys6(__NR_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */, MAP_SHARED | MAP_FIXED_NOREPLACE,
-                 fd, PVM_STUB_WINDOW_OFF);
-    if (at != (long)PVM_STUB_WINDOW_ADDR) {
-        if (at > 0)
-            sys6(__NR_munmap, at, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
-        return;
+    if (how == MAP_WINDOW) {
+        long at = sys6(__NR_mmap, PVM_STUB_WINDOW_ADDR, PVM_STUB_WINDOW_SIZE, 5 /* R|X */,
+                       MAP_SHARED | MAP_FIXED_NOREPLACE, fd, PVM_STUB_WINDOW_OFF);
+        if (at != (long)PVM_STUB_WINDOW_ADDR) {
+            if (at > 0)
+                sys6(__NR_munmap, at, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
+            return;
+        }
     }
     window = region + PVM_STUB_WINDOW_OFF;
     uint64_t entry = PVM_STUB_WINDOW_ADDR + PVM_STUB_ENTRY_OFF;
@@ -685,6 +703,39 @@ static void setup_window(long fd, int map_it)
             p[j] = j < 18 ? code[j] : 0xcc;
         *(uint64_t *)(window + PVM_STUB_SLOTS_OFF + 8 * i) = t;
     }
+}
+
+static int handled(int sig)
+{
+    return sig == 31 /* SIGSYS */ || sig == 11 || sig == 7 || sig == 8 || sig == 4 || sig == 5 || sig == PVM_STUB_PREEMPT_SIG;
+}
+
+/* Handlers for guest faults, traps and our preemption (every other signal ignored if ignore_others); then the
+ * filter, and into the handler. */
+__attribute__((noreturn)) static void serve_from_handler(int ignore_others)
+{
+    header->stub_pid = (uint32_t)sys6(__NR_getpid, 0, 0, 0, 0, 0, 0);
+    header->region_base = (uint64_t)(uintptr_t)region;
+    header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
+    use_signal_stack(0);
+    for (int sig = 1; sig <= 64; sig++) {
+        if (!handled(sig) && (!ignore_others || sig == 9 || sig == 19))
+            continue;
+        struct kernel_sigaction sa;
+        sa.handler = handled(sig) ? (void *)pvm_stub_handler : (void *)1 /* SIG_IGN */;   /* field by field: an
+                                                                  initializer may become a relocated template */
+        sa.flags = SA_SIGINFO | SA_ONSTACK | SA_RESTORER | SA_NODEFER;
+        sa.restorer = (void *)pvm_stub_restorer;
+        sa.mask = 0;                /* the handler may leave without rt_sigreturn: nothing to unblock */
+        if (sys6(__NR_rt_sigaction, sig, (long)&sa, 0, 8, 0, 0) && handled(sig))
+            sys6(__NR_exit_group, 7, 0, 0, 0, 0, 0);
+    }
+    uint64_t none = 0;
+    sys6(__NR_rt_sigprocmask, 2 /* SIG_SETMASK */, (long)&none, 0, 8, 0, 0);
+    install_filter((uint64_t)(uintptr_t)pvm_stub_gadget + 2);
+    trap_into_handler();
+    sys6(__NR_exit_group, 8, 0, 0, 0, 0, 0);
+    __builtin_unreachable();
 }
 
 __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
@@ -707,7 +758,7 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     header = (struct pvm_stub_header *)region;
     if (header->magic != PVM_STUB_MAGIC)
         sys6(__NR_exit_group, 5, 0, 0, 0, 0, 0);
-    setup_window(fd, !(argc > 3 && argv[3][0] == 'n'));     /* "nowindow": no patching, the range stays free */
+    setup_window(fd, argc > 3 && argv[3][0] == 'n' ? NO_WINDOW : MAP_WINDOW);   /* "nowindow": the range stays free */
     if (argc > 2) {                         /* the lending socket, at its fixed number */
         long lend = parse_int(argv[2]);
         if (lend != PVM_STUB_LEND_FD && sys6(__NR_dup3, lend, PVM_STUB_LEND_FD, 0, 0, 0, 0) != PVM_STUB_LEND_FD)
@@ -722,22 +773,32 @@ __attribute__((used, noreturn)) void pvm_stub_main(uint64_t *sp)
     sys6(__NR_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
     if (sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != header->caller_pid)
         sys6(__NR_exit_group, 6, 0, 0, 0, 0, 0);
-    header->stub_pid = (uint32_t)sys6(__NR_getpid, 0, 0, 0, 0, 0, 0);
-    header->region_base = (uint64_t)base;
-    header->gadget = (uint64_t)(uintptr_t)pvm_stub_gadget;
-    use_signal_stack(0);
-    static const int sigs[] = {31 /* SIGSYS */, 11, 7, 8, 4, 5, PVM_STUB_PREEMPT_SIG};
-    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
-        struct kernel_sigaction sa;
-        sa.handler = (void *)pvm_stub_handler;      /* field by field: an initializer may become a relocated template */
-        sa.flags = SA_SIGINFO | SA_ONSTACK | SA_RESTORER | SA_NODEFER;
-        sa.restorer = (void *)pvm_stub_restorer;
-        sa.mask = 0;                /* the handler may leave without rt_sigreturn: nothing to unblock */
-        if (sys6(__NR_rt_sigaction, sigs[i], (long)&sa, 0, 8, 0, 0))
-            sys6(__NR_exit_group, 7, 0, 0, 0, 0, 0);
-    }
-    install_filter((uint64_t)(uintptr_t)pvm_stub_gadget + 2);
-    trap_into_handler();
-    sys6(__NR_exit_group, 8, 0, 0, 0, 0, 0);
-    __builtin_unreachable();
+    serve_from_handler(0);
 }
+
+#ifdef PVM_HELPER
+/*
+ * The helper (see layout.h), started by the agent inside a live target with
+ * the region already mapped at base: the same service as the stub, in the
+ * target's address space. parent: the agent's tgid, our getppid() while it lives.
+ */
+__attribute__((used, noreturn)) void pvm_helper_main(char *base, long parent)
+{
+    sys6(__NR_close_range, 0, ~0U, 0, 0, 0, 0);         /* a copy of the target's table: none of it is ours */
+    sys6(__NR_prctl, PR_SET_PDEATHSIG, 9, 0, 0, 0, 0);
+    if (sys6(__NR_getppid, 0, 0, 0, 0, 0, 0) != parent)
+        sys6(__NR_exit_group, 6, 0, 0, 0, 0, 0);        /* the agent left before the line above */
+    region = base;
+    header = (struct pvm_stub_header *)region;
+    if (header->magic != PVM_STUB_MAGIC)
+        sys6(__NR_exit_group, 5, 0, 0, 0, 0, 0);
+    header->caller_pid = (int32_t)parent;
+    sys6(__NR_setpgid, 0, 0, 0, 0, 0, 0);              /* signals to the target's process group are not ours */
+    int mapped = header->window == PVM_STUB_WINDOW_ADDR;
+    header->window = 0;                                 /* until the first trap shows patching can work */
+    setup_window(-1, mapped ? WINDOW_MAPPED : NO_WINDOW);
+    static const char comm[16] = "pvmexec-helper";
+    sys6(__NR_prctl, PR_SET_NAME, (long)comm, 0, 0, 0, 0);
+    serve_from_handler(1);      /* the target's handlers, copied into us, are not ours to run */
+}
+#endif
