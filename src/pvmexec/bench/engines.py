@@ -209,13 +209,13 @@ def run(iterations=20000, quick=False, on_row=None):
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")              # (a fallback to ptrace would not be this row)
-            add_agent("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "agent", n_py * 4),
-                      placement="unpinned agent thread; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) in a loop "
-                                "(one attachment kept)")
+            add_agent("vm_exec-sysc", "python", _vm_exec_calls(target.proc.pid, "agent", n_py * 4, other),
+                      placement="caller on cpu %d, agent thread on cpu %d; process_vm_exec(PROCESS_VM_EXEC_SYSCALL) "
+                                "in a loop (one attachment kept)" % (cpu, other))
             with attach(target.proc.pid, engine="ptrace") as space, Guest(space) as guest:
-                add_agent("vm_exec-mode1", "python", _vm_exec_mode1(target.proc.pid, "agent", guest, n_py * 4),
-                          placement="unpinned helper; process_vm_exec(flags 0) of the syscall loop, in a loop "
-                                    "(one attachment kept)")
+                add_agent("vm_exec-mode1", "python", _vm_exec_mode1(target.proc.pid, "agent", guest, n_py * 4, other),
+                          placement="caller on cpu %d, helper on cpu %d; process_vm_exec(flags 0) of the syscall "
+                                    "loop, in a loop (one attachment kept)" % (cpu, other))
         # Mode 1 in a stub space of our own, no ptrace: syscall sites patched after their first trap
         # (engine "stub"), and every syscall a seccomp trap and a signal (engine "stub-trap").
         from ..space import Space
@@ -278,12 +278,15 @@ def _python_calls(space, n):
     return _per_op(time.perf_counter() - t0, n)
 
 
-def _vm_exec_calls(pid, engine, n):
-    """µs per getppid through the proposal's interface, called in a loop as its selftests do."""
-    from ..vmexec import PROCESS_VM_EXEC_SYSCALL, process_vm_exec, process_vm_exec_release
+def _vm_exec_calls(pid, engine, n, agent_cpu=None):
+    """µs per getppid through the proposal's interface, called in a loop as its selftests do.
+    agent_cpu: pin the agent thread of the attachment process_vm_exec keeps there."""
+    from ..vmexec import PROCESS_VM_EXEC_SYSCALL, _held, process_vm_exec, process_vm_exec_release
     ctx = SigContext(rax=NR_GETPPID)
     try:
         process_vm_exec(pid, ctx, PROCESS_VM_EXEC_SYSCALL, engine=engine)    # attaches
+        if agent_cpu is not None:
+            os.sched_setaffinity(_held[(pid, engine)].space.backend.agent_tid, {agent_cpu})
         t0 = time.perf_counter()
         for _ in range(n):
             ctx.rax = NR_GETPPID
@@ -293,12 +296,17 @@ def _vm_exec_calls(pid, engine, n):
         process_vm_exec_release(pid)
 
 
-def _vm_exec_mode1(pid, engine, guest, n):
-    """µs per round trip of process_vm_exec(flags 0): the guest's syscall loop, answered each time."""
-    from ..vmexec import process_vm_exec, process_vm_exec_release
+def _vm_exec_mode1(pid, engine, guest, n, helper_cpu=None):
+    """µs per round trip of process_vm_exec(flags 0): the guest's syscall loop, answered each time.
+    helper_cpu: pin the helper of the attachment process_vm_exec keeps there."""
+    from ..vmexec import _held, process_vm_exec, process_vm_exec_release
     ctx = guest.context("syscall_loop", rdi=TEST_MARKER)
     try:
         process_vm_exec(pid, ctx, 0, engine=engine)         # attaches
+        if helper_cpu is not None:
+            helper = _held[(pid, engine)].space.backend.mode1()
+            for tid in os.listdir("/proc/%d/task" % helper.pid):
+                os.sched_setaffinity(int(tid), {helper_cpu})
         t0 = time.perf_counter()
         for _ in range(n):
             ctx.rax = TEST_SYSCALL_RET
