@@ -89,6 +89,15 @@ SCENARIOS = {
             while True:
                 space.exec(g.context("fault_loop", rdi=g.data, rsi=5))
     """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "agent-exec-syscalls": ("""
+        with pvmexec.attach(pid, engine="agent") as space, Guest(space) as g:
+            ctx = g.context("syscall_loop", rdi=1, rbx=1, r15=2)
+            go()
+            while True:
+                stop = space.exec(ctx)
+                ctx = stop.ctx
+                ctx.rax = 456
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
     "ptrace-syscalls-kill": ("""
         with pvmexec.attach(pid, engine="ptrace") as space:
             go()

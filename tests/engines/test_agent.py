@@ -172,6 +172,58 @@ def test_live_patching_rewrites_only_the_callers_own_code(spawn):
     assert v.readline().startswith("done 1")
 
 
+def test_the_helper_traps_every_syscall_where_the_patching_window_is_taken(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        taken = space.syscall("mmap", 0x050F0000, 4096, 1, 0x22 | 0x100000, -1, 0)   # MAP_FIXED_NOREPLACE
+        assert taken == 0x050F0000
+        try:
+            ctx = g.context("syscall_loop", rdi=789)
+            for _ in range(20):
+                stop = space.exec(ctx)
+                assert stop.syscall == 123
+                ctx = stop.ctx
+                ctx.rax = 456
+            h = helper_of(space)
+            assert h.patching.startswith("off (the range of the patching window") and h.patched_sites == 0
+        finally:
+            space.syscall("munmap", taken, 4096)
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
+PIDS = "/sys/fs/cgroup/pids"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir(PIDS), reason="needs root and the cgroup v1 pids controller")
+def test_mode1_falls_back_to_ptrace_where_the_helper_cannot_be_started(spawn):
+    group = os.path.join(PIDS, "pvmexec-test-%d" % os.getpid())
+    os.mkdir(group)
+    try:
+        v = spawn("wait")
+        with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(v.pid))
+            with open(os.path.join(group, "pids.max"), "w") as f:
+                f.write(str(len(os.listdir("/proc/%d/task" % v.pid))))         # no new task there
+            with pytest.warns(RuntimeWarning, match="helper could not be started"):
+                stop = space.exec(g.context("syscall_loop", rdi=789))
+            assert stop.syscall == 123
+            assert "Resource temporarily unavailable" in space.backend.helper_refused
+            assert children_of(v.pid) == [] and "pvmexec-helper" not in open("/proc/%d/maps" % v.pid).read()
+            ctx = stop.ctx
+            ctx.rax = 456
+            assert space.exec(ctx).syscall == 123                             # and on, without a new try
+        v.send(b"x")
+        assert v.readline().startswith("done 1")
+    finally:
+        with open(os.path.join(PIDS, "cgroup.procs"), "w") as f:
+            for pid in open(os.path.join(group, "cgroup.procs")).read().split():
+                f.write(pid)
+                f.flush()
+        os.rmdir(group)
+
+
 def test_the_targets_own_waits_never_see_the_helper(spawn):
     """wait(-1) and SIGCHLD see nothing; a wait with __WALL sees a child that does not end (0 for
     WNOHANG, where it said ECHILD before) and never reaps it; after detach all is as before."""

@@ -26,6 +26,8 @@ CLEAN = [
     ("agent-idle", signal.SIGKILL), ("agent-idle", signal.SIGINT),
     ("agent-syscalls", signal.SIGKILL), ("agent-syscalls", signal.SIGTERM),
     ("agent-blocked-read", signal.SIGKILL), ("agent-attach-detach", signal.SIGINT),
+    ("agent-exec", signal.SIGKILL), ("agent-exec", signal.SIGINT),
+    ("agent-exec-syscalls", signal.SIGKILL), ("agent-exec-syscalls", signal.SIGTERM),
     ("dump-frozen", signal.SIGKILL), ("dump-frozen", signal.SIGTERM),
 ]
 

@@ -27,7 +27,7 @@ from .. import _core, janitor
 from ..abi import F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE, MAP_SHARED, \
     MFD_ALLOW_SEALING, \
     MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE
-from ..errors import EngineError, TargetGone
+from ..errors import EngineError, PvmexecError, TargetGone
 from ..syscalls import number
 from .channel import region_tampered
 from ..arch import current as _current_arch
@@ -101,8 +101,10 @@ class HelperEngine(StubEngine):
             self._start()
             self._wait_ready()
             self.new_thread()
-        except BaseException:
+        except BaseException as e:
             self.close()
+            if isinstance(e, OSError) and not isinstance(e, (PvmexecError, InterruptedError)):
+                raise HelperFailed("%s" % e) from None      # refused by the kernel: mode 1 stays on ptrace
             raise
         self._read_start_state()
         if self.window:
