@@ -86,6 +86,19 @@ def test_signals_to_the_target_are_not_taken_by_the_agent(spawn):
     assert line.startswith("done 1 usr1 ") and int(line.split()[3]) >= 1
 
 
+def syscall_loop(space, g, n, check=None):
+    """n round trips of the guest's syscall loop, each stop checked (and check() true after each);
+    returns the last stop."""
+    ctx = g.context("syscall_loop", rdi=789)
+    for _ in range(n):
+        stop = space.exec(ctx)
+        assert stop.syscall == 123 and stop.ctx.rdi == 789
+        assert check is None or check()
+        ctx = stop.ctx
+        ctx.rax = 456
+    return stop
+
+
 def helper_of(space):
     h = space.backend._helper
     assert h is not None, "mode 1 did not start the helper (%s)" % space.backend.helper_refused
@@ -108,13 +121,8 @@ def test_mode1_runs_in_the_helper_and_the_target_never_stops(spawn):
     before = snapshot(v.pid)
     with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
         threads = sorted(os.listdir("/proc/%d/task" % v.pid))
-        ctx = g.context("syscall_loop", rdi=789)
-        for _ in range(50):
-            stop = space.exec(ctx)
-            assert stop.syscall == 123 and stop.ctx.rdi == 789
-            ctx = stop.ctx
-            ctx.rax = 456
-            assert task_state(v.pid, v.pid) != "t"      # the target's main thread is never stopped
+        # The target's main thread is never stopped.
+        syscall_loop(space, g, 50, lambda: task_state(v.pid, v.pid) != "t")
         stop = space.exec(g.context("fault_loop", rdi=g.data, rsi=7))
         assert stop.signo == signal.SIGSEGV and stop.ctx.rax == 1
         # The guest's stores land in the target's own memory.
@@ -144,12 +152,7 @@ def test_live_patching_rewrites_only_the_callers_own_code(spawn):
     v = spawn("wait")
     with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
         original = space.read(g.code, g.code_size)
-        ctx = g.context("syscall_loop", rdi=789)
-        for _ in range(50):
-            stop = space.exec(ctx)
-            assert stop.syscall == 123 and stop.ctx.rdi == 789
-            ctx = stop.ctx
-            ctx.rax = 456
+        syscall_loop(space, g, 50)
         h = helper_of(space)
         assert h.patching == "on" and h.patched_sites == 1
         assert space.read(g.code, g.code_size) != original
@@ -178,12 +181,7 @@ def test_the_helper_traps_every_syscall_where_the_patching_window_is_taken(spawn
         taken = space.syscall("mmap", 0x050F0000, 4096, 1, 0x22 | 0x100000, -1, 0)   # MAP_FIXED_NOREPLACE
         assert taken == 0x050F0000
         try:
-            ctx = g.context("syscall_loop", rdi=789)
-            for _ in range(20):
-                stop = space.exec(ctx)
-                assert stop.syscall == 123
-                ctx = stop.ctx
-                ctx.rax = 456
+            syscall_loop(space, g, 20)
             h = helper_of(space)
             assert h.patching.startswith("off (the range of the patching window") and h.patched_sites == 0
         finally:
@@ -224,6 +222,25 @@ def test_mode1_falls_back_to_ptrace_where_the_helper_cannot_be_started(spawn):
         os.rmdir(group)
 
 
+def test_a_target_killed_under_a_run_is_target_gone(spawn):
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        syscall_loop(space, g, 1)
+        helper = helper_of(space).pid
+        killer = threading.Timer(0.3, v.proc.kill)
+        killer.start()
+        try:
+            with pytest.raises(pvmexec.TargetGone):
+                space.exec(g.context("spin"))                # never stops by itself
+        finally:
+            killer.join()
+    v.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while os.path.exists("/proc/%d" % helper):
+        assert time.monotonic() < deadline, "the helper outlived its target"
+        time.sleep(0.01)
+
+
 def test_the_targets_own_waits_never_see_the_helper(spawn):
     """wait(-1) and SIGCHLD see nothing; a wait with __WALL sees a child that does not end (0 for
     WNOHANG, where it said ECHILD before) and never reaps it; after detach all is as before."""
@@ -231,11 +248,7 @@ def test_the_targets_own_waits_never_see_the_helper(spawn):
     v.send(b"?\n")
     assert v.readline() == "children wait -1/10 wall -1/10 chld 0"
     with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
-        ctx = g.context("syscall_loop", rdi=789)
-        for _ in range(20):
-            stop = space.exec(ctx)
-            ctx = stop.ctx
-            ctx.rax = 456
+        ctx = syscall_loop(space, g, 20).ctx
         v.send(b"?\n")
         assert v.readline() == "children wait -1/10 wall 0/0 chld 0"
         space.backend._helper.kill()            # a helper that ends (killed by anyone) is not the target's

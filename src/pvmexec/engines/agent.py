@@ -304,9 +304,9 @@ class AgentEngine(BaseEngine):
                 raise
         return self.mode1().exec(ctx, sigmask, thread)      # it left unused as we asked: nothing ran
 
-    def gone(self):
-        """Whether the target has ended (its pidfd says so)."""
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+    def gone(self, wait=0.0):
+        """Whether the target has ended (its pidfd says so), waiting up to `wait` seconds for it."""
+        return bool(select.select([self.pidfd], [], [], wait)[0])
 
     def region(self):
         """(start, end) of the agent's own region in the target, or None: not the target's memory."""

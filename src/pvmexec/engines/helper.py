@@ -225,10 +225,11 @@ class HelperEngine(StubEngine):
 
     def _failed(self, e):
         if isinstance(e, OSError) and e.errno == errno.ESRCH:
-            if self.agent.gone():
+            if self.left_idle():
+                return HelperGone("the helper process %d of process %d left unused" % (self.pid, self.target))
+            if self.agent.gone(0.2):           # (the helper dies of the target's death a moment before it)
                 return TargetGone(self.target)
-            return HelperGone("the helper process %d of process %d ended%s" % (
-                self.pid, self.target, " (unused)" if self.left_idle() else ""))
+            return HelperGone("the helper process %d of process %d ended" % (self.pid, self.target))
         return super()._failed(e)
 
     def kill(self):
