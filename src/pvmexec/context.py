@@ -174,16 +174,20 @@ class SigInfo:
     def _decoded(cls, signo, code, errno, word, syscall, arch, raw):
         """From fields already read out of a siginfo_t (word: the 8 bytes at offset 16)."""
         info = cls.__new__(cls)
-        info.signo, info.errno, info.code, info.raw = signo, errno, code, bytes(raw)
-        info.addr = info.pid = info.uid = info.syscall = info.arch = 0
+        info._load(signo, code, errno, word, syscall, arch, raw)
+        return info
+
+    def _load(self, signo, code, errno, word, syscall, arch, raw):
+        """Set every field from those read out of a siginfo_t (see _decoded)."""
+        self.signo, self.errno, self.code, self.raw = signo, errno, code, bytes(raw)
+        self.addr = self.pid = self.uid = self.syscall = self.arch = 0
         if signo == _SIGSYS and code > 0:
-            info.addr, info.syscall, info.arch = word, syscall, arch
+            self.addr, self.syscall, self.arch = word, syscall, arch
         elif code <= 0 or signo == _SIGCHLD:             # sent by a process: pid and uid
             pid = word & 0xFFFFFFFF
-            info.pid, info.uid = pid - (1 << 32) if pid >> 31 else pid, word >> 32
+            self.pid, self.uid = pid - (1 << 32) if pid >> 31 else pid, word >> 32
         elif signo in _FAULTS:
-            info.addr = word
-        return info
+            self.addr = word
 
     def to_bytes(self) -> bytes:
         """Encode as a kernel siginfo_t (the original bytes, with the decoded fields written over)."""
@@ -200,6 +204,13 @@ class SigInfo:
     def _fill(self, other):
         for k in self.__slots__:
             setattr(self, k, getattr(other, k))
+
+    def _fill_from(self, stop):
+        """_fill(stop.siginfo), without decoding a SigInfo of the stop's own on the way."""
+        if stop._info is None:
+            self._load(*stop._fields[:7])
+        else:
+            self._fill(stop._info)
 
     def __eq__(self, other):
         if not isinstance(other, SigInfo):

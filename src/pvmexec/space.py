@@ -478,7 +478,7 @@ class Space:
         if type(ctx) is not SigContext and not isinstance(ctx, SigContext):
             raise TypeError("ctx must be a SigContext")
         mask = sigmask if type(sigmask) is frozenset else frozenset(sigmask)
-        if self.engine == "stub":
+        if self._engine.exec_in_own_process:
             # Our own process: nothing to restore if the caller is killed, so no guard needed.
             stop, deliver = self._engine.exec(ctx, mask, thread)
         else:

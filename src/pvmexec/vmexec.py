@@ -12,7 +12,7 @@ import threading
 
 from .abi import ALL_SIGNALS, s64
 from .arch import current as _current_arch
-from .context import SigContext, SigInfo
+from .context import SigContext, SigInfo, StopReason
 from .errors import TargetGone
 from .space import Space, attach
 from .syscalls import TABLE, arg_kinds, name_of, number
@@ -76,8 +76,8 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
     ctx._buf[:] = stop.ctx._buf
     if ctx.fpstate is not None:
         ctx.fpstate = stop.ctx.fpstate
-    if siginfo is not None and (stop.reason == "syscall" or stop.siginfo.signo in mask):
-        siginfo._fill(stop.siginfo)
+    if siginfo is not None and (stop.reason is StopReason.SYSCALL or stop.signo in mask):
+        siginfo._fill_from(stop)
     return 0
 
 

@@ -304,6 +304,10 @@ class AgentEngine(BaseEngine):
                 raise
         return self.mode1().exec(ctx, sigmask, thread)      # it left unused as we asked: nothing ran
 
+    @property
+    def exec_in_own_process(self):
+        return self.helper_refused is None          # the helper's, made (or found missing) at the next exec
+
     def gone(self, wait=0.0):
         """Whether the target has ended (its pidfd says so), waiting up to `wait` seconds for it."""
         return bool(select.select([self.pidfd], [], [], wait)[0])

@@ -60,6 +60,7 @@ class StubEngine(BaseEngine):
     seccomp trap and signal handlers, mode 2 limited to its own memory, over the channel."""
 
     name = "stub"
+    exec_in_own_process = True
 
     def __init__(self, spin=None, patch=True, fixed_layout=False):
         self._init_state(spin)
