@@ -241,6 +241,24 @@ def test_a_target_killed_under_a_run_is_target_gone(spawn):
         time.sleep(0.01)
 
 
+def test_ctrl_c_ends_an_endless_guest_and_the_target_goes_on(spawn):
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        syscall_loop(space, g, 1)
+        interrupt = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        interrupt.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                space.exec(g.context("spin"))
+        finally:
+            interrupt.join()
+        syscall_loop(space, g, 5)                   # the next exec() has a new helper
+    assert snapshot(v.pid) == before
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
 def test_the_targets_own_waits_never_see_the_helper(spawn):
     """wait(-1) and SIGCHLD see nothing; a wait with __WALL sees a child that does not end (0 for
     WNOHANG, where it said ECHILD before) and never reaps it; after detach all is as before."""

@@ -53,8 +53,7 @@ class BaseEngine:
     name = "?"
     patching = "off (not a stub space)"
     # Whether mode 1 runs in a process of ours (a stub, the agent's helper): nothing of the target's to put
-    # back if the caller is interrupted, so Space.exec needs no signal guard (an endless guest stays
-    # interruptible by Ctrl-C).
+    # back if the caller is interrupted, so Space.exec needs no signal guard.
     exec_in_own_process = False
 
     def acquire(self):
