@@ -46,11 +46,11 @@ def _undo(space, kind, args):
         ours = any(lo < addr + size and hi > addr for lo, hi in space.own_mappings())
         if covered and not ours and not any(path for _lo, _hi, path in inside):
             space.syscall("munmap", addr, size)
-    elif kind == "helpermap":           # the helper's region or window (a memfd of ours)
-        addr, size = args
-        for lo, hi, path in _maps(pid):
-            if addr <= lo and hi <= addr + size and path.startswith("/memfd:pvmexec-helper"):
-                space.syscall("munmap", lo, hi - lo)
+    elif kind == "helpermap":           # the helper's region or window (a memfd of ours: its inode)
+        from .engines import helper
+        ino, addr, size = args
+        for lo, hi in helper.ours_within(pid, addr, size, ino):
+            space.syscall("munmap", lo, hi - lo)
     elif kind == "helper":              # the agent's helper, if the agent died before reaping it
         from .engines import helper
         host_pid, ns_pid, started = args

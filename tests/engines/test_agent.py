@@ -175,6 +175,27 @@ def test_live_patching_rewrites_only_the_callers_own_code(spawn):
     assert v.readline().startswith("done 1")
 
 
+def test_two_helpers_run_the_same_patched_code(spawn):
+    """A Space's helper patched the guest's site; process_vm_exec's own attachment (another agent, another
+    helper, its window's range taken) runs the same code: its thread goes through the first helper's
+    trampoline to the site's own syscall, and the stop is the site's, as if never patched."""
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
+        stop = syscall_loop(space, g, 10)
+        assert helper_of(space).patched_sites == 1
+        ctx = g.context("syscall_loop", rdi=789)
+        info = pvmexec.SigInfo()
+        for _ in range(50):
+            assert pvmexec.process_vm_exec(v.pid, ctx, 0, info, None, engine="agent") == 0
+            assert info.syscall == 123 and ctx.rdi == 789
+            assert info.call_addr == ctx.rip == stop.ctx.rip           # the site's own return address
+            ctx.rax = 456
+        pvmexec.process_vm_exec_release(v.pid)
+        syscall_loop(space, g, 10)                                       # and the first one goes on
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
 def test_the_helper_traps_every_syscall_where_the_patching_window_is_taken(spawn):
     v = spawn("wait")
     with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:

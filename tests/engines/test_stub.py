@@ -331,9 +331,11 @@ def test_trampolines_allow_nothing_but_their_own_gettid(space, tmp_path):
         addr = load_code(space, bytes([0xB8, 83, 0, 0, 0, 0xBE, 0xFF, 0x01, 0, 0, 0xFF, 0xE2]))
         stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=tramp_syscall))
         assert stop.reason == "syscall" and stop.syscall == 83 and stop.ctx.rip == tramp_syscall + 2
-        # Straight into the stub's entry with a tid that is not one of its guest threads.
-        stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=entry))
-        assert stop.signo == signal.SIGILL
+        # Straight into the stub's entry with a tid that is not one of its guest threads: the entry sends
+        # it to the second half of the trampoline named by ecx, whose syscall the filter traps as well.
+        stop = space.exec(pvmexec.SigContext(rip=addr, rsp=g.stack_top, rdi=g.data, rdx=entry, rcx=5))
+        site = struct.unpack_from("<Qq", space._engine._map, L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"] + 5 * 16)
+        assert stop.reason == "syscall" and stop.syscall == site[1] and stop.ctx.rip == site[0]
         assert space.exec(g.context("syscall_loop", rdi=789)).syscall == 123
     assert not os.path.exists(target_dir)
 

@@ -91,6 +91,7 @@ class HelperEngine(StubEngine):
         self._window_key = None
         self._records = janitor.Records(agent.pid)
         self._map_key = None
+        self._ino = 0                    # our memfd's inode: what its mappings in the target show
         self.base = None                 # the region's address in the target
         self.helper_pid = 0              # its pid in the target's pid namespace
         self._started = None             # its start time (with its pid, it names it for good)
@@ -159,25 +160,26 @@ class HelperEngine(StubEngine):
         fd_t = self._ok(a.syscall(NR["memfd_create"], (a.code_base + name_off, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
                         "memfd_create")
         fd_key = self._records.add_fd(fd_t)
+        fd_c = -1
         try:
+            fd_c = _core.pidfd_getfd(a.pidfd, fd_t)
+            self._ino = os.fstat(fd_c).st_ino
             self._ok(a.syscall(NR["ftruncate"], (fd_t, SIZE)), "ftruncate")
             self._ok(a.syscall(NR["fcntl"], (fd_t, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)),
                      "fcntl(F_ADD_SEALS)")
             base = self._ok(a.syscall(NR["mmap"], (0, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd_t, 0)), "mmap")
-            self._map_key = self._records.add("helpermap", base, SIZE)
+            self._map_key = self._records.add("helpermap", self._ino, base, SIZE)
             self.base = base
             self._ok(a.syscall(NR["mprotect"], (base + REGION, SYMS["rw"], PROT_READ | PROT_EXEC)), "mprotect")
             self._ok(a.syscall(NR["madvise"], (base, SIZE, MADV_DONTFORK)), "madvise")
             self._map_window(fd_t)
-            fd_c = _core.pidfd_getfd(a.pidfd, fd_t)
-            try:
-                why = region_tampered(fd_c, SIZE)
-                if why:
-                    raise HelperFailed("the helper: " + why)
-                region = mmap.mmap(fd_c, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd_c)
+            why = region_tampered(fd_c, SIZE)
+            if why:
+                raise HelperFailed("the helper: " + why)
+            region = mmap.mmap(fd_c, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
+            if fd_c >= 0:
+                os.close(fd_c)
             a.syscall(NR["close"], (fd_t,))
             janitor.unrecord(fd_key)
         region[REGION:REGION + len(_core.HELPER_BLOB)] = _core.HELPER_BLOB
@@ -192,7 +194,7 @@ class HelperEngine(StubEngine):
                                     MAP_SHARED | MAP_FIXED_NOREPLACE, fd_t, L["STUB_WINDOW_OFF"]))
         if at == WINDOW[0]:
             self.window = at
-            self._window_key = self._records.add("helpermap", at, WINDOW[1] - WINDOW[0])
+            self._window_key = self._records.add("helpermap", self._ino, at, WINDOW[1] - WINDOW[0])
             return
         if at >= 0:                                 # a kernel that took the address as a hint
             a.syscall(number("munmap"), (at, WINDOW[1] - WINDOW[0]))
@@ -253,37 +255,45 @@ class HelperEngine(StubEngine):
                 janitor.unrecord(self._helper_key)
             self._helper_key = None
             self.helper_pid = 0
-            if not self._still_mapped():
-                for key in (self._map_key, self._window_key):
-                    janitor.unrecord(key)
-                self._map_key = self._window_key = None
-            self.base = None
             if self.proc.returncode is None:
                 self.proc.returncode = -signal.SIGKILL
         self._unpatch()
 
-    def _still_mapped(self):
-        """Whether a mapping of the helper's memfd is still in the target."""
-        try:
-            with open("/proc/%d/maps" % self.target) as f:
-                return any("/memfd:pvmexec-helper" in line for line in f)
-        except OSError:
-            return False
-
     def close(self):
+        base = self.base
         self.kill()
-        if self._map_key is not None or self._window_key is not None:   # made, never handed to the agent
+        # What the agent did not unmap: a region made but never handed to it, the window of a helper
+        # that left unused (after kill() put the patched sites back).
+        for key, at, size in ((self._map_key, base, SIZE), (self._window_key, self.window, WINDOW[1] - WINDOW[0])):
+            if key is None:
+                continue
             try:
-                for key, at, size in ((self._map_key, self.base, SIZE),
-                                      (self._window_key, self.window, WINDOW[1] - WINDOW[0])):
-                    if key is not None and at:
-                        self.agent.syscall(number("munmap"), (at, size))
-                        janitor.unrecord(key)
+                if at:
+                    for lo, hi in ours_within(self.target, at, size, self._ino):
+                        self.agent.syscall(number("munmap"), (lo, hi - lo))
+                janitor.unrecord(key)
             except (OSError, EngineError):
-                pass
-            self._map_key = self._window_key = None
+                pass                        # (the janitor's record stays)
+        self._map_key = self._window_key = None
         self.base = None
         super().close()
+
+
+def ours_within(pid, addr, size, ino):
+    """(start, end) of each mapping of our memfd (inode ino) within [addr, addr + size) in process pid: the
+    range may hold other memory by now (the target's own, another helper's)."""
+    out = []
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            for line in f:
+                fields = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if addr <= lo and hi <= addr + size and int(fields[4]) == ino and \
+                        fields[5].startswith("/memfd:pvmexec-helper"):
+                    out.append((lo, hi))
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
 
 
 def zombie(target, pid, started, wait=0.0):

@@ -141,12 +141,17 @@ struct pvm_slot {
  * read+exec at PVM_STUB_WINDOW_ADDR; stub and caller write it via the region.
  */
 #define PVM_STUB_WINDOW_ADDR 0x050f0000UL
+#define PVM_STUB_WINDOW_ADDR_HEX 0x050f0000     /* the same, for assembler strings */
 #define PVM_STUB_WINDOW_SIZE 0x10000
 #define PVM_STUB_PATCH_MAX 1024
 #define PVM_STUB_SLOTS_OFF 0x0                  /* in the window: u64 trampoline address per site */
 #define PVM_STUB_TRAMP_OFF 0x2000               /* trampolines, PVM_STUB_TRAMP_SIZE bytes each */
 #define PVM_STUB_TRAMP_SIZE 32
 #define PVM_STUB_TRAMP_SYSCALL_END 7            /* ip after the trampoline's gettid syscall */
+/* A trampoline's second half: the site's own syscall, made for real, for a thread that is none of this
+ * stub's (another helper's, or the target's own, running patched code); then back to the site. */
+#define PVM_STUB_TRAMP_FALLBACK 18
+#define PVM_STUB_TRAMP_FALLBACK_END 26          /* ip after its syscall */
 #define PVM_STUB_SITES_OFF 0xA000               /* struct pvm_patch_site per site */
 #define PVM_STUB_ENTRY_OFF 0xE000               /* u64: the stub's entry for trampolines */
 
@@ -235,6 +240,7 @@ _Static_assert(__builtin_offsetof(struct pvm_stub_header, gadget) == 24, "stub h
 _Static_assert(__builtin_offsetof(struct pvm_stub_header, window) == 32, "stub header window");
 _Static_assert(((PVM_STUB_WINDOW_ADDR >> 16) & 0xffff) == 0x050f && PVM_STUB_WINDOW_ADDR + PVM_STUB_WINDOW_SIZE < 0x80000000UL,
                "slot addresses end in the bytes of `syscall` and fit a sign-extended disp32");
+_Static_assert(PVM_STUB_WINDOW_ADDR_HEX == PVM_STUB_WINDOW_ADDR, "window address spelled twice");
 _Static_assert(PVM_STUB_SLOTS_OFF + 8 * PVM_STUB_PATCH_MAX <= PVM_STUB_TRAMP_OFF, "slots fit");
 _Static_assert(PVM_STUB_TRAMP_OFF + PVM_STUB_TRAMP_SIZE * PVM_STUB_PATCH_MAX <= PVM_STUB_SITES_OFF, "trampolines fit");
 _Static_assert(PVM_STUB_SITES_OFF + sizeof(struct pvm_patch_site) * PVM_STUB_PATCH_MAX <= PVM_STUB_ENTRY_OFF, "sites fit");

@@ -77,7 +77,9 @@ static void end_helper(struct helper *hp, int only_if_ended)
         sys6(__NR_waitid, P_PID, hp->pid, 0, WEXITED | WCLONE, 0, 0);
     }
     sys6(__NR_munmap, (long)hp->map, (long)hp->size, 0, 0, 0, 0);
-    if (hp->window)
+    /* Patched code may still jump to the window until the caller puts the sites back: one that left
+     * unused leaves its window to the caller. */
+    if (hp->window && !only_if_ended)
         sys6(__NR_munmap, (long)hp->window, PVM_STUB_WINDOW_SIZE, 0, 0, 0, 0);
     hp->pid = 0;
 }

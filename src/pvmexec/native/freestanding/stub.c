@@ -120,7 +120,13 @@ __asm__(
     "  cmp pvm_fast_tid+4*\\k(%rip), %eax\n"
     "  je .Lfast_\\k\n"
     ".endr\n"
-    "  ud2\n"                            /* not one of our guest threads: a guest jumped here */
+    /* None of our guest threads (another helper's, or the target's own, running patched code): the
+       site's syscall for real, from its trampoline's second half (ecx = site index). */
+    "  and $" PVM_STR(PVM_STUB_PATCH_MAX) "-1, %ecx\n"
+    "  shl $5, %ecx\n"
+    "  add $" PVM_STR(PVM_STUB_WINDOW_ADDR_HEX) "+" PVM_STR(PVM_STUB_TRAMP_OFF) "+" PVM_STR(PVM_STUB_TRAMP_FALLBACK)
+    ", %rcx\n"
+    "  jmp *%rcx\n"
     ".irp k," FAST_BLOCKS "\n"
     ".Lfast_\\k:\n"
     "  mov %rsp, %rax\n"
@@ -475,6 +481,18 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
             ip - PVM_STUB_WINDOW_ADDR < PVM_STUB_WINDOW_SIZE)
             return;                         /* rt_sigreturn puts it back exactly */
     }
+    /*
+     * The syscall of a trampoline's second half: another stub's patched site that one of our threads ran
+     * (two helpers in one target). Report it as that site's own syscall, from the window's site table.
+     */
+    if (sig == SIGSYS && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE &&
+        (m->rip - tramp) % PVM_STUB_TRAMP_SIZE == PVM_STUB_TRAMP_FALLBACK_END) {
+        const struct pvm_patch_site *site = (const struct pvm_patch_site *)(PVM_STUB_WINDOW_ADDR + PVM_STUB_SITES_OFF) +
+                                            (m->rip - tramp) / PVM_STUB_TRAMP_SIZE;
+        syscall_siginfo(tramp_si, site->ret, (int64_t)(int32_t)m->rax);
+        si = tramp_si;
+        m->rip = m->rcx = site->ret;
+    }
     if (window && sig == SIGTRAP && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE) {
         const struct pvm_patch_site *site = patch_site((m->rip - tramp) / PVM_STUB_TRAMP_SIZE);
         sig = SIGSYS;
@@ -694,13 +712,21 @@ static void setup_window(long fd, int how)
         uint64_t t = PVM_STUB_WINDOW_ADDR + PVM_STUB_TRAMP_OFF + (uint64_t)i * PVM_STUB_TRAMP_SIZE;
         uint8_t *p = (uint8_t *)window + PVM_STUB_TRAMP_OFF + i * PVM_STUB_TRAMP_SIZE;
         int32_t rel = (int32_t)(entry - (t + 18));
-        const uint8_t code[18] = {
+        uint64_t site = PVM_STUB_WINDOW_ADDR + PVM_STUB_SITES_OFF + (uint64_t)i * sizeof(struct pvm_patch_site);
+        int32_t nr_rel = (int32_t)(site + 8 - (t + 24)), ret_rel = (int32_t)(site - (t + 32));
+        const uint8_t code[32] = {
             0xb8, __NR_gettid, 0, 0, 0,                  /* mov $__NR_gettid, %eax */
             0x0f, 0x05,                                 /* syscall: eax = tid, r11 = rflags */
             0xb9, (uint8_t)i, (uint8_t)(i >> 8), 0, 0,  /* mov $i, %ecx */
-            0xff, 0x25, (uint8_t)rel, (uint8_t)(rel >> 8), (uint8_t)(rel >> 16), (uint8_t)(rel >> 24)};
+            0xff, 0x25, (uint8_t)rel, (uint8_t)(rel >> 8), (uint8_t)(rel >> 16), (uint8_t)(rel >> 24),
+            /* PVM_STUB_TRAMP_FALLBACK: mov site.nr(%rip), %eax; syscall; jmp *site.ret(%rip) */
+            0x8b, 0x05, (uint8_t)nr_rel, (uint8_t)(nr_rel >> 8), (uint8_t)(nr_rel >> 16), (uint8_t)(nr_rel >> 24),
+            0x0f, 0x05,
+            0xff, 0x25, (uint8_t)ret_rel, (uint8_t)(ret_rel >> 8), (uint8_t)(ret_rel >> 16), (uint8_t)(ret_rel >> 24)};
+        _Static_assert(PVM_STUB_TRAMP_SIZE == 32 && PVM_STUB_TRAMP_FALLBACK == 18 && PVM_STUB_TRAMP_FALLBACK_END == 26,
+                       "trampoline layout");
         for (int j = 0; j < PVM_STUB_TRAMP_SIZE; j++)
-            p[j] = j < 18 ? code[j] : 0xcc;
+            p[j] = code[j];
         *(uint64_t *)(window + PVM_STUB_SLOTS_OFF + 8 * i) = t;
     }
 }
