@@ -532,16 +532,19 @@ def test_target_running_execve_loses_the_agent_cleanly(spawn, tmp_path):
 
 def test_children_forked_while_attached_do_not_inherit_the_region(spawn):
     v = spawn("fork")
-    with pvmexec.attach(v.pid, engine="agent") as space:
+    with pvmexec.attach(v.pid, engine="agent") as space, Guest(space) as g:
         assert space.syscall("getpid") == v.pid
+        syscall_loop(space, g, 3)                   # the helper, and its window, there too
         with open("/proc/%d/maps" % v.pid) as f:
-            assert "pvmexec-agent" in f.read()
+            maps = f.read()
+        assert "pvmexec-agent" in maps and "pvmexec-helper" in maps and "050f0000-" in maps
         v.send(b"f")
         child = int(v.readline().split()[1])
         try:
             with open("/proc/%d/maps" % child) as f:
-                assert "pvmexec-agent" not in f.read()
+                assert "pvmexec" not in f.read()
             assert len(os.listdir("/proc/%d/task" % child)) == 1       # threads are not forked either
+            assert children_of(child) == []
         finally:
             os.kill(child, signal.SIGKILL)
     v.send(b"x")

@@ -195,6 +195,7 @@ class HelperEngine(StubEngine):
         if at == WINDOW[0]:
             self.window = at
             self._window_key = self._records.add("helpermap", self._ino, at, WINDOW[1] - WINDOW[0])
+            self._ok(a.syscall(NR["madvise"], (at, WINDOW[1] - WINDOW[0], MADV_DONTFORK)), "madvise")
             return
         if at >= 0:                                 # a kernel that took the address as a hint
             a.syscall(number("munmap"), (at, WINDOW[1] - WINDOW[0]))
