@@ -581,6 +581,31 @@ def test_stopped_target(spawn):
     assert v.readline().startswith("done 1")
 
 
+def test_detach_from_a_target_stopped_while_a_helper_exists(spawn):
+    """The helper goes and its memory with it (by ptrace: the agent thread is stopped with the target);
+    the target stays stopped, and goes on at SIGCONT."""
+    v = spawn("wait")
+    space = pvmexec.attach(v.pid, engine="agent")
+    g = Guest(space)
+    syscall_loop(space, g, 3)
+    helper = helper_of(space).pid
+    os.kill(v.pid, signal.SIGSTOP)
+    v.wait_state("T")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # (the agent's own region: its warning is tested above)
+        with pytest.raises(pvmexec.TargetStopped):
+            g.close()
+        space.detach()
+    assert not os.path.exists("/proc/%d" % helper) and children_of(v.pid) == []
+    with open("/proc/%d/maps" % v.pid) as f:
+        assert "pvmexec-helper" not in f.read()
+    v.wait_state("T")
+    os.kill(v.pid, signal.SIGCONT)
+    v.wait_state("S")
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
 ATTACH_LOOP = textwrap.dedent("""
     import sys, pvmexec
     ok = refused = 0

@@ -248,8 +248,7 @@ class HelperEngine(StubEngine):
                     except OSError:
                         pass
                 try:
-                    reap(lambda nr, args: self.agent._main.syscall(nr, args), self.target, self.pid,
-                         self.helper_pid, self._started)
+                    reap(self._in_target, self.target, self.pid, self.helper_pid, self._started)
                 except (OSError, EngineError):
                     pass
             if not zombie(self.target, self.pid, self._started):
@@ -259,6 +258,16 @@ class HelperEngine(StubEngine):
             if self.proc.returncode is None:
                 self.proc.returncode = -signal.SIGKILL
         self._unpatch()
+
+    def _in_target(self, nr, args):
+        """One call in the target: through the agent, or by ptrace where the agent cannot (the target is
+        stopped, or the agent died with the program the target replaced)."""
+        try:
+            return self.agent.syscall(nr, args)
+        except (OSError, EngineError):
+            if self.agent.gone():
+                raise
+            return self.agent._main.syscall(nr, args)
 
     def close(self):
         base = self.base
@@ -271,7 +280,7 @@ class HelperEngine(StubEngine):
             try:
                 if at:
                     for lo, hi in ours_within(self.target, at, size, self._ino):
-                        self.agent.syscall(number("munmap"), (lo, hi - lo))
+                        self._in_target(number("munmap"), (lo, hi - lo))
                 janitor.unrecord(key)
             except (OSError, EngineError):
                 pass                        # (the janitor's record stays)
