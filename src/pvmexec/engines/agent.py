@@ -12,6 +12,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 import time
 import warnings
 
@@ -80,6 +81,7 @@ class AgentEngine(BaseEngine):
         self._pidfd_key = None
         self._thread_engine = None
         self._helper = None            # mode 1: the helper process (engines.helper), started at the first exec
+        self._helper_lock = threading.Lock()
         self.helper_refused = None     # why mode 1 runs on the agent thread through ptrace instead
         self.caller_mappings = {}      # the Space's tracked mappings (address -> (size, key)): code we may patch
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
@@ -270,22 +272,23 @@ class AgentEngine(BaseEngine):
 
     def mode1(self):
         """The engine mode 1 runs on: the helper, started now if need be, or the agent thread by ptrace."""
-        h = self._helper
-        if h is not None and h.helper_pid and h.proc.poll() is None:
-            return h
-        if h is not None:                       # killed (by an interrupted run, or by anyone): a new one
-            h.close()
-            self._helper = None
-        if self.helper_refused is None:
-            try:
-                self._helper = HelperEngine(self)
-                return self._helper
-            except HelperFailed as e:
-                self.helper_refused = e.reason
-                warnings.warn("pvmexec: mode 1 in process %d runs on the agent thread through ptrace (the "
-                              "helper could not be started: %s)" % (self.pid, e.reason), RuntimeWarning,
-                              stacklevel=4)
-        return self._thread_engine
+        with self._helper_lock:                 # (one helper per agent: caller threads start it once)
+            h = self._helper
+            if h is not None and h.helper_pid and h.proc.poll() is None:
+                return h
+            if h is not None:                   # killed (by an interrupted run, or by anyone): a new one
+                h.close()
+                self._helper = None
+            if self.helper_refused is None:
+                try:
+                    self._helper = HelperEngine(self)
+                    return self._helper
+                except HelperFailed as e:
+                    self.helper_refused = e.reason
+                    warnings.warn("pvmexec: mode 1 in process %d runs on the agent thread through ptrace (the "
+                                  "helper could not be started: %s)" % (self.pid, e.reason), RuntimeWarning,
+                                  stacklevel=4)
+            return self._thread_engine
 
     def exec(self, ctx, sigmask, thread=0):
         h = self._helper                # the hot path: one helper, already running
