@@ -11,9 +11,12 @@ at install time) on a stub region mapped in the target, and this engine
 drives it exactly as StubEngine drives a stub space.
 
 What the target can see: one more child process, visible only to a wait with
-__WCLONE or __WALL (never to wait(-1), never a SIGCHLD), the region in its
-maps. The agent thread, its parent, reaps it before it leaves (on detach and
-at the caller's death); PR_SET_PDEATHSIG ends it if the agent thread dies.
+__WCLONE or __WALL (never to wait(-1), never a SIGCHLD), and its memory in the
+maps. The agent thread, its parent, reaps it (at detach, at the caller's
+death, and when it left unused for a second); PR_SET_PDEATHSIG ends it with
+the agent thread. If the target runs execve meanwhile, the agent dies with
+the old program and the helper is reaped through ptrace instead (the kernel
+then makes its exit signal SIGCHLD: the one trace the target may see).
 """
 import errno
 import mmap
@@ -24,24 +27,23 @@ import struct
 import time
 
 from .. import _core, janitor
-from ..abi import F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE, MAP_SHARED, \
-    MFD_ALLOW_SEALING, \
-    MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE
+from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE,
+                   MAP_SHARED, MFD_ALLOW_SEALING, MFD_CLOEXEC, P_PID, PROT_EXEC, PROT_READ, PROT_WRITE, WCLONE,
+                   WEXITED)
+from ..arch import current as _current_arch
 from ..errors import EngineError, PvmexecError, TargetGone
 from ..syscalls import number
 from .channel import region_tampered
-from ..arch import current as _current_arch
 from .stub import WINDOW, StubEngine
 
 PATCH_SITE_LEN = _current_arch().PATCH_SITE_LEN
-
 L = _core.LAYOUT
 SYMS = _core.HELPER_SYMBOLS
 PAGE = 4096
 REGION = L["STUB_REGION_SIZE"]                              # the stub's region first, then the helper's code
 SIZE = REGION + (len(_core.HELPER_BLOB) + PAGE - 1) // PAGE * PAGE
-NR = {n: number(n) for n in ("memfd_create", "ftruncate", "fcntl", "mmap", "mprotect", "madvise", "close", "waitid")}
-WEXITED, WCLONE = 4, 0x80000000
+NR = {n: number(n) for n in ("memfd_create", "ftruncate", "fcntl", "mmap", "mprotect", "madvise", "munmap", "close",
+                              "waitid")}
 IDLE = L["HELPER_IDLE"]
 NAME = b"pvmexec-helper\0"
 
@@ -198,7 +200,7 @@ class HelperEngine(StubEngine):
             self._ok(a.syscall(NR["madvise"], (at, WINDOW[1] - WINDOW[0], MADV_DONTFORK)), "madvise")
             return
         if at >= 0:                                 # a kernel that took the address as a hint
-            a.syscall(number("munmap"), (at, WINDOW[1] - WINDOW[0]))
+            a.syscall(NR["munmap"], (at, WINDOW[1] - WINDOW[0]))
         self.patching = "off (the range of the patching window, %#x-%#x, is taken in process %d)" % (
             WINDOW[0], WINDOW[1], self.target)
 
@@ -280,7 +282,7 @@ class HelperEngine(StubEngine):
             try:
                 if at:
                     for lo, hi in ours_within(self.target, at, size, self._ino):
-                        self._in_target(number("munmap"), (lo, hi - lo))
+                        self._in_target(NR["munmap"], (lo, hi - lo))
                 janitor.unrecord(key)
             except (OSError, EngineError):
                 pass                        # (the janitor's record stays)
@@ -329,7 +331,7 @@ def reap(syscall, target, pid, ns_pid, started):
     """Reap the helper through syscall(nr, args) run in the target, if it is our exited helper: its agent
     (its parent) died before it did (the target ran execve)."""
     if zombie(target, pid, started, wait=1.0):
-        syscall(NR["waitid"], (1, ns_pid, 0, WEXITED | WCLONE, 0))      # P_PID
+        syscall(NR["waitid"], (P_PID, ns_pid, 0, WEXITED | WCLONE, 0))
 
 
 def _same_pid_ns(pid):

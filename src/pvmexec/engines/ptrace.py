@@ -17,7 +17,7 @@ import time
 import warnings
 
 from .. import _core, _sigguard, janitor, proc
-from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
+from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE, WALL
 from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLD_TRAPPED, PTRACE_CONT, PTRACE_DETACH,  # noqa: F401
                    PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_O_TRACESYSGOOD, PTRACE_SEIZE, PTRACE_SINGLESTEP,
                    PTRACE_SYSCALL, PTRACE_SYSEMU)
@@ -36,7 +36,7 @@ PROT_EXEC = 4
 # read+write scratch memory for the calls of one borrow (string arguments, buffers).
 TRAMPOLINE_SIZE = 8 * PAGE
 SCRATCH_OFF, SCRATCH_SIZE = 4 * PAGE, 4 * PAGE
-_WALL = 0x40000000                     # waitid: threads too
+_WALL = WALL                           # waitid: threads too
 
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 STOP_TIMEOUT = 5.0     # s a thread may take to stop once interrupted before we give up on it
