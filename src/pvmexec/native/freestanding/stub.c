@@ -484,8 +484,14 @@ __attribute__((used)) void pvm_stub_handler(int sig, void *info, struct ucontext
     /*
      * The syscall of a trampoline's second half: another stub's patched site that one of our threads ran
      * (two helpers in one target). Report it as that site's own syscall, from the window's site table.
+     * A stub space's guest finds only our own window there (or nothing mapped: then no table to read).
      */
-    if (sig == SIGSYS && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE &&
+#ifdef PVM_HELPER
+    const int foreign_sites = 1;
+#else
+    const int foreign_sites = window != 0;
+#endif
+    if (foreign_sites && sig == SIGSYS && m->rip - tramp < PVM_STUB_PATCH_MAX * PVM_STUB_TRAMP_SIZE &&
         (m->rip - tramp) % PVM_STUB_TRAMP_SIZE == PVM_STUB_TRAMP_FALLBACK_END) {
         const struct pvm_patch_site *site = (const struct pvm_patch_site *)(PVM_STUB_WINDOW_ADDR + PVM_STUB_SITES_OFF) +
                                             (m->rip - tramp) / PVM_STUB_TRAMP_SIZE;
