@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 
-from .. import _core, janitor, proc
+from .. import _core, _sigguard, janitor, proc
 from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL,  # noqa: F401
                    F_SEAL_SHRINK, MFD_ALLOW_SEALING)
 from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_FS, CLONE_SIGHAND, CLONE_SYSVSEM,  # noqa: F401
@@ -297,7 +297,8 @@ class AgentEngine(BaseEngine):
                 raise ValueError("a live target has one guest thread, 0 (not %r)" % (thread,))
             h = self.mode1()
             if h is self._thread_engine:
-                return h.exec(ctx, sigmask, thread)
+                with _sigguard.operation():     # (Space.exec expected the helper: the target's thread runs it)
+                    return h.exec(ctx, sigmask, thread)
         try:
             return h.exec(ctx, sigmask, thread)
         except HelperGone:
