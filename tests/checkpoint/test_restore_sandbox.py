@@ -1,6 +1,7 @@
 """Restore into the sandbox: a process dumped running natively goes on under pvmexec's kernel, with its
 pids, memory, threads, signals, timers and files, now under the sandbox's policy and tracing; what the
 sandbox does not provide is refused before anything runs. None of it needs privileges."""
+import gc
 import json
 import os
 import re
@@ -188,6 +189,7 @@ def test_restore_into_the_sandbox_refuses_what_it_does_not_provide(tmp_path):
     img = str(tmp_path / "inotify")
     m = _dumped_when_ready(["python3", "-c", inotify], img)
     fd = next(f["fd"] for f in m["fds"] if f["path"] == "anon_inode:inotify")
+    gc.collect()        # (garbage of earlier tests, collected later, would close descriptors of its own)
     before, ours = _children(), sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(RestoreError, match=r"fd %d \(anon_inode:inotify\): descriptors of this kind cannot be "
                        "restored" % fd):
@@ -206,6 +208,7 @@ def test_restore_into_the_sandbox_refuses_what_it_does_not_provide(tmp_path):
         json.dump(m, f)
     with pytest.raises(RestoreError, match="restoring into the sandbox: Bad file descriptor"):
         restore_in_sandbox(edited)
+    gc.collect()
     assert _children() <= before and sorted(os.listdir("/proc/self/fd")) == ours
     clash = ("import ctypes, mmap, sys\n"
              "libc = ctypes.CDLL(None, use_errno=True)\n"
