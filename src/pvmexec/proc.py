@@ -3,6 +3,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import struct
 
 from .abi import CAP_SYS_PTRACE, PAGEMAP_SCAN, PF_KTHREAD, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING
@@ -19,6 +20,11 @@ def mappings(pid):
             lo, hi = parts[0].split("-")
             out.append((int(lo, 16), int(hi, 16), parts[1], parts[5] if len(parts) > 5 else ""))
     return out
+
+
+def ended(pidfd, wait=0.0):
+    """Whether the process of pidfd has ended (its pidfd reads ready), waiting up to `wait` seconds."""
+    return bool(select.select([pidfd], [], [], wait)[0])
 
 
 def maps_prot(perms):

@@ -6,10 +6,10 @@ import atexit
 import contextlib
 import errno
 import os
-import select
 import struct
 import threading
 
+from . import proc
 from .abi import ALL_SIGNALS, s64
 from .arch import current as _current_arch
 from .context import SigContext, SigInfo, StopReason
@@ -117,9 +117,7 @@ def _attachment(pid, engine):
 
 def _ended(space: Space) -> bool:
     """Whether the process the attachment is for has ended (then its pid may name another one)."""
-    p = select.poll()
-    p.register(space.pidfd, select.POLLIN)
-    return bool(p.poll(0))
+    return proc.ended(space.pidfd)
 
 
 def _detach(h):

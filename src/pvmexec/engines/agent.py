@@ -10,7 +10,6 @@ import ctypes
 import errno
 import mmap
 import os
-import select
 import struct
 import threading
 import time
@@ -314,7 +313,7 @@ class AgentEngine(BaseEngine):
 
     def gone(self, wait=0.0):
         """Whether the target has ended (its pidfd says so), waiting up to `wait` seconds for it."""
-        return bool(select.select([self.pidfd], [], [], wait)[0])
+        return proc.ended(self.pidfd, wait)
 
     def region(self):
         """(start, end) of the agent's own region in the target, or None: not the target's memory."""

@@ -21,12 +21,11 @@ then makes its exit signal SIGCHLD: the one trace the target may see).
 import errno
 import mmap
 import os
-import select
 import signal
 import struct
 import time
 
-from .. import _core, janitor
+from .. import _core, janitor, proc
 from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE,
                    MAP_SHARED, MFD_ALLOW_SEALING, MFD_CLOEXEC, P_PID, PROT_EXEC, PROT_READ, PROT_WRITE, WCLONE,
                    WEXITED)
@@ -69,7 +68,7 @@ class _Process:
 
     def poll(self):
         fd = self._engine.pidfd
-        if self.returncode is None and fd >= 0 and select.select([fd], [], [], 0)[0]:
+        if self.returncode is None and fd >= 0 and proc.ended(fd):
             self.returncode = -signal.SIGKILL
         return self.returncode
 
@@ -212,7 +211,8 @@ class HelperEngine(StubEngine):
         if pid <= 0:
             raise HelperFailed("clone in the target failed: %s" % os.strerror(-pid))
         self.helper_pid = pid
-        self.pid = _host_pid(self.target, a.agent_tid, pid)
+        same_ns = _same_pid_ns(self.target)
+        self.pid = pid if same_ns else _host_pid(self.target, a.agent_tid)
         try:
             self.pidfd = os.pidfd_open(self.pid)
             self._started = janitor.start_time(self.pid)
@@ -222,7 +222,7 @@ class HelperEngine(StubEngine):
         # ptrace: by us (kill()), or by the janitor after our SIGKILL.
         self._helper_key = self._records.add("helper", self.pid, pid, self._started)
         # The caller's tgkill as the helper's handler sees it: our pid in the target's namespace, or 0.
-        self.preempt_pid = os.getpid() if _same_pid_ns(self.target) else 0
+        self.preempt_pid = os.getpid() if same_ns else 0
 
     def left_idle(self):
         """Whether the helper left by itself, unused for a while (it took no request as it left)."""
@@ -341,10 +341,9 @@ def _same_pid_ns(pid):
         return True
 
 
-def _host_pid(target, agent_tid, ns_pid):
-    """Our pid for the helper (its parent's task lists its children by our names)."""
-    if _same_pid_ns(target):
-        return ns_pid
+def _host_pid(target, agent_tid):
+    """Our pid for the helper, from outside the target's pid namespace (its parent's task lists its
+    children by our names)."""
     try:
         with open("/proc/%d/task/%d/children" % (target, agent_tid)) as f:
             kids = [int(x) for x in f.read().split()]
