@@ -15,16 +15,14 @@ import os
 import signal
 import sys
 import threading
-from threading import get_ident
+
+from . import _core
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _lock = threading.Lock()
 _installed = {}
 _users = 0
-_ops = 0
-_main_ops = 0
-_deferred = []
-_MAIN = threading.main_thread().ident
+_deferred = []          # signals held off until no operation runs (the operation counters are _core's)
 
 
 class Terminated(BaseException):
@@ -55,7 +53,8 @@ def _die(signum):
 
 
 def _handler(signum, frame):
-    if _ops > _main_ops:                # another thread is mid-operation: after it
+    ops, main_ops = _core.guard_counts()
+    if ops > main_ops:                  # another thread is mid-operation: after it
         _deferred.append(signum)
         return
     raise Terminated(signum)
@@ -120,26 +119,24 @@ def _set_hook():
 
 
 class _Operation:
-    """Context manager around one engine operation (one shared instance: state is in the counters)."""
+    """Context manager around one engine operation (one shared instance: the counters are _core's, where
+    the C entries of the hot paths count their operations too)."""
 
     __slots__ = ()
 
     def __enter__(self):
-        global _ops, _main_ops
-        _ops += 1
-        if get_ident() == _MAIN:
-            _main_ops += 1
+        _core.guard_enter()
 
     def __exit__(self, typ, exc, tb):
-        global _ops, _main_ops
-        _ops -= 1
-        if get_ident() == _MAIN:
-            _main_ops -= 1
-        if _deferred and not _ops:
-            _die(_deferred.pop())
+        _core.guard_exit()          # (the last one out acts on a held-off signal: _due)
         return False
 
 
+def _due():
+    _die(_deferred.pop())
+
+
+_core.guard_setup(threading.main_thread().ident, _deferred, _due)
 _OPERATION = _Operation()
 
 

@@ -7,6 +7,7 @@ import enum
 import signal
 import struct
 
+from . import _core
 from .arch import current as _current_arch
 
 _arch = _current_arch()
@@ -91,18 +92,8 @@ class SigContext:
             regs, d["eflags"], d["fs_base"], " fpstate=%dB" % len(self.fpstate) if self.fpstate else "")
 
 
-def _reg_property(index):
-    def get(self):
-        return self._q[index]
-
-    def set(self, value):
-        self._q[index] = value & 0xFFFFFFFFFFFFFFFF
-
-    return property(get, set)
-
-
 for _name in _SIGCONTEXT_REGS:
-    setattr(SigContext, _name, _reg_property(_arch.REG_INDEX[_name]))
+    setattr(SigContext, _name, _core.Register(_arch.REG_INDEX[_name]))
 
 
 _SIGINFO = struct.Struct("<iii4x")
@@ -273,3 +264,7 @@ class Stop:
 
     def __repr__(self):
         return "<Stop %s %r at %s=%#x>" % (self.reason, self.siginfo, _arch.PC, getattr(self.ctx, _arch.PC))
+
+
+# What the C entries (a Register; a Runner's Stop) read and fill in these objects.
+_core.entry_setup(SigContext, Stop, StopReason.SYSCALL, StopReason.SIGNAL)

@@ -43,6 +43,17 @@ atexit.register(_detach_all)
 _sigguard.set_cleanup(_detach_all)
 
 
+def _forked():
+    """In a forked child, every open Space is a copy of the parent's: its agent, helper, tracer and
+    mappings are the parent's, never to be used or detached from here (a detach would end the parent's)."""
+    for space in list(_open_spaces):
+        space._detached = space._forked = True
+    _open_spaces.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _is_register_value(a):
     """An int that fits a 64-bit register (signed or unsigned)."""
     return type(a) is int and -(1 << 63) <= a < (1 << 64)
@@ -108,6 +119,7 @@ class Space:
         self.fallback_reason = fallback_reason
         self._owned = owned_process
         self._detached = False
+        self._forked = False           # a forked child's copy: the parent's attachment, not ours
         self._lend_sock = None         # caller's end of the descriptor-passing socket
         self._lend_remote = None       # target's end (a high fd in the target)
         self._fds = {}                 # descriptors of ours open in the target (lend(), track_fd()) -> janitor key
@@ -315,12 +327,19 @@ class Space:
 
     def _live(self):
         if self._detached:
+            if self._forked:
+                raise ValueError("operation on a Space of the parent process (this process forked from it)")
             raise ValueError("operation on a detached Space")
 
     # -- system calls (mode 2) ---------------------------------------------------
 
     def syscall_raw(self, nr_or_name: int | str, *args: int | bytes | bytearray | str) -> int:
         """Run one syscall in the target (its fd table, its memory); return the raw result."""
+        call = self._engine.fast_syscall
+        if call is not None and not self._detached:
+            ret = call(nr_or_name, *args)
+            if ret is not None:
+                return ret
         self._live()
         nr = number(nr_or_name)
         if len(args) > 6:
@@ -336,7 +355,9 @@ class Space:
 
     def syscall(self, nr_or_name: int | str, *args: int | bytes | bytearray | str) -> int:
         """Like syscall_raw, but a -errno result raises RemoteSyscallError."""
-        ret = self.syscall_raw(nr_or_name, *args)
+        call = self._engine.fast_syscall          # (syscall_raw's first lines: a call less on the hot path)
+        if call is None or self._detached or (ret := call(nr_or_name, *args)) is None:
+            ret = self.syscall_raw(nr_or_name, *args)
         if -4096 < ret < 0:
             raise RemoteSyscallError(-ret, name_of(number(nr_or_name)), args)
         return ret
@@ -474,6 +495,11 @@ class Space:
         then delivered to the calling thread, as the proposal specifies.
         thread: in a stub space, which stub thread runs it (see new_thread()).
         """
+        run = self._engine.fast_exec
+        if run is not None and not thread and not self._detached:
+            stop = run(ctx, sigmask)
+            if stop is not None:
+                return stop
         self._live()
         if type(ctx) is not SigContext and not isinstance(ctx, SigContext):
             raise TypeError("ctx must be a SigContext")

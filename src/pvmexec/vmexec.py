@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import errno
 import os
+import signal
 import struct
 import threading
 
@@ -20,6 +21,7 @@ from .syscalls import TABLE, arg_kinds, name_of, number
 _ARCH = _current_arch()
 PROCESS_VM_EXEC_SYSCALL = 0x1
 _SIGSET_SIZE = 8
+_SIGSYS, _SYS_SECCOMP = signal.SIGSYS, 1
 
 
 def _mask_to_set(sigmask):
@@ -61,7 +63,30 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
         raise TypeError("ctx must be a SigContext")
     if siginfo is not None and not isinstance(siginfo, SigInfo):
         raise TypeError("siginfo must be a SigInfo or None")
-    mask = _mask_to_set(sigmask)
+    mask = ALL_SIGNALS if sigmask is None else _mask_to_set(sigmask)
+    h = _held.get((pid, engine))
+    if h is not None:
+        # The C entries of the attachment kept (the helper's thread, the agent's slot), ctx updated in place;
+        # None: the Python path below takes the call.
+        engine_ = h.space._engine
+        try:
+            if not flags and engine_.fast_exec is not None:
+                fields = engine_.fast_exec.into(ctx, mask)
+                if fields is not None:
+                    if siginfo is not None and ((fields[0] == _SIGSYS and fields[1] == _SYS_SECCOMP) or
+                                                fields[0] in mask):
+                        siginfo._load(*fields[:7])
+                    return 0
+            elif flags and engine_.fast_syscall is not None:
+                nr = getattr(ctx, _ARCH.SYSCALL_NR)
+                if nr not in _DESCRIPTOR_CALLS:             # (nothing of the caller's table in it)
+                    ret = engine_.fast_syscall(nr, *_ARCH.syscall_args(ctx))
+                    if ret is not None:
+                        _ARCH.set_syscall_result(ctx, ret)
+                        return 0
+        except TargetGone:
+            process_vm_exec_release(pid)
+            raise
     space, lock = _attachment(pid, engine)
     try:
         with lock:
@@ -90,15 +115,11 @@ class _Held:
 
 _held: dict[tuple[int, str], _Held] = {}    # (pid, engine asked) -> the attachment process_vm_exec keeps
 _held_lock = threading.Lock()
-_held_by = os.getpid()                      # a forked child holds none of its parent's
+os.register_at_fork(after_in_child=_held.clear)   # a forked child holds none of its parent's (space.py)
 
 
 def _attachment(pid, engine):
-    global _held_by
     with _held_lock:
-        if _held_by != os.getpid():
-            _held.clear()                   # the parent's, not ours to use or release
-            _held_by = os.getpid()
         h = _held.get((pid, engine))
         # (The agent's own calls see its process end, through its pidfd; ptrace names pids, so its
         # attachment is checked first: a pid another process now has is never traced for it.)
@@ -132,8 +153,6 @@ def process_vm_exec_release(pid: int | None = None) -> None:
     """Release the attachment process_vm_exec keeps for pid (every one if None): the target is left as
     it was before the first call."""
     with _held_lock:
-        if _held_by != os.getpid():
-            return
         gone = [_held.pop(key) for key in [k for k in _held if pid is None or k[0] == pid]]
     for h in gone:
         _detach(h)

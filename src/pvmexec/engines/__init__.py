@@ -55,6 +55,10 @@ class BaseEngine:
     # Whether mode 1 runs in a process of ours (a stub, the agent's helper): nothing of the target's to put
     # back if the caller is interrupted, so Space.exec needs no signal guard.
     exec_in_own_process = False
+    # The C entries of Space.syscall and Space.exec (a _core.Channel, a _core.Runner), where the engine
+    # has them: each returns None for anything it does not do, and Space's Python path takes the call.
+    fast_syscall = None
+    fast_exec = None
 
     def acquire(self):
         return None

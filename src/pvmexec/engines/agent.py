@@ -70,6 +70,8 @@ class AgentEngine(BaseEngine):
         self._main = tracer
         self._map = None
         self._base = self._slot = self._alive = 0
+        self._channel = None           # the slot's C entry: its lock, and Space.syscall's fast path
+        self.fast_syscall = None       # the same, once the agent runs
         self._keep = None
         self._seq = ctypes.c_uint32(0)       # our own request counter: the shared slot is not trusted
         self._counter = ctypes.addressof(self._seq)
@@ -81,6 +83,7 @@ class AgentEngine(BaseEngine):
         self._thread_engine = None
         self._helper = None            # mode 1: the helper process (engines.helper), started at the first exec
         self._helper_lock = threading.Lock()
+        self.fast_exec = None          # Space.exec's C entry: the helper's, while one runs
         self.helper_refused = None     # why mode 1 runs on the agent thread through ptrace instead
         self.caller_mappings = {}      # the Space's tracked mappings (address -> (size, key)): code we may patch
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
@@ -89,6 +92,7 @@ class AgentEngine(BaseEngine):
         except BaseException:
             self._undo()
             raise
+        self.fast_syscall = self._channel
 
     # -- injection -------------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class AgentEngine(BaseEngine):
             self._base = ctypes.addressof(self._keep)
             self._slot = self._base + SLOT
             self._alive = self._base + HEADER + L["header.agent_tid"]
+            self._channel = _core.Channel(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid,
+                                          self._post_failed, self._keep)
             caller_pidfd = self._caller_pidfd(t, high_fd)
             blob = _core.AGENT_BLOB
             if len(blob) > L["AGENT_CODE_MAX"]:
@@ -208,6 +214,8 @@ class AgentEngine(BaseEngine):
     def set_spin(self, iterations):
         """Spin budget of both sides before sleeping (neither spins while both are on one CPU)."""
         self.spin = iterations
+        if self._channel is not None:
+            self._channel.spin = iterations
         self._put32(SLOT + L["slot.spin"], iterations)
         self._put32(SLOT + L["slot.agent_cpu"], 0xFFFFFFFF)     # unknown until the agent answers
 
@@ -226,19 +234,28 @@ class AgentEngine(BaseEngine):
         return self._post(_core.agent_batch, calls)
 
     def _post(self, fn, *args):
+        ch = self._channel
+        ch.acquire()                    # one request in the slot at a time, whatever thread posts it
         try:
             return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid, *args)
-        except OSError as e:
+        except BaseException as e:
+            raise self._post_failed(e) from None
+        finally:
+            ch.release()
+
+    def _post_failed(self, e):
+        """The exception to raise for a request that failed (the channel's lock held): the agent's or the
+        target's end named; an interrupted one (Ctrl-C) cancelled first."""
+        if isinstance(e, OSError):
             err = channel_error(e, self.pid, "the agent thread in process %d is gone (the process ran execve, "
                                 "or killed it)" % self.pid)
             if err is None:
-                raise
+                return e
             if e.errno == errno.ECHILD:
                 self.agent_tid = None
-            raise err from None
-        except BaseException:
-            self._cancel_in_flight()
-            raise
+            return err
+        self._cancel_in_flight()
+        return e
 
     def _cancel_in_flight(self):
         """The caller was interrupted while the agent runs a call: make that call return EINTR."""
@@ -276,11 +293,11 @@ class AgentEngine(BaseEngine):
             if h is not None and h.helper_pid and h.proc.poll() is None:
                 return h
             if h is not None:                   # killed (by an interrupted run, or by anyone): a new one
-                h.close()
-                self._helper = None
+                self.helper_ended(h)
             if self.helper_refused is None:
                 try:
                     self._helper = HelperEngine(self)
+                    self.fast_exec = self._helper.fast_exec
                     return self._helper
                 except HelperFailed as e:
                     self.helper_refused = e.reason
@@ -289,8 +306,15 @@ class AgentEngine(BaseEngine):
                                   stacklevel=4)
             return self._thread_engine
 
+    def helper_ended(self, h):
+        """Forget helper h (it ended, or was killed under a run): the next exec() starts another."""
+        if self._helper is h:
+            self._helper = None
+            self.fast_exec = None
+        h.close()
+
     def exec(self, ctx, sigmask, thread=0):
-        h = self._helper                # the hot path: one helper, already running
+        h = self._helper                # one helper, already running
         if h is None or thread or not h.helper_pid:
             if thread != 0:
                 raise ValueError("a live target has one guest thread, 0 (not %r)" % (thread,))
@@ -301,10 +325,10 @@ class AgentEngine(BaseEngine):
         try:
             return h.exec(ctx, sigmask, thread)
         except HelperGone:
-            if not h.left_idle():
-                self._helper = None     # killed under the run: the next exec() starts another
-                h.close()
-                raise
+            idle = h.left_idle()
+            self.helper_ended(h)
+            if not idle:
+                raise                   # killed under the run: the next exec() starts another
         return self.mode1().exec(ctx, sigmask, thread)      # it left unused as we asked: nothing ran
 
     @property
@@ -347,8 +371,7 @@ class AgentEngine(BaseEngine):
     def close(self):
         try:
             if self._helper is not None:
-                self._helper.close()
-                self._helper = None
+                self.helper_ended(self._helper)
         finally:
             try:
                 self._undo()
@@ -401,6 +424,9 @@ class AgentEngine(BaseEngine):
                 janitor.unrecord(self._pidfd_key)
                 self._pidfd_key = None
         finally:
+            if self._channel is not None:
+                self._channel.close()
+            self.fast_syscall = None
             self._keep = None
             if self._map is not None:
                 self._map.close()

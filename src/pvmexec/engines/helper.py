@@ -228,6 +228,17 @@ class HelperEngine(StubEngine):
         """Whether the helper left by itself, unused for a while (it took no request as it left)."""
         return self._map is not None and struct.unpack_from("<I", self._map, L["stub_header.state"])[0] == IDLE
 
+    def _run_failed(self, e):
+        """Space.exec's C entry failed: as AgentEngine.exec's own run would fail (None: it left unused,
+        nothing ran, the Python path starts another helper)."""
+        err = self._failed(e)
+        if isinstance(err, HelperGone):
+            idle = self.left_idle()
+            self.agent.helper_ended(self)
+            if idle:
+                return None
+        return err
+
     def _failed(self, e):
         if isinstance(e, OSError) and e.errno == errno.ESRCH:
             if self.left_idle():
@@ -240,6 +251,7 @@ class HelperEngine(StubEngine):
     def kill(self):
         """End the helper: the agent kills and reaps it and unmaps the region (or, the agent gone, we
         reap it through the ptrace engine); then the sites it patched are put back."""
+        self._close_runners()
         if self.helper_pid:
             try:
                 self.agent.helper_op(0, 0, 0, 0, 0)

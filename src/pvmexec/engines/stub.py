@@ -44,7 +44,7 @@ SIGSYS, SYS_SECCOMP = signal.SIGSYS, 1
 class _Thread:
     """One stub thread: its block in the region and our own request counter for it."""
 
-    __slots__ = ("index", "block", "seq", "counter", "lock", "tid")
+    __slots__ = ("index", "block", "seq", "counter", "lock", "tid", "run")
 
     def __init__(self, index, base, tid=0):
         self.index = index
@@ -53,6 +53,7 @@ class _Thread:
         self.seq = ctypes.c_uint32(0)
         self.counter = ctypes.addressof(self.seq)
         self.lock = threading.Lock()
+        self.run = None                  # its C entry for Space.exec (a _core.Runner)
 
 
 class StubEngine(BaseEngine):
@@ -98,6 +99,7 @@ class StubEngine(BaseEngine):
         self.pidfd = -1
         self._mem = -1
         self._sites = {}                # syscall sites seen (address after the syscall) -> patch index or None
+        self.fast_exec = None           # Space.exec's C entry: guest thread 0's Runner
         self._npatched = 0
         self._patch_lock = threading.Lock()
         self._patch_busy = False        # _patch holds every guest thread's lock for a moment
@@ -134,6 +136,8 @@ class StubEngine(BaseEngine):
             self._mem = os.open("/proc/%d/mem" % self.pid, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             return "off (cannot write the stub's memory: %s)" % e.strerror
+        for t in self.threads:
+            t.run.patch = self._patch
         return "on"
 
     def _wait_ready(self):
@@ -178,7 +182,13 @@ class StubEngine(BaseEngine):
         ready = t.block + L["STUB_STOP_OFF"] + L["stop.ready"] - self._base
         if not wait_word(self._map, self._base, ready, 1, 5, lambda: self.proc.poll() is not None):
             raise EngineError("stub thread %d did not start" % index)
+        t.run = _core.Runner(t.block, t.counter, self.pidfd, self.spin, t.lock, self._sites, self._run_failed,
+                             self._keep)
+        if self._mem >= 0:
+            t.run.patch = self._patch
         self.threads.append(t)
+        if index == 0:
+            self.fast_exec = t.run
         return index
 
     def syscall(self, nr, args):
@@ -251,6 +261,10 @@ class StubEngine(BaseEngine):
             raise self._failed(e) from None
         finally:
             t.lock.release()
+
+    def _run_failed(self, e):
+        """A Runner's failed(): the exception to raise (None: nothing ran, take the Python path)."""
+        return self._failed(e)
 
     def _failed(self, e):
         """The exception to raise for a failed post/wait: the stub's death named, an interrupted
@@ -358,13 +372,18 @@ class StubEngine(BaseEngine):
         off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
         size = L["STUB_PATCH_MAX"] * L["patch_site.size"]
         self._map[off:off + size] = src._map[off:off + size]
-        self._sites, self._npatched = dict(src._sites), src._npatched
+        self._set_sites(dict(src._sites), src._npatched)
 
     def forget_patches(self):
         """The code that was patched is gone (execve emptied the space): its sites start anew."""
         off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
         self._map[off:off + L["STUB_PATCH_MAX"] * L["patch_site.size"]] = bytes(L["STUB_PATCH_MAX"] * L["patch_site.size"])
-        self._sites, self._npatched = {}, 0
+        self._set_sites({}, 0)
+
+    def _set_sites(self, sites, npatched):
+        self._sites, self._npatched = sites, npatched
+        for t in self.threads:
+            t.run.sites = sites
 
     def initial_fpstate(self):
         if self._init_fp is None:
@@ -372,11 +391,20 @@ class StubEngine(BaseEngine):
         return self._init_fp
 
     def kill(self):
+        self._close_runners()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
 
+    def _close_runners(self):
+        """Space.exec takes the Python path from now on (which knows what a killed space is)."""
+        self.fast_exec = None
+        for t in self.threads:
+            if t.run is not None:
+                t.run.close()
+
     def close(self):
+        self._close_runners()
         self.kill()
         if getattr(self, "_lend", None) is not None:
             self._lend.close()

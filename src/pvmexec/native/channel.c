@@ -260,6 +260,86 @@ fail:
     return NULL;
 }
 
+/*
+ * One mode 1 run from parsed arguments: the stop's fields
+ * (signo, si_code, si_errno, word at 16, si_syscall, si_arch, siginfo bytes, regs, fp), Py_None if the
+ * register state is refused (Python words why), or NULL with an exception set.
+ */
+PyObject *
+stub_run(const struct stub_run *a)
+{
+    struct pvm_slot *slot = SLOT(a->block);
+    struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(a->block + PVM_STUB_STOP_OFF);
+    char *fp_area = (char *)(uintptr_t)(a->block + PVM_STUB_FP_OFF);
+    const struct fast_path *fast = a->fast;
+    if (a->fp_len > PVM_STUB_FP_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad FPU state size");
+        return NULL;
+    }
+    {
+        /* What a 64-bit user thread can hold; Python words the error (arch.validate). */
+        const uint64_t *r = a->regs, lim = (1ULL << 47) - 4096;
+        if (r[17] != 0x33 || r[20] != 0x2b || r[16] > lim || r[21] > lim || r[22] > lim ||
+            (r[23] && r[23] != 0x2b) || (r[24] && r[24] != 0x2b) || (r[25] && r[25] != 0x2b) ||
+            (r[26] && r[26] != 0x2b))
+            Py_RETURN_NONE;
+    }
+    /* Write only the registers that changed: the lines the stub owns stay in its cache. */
+    for (int i = 0; i < PVM_X86_64_NREGS; i++)
+        if (stop->regs[i] != a->regs[i])
+            stop->regs[i] = a->regs[i];
+    if (a->fp_len)
+        memcpy(fp_area, a->fp, (size_t)a->fp_len);
+    stop->fp_valid = a->fp_len ? 1 : 0;
+    uint32_t signo, fp_size;
+    struct preempt pre = {fast ? fast->flag.buf : NULL, fast ? fast->stub_pid : 0, a->stub_tid};
+    for (;;) {
+        slot->op = PVM_OP_RUN;
+        int rc = channel_post_wait_preempt(slot, a->counter, a->alive, a->pidfd, a->spin, a->pid,
+                                           fast && a->stub_tid > 0 ? &pre : NULL);
+        if (rc < 0)
+            return channel_error(rc, a->pidfd);
+        signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
+        fp_size = __atomic_load_n(&stop->fp_size, __ATOMIC_RELAXED);
+        if (signo < 1 || signo > 64 || (a->want_fp && (fp_size < 512 || fp_size > PVM_STUB_FP_MAX))) {
+            errno = EPROTO;
+            return raise_call("stub stop data", a->pidfd);
+        }
+        if (!fast || !a->answer || *(volatile int32_t *)fast->flag.buf || !fast_answer((struct fast_path *)fast, stop))
+            break;
+        stop->fp_valid = 1;                /* resume with the state this stop saved */
+    }
+    int32_t f_errno, f_code, f_syscall;
+    uint32_t f_arch;
+    uint64_t word;
+    memcpy(&f_errno, stop->siginfo + PVM_SI_ERRNO, 4);
+    memcpy(&f_code, stop->siginfo + PVM_SI_CODE, 4);
+    memcpy(&word, stop->siginfo + PVM_SI_ADDR, 8);
+    memcpy(&f_syscall, stop->siginfo + PVM_SI_SYSCALL, 4);
+    memcpy(&f_arch, stop->siginfo + PVM_SI_ARCH, 4);
+    /* (Built by hand: Py_BuildValue's format parsing is a tenth of a round trip here.) */
+    PyObject *t = PyTuple_New(9);
+    if (!t)
+        return NULL;
+    PyObject *items[9] = {
+        PyLong_FromUnsignedLong(signo), PyLong_FromLong(f_code), PyLong_FromLong(f_errno),
+        PyLong_FromUnsignedLongLong(word), PyLong_FromLong(f_syscall), PyLong_FromUnsignedLong(f_arch),
+        PyBytes_FromStringAndSize((const char *)stop->siginfo, sizeof stop->siginfo),
+        PyByteArray_FromStringAndSize((const char *)stop->regs, sizeof stop->regs),
+        a->want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : Py_NewRef(Py_None),
+    };
+    int bad = 0;
+    for (int i = 0; i < 9; i++) {
+        bad |= !items[i];
+        PyTuple_SET_ITEM(t, i, items[i]);      /* (a NULL item is fine to dealloc) */
+    }
+    if (bad)
+        Py_CLEAR(t);
+    else
+        PyObject_GC_UnTrack(t);                /* only atoms in it: the collector has nothing to find */
+    return t;
+}
+
 static PyObject *
 stub_run_common(PyObject *args, int with_fast)
 {
@@ -277,70 +357,13 @@ stub_run_common(PyObject *args, int with_fast)
                                  &want_fp))
         return NULL;
     PyObject *res = NULL;
-    struct pvm_slot *slot = SLOT(block);
-    struct pvm_stop *stop = (struct pvm_stop *)(uintptr_t)(block + PVM_STUB_STOP_OFF);
-    char *fp_area = (char *)(uintptr_t)(block + PVM_STUB_FP_OFF);
-    if (regs.len != sizeof stop->regs || fp.len > PVM_STUB_FP_MAX ||
-        (with_fast && (fast.ids.len < 7 * 8 || fast.flag.len < 4))) {
-        PyErr_SetString(PyExc_ValueError, "bad register block, FPU state or fast-path table size");
-        goto out;
+    if (regs.len != PVM_X86_64_NREGS * 8 || (with_fast && (fast.ids.len < 7 * 8 || fast.flag.len < 4)))
+        PyErr_SetString(PyExc_ValueError, "bad register block or fast-path table size");
+    else {
+        struct stub_run a = {block, COUNTER(counter), ALIVE(alive), pidfd, pid, spin, regs.buf, fp.buf, fp.len,
+                             want_fp, with_fast ? &fast : NULL, stub_tid, answer};
+        res = stub_run(&a);
     }
-    {
-        /* What a 64-bit user thread can hold; Python words the error (arch.validate). */
-        const uint64_t *r = regs.buf, lim = (1ULL << 47) - 4096;
-        if (r[17] != 0x33 || r[20] != 0x2b || r[16] > lim || r[21] > lim || r[22] > lim ||
-            (r[23] && r[23] != 0x2b) || (r[24] && r[24] != 0x2b) || (r[25] && r[25] != 0x2b) ||
-            (r[26] && r[26] != 0x2b)) {
-            res = Py_None;
-            Py_INCREF(res);
-            goto out;
-        }
-    }
-    {
-        /* Write only the registers that changed: the lines the stub owns stay in its cache. */
-        const uint64_t *src = regs.buf;
-        for (int i = 0; i < PVM_X86_64_NREGS; i++)
-            if (stop->regs[i] != src[i])
-                stop->regs[i] = src[i];
-    }
-    if (fp.len)
-        memcpy(fp_area, fp.buf, (size_t)fp.len);
-    stop->fp_valid = fp.len ? 1 : 0;
-    uint32_t signo, fp_size;
-    struct preempt pre = {with_fast ? fast.flag.buf : NULL, fast.stub_pid, stub_tid};
-    for (;;) {
-        slot->op = PVM_OP_RUN;
-        int rc = channel_post_wait_preempt(slot, COUNTER(counter), ALIVE(alive), pidfd, spin, pid,
-                                           with_fast && stub_tid > 0 ? &pre : NULL);
-        if (rc < 0) {
-            channel_error(rc, pidfd);
-            goto out;
-        }
-        signo = __atomic_load_n(&stop->signo, __ATOMIC_RELAXED);
-        fp_size = __atomic_load_n(&stop->fp_size, __ATOMIC_RELAXED);
-        if (signo < 1 || signo > 64 || (want_fp && (fp_size < 512 || fp_size > PVM_STUB_FP_MAX))) {
-            errno = EPROTO;
-            raise_call("stub stop data", pidfd);
-            goto out;
-        }
-        if (!with_fast || !answer || *(volatile int32_t *)fast.flag.buf || !fast_answer(&fast, stop))
-            break;
-        stop->fp_valid = 1;                /* resume with the state this stop saved */
-    }
-    PyObject *fp_out = want_fp ? PyBytes_FromStringAndSize(fp_area, fp_size) : (Py_INCREF(Py_None), Py_None);
-    /* (signo, si_code, si_errno, word at 16, si_syscall, si_arch, siginfo bytes, regs, fp); None: regs refused. */
-    int32_t f_errno, f_code, f_syscall;
-    uint32_t f_arch;
-    uint64_t word;
-    memcpy(&f_errno, stop->siginfo + PVM_SI_ERRNO, 4);
-    memcpy(&f_code, stop->siginfo + PVM_SI_CODE, 4);
-    memcpy(&word, stop->siginfo + PVM_SI_ADDR, 8);
-    memcpy(&f_syscall, stop->siginfo + PVM_SI_SYSCALL, 4);
-    memcpy(&f_arch, stop->siginfo + PVM_SI_ARCH, 4);
-    res = Py_BuildValue("(IiiKiIy#NN)", signo, f_code, f_errno, (unsigned long long)word, f_syscall, f_arch,
-                        (const char *)stop->siginfo, (Py_ssize_t)sizeof stop->siginfo,
-                        PyByteArray_FromStringAndSize((const char *)stop->regs, sizeof stop->regs), fp_out);
-out:
     PyBuffer_Release(&regs);
     PyBuffer_Release(&fp);
     if (with_fast) {

@@ -1,7 +1,7 @@
 /*
  * Declarations shared by the C files of pvmexec._core (one extension, split
  * by concern as psutil splits its own): ptrace.c, memory.c, channel.c,
- * fastpath.c, hostfs.c, spawn.c, imageindex.c, bench.c, errors.c, and module.c with the method table.
+ * fastpath.c, entry.c, hostfs.c, spawn.c, imageindex.c, bench.c, errors.c, and module.c with the method table.
  * Thin wrappers only: every failure raises OSError naming the failing call;
  * policy and error mapping live in Python.
  */
@@ -74,6 +74,9 @@
 #define REG(r, i) (((unsigned long long *)(r))[i])
 enum { R_RAX = 10, R_RCX = 11, R_ORIG_RAX = 15 };
 
+/* Syscall numbers of the x32 ABI (arch.x86_64.X32_SYSCALL_BIT): never ours. */
+#define X32_SYSCALL_BIT 0x40000000ULL
+
 /* Big enough for any xsave area this decade (AVX-512 + AMX is ~11 KiB). */
 #define XSTATE_MAX 65536
 
@@ -108,6 +111,21 @@ int channel_post_wait(struct pvm_slot *slot, uint32_t *counter, volatile uint32_
 int channel_post_wait_preempt(struct pvm_slot *slot, uint32_t *counter, volatile uint32_t *alive, int pidfd,
                               long spin, int pid, const struct preempt *pre);
 PyObject *channel_error(int rc, int pidfd);
+struct fast_path;
+struct stub_run {                          /* one mode 1 run's arguments (channel.c's stub_run) */
+    uint64_t block;
+    uint32_t *counter;
+    volatile uint32_t *alive;
+    int pidfd, pid;
+    long spin;
+    const uint64_t *regs;                  /* PVM_X86_64_NREGS of them */
+    const char *fp;
+    Py_ssize_t fp_len;                     /* 0: a clean FPU state */
+    int want_fp;
+    const struct fast_path *fast;          /* NULL: every stop goes to Python */
+    int stub_tid, answer;
+};
+PyObject *stub_run(const struct stub_run *a);
 
 /* fastpath.c */
 /*
@@ -126,6 +144,14 @@ struct fast_path {
     int stub_pid;
 };
 int fast_answer(struct fast_path *fp, struct pvm_stop *stop);
+
+/* entry.c: the hot entries (Channel, Runner) and the signal guard's counters */
+int entry_add_types(PyObject *m);
+PyObject *py_guard_setup(PyObject *self, PyObject *args);
+PyObject *py_guard_enter(PyObject *self, PyObject *unused);
+PyObject *py_guard_exit(PyObject *self, PyObject *unused);
+PyObject *py_guard_counts(PyObject *self, PyObject *unused);
+PyObject *py_entry_setup(PyObject *self, PyObject *args);
 
 /* The module's functions, one per method-table entry (module.c). */
 PyObject *py_wait(PyObject *self, PyObject *args);

@@ -53,6 +53,11 @@ static PyMethodDef methods[] = {
     {"index_runs", py_index_runs, METH_VARARGS, "index_runs(pages.idx bytes) -> u64 (address, offset, pages) runs, the last pair winning"},
     {"index_plan", py_index_plan, METH_VARARGS, "index_plan(pages.idx bytes, maps (start, end, how), cut pages) -> (now, later) runs"},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, fd) -> fd"},
+    {"guard_setup", py_guard_setup, METH_VARARGS, "guard_setup(main_ident, deferred: list, due): the signal guard's state"},
+    {"guard_enter", py_guard_enter, METH_NOARGS, "guard_enter(): an operation starts"},
+    {"guard_exit", py_guard_exit, METH_NOARGS, "guard_exit(): it ends (due() runs if it was the last and a signal waits)"},
+    {"guard_counts", py_guard_counts, METH_NOARGS, "guard_counts() -> (operations, of them the main thread's)"},
+    {"entry_setup", py_entry_setup, METH_VARARGS, "entry_setup(SigContext, Stop, reason_syscall, reason_signal)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -157,6 +162,7 @@ core_exec(PyObject *m)
     int bad = !names || PyDict_SetItemString(layout, "reg_names", names) < 0;
     Py_XDECREF(names);
     if (bad || add_steal(m, "LAYOUT", layout) < 0
+        || entry_add_types(m) < 0
         || add_steal(m, "GUEST_SYMBOLS", symbol_dict(pvm_guest_symbols)) < 0
         || add_steal(m, "AGENT_SYMBOLS", symbol_dict(pvm_agent_symbols)) < 0
         || add_steal(m, "HELPER_SYMBOLS", symbol_dict(pvm_helper_symbols)) < 0
