@@ -201,25 +201,45 @@ class StubEngine(BaseEngine):
     def map_file(self, host_fd, addr, length, prot, flags, offset):
         """mmap(2) in the stub of the caller's descriptor host_fd (a file mapping the guest asked for): the
         descriptor goes over the stub's lending socket, is mapped and closed at once. Returns mmap's raw result."""
-        self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        return self.map_files([(host_fd, addr, length, prot, flags, offset)])[0]
+
+    def map_files(self, maps):
+        """map_file for each (host_fd, addr, length, prot, flags, offset), in one batch: each descriptor is
+        lent once, however many of the mappings use it (a fork maps a library's segments). Raw results."""
+        for _fd, addr, length, prot, flags, offset in maps:
+            self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        with self.service.lock:
+            remote = {}
+            try:
+                for host_fd, *_rest in maps:
+                    if host_fd not in remote:
+                        remote[host_fd] = self._receive_fd(host_fd)
+                calls = [(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
+                         for fd, addr, length, prot, flags, offset in maps]
+                out = []
+                for i in range(0, len(calls), L["MAX_BATCH"]):
+                    out += self._raw_batch(calls[i:i + L["MAX_BATCH"]])
+                return out
+            finally:
+                if remote:
+                    self._raw_batch([(_NR_CLOSE, (fd, 0, 0, 0, 0, 0)) for fd in remote.values()])
+
+    def _receive_fd(self, host_fd):
+        """host_fd sent over the lending socket and received by the stub: its number there (service lock held)."""
         scratch = L["STUB_LEND_SCRATCH"]
         remote = struct.unpack_from("<Q", self._map, L["stub_header.region_base"])[0] + scratch
-        with self.service.lock:
-            # msghdr {name 0, iov -> 1 byte, 1 iov, control -> 24 bytes}; the byte and the cmsg follow it.
-            struct.pack_into("<QI4xQQQQi4xQQ", self._map, scratch, 0, 0, remote + 56, 1, remote + 80, 24, 0,
-                             remote + 72, 1)
-            self._map[scratch + 72:scratch + 104] = bytes(32)
-            socket.send_fds(self._lend, [b"\0"], [host_fd])
-            got = self._raw(_NR_RECVMSG, (L["STUB_LEND_FD"], remote, 0x40000000, 0, 0, 0))   # MSG_CMSG_CLOEXEC
-            length_, level, kind, fd = struct.unpack_from("<QiiI", self._map, scratch + 80)
-            # The guest can write this page: what it says is checked before use.
-            if got != 1 or (length_, level, kind) != (20, socket.SOL_SOCKET, socket.SCM_RIGHTS) or \
-                    not 0 <= fd < 1024 or fd == L["STUB_LEND_FD"]:
-                raise EngineError("the stub did not receive a descriptor to map (%d)" % got)
-            try:
-                return self._raw(_NR_MMAP, (addr, length, prot, flags, fd, offset))
-            finally:
-                self._raw(_NR_CLOSE, (fd, 0, 0, 0, 0, 0))
+        # msghdr {name 0, iov -> 1 byte, 1 iov, control -> 24 bytes}; the byte and the cmsg follow it.
+        struct.pack_into("<QI4xQQQQi4xQQ", self._map, scratch, 0, 0, remote + 56, 1, remote + 80, 24, 0,
+                         remote + 72, 1)
+        self._map[scratch + 72:scratch + 104] = bytes(32)
+        socket.send_fds(self._lend, [b"\0"], [host_fd])
+        got = self._raw(_NR_RECVMSG, (L["STUB_LEND_FD"], remote, 0x40000000, 0, 0, 0))   # MSG_CMSG_CLOEXEC
+        length_, level, kind, fd = struct.unpack_from("<QiiI", self._map, scratch + 80)
+        # The guest can write this page: what it says is checked before use.
+        if got != 1 or (length_, level, kind) != (20, socket.SOL_SOCKET, socket.SCM_RIGHTS) or \
+                not 0 <= fd < 1024 or fd == L["STUB_LEND_FD"]:
+            raise EngineError("the stub did not receive a descriptor to map (%d)" % got)
+        return fd
 
     def _spare_window(self, nr, args):
         if struct.unpack_from("<Q", self._map, L["stub_header.window"])[0]:
@@ -230,6 +250,13 @@ class StubEngine(BaseEngine):
         try:
             return _core.agent_syscall(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0,
                                        nr, *args)
+        except BaseException as e:
+            raise self._failed(e) from None
+
+    def _raw_batch(self, calls):
+        """A batch of mode-2 calls on the service channel, whose lock the caller holds."""
+        try:
+            return _core.agent_batch(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0, calls)
         except BaseException as e:
             raise self._failed(e) from None
 

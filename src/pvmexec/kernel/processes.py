@@ -16,7 +16,7 @@ from ..arch import current as _current_arch
 from ..proc import PagemapScan, mappings, maps_prot
 from ..vdso import SPECIAL, move_specials
 from .errors import Errno
-from .syscalls.mm import drop_mapped, map_file
+from .syscalls.mm import drop_mapped, map_files
 from .syscalls.timer import end_timers
 from .task import Process, close_wake, kill_space, usage_of
 from .threads import wait_for_threads
@@ -120,41 +120,49 @@ class ProcessMachinery:
     def _copy_memory(self, p, child):
         """The parent's guest mappings, with their contents and protections, into the child's space. A
         file's private mapping maps the file again and gets only the pages the parent changed; anonymous
-        memory only the pages the parent has; shared mappings map the same pages."""
+        memory only the pages the parent has; shared mappings map the same pages. Every mapping is made
+        first, in batches (a file lent once for all its segments), then the pages go, then protections."""
         src, dst = p.space, child.space
-        calls = []
         with open("/proc/%d/maps" % src.pid) as f:
             maps = [line.split() for line in f]
+        files, anon, copies, calls = [], [], [], []
+        for fields in maps:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
+                continue
+            perms = fields[1]
+            fd = child.mapped_files.get(_file_key(fields)) if fields[4] != "0" else None
+            offset = int(fields[2], 16)
+            if perms[3] == "s" and fd is not None:          # the same pages as the parent's, not a copy
+                files.append((fd, lo, hi - lo, maps_prot(perms), MAP_SHARED | MAP_FIXED_NOREPLACE, offset))
+                continue
+            if fd is not None:
+                files.append((fd, lo, hi - lo, 3, MAP_PRIVATE | MAP_FIXED_NOREPLACE, offset))
+            else:
+                anon.append((lo, hi))
+            copies.append((lo, hi, fd is None and fields[4] != "0"))
+            prot = maps_prot(perms)
+            if prot != 3:
+                calls.append(("mprotect", (lo, hi - lo, prot)))
+        map_files(child, files)
+        for i in range(0, len(anon), 64):
+            made = dst.syscalls([("mmap", (lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)) for lo, hi in anon[i:i + 64]])
+            if any(at != lo for at, (lo, _hi) in zip(made, anon[i:i + 64])):
+                raise Errno(errno.ENOMEM)
         try:
             scan = PagemapScan(src.pid)
         except OSError:
             scan = None                                 # (before Linux 6.7: every page is read)
         try:
-            for fields in maps:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
-                    continue
-                perms = fields[1]
-                if perms[3] == "s" and self._share_with_child(child, fields, lo, hi):
-                    continue
-                prot = maps_prot(perms)
-                fd = child.mapped_files.get(_file_key(fields)) if fields[4] != "0" else None
-                if fd is not None:
-                    map_file(child, fd, lo, hi - lo, 3, MAP_PRIVATE | MAP_FIXED_NOREPLACE, int(fields[2], 16))
-                else:
-                    at = dst.syscall_raw("mmap", lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)
-                    if at != lo:
-                        raise Errno(errno.ENOMEM)
+            for lo, hi, whole in copies:
                 try:
                     # Pages of the parent's own (written, or anonymous), not the file's and not the zero page.
-                    runs = [(lo, hi)] if scan is None or fd is None and fields[4] != "0" else \
+                    runs = [(lo, hi)] if scan is None or whole else \
                         scan.regions(lo, hi, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_FILE | PAGE_IS_PFNZERO)
                 except OSError:
                     runs = [(lo, hi)]
                 for start, end in runs:
                     self._copy_pages(src, dst, start, end)
-                if prot != 3:
-                    calls.append(("mprotect", (lo, hi - lo, prot)))
         finally:
             if scan is not None:
                 scan.close()
@@ -173,14 +181,6 @@ class ProcessMachinery:
             if data != (_ZEROS if n == len(_ZEROS) else bytes(n)):     # a memcmp: far cheaper than a count
                 dst.write(addr, data)
             addr += n
-
-    def _share_with_child(self, child, fields, lo, hi):
-        """A shared mapping the child maps too (the same pages, not a copy); False if its file is unknown."""
-        fd = child.mapped_files.get(_file_key(fields))
-        if fd is None:
-            return False
-        map_file(child, fd, lo, hi - lo, maps_prot(fields[1]), MAP_SHARED | MAP_FIXED_NOREPLACE, int(fields[2], 16))
-        return True
 
     def _start(self, child):
         t = threading.Thread(target=self._run_process, args=(child,), name="guest-%d" % child.pid, daemon=True)
@@ -210,7 +210,6 @@ class ProcessMachinery:
         drop_mapped(p)
         if p.space is not None:
             p.usage = usage_of(p.space.pid)
-            p.space.detach()
         with self._cond:
             p.status = status
             for f in list(p.pidfds):
@@ -225,6 +224,8 @@ class ProcessMachinery:
                 self._queue(p.parent, p.exit_signal, self._child_info(p), wake_it=True)
             self._cond.notify_all()
         p.vfork_done.set()
+        if p.space is not None:         # (after the parent is told: the guest cannot see our stub end)
+            p.space.detach()
         close_wake(p)
 
     def _child_info(self, p):

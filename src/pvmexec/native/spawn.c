@@ -1,11 +1,13 @@
 /*
- * Starting stub processes: a fork-like clone, optionally into new user and
+ * Starting stub processes: a vfork-like clone, optionally into new user and
  * pid namespaces (so that nothing a guest does in the stub names a host pid),
  * then execveat of the stub program, waited for (a close-on-exec pipe says
  * it happened, or why not). Between clone and exec the child runs only
  * async-signal-safe calls: this process has other threads.
  */
 #include "core.h"
+#include <pthread.h>
+#include <sys/mman.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
 
@@ -64,6 +66,22 @@ child(int exe, char **argv, const int *keep, int nkeep, int parent, int no_rando
     syscall(__NR_execveat, exe, "", argv, envp, AT_EMPTY_PATH);
     fail(report, errno);
 }
+
+struct child_args {
+    int exe;
+    char **argv;
+    const int *keep;
+    int nkeep, parent, no_randomize, report;
+};
+
+static int
+child_entry(void *arg)
+{
+    const struct child_args *a = arg;
+    child(a->exe, a->argv, a->keep, a->nkeep, a->parent, a->no_randomize, a->report);
+}
+
+#define CHILD_STACK (64 * 1024)
 
 /* spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize, pid=0, pidns=-1) -> pid
  * pid > 0: the child gets that pid (clone3's set_tid: it must be free, and choosing needs
@@ -127,11 +145,32 @@ py_spawn_stub(PyObject *self, PyObject *args)
         struct spawn_clone_args ca = {.flags = flags, .exit_signal = SIGCHLD, .set_tid = (uint64_t)(uintptr_t)tids,
                                       .set_tid_size = 1};
         pid = syscall(__NR_clone3, &ca, sizeof ca);
+        if (pid == 0)
+            child(exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]);
     } else {
-        pid = syscall(SYS_clone, flags | SIGCHLD, 0, NULL, NULL, 0);
+        /*
+         * vfork-like (as posix_spawn): the child borrows our memory until its exec, so nothing of this
+         * process is copied (a fork copied its page tables and write-protected every page it had, each
+         * then faulted back by our threads) and we wait without the GIL. Every signal stays blocked
+         * until the child has reset its handlers: none of ours may run on its stack.
+         */
+        struct child_args ca = {exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]};
+        void *stack = mmap(NULL, CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED) {
+            pid = -1;
+        } else {
+            sigset_t all, old;
+            sigfillset(&all);
+            pthread_sigmask(SIG_SETMASK, &all, &old);
+            Py_BEGIN_ALLOW_THREADS
+            pid = clone(child_entry, (char *)stack + CHILD_STACK, (int)flags | CLONE_VM | CLONE_VFORK | SIGCHLD, &ca);
+            Py_END_ALLOW_THREADS
+            int clone_errno = errno;
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            munmap(stack, CHILD_STACK);
+            errno = clone_errno;
+        }
     }
-    if (pid == 0)
-        child(exe, argv, keep, (int)nkeep, parent, no_randomize, report[1]);
     int saved = errno;
     if (own_ns >= 0) {                          /* back: our own active namespace may always be entered */
         (void)setns(own_ns, CLONE_NEWPID);

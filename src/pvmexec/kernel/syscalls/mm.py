@@ -48,6 +48,21 @@ def map_file(p, host_fd, addr, length, prot, flags, off):
     return map_in_space(p.space, host_fd, addr, length, prot, flags, off)
 
 
+def map_files(p, maps):
+    """map_file for each (host_fd, addr, length, prot, flags, off), in one batch where the engine can; each
+    must land where asked."""
+    backend = p.space.backend
+    if hasattr(backend, "map_files"):
+        results = backend.map_files(maps) if maps else []
+    else:
+        results = [map_in_space(p.space, *m) for m in maps]
+    for ret, m in zip(results, maps):
+        if -4096 < ret < 0:
+            raise Errno(-ret)
+        if ret != m[1]:
+            raise Errno(errno.ENOMEM)
+
+
 def map_in_space(space, host_fd, addr, length, prot, flags, off):
     backend = space.backend
     if hasattr(backend, "map_file"):
