@@ -24,7 +24,7 @@ class SigContext:
     clean FPU state on entry that is not reported back.
     """
 
-    __slots__ = ("_buf", "_q", "fpstate")
+    __slots__ = ("_buf", "fpstate")
 
     if TYPE_CHECKING:                   # the registers are properties made below, from the arch's list
         fpstate: bytes | None
@@ -57,7 +57,6 @@ class SigContext:
 
     def __init__(self, **regs: Any) -> None:
         self._buf = bytearray(_arch.REGS_SIZE)
-        self._q = memoryview(self._buf).cast("Q")
         self.fpstate = regs.pop("fpstate", None)
         for k, v in _arch.CONTEXT_DEFAULTS.items():
             setattr(self, k, v)
@@ -69,10 +68,13 @@ class SigContext:
     @classmethod
     def _from_regs(cls, raw, fpstate=None):
         ctx = _new(cls)
-        buf = ctx._buf = raw if type(raw) is bytearray else bytearray(raw)
-        ctx._q = memoryview(buf).cast("Q")
+        ctx._buf = raw if type(raw) is bytearray else bytearray(raw)
         ctx.fpstate = fpstate
         return ctx
+
+    def _words(self) -> memoryview:
+        """The registers as 64-bit words, in the arch's order (REG_INDEX)."""
+        return memoryview(self._buf).cast("Q")
 
     def copy(self) -> SigContext:
         return SigContext._from_regs(bytearray(self._buf), self.fpstate)

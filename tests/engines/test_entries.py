@@ -255,7 +255,8 @@ def test_registers_are_64_bit_words_of_the_block():
     assert ctx.rcx == 3
     ctx.rdx = True
     assert ctx.rdx == 1
-    assert ctx._q[current().REG_INDEX["rax"]] == 5 and ctx._q[current().REG_INDEX["rbx"]] == (1 << 64) - 1
+    words = ctx._words()
+    assert words[current().REG_INDEX["rax"]] == 5 and words[current().REG_INDEX["rbx"]] == (1 << 64) - 1
     for bad in ("x", 1.5, None):
         with pytest.raises(TypeError):
             ctx.rax = bad

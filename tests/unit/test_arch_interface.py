@@ -37,11 +37,11 @@ def test_this_machine_has_an_arch_module():
 
 
 def test_validate_refuses_what_no_user_thread_holds():
-    x86_64.validate(SigContext(rip=0x1000)._q)
+    x86_64.validate(SigContext(rip=0x1000)._words())
     for regs, what in (({"cs": 0x23}, "32-bit"), ({"cs": 0x10}, "cs="), ({"ss": 0}, "ss="),
                        ({"rip": 1 << 63}, "rip="), ({"fs": 0x13}, "fs=")):
         with pytest.raises(InvalidContext, match=what):
-            x86_64.validate(SigContext(**regs)._q)
+            x86_64.validate(SigContext(**regs)._words())
 
 
 def test_signal_frame_round_trip():

@@ -291,7 +291,7 @@ class _Builder:
             fp = ARCH.sigframe_xstate(bytes.fromhex(t["xstate"]), _core.xsave_components())
         ctx = SigContext._from_regs(bytearray(_resumable(bytes.fromhex(t["regs"]))), fp)
         try:
-            ARCH.validate(ctx._q)
+            ARCH.validate(ctx._words())
         except PvmexecError as e:
             raise RestoreError(errno.EINVAL, "thread %d's registers: %s" % (t["tid"], e)) from None
         return ctx

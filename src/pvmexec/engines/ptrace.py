@@ -800,7 +800,7 @@ class PtraceEngine(BaseEngine):
     def exec(self, ctx, sigmask, thread=0):
         """Mode 1: run ctx until a syscall (not executed) or a signal. Returns (Stop, deliver_sig)."""
         self.check_thread(thread)
-        arch.validate(ctx._q)
+        arch.validate(ctx._words())
         b = self.acquire()
         try:
             if ctx.fpstate is not None:

@@ -32,6 +32,7 @@ from ..syscalls import name_of, number
 
 arch = _current_arch()
 _RIP = arch.REG_INDEX[arch.PC]
+_RIP_WORD = struct.Struct("<Q")
 
 L = _core.LAYOUT
 _stub_run = _core.stub_run
@@ -326,18 +327,20 @@ class StubEngine(BaseEngine):
         finally:
             lock.release()
         if got is None:                    # refused in C before anything ran: say why
-            arch.validate(ctx._q)
+            arch.validate(ctx._words())
             raise EngineError("register state refused")
         regs = got[7]
         out = _new(SigContext)
-        out._buf, out._q, out.fpstate = regs, memoryview(regs).cast("Q"), got[8]
+        out._buf, out.fpstate = regs, got[8]
         stop = _new(Stop)
         stop.ctx, stop._info, stop._fields = out, None, got
         signo = got[0]
         if signo == SIGSYS and got[1] == SYS_SECCOMP:
             stop.reason = StopReason.SYSCALL
-            if self._mem >= 0 and out._q[_RIP] not in self._sites:
-                self._patch(out._q[_RIP], got[4])
+            if self._mem >= 0:
+                rip = _RIP_WORD.unpack_from(regs, _RIP * 8)[0]
+                if rip not in self._sites:
+                    self._patch(rip, got[4])
             return stop, 0
         stop.reason = StopReason.SIGNAL
         return stop, (0 if signo in sigmask else signo)

@@ -331,8 +331,8 @@ static PyTypeObject ChannelType = {
 
 /* Where the slots of context.SigContext and context.Stop live in their objects (entry_setup). */
 static PyTypeObject *ctx_type, *stop_type;
-static Py_ssize_t ctx_buf, ctx_q, ctx_fp, stop_ctx, stop_info, stop_fields, stop_reason;
-static PyObject *reason_syscall, *reason_signal, *str_cast, *str_Q;
+static Py_ssize_t ctx_buf, ctx_fp, stop_ctx, stop_info, stop_fields, stop_reason;
+static PyObject *reason_syscall, *reason_signal;
 
 #define SLOT_AT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
@@ -362,12 +362,9 @@ py_entry_setup(PyObject *self, PyObject *args)
     PyObject *sys, *sig;
     if (!PyArg_ParseTuple(args, "O!O!OO", &PyType_Type, &ct, &PyType_Type, &st, &sys, &sig))
         return NULL;
-    if (slot_offset(ct, "_buf", &ctx_buf) < 0 || slot_offset(ct, "_q", &ctx_q) < 0 ||
-        slot_offset(ct, "fpstate", &ctx_fp) < 0 || slot_offset(st, "ctx", &stop_ctx) < 0 ||
+    if (slot_offset(ct, "_buf", &ctx_buf) < 0 || slot_offset(ct, "fpstate", &ctx_fp) < 0 || slot_offset(st, "ctx", &stop_ctx) < 0 ||
         slot_offset(st, "_info", &stop_info) < 0 || slot_offset(st, "_fields", &stop_fields) < 0 ||
         slot_offset(st, "reason", &stop_reason) < 0)
-        return NULL;
-    if (!str_cast && (!(str_cast = PyUnicode_InternFromString("cast")) || !(str_Q = PyUnicode_InternFromString("Q"))))
         return NULL;
     Py_XSETREF(ctx_type, (PyTypeObject *)Py_NewRef(ct));
     Py_XSETREF(stop_type, (PyTypeObject *)Py_NewRef(st));
@@ -472,20 +469,13 @@ static PyObject *
 make_stop(PyObject *fields, PyObject *reason)
 {
     PyObject *regs = PyTuple_GET_ITEM(fields, 7), *fp = PyTuple_GET_ITEM(fields, 8);
-    PyObject *mv = PyMemoryView_FromObject(regs);
-    PyObject *q = mv ? PyObject_CallMethodOneArg(mv, str_cast, str_Q) : NULL;
-    Py_XDECREF(mv);
-    if (!q)
-        return NULL;
     PyObject *ctx = ctx_type->tp_alloc(ctx_type, 0);
     PyObject *stop = ctx ? stop_type->tp_alloc(stop_type, 0) : NULL;
     if (!stop) {
         Py_XDECREF(ctx);
-        Py_DECREF(q);
         return NULL;
     }
     slot_set(ctx, ctx_buf, Py_NewRef(regs));
-    slot_set(ctx, ctx_q, q);
     slot_set(ctx, ctx_fp, Py_NewRef(fp));
     slot_set(stop, stop_ctx, ctx);
     slot_set(stop, stop_info, Py_NewRef(Py_None));
