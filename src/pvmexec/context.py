@@ -269,4 +269,5 @@ class Stop:
 
 
 # What the C entries (a Register; a Runner's Stop) read and fill in these objects.
-_core.entry_setup(SigContext, Stop, StopReason.SYSCALL, StopReason.SIGNAL)
+_core.entry_setup(SigContext, Stop, StopReason.SYSCALL, StopReason.SIGNAL, _arch.REG_INDEX[_arch.SYSCALL_NR],
+                  tuple(_arch.REG_INDEX[r] for r in _arch.SYSCALL_ARGS), _arch.REG_INDEX[_arch.SYSCALL_RET])

@@ -78,12 +78,9 @@ def process_vm_exec(pid: int, ctx: SigContext, flags: int = 0, siginfo: SigInfo 
                         siginfo._load(*fields[:7])
                     return 0
             elif flags and engine_.fast_syscall is not None:
-                nr = getattr(ctx, _ARCH.SYSCALL_NR)
-                if nr not in _DESCRIPTOR_CALLS:             # (nothing of the caller's table in it)
-                    ret = engine_.fast_syscall(nr, *_ARCH.syscall_args(ctx))
-                    if ret is not None:
-                        _ARCH.set_syscall_result(ctx, ret)
-                        return 0
+                # (a call of the caller's descriptors goes the Python way, syscall_with_callers_fds)
+                if engine_.fast_syscall.ctx_call(ctx, _DESCRIPTOR_CALLS) is not None:
+                    return 0
         except TargetGone:
             process_vm_exec_release(pid)
             raise

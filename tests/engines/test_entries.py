@@ -328,3 +328,45 @@ def test_a_forked_caller_never_touches_the_parents_attachment(spawn):
         assert space.syscall(NR_GETPPID) == os.getpid()
     v.send(b"x")
     assert v.readline().startswith("done 1")
+
+
+def test_process_vm_exec_syscall_entry(spawn, monkeypatch):
+    """PROCESS_VM_EXEC_SYSCALL on the agent's slot: the result in ctx's result register; a call of the
+    caller's descriptors still goes the Python way (the caller's table, the target's memory)."""
+    from pvmexec import vmexec
+    v = spawn("wait")
+    ctx = pvmexec.SigContext(rax=NR_GETPID)
+    assert pvmexec.process_vm_exec(v.pid, ctx, vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent") == 0   # attaches
+    assert ctx.rax == v.pid
+    try:
+        real = vmexec.syscall_with_callers_fds
+        with monkeypatch.context() as m:
+            m.setattr(vmexec, "syscall_with_callers_fds",
+                      lambda space, nr, args: real(space, nr, args) if nr in vmexec._DESCRIPTOR_CALLS
+                      else pytest.fail("the Python path ran"))
+            for nr, want in ((NR_GETPPID, os.getpid()), (NR_GETPID, v.pid)):
+                ctx = pvmexec.SigContext(rax=nr)
+                pvmexec.process_vm_exec(v.pid, ctx, vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent")
+                assert ctx.rax == want
+            r, w = os.pipe()
+            try:
+                ctx = pvmexec.SigContext(rax=3, rdi=w)              # close(w): in our table, not the target's
+                pvmexec.process_vm_exec(v.pid, ctx, vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent")
+                assert ctx.rax == 0
+                with pytest.raises(OSError):
+                    os.fstat(w)
+            finally:
+                os.close(r)
+            ctx = pvmexec.SigContext(rax=3, rdi=(1 << 64) - 1)     # close(-1): -EBADF, unsigned in rax
+            pvmexec.process_vm_exec(v.pid, ctx, vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent")
+            assert ctx.rax == (1 << 64) - errno.EBADF
+        with pytest.raises(ValueError, match="x32"):              # refused by the Python path, as before
+            pvmexec.process_vm_exec(v.pid, pvmexec.SigContext(rax=0x40000000 | NR_GETPID),
+                                    vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent")
+        ctx = pvmexec.SigContext(rax=NR_GETPID)
+        pvmexec.process_vm_exec(v.pid, ctx, vmexec.PROCESS_VM_EXEC_SYSCALL, engine="agent")
+        assert ctx.rax == v.pid
+    finally:
+        pvmexec.process_vm_exec_release(v.pid)
+    v.send(b"x")
+    assert v.readline().startswith("done 1")

@@ -16,6 +16,15 @@
 #include <pthread.h>
 #include <structmember.h>
 
+/* Where the slots of context.SigContext and context.Stop live in their objects (entry_setup). */
+static PyTypeObject *ctx_type, *stop_type;
+static Py_ssize_t ctx_buf, ctx_fp, stop_ctx, stop_info, stop_fields, stop_reason;
+static PyObject *reason_syscall, *reason_signal;
+
+#define SLOT_AT(o, off) (*(PyObject **)((char *)(o) + (off)))
+/* Where a SigContext holds a syscall's number, arguments and result (entry_setup, from pvmexec.arch). */
+static Py_ssize_t sys_nr = -1, sys_args[6], sys_ret;
+
 /* -- the signal guard's counters ------------------------------------------------------------------ */
 
 static long guard_ops, guard_main_ops;
@@ -181,17 +190,10 @@ channel_give(Channel *c)
     PyThread_release_lock(c->lock);
 }
 
+/* One call (v: the number, then six arguments) in the slot: its raw result, None if busy, or NULL. */
 static PyObject *
-channel_vcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+channel_call(Channel *c, const uint64_t *v)
 {
-    Channel *c = (Channel *)self;
-    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
-    uint64_t v[7] = {0, 0, 0, 0, 0, 0, 0};
-    if (c->closed || kwnames || n < 1 || n > 7)
-        Py_RETURN_NONE;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!register_value(args[i], &v[i]))
-            Py_RETURN_NONE;
     if (v[0] >= X32_SYSCALL_BIT)         /* (syscalls.number words it) */
         Py_RETURN_NONE;
     if (c->owner == PyThread_get_thread_ident() || !PyThread_acquire_lock(c->lock, NOWAIT_LOCK))
@@ -213,6 +215,57 @@ channel_vcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kw
     channel_give(c);
     if (guard_exit() < 0)
         Py_CLEAR(res);
+    return res;
+}
+
+/* channel(nr, *args) */
+static PyObject *
+channel_vcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Channel *c = (Channel *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    uint64_t v[7] = {0, 0, 0, 0, 0, 0, 0};
+    if (c->closed || kwnames || n < 1 || n > 7)
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!register_value(args[i], &v[i]))
+            Py_RETURN_NONE;
+    return channel_call(c, v);
+}
+
+/* The register block of a SigContext (exactly that type), or NULL. */
+static uint64_t *
+ctx_words(PyObject *ctx)
+{
+    if (!ctx_type || !Py_IS_TYPE(ctx, ctx_type))
+        return NULL;
+    PyObject *buf = SLOT_AT(ctx, ctx_buf);
+    if (!buf || !PyByteArray_CheckExact(buf) || PyByteArray_GET_SIZE(buf) != PVM_X86_64_NREGS * 8)
+        return NULL;
+    return (uint64_t *)PyByteArray_AS_STRING(buf);
+}
+
+/* channel.ctx_call(ctx, skip): the syscall ctx holds, its result written to ctx; None (nothing run) for a
+ * number in skip. process_vm_exec(PROCESS_VM_EXEC_SYSCALL)'s way. */
+static PyObject *
+channel_ctx_call(Channel *c, PyObject *const *args, Py_ssize_t n)
+{
+    uint64_t *r = n == 2 && !c->closed && sys_nr >= 0 && PyAnySet_Check(args[1]) ? ctx_words(args[0]) : NULL;
+    if (!r)
+        Py_RETURN_NONE;
+    uint64_t v[7] = {r[sys_nr]};
+    for (int i = 0; i < 6; i++)
+        v[i + 1] = r[sys_args[i]];
+    PyObject *nr = PyLong_FromUnsignedLongLong(v[0]);
+    int skip = nr ? PySet_Contains(args[1], nr) : -1;
+    Py_XDECREF(nr);
+    if (skip < 0)
+        return NULL;
+    if (skip)
+        Py_RETURN_NONE;
+    PyObject *res = channel_call(c, v);
+    if (res && res != Py_None && (r = ctx_words(args[0])))       /* (again: the GIL was let go meanwhile) */
+        r[sys_ret] = (uint64_t)PyLong_AsLongLong(res);
     return res;
 }
 
@@ -296,6 +349,8 @@ channel_close(Channel *c, PyObject *unused)
 }
 
 static PyMethodDef channel_methods[] = {
+    {"ctx_call", (PyCFunction)(void (*)(void))channel_ctx_call, METH_FASTCALL,
+     "ctx_call(ctx, skip) -> raw result (also in ctx), or None: the syscall ctx holds, unless its number is in skip"},
     {"acquire", (PyCFunction)channel_acquire, METH_NOARGS,
      "acquire(): take the slot for one request (waits; interruptible; RuntimeError if this thread holds it)"},
     {"release", (PyCFunction)channel_release, METH_NOARGS, "release()"},
@@ -329,12 +384,6 @@ static PyTypeObject ChannelType = {
 
 /* -- Runner: mode 1 on a stub thread (a stub space's, or the agent's helper's) ------------------------- */
 
-/* Where the slots of context.SigContext and context.Stop live in their objects (entry_setup). */
-static PyTypeObject *ctx_type, *stop_type;
-static Py_ssize_t ctx_buf, ctx_fp, stop_ctx, stop_info, stop_fields, stop_reason;
-static PyObject *reason_syscall, *reason_signal;
-
-#define SLOT_AT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
 static void
 slot_set(PyObject *o, Py_ssize_t off, PyObject *v)         /* steals v */
@@ -360,8 +409,17 @@ py_entry_setup(PyObject *self, PyObject *args)
 {
     PyTypeObject *ct, *st;
     PyObject *sys, *sig;
-    if (!PyArg_ParseTuple(args, "O!O!OO", &PyType_Type, &ct, &PyType_Type, &st, &sys, &sig))
+    Py_ssize_t nr, a[6], ret;
+    if (!PyArg_ParseTuple(args, "O!O!OOn(nnnnnn)n", &PyType_Type, &ct, &PyType_Type, &st, &sys, &sig, &nr, &a[0],
+                          &a[1], &a[2], &a[3], &a[4], &a[5], &ret))
         return NULL;
+    for (int i = 0; i < 6; i++)
+        if (a[i] < 0 || a[i] >= PVM_X86_64_NREGS)
+            nr = -1;
+    if (nr < 0 || nr >= PVM_X86_64_NREGS || ret < 0 || ret >= PVM_X86_64_NREGS) {
+        PyErr_SetString(PyExc_ValueError, "entry_setup: no such register index");
+        return NULL;
+    }
     if (slot_offset(ct, "_buf", &ctx_buf) < 0 || slot_offset(ct, "fpstate", &ctx_fp) < 0 || slot_offset(st, "ctx", &stop_ctx) < 0 ||
         slot_offset(st, "_info", &stop_info) < 0 || slot_offset(st, "_fields", &stop_fields) < 0 ||
         slot_offset(st, "reason", &stop_reason) < 0)
@@ -370,6 +428,9 @@ py_entry_setup(PyObject *self, PyObject *args)
     Py_XSETREF(stop_type, (PyTypeObject *)Py_NewRef(st));
     Py_XSETREF(reason_syscall, Py_NewRef(sys));
     Py_XSETREF(reason_signal, Py_NewRef(sig));
+    sys_nr = nr;
+    memcpy(sys_args, a, sizeof sys_args);
+    sys_ret = ret;
     Py_RETURN_NONE;
 }
 

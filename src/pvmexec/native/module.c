@@ -57,7 +57,7 @@ static PyMethodDef methods[] = {
     {"guard_enter", py_guard_enter, METH_NOARGS, "guard_enter(): an operation starts"},
     {"guard_exit", py_guard_exit, METH_NOARGS, "guard_exit(): it ends (due() runs if it was the last and a signal waits)"},
     {"guard_counts", py_guard_counts, METH_NOARGS, "guard_counts() -> (operations, of them the main thread's)"},
-    {"entry_setup", py_entry_setup, METH_VARARGS, "entry_setup(SigContext, Stop, reason_syscall, reason_signal)"},
+    {"entry_setup", py_entry_setup, METH_VARARGS, "entry_setup(SigContext, Stop, reason_syscall, reason_signal, nr_index, arg_indices, result_index)"},
     {NULL, NULL, 0, NULL},
 };
 
