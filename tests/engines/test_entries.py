@@ -42,6 +42,16 @@ def shape(stop, g):
 
 
 @pytest.fixture
+def attached(spawn):
+    """A waiting victim with the agent attached; afterwards the victim must be unharmed."""
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        yield v, space
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
+@pytest.fixture
 def stub_space():
     s = pvmexec.Space.create()
     try:
@@ -178,71 +188,62 @@ def test_syscall_entry_and_python_path_agree(spawn, monkeypatch):
     assert v.readline().startswith("done 1")
 
 
-def test_caller_threads_take_turns_in_the_agents_slot(spawn):
+def test_caller_threads_take_turns_in_the_agents_slot(attached):
     """Several caller threads at once: each gets its own call's answer (one request in the slot at a time)."""
-    v = spawn("wait")
+    v, space = attached
     errors = []
-    with pvmexec.attach(v.pid, engine="agent") as space:
-        answers = {NR_GETPID: v.pid, NR_GETPPID: os.getpid(), NR_GETTID: space.backend.agent_tid}
+    answers = {NR_GETPID: v.pid, NR_GETPPID: os.getpid(), NR_GETTID: space.backend.agent_tid}
 
-        def caller(nr, raw):
-            try:
-                for _ in range(2000):
-                    got = space.syscall_raw(nr) if raw else space.syscall(nr)
-                    if got != answers[nr]:
-                        errors.append((nr, got))
-                        return
-            except Exception as e:
-                errors.append(e)
+    def caller(nr, raw):
+        try:
+            for _ in range(2000):
+                got = space.syscall_raw(nr) if raw else space.syscall(nr)
+                if got != answers[nr]:
+                    errors.append((nr, got))
+                    return
+        except Exception as e:
+            errors.append(e)
 
-        threads = [threading.Thread(target=caller, args=(nr, i % 2)) for i, nr in enumerate(answers)]
-        threads += [threading.Thread(target=caller, args=(NR_GETPID, 0))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
+    threads = [threading.Thread(target=caller, args=(nr, i % 2)) for i, nr in enumerate(answers)]
+    threads += [threading.Thread(target=caller, args=(NR_GETPID, 0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
     assert errors == []
-    v.send(b"x")
-    assert v.readline().startswith("done 1")
 
 
-def test_a_call_inside_a_call_on_one_thread_is_refused(spawn):
+def test_a_call_inside_a_call_on_one_thread_is_refused(attached):
     """A thread whose request is in the slot (e.g. a signal handler that runs during the wait) cannot post
     another over it: a clear error, and the first request is unharmed."""
-    v = spawn("wait")
-    with pvmexec.attach(v.pid, engine="agent") as space:
-        channel = space.backend._channel
-        channel.acquire()
-        try:
-            with pytest.raises(RuntimeError, match="already in flight on this thread"):
-                space.syscall(NR_GETPID)
-        finally:
-            channel.release()
-        assert space.syscall(NR_GETPID) == v.pid
-    v.send(b"x")
-    assert v.readline().startswith("done 1")
+    v, space = attached
+    channel = space.backend._channel
+    channel.acquire()
+    try:
+        with pytest.raises(RuntimeError, match="already in flight on this thread"):
+            space.syscall(NR_GETPID)
+    finally:
+        channel.release()
+    assert space.syscall(NR_GETPID) == v.pid
 
 
-def test_signal_guard_counts_the_entrys_calls(spawn):
+def test_signal_guard_counts_the_entrys_calls(attached):
     """A fast call is an operation for the signal guard (what SIGTERM waits for), as a Python-path one."""
-    v = spawn("wait")
+    _v, space = attached
     seen = []
-    with pvmexec.attach(v.pid, engine="agent") as space:
-        ts = space.syscall("mmap", 0, 4096, 3, 0x22, -1, 0)
-        space.write(ts, struct.pack("<qq", 0, 200_000_000))
-        old = signal.signal(signal.SIGALRM, lambda s, f: seen.append(_core.guard_counts()))
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0.02)
-            assert space.syscall(35, ts, 0) == 0            # nanosleep(0.2 s) by the agent: the handler runs meanwhile
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-        space.syscall("munmap", ts, 4096)
+    ts = space.syscall("mmap", 0, 4096, 3, 0x22, -1, 0)
+    space.write(ts, struct.pack("<qq", 0, 200_000_000))
+    old = signal.signal(signal.SIGALRM, lambda s, f: seen.append(_core.guard_counts()))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        assert space.syscall(35, ts, 0) == 0            # nanosleep(0.2 s) by the agent: the handler runs meanwhile
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    space.syscall("munmap", ts, 4096)
     assert seen == [(1, 1)]                             # one operation, the main thread's
     assert _core.guard_counts() == (0, 0)
-    v.send(b"x")
-    assert v.readline().startswith("done 1")
 
 
 # -- SigContext registers (a C descriptor) -----------------------------------------------------------------
