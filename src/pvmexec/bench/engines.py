@@ -436,6 +436,8 @@ def _ratios(results):
          find("syscall", "agent", "python")),
         ("process_vm_exec(SYSCALL) in a loop, Python", find("vm_exec-sysc", "ptrace", "python"),
          find("vm_exec-sysc", "agent", "python")),
+        ("process_vm_exec(SYSCALL) loop (agent) vs ptrace's C loop", find("syscall", "ptrace", "c"),
+         find("vm_exec-sysc", "agent", "python")),
         ("mode 2 per syscall, batches of 64, Python API", find("syscall-batch", "ptrace", "python"),
          find("syscall-batch", "agent", "python")),
         ("mode 2 per syscall: ptrace single vs agent batch of 64, C loops", find("syscall", "ptrace", "c"),
