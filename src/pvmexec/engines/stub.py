@@ -206,15 +206,17 @@ class StubEngine(BaseEngine):
 
     def map_files(self, maps):
         """map_file for each (host_fd, addr, length, prot, flags, offset), in one batch: each descriptor is
-        lent once, however many of the mappings use it (a fork maps a library's segments). Raw results."""
+        lent once, however many of the mappings use it (a fork maps a library's segments), all of them in
+        one message. Raw results."""
         for _fd, addr, length, prot, flags, offset in maps:
             self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        lent = list(dict.fromkeys(m[0] for m in maps))
         with self.service.lock:
             remote = {}
             try:
-                for host_fd, *_rest in maps:
-                    if host_fd not in remote:
-                        remote[host_fd] = self._receive_fd(host_fd)
+                for i in range(0, len(lent), _FDS_PER_MESSAGE):
+                    some = lent[i:i + _FDS_PER_MESSAGE]
+                    remote.update(zip(some, self._receive_fds(some)))
                 calls = [(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
                          for fd, addr, length, prot, flags, offset in maps]
                 out = []
@@ -225,22 +227,27 @@ class StubEngine(BaseEngine):
                 if remote:
                     self._raw_batch([(_NR_CLOSE, (fd, 0, 0, 0, 0, 0)) for fd in remote.values()])
 
-    def _receive_fd(self, host_fd):
-        """host_fd sent over the lending socket and received by the stub: its number there (service lock held)."""
+    def _receive_fds(self, host_fds):
+        """host_fds sent over the lending socket in one message and received by the stub: their numbers
+        there, in order (the service lock held)."""
+        n = len(host_fds)
         scratch = L["STUB_LEND_SCRATCH"]
         remote = struct.unpack_from("<Q", self._map, L["stub_header.region_base"])[0] + scratch
-        # msghdr {name 0, iov -> 1 byte, 1 iov, control -> 24 bytes}; the byte and the cmsg follow it.
-        struct.pack_into("<QI4xQQQQi4xQQ", self._map, scratch, 0, 0, remote + 56, 1, remote + 80, 24, 0,
+        control = 16 + 4 * n
+        space = (control + 7) & ~7
+        # msghdr {name 0, iov -> 1 byte, 1 iov, control -> its space}; the byte and the cmsg follow it.
+        struct.pack_into("<QI4xQQQQi4xQQ", self._map, scratch, 0, 0, remote + 56, 1, remote + 80, space, 0,
                          remote + 72, 1)
-        self._map[scratch + 72:scratch + 104] = bytes(32)
-        socket.send_fds(self._lend, [b"\0"], [host_fd])
+        self._map[scratch + 72:scratch + 80 + space] = bytes(8 + space)
+        socket.send_fds(self._lend, [b"\0"], host_fds)
         got = self._raw(_NR_RECVMSG, (L["STUB_LEND_FD"], remote, 0x40000000, 0, 0, 0))   # MSG_CMSG_CLOEXEC
-        length_, level, kind, fd = struct.unpack_from("<QiiI", self._map, scratch + 80)
+        length_, level, kind = struct.unpack_from("<Qii", self._map, scratch + 80)
+        fds = list(struct.unpack_from("<%di" % n, self._map, scratch + 96))
         # The guest can write this page: what it says is checked before use.
-        if got != 1 or (length_, level, kind) != (20, socket.SOL_SOCKET, socket.SCM_RIGHTS) or \
-                not 0 <= fd < 1024 or fd == L["STUB_LEND_FD"]:
-            raise EngineError("the stub did not receive a descriptor to map (%d)" % got)
-        return fd
+        if got != 1 or (length_, level, kind) != (control, socket.SOL_SOCKET, socket.SCM_RIGHTS) or \
+                not all(0 <= fd < 1024 and fd != L["STUB_LEND_FD"] for fd in fds) or len(set(fds)) != n:
+            raise EngineError("the stub did not receive the descriptors to map (%d)" % got)
+        return fds
 
     def _spare_window(self, nr, args):
         if struct.unpack_from("<Q", self._map, L["stub_header.window"])[0]:
@@ -576,6 +583,7 @@ WINDOW = (L["STUB_WINDOW_ADDR"], L["STUB_WINDOW_ADDR"] + L["STUB_WINDOW_SIZE"]) 
 _MAP_FIXED, _MREMAP_FIXED = MAP_FIXED, MREMAP_FIXED
 _NR_MMAP, _NR_MPROTECT, _NR_MUNMAP, _NR_MREMAP = (number(n) for n in ("mmap", "mprotect", "munmap", "mremap"))
 _NR_RECVMSG, _NR_CLOSE, _NR_PAUSE = number("recvmsg"), number("close"), number("pause")
+_FDS_PER_MESSAGE = 64           # descriptors lent in one message (its control data fits the lending scratch)
 
 
 def _spare_window(nr, args):

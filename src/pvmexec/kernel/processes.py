@@ -2,6 +2,7 @@
 (the stubs all share one layout, so nothing the guest remembers moves), run by a caller thread
 of its own; finishing it notifies its parent. The handlers (fork, wait, ...) are in syscalls/process.py.
 """
+import array
 import errno
 import os
 import signal
@@ -12,6 +13,7 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
                    MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT,
                    PAGE_IS_SWAPPED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
+from .. import _core
 from ..arch import current as _current_arch
 from ..proc import PagemapScan, mappings, maps_prot
 from ..vdso import SPECIAL, move_specials
@@ -149,28 +151,49 @@ class ProcessMachinery:
             made = dst.syscalls([("mmap", (lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)) for lo, hi in anon[i:i + 64]])
             if any(at != lo for at, (lo, _hi) in zip(made, anon[i:i + 64])):
                 raise Errno(errno.ENOMEM)
-        try:
-            scan = PagemapScan(src.pid)
-        except OSError:
-            scan = None                                 # (before Linux 6.7: every page is read)
-        try:
-            for lo, hi, whole in copies:
-                try:
-                    # Pages of the parent's own (written, or anonymous), not the file's and not the zero page.
-                    runs = [(lo, hi)] if scan is None or whole else \
-                        scan.regions(lo, hi, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_FILE | PAGE_IS_PFNZERO)
-                except OSError:
-                    runs = [(lo, hi)]
-                for start, end in runs:
-                    self._copy_pages(src, dst, start, end)
-        finally:
-            if scan is not None:
-                scan.close()
+        own = self._own_pages(src.pid, [(lo, hi) for lo, hi, whole in copies if not whole])
+        if own is None:                                 # (before Linux 6.7: every page is read)
+            slow = [(lo, hi) for lo, hi, _whole in copies]
+        else:
+            # The parent's own pages, in one call (what it cannot copy whole goes page-run by page-run).
+            done = _core.vm_copy_ranges(src.pid, dst.pid, array.array("Q", [x for lo, hi in own for x in (lo, hi - lo)]))
+            slow = own[done:] + [(lo, hi) for lo, hi, whole in copies if whole]
+        for start, end in slow:
+            self._copy_pages(src, dst, start, end)
         for i in range(0, len(calls), 64):
             dst.syscalls(calls[i:i + 64])
         # Patched syscall sites in the copied code jump through the window: give the child the same table.
         if src.engine == dst.engine == "stub":
             dst.backend.copy_patches_from(src.backend)
+
+    @staticmethod
+    def _own_pages(pid, ranges):
+        """The runs of pages in ranges (sorted) that process pid has of its own (written, or anonymous):
+        not a file's, not the zero page; one scan of its whole space. None if the kernel cannot say."""
+        if not ranges:
+            return []
+        try:
+            scan = PagemapScan(pid)
+        except OSError:
+            return None
+        try:
+            found = scan.regions(ranges[0][0], ranges[-1][1], PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                                 PAGE_IS_FILE | PAGE_IS_PFNZERO)
+        except OSError:
+            return None
+        finally:
+            scan.close()
+        out, i = [], 0
+        for start, end in found:                        # both sorted: clip each run to the ranges it meets
+            while i < len(ranges) and ranges[i][1] <= start:
+                i += 1
+            j = i
+            while j < len(ranges) and ranges[j][0] < end:
+                lo, hi = max(start, ranges[j][0]), min(end, ranges[j][1])
+                if lo < hi:
+                    out.append((lo, hi))
+                j += 1
+        return out
 
     @staticmethod
     def _copy_pages(src, dst, lo, hi):

@@ -186,6 +186,7 @@ PyObject *py_fstatat_raw(PyObject *self, PyObject *args);
 PyObject *py_statx_raw(PyObject *self, PyObject *args);
 PyObject *py_fstatfs_raw(PyObject *self, PyObject *args);
 PyObject *py_vm_read_ranges(PyObject *self, PyObject *args);
+PyObject *py_vm_copy_ranges(PyObject *self, PyObject *args);
 PyObject *py_futex_wait(PyObject *self, PyObject *args);
 PyObject *py_vm_read(PyObject *self, PyObject *args);
 PyObject *py_vm_write(PyObject *self, PyObject *args);
