@@ -368,3 +368,46 @@ def test_a_stub_process_is_returned_only_once_it_runs_the_stub_program():
         finally:
             p.kill()
             p.wait(10)
+
+
+def test_map_files_lends_many_descriptors_in_one_batch(space):
+    """map_files: more descriptors than one message carries, several mappings of one of them; each
+    mapping shows its own file's bytes, and the stub keeps none of the descriptors."""
+    files = []
+    try:
+        for i in range(70):
+            fd = os.memfd_create("pvmexec-test-%d" % i, os.MFD_CLOEXEC)
+            os.write(fd, bytes([i]) * 8192)
+            files.append(fd)
+        base = space.syscall("mmap", 0, 72 * 4096, 0, 0x22, -1, 0)      # a range to map over
+        maps = [(fd, base + i * 4096, 4096, 1, 0x12, 0) for i, fd in enumerate(files)]     # MAP_PRIVATE|MAP_FIXED
+        maps += [(files[0], base + 70 * 4096, 4096, 1, 0x12, 4096), (files[0], base + 71 * 4096, 4096, 1, 0x12, 0)]
+        before = len(os.listdir("/proc/%d/fd" % space.pid))
+        assert space.backend.map_files(maps) == [m[1] for m in maps]
+        assert len(os.listdir("/proc/%d/fd" % space.pid)) == before
+        for i in range(72):
+            assert space.read(base + i * 4096, 4096) == bytes([i if i < 70 else 0]) * 4096
+        space.syscall("munmap", base, 72 * 4096)
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
+def test_vm_copy_ranges_copies_whole_ranges_and_says_where_it_stopped():
+    src, dst = pvmexec.Space.create(fixed_layout=True), pvmexec.Space.create(fixed_layout=True)
+    try:
+        base = src.syscall("mmap", 0, 16 * 4096, 3, 0x22, -1, 0)
+        assert dst.syscall("mmap", base, 16 * 4096, 3, 0x32, -1, 0) == base          # MAP_FIXED, same place
+        src.write(base, bytes(range(256)) * 16 * 16)
+        src.syscall("munmap", base + 8 * 4096, 4096)                    # a hole in the source
+        ranges = [(base, 4096), (base + 4096, 3 * 4096), (base + 8 * 4096, 4096), (base + 9 * 4096, 4096)]
+        import array
+        flat = array.array("Q", [x for r in ranges for x in r])
+        assert _core.vm_copy_ranges(src.pid, dst.pid, flat) == 2         # stops at the hole
+        assert dst.read(base, 4 * 4096) == src.read(base, 4 * 4096)
+        assert dst.read(base + 9 * 4096, 4096) == bytes(4096)            # nothing past it
+        assert _core.vm_copy_ranges(src.pid, dst.pid, array.array("Q", [base + 9 * 4096, 4096])) == 1
+        assert dst.read(base + 9 * 4096, 4096) == src.read(base + 9 * 4096, 4096)
+    finally:
+        src.detach()
+        dst.detach()
