@@ -65,7 +65,6 @@ class Channel:
 
 class Runner:
     closed: int
-    sites: dict[int, Any]
     patch: Any
     def __init__(self, block: int, counter: int, pidfd: int, spin: int, lock: Any, sites: dict[int, Any],
                  failed: Any, keep: Any) -> None: ...

@@ -313,6 +313,13 @@ class AgentEngine(BaseEngine):
             self.fast_exec = None
         h.close()
 
+    def helper_gone(self, h):
+        """Helper h ended under a run (HelperGone): forget it; whether it left unused, as we asked it to
+        (then nothing ran, and the run can go to the next helper)."""
+        idle = h.left_idle()
+        self.helper_ended(h)
+        return idle
+
     def exec(self, ctx, sigmask, thread=0):
         h = self._helper                # one helper, already running
         if h is None or thread or not h.helper_pid:
@@ -325,9 +332,7 @@ class AgentEngine(BaseEngine):
         try:
             return h.exec(ctx, sigmask, thread)
         except HelperGone:
-            idle = h.left_idle()
-            self.helper_ended(h)
-            if not idle:
+            if not self.helper_gone(h):
                 raise                   # killed under the run: the next exec() starts another
         return self.mode1().exec(ctx, sigmask, thread)      # it left unused as we asked: nothing ran
 

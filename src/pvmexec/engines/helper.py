@@ -232,11 +232,8 @@ class HelperEngine(StubEngine):
         """Space.exec's C entry failed: as AgentEngine.exec's own run would fail (None: it left unused,
         nothing ran, the Python path starts another helper)."""
         err = self._failed(e)
-        if isinstance(err, HelperGone):
-            idle = self.left_idle()
-            self.agent.helper_ended(self)
-            if idle:
-                return None
+        if isinstance(err, HelperGone) and self.agent.helper_gone(self):
+            return None
         return err
 
     def _failed(self, e):

@@ -217,12 +217,8 @@ class StubEngine(BaseEngine):
                 for i in range(0, len(lent), _FDS_PER_MESSAGE):
                     some = lent[i:i + _FDS_PER_MESSAGE]
                     remote.update(zip(some, self._receive_fds(some)))
-                calls = [(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
-                         for fd, addr, length, prot, flags, offset in maps]
-                out = []
-                for i in range(0, len(calls), L["MAX_BATCH"]):
-                    out += self._raw_batch(calls[i:i + L["MAX_BATCH"]])
-                return out
+                return self._raw_batch([(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
+                                        for fd, addr, length, prot, flags, offset in maps])
             finally:
                 if remote:
                     self._raw_batch([(_NR_CLOSE, (fd, 0, 0, 0, 0, 0)) for fd in remote.values()])
@@ -255,16 +251,15 @@ class StubEngine(BaseEngine):
 
     def _raw(self, nr, args):
         """One mode-2 call on the service channel, whose lock the caller holds."""
-        try:
-            return _core.agent_syscall(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0,
-                                       nr, *args)
-        except BaseException as e:
-            raise self._failed(e) from None
+        return self._service(_core.agent_syscall, nr, *args)
 
     def _raw_batch(self, calls):
-        """A batch of mode-2 calls on the service channel, whose lock the caller holds."""
+        """A batch of mode-2 calls on the service channel (any length), whose lock the caller holds."""
+        return self._service(_core.agent_batch, calls)
+
+    def _service(self, fn, *args):
         try:
-            return _core.agent_batch(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0, calls)
+            return fn(self.service.block, self.service.counter, 0, self.pidfd, self.spin, 0, *args)
         except BaseException as e:
             raise self._failed(e) from None
 
@@ -409,18 +404,16 @@ class StubEngine(BaseEngine):
         off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
         size = L["STUB_PATCH_MAX"] * L["patch_site.size"]
         self._map[off:off + size] = src._map[off:off + size]
-        self._set_sites(dict(src._sites), src._npatched)
+        self._sites.clear()             # (in place: the Runners hold this dict)
+        self._sites.update(src._sites)
+        self._npatched = src._npatched
 
     def forget_patches(self):
         """The code that was patched is gone (execve emptied the space): its sites start anew."""
         off = L["STUB_WINDOW_OFF"] + L["STUB_SITES_OFF"]
         self._map[off:off + L["STUB_PATCH_MAX"] * L["patch_site.size"]] = bytes(L["STUB_PATCH_MAX"] * L["patch_site.size"])
-        self._set_sites({}, 0)
-
-    def _set_sites(self, sites, npatched):
-        self._sites, self._npatched = sites, npatched
-        for t in self.threads:
-            t.run.sites = sites
+        self._sites.clear()
+        self._npatched = 0
 
     def initial_fpstate(self):
         if self._init_fp is None:
@@ -441,7 +434,6 @@ class StubEngine(BaseEngine):
                 t.run.close()
 
     def close(self):
-        self._close_runners()
         self.kill()
         if getattr(self, "_lend", None) is not None:
             self._lend.close()

@@ -147,10 +147,9 @@ class ProcessMachinery:
             if prot != 3:
                 calls.append(("mprotect", (lo, hi - lo, prot)))
         map_files(child, files)
-        for i in range(0, len(anon), 64):
-            made = dst.syscalls([("mmap", (lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)) for lo, hi in anon[i:i + 64]])
-            if any(at != lo for at, (lo, _hi) in zip(made, anon[i:i + 64])):
-                raise Errno(errno.ENOMEM)
+        made = dst.syscalls([("mmap", (lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)) for lo, hi in anon])
+        if any(at != lo for at, (lo, _hi) in zip(made, anon)):
+            raise Errno(errno.ENOMEM)
         own = self._own_pages(src.pid, [(lo, hi) for lo, hi, whole in copies if not whole])
         if own is None:                                 # (before Linux 6.7: every page is read)
             slow = [(lo, hi) for lo, hi, _whole in copies]
@@ -160,8 +159,7 @@ class ProcessMachinery:
             slow = own[done:] + [(lo, hi) for lo, hi, whole in copies if whole]
         for start, end in slow:
             self._copy_pages(src, dst, start, end)
-        for i in range(0, len(calls), 64):
-            dst.syscalls(calls[i:i + 64])
+        dst.syscalls(calls)                             # (a batch of any length: the engine splits it)
         # Patched syscall sites in the copied code jump through the window: give the child the same table.
         if src.engine == dst.engine == "stub":
             dst.backend.copy_patches_from(src.backend)

@@ -518,7 +518,7 @@ typedef struct {
     int pidfd;
     long spin;
     PyObject *acquire, *release;           /* the guest thread's lock (threading.Lock), shared with Python */
-    PyObject *sites;                       /* syscall sites seen: address after the syscall -> index or None */
+    PyObject *sites;                       /* the engine's sites seen (one dict, kept in place) -> index or None */
     PyObject *patch;                       /* patch(address, nr) for a site not seen yet, or None */
     PyObject *failed;
     PyObject *keep;
@@ -739,17 +739,6 @@ static PyMethodDef runner_methods[] = {
 };
 
 static int
-runner_set_sites(Runner *r, PyObject *v, void *closure)
-{
-    if (!v || !PyDict_CheckExact(v)) {
-        PyErr_SetString(PyExc_TypeError, "sites must be a dict");
-        return -1;
-    }
-    Py_XSETREF(r->sites, Py_NewRef(v));
-    return 0;
-}
-
-static int
 runner_set_patch(Runner *r, PyObject *v, void *closure)
 {
     if (!v || (v != Py_None && !PyCallable_Check(v))) {
@@ -760,11 +749,9 @@ runner_set_patch(Runner *r, PyObject *v, void *closure)
     return 0;
 }
 
-static PyObject *runner_get_sites(Runner *r, void *closure) { return Py_NewRef(r->sites ? r->sites : Py_None); }
 static PyObject *runner_get_patch(Runner *r, void *closure) { return Py_NewRef(r->patch ? r->patch : Py_None); }
 
 static PyGetSetDef runner_getset[] = {
-    {"sites", (getter)runner_get_sites, (setter)runner_set_sites, "the engine's dict of syscall sites seen", NULL},
     {"patch", (getter)runner_get_patch, (setter)runner_set_patch, "patch(address, nr) for a new site, or None",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
