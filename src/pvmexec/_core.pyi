@@ -54,6 +54,7 @@ def index_plan(raw: bytes, maps: bytes, cut: bytes) -> tuple[bytes, bytes]: ...
 # entry.c: the hot entries (each returns None for what the Python path must take) and the signal guard
 class Channel:
     spin: int
+    check_at: int
     closed: int
     def __init__(self, slot: int, counter: int, alive: int, pidfd: int, spin: int, pid: int, failed: Any,
                  keep: Any) -> None: ...

@@ -1,4 +1,5 @@
 """The agent engine on live processes: the target runs free, nothing is left behind."""
+import errno
 import os
 import re
 import signal
@@ -430,6 +431,52 @@ def test_seccomp_target_refused_cleanly(spawn):
     with pytest.raises(pvmexec.UnsupportedTarget, match="seccomp"):
         pvmexec.attach(v.pid, engine="agent")
     assert snapshot(v.pid) == before
+
+
+@pytest.mark.parametrize("mode1", [False, True], ids=["mode2", "with-helper"])
+def test_a_filter_the_target_puts_on_the_agent_never_kills_it(spawn, mode1):
+    # SECCOMP_FILTER_FLAG_TSYNC puts a filter on every thread, the agent's too: a call it kills for must
+    # not reach it. The agent leaves; calls go on through ptrace, checked against the filter.
+    can_read = proc.has_cap(21)             # CAP_SYS_ADMIN: PTRACE_SECCOMP_GET_FILTER
+    v = spawn("tsync")
+    before = snapshot(v.pid)
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        agent = space.backend.agent_tid
+        assert space.syscall("getpid") == v.pid
+        g = Guest(space)
+        if mode1:
+            syscall_loop(space, g, 3)
+            helper = helper_of(space).pid
+        v.send(b"x")
+        assert v.readline().strip() == "filtered 0"
+        time.sleep(0.02)                    # (the agent's seccomp state is looked at again after 1 ms)
+        with pytest.warns(RuntimeWarning, match="TSYNC.*the agent leaves") as caught:
+            with pytest.raises(pvmexec.SeccompBlocked, match="kill the process" if can_read else "cannot be read"):
+                space.syscall("getppid")
+        assert str(agent) not in os.listdir("/proc/%d/task" % v.pid)
+        assert "filter" in space.backend.left
+        if mode1:
+            assert not os.path.exists("/proc/%d" % helper) or proc.status(helper)["State"].startswith("Z")
+            syscall_loop(space, g, 3)       # mode 1 on a thread of the target's, by ptrace (SYSEMU)
+        if can_read:
+            assert space.syscall("getpid") == v.pid
+            assert space.syscall_raw("getuid") == -errno.EPERM       # the filter's own answer
+            with pytest.raises(pvmexec.SeccompBlocked, match="SIGSYS"):
+                space.syscall("getgid")
+            g.close()
+        else:
+            # Nothing is injected where the filter cannot be read, our own clean-up included: what stays
+            # is named (the agent's region and descriptor, the helper's window).
+            assert any("stay in process %d" % v.pid in str(w.message) for w in caught)
+            with pytest.raises(pvmexec.SeccompBlocked):
+                g.close()
+    assert v.status()["TracerPid"] == "0"
+    after = snapshot(v.pid)
+    assert after["threads"] == before["threads"] and after["sig"] == before["sig"]
+    if can_read:
+        assert after == before
+    v.send(b"y")
+    assert v.readline().startswith("done 1")
 
 
 def test_interrupted_call_is_cancelled(spawn):

@@ -11,6 +11,8 @@
  *   pending   block SIGUSR1, wait on stdin; then unblock and print handler counts and si_pid
  *   threads   a worker thread counts in `counter`; print its address; main waits on stdin
  *   seccomp   install a filter (getppid: kill, getuid: EPERM, getgid: trap), then as wait
+ *   tsync     on a line of input, install that filter on every thread (SECCOMP_FILTER_FLAG_TSYNC);
+ *             print "filtered <result>"; then as wait
  *   strict    enter seccomp strict mode, read stdin, write "strict ok", exit
  *   fork      on a line of input, fork a child that sleeps 10 s; print "child <pid>"; then as wait
  *   children  count SIGCHLDs; on each line of input print what waitpid(-1, WNOHANG) and
@@ -157,7 +159,7 @@ static void print_mask(const char *what)
     printf("%s usr1=%d usr2=%d\n", what, sigismember(&cur, SIGUSR1), sigismember(&cur, SIGUSR2));
 }
 
-static void install_filter(void)
+static void install_filter(int all_threads)
 {
     struct sock_filter f[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
@@ -173,7 +175,14 @@ static void install_filter(void)
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
     struct sock_fprog prog = {sizeof f / sizeof f[0], f};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) {
+        perror("no_new_privs");
+        exit(1);
+    }
+    if (all_threads) {
+        printf("filtered %ld\n", syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog));
+        fflush(stdout);
+    } else if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
         perror("seccomp");
         exit(1);
     }
@@ -198,7 +207,7 @@ int main(int argc, char **argv)
         sigprocmask(SIG_BLOCK, &s, NULL);
     }
     if (!strcmp(mode, "seccomp"))
-        install_filter();
+        install_filter(0);
     if (!strcmp(mode, "children"))
         signal(SIGCHLD, on_chld);
     printf("ready %d\n", getpid());
@@ -276,6 +285,13 @@ int main(int argc, char **argv)
         sigprocmask(SIG_UNBLOCK, &s, NULL);
         printf("usr1 %d pid %d code %d usr2 %d\n", (int)usr1_count, usr1_pid, usr1_code, (int)usr2_count);
         return 0;
+    }
+    if (!strcmp(mode, "tsync")) {
+        ssize_t got;
+        do
+            got = read(0, buf, sizeof buf);
+        while (got < 0 && errno == EINTR);
+        install_filter(1);
     }
     if (!strcmp(mode, "fork")) {
         ssize_t got;

@@ -3,8 +3,15 @@
 Injected once with the ptrace engine (memfd region created in the target and
 fetched with pidfd_getfd, agent code copied in, a thread cloned into the
 target's thread group); then ptrace lets go and the target runs free while
-system calls go through the channel. Mode 1 runs on the agent thread, traced
-alone, so the target's own threads never stop.
+system calls go through the channel. Mode 1 runs in the agent's helper (or on
+the agent thread, traced alone), so the target's own threads never stop.
+
+A filter the target puts on all its threads (SECCOMP_FILTER_FLAG_TSYNC) reaches
+the agent thread too, and a call it forbids would kill the target: the agent
+thread's seccomp state is read again before a call whenever the last look is
+older than POLICY_CHECK_NS. Found filtered, the agent leaves (its one call an
+exit the filter allows) and the engine goes on through ptrace, each call
+checked against the filters as the ptrace engine checks them.
 """
 import ctypes
 import errno
@@ -23,9 +30,10 @@ from ..abi import (CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_FILES, CLONE_
                    MAP_SHARED, MFD_CLOEXEC, PROT_EXEC, PROT_READ, PROT_WRITE)
 from . import BaseEngine
 from .channel import channel_error, region_tampered, wait_word
-from ..errors import EngineError, TargetGone, UnsupportedTarget
+from ..errors import EngineError, SeccompBlocked, TargetGone, UnsupportedTarget
 from .helper import SIZE as HELPER_SIZE, HelperEngine, HelperFailed, HelperGone
 from .ptrace import PtraceEngine, find_syscall_insn
+from . import target_filters
 from .target_filters import thread_mode
 from ..arch import current as _current_arch
 from ..syscalls import number
@@ -50,9 +58,19 @@ NR = {n: number(n) for n in ("mmap", "munmap", "memfd_create", "ftruncate", "clo
 # with one CPU never spins.
 SPIN_SAME_CPU, SPIN_OTHER_CPU = 0, 20000
 
+# How old the caller's last look at the agent thread's seccomp state may be when a call goes to the
+# agent (a look costs about 10 us: reading /proc/PID/task/TID/status).
+POLICY_CHECK_NS = 1_000_000
+
 
 class InjectionFailed(UnsupportedTarget):
     """The agent could not be put into the target (the reason says why); "auto" falls back to ptrace."""
+
+    pass
+
+
+class AgentLeft(EngineError):
+    """The agent has left (the target put a seccomp filter on it): the call goes through ptrace."""
 
     pass
 
@@ -86,6 +104,9 @@ class AgentEngine(BaseEngine):
         self.fast_exec = None          # Space.exec's C entry: the helper's, while one runs
         self.helper_refused = None     # why mode 1 runs on the agent thread through ptrace instead
         self.caller_mappings = {}      # the Space's tracked mappings (address -> (size, key)): code we may patch
+        self.left = None               # why the agent left while attached; calls then go through ptrace
+        self._status_fd = -1           # the agent thread's /proc status, for its seccomp state
+        self._delegated = 0            # acquire()s passed on to the ptrace engine once the agent left
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
         try:
             self._inject(high_fd, idle_ms)
@@ -190,6 +211,8 @@ class AgentEngine(BaseEngine):
         if not wait_word(self._map, self._base, HEADER + L["header.state"], 1, 5):
             raise EngineError("the agent thread %d did not start" % self.agent_tid)
         self._thread_engine = PtraceEngine(self.pid, self.agent_tid, True, check_seccomp=False)
+        self._status_fd = os.open("/proc/%d/task/%d/status" % (self.pid, self.agent_tid), os.O_RDONLY | os.O_CLOEXEC)
+        self._channel.check_at = time.monotonic_ns() + POLICY_CHECK_NS
 
     def _caller_pidfd(self, t, high_fd):
         """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
@@ -228,20 +251,92 @@ class AgentEngine(BaseEngine):
     # -- operations --------------------------------------------------------------------
 
     def syscall(self, nr, args):
-        return self._post(_core.agent_syscall, nr, *args)
+        if self._serving():
+            try:
+                return self._post(_core.agent_syscall, nr, *args)
+            except AgentLeft:
+                pass
+        return self._main.syscall(nr, args)
 
     def syscalls(self, calls):
-        return self._post(_core.agent_batch, calls)
+        if self._serving():
+            try:
+                return self._post(_core.agent_batch, calls)
+            except AgentLeft:
+                pass
+        return self._main.syscalls(calls)
 
     def _post(self, fn, *args):
         ch = self._channel
         ch.acquire()                    # one request in the slot at a time, whatever thread posts it
         try:
+            if ch.closed:
+                raise AgentLeft("the agent has left process %d: %s" % (self.pid, self.left))
             return fn(self._slot, self._counter, self._alive, self.pidfd, self.spin, self.pid, *args)
+        except AgentLeft:
+            raise
         except BaseException as e:
             raise self._post_failed(e) from None
         finally:
             ch.release()
+
+    def _serving(self):
+        """Whether calls go to the agent: not once it has left. A look at the agent thread's seccomp
+        state older than POLICY_CHECK_NS is taken again first; found filtered, the agent leaves."""
+        ch = self._channel
+        if self.left is not None or ch is None:
+            return self.left is None
+        now = time.monotonic_ns()
+        if now < ch.check_at:
+            return True
+        try:
+            mode, _count = target_filters.status_mode(os.pread(self._status_fd, 16384, 0))
+        except OSError:
+            return True                 # the agent thread is gone: the call says how
+        if not mode:
+            ch.check_at = now + POLICY_CHECK_NS
+            return True
+        self._leave("process %d put a seccomp filter (mode %d) on the agent thread, as on all its threads "
+                    "(SECCOMP_FILTER_FLAG_TSYNC), after the agent was injected" % (self.pid, mode))
+        return False
+
+    def _leave(self, why):
+        """The agent goes at once, making no call of its own but an exit its filter allows; what it
+        made is removed through ptrace (each call checked against the target's filters), and mode 1
+        and 2 go on through ptrace."""
+        ch = self._channel
+        ch.acquire()                    # no request of another caller thread in flight meanwhile
+        try:
+            if self.left is not None:
+                return
+            self.left = why
+            self.fast_syscall = self.fast_exec = None
+            ch.check_at = 0
+            warnings.warn("pvmexec: %s: the agent leaves, and calls go through ptrace, checked against the "
+                          "filter" % why, RuntimeWarning, stacklevel=5)
+            with self._helper_lock:
+                self.helper_refused = why
+                if self._helper is not None:
+                    self.helper_ended(self._helper)
+            self._undo()
+            self._thread_engine = None
+        finally:
+            ch.release()
+
+    def acquire(self):
+        if self.left is None:
+            return None
+        b = self._main.acquire()
+        self._delegated += 1
+        return b
+
+    def release(self):
+        if self._delegated:
+            self._delegated -= 1
+            self._main.release()
+
+    def borrowed_scratch(self, size):
+        return self._main.borrowed_scratch(size) if self._delegated else None
 
     def _post_failed(self, e):
         """The exception to raise for a request that failed (the channel's lock held): the agent's or the
@@ -281,6 +376,10 @@ class AgentEngine(BaseEngine):
 
     def helper_op(self, stack, entry, region, size, window):
         """PVM_OP_SPAWN: the agent clones the helper (stack != 0; returns its pid or -errno), or ends it."""
+        if not self._serving():
+            if stack:
+                raise HelperFailed(self.left)
+            raise AgentLeft("the agent has left process %d: %s" % (self.pid, self.left))
         struct.pack_into("<q6Q", self._map, CALLS, 0, stack, entry, region, size, window, 0)
         struct.pack_into("<II", self._map, SLOT + L["slot.op"], L["OP_SPAWN"], 1)
         self._post(_core.agent_call)
@@ -289,6 +388,8 @@ class AgentEngine(BaseEngine):
     def mode1(self):
         """The engine mode 1 runs on: the helper, started now if need be, or the agent thread by ptrace."""
         with self._helper_lock:                 # (one helper per agent: caller threads start it once)
+            if self.left is not None:
+                return self._main
             h = self._helper
             if h is not None and h.helper_pid and h.proc.poll() is None:
                 return h
@@ -322,11 +423,11 @@ class AgentEngine(BaseEngine):
 
     def exec(self, ctx, sigmask, thread=0):
         h = self._helper                # one helper, already running
-        if h is None or thread or not h.helper_pid:
+        if h is None or thread or not h.helper_pid or not self._serving():
             if thread != 0:
                 raise ValueError("a live target has one guest thread, 0 (not %r)" % (thread,))
             h = self.mode1()
-            if h is self._thread_engine:
+            if h is self._thread_engine or h is self._main:
                 with _sigguard.operation():     # (Space.exec expected the helper: the target's thread runs it)
                     return h.exec(ctx, sigmask, thread)
         try:
@@ -359,6 +460,8 @@ class AgentEngine(BaseEngine):
 
     def own_fds(self):
         """The descriptors the agent holds in the target's table (not the target's)."""
+        if self._map is None:
+            return set()
         return {struct.unpack_from("<i", self._map, HEADER + L["header.caller_pidfd"])[0]}
 
     def initial_fpstate(self):
@@ -366,7 +469,7 @@ class AgentEngine(BaseEngine):
 
     @property
     def tid(self):
-        return self.agent_tid
+        return self.agent_tid if self.left is None else self._main.tid
 
     def reaps(self, tid):
         return True
@@ -388,15 +491,22 @@ class AgentEngine(BaseEngine):
         try:
             left_itself = False
             if self.agent_tid and self._map is not None:
-                if self._ptrace_refused():
+                if self.left is None and self._ptrace_refused():
                     self._unmap_trampoline_here()       # ptrace could not, after the agent has gone
+                pidfd = self.own_fds().pop()
                 try:
+                    if self.left is not None:
+                        raise AgentLeft(self.left)      # its own calls would meet the target's filter
                     self._stop_agent()
                     left_itself = True      # all of its region but the page it ran its last code on
                 except (OSError, EngineError):
-                    # Stopped with the target (or stuck): make it exit without its region, by ptrace.
-                    self._force_exit()
-                    if self.agent_tid:
+                    # Stopped with the target, stuck, or filtered: make it exit without its region, by ptrace.
+                    refused = self._force_exit()
+                    if not self.agent_tid and pidfd >= 0:
+                        self._close_in_target(pidfd)    # (the agent closes it only as it leaves by itself)
+                    if refused:
+                        self.code_base = self._janitor_key = None      # its code stays with it
+                    elif self.agent_tid:
                         # It will only exit when the target continues; until then it must keep its
                         # memory (the kernel clears its tid word there on exit). Leave the region.
                         # The janitor removes the region once the thread has left, after we exit.
@@ -431,6 +541,9 @@ class AgentEngine(BaseEngine):
         finally:
             if self._channel is not None:
                 self._channel.close()
+            if self._status_fd >= 0:
+                os.close(self._status_fd)
+                self._status_fd = -1
             self.fast_syscall = None
             self._keep = None
             if self._map is not None:
@@ -457,9 +570,44 @@ class AgentEngine(BaseEngine):
         except (OSError, EngineError):
             pass                                # then it stays, and drop_trampoline says so
 
+    def _close_in_target(self, fd):
+        try:
+            self._main.syscalls([(NR["close"], (fd,))])
+            janitor.unrecord(self._pidfd_key)
+            self._pidfd_key = None
+        except OSError as e:                    # (the janitor's record stays: it may yet succeed)
+            warnings.warn("pvmexec: the agent's descriptor %d stays in process %d (%s)" % (fd, self.pid, e),
+                          RuntimeWarning)
+
+    def _exit_refused(self, insn):
+        """Why the target's filters would not let the agent thread's exit(0) through (None: they would,
+        or they cannot be read: a thread's exit is what every thread that ends calls)."""
+        if self.left is None:
+            return None
+        try:
+            b = self._main.acquire()
+        except OSError:
+            return None
+        try:
+            if isinstance(b.seccomp, target_filters.FilterUnreadable):
+                return None
+            try:
+                r = self._main._seccomp_gate(b, NR["exit"], (0,), insn)
+            except SeccompBlocked as e:
+                return str(e)
+            return None if r is None else "its filter would fail exit with %d" % r
+        finally:
+            self._main.release()
+
     def _force_exit(self):
         """Point the agent thread at exit(0) through the vDSO's syscall instruction, with ptrace."""
         tid = self.agent_tid
+        insn = find_syscall_insn(self.pid)
+        why = self._exit_refused(insn)
+        if why:
+            warnings.warn("pvmexec: the agent thread %d and its %d-byte region stay in process %d: %s"
+                          % (tid, REGION, self.pid, why), RuntimeWarning)
+            return why
         t = self._thread_engine or PtraceEngine(self.pid, tid, True, check_seccomp=False)
         try:
             t._seize_and_stop(tid)
@@ -470,7 +618,7 @@ class AgentEngine(BaseEngine):
             regs = bytearray(_core.getregs(tid))
             q = memoryview(regs).cast("Q")
             idx = t.reg_index
-            q[idx[arch.PC]] = find_syscall_insn(self.pid)
+            q[idx[arch.PC]] = insn
             q[idx[arch.SYSCALL_NR]] = NR["exit"]          # this thread only
             q[idx["rdi"]] = 0
             q[idx[arch.SYSCALL_ORIG_NR]] = (1 << 64) - 1            # no syscall restart on the way out

@@ -24,6 +24,7 @@ import os
 import signal
 import struct
 import time
+import warnings
 
 from .. import _core, janitor, proc
 from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE,
@@ -293,8 +294,9 @@ class HelperEngine(StubEngine):
                     for lo, hi in ours_within(self.target, at, size, self._ino):
                         self._in_target(NR["munmap"], (lo, hi - lo))
                 janitor.unrecord(key)
-            except (OSError, EngineError):
-                pass                        # (the janitor's record stays)
+            except (OSError, EngineError) as e:          # (the janitor's record stays)
+                warnings.warn("pvmexec: %d bytes of the agent's helper at %#x stay in process %d (%s)"
+                              % (size, at, self.target, e), RuntimeWarning)
         self._map_key = self._window_key = None
         self.base = None
         super().close()

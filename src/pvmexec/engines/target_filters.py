@@ -156,9 +156,13 @@ def thread_mode(pid, tid):
     """(mode, number of filters) from /proc: mode 0 none, 1 strict, 2 filter. Read raw: this runs per borrow."""
     fd = os.open("/proc/%d/task/%d/status" % (pid, tid), os.O_RDONLY)
     try:
-        data = os.read(fd, 16384)
+        return status_mode(os.read(fd, 16384))
     finally:
         os.close(fd)
+
+
+def status_mode(data):
+    """(mode, number of filters) from the bytes of a /proc/.../status file."""
     i = data.find(b"\nSeccomp:")
     if i < 0:
         return 0, 0

@@ -14,6 +14,7 @@
  */
 #include "core.h"
 #include <pthread.h>
+#include <time.h>
 #include <structmember.h>
 
 /* Where the slots of context.SigContext and context.Stop live in their objects (entry_setup). */
@@ -153,6 +154,7 @@ typedef struct {
     volatile uint32_t *alive;
     int pidfd, pid;
     long spin;
+    long long check_at;                    /* CLOCK_MONOTONIC ns from which calls take the Python path */
     PyObject *failed;
     PyObject *keep;                        /* what owns the memory the addresses point into */
     PyThread_type_lock lock;               /* one request in the slot at a time */
@@ -196,8 +198,16 @@ channel_call(Channel *c, const uint64_t *v)
 {
     if (v[0] >= X32_SYSCALL_BIT)         /* (syscalls.number words it) */
         Py_RETURN_NONE;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);          /* (vDSO) */
+    if (now.tv_sec * 1000000000LL + now.tv_nsec >= c->check_at)
+        Py_RETURN_NONE;                            /* due: the Python path re-checks the agent's seccomp state */
     if (c->owner == PyThread_get_thread_ident() || !PyThread_acquire_lock(c->lock, NOWAIT_LOCK))
         Py_RETURN_NONE;                            /* busy: the Python path waits its turn, or says why not */
+    if (c->closed) {
+        PyThread_release_lock(c->lock);
+        Py_RETURN_NONE;
+    }
     c->owner = PyThread_get_thread_ident();
     guard_enter();
     struct pvm_slot *slot = c->slot;
@@ -360,6 +370,8 @@ static PyMethodDef channel_methods[] = {
 
 static PyMemberDef channel_members[] = {
     {"spin", T_LONG, offsetof(Channel, spin), 0, "spin budget before sleeping"},
+    {"check_at", T_LONGLONG, offsetof(Channel, check_at), 0,
+     "CLOCK_MONOTONIC ns from which calls return None (the Python path checks what it must first)"},
     {"closed", T_INT, offsetof(Channel, closed), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
