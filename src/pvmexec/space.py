@@ -536,8 +536,8 @@ class Space:
                 self.track_fd(b)
             try:
                 high = _high_fd(self.pid)
-                ra = self._open_remote(NR["fcntl"], (a, F_DUPFD_CLOEXEC, high), "fcntl")
-                rb = self._open_remote(NR["fcntl"], (b, F_DUPFD_CLOEXEC, high), "fcntl")
+                ra = self._dup_remote(a, high)
+                rb = self._dup_remote(b, high)
             finally:
                 self._close_remote(a)
                 self._close_remote(b)
@@ -553,15 +553,52 @@ class Space:
             self._engine.syscall(NR["close"], (fd,))
             self.untrack_fd(fd)
 
-    def _open_remote(self, nr, args, what):
-        """A call that makes a descriptor in the target, tracked before anything can interrupt us."""
+    def _open_remote(self, nr, args, what, file=None, low=0):
+        """A call that makes a descriptor in the target, tracked before anything can interrupt us. With
+        file, the (st_dev, st_ino) it will refer to: the number the kernel will give (the lowest free
+        from low) is recorded with the janitor before the call, so that a SIGKILL right after it leaves
+        nothing unrecorded."""
         with _sigguard.deferred():
-            fd = self._check(self._engine.syscall(nr, args), what)
-            self.track_fd(fd)
+            expected, key = self._expect_fd(low, file) if file is not None else (None, None)
+            try:
+                fd = self._check(self._engine.syscall(nr, args), what)
+            except BaseException:
+                janitor.unrecord(key)
+                raise
+            self._adopt_fd(fd, expected, key)
         return fd
 
-    def _receive_fd(self):
-        """recvmsg one SCM_RIGHTS descriptor in the target; move it high. Returns its number there."""
+    def _adopt_fd(self, fd, expected, key):
+        """Track the descriptor a call just made: with the record made before the call if the kernel
+        chose the number expected, else with a new one."""
+        if fd == expected:
+            self.untrack_fd(fd)
+            self._fds[fd] = key
+        else:
+            self.track_fd(fd)
+            janitor.unrecord(key)
+
+    def _expect_fd(self, low, file):
+        """(the lowest descriptor number from low free in the target now, its janitor record as file)."""
+        if not self._records_kept():
+            return None, None
+        try:
+            used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
+        except (OSError, ValueError):
+            return None, None
+        n = low
+        while n in used:
+            n += 1
+        return n, self._records.add("fd", n, *file)
+
+    def _dup_remote(self, fd, low):
+        """fcntl(F_DUPFD_CLOEXEC) of our descriptor fd in the target, at low or above."""
+        st = os.stat("/proc/%d/fd/%d" % (self.pid, fd))
+        return self._open_remote(NR["fcntl"], (fd, F_DUPFD_CLOEXEC, low), "fcntl", (st.st_dev, st.st_ino), low)
+
+    def _receive_fd(self, file):
+        """recvmsg one SCM_RIGHTS descriptor (of file, its (st_dev, st_ino)) in the target; move it high.
+        Returns its number there."""
         eng = self._engine
         with self.scratch(256) as buf:
             iov, data, ctl, msg = buf, buf + 16, buf + 32, buf + 96
@@ -569,15 +606,20 @@ class Space:
             self.write(iov, struct.pack("<QQ", data, 1))
             self.write(msg, struct.pack("<QIxxxxQQQQi", 0, 0, iov, 1, ctl, cmsg_space, 0))
             with _sigguard.deferred():
-                self._check(eng.syscall(NR["recvmsg"], (self._lend_remote, msg, MSG_CMSG_CLOEXEC)), "recvmsg")
-                raw = self.read(ctl, cmsg_space)
-                # The target can write its own memory: check the control message before trusting it.
-                length, level, typ, fd = struct.unpack_from("<QiiI", raw)
-                if (length, level, typ) != (20, SOL_SOCKET, SCM_RIGHTS) or fd > 1 << 20:
-                    raise EngineError("unexpected control message in the target while lending a descriptor")
-                self.track_fd(fd)
+                expected, key = self._expect_fd(0, file)
+                try:
+                    self._check(eng.syscall(NR["recvmsg"], (self._lend_remote, msg, MSG_CMSG_CLOEXEC)), "recvmsg")
+                    raw = self.read(ctl, cmsg_space)
+                    # The target can write its own memory: check the control message before trusting it.
+                    length, level, typ, fd = struct.unpack_from("<QiiI", raw)
+                    if (length, level, typ) != (20, SOL_SOCKET, SCM_RIGHTS) or fd > 1 << 20:
+                        raise EngineError("unexpected control message in the target while lending a descriptor")
+                except BaseException:
+                    janitor.unrecord(key)
+                    raise
+                self._adopt_fd(fd, expected, key)
             try:
-                return self._open_remote(NR["fcntl"], (fd, F_DUPFD_CLOEXEC, _high_fd(self.pid)), "fcntl")
+                return self._dup_remote(fd, _high_fd(self.pid))
             finally:
                 self._close_remote(fd)
 
@@ -585,11 +627,11 @@ class Space:
     def lend(self, fd: int) -> Iterator[int]:
         """Make the caller's descriptor fd usable in the target for the block; yields its number there."""
         self._live()
-        os.fstat(fd)        # EBADF here, in the caller, names the right culprit
+        st = os.fstat(fd)        # EBADF here, in the caller, names the right culprit
         with self.borrowed():
             self._setup_lending()
             socket.send_fds(self._lend_sock, [b"\0"], [fd])
-            remote = self._receive_fd()
+            remote = self._receive_fd((st.st_dev, st.st_ino))
         try:
             yield remote
         finally:
