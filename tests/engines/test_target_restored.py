@@ -1,4 +1,6 @@
 """The target never notices: every property checked by looking at the target, not by trusting the engine."""
+import ctypes
+import errno
 import os
 import signal
 import struct
@@ -309,6 +311,50 @@ def test_lend_places_descriptor_high_and_removes_it(spawn):
         os.close(r)
         os.close(w)
     assert snapshot(v.pid) == before
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "agent"])
+@pytest.mark.parametrize("own_pending", [None, "ShdPnd", "SigPnd"])
+def test_a_write_to_a_pipe_nobody_reads_raises_no_sigpipe_in_the_target(spawn, engine, own_pending):
+    # The kernel sends SIGPIPE (and SIGXFSZ past RLIMIT_FSIZE) to the thread that made the call: ours to
+    # take back, not the target's to die of; one the target had pending already stays, once.
+    v = spawn("sigpipe")
+    if own_pending:
+        if own_pending == "ShdPnd":
+            os.kill(v.pid, signal.SIGPIPE)                  # to the process
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)        # to its thread (tgkill)
+            assert libc.syscall(234, v.pid, v.pid, signal.SIGPIPE) == 0
+        deadline = time.monotonic() + 5
+        while int(v.status()[own_pending], 16) >> (signal.SIGPIPE - 1) & 1 == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    before = snapshot(v.pid)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pvmexec.attach(v.pid, engine=engine) as space:
+            with space.lend(w) as remote:
+                for _ in range(3):
+                    assert space.syscall_raw("write", remote, b"x", 1) == -errno.EPIPE
+                assert space.syscall("getpid") == v.pid
+    finally:
+        os.close(w)
+    assert snapshot(v.pid) == before
+    v.send(b"x")
+    assert v.readline() == "sigpipe %d" % bool(own_pending)
+    w_plain = spawn("wait")                   # SIGPIPE at its default action: it would kill
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pvmexec.attach(w_plain.pid, engine=engine) as space, space.lend(w) as remote:
+            assert space.syscall_raw("write", remote, b"x", 1) == -errno.EPIPE
+    finally:
+        os.close(w)
+    time.sleep(0.05)
+    assert w_plain.proc.poll() is None
+    w_plain.send(b"x")
+    assert w_plain.readline().startswith("done 1")
 
 
 def test_memory_read_write_including_read_only_pages(spawn):

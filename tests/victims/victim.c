@@ -9,6 +9,7 @@
  *   ppoll     ppoll(0) with SIGUSR2 unblocked temporarily while SIGUSR2 is blocked;
  *             on input print the signal mask afterwards
  *   pending   block SIGUSR1, wait on stdin; then unblock and print handler counts and si_pid
+ *   sigpipe   block SIGPIPE (counted by a handler), wait on stdin; then unblock, print "sigpipe N"
  *   threads   a worker thread counts in `counter`; print its address; main waits on stdin
  *   seccomp   install a filter (getppid: kill, getuid: EPERM, getgid: trap), then as wait
  *   tsync     on a line of input, install that filter on every thread (SECCOMP_FILTER_FLAG_TSYNC);
@@ -58,6 +59,8 @@ static void on_usr2(int sig) { (void)sig; usr2_count++; }
 static volatile sig_atomic_t chld_count;
 static void on_chld(int sig) { (void)sig; chld_count++; }
 static void on_bus(int sig) { (void)sig; bus_count++; }
+static volatile sig_atomic_t pipe_count;
+static void on_pipe(int sig) { (void)sig; pipe_count++; }
 
 static double now_ms(void)
 {
@@ -200,10 +203,12 @@ int main(int argc, char **argv)
         pthread_create(&t, NULL, worker, NULL);
         printf("counter %p\n", (void *)&counter);
     }
-    if (!strcmp(mode, "pending") || !strcmp(mode, "ppoll")) {
+    if (!strcmp(mode, "pending") || !strcmp(mode, "ppoll") || !strcmp(mode, "sigpipe")) {
         sigset_t s;
         sigemptyset(&s);
-        sigaddset(&s, !strcmp(mode, "pending") ? SIGUSR1 : SIGUSR2);
+        sigaddset(&s, !strcmp(mode, "pending") ? SIGUSR1 : !strcmp(mode, "ppoll") ? SIGUSR2 : SIGPIPE);
+        if (!strcmp(mode, "sigpipe"))
+            signal(SIGPIPE, on_pipe);
         sigprocmask(SIG_BLOCK, &s, NULL);
     }
     if (!strcmp(mode, "seccomp"))
@@ -284,6 +289,16 @@ int main(int argc, char **argv)
         sigaddset(&s, SIGUSR1);
         sigprocmask(SIG_UNBLOCK, &s, NULL);
         printf("usr1 %d pid %d code %d usr2 %d\n", (int)usr1_count, usr1_pid, usr1_code, (int)usr2_count);
+        return 0;
+    }
+    if (!strcmp(mode, "sigpipe")) {
+        ssize_t n = read(0, buf, sizeof buf);
+        (void)n;
+        sigset_t s;
+        sigemptyset(&s);
+        sigaddset(&s, SIGPIPE);
+        sigprocmask(SIG_UNBLOCK, &s, NULL);
+        printf("sigpipe %d\n", (int)pipe_count);
         return 0;
     }
     if (!strcmp(mode, "tsync")) {

@@ -161,11 +161,37 @@ _XFEATURE_TILEDATA = 18                   # AMX tiles: in a signal frame only fo
 _SS_INVALID = 0x7FFF0000                  # flags sigaltstack refuses: rt_sigreturn then keeps the altstack
 
 
-def self_restore_code(frame):
-    """`syscall`, then rsp = frame + 8 and rt_sigreturn: a thread stopped anywhere in it by a tracer that
-    dies goes on to restore the state the frame at `frame` holds."""
-    return (SYSCALL_INSN + b"\x48\xbc" + struct.pack("<Q", frame + 8) + b"\xb8" +
-            struct.pack("<I", _NR_RT_SIGRETURN) + SYSCALL_INSN + b"\x0f\x0b")
+_NR_RT_SIGTIMEDWAIT, _EPIPE, _EFBIG = 128, 32, 27
+# Signals a call raises in the thread that makes it, with the error it returns (a write to a pipe nobody
+# reads; a file grown past RLIMIT_FSIZE): ours to take back, not the thread's to die of.
+CALL_SIGNALS = {-_EPIPE: 13, -_EFBIG: 25}       # SIGPIPE, SIGXFSZ
+
+
+def self_restore_code(at, frame):
+    """Code at `at`: `syscall`; if it failed with EPIPE or EFBIG and the frame's first word (a signal set,
+    the pretcode slot rt_sigreturn never reads) is not empty, rt_sigtimedwait on that set with a zero
+    timeout takes back the SIGPIPE or SIGXFSZ the call raised; then rsp = frame + 8 and rt_sigreturn. A
+    thread stopped anywhere in it by a tracer that dies goes on to restore the state the frame holds.
+    Returns (code, offset of the instruction after the rt_sigtimedwait syscall)."""
+    restore = b"\x48\xbc" + struct.pack("<Q", frame + 8) + b"\xb8" + struct.pack("<I", _NR_RT_SIGRETURN) + \
+        SYSCALL_INSN + b"\x0f\x0b"
+    wait = (b"\x31\xf6" +                                        # xor %esi, %esi
+            b"\x48\xba" + b"TSADDR__" +                          # movabs $zero_timespec, %rdx
+            b"\x41\xba\x08\x00\x00\x00" +                        # mov $8, %r10d
+            b"\xb8" + struct.pack("<I", _NR_RT_SIGTIMEDWAIT) +    # mov $128, %eax
+            SYSCALL_INSN)
+    take = (b"\x48\xbf" + struct.pack("<Q", frame) +             # movabs $frame, %rdi
+            b"\x48\x83\x3f\x00" +                                # cmpq $0, (%rdi)
+            b"\x74" + struct.pack("<B", len(wait)) + wait)       # je restore
+    check = (b"\x48\x83\xf8" + struct.pack("<b", -_EPIPE) +      # cmp $-EPIPE, %rax
+             b"\x74\x06" +                                       # je take
+             b"\x48\x83\xf8" + struct.pack("<b", -_EFBIG) +      # cmp $-EFBIG, %rax
+             b"\x75" + struct.pack("<B", len(take)))             # jne restore
+    code = SYSCALL_INSN + check + take
+    took = len(code)
+    code += restore
+    code = code.replace(b"TSADDR__", struct.pack("<Q", at + len(code)))
+    return code + bytes(16), took
 
 
 def sigframe_xstate(xstate, components):

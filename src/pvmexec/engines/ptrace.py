@@ -31,6 +31,7 @@ arch = _current_arch()
 
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
 _NR_MMAP, _NR_MUNMAP, _NR_MPROTECT = number("mmap"), number("munmap"), number("mprotect")
+_NR_RT_SIGTIMEDWAIT = number("rt_sigtimedwait")
 PROT_EXEC = 4
 # The trampoline: a code page (self_restore_code), the frame it restores from (up to ~11.5 KiB), and
 # read+write scratch memory for the calls of one borrow (string arguments, buffers).
@@ -61,7 +62,7 @@ class Borrowed:
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
                  "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
                  "group_stopped", "stepped", "running", "frame_written", "trampoline_checked", "masked",
-                 "scratch_used")
+                 "scratch_used", "pending", "own_pending", "take_back", "frame_word")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -84,6 +85,10 @@ class Borrowed:
         self.masked = False          # OP_SIGMASK set (with the first resume, not before)
         self.scratch_used = 0        # bytes of the trampoline's scratch memory given out in this borrow
         self.trampoline_checked = False
+        self.pending = 0             # the signals pending when we took it, its own and its process's (bit mask)
+        self.own_pending = 0         # those in its own queue
+        self.take_back = False       # its policy lets the trampoline's rt_sigtimedwait run
+        self.frame_word = 0          # the signals the trampoline takes back should we die (its frame's first word)
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -109,6 +114,7 @@ class PtraceEngine(BaseEngine):
         self._vdso_syscall = None
         self._trampoline = None        # address of our trampoline in the target, once made
         self._trampoline_code = b""
+        self._took_back = 0            # offset in it of the instruction after its rt_sigtimedwait
         self._trampoline_key = None    # its record with the janitor
         self._trampoline_tried = False
         self._trampoline_mem = None    # /proc/PID/mem, for writing into it (read+exec), or None
@@ -242,7 +248,13 @@ class PtraceEngine(BaseEngine):
             if cs != arch.USER_CS:
                 raise UnsupportedTarget(self.pid, "thread %d runs in %s mode (cs=%#x)" % (
                     tid, "32-bit" if cs == arch.USER32_CS else "unknown", cs))
-            b.seccomp = self._seccomp_state(tid)
+            try:
+                status = target_filters.thread_status(self.pid, tid)
+            except (FileNotFoundError, ProcessLookupError):
+                raise TargetGone(self.pid) from None
+            b.seccomp = self._seccomp_state(tid, status)
+            b.own_pending, shared = target_filters.pending_signals(status)
+            b.pending = b.own_pending | shared
             b.rseq_cs = self._rseq_cs(tid)
         except BaseException:
             if b is not None:
@@ -270,13 +282,10 @@ class PtraceEngine(BaseEngine):
             return None
         return (addr, value) if value else None
 
-    def _seccomp_state(self, tid):
+    def _seccomp_state(self, tid, status):
         if not self.check_seccomp:
             return None
-        try:
-            mode, count = target_filters.thread_mode(self.pid, tid)
-        except FileNotFoundError:
-            raise TargetGone(self.pid) from None
+        mode, count = target_filters.status_mode(status)
         if mode == 0:
             return None
         if mode == 1:
@@ -500,8 +509,29 @@ class PtraceEngine(BaseEngine):
         prepared = _load_call(b, nr, args, at)
         # A stop inside another syscall (resumed from a mode-1 SYSEMU stop, the kernel reports that
         # call's exit first, before our instruction ran): again.
-        return self._to_syscall_exit(b, lambda q: q[_RIP] == at + arch.SYSCALL_INSN_LEN, prepared,
-                                     lambda info: _call_failed(nr, args, info, q[_RIP]))
+        ret = self._to_syscall_exit(b, lambda q: q[_RIP] == at + arch.SYSCALL_INSN_LEN, prepared,
+                                    lambda info: _call_failed(nr, args, info, q[_RIP]))
+        if ret in arch.CALL_SIGNALS and b.take_back:
+            self._take_back(b, at, arch.CALL_SIGNALS[ret])
+        return ret
+
+    def _take_back(self, b, at, sig):
+        """The SIGPIPE or SIGXFSZ (sig) a call raised in the thread's own queue, taken back by the
+        trampoline's rt_sigtimedwait, which runs next (as it would should we die now); one the thread
+        had in its queue already stays."""
+        bit = 1 << (sig - 1)
+        if b.own_pending & bit or not any(SigInfo.from_bytes(raw).signo == sig
+                                          for raw in _core.peeksiginfo(b.tid, False, 64)):
+            return
+        if b.frame_word != bit:
+            self._write_trampoline(at + PAGE, struct.pack("<Q", bit))
+        try:
+            took = at + self._took_back
+            self._to_syscall_exit(b, lambda q: q[_RIP] == took, None,
+                                  lambda info: _call_failed(_NR_RT_SIGTIMEDWAIT, (), info, b.q[_RIP]))
+        finally:
+            if b.frame_word != bit:
+                self._write_trampoline(at + PAGE, struct.pack("<Q", b.frame_word))
 
     def _to_syscall_exit(self, b, ours, again, failed):
         """Resume b through syscall stops until the exit of the syscall ours(regs) recognises; returns its
@@ -528,9 +558,27 @@ class PtraceEngine(BaseEngine):
     def _write_frame(self, b, at):
         if not b.frame_written:
             saved = dict(zip(arch.REG_NAMES, memoryview(b.saved_regs).cast("Q")))
-            self._write_trampoline(at + PAGE, arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate,
-                                                                      _xsave_components(), at + PAGE))
+            frame = bytearray(arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate, _xsave_components(),
+                                                      at + PAGE))
+            # Its first word: the signals a call of ours may raise in the thread that the trampoline takes
+            # back should we die (none pending when we took it, in its queue or its process's: neither
+            # may be taken for ours), if its policy lets rt_sigtimedwait run.
+            b.take_back = b.seccomp is None or not self._seccomp_refuses(
+                b, _NR_RT_SIGTIMEDWAIT, (at + PAGE, 0, 0, 8), at + self._took_back - arch.SYSCALL_INSN_LEN)
+            b.frame_word = 0
+            for sig in arch.CALL_SIGNALS.values() if b.take_back else ():
+                if not b.pending >> (sig - 1) & 1:
+                    b.frame_word |= 1 << (sig - 1)
+            struct.pack_into("<Q", frame, 0, b.frame_word)
+            self._write_trampoline(at + PAGE, bytes(frame))
             b.frame_written = True
+
+    def _seccomp_refuses(self, b, nr, args, insn):
+        """Whether the thread's seccomp policy would do anything but allow the call."""
+        try:
+            return self._seccomp_gate(b, nr, args, insn) is not None
+        except SeccompBlocked:
+            return True
 
     def way_back(self, b):
         """An address that code we run in b can jump to for the thread to restore its own state (our
@@ -593,7 +641,7 @@ class PtraceEngine(BaseEngine):
                 os.close(mem)
             return
         try:
-            code = arch.self_restore_code(addr + PAGE)
+            code, self._took_back = arch.self_restore_code(addr, addr + PAGE)
             written = False
             if mem is not None:
                 try:

@@ -153,12 +153,27 @@ def describe(ret):
 
 
 def thread_mode(pid, tid):
-    """(mode, number of filters) from /proc: mode 0 none, 1 strict, 2 filter. Read raw: this runs per borrow."""
+    """(mode, number of filters) from /proc: mode 0 none, 1 strict, 2 filter."""
+    return status_mode(thread_status(pid, tid))
+
+
+def thread_status(pid, tid):
+    """The raw bytes of the thread's /proc status (read raw: this runs per borrow)."""
     fd = os.open("/proc/%d/task/%d/status" % (pid, tid), os.O_RDONLY)
     try:
-        return status_mode(os.read(fd, 16384))
+        return os.read(fd, 16384)
     finally:
         os.close(fd)
+
+
+def pending_signals(data):
+    """(the thread's own pending signals, its process's) as bit masks (SigPnd, ShdPnd), from the bytes
+    of its /proc status."""
+    masks = []
+    for key in (b"\nSigPnd:", b"\nShdPnd:"):
+        i = data.find(key)
+        masks.append(int(data[i + len(key):data.index(b"\n", i + 1)].strip(), 16) if i >= 0 else 0)
+    return tuple(masks)
 
 
 def status_mode(data):
