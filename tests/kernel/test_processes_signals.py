@@ -240,12 +240,16 @@ def test_a_daemon_outlives_the_parent_that_forked_it(tmp_path):
 
 def test_stop_continue_and_wait_for_them(tmp_path):
     """SIGSTOP/SIGTSTP stop a process, SIGCONT resumes it, and the parent hears of both through wait."""
+    # The child gets a process group of its own (both sides set it, as shells do): in an orphaned group
+    # (a test run whose parent has gone) the kernel would discard SIGTSTP.
     code = textwrap.dedent("""
         import os, signal, time
         pid = os.fork()
         if pid == 0:
+            os.setpgid(0, 0)
             while True:
                 time.sleep(0.01)
+        os.setpgid(pid, pid)
         os.kill(pid, signal.SIGSTOP)
         _, st = os.waitpid(pid, os.WUNTRACED)
         print("stopped", os.WIFSTOPPED(st), os.WSTOPSIG(st), open("/proc/%d/stat" % pid).read().split()[2])
