@@ -102,7 +102,7 @@ class Spawner:
         return self.call(make)
 
     def drop_spares(self):
-        """The run is over: the spaces made ahead go (none outlives a run)."""
+        """The run is over: the spaces made ahead go (none outlives a run), and so does the thread."""
         with self._lock:
             spares, self._spares = list(self._spares.values()), {}
         for box, done in spares:
@@ -110,11 +110,18 @@ class Spawner:
                 self._result(box, done).detach()
             except (OSError, PvmexecError):
                 pass
+        with self._lock:
+            if self._jobs is not None:
+                self._jobs.put(None)            # after what is queued: the thread ends
+                self._jobs = None
 
     @staticmethod
     def _serve(jobs):
         while True:
-            fn, box, done = jobs.get()
+            job = jobs.get()
+            if job is None:
+                return
+            fn, box, done = job
             try:
                 box.append(fn())
             except BaseException as e:                  # handed to the caller, who raises it
