@@ -55,6 +55,13 @@ def _undo(space, kind, args):
         from .engines import helper
         host_pid, ns_pid, started = args
         helper.reap(lambda nr, a: space.syscall_raw(nr, *a), pid, host_pid, ns_pid, started)
+    elif kind == "agentfd":             # the agent's memfd, while injection holds it
+        fd, = args
+        try:
+            if os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/memfd:pvmexec-agent (deleted)":
+                space.syscall("close", fd)
+        except OSError:
+            return
     elif kind == "fd":
         fd, dev, ino = args
         try:

@@ -119,6 +119,28 @@ class Records:
             return None
         return self.add("fd", fd, st.st_dev, st.st_ino)
 
+    def expect_fd(self, low, kind, *args):
+        """Record, before the call that makes it, the descriptor the kernel will give the process next (the
+        lowest number free from low) as kind (fd number first, then args): a SIGKILL of ours right after
+        the call then leaves nothing unrecorded. Returns (that number, the key), or (None, None)."""
+        try:
+            used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
+        except (OSError, ValueError):
+            return None, None
+        n = low
+        while n in used:
+            n += 1
+        return n, self.add(kind, n, *args)
+
+    def made_fd(self, fd, expected, key):
+        """After the call that made descriptor fd: the key of the record made before it if the kernel chose
+        the number expected, else of a new one (or None for a failed call)."""
+        if fd == expected:
+            return key
+        new = self.add_fd(fd) if fd >= 0 else None
+        unrecord(key)
+        return new
+
 
 def unrecord(key):
     if key is None:

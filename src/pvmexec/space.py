@@ -580,16 +580,7 @@ class Space:
 
     def _expect_fd(self, low, file):
         """(the lowest descriptor number from low free in the target now, its janitor record as file)."""
-        if not self._records_kept():
-            return None, None
-        try:
-            used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
-        except (OSError, ValueError):
-            return None, None
-        n = low
-        while n in used:
-            n += 1
-        return n, self._records.add("fd", n, *file)
+        return self._records.expect_fd(low, "fd", *file) if self._records_kept() else (None, None)
 
     def _dup_remote(self, fd, low):
         """fcntl(F_DUPFD_CLOEXEC) of our descriptor fd in the target, at low or above."""

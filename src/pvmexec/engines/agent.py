@@ -129,17 +129,23 @@ class AgentEngine(BaseEngine):
                                       "checked against its filters; use the ptrace engine" % mode)
             # Each thing is recorded with the janitor from the moment it exists, for a SIGKILL of ours.
             janitor.start()
-            scratch = self._ok(t.syscall(NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE,
-                                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
-            scratch_key = self._records.add("map", scratch, 4096)
+            # The memfd's name goes in our trampoline's scratch memory (nothing to map, nothing to record).
+            name = t.borrowed_scratch(64)
+            scratch = scratch_key = None
+            if name is None:
+                scratch = name = self._ok(t.syscall(NR["mmap"], (0, 4096, PROT_READ | PROT_WRITE,
+                                                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+                scratch_key = self._records.add("map", scratch, 4096)
             try:
-                _core.vm_write(self.pid, scratch, b"pvmexec-agent\0")
-                fd_t = self._ok(t.syscall(NR["memfd_create"], (scratch, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
-                                "memfd_create")
-                fd_key = self._records.add_fd(fd_t)
+                _core.vm_write(self.pid, name, b"pvmexec-agent\0")
+                expected, key = self._records.expect_fd(0, "agentfd")
+                fd_t = t.syscall(NR["memfd_create"], (name, MFD_CLOEXEC | MFD_ALLOW_SEALING))
+                fd_key = self._records.made_fd(fd_t, expected, key)
+                self._ok(fd_t, "memfd_create")
             finally:
-                t.syscall(NR["munmap"], (scratch, 4096))
-                janitor.unrecord(scratch_key)
+                if scratch is not None:
+                    t.syscall(NR["munmap"], (scratch, 4096))
+                    janitor.unrecord(scratch_key)
             try:
                 self._ok(t.syscall(NR["ftruncate"], (fd_t, REGION)), "ftruncate")
                 # Its size is fixed from now on: another thread of the target that finds the memfd (its fd,
@@ -216,14 +222,20 @@ class AgentEngine(BaseEngine):
 
     def _caller_pidfd(self, t, high_fd):
         """A pidfd for the caller inside the target (at a high number), so the agent sees us die."""
+        mine = os.pidfd_open(os.getpid())
+        try:
+            st = os.fstat(mine)         # (one inode per process: the target's pidfd of us has it too)
+        finally:
+            os.close(mine)
+        expected, key = self._records.expect_fd(0, "fd", st.st_dev, st.st_ino)
         p = t.syscall(NR["pidfd_open"], (os.getpid(), 0))
+        key = self._records.made_fd(p, expected, key)
         if p < 0:
             return -1
-        key = self._records.add_fd(p)
         try:
+            expected, high_key = self._records.expect_fd(high_fd, "fd", st.st_dev, st.st_ino)
             high = t.syscall(NR["fcntl"], (p, F_DUPFD_CLOEXEC, high_fd))
-            if high >= 0:
-                self._pidfd_key = self._records.add_fd(high)     # the agent closes it as it leaves
+            self._pidfd_key = self._records.made_fd(high, expected, high_key)  # the agent closes it as it leaves
             return high
         finally:
             t.syscall(NR["close"], (p,))
