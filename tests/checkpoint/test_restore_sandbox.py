@@ -34,8 +34,11 @@ def _children():
     """Our live child processes (a stub space left behind would be one)."""
     out = set()
     for tid in os.listdir("/proc/self/task"):
-        with open("/proc/self/task/%s/children" % tid) as f:
-            out.update(int(x) for x in f.read().split())
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                out.update(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            pass                        # a thread that has just ended (a run's spawner)
     return {pid for pid in out if _state(pid) not in ("Z", None)}
 
 
