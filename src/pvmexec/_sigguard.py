@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from . import _core
 
@@ -53,6 +54,9 @@ def _die(signum):
 
 
 def _handler(signum, frame):
+    if _in_hook(frame):                 # raised here, the hook would drop it: send it again after
+        _send_again(functools.partial(os.kill, os.getpid(), signum))
+        return
     ops, main_ops = _core.guard_counts()
     if ops > main_ops:                  # another thread is mid-operation: after it
         _deferred.append(signum)
@@ -66,18 +70,37 @@ def _excepthook(typ, value, tb):
     _previous_hook(typ, value, tb)
 
 
+def _in_hook(frame):
+    while frame is not None:
+        if frame.f_code is _unraisable.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_again(again):
+    """Send a signal again from another thread once the main thread is out of _unraisable. No
+    threading.Thread: its start() waits for the thread, and a signal sent meanwhile landed in
+    the hook and was lost (the caller then ran on after SIGTERM)."""
+    def later():
+        main = threading.main_thread().ident
+        while True:
+            time.sleep(0.001)
+            if not _in_hook(sys._current_frames().get(main)):
+                break
+        again()
+    _thread.start_new_thread(later, ())
+
+
 def _unraisable(u):
     """Python drops what a __del__ (run by the collector at any allocation) raises: a Ctrl-C or a
-    SIGTERM that lands there is sent again, else the caller would never see it and go on. Sent from
-    another thread, a moment later: sent from here, it would land here again."""
+    SIGTERM that lands there is sent again, else the caller would never see it and go on."""
     if isinstance(u.exc_value, KeyboardInterrupt):
-        again = _thread.interrupt_main
+        _send_again(_thread.interrupt_main)
     elif isinstance(u.exc_value, Terminated):
-        again = functools.partial(os.kill, os.getpid(), u.exc_value.signum)
+        _send_again(functools.partial(os.kill, os.getpid(), u.exc_value.signum))
     else:
         _previous_unraisable(u)
-        return
-    threading.Timer(0.001, again).start()
 
 
 _previous_hook = None

@@ -38,3 +38,29 @@ def test_target_survives_the_caller(victim_exe, scenario, sig):
     for _ in range(RUNS):
         outcome, detail = faults.one_run(victim_exe, scenario, sig, rng=rng)
         assert outcome == "clean", "%s after %s: %s %s" % (scenario, signal.Signals(sig).name, outcome, detail)
+
+
+HOOK_SCRIPT = r"""
+import os, signal, sys, time
+from pvmexec import _sigguard
+_sigguard.install()
+def slow_hook(u):                       # the signal lands while the hook still runs
+    os.kill(os.getpid(), signal.SIG%s)
+    time.sleep(0.05)
+_sigguard._previous_unraisable = slow_hook
+class Dropped:
+    def __del__(self):
+        raise ValueError("raised in a __del__")
+Dropped()
+for _ in range(300):
+    time.sleep(0.01)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "HUP"])
+def test_a_signal_landing_in_the_unraisable_hook_still_ends_the_caller(name):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT % name], capture_output=True, timeout=60)
+    assert p.returncode == -getattr(signal, "SIG" + name), p.stderr.decode()[-2000:]
