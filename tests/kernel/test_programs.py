@@ -100,13 +100,13 @@ def test_python3_asyncio_epoll_select_eventfd_and_socketpairs(tree):
 
 def test_readlink_of_what_is_no_symlink(tree):
     code = ("import os\n"
-            "for path in ('a.txt', 'link', 'nonexistent', 'sub'):\n"
+            "for path in ('a.txt', 'link', 'nonexistent', 'sub', '/proc/self/status', '/proc/self/fd', '/proc/nope'):\n"
             "    try:\n"
             "        print(path, os.readlink(path))\n"
             "    except OSError as e:\n"
             "        print(path, e.errno)\n")
     got = same_as_native([PYTHON3, "-S", "-c", code], cwd=str(tree))
-    assert got.stdout == b"a.txt 22\nlink a.txt\nnonexistent 2\nsub 22\n"
+    assert got.stdout == b"a.txt 22\nlink a.txt\nnonexistent 2\nsub 22\n/proc/self/status 22\n/proc/self/fd 22\n/proc/nope 2\n"
 
 
 def test_socket_names_of_socketpair_ends(tree):

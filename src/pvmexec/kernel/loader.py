@@ -58,8 +58,8 @@ class Elf:
 
     def load(self, space, protected, map_file=None):
         """Map and fill the segments; returns the load bias. `protected(start, end)` rejects clashes.
-        map_file(addr, length, offset) maps the file's pages privately at addr (read-write; copied only
-        where written); without it, they are copied from data."""
+        map_file([(addr, length, offset), ...]) maps the file's pages privately at each addr (read-write;
+        copied only where written), all in one go; without it, they are copied from data."""
         lo = page_down(min(p[3] for p in self.loads))
         hi = page_up(max(p[3] + p[6] for p in self.loads))
         if self.type == ET_EXEC:
@@ -74,19 +74,23 @@ class Elf:
             if -4096 < addr < 0:
                 raise Errno(-addr)
             bias = addr - lo
-        prot = {}
+        prot, segments, tails = {}, [], []
         for _t, flags, off, vaddr, _pa, filesz, memsz, _al in self.loads:
             if filesz and map_file is not None:
                 first = page_down(vaddr)
-                map_file(bias + first, page_up(vaddr + filesz) - first, off - (vaddr - first))
+                segments.append((bias + first, page_up(vaddr + filesz) - first, off - (vaddr - first)))
                 if memsz > filesz and (vaddr + filesz) % PAGE:          # the .bss on the file's last page
-                    tail = page_up(vaddr + filesz) - (vaddr + filesz)
-                    space.write(bias + vaddr + filesz, bytes(tail))
+                    tails.append((len(segments), bias + vaddr + filesz, page_up(vaddr + filesz) - (vaddr + filesz)))
             elif filesz:
                 space.write(bias + vaddr, self.data[off:off + filesz])
             p = (PROT_READ if flags & PF_R else 0) | (PROT_WRITE if flags & PF_W else 0) | (PROT_EXEC if flags & PF_X else 0)
             for page in range(page_down(vaddr), page_up(vaddr + memsz), PAGE):
                 prot[page] = prot.get(page, 0) | p
+        if segments:
+            map_file(segments)
+        for after, at, length in tails:     # (a later segment mapped over that page replaced it, as in order)
+            if not any(a <= at < a + n for a, n, _o in segments[after:]):
+                space.write(at, bytes(length))
         calls, run_start, run_prot = [], lo, prot.get(lo, PROT_NONE)
         for page in range(lo + PAGE, hi + PAGE, PAGE):
             p = prot.get(page, PROT_NONE) if page < hi else None

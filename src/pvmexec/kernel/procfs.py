@@ -21,7 +21,7 @@ import resource
 import stat
 import tempfile
 
-from .errors import Errno
+from .errors import Errno, host_call
 from .files import MAX_LINKS, PROC_VISIBLE, PSEUDO_FS_NAMES, OpenFile, ThroughPseudoFs, open_reached, proc_visible
 from .task import leader_of
 
@@ -542,6 +542,22 @@ class GuestPaths:
         if isinstance(node, FdLink):
             return os.dup(node.f.host_fd) if follow else stand_in(Link(node.f.path))
         return stand_in(node)
+
+    def _guest_readlink(self, p, guest):
+        """The target of the symlink a guest path names; /proc's own links answer without a stand-in."""
+        node = self._lookup(p, guest, False, lambda g: self.policy.path_fd(g, follow=False))
+        if isinstance(node, Link):
+            return node.target
+        if isinstance(node, FdLink):
+            return node.f.path
+        if not isinstance(node, int):
+            raise Errno(errno.EINVAL)                   # a /proc file or directory: no symlink
+        try:
+            if not stat.S_ISLNK(os.fstat(node).st_mode):
+                raise Errno(errno.EINVAL)               # as Linux says of a file that is no symlink
+            return host_call(os.readlink, "", dir_fd=node)
+        finally:
+            os.close(node)
 
     def _open_guest(self, p, guest, flags, mode):
         """The OpenFile open(2) of a guest path makes (the policy checked on the host's tree)."""

@@ -39,7 +39,7 @@ from .procfs import GuestPaths, Proc
 from .signals import SignalDelivery, killed_status, sender_info
 from .syscalls import (FsCalls, InfoCalls, IoCalls, MmCalls, NetCalls, PollCalls, ProcessCalls, SignalCalls,
                        ThreadCalls, TimerCalls)
-from .syscalls.mm import drop_mapped, keep_mapped, map_in_space
+from .syscalls.mm import drop_mapped, keep_mapped, map_files_in_space
 from .syscalls.timer import end_timers
 from .task import Process, kill_space, wake
 from .threads import ThreadMachinery, end_group, other_threads, wait_for_threads
@@ -493,23 +493,24 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
         reuse = self._space_reusable(p, patch)
         if reuse:                                       # the point of no return: the old image goes
             space, protected = p.space, p.protected
-            self._empty_space(p)
+            kept = self._empty_space(p)
         else:
             space = self._new_space(patch, ahead=p.pid != self._first_pid)
         try:
             if not reuse:
-                protected = self._stub_mappings(space)
+                kept = mappings(space.pid)
+                protected = tuple((lo, hi) for lo, hi, _perms, _path in kept)
 
             def clash(lo, hi):
                 if any(lo < e and hi > s for s, e in protected):
                     raise Errno(errno.ENOMEM)
 
             def mapper(fd):
-                return lambda addr, length, off: map_in_space(space, fd, addr, length, PROT_READ | PROT_WRITE,
-                                                              MAP_PRIVATE | MAP_FIXED, off)
+                return lambda segments: map_files_in_space(space, [
+                    (fd, addr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, off) for addr, length, off in segments])
             main.load(space, clash, mapper(main_fd))
             interp_bias = interp.load(space, clash, mapper(interp_fd)) if interp else 0
-            vdso = self._vdso(space) if self.vdso else 0
+            vdso = next((lo for lo, _hi, _perms, path in kept if path == "[vdso]"), 0) if self.vdso else 0
             q = Process.__new__(Process)
             q.space = space
             ids = (os.getuid(), os.geteuid(), os.getgid(), os.getegid())
@@ -562,23 +563,22 @@ class Sandbox(FsCalls, IoCalls, PollCalls, NetCalls, MmCalls, SignalCalls, Proce
 
     @staticmethod
     def _empty_space(p):
-        """Unmap every guest mapping of p's space (the stub's own stay) and forget its patched sites."""
+        """Unmap every guest mapping of p's space (the stub's own stay) and forget its patched sites;
+        returns the mappings that stay."""
         space = p.space
-        calls = [("munmap", (lo, hi - lo)) for lo, hi, _perms, _path in mappings(space.pid)
-                 if hi <= ARCH.TASK_SIZE_MAX and not any(lo < e and hi > s for s, e in p.protected)]
+        calls, kept = [], []
+        for m in mappings(space.pid):
+            lo, hi = m[0], m[1]
+            if hi <= ARCH.TASK_SIZE_MAX and not any(lo < e and hi > s for s, e in p.protected):
+                calls.append(("munmap", (lo, hi - lo)))
+            else:
+                kept.append(m)
         for i in range(0, len(calls), 64):
             for ret in space.syscalls(calls[i:i + 64]):
                 if ret:
                     raise Exited(killed_status(signal.SIGSEGV))
         space.backend.forget_patches()
-
-    @staticmethod
-    def _stub_mappings(space):
-        return tuple((lo, hi) for lo, hi, _perms, _path in mappings(space.pid))
-
-    @staticmethod
-    def _vdso(space):
-        return next((lo for lo, _hi, _perms, path in mappings(space.pid) if path == "[vdso]"), 0)
+        return kept
 
     # -- paths ---------------------------------------------------------------------------------
 

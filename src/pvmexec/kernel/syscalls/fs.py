@@ -180,13 +180,7 @@ class FsCalls:
     def sys_readlinkat(self, p, dirfd, path, buf, size):
         if size & 0xFFFFFFFF == 0 or size >= 1 << 31:
             raise Errno(errno.EINVAL)
-        pfd = self._path_fd(p, dirfd, path, AT_SYMLINK_NOFOLLOW)
-        try:
-            if not stat.S_ISLNK(os.fstat(pfd).st_mode):
-                raise Errno(errno.EINVAL)               # as Linux says of a file that is no symlink
-            target = host_call(os.readlink, "", dir_fd=pfd)
-        finally:
-            os.close(pfd)
+        target = self._guest_readlink(p, self._abs(p, dirfd, path))
         data = target.encode("utf-8", "surrogateescape")[:size]
         p.write(buf, data)
         return len(data)

@@ -51,11 +51,15 @@ def map_file(p, host_fd, addr, length, prot, flags, off):
 def map_files(p, maps):
     """map_file for each (host_fd, addr, length, prot, flags, off), in one batch where the engine can; each
     must land where asked."""
-    backend = p.space.backend
+    map_files_in_space(p.space, maps)
+
+
+def map_files_in_space(space, maps):
+    backend = space.backend
     if hasattr(backend, "map_files"):
         results = backend.map_files(maps) if maps else []
     else:
-        results = [map_in_space(p.space, *m) for m in maps]
+        results = [map_in_space(space, *m) for m in maps]
     for ret, m in zip(results, maps):
         if -4096 < ret < 0:
             raise Errno(-ret)
