@@ -64,7 +64,7 @@ SCENARIOS = {
         while True:
             with pvmexec.attach(pid, engine="ptrace") as space:
                 space.syscall("getpid")
-    """, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
     "agent-idle": ("""
         space = pvmexec.attach(pid, engine="agent")
         space.syscall("getpid")
@@ -137,6 +137,31 @@ SCENARIOS = {
             while True:
                 space.syscall("getppid")
     """, (signal.SIGKILL,), "read"),
+    "ptrace-trampoline-kill": ("""
+        # The caller dies inside the call that makes our trampoline (attach's first injected call), at a
+        # random one of its moments: its frame written, at the entry stop, at the exit stop.
+        import random
+        from pvmexec.engines import ptrace as P
+        at, seen = random.randrange(3), []
+        call, resume = P.PtraceEngine._self_restoring_call, P.PtraceEngine._resume
+        def dying_resume(self, b, request, sig):
+            if seen == [None] and at == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            status = resume(self, b, request, sig)
+            if seen:
+                seen.append(status)
+                if len(seen) - 1 == at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return status
+        def dying_call(self, *args):
+            go()                            # (never said: the run is an error, not clean)
+            seen.append(None)
+            return call(self, *args)
+        P.PtraceEngine._resume, P.PtraceEngine._self_restoring_call = dying_resume, dying_call
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            print("attach made no self-restoring call", file=sys.stderr)
+            sys.exit(1)
+    """, (signal.SIGKILL,)),
     "dump-frozen": ("""
         import tempfile
         from pvmexec.checkpoint import dump

@@ -23,6 +23,7 @@ CLEAN = [
     ("ptrace-strings", signal.SIGKILL), ("ptrace-strings", signal.SIGINT), ("ptrace-strings", signal.SIGTERM),
     ("ptrace-lend", signal.SIGINT), ("ptrace-lend", signal.SIGTERM),
     ("ptrace-attach-detach", signal.SIGINT), ("ptrace-attach-detach", signal.SIGTERM),
+    ("ptrace-trampoline-kill", signal.SIGKILL),
     ("agent-idle", signal.SIGKILL), ("agent-idle", signal.SIGINT),
     ("agent-syscalls", signal.SIGKILL), ("agent-syscalls", signal.SIGTERM),
     ("agent-blocked-read", signal.SIGKILL), ("agent-attach-detach", signal.SIGINT),

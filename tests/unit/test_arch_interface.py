@@ -92,3 +92,24 @@ def test_signal_frames_go_where_linux_puts_them(altstack, to_alt, lands):
                                       bytes(576))
     lo, hi = (0x500000, 0x510000) if lands == "alt" else (0x7fffe000, 0x7ffff000 - x86_64.RED_ZONE)
     assert all(lo <= addr < hi for addr, _data in writes) and lo <= ctx.rsp < hi
+
+
+@pytest.mark.parametrize("code,found", [
+    (b"\xb8\xe5\x00\x00\x00\x0f\x05\x31\xd2\x31\xc9\x45\x31\xdb\xc3", 5),   # the vDSO's clock_getres fallback
+    (b"\x0f\x05\xc3", 0),
+    (b"\x0f\x05\x45\x31\xe4\xc3", 0),           # xor %r12d, %r12d
+    (b"\x0f\x05\x31\xc4\xc3", -1),              # xor %eax, %esp: the stack pointer moves
+    (b"\x0f\x05\x48\x31\xe4\xc3", -1),          # xor %rsp, %rsp
+    (b"\x0f\x05\xc9\xc3", -1),                  # leave: it reads memory and moves the stack
+    (b"\x0f\x05\x48\x3d\x01\xf0\xff\xff\xc3", -1),
+    (b"\x0f\x05\x31", -1),
+    (b"\x90\x0f\x05\x0f\x05\xc3", 3),           # the second syscall is the one followed by ret
+])
+def test_return_gadget_is_a_syscall_then_only_register_xors_and_ret(code, found):
+    assert x86_64.return_gadget(code) == found
+
+
+def test_restorers_are_rt_sigreturn():
+    for code in x86_64.RESTORERS:
+        assert code.endswith(x86_64.SYSCALL_INSN)
+        assert struct.unpack_from("<I", code, len(code) - 6)[0] == 15

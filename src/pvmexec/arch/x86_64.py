@@ -167,6 +167,33 @@ _NR_RT_SIGTIMEDWAIT, _EPIPE, _EFBIG = 128, 32, 27
 CALL_SIGNALS = {-_EPIPE: 13, -_EFBIG: 25}       # SIGPIPE, SIGXFSZ
 
 
+# `mov $15, %rax` or `mov $15, %eax`, then syscall: a C library's signal restorer (glibc's, musl's __restore_rt).
+RESTORERS = (b"\x48\xc7\xc0" + struct.pack("<I", _NR_RT_SIGRETURN) + SYSCALL_INSN,
+             b"\xb8" + struct.pack("<I", _NR_RT_SIGRETURN) + SYSCALL_INSN)
+
+
+def return_gadget(code):
+    """Offset in code of a syscall instruction followed only by xors of registers other than the stack
+    pointer and then `ret` (the vDSO's syscall fallbacks are), or -1. Code jumped to there with rsp at
+    a signal frame whose return address is a restorer finishes the call and restores the frame."""
+    i = code.find(SYSCALL_INSN)
+    while i >= 0:
+        j = i + SYSCALL_INSN_LEN
+        for _ in range(8):
+            op = code[j:j + 3]
+            if op[:1] == b"\xc3":
+                return i
+            if len(op) >= 2 and op[0] == 0x31 and op[1] >= 0xC0 and op[1] & 7 != 4:
+                j += 2                                          # xor %r32, %r32 (not %esp)
+            elif len(op) == 3 and op[0] in (0x41, 0x44, 0x45, 0x48, 0x49, 0x4C, 0x4D) and op[1] == 0x31 and \
+                    op[2] >= 0xC0 and (op[2] & 7 != 4 or op[0] & 1):
+                j += 3                                          # the same with a REX prefix (rm 4 only as r12)
+            else:
+                break
+        i = code.find(SYSCALL_INSN, i + 1)
+    return -1
+
+
 def self_restore_code(at, frame):
     """Code at `at`: `syscall`; if it failed with EPIPE or EFBIG and the frame's first word (a signal set,
     the pretcode slot rt_sigreturn never reads) is not empty, rt_sigtimedwait on that set with a zero

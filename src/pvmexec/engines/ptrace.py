@@ -9,6 +9,7 @@ synchronous signal) is re-injected or re-queued, never dropped. On release the
 saved state is written back from a stop inside the kernel's signal path, so an
 interrupted blocking syscall restarts exactly as it would have.
 """
+import contextlib
 import errno
 import os
 import signal
@@ -31,7 +32,7 @@ arch = _current_arch()
 
 _NR_RT_TGSIGQUEUEINFO, _NR_TGKILL = number("rt_tgsigqueueinfo"), number("tgkill")
 _NR_MMAP, _NR_MUNMAP, _NR_MPROTECT = number("mmap"), number("munmap"), number("mprotect")
-_NR_RT_SIGTIMEDWAIT = number("rt_sigtimedwait")
+_NR_RT_SIGTIMEDWAIT, _NR_RT_SIGRETURN = number("rt_sigtimedwait"), number("rt_sigreturn")
 PROT_EXEC = 4
 # The trampoline: a code page (self_restore_code), the frame it restores from (up to ~11.5 KiB), and
 # read+write scratch memory for the calls of one borrow (string arguments, buffers).
@@ -112,6 +113,7 @@ class PtraceEngine(BaseEngine):
         self._frozen = []          # tids seized and held stopped by freeze()
         self._frozen_stopped = False  # freeze() found the process stopped by job control
         self._vdso_syscall = None
+        self._gadgets = None        # (return gadget, restorer) in the target's code, False: none found
         self._trampoline = None        # address of our trampoline in the target, once made
         self._trampoline_code = b""
         self._took_back = 0            # offset in it of the instruction after its rt_sigtimedwait
@@ -623,19 +625,23 @@ class PtraceEngine(BaseEngine):
             mem = os.open("/proc/%d/mem" % self.pid, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             mem = None
+        # At an address chosen now, recorded before the call: a SIGKILL of ours right after it leaves the
+        # mapping to the janitor, not in the target (the kernel takes the hint where it is free).
+        hint = _free_address(self.pid, TRAMPOLINE_SIZE)
+        key = self._records.add("map", hint, TRAMPOLINE_SIZE) if hint else None
+        args = (hint, TRAMPOLINE_SIZE, PROT_READ | (PROT_EXEC if mem is not None else PROT_WRITE),
+                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         try:
-            addr = self._step_syscall(b, _NR_MMAP, (0, TRAMPOLINE_SIZE, PROT_READ | (PROT_EXEC if mem is not None
-                                                                                    else PROT_WRITE),
-                                                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+            addr = self._step_home(b, _NR_MMAP, args)
         except SeccompBlocked:
             addr = -errno.EPERM     # its policy forbids mmap: calls step instead
-        if not -4096 < addr < 0:
-            self._trampoline_key = self._records.add("map", addr, TRAMPOLINE_SIZE)
-        # Straight back to the thread's own state, parked in the signal path with single-step disarmed:
-        # the stretch in which our death harms it ends here, not after the writes below.
-        _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
-        b.masked = False
-        self._stop_in_signal_path(b)
+            self._go_home(b, None)
+        if addr == hint:
+            self._trampoline_key = key
+        else:
+            janitor.unrecord(key)
+            if not -4096 < addr < 0:
+                self._trampoline_key = self._records.add("map", addr, TRAMPOLINE_SIZE)
         if -4096 < addr < 0:
             if mem is not None:
                 os.close(mem)
@@ -652,11 +658,11 @@ class PtraceEngine(BaseEngine):
                 if mem is not None:
                     raise OSError(errno.EACCES, "writing our trampoline through /proc/%d/mem" % self.pid)
                 _core.vm_write(self.pid, addr, code)
-                if self._step_syscall(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
+                if self._step_home(b, _NR_MPROTECT, (addr, PAGE, PROT_READ | PROT_EXEC)) < 0:
                     raise OSError(errno.EACCES, "mprotect")
             self._scratch_ok = mem is None     # read+write already unless filled through /proc/PID/mem
         except BaseException as e:
-            self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+            self._step_home(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
             janitor.unrecord(self._trampoline_key)
             self._trampoline_key = None
             if mem is not None:
@@ -733,7 +739,7 @@ class PtraceEngine(BaseEngine):
                     # Off first: what this borrow still runs (re-queued signals) steps instead.
                     key, self._trampoline = self._trampoline_key, None
                     self._trampoline_tried = True
-                    self._step_syscall(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
+                    self._step_home(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
                     janitor.unrecord(key)               # removed; else the janitor's record stays
             finally:
                 self.release()
@@ -749,6 +755,98 @@ class PtraceEngine(BaseEngine):
             self._trampoline_key = None
             self._trampoline_tried = False
             self._close_trampoline_mem()
+
+    def _step_home(self, b, nr, args):
+        """nr(args) without our trampoline (making or removing it), then the thread straight back to its own
+        registers and mask, parked in the signal path with single-step disarmed. Self-restoring where the
+        target's code allows (see _self_restoring_call): our death at any moment then leaves the thread
+        whole; else single-stepped, the one stretch in which our death can harm it."""
+        stack = self._frame_on_stack(b)
+        try:
+            ret = self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
+        except BaseException:
+            if stack:
+                with contextlib.suppress(OSError):
+                    self._unframe(b, stack)
+            raise
+        self._go_home(b, stack)
+        return ret
+
+    def _go_home(self, b, stack):
+        if stack:
+            self._unframe(b, stack)
+        else:
+            _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
+        b.masked = False
+        self._stop_in_signal_path(b)
+
+    def _frame_on_stack(self, b):
+        """For the one call made before our trampoline exists: (frame address, the stack's bytes there,
+        return gadget) with the thread's own state written as a signal frame below its red zone, whose
+        return address is a restorer of the target's; None where its code has no such pieces, its policy
+        would refuse the rt_sigreturn, or the stack's mapping has no room."""
+        gadgets = self._find_gadgets()
+        if not gadgets:
+            return None
+        ret_insn, restorer, restorer_insn = gadgets
+        if b.seccomp is not None and self._seccomp_refuses(b, _NR_RT_SIGRETURN, (), restorer_insn):
+            return None
+        saved = dict(zip(arch.REG_NAMES, memoryview(b.saved_regs).cast("Q")))
+        size = len(arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate, _xsave_components(), 0))
+        sp = saved[arch.SP]
+        frame = (sp - arch.RED_ZONE - size) & ~63
+        if not any(lo <= frame and sp <= hi and "w" in perms for lo, hi, perms, _name in proc.mappings(self.pid)):
+            return None
+        data = bytearray(arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate, _xsave_components(), frame))
+        struct.pack_into("<Q", data, 0, restorer)           # the pretcode slot: where the gadget's ret goes
+        try:
+            old = _core.vm_read(self.pid, frame, len(data))
+            _core.vm_write(self.pid, frame, bytes(data))
+        except OSError:
+            return None
+        return frame, old, ret_insn
+
+    def _unframe(self, b, stack):
+        """The thread's own registers and mask back, then its stack's bytes (in that order: until its
+        registers are back, the frame is what takes it home should we die)."""
+        _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
+        try:
+            _core.vm_write(self.pid, stack[0], stack[1])
+        except OSError:
+            pass                                            # gone, or its stack unmapped meanwhile
+
+    def _self_restoring_call(self, b, stack, nr, args):
+        """nr(args) at the return gadget with the stack pointer at the frame _frame_on_stack wrote, through
+        syscall stops (no single-step trap armed): should we die at any moment, the thread finishes the
+        call, returns into the restorer and rt_sigreturns to its own state."""
+        frame, _old, insn = stack
+        if b.seccomp is not None:
+            refused = self._seccomp_gate(b, nr, args, insn)
+            if refused is not None:
+                return refused
+        _load_call(b, nr, args, insn)
+        b.q[_I[arch.SP]] = frame
+        prepared = bytes(b.regs)
+        return self._to_syscall_exit(b, lambda q: q[_RIP] == insn + arch.SYSCALL_INSN_LEN and
+                                     signed(q[_ORIG_RAX]) == nr, prepared,
+                                     lambda info: _call_failed(nr, args, info, b.q[_RIP]))
+
+    def _find_gadgets(self):
+        """(return gadget, restorer, the restorer's syscall instruction) in the target's code (looked up
+        once, checked each time)."""
+        if self._gadgets:
+            ret_insn, restorer, restorer_insn = self._gadgets
+            try:
+                code = _core.vm_read(self.pid, ret_insn, 32)
+                here = _core.vm_read(self.pid, restorer, restorer_insn + arch.SYSCALL_INSN_LEN - restorer)
+            except OSError:
+                code = here = b""
+            if arch.return_gadget(code) == 0 and here in arch.RESTORERS:
+                return self._gadgets
+            self._gadgets = None                            # its code changed (an execve): look again
+        if self._gadgets is None:
+            self._gadgets = _find_gadgets(self.pid) or False
+        return self._gadgets
 
     def _step_syscall(self, b, nr, args):
         """_run_syscall without a trampoline: single-step a syscall instruction of the target."""
@@ -930,6 +1028,46 @@ def _threads(pid):
         return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
     except FileNotFoundError:
         raise TargetGone(pid) from None
+
+
+def _free_address(pid, size):
+    """A random page-aligned address in the middle half of the widest hole of pid's address space, not the
+    one below its stack (where the stack grows): free now and unlikely to be wanted soon; 0 if none."""
+    try:
+        maps = sorted((lo, hi, name) for lo, hi, _perms, name in proc.mappings(pid) if hi <= arch.TASK_SIZE_MAX)
+    except OSError:
+        return 0
+    holes = [(a[1], b[0]) for a, b in zip(maps, maps[1:]) if b[2] != "[stack]" and b[0] - a[1] >= 4 * size]
+    if not holes:
+        return 0
+    lo, hi = max(holes, key=lambda h: h[1] - h[0])
+    quarter = (hi - lo) // 4
+    return (lo + quarter + int.from_bytes(os.urandom(8), "little") % max(1, 2 * quarter - size)) & ~(PAGE - 1)
+
+
+def _find_gadgets(pid):
+    """(return gadget, restorer, its syscall instruction) in pid's executable mappings (the vDSO first, then
+    its C library), or None."""
+    found = {}
+    candidates = [(0 if name == "[vdso]" else 1 if "libc" in name else 2, lo, min(hi, lo + (8 << 20)))
+                  for lo, hi, perms, name in proc.mappings(pid) if "x" in perms and name != "[vsyscall]"]
+    for _prio, lo, hi in sorted(candidates)[:16]:
+        try:
+            data = _core.vm_read(pid, lo, hi - lo)
+        except OSError:
+            continue
+        if "ret" not in found:
+            i = arch.return_gadget(data)
+            if i >= 0:
+                found["ret"] = lo + i
+        if "restorer" not in found:
+            at = [(i, i + len(r) - arch.SYSCALL_INSN_LEN) for i, r in ((data.find(r), r) for r in arch.RESTORERS)
+                  if i >= 0]
+            if at:
+                found["restorer"] = tuple(lo + x for x in min(at))
+        if len(found) == 2:
+            return (found["ret"],) + found["restorer"]
+    return None
 
 
 def find_syscall_insn(pid):
