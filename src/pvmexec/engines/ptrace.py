@@ -627,12 +627,16 @@ class PtraceEngine(BaseEngine):
             mem = None
         # At an address chosen now, recorded before the call: a SIGKILL of ours right after it leaves the
         # mapping to the janitor, not in the target (the kernel takes the hint where it is free).
-        hint = _free_address(self.pid, TRAMPOLINE_SIZE)
+        try:
+            maps = _maps(self.pid)
+        except OSError:
+            maps = []
+        hint = _free_address(maps, TRAMPOLINE_SIZE)
         key = self._records.add("map", hint, TRAMPOLINE_SIZE) if hint else None
         args = (hint, TRAMPOLINE_SIZE, PROT_READ | (PROT_EXEC if mem is not None else PROT_WRITE),
                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         try:
-            addr = self._step_home(b, _NR_MMAP, args)
+            addr = self._step_home(b, _NR_MMAP, args, maps)
         except SeccompBlocked:
             addr = -errno.EPERM     # its policy forbids mmap: calls step instead
             self._go_home(b, None)
@@ -756,12 +760,12 @@ class PtraceEngine(BaseEngine):
             self._trampoline_tried = False
             self._close_trampoline_mem()
 
-    def _step_home(self, b, nr, args):
+    def _step_home(self, b, nr, args, maps=None):
         """nr(args) without our trampoline (making or removing it), then the thread straight back to its own
         registers and mask, parked in the signal path with single-step disarmed. Self-restoring where the
         target's code allows (see _self_restoring_call): our death at any moment then leaves the thread
         whole; else single-stepped, the one stretch in which our death can harm it."""
-        stack = self._frame_on_stack(b)
+        stack = self._frame_on_stack(b, maps)
         try:
             ret = self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
         except BaseException:
@@ -780,12 +784,17 @@ class PtraceEngine(BaseEngine):
         b.masked = False
         self._stop_in_signal_path(b)
 
-    def _frame_on_stack(self, b):
+    def _frame_on_stack(self, b, maps=None):
         """For the one call made before our trampoline exists: (frame address, the stack's bytes there,
         return gadget) with the thread's own state written as a signal frame below its red zone, whose
         return address is a restorer of the target's; None where its code has no such pieces, its policy
-        would refuse the rt_sigreturn, or the stack's mapping has no room."""
-        gadgets = self._find_gadgets()
+        would refuse the rt_sigreturn, or the stack's mapping has no room. maps: _maps() read just now."""
+        if maps is None:
+            try:
+                maps = _maps(self.pid)
+            except OSError:
+                return None
+        gadgets = self._find_gadgets(maps)
         if not gadgets:
             return None
         ret_insn, restorer, restorer_insn = gadgets
@@ -795,7 +804,7 @@ class PtraceEngine(BaseEngine):
         size = len(arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate, _xsave_components(), 0))
         sp = saved[arch.SP]
         frame = (sp - arch.RED_ZONE - size) & ~63
-        if not any(lo <= frame and sp <= hi and "w" in perms for lo, hi, perms, _name in proc.mappings(self.pid)):
+        if not any(m[0] <= frame and sp <= m[1] and "w" in m[2] for m in maps):
             return None
         data = bytearray(arch.self_restore_frame(saved, b.saved_mask, b.saved_xstate, _xsave_components(), frame))
         struct.pack_into("<Q", data, 0, restorer)           # the pretcode slot: where the gadget's ret goes
@@ -831,7 +840,7 @@ class PtraceEngine(BaseEngine):
                                      signed(q[_ORIG_RAX]) == nr, prepared,
                                      lambda info: _call_failed(nr, args, info, b.q[_RIP]))
 
-    def _find_gadgets(self):
+    def _find_gadgets(self, maps):
         """(return gadget, restorer, the restorer's syscall instruction) in the target's code (looked up
         once, checked each time)."""
         if self._gadgets:
@@ -845,7 +854,7 @@ class PtraceEngine(BaseEngine):
                 return self._gadgets
             self._gadgets = None                            # its code changed (an execve): look again
         if self._gadgets is None:
-            self._gadgets = _find_gadgets(self.pid) or False
+            self._gadgets = _find_gadgets(self.pid, maps) or False
         return self._gadgets
 
     def _step_syscall(self, b, nr, args):
@@ -1030,13 +1039,11 @@ def _threads(pid):
         raise TargetGone(pid) from None
 
 
-def _free_address(pid, size):
-    """A random page-aligned address in the middle half of the widest hole of pid's address space, not the
-    one below its stack (where the stack grows): free now and unlikely to be wanted soon; 0 if none."""
-    try:
-        maps = sorted((lo, hi, name) for lo, hi, _perms, name in proc.mappings(pid) if hi <= arch.TASK_SIZE_MAX)
-    except OSError:
-        return 0
+def _free_address(maps, size):
+    """A random page-aligned address in the middle half of the widest hole of an address space (maps: its
+    _maps()), not the one below its stack (where the stack grows): free now and unlikely to be wanted
+    soon; 0 if none."""
+    maps = [(m[0], m[1], m[3]) for m in maps if m[1] <= arch.TASK_SIZE_MAX]
     holes = [(a[1], b[0]) for a, b in zip(maps, maps[1:]) if b[2] != "[stack]" and b[0] - a[1] >= 4 * size]
     if not holes:
         return 0
@@ -1045,28 +1052,53 @@ def _free_address(pid, size):
     return (lo + quarter + int.from_bytes(os.urandom(8), "little") % max(1, 2 * quarter - size)) & ~(PAGE - 1)
 
 
-def _find_gadgets(pid):
-    """(return gadget, restorer, its syscall instruction) in pid's executable mappings (the vDSO first, then
-    its C library), or None."""
-    found = {}
-    candidates = [(0 if name == "[vdso]" else 1 if "libc" in name else 2, lo, min(hi, lo + (8 << 20)))
-                  for lo, hi, perms, name in proc.mappings(pid) if "x" in perms and name != "[vsyscall]"]
-    for _prio, lo, hi in sorted(candidates)[:16]:
-        try:
-            data = _core.vm_read(pid, lo, hi - lo)
-        except OSError:
-            continue
-        if "ret" not in found:
-            i = arch.return_gadget(data)
-            if i >= 0:
-                found["ret"] = lo + i
-        if "restorer" not in found:
-            at = [(i, i + len(r) - arch.SYSCALL_INSN_LEN) for i, r in ((data.find(r), r) for r in arch.RESTORERS)
-                  if i >= 0]
-            if at:
-                found["restorer"] = tuple(lo + x for x in min(at))
-        if len(found) == 2:
-            return (found["ret"],) + found["restorer"]
+_GADGETS = {}       # (path, dev, inode, file offset, size) of a code mapping -> (ret offset, restorer offsets)
+
+
+def _maps(pid):
+    """[(start, end, perms, name, identity)] of /proc/PID/maps, sorted; identity: (name, device, inode,
+    file offset, size), which names the same code in every process that maps it."""
+    out = []
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            fields = line.split(None, 5)
+            name = fields[5].strip() if len(fields) > 5 else ""
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, fields[1], name, (name, fields[3], fields[4], fields[2], hi - lo)))
+    return sorted(out)
+
+
+def _gadgets_in(pid, lo, hi, identity):
+    """(offset of a return gadget or -1, (restorer offset, its syscall's offset) or None) in one mapping;
+    remembered per mapped file (and the vDSO), which is the same code in every process."""
+    known = _GADGETS.get(identity) if identity[0] and identity[2] != "0" or identity[0] == "[vdso]" else None
+    if known is not None:
+        return known
+    try:
+        data = _core.vm_read(pid, lo, min(hi, lo + (8 << 20)) - lo)
+    except OSError:
+        return -1, None
+    at = [(i, i + len(r) - arch.SYSCALL_INSN_LEN) for i, r in ((data.find(r), r) for r in arch.RESTORERS) if i >= 0]
+    found = arch.return_gadget(data), min(at) if at else None
+    if identity[0]:
+        _GADGETS[identity] = found
+    return found
+
+
+def _find_gadgets(pid, maps):
+    """(return gadget, restorer, its syscall instruction) in pid's executable mappings (maps: its _maps();
+    the vDSO first, then its C library), or None."""
+    ret = restorer = None
+    candidates = sorted((0 if name == "[vdso]" else 1 if "libc" in name else 2, lo, hi, identity)
+                        for lo, hi, perms, name, identity in maps if "x" in perms and name != "[vsyscall]")
+    for _prio, lo, hi, identity in candidates[:16]:
+        r, rest = _gadgets_in(pid, lo, hi, identity)
+        if ret is None and r >= 0:
+            ret = lo + r
+        if restorer is None and rest is not None:
+            restorer = (lo + rest[0], lo + rest[1])
+        if ret is not None and restorer is not None:
+            return (ret,) + restorer
     return None
 
 
