@@ -1071,8 +1071,9 @@ def _maps(pid):
 def _gadgets_in(pid, lo, hi, identity):
     """(offset of a return gadget or -1, (restorer offset, its syscall's offset) or None) in one mapping;
     remembered per mapped file (and the vDSO), which is the same code in every process."""
-    known = _GADGETS.get(identity) if identity[0] and identity[2] != "0" or identity[0] == "[vdso]" else None
-    if known is not None:
+    shared = identity[0] and identity[2] != "0" or identity[0] == "[vdso]"
+    known = _GADGETS.get(identity) if shared else None
+    if known is not None and _still_gadgets(pid, lo, known):
         return known
     try:
         data = _core.vm_read(pid, lo, min(hi, lo + (8 << 20)) - lo)
@@ -1080,9 +1081,21 @@ def _gadgets_in(pid, lo, hi, identity):
         return -1, None
     at = [(i, i + len(r) - arch.SYSCALL_INSN_LEN) for i, r in ((data.find(r), r) for r in arch.RESTORERS) if i >= 0]
     found = arch.return_gadget(data), min(at) if at else None
-    if identity[0]:
+    if shared:
         _GADGETS[identity] = found
     return found
+
+
+def _still_gadgets(pid, lo, known):
+    """Whether the code at a remembered (ret offset, restorer offsets) of a mapping at lo still is that."""
+    ret, restorer = known
+    try:
+        if ret >= 0 and arch.return_gadget(_core.vm_read(pid, lo + ret, 32)) != 0:
+            return False
+        return restorer is None or _core.vm_read(pid, lo + restorer[0], restorer[1] + arch.SYSCALL_INSN_LEN -
+                                                 restorer[0]) in arch.RESTORERS
+    except OSError:
+        return False
 
 
 def _find_gadgets(pid, maps):
