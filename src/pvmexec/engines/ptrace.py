@@ -369,12 +369,17 @@ class PtraceEngine(BaseEngine):
             # Block everything meanwhile (restore() puts the thread's own mask back): a signal queued
             # here must not be dequeued again by the next call we run to queue the others.
             _core.setsigmask(b.tid, _ALL & ~((1 << (signal.SIGKILL - 1)) | (1 << (signal.SIGSTOP - 1))))
+            b.masked = True         # so _resume keeps this mask (after _go_home it would set OP_SIGMASK)
         for _round in range(8):
             pending, b.foreign = b.foreign, []
             if not pending:
                 return
             for info in pending:
                 self._requeue_one(b, info)
+        if b.foreign:
+            warnings.warn("pvmexec: signals %s to thread %d were dequeued again at every try to queue them "
+                          "back and are lost" % (sorted({i.signo for i in b.foreign}), b.tid), RuntimeWarning)
+            b.foreign = []
 
     def _requeue_one(self, b, info):
         # The siginfo goes in a page of our own: below the stack pointer may be live data (a thread on
