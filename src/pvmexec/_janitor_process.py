@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from . import _core, janitor
+from . import _core, janitor, proc
 from .arch import current as _current_arch
 from .engines import agent
 from .errors import AlreadyTraced
@@ -18,28 +18,17 @@ arch = _current_arch()
 AGENT_WAIT = 600.0      # s to wait for an agent thread to leave (it leaves only while its process runs)
 
 
-def _maps(pid):
-    """[(start, end, path)] of process pid."""
-    out = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            fields = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            out.append((lo, hi, fields[5].strip() if len(fields) > 5 else ""))
-    return out
-
-
 def _undo(space, kind, args):
     pid = space.pid
     if kind == "agent":                 # _clean waited for the thread to leave
         _tid, base, size = args
-        for lo, hi, path in _maps(pid):
+        for lo, hi, _perms, path in proc.mappings(pid):
             if base <= lo and hi <= base + size and path.startswith("/memfd:pvmexec-agent"):
                 space.syscall("munmap", lo, hi - lo)
     elif kind == "map":
         addr, size = args
         # Still anonymous memory throughout (the kernel may have merged it with a neighbour's).
-        inside = sorted((lo, hi, path) for lo, hi, path in _maps(pid) if lo < addr + size and hi > addr)
+        inside = sorted((lo, hi, path) for lo, hi, _perms, path in proc.mappings(pid) if lo < addr + size and hi > addr)
         covered = inside and inside[0][0] <= addr and inside[-1][1] >= addr + size and all(
             a[1] == b[0] for a, b in zip(inside, inside[1:]))
         # Our own trampoline may sit where a record says a mapping was (if it was gone already).

@@ -11,14 +11,20 @@ from .arch import current as current_arch
 from .errors import AccessDenied, AlreadyTraced, TargetGone, UnsupportedTarget
 
 
-def mappings(pid):
-    """[(start, end, perms, path)] of /proc/PID/maps ("" for an anonymous mapping; a path keeps its spaces)."""
+def mappings(pid, identity=False):
+    """[(start, end, perms, path)] of /proc/PID/maps ("" for an anonymous mapping; a path keeps its spaces).
+    identity: each with a fifth item (path, device, inode, file offset, size), which names the same code
+    in every process that maps it."""
     out = []
     with open("/proc/%d/maps" % pid) as f:
         for line in f:
             parts = line.rstrip("\n").split(None, 5)
-            lo, hi = parts[0].split("-")
-            out.append((int(lo, 16), int(hi, 16), parts[1], parts[5] if len(parts) > 5 else ""))
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            path = parts[5] if len(parts) > 5 else ""
+            if identity:
+                out.append((lo, hi, parts[1], path, (path, parts[3], parts[4], parts[2], hi - lo)))
+            else:
+                out.append((lo, hi, parts[1], path))
     return out
 
 

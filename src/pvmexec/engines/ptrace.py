@@ -113,7 +113,6 @@ class PtraceEngine(BaseEngine):
         self._frozen = []          # tids seized and held stopped by freeze()
         self._frozen_stopped = False  # freeze() found the process stopped by job control
         self._vdso_syscall = None
-        self._gadgets = None        # (return gadget, restorer) in the target's code, False: none found
         self._trampoline = None        # address of our trampoline in the target, once made
         self._trampoline_code = b""
         self._took_back = 0            # offset in it of the instruction after its rt_sigtimedwait
@@ -633,7 +632,7 @@ class PtraceEngine(BaseEngine):
         # At an address chosen now, recorded before the call: a SIGKILL of ours right after it leaves the
         # mapping to the janitor, not in the target (the kernel takes the hint where it is free).
         try:
-            maps = _maps(self.pid)
+            maps = proc.mappings(self.pid, identity=True)
         except OSError:
             maps = []
         hint = _free_address(maps, TRAMPOLINE_SIZE)
@@ -793,13 +792,13 @@ class PtraceEngine(BaseEngine):
         """For the one call made before our trampoline exists: (frame address, the stack's bytes there,
         return gadget) with the thread's own state written as a signal frame below its red zone, whose
         return address is a restorer of the target's; None where its code has no such pieces, its policy
-        would refuse the rt_sigreturn, or the stack's mapping has no room. maps: _maps() read just now."""
+        would refuse the rt_sigreturn, or the stack's mapping has no room. maps: proc.mappings(identity=True) read just now."""
         if maps is None:
             try:
-                maps = _maps(self.pid)
+                maps = proc.mappings(self.pid, identity=True)
             except OSError:
                 return None
-        gadgets = self._find_gadgets(maps)
+        gadgets = _find_gadgets(self.pid, maps)
         if not gadgets:
             return None
         ret_insn, restorer, restorer_insn = gadgets
@@ -844,23 +843,6 @@ class PtraceEngine(BaseEngine):
         return self._to_syscall_exit(b, lambda q: q[_RIP] == insn + arch.SYSCALL_INSN_LEN and
                                      signed(q[_ORIG_RAX]) == nr, prepared,
                                      lambda info: _call_failed(nr, args, info, b.q[_RIP]))
-
-    def _find_gadgets(self, maps):
-        """(return gadget, restorer, the restorer's syscall instruction) in the target's code (looked up
-        once, checked each time)."""
-        if self._gadgets:
-            ret_insn, restorer, restorer_insn = self._gadgets
-            try:
-                code = _core.vm_read(self.pid, ret_insn, 32)
-                here = _core.vm_read(self.pid, restorer, restorer_insn + arch.SYSCALL_INSN_LEN - restorer)
-            except OSError:
-                code = here = b""
-            if arch.return_gadget(code) == 0 and here in arch.RESTORERS:
-                return self._gadgets
-            self._gadgets = None                            # its code changed (an execve): look again
-        if self._gadgets is None:
-            self._gadgets = _find_gadgets(self.pid, maps) or False
-        return self._gadgets
 
     def _step_syscall(self, b, nr, args):
         """_run_syscall without a trampoline: single-step a syscall instruction of the target."""
@@ -1046,7 +1028,7 @@ def _threads(pid):
 
 def _free_address(maps, size):
     """A random page-aligned address in the middle half of the widest hole of an address space (maps: its
-    _maps()), not the one below its stack (where the stack grows): free now and unlikely to be wanted
+    proc.mappings(identity=True)), not the one below its stack (where the stack grows): free now and unlikely to be wanted
     soon; 0 if none."""
     maps = [(m[0], m[1], m[3]) for m in maps if m[1] <= arch.TASK_SIZE_MAX]
     holes = [(a[1], b[0]) for a, b in zip(maps, maps[1:]) if b[2] != "[stack]" and b[0] - a[1] >= 4 * size]
@@ -1058,19 +1040,6 @@ def _free_address(maps, size):
 
 
 _GADGETS = {}       # (path, dev, inode, file offset, size) of a code mapping -> (ret offset, restorer offsets)
-
-
-def _maps(pid):
-    """[(start, end, perms, name, identity)] of /proc/PID/maps, sorted; identity: (name, device, inode,
-    file offset, size), which names the same code in every process that maps it."""
-    out = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            fields = line.split(None, 5)
-            name = fields[5].strip() if len(fields) > 5 else ""
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            out.append((lo, hi, fields[1], name, (name, fields[3], fields[4], fields[2], hi - lo)))
-    return sorted(out)
 
 
 def _gadgets_in(pid, lo, hi, identity):
@@ -1104,7 +1073,7 @@ def _still_gadgets(pid, lo, known):
 
 
 def _find_gadgets(pid, maps):
-    """(return gadget, restorer, its syscall instruction) in pid's executable mappings (maps: its _maps();
+    """(return gadget, restorer, its syscall instruction) in pid's executable mappings (maps: its proc.mappings(identity=True);
     the vDSO first, then its C library), or None."""
     ret = restorer = None
     candidates = sorted((0 if name == "[vdso]" else 1 if "libc" in name else 2, lo, hi, identity)
