@@ -162,6 +162,19 @@ SCENARIOS = {
             print("attach made no self-restoring call", file=sys.stderr)
             sys.exit(1)
     """, (signal.SIGKILL,)),
+    "ptrace-no-trampoline": ("""
+        # A target whose policy refuses every mmap: no trampoline, each call runs on a frame on its stack.
+        with pvmexec.attach(pid, engine="ptrace") as space:
+            go()
+            while True:
+                space.syscall("getppid")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM), "nommap-read"),
+    "ptrace-no-trampoline-borrowed": ("""
+        with pvmexec.attach(pid, engine="ptrace") as space, space.borrowed():
+            go()
+            while True:
+                space.syscalls([("getppid",), ("getpid",)])
+    """, (signal.SIGKILL,), "nommap-regs"),
     "dump-frozen": ("""
         import tempfile
         from pvmexec.checkpoint import dump
@@ -192,7 +205,7 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
     errors = tempfile.TemporaryFile()         # the caller's stderr: its last line goes into a report
     try:
         time.sleep(0.01)
-        if mode == "read":
+        if mode.endswith("read"):
             v.wait_state("S")
         before = snapshot(v.pid)
         caller = subprocess.Popen([sys.executable, "-c", code, str(v.pid)], stdout=subprocess.PIPE,
@@ -227,7 +240,7 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
                 return "leftover", "after 1 s: %s%s; state %s%s" % (
                     ", ".join(diff) or "stopped", " %s" % extra if extra else "", _state(v.pid), _last_error(errors))
             time.sleep(0.01)
-        if mode == "read":
+        if mode.endswith("read"):
             v.send(b"hello")            # the read it was blocked in must still take it
             expected = "read 5 hello"
         else:

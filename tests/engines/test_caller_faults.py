@@ -25,6 +25,7 @@ CLEAN = [
     ("ptrace-attach-detach", signal.SIGINT), ("ptrace-attach-detach", signal.SIGTERM),
     ("ptrace-trampoline-kill", signal.SIGKILL), ("ptrace-attach-detach", signal.SIGKILL),
     ("agent-attach-detach", signal.SIGKILL),
+    ("ptrace-no-trampoline", signal.SIGKILL), ("ptrace-no-trampoline-borrowed", signal.SIGKILL),
     ("agent-idle", signal.SIGKILL), ("agent-idle", signal.SIGINT),
     ("agent-syscalls", signal.SIGKILL), ("agent-syscalls", signal.SIGTERM),
     ("agent-blocked-read", signal.SIGKILL), ("agent-attach-detach", signal.SIGINT),

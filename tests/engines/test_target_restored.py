@@ -395,3 +395,35 @@ def test_requeued_signals_leave_the_stack_alone(spawn):
     assert snapshot(v.pid)["maps"] == maps                  # no page of ours left behind
     v.send(b"x")
     assert v.readline() == "done 1 usr1 0 pid 0 code 0 usr2 0 bus 1"
+
+
+def test_calls_without_a_trampoline_give_the_stack_back(spawn):
+    """A target whose policy refuses every mmap gets no trampoline: calls then run on a frame written on
+    its stack (which takes it home should we die), and the stack's bytes are put back at release. A
+    signal dequeued meanwhile is still queued again."""
+    v = spawn("nommap-wait")
+    v.wait_state("S")
+    with open("/proc/%d/syscall" % v.pid) as f:
+        sp = int(f.read().split()[-2], 16)
+    with open("/proc/%d/mem" % v.pid, "rb") as mem:
+        mem.seek(sp - 16384)
+        before = mem.read(16384)
+    state = snapshot(v.pid)
+    with pvmexec.attach(v.pid, engine="ptrace") as space:
+        assert space.syscall("getpid") == v.pid
+        assert space.own_mappings() == []                   # no trampoline was made
+        with space.borrowed():
+            assert [space.syscall("getppid") for _ in range(3)] == [os.getpid()] * 3
+    with open("/proc/%d/mem" % v.pid, "rb") as mem:
+        mem.seek(sp - 16384)
+        assert mem.read(16384) == before
+    assert snapshot(v.pid) == state
+    with pvmexec.attach(v.pid, engine="ptrace") as space, space.borrowed():
+        os.kill(v.pid, signal.SIGBUS)                       # (its delivery writes a frame of its own)
+        space.syscall("getpid")
+    deadline = time.monotonic() + 5                         # until it has run its handler
+    while snapshot(v.pid) != state and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert snapshot(v.pid) == state
+    v.send(b"x")
+    assert v.readline() == "done 1 usr1 0 pid 0 code 0 usr2 0 bus 1"

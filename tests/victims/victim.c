@@ -21,6 +21,7 @@
  *             exit 0 on "q" or end of input
  *   exec      on a line of input, execv itself as "children"
  *   wait      wait on stdin, then exit 0 (a quiet target)
+ *   nommap-MODE  refuse every mmap (a filter: EPERM), then as MODE: a target where no trampoline can be made
  * Every mode first prints "ready <pid>" and flushes.
  */
 #define _GNU_SOURCE
@@ -191,6 +192,24 @@ static void install_filter(int all_threads)
     }
 }
 
+static void refuse_mmap(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_mmap, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+        perror("seccomp");
+        exit(1);
+    }
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "wait";
@@ -198,6 +217,10 @@ int main(int argc, char **argv)
     prctl(PR_SET_PDEATHSIG, SIGKILL);      /* never outlive the test run */
     install();
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (!strncmp(mode, "nommap-", 7)) {
+        refuse_mmap();
+        mode += 7;
+    }
     if (!strcmp(mode, "threads")) {
         pthread_t t;
         pthread_create(&t, NULL, worker, NULL);

@@ -63,7 +63,7 @@ class Borrowed:
     __slots__ = ("tid", "saved_regs", "saved_xstate", "saved_mask", "regs", "q",
                  "at_syscall_stop", "foreign", "seized_here", "init_xstate", "insn", "seccomp", "rseq_cs",
                  "group_stopped", "stepped", "running", "frame_written", "trampoline_checked", "masked",
-                 "scratch_used", "pending", "own_pending", "take_back", "frame_word")
+                 "scratch_used", "pending", "own_pending", "take_back", "frame_word", "home")
 
     def __init__(self, tid, seized_here):
         self.tid = tid
@@ -90,6 +90,7 @@ class Borrowed:
         self.own_pending = 0         # those in its own queue
         self.take_back = False       # its policy lets the trampoline's rt_sigtimedwait run
         self.frame_word = 0          # the signals the trampoline takes back should we die (its frame's first word)
+        self.home = None             # (frame, the stack's bytes there, return gadget) on its stack; False: none
 
     def saved(self, name):
         return struct.unpack_from("<Q", self.saved_regs, 8 * _I[name])[0]
@@ -346,6 +347,8 @@ class PtraceEngine(BaseEngine):
                 self._stop_in_signal_path(b)
             if b.rseq_cs is not None:
                 _core.vm_write(self.pid, b.rseq_cs[0], struct.pack("<Q", b.rseq_cs[1]))
+            if b.home:
+                self._unframe(b, b.home)
         except TargetGone:
             gone = True
             raise
@@ -505,7 +508,8 @@ class PtraceEngine(BaseEngine):
         trampoline (its mapping refused) it single-steps a syscall instruction of the target's own."""
         at = self._trampoline_for(b)
         if at is None:
-            return self._step_syscall(b, nr, args)
+            stack = self._home_frame(b)
+            return self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
         if b.seccomp is not None:
             refused = self._seccomp_gate(b, nr, args, at)
             if refused is not None:
@@ -642,8 +646,8 @@ class PtraceEngine(BaseEngine):
         try:
             addr = self._step_home(b, _NR_MMAP, args, maps)
         except SeccompBlocked:
-            addr = -errno.EPERM     # its policy forbids mmap: calls step instead
-            self._go_home(b, None)
+            addr = -errno.EPERM     # its policy forbids mmap: calls go without it
+            self._go_home(b)
         if addr == hint:
             self._trampoline_key = key
         else:
@@ -744,7 +748,7 @@ class PtraceEngine(BaseEngine):
             try:
                 addr = self._trampoline_for(b)
                 if addr is not None:
-                    # Off first: what this borrow still runs (re-queued signals) steps instead.
+                    # Off first: what this borrow still runs (re-queued signals) runs on the stack frame.
                     key, self._trampoline = self._trampoline_key, None
                     self._trampoline_tried = True
                     self._step_home(b, _NR_MUNMAP, (addr, TRAMPOLINE_SIZE))
@@ -766,33 +770,31 @@ class PtraceEngine(BaseEngine):
 
     def _step_home(self, b, nr, args, maps=None):
         """nr(args) without our trampoline (making or removing it), then the thread straight back to its own
-        registers and mask, parked in the signal path with single-step disarmed. Self-restoring where the
-        target's code allows (see _self_restoring_call): our death at any moment then leaves the thread
-        whole; else single-stepped, the one stretch in which our death can harm it."""
-        stack = self._frame_on_stack(b, maps)
-        try:
-            ret = self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
-        except BaseException:
-            if stack:
-                with contextlib.suppress(OSError):
-                    self._unframe(b, stack)
-            raise
-        self._go_home(b, stack)
+        registers and mask, parked in the signal path with single-step disarmed."""
+        stack = self._home_frame(b, maps)
+        ret = self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
+        self._go_home(b)
         return ret
 
-    def _go_home(self, b, stack):
-        if stack:
-            self._unframe(b, stack)
-        else:
-            _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
+    def _go_home(self, b):
+        _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
         b.masked = False
         self._stop_in_signal_path(b)
 
+    def _home_frame(self, b, maps=None):
+        """The frame calls without our trampoline run on (see _self_restoring_call): our death at any moment
+        of one then leaves the thread whole. Written once per borrow, taken out at release; None where the
+        target's code or stack does not allow it (such calls are single-stepped: the one stretch in which
+        our death can harm the thread)."""
+        if b.home is None:
+            b.home = self._frame_on_stack(b, maps) or False
+        return b.home or None
+
     def _frame_on_stack(self, b, maps=None):
-        """For the one call made before our trampoline exists: (frame address, the stack's bytes there,
-        return gadget) with the thread's own state written as a signal frame below its red zone, whose
-        return address is a restorer of the target's; None where its code has no such pieces, its policy
-        would refuse the rt_sigreturn, or the stack's mapping has no room. maps: proc.mappings(identity=True) read just now."""
+        """(frame address, the stack's bytes there, return gadget) with the thread's own state written as a
+        signal frame below its red zone, whose return address is a restorer of the target's; None where its
+        code has no such pieces, its policy would refuse the rt_sigreturn, or the stack's mapping has no
+        room. maps: proc.mappings(identity=True) read just now."""
         if maps is None:
             try:
                 maps = proc.mappings(self.pid, identity=True)
