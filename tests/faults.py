@@ -175,6 +175,26 @@ SCENARIOS = {
             while True:
                 space.syscalls([("getppid",), ("getpid",)])
     """, (signal.SIGKILL,), "nommap-regs"),
+    "dump-loop": ("""
+        # Dumps one after another: the signal lands in any phase (pre-dumps with write protection, freeze,
+        # the final round, the record of state, the thaw).
+        import shutil, tempfile
+        from pvmexec.checkpoint import dump
+        with tempfile.TemporaryDirectory() as d:
+            go()
+            while True:
+                dump(pid, d + "/img", pre_dumps=2)
+                shutil.rmtree(d + "/img")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
+    "dump-vmsplice-loop": ("""
+        import shutil, tempfile
+        from pvmexec.checkpoint import dump
+        with tempfile.TemporaryDirectory() as d:
+            go()
+            while True:
+                dump(pid, d + "/img", pre_dumps=2, transfer="vmsplice")
+                shutil.rmtree(d + "/img")
+    """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
     "dump-frozen": ("""
         import tempfile
         from pvmexec.checkpoint import dump
@@ -182,6 +202,13 @@ SCENARIOS = {
             dump(pid, d + "/img", pre_dumps=1, on_frozen=lambda p: (go(), time.sleep(60)))
     """, (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)),
 }
+
+
+def _link(pid, fd):
+    try:
+        return os.readlink("/proc/%d/fd/%s" % (pid, fd))
+    except OSError:
+        return "?"
 
 
 def _state(pid):
@@ -237,6 +264,7 @@ def one_run(victim_exe, name, sig, max_delay=0.05, rng=random):
                             for k in before["sig"] if after["sig"][k] != before["sig"][k]] + diff
                 extra = [line.split()[0] + " " + line.split()[1] for line in after["maps"].splitlines()
                          if line not in before["maps"].splitlines()]
+                extra += ["fd %s -> %s" % (fd, _link(v.pid, fd)) for fd in after["fds"] if fd not in before["fds"]]
                 return "leftover", "after 1 s: %s%s; state %s%s" % (
                     ", ".join(diff) or "stopped", " %s" % extra if extra else "", _state(v.pid), _last_error(errors))
             time.sleep(0.01)

@@ -51,6 +51,14 @@ def _undo(space, kind, args):
                 space.syscall("close", fd)
         except OSError:
             return
+    elif kind == "newfd":               # recorded before the call that makes it: known by its kind only
+        fd, what = args
+        try:
+            link = os.readlink("/proc/%d/fd/%d" % (pid, fd))
+        except OSError:
+            return
+        if link.startswith(janitor.NEW_FD_KINDS[what]):
+            space.syscall("close", fd)
     elif kind == "fd":
         fd, dev, ino = args
         try:

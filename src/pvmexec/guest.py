@@ -31,15 +31,11 @@ class Guest:
         self.rw_size = stack_size + data_size
         self.code = self.rw = None
         with space.borrowed():
-            self.code = space.syscall("mmap", 0, self.code_size, PROT_READ | PROT_WRITE,
-                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            space.track_mapping(self.code, self.code_size)
+            self.code = space.map_anonymous(self.code_size)
             try:
                 space.write(self.code, blob)
                 space.syscall("mprotect", self.code, self.code_size, PROT_READ | PROT_EXEC)
-                self.rw = space.syscall("mmap", 0, self.rw_size, PROT_READ | PROT_WRITE,
-                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-                space.track_mapping(self.rw, self.rw_size)
+                self.rw = space.map_anonymous(self.rw_size)
             except BaseException:
                 self.close()
                 raise

@@ -92,6 +92,11 @@ def record(pid, started, kind, *args):
         return key
 
 
+# What a descriptor recorded before the call that makes it is, by the start of its /proc/PID/fd link.
+NEW_FD_KINDS = {1: "anon_inode:[userfaultfd]", 2: "pipe:[", 3: "socket:["}
+USERFAULTFD, PIPE, SOCKET = 1, 2, 3
+
+
 class Records:
     """Records for one live process: its start time is read once, the first time it is needed."""
 
@@ -131,6 +136,20 @@ class Records:
         while n in used:
             n += 1
         return n, self.add(kind, n, *args)
+
+    def expect_new_fds(self, count, what):
+        """expect_fd for the count descriptors a call will make (the lowest free numbers), known only by
+        what (a NEW_FD_KINDS key): the janitor closes one only if it is of that kind. Returns the keys."""
+        try:
+            used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
+        except (OSError, ValueError):
+            return []
+        keys, n = [], 0
+        while len(keys) < count:
+            if n not in used:
+                keys.append(self.add("newfd", n, what))
+            n += 1
+        return keys
 
     def made_fd(self, fd, expected, key):
         """After the call that made descriptor fd: the key of the record made before it if the kernel chose

@@ -6,7 +6,7 @@ import os
 import select
 import struct
 
-from .abi import CAP_SYS_PTRACE, PAGEMAP_SCAN, PF_KTHREAD, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING
+from .abi import CAP_SYS_PTRACE, PAGE, PAGEMAP_SCAN, PF_KTHREAD, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING
 from .arch import current as current_arch
 from .errors import AccessDenied, AlreadyTraced, TargetGone, UnsupportedTarget
 
@@ -279,3 +279,16 @@ def pick_thread(tgid):
         except FileNotFoundError:
             continue
     raise TargetGone(tgid, "process %d has no live thread" % tgid)
+
+
+def free_address(maps, size):
+    """A random page-aligned address in the middle half of the widest hole of an address space (maps: its
+    mappings()), not the one below its stack (where the stack grows): free now and unlikely to be wanted
+    soon; 0 if none."""
+    maps = [(m[0], m[1], m[3]) for m in maps if m[1] <= current_arch().TASK_SIZE_MAX]
+    holes = [(a[1], b[0]) for a, b in zip(maps, maps[1:]) if b[2] != "[stack]" and b[0] - a[1] >= 4 * size]
+    if not holes:
+        return 0
+    lo, hi = max(holes, key=lambda h: h[1] - h[0])
+    quarter = (hi - lo) // 4
+    return (lo + quarter + int.from_bytes(os.urandom(8), "little") % max(1, 2 * quarter - size)) & ~(PAGE - 1)

@@ -390,18 +390,19 @@ class Space:
 
     @contextlib.contextmanager
     def scratch(self, size: int) -> Iterator[int]:
-        """Memory in the target for the duration of the block: the engine's own within a borrow (the
-        ptrace engine's trampoline), else an anonymous mapping, unmapped afterwards."""
+        """Memory in the target for the duration of the block: the engine's own where it has some (the
+        ptrace engine's trampoline within a borrow, the agent's region), else an anonymous mapping,
+        unmapped afterwards."""
         self._live()
         addr = self._engine.borrowed_scratch(size)
-        if addr is not None:            # the ptrace engine's own memory, for this borrow
-            yield addr
+        if addr is not None:                # nothing to map, nothing to record
+            try:
+                yield addr
+            finally:
+                self._engine.release_scratch(addr, size)
             return
         length = max(4096, (size + 4095) & ~4095)
-        with _sigguard.deferred():
-            addr = self._check(self._engine.syscall(
-                NR["mmap"], (0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
-            self.track_mapping(addr, length)
+        addr = self.map_anonymous(length)
         try:
             yield addr
         finally:
@@ -409,6 +410,47 @@ class Space:
                 with _sigguard.deferred():
                     self._engine.syscall(NR["munmap"], (addr, length))
                     self.untrack_mapping(addr)
+
+    def map_anonymous(self, length: int) -> int:
+        """mmap of length bytes of anonymous read+write memory in the target, tracked (untrack_mapping()
+        once unmapped). Recorded with the janitor before the call, at an address chosen for it (free
+        now, in the middle of the widest hole), so that no moment of the call leaves it unrecorded."""
+        with _sigguard.deferred():
+            hint, key = 0, None
+            if self._records_kept():
+                try:
+                    hint = proc.free_address(proc.mappings(self.pid), length)
+                except OSError:
+                    hint = 0
+                key = self._records.add("map", hint, length) if hint else None
+            try:
+                addr = self._check(self._engine.syscall(
+                    NR["mmap"], (hint, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)), "mmap")
+            except BaseException:
+                janitor.unrecord(key)
+                raise
+            if addr == hint and key is not None:
+                self.untrack_mapping(addr)
+                self._mappings[addr] = (length, key)
+            else:
+                janitor.unrecord(key)
+                self.track_mapping(addr, length)
+        return addr
+
+    def track_new_fds(self, count: int, what: int, call) -> list[int]:
+        """call() makes count descriptors in the target, of kind what (janitor.USERFAULTFD, PIPE, SOCKET),
+        and returns their numbers: recorded with the janitor before it (as the lowest free numbers, closed
+        only if of that kind), tracked by their files after it; a Ctrl-C meanwhile waits."""
+        with _sigguard.deferred():
+            keys = self._records.expect_new_fds(count, what) if self._records_kept() else []
+            try:
+                fds = call()
+                for fd in fds:
+                    self.track_fd(fd)
+            finally:
+                for key in keys:
+                    janitor.unrecord(key)
+        return fds
 
     def _check(self, ret, what):
         if -4096 < ret < 0:
@@ -528,12 +570,11 @@ class Space:
         # Every descriptor is tracked from the moment it exists: whatever ends us, detach() or the
         # janitor closes what is still open.
         with self.borrowed(), self.scratch(8) as sv:
-            with _sigguard.deferred():
+            def socketpair():
                 self._check(eng.syscall(NR["socketpair"], (AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv)),
                             "socketpair")
-                a, b = struct.unpack("<ii", self.read(sv, 8))
-                self.track_fd(a)
-                self.track_fd(b)
+                return list(struct.unpack("<ii", self.read(sv, 8)))
+            a, b = self.track_new_fds(2, janitor.SOCKET, socketpair)
             try:
                 high = _high_fd(self.pid)
                 ra = self._dup_remote(a, high)

@@ -32,6 +32,8 @@ CLEAN = [
     ("agent-exec", signal.SIGKILL), ("agent-exec", signal.SIGINT),
     ("agent-exec-syscalls", signal.SIGKILL), ("agent-exec-syscalls", signal.SIGTERM),
     ("dump-frozen", signal.SIGKILL), ("dump-frozen", signal.SIGTERM),
+    ("dump-loop", signal.SIGKILL), ("dump-loop", signal.SIGTERM),
+    ("dump-vmsplice-loop", signal.SIGKILL), ("dump-vmsplice-loop", signal.SIGINT),
 ]
 
 

@@ -12,6 +12,7 @@ import struct
 
 from ..abi import (PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_API, UFFDIO_REGISTER,
                    UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER)
+from .. import janitor
 from ..errors import PvmexecError, TargetGone
 from ..proc import PagemapScan
 from .image import DumpError
@@ -140,11 +141,11 @@ class Tracker:
 
     def __init__(self, space):
         self.space = space
-        self.uffd = space.syscall("userfaultfd", os.O_CLOEXEC | UFFD_USER_MODE_ONLY)
         self.ranges = {}
+        # Should we die, the janitor closes it: the kernel then drops its write protection too.
+        self.uffd, = space.track_new_fds(1, janitor.USERFAULTFD, lambda: [
+            space.syscall("userfaultfd", os.O_CLOEXEC | UFFD_USER_MODE_ONLY)])
         try:
-            # Should we die, the janitor closes it: the kernel then drops its write protection too.
-            space.track_fd(self.uffd)
             with space.scratch(64) as mem:
                 space.write(mem, struct.pack("<QQQ", 0xAA, UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_ASYNC, 0))
                 space.syscall("ioctl", self.uffd, UFFDIO_API, mem)

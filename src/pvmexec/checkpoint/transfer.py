@@ -5,8 +5,8 @@ import os
 import struct
 from array import array
 
-from .. import _core
-from ..abi import MAP_ANONYMOUS, MAP_PRIVATE, PAGE, PROT_READ, PROT_WRITE
+from .. import _core, janitor
+from ..abi import PAGE
 from ..errors import TargetGone
 
 
@@ -80,11 +80,11 @@ class Splicer:
         self.space = space
         self.read_fd = -1
         self.write_fd = self.iov = None
-        with space.scratch(8) as mem:
+        def pipe():
             space.syscall("pipe2", mem, os.O_CLOEXEC)
-            r, self.write_fd = struct.unpack("<ii", space.read(mem, 8))
-            space.track_fd(r)
-            space.track_fd(self.write_fd)
+            return list(struct.unpack("<ii", space.read(mem, 8)))
+        with space.scratch(8) as mem:
+            r, self.write_fd = space.track_new_fds(2, janitor.PIPE, pipe)
         try:
             self.read_fd = space.take_fd(r)
         finally:
@@ -92,8 +92,7 @@ class Splicer:
             space.untrack_fd(r)
         size = space.syscall_raw("fcntl", self.write_fd, self.F_SETPIPE_SZ, 1 << 20)
         self.capacity = size if size > 0 else 65536
-        self.iov = space.syscall("mmap", 0, IOV_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        space.track_mapping(self.iov, IOV_BYTES)
+        self.iov = space.map_anonymous(IOV_BYTES)
 
     def move(self, image, ranges):
         """Copy page-aligned ranges into the image; returns the ranges it could not (copy those otherwise)."""

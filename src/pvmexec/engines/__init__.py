@@ -76,6 +76,9 @@ class BaseEngine:
         """Target memory of the engine's own for the borrow held now, or None (then a mapping is made)."""
         return None
 
+    def release_scratch(self, addr, size):
+        """borrowed_scratch's memory at addr is free again."""
+
     def check_thread(self, thread):
         if thread:
             raise ValueError("thread= selects a stub thread; this space's engine is %s" % self.name)

@@ -107,6 +107,8 @@ class AgentEngine(BaseEngine):
         self.left = None               # why the agent left while attached; calls then go through ptrace
         self._status_fd = -1           # the agent thread's /proc status, for its seccomp state
         self._delegated = 0            # acquire()s passed on to the ptrace engine once the agent left
+        self._scratch_lock = threading.Lock()
+        self._scratch_top, self._scratch_given = 0, {}     # borrowed_scratch's pieces of the data area
         self.spin = SPIN_OTHER_CPU if os.cpu_count() > 1 else SPIN_SAME_CPU
         try:
             self._inject(high_fd, idle_ms)
@@ -348,7 +350,24 @@ class AgentEngine(BaseEngine):
             self._main.release()
 
     def borrowed_scratch(self, size):
-        return self._main.borrowed_scratch(size) if self._delegated else None
+        """The main ptrace engine's while it holds the thread, else a piece of our region's data area
+        (mapped and recorded already: nothing to map or record), or None if none is left."""
+        if self._delegated:
+            return self._main.borrowed_scratch(size)
+        size = (size + 63) & ~63
+        with self._scratch_lock:
+            if self.code_base is None or self._scratch_top + size > L["DATA_SIZE"]:
+                return None
+            addr = self.code_base + L["DATA_OFF"] + self._scratch_top
+            self._scratch_top += size
+            self._scratch_given[addr] = size
+            return addr
+
+    def release_scratch(self, addr, size):
+        with self._scratch_lock:
+            if self._scratch_given.pop(addr, None) is not None:
+                base = (self.code_base or 0) + L["DATA_OFF"]
+                self._scratch_top = max((a + n - base for a, n in self._scratch_given.items()), default=0)
 
     def _post_failed(self, e):
         """The exception to raise for a request that failed (the channel's lock held): the agent's or the

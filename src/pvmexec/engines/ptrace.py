@@ -472,6 +472,8 @@ class PtraceEngine(BaseEngine):
 
     def syscall_in(self, tid, nr, args):
         """Mode 2 in one given (frozen or borrowable) thread, for calls only that thread can answer."""
+        if self._borrowed is not None and self._borrowed.tid != tid:
+            raise EngineError("thread %d is held: a call cannot run in thread %d meanwhile" % (self._borrowed.tid, tid))
         keep = self.tid
         self.tid = tid
         try:
@@ -639,7 +641,7 @@ class PtraceEngine(BaseEngine):
             maps = proc.mappings(self.pid, identity=True)
         except OSError:
             maps = []
-        hint = _free_address(maps, TRAMPOLINE_SIZE)
+        hint = proc.free_address(maps, TRAMPOLINE_SIZE)
         key = self._records.add("map", hint, TRAMPOLINE_SIZE) if hint else None
         args = (hint, TRAMPOLINE_SIZE, PROT_READ | (PROT_EXEC if mem is not None else PROT_WRITE),
                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
@@ -774,6 +776,10 @@ class PtraceEngine(BaseEngine):
         stack = self._home_frame(b, maps)
         ret = self._self_restoring_call(b, stack, nr, args) if stack else self._step_syscall(b, nr, args)
         self._go_home(b)
+        if stack:                   # its own registers are back: its stack's bytes may follow at once
+            b.home = None
+            with contextlib.suppress(OSError):
+                _core.vm_write(self.pid, stack[0], stack[1])
         return ret
 
     def _go_home(self, b):
@@ -783,9 +789,10 @@ class PtraceEngine(BaseEngine):
 
     def _home_frame(self, b, maps=None):
         """The frame calls without our trampoline run on (see _self_restoring_call): our death at any moment
-        of one then leaves the thread whole. Written once per borrow, taken out at release; None where the
-        target's code or stack does not allow it (such calls are single-stepped: the one stretch in which
-        our death can harm the thread)."""
+        of one then leaves the thread whole. Written once per borrow and taken out at release (the
+        calls that make and remove the trampoline take it out at once); None where the target's code or
+        stack does not allow it (such calls are single-stepped: the one stretch in which our death can
+        harm the thread)."""
         if b.home is None:
             b.home = self._frame_on_stack(b, maps) or False
         return b.home or None
@@ -1026,19 +1033,6 @@ def _threads(pid):
         return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
     except FileNotFoundError:
         raise TargetGone(pid) from None
-
-
-def _free_address(maps, size):
-    """A random page-aligned address in the middle half of the widest hole of an address space (maps: its
-    proc.mappings(identity=True)), not the one below its stack (where the stack grows): free now and unlikely to be wanted
-    soon; 0 if none."""
-    maps = [(m[0], m[1], m[3]) for m in maps if m[1] <= arch.TASK_SIZE_MAX]
-    holes = [(a[1], b[0]) for a, b in zip(maps, maps[1:]) if b[2] != "[stack]" and b[0] - a[1] >= 4 * size]
-    if not holes:
-        return 0
-    lo, hi = max(holes, key=lambda h: h[1] - h[0])
-    quarter = (hi - lo) // 4
-    return (lo + quarter + int.from_bytes(os.urandom(8), "little") % max(1, 2 * quarter - size)) & ~(PAGE - 1)
 
 
 _GADGETS = {}       # (path, dev, inode, file offset, size) of a code mapping -> (ret offset, restorer offsets)
