@@ -11,20 +11,34 @@ from .arch import current as current_arch
 from .errors import AccessDenied, AlreadyTraced, TargetGone, UnsupportedTarget
 
 
+def read_text(path):
+    """A small file of /proc read whole with plain reads (open() and its text layers cost about as much as
+    the kernel's work for a /proc/PID/maps)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks).decode(errors="surrogateescape")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def mappings(pid, identity=False):
     """[(start, end, perms, path)] of /proc/PID/maps ("" for an anonymous mapping; a path keeps its spaces).
     identity: each with a fifth item (path, device, inode, file offset, size), which names the same code
     in every process that maps it."""
     out = []
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            parts = line.rstrip("\n").split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            path = parts[5] if len(parts) > 5 else ""
-            if identity:
-                out.append((lo, hi, parts[1], path, (path, parts[3], parts[4], parts[2], hi - lo)))
-            else:
-                out.append((lo, hi, parts[1], path))
+    for line in read_text("/proc/%d/maps" % pid).splitlines():
+        parts = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        path = parts[5] if len(parts) > 5 else ""
+        if identity:
+            out.append((lo, hi, parts[1], path, (path, parts[3], parts[4], parts[2], hi - lo)))
+        else:
+            out.append((lo, hi, parts[1], path))
     return out
 
 

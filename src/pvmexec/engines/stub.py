@@ -210,12 +210,18 @@ class StubEngine(BaseEngine):
         descriptor goes over the stub's lending socket, is mapped and closed at once. Returns mmap's raw result."""
         return self.map_files([(host_fd, addr, length, prot, flags, offset)])[0]
 
-    def map_files(self, maps):
+    def map_files(self, maps, then=()):
         """map_file for each (host_fd, addr, length, prot, flags, offset), in one batch: each descriptor is
         lent once, however many of the mappings use it (a fork maps a library's segments), all of them in
-        one message. Raw results."""
+        one message; the calls then (syscalls()'s (nr, args)) and the descriptors' closes go in the same
+        batch (a stub that sleeps meanwhile costs a wake-up per request). Raw results of maps and then."""
         for _fd, addr, length, prot, flags, offset in maps:
             self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
+        then = list(then)
+        for nr, args in then:
+            if nr not in STUB_ALLOWED:
+                raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
+            self._spare_window(nr, args)
         lent = list(dict.fromkeys(m[0] for m in maps))
         with self.service.lock:
             remote = {}
@@ -223,11 +229,19 @@ class StubEngine(BaseEngine):
                 for i in range(0, len(lent), _FDS_PER_MESSAGE):
                     some = lent[i:i + _FDS_PER_MESSAGE]
                     remote.update(zip(some, self._receive_fds(some)))
-                return self._raw_batch([(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
-                                        for fd, addr, length, prot, flags, offset in maps])
+                calls = [(_NR_MMAP, (addr, length, prot, flags, remote[fd], offset))
+                         for fd, addr, length, prot, flags, offset in maps] + then
+                closes = [(_NR_CLOSE, (fd, 0, 0, 0, 0, 0)) for fd in remote.values()]
+                remote = {}                 # closed by the batch, whatever the calls before return
+                return self._raw_batch(calls + closes)[:len(calls)]
             finally:
                 if remote:
                     self._raw_batch([(_NR_CLOSE, (fd, 0, 0, 0, 0, 0)) for fd in remote.values()])
+
+    @property
+    def mem_fd(self):
+        """The stub's /proc/PID/mem open for writing (writes there ignore page protections), or -1."""
+        return self._mem
 
     def _receive_fds(self, host_fds):
         """host_fds sent over the lending socket in one message and received by the stub: their numbers

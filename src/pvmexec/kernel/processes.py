@@ -13,12 +13,12 @@ from ..abi import (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CLONE_CHILD_CLEARTID, CLO
                    MAP_FIXED_NOREPLACE, MAP_PRIVATE, MAP_SHARED, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT,
                    PAGE_IS_SWAPPED,
                    CLONE_NAMESPACES, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_SIGHAND, CLONE_THREAD, CLONE_VFORK)
-from .. import _core
+from .. import _core, proc
 from ..arch import current as _current_arch
 from ..proc import PagemapScan, mappings, maps_prot
 from ..vdso import SPECIAL, move_specials
 from .errors import Errno
-from .syscalls.mm import drop_mapped, map_files
+from .syscalls.mm import drop_mapped, map_files_in_space
 from .syscalls.timer import end_timers
 from .task import Process, close_wake, kill_space, usage_of
 from .threads import wait_for_threads
@@ -122,44 +122,49 @@ class ProcessMachinery:
     def _copy_memory(self, p, child):
         """The parent's guest mappings, with their contents and protections, into the child's space. A
         file's private mapping maps the file again and gets only the pages the parent changed; anonymous
-        memory only the pages the parent has; shared mappings map the same pages. Every mapping is made
-        first, in batches (a file lent once for all its segments), then the pages go, then protections."""
+        memory only the pages the parent has; shared mappings map the same pages. The parent's pages are
+        found first, then every mapping is made in one batch (a file lent once for all its segments), then
+        the pages go. Where the child's memory can be written whatever its protection (the stub's
+        /proc/PID/mem), mappings are made with their own protection at once; else read+write, and their
+        protections follow in a batch of their own."""
         src, dst = p.space, child.space
-        with open("/proc/%d/maps" % src.pid) as f:
-            maps = [line.split() for line in f]
+        mem = getattr(dst.backend, "mem_fd", -1) if src.engine == dst.engine == "stub" else -1
         files, anon, copies, calls = [], [], [], []
-        for fields in maps:
+        for fields in (line.split() for line in proc.read_text("/proc/%d/maps" % src.pid).splitlines()):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if any(lo < e and hi > s for s, e in p.protected) or lo >= 1 << 47:
+            if lo >= 1 << 47 or any(lo < e and hi > s for s, e in p.protected):
                 continue
             perms = fields[1]
+            prot = maps_prot(perms)
             fd = child.mapped_files.get(_file_key(fields)) if fields[4] != "0" else None
             offset = int(fields[2], 16)
             if perms[3] == "s" and fd is not None:          # the same pages as the parent's, not a copy
-                files.append((fd, lo, hi - lo, maps_prot(perms), MAP_SHARED | MAP_FIXED_NOREPLACE, offset))
+                files.append((fd, lo, hi - lo, prot, MAP_SHARED | MAP_FIXED_NOREPLACE, offset))
                 continue
+            now = prot if mem >= 0 else 3
             if fd is not None:
-                files.append((fd, lo, hi - lo, 3, MAP_PRIVATE | MAP_FIXED_NOREPLACE, offset))
+                files.append((fd, lo, hi - lo, now, MAP_PRIVATE | MAP_FIXED_NOREPLACE, offset))
             else:
-                anon.append((lo, hi))
+                anon.append((lo, hi, now))
             copies.append((lo, hi, fd is None and fields[4] != "0"))
-            prot = maps_prot(perms)
-            if prot != 3:
+            if prot != now:
                 calls.append(("mprotect", (lo, hi - lo, prot)))
-        map_files(child, files)
-        made = dst.syscalls([("mmap", (lo, hi - lo, 3, 0x22 | MAP_FIXED_NOREPLACE, -1, 0)) for lo, hi in anon])
-        if any(at != lo for at, (lo, _hi) in zip(made, anon)):
-            raise Errno(errno.ENOMEM)
         own = self._own_pages(src.pid, [(lo, hi) for lo, hi, whole in copies if not whole])
+        made = map_files_in_space(dst, files, [("mmap", (lo, hi - lo, prot, 0x22 | MAP_FIXED_NOREPLACE, -1, 0))
+                                               for lo, hi, prot in anon])
+        if any(at != lo for at, (lo, _hi, _prot) in zip(made, anon)):
+            raise Errno(errno.ENOMEM)
         if own is None:                                 # (before Linux 6.7: every page is read)
             slow = [(lo, hi) for lo, hi, _whole in copies]
         else:
             # The parent's own pages, in one call (what it cannot copy whole goes page-run by page-run).
-            done = _core.vm_copy_ranges(src.pid, dst.pid, array.array("Q", [x for lo, hi in own for x in (lo, hi - lo)]))
+            done = _core.vm_copy_ranges(src.pid, dst.pid, array.array("Q", [x for lo, hi in own for x in (lo, hi - lo)]),
+                                        mem)
             slow = own[done:] + [(lo, hi) for lo, hi, whole in copies if whole]
         for start, end in slow:
             self._copy_pages(src, dst, start, end)
-        dst.syscalls(calls)                             # (a batch of any length: the engine splits it)
+        if calls:
+            dst.syscalls(calls)                         # (a batch of any length: the engine splits it)
         # Patched syscall sites in the copied code jump through the window: give the child the same table.
         if src.engine == dst.engine == "stub":
             dst.backend.copy_patches_from(src.backend)

@@ -21,17 +21,18 @@ whole_iovecs(const struct iovec *v, int k, ssize_t got)
 #define COPY_BUFFER (4 << 20)
 
 /*
- * vm_copy_ranges(src_pid, dst_pid, ranges: u64 (start, length) pairs) -> how many ranges, from the first,
- * were copied whole from src to the same addresses in dst: one process_vm_readv and one process_vm_writev
- * per 4 MiB (a fork's pages, without a Python call per range). The caller copies the rest its own way
- * (a range it stopped at may be unreadable here, or larger than the buffer).
+ * vm_copy_ranges(src_pid, dst_pid, ranges: u64 (start, length) pairs[, dst_mem_fd]) -> how many ranges, from
+ * the first, were copied whole from src to the same addresses in dst: one process_vm_readv and one
+ * process_vm_writev per 4 MiB (a fork's pages, without a Python call per range); with dst_mem_fd (dst's
+ * /proc/PID/mem) a pwrite per range instead, which writes whatever the pages' protection. The caller copies
+ * the rest its own way (a range it stopped at may be unreadable here, or larger than the buffer).
  */
 PyObject *
 py_vm_copy_ranges(PyObject *self, PyObject *args)
 {
-    int src, dst;
+    int src, dst, mem_fd = -1;
     Py_buffer ranges;
-    if (!PyArg_ParseTuple(args, "iiy*", &src, &dst, &ranges))
+    if (!PyArg_ParseTuple(args, "iiy*|i", &src, &dst, &ranges, &mem_fd))
         return NULL;
     const uint64_t *r = ranges.buf;
     Py_ssize_t n = ranges.len / 16, i = 0;
@@ -62,11 +63,32 @@ py_vm_copy_ranges(PyObject *self, PyObject *args)
         local.iov_len = 0;
         for (int m = 0; m < j; m++)
             local.iov_len += remote[m].iov_len;
-        ssize_t put;
-        do
-            put = process_vm_writev(dst, &local, 1, remote, (unsigned long)j, 0);
-        while (put < 0 && errno == EINTR);
-        int jj = put > 0 ? whole_iovecs(remote, j, put) : 0;
+        int jj = 0;
+        if (mem_fd >= 0) {
+            char *from = buf;
+            for (; jj < j; jj++) {
+                size_t left = remote[jj].iov_len;
+                off_t at = (off_t)(uintptr_t)remote[jj].iov_base;
+                while (left) {
+                    ssize_t w = pwrite(mem_fd, from, left, at);
+                    if (w < 0 && errno == EINTR)
+                        continue;
+                    if (w <= 0)
+                        break;
+                    from += w;
+                    at += w;
+                    left -= (size_t)w;
+                }
+                if (left)
+                    break;
+            }
+        } else {
+            ssize_t put;
+            do
+                put = process_vm_writev(dst, &local, 1, remote, (unsigned long)j, 0);
+            while (put < 0 && errno == EINTR);
+            jj = put > 0 ? whole_iovecs(remote, j, put) : 0;
+        }
         i += jj;
         if (jj < k)
             break;

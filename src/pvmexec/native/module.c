@@ -47,7 +47,7 @@ static PyMethodDef methods[] = {
     {"fault_floor", py_fault_floor, METH_VARARGS, "fault_floor(n) -> ns for n in-process faults caught and returned from"},
     {"syscall_info", py_syscall_info, METH_VARARGS, "syscall_info(tid) -> (op, arch, ip, sp, nr)"},
     {"vm_read", py_vm_read, METH_VARARGS, "vm_read(pid, addr, n) -> bytes"},
-    {"vm_copy_ranges", py_vm_copy_ranges, METH_VARARGS, "vm_copy_ranges(src, dst, (start, len) u64 pairs) -> ranges copied whole"},
+    {"vm_copy_ranges", py_vm_copy_ranges, METH_VARARGS, "vm_copy_ranges(src, dst, (start, len) u64 pairs[, dst_mem_fd]) -> ranges copied whole"},
     {"vm_read_ranges", py_vm_read_ranges, METH_VARARGS, "vm_read_ranges(pid, (start, len) u64 pairs) -> bytes of the whole ranges read"},
     {"vm_write", py_vm_write, METH_VARARGS, "vm_write(pid, addr, data)"},
     {"spawn_stub", py_spawn_stub, METH_VARARGS, "spawn_stub(exe_fd, argv: [bytes], keep: (fd, ...), clone_flags, no_randomize) -> pid"},

@@ -8,6 +8,7 @@ from ...abi import (MAP_ANONYMOUS, MAP_DENYWRITE, MAP_FIXED, MAP_FIXED_NOREPLACE
                     MAP_SHARED_VALIDATE, MREMAP_FIXED, PAGE, PROT_READ, PROT_WRITE, page_up)
 from ...arch import current as _current_arch
 from ...proc import maps_prot
+from ...syscalls import number
 from ..errors import Errno
 
 
@@ -54,17 +55,20 @@ def map_files(p, maps):
     map_files_in_space(p.space, maps)
 
 
-def map_files_in_space(space, maps):
+def map_files_in_space(space, maps, then=()):
+    """then: more calls ((name, args)) made after the mappings, in the same batch where the engine can;
+    returns their raw results."""
     backend = space.backend
-    if hasattr(backend, "map_files"):
-        results = backend.map_files(maps) if maps else []
+    if hasattr(backend, "map_files") and maps:
+        results = backend.map_files(maps, [(number(name), args) for name, args in then])
     else:
-        results = [map_in_space(space, *m) for m in maps]
+        results = [map_in_space(space, *m) for m in maps] + (space.syscalls(list(then)) if then else [])
     for ret, m in zip(results, maps):
         if -4096 < ret < 0:
             raise Errno(-ret)
         if ret != m[1]:
             raise Errno(errno.ENOMEM)
+    return results[len(maps):]
 
 
 def map_in_space(space, host_fd, addr, length, prot, flags, off):
