@@ -233,7 +233,6 @@ class ProcessMachinery:
         p.threads.pop(p.pid, None)
         p.fds.close_all()
         end_timers(p)
-        drop_mapped(p)
         if p.space is not None:
             p.usage = usage_of(p.space.pid)
         with self._cond:
@@ -250,6 +249,7 @@ class ProcessMachinery:
                 self._queue(p.parent, p.exit_signal, self._child_info(p), wake_it=True)
             self._cond.notify_all()
         p.vfork_done.set()
+        drop_mapped(p)                  # (our own descriptors of its mapped files: nothing a guest sees)
         if p.space is not None:         # (after the parent is told: the guest cannot see our stub end)
             p.space.detach()
         close_wake(p)

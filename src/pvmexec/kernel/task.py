@@ -14,6 +14,7 @@ import threading
 import weakref
 from array import array
 
+from .. import proc
 from ..abi import PATH_MAX
 from .errors import Errno
 from .files import FdTable
@@ -75,10 +76,9 @@ class Usage:
 def usage_of(host_pid):
     """The stub process's own figures from the host's /proc (zeros once it is gone)."""
     try:
-        with open("/proc/%d/stat" % host_pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/%d/status" % host_pid) as f:
-            status = dict(line.split(":", 1) for line in f if ":" in line)
+        fields = proc.read_text("/proc/%d/stat" % host_pid).rsplit(")", 1)[1].split()
+        status = dict(line.split(":", 1) for line in proc.read_text("/proc/%d/status" % host_pid).splitlines()
+                      if ":" in line)
     except (OSError, IndexError, ValueError):
         return Usage()
     hz = os.sysconf("SC_CLK_TCK")
