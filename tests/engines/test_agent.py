@@ -55,6 +55,30 @@ def test_attach_runs_free_and_detach_leaves_no_trace(spawn):
     assert v.readline().startswith("done 1 usr1 0")
 
 
+def test_scratch_and_string_arguments_map_nothing(spawn):
+    """The agent's scratch memory is a piece of its own region (mapped and recorded already): nested
+    blocks get distinct pieces, string arguments use them too, and the target's maps never change."""
+    v = spawn("wait")
+    with pvmexec.attach(v.pid, engine="agent") as space:
+        region = space._engine.region()
+        maps = snapshot(v.pid)["maps"]
+        with space.scratch(100) as a, space.scratch(5000) as b:
+            assert region[0] <= a < a + 100 <= b < b + 5000 <= region[1]
+            space.write(a, b"x" * 100)
+            space.write(b, b"y" * 5000)
+            assert space.read(a, 100) == b"x" * 100 and space.read(b, 5000) == b"y" * 5000
+            assert space.syscall_raw("access", "/", 0) == 0
+            assert snapshot(v.pid)["maps"] == maps
+        with space.scratch(64) as c:
+            assert c == a                               # given back, given again
+        with space.scratch(1 << 20) as big:             # more than the region has: a mapping of its own
+            assert not region[0] <= big < region[1]
+            assert any(lo <= big < hi for lo, hi in space.own_mappings())
+        assert snapshot(v.pid)["maps"] == maps
+    v.send(b"x")
+    assert v.readline().startswith("done 1")
+
+
 def test_idle_agent_sleeps(spawn):
     v = spawn("wait")
     with pvmexec.attach(v.pid, engine="agent") as space:
