@@ -415,6 +415,12 @@ class Space:
         """mmap of length bytes of anonymous read+write memory in the target, tracked (untrack_mapping()
         once unmapped). Recorded with the janitor before the call, at an address chosen for it (free
         now, in the middle of the widest hole), so that no moment of the call leaves it unrecorded."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError("a mapping's length is an int, not %s" % type(length).__name__)
+        if not 0 < length <= _current_arch().TASK_SIZE_MAX:
+            raise ValueError("a mapping's length must be positive and fit the address space, not %d" % length)
+        self._live()
+        length = (length + 4095) & ~4095
         with _sigguard.deferred():
             hint, key = 0, None
             if self._records_kept():

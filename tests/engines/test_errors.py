@@ -311,3 +311,23 @@ def test_memory_errors_are_domain_errors(spawn):
     finally:
         with contextlib.suppress(TargetGone):
             space.detach()
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "agent"])
+def test_map_anonymous_checks_its_length_and_detach_removes_what_is_left(spawn, engine):
+    v = spawn("wait")
+    before = snapshot(v.pid)
+    with pvmexec.attach(v.pid, engine=engine) as space:
+        for bad, kind in (("4096", TypeError), (True, TypeError), (4096.0, TypeError), (0, ValueError),
+                          (-4096, ValueError), (1 << 60, ValueError)):
+            with pytest.raises(kind):
+                space.map_anonymous(bad)
+        kept = space.map_anonymous(10000)                   # left for detach to remove
+        gone = space.map_anonymous(4096)
+        space.write(kept, b"x" * 10000)
+        assert space.read(kept + 9999, 1) == b"x"
+        assert any(lo <= kept and kept + 12288 <= hi and perms.startswith("rw") for lo, hi, perms, _p in
+                   proc.mappings(v.pid))
+        space.syscall("munmap", gone, 4096)
+        space.untrack_mapping(gone)
+    assert snapshot(v.pid) == before
