@@ -9,7 +9,6 @@ synchronous signal) is re-injected or re-queued, never dropped. On release the
 saved state is written back from a stop inside the kernel's signal path, so an
 interrupted blocking syscall restarts exactly as it would have.
 """
-import contextlib
 import errno
 import os
 import signal
@@ -778,8 +777,7 @@ class PtraceEngine(BaseEngine):
         self._go_home(b)
         if stack:                   # its own registers are back: its stack's bytes may follow at once
             b.home = None
-            with contextlib.suppress(OSError):
-                _core.vm_write(self.pid, stack[0], stack[1])
+            self._stack_back(stack)
         return ret
 
     def _go_home(self, b):
@@ -832,6 +830,9 @@ class PtraceEngine(BaseEngine):
         """The thread's own registers and mask back, then its stack's bytes (in that order: until its
         registers are back, the frame is what takes it home should we die)."""
         _core.restore(b.tid, b.saved_regs, b"", b.saved_mask, -1, 0)
+        self._stack_back(stack)
+
+    def _stack_back(self, stack):
         try:
             _core.vm_write(self.pid, stack[0], stack[1])
         except OSError:
