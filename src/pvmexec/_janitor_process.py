@@ -53,11 +53,7 @@ def _undo(space, kind, args):
             return
     elif kind == "newfd":               # recorded before the call that makes it: known by its kind only
         fd, what = args
-        try:
-            link = os.readlink("/proc/%d/fd/%d" % (pid, fd))
-        except OSError:
-            return
-        if link.startswith(janitor.NEW_FD_KINDS[what]):
+        if janitor.fd_is(pid, fd, what):
             space.syscall("close", fd)
     elif kind == "fd":
         fd, dev, ino = args

@@ -97,6 +97,14 @@ NEW_FD_KINDS = {1: "anon_inode:[userfaultfd]", 2: "pipe:[", 3: "socket:["}
 USERFAULTFD, PIPE, SOCKET = 1, 2, 3
 
 
+def fd_is(pid, fd, what):
+    """Whether descriptor fd of process pid is of kind what (a NEW_FD_KINDS key)."""
+    try:
+        return os.readlink("/proc/%d/fd/%d" % (pid, fd)).startswith(NEW_FD_KINDS[what])
+    except OSError:
+        return False
+
+
 class Records:
     """Records for one live process: its start time is read once, the first time it is needed."""
 
@@ -128,28 +136,28 @@ class Records:
         """Record, before the call that makes it, the descriptor the kernel will give the process next (the
         lowest number free from low) as kind (fd number first, then args): a SIGKILL of ours right after
         the call then leaves nothing unrecorded. Returns (that number, the key), or (None, None)."""
-        try:
-            used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
-        except (OSError, ValueError):
+        free = self._lowest_free(1, low)
+        if not free:
             return None, None
-        n = low
-        while n in used:
-            n += 1
-        return n, self.add(kind, n, *args)
+        return free[0], self.add(kind, free[0], *args)
 
-    def expect_new_fds(self, count, what):
-        """expect_fd for the count descriptors a call will make (the lowest free numbers), known only by
-        what (a NEW_FD_KINDS key): the janitor closes one only if it is of that kind. Returns the keys."""
+    def _lowest_free(self, count, low):
+        """The count lowest descriptor numbers from low free in the process now ([] if it cannot be told)."""
         try:
             used = {int(n) for n in os.listdir("/proc/%d/fd" % self.pid)}
         except (OSError, ValueError):
             return []
-        keys, n = [], 0
-        while len(keys) < count:
+        out, n = [], low
+        while len(out) < count:
             if n not in used:
-                keys.append(self.add("newfd", n, what))
+                out.append(n)
             n += 1
-        return keys
+        return out
+
+    def expect_new_fds(self, count, what):
+        """expect_fd for the count descriptors a call will make (the lowest free numbers), known only by
+        what (a NEW_FD_KINDS key): the janitor closes one only if it is of that kind. Returns the keys."""
+        return [self.add("newfd", n, what) for n in self._lowest_free(count, 0)]
 
     def made_fd(self, fd, expected, key):
         """After the call that made descriptor fd: the key of the record made before it if the kernel chose

@@ -452,11 +452,11 @@ class Space:
             try:
                 fds = call()
                 # The numbers may come from the target's memory: only descriptors of that kind are taken.
-                kind = janitor.NEW_FD_KINDS[what]
                 for fd in fds:
-                    if not (isinstance(fd, int) and 0 <= fd < 1 << 20 and _fd_link(self.pid, fd).startswith(kind)):
+                    if not (isinstance(fd, int) and 0 <= fd < 1 << 20 and janitor.fd_is(self.pid, fd, what)):
                         raise EngineError("process %d reported descriptor %r, which is not a %s (its memory "
-                                          "was written meanwhile)" % (self.pid, fd, kind.strip(":[")))
+                                          "was written meanwhile)" % (self.pid, fd, janitor.NEW_FD_KINDS[what]
+                                                                      .strip(":[")))
                 for fd in fds:
                     self.track_fd(fd)
             finally:
@@ -687,13 +687,6 @@ class Space:
         """A caller-side duplicate of the target's descriptor remote_fd (pidfd_getfd)."""
         self._live()
         return _core.pidfd_getfd(self.pidfd, remote_fd)
-
-
-def _fd_link(pid, fd):
-    try:
-        return os.readlink("/proc/%d/fd/%d" % (pid, fd))
-    except OSError:
-        return ""
 
 
 def _check_range(addr, n):

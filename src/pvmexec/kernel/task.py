@@ -77,8 +77,7 @@ def usage_of(host_pid):
     """The stub process's own figures from the host's /proc (zeros once it is gone)."""
     try:
         fields = proc.read_text("/proc/%d/stat" % host_pid).rsplit(")", 1)[1].split()
-        status = dict(line.split(":", 1) for line in proc.read_text("/proc/%d/status" % host_pid).splitlines()
-                      if ":" in line)
+        status = proc.status(host_pid)
     except (OSError, IndexError, ValueError):
         return Usage()
     hz = os.sysconf("SC_CLK_TCK")
