@@ -218,10 +218,7 @@ class StubEngine(BaseEngine):
         for _fd, addr, length, prot, flags, offset in maps:
             self._spare_window(_NR_MMAP, (addr, length, prot, flags, 0, offset))
         then = list(then)
-        for nr, args in then:
-            if nr not in STUB_ALLOWED:
-                raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
-            self._spare_window(nr, args)
+        self._check_batch(then)
         lent = list(dict.fromkeys(m[0] for m in maps))
         with self.service.lock:
             remote = {}
@@ -284,11 +281,14 @@ class StubEngine(BaseEngine):
             raise self._failed(e) from None
 
     def syscalls(self, calls):
+        self._check_batch(calls)
+        return self._call(_core.agent_batch, calls, thread=None)
+
+    def _check_batch(self, calls):
         for nr, args in calls:
             if nr not in STUB_ALLOWED:
                 raise RemoteSyscallError(1, "%s (not allowed in a stub space)" % name_of(nr), args)
             self._spare_window(nr, args)
-        return self._call(_core.agent_batch, calls, thread=None)
 
     def _take(self, thread):
         """Lock a channel: the service thread's (thread=None, waiting its turn) or a guest thread's."""
