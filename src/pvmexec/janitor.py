@@ -93,8 +93,8 @@ def record(pid, started, kind, *args):
 
 
 # What a descriptor recorded before the call that makes it is, by the start of its /proc/PID/fd link.
-NEW_FD_KINDS = {1: "anon_inode:[userfaultfd]", 2: "pipe:[", 3: "socket:["}
-USERFAULTFD, PIPE, SOCKET = 1, 2, 3
+NEW_FD_KINDS = {1: "anon_inode:[userfaultfd]", 2: "pipe:[", 3: "socket:[", 4: "/memfd:pvmexec-helper"}
+USERFAULTFD, PIPE, SOCKET, HELPER_MEMFD = 1, 2, 3, 4
 
 
 def fd_is(pid, fd, what):

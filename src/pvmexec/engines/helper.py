@@ -26,7 +26,7 @@ import struct
 import time
 import warnings
 
-from .. import _core, janitor, proc
+from .. import _core, _sigguard, janitor, proc
 from ..abi import (F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MADV_DONTFORK, MAP_FIXED_NOREPLACE,
                    MAP_SHARED, MFD_ALLOW_SEALING, MFD_CLOEXEC, P_PID, PROT_EXEC, PROT_READ, PROT_WRITE, WCLONE,
                    WEXITED)
@@ -159,9 +159,16 @@ class HelperEngine(StubEngine):
         a = self.agent
         name_off = L["SLOT_OFF"] + L["slot.calls"] + 8 * 64        # a call entry the one-call posts leave alone
         a._map[name_off:name_off + len(NAME)] = NAME
-        fd_t = self._ok(a.syscall(NR["memfd_create"], (a.code_base + name_off, MFD_CLOEXEC | MFD_ALLOW_SEALING)),
-                        "memfd_create")
-        fd_key = self._records.add_fd(fd_t)
+        # Recorded from before it exists (by number and name), by its inode once made; no Ctrl-C between.
+        with _sigguard.deferred():
+            before = self._records.expect_new_fds(1, janitor.HELPER_MEMFD)
+            try:
+                fd_t = self._ok(a.syscall(NR["memfd_create"], (a.code_base + name_off,
+                                                               MFD_CLOEXEC | MFD_ALLOW_SEALING)), "memfd_create")
+                fd_key = self._records.add_fd(fd_t)
+            finally:
+                for key in before:
+                    janitor.unrecord(key)
         fd_c = -1
         try:
             fd_c = _core.pidfd_getfd(a.pidfd, fd_t)
